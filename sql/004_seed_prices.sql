@@ -1,0 +1,49 @@
+-- Public list prices (fal's pages, late 2026), as data with an effective date. A new
+-- price is a new row with a later effective_from; old rows stay so that past generations
+-- keep the price they were made at.
+--
+-- Seedance 2.0 is token-priced: $0.014 per 1k tokens, tokens = h * w * seconds * 24 / 1024.
+-- 720p is the published $0.3034/s; 480p (854x480) and 1080p (1920x1080) follow the token
+-- formula. The fast variant publishes only 720p ($0.2419/s); its other resolutions are
+-- scaled by the same token ratio. "auto" duration is estimated at the 15 s maximum (a
+-- conservative estimate for budgets) and replaced by the output's real duration.
+insert into prices (endpoint, resolution, with_audio, micros_per_second, base_micros,
+                    base_seconds, default_seconds, default_resolution, effective_from,
+                    price_version, source)
+values
+  ('bytedance/seedance-2.0/text-to-video', '480p', null, 134505, 0, 0, 15, '720p',
+   '2026-01-01', 'fal-2026-11', 'token formula: 854*480*24/1024 tokens/s at $0.014/1k'),
+  ('bytedance/seedance-2.0/text-to-video', '720p', null, 303400, 0, 0, 15, '720p',
+   '2026-01-01', 'fal-2026-11', 'fal pricing page: $0.3034/s at 720p'),
+  ('bytedance/seedance-2.0/text-to-video', '1080p', null, 680400, 0, 0, 15, '720p',
+   '2026-01-01', 'fal-2026-11', 'token formula: 1920*1080*24/1024 tokens/s at $0.014/1k'),
+  ('bytedance/seedance-2.0/fast/text-to-video', '480p', null, 107596, 0, 0, 15, '720p',
+   '2026-01-01', 'fal-2026-11', '720p fast price scaled by the 480p/720p token ratio'),
+  ('bytedance/seedance-2.0/fast/text-to-video', '720p', null, 241900, 0, 0, 15, '720p',
+   '2026-01-01', 'fal-2026-11', 'fal pricing page: $0.2419/s at 720p'),
+  ('bytedance/seedance-2.0/fast/text-to-video', '1080p', null, 544275, 0, 0, 15, '720p',
+   '2026-01-01', 'fal-2026-11', '720p fast price scaled by the 1080p/720p token ratio'),
+  -- The seed article's example id, priced as Seedance 2.0 standard.
+  ('fal-ai/seedance-2.0/text-to-video', '480p', null, 134505, 0, 0, 15, '720p',
+   '2026-01-01', 'fal-2026-11', 'article example id; Seedance 2.0 standard prices'),
+  ('fal-ai/seedance-2.0/text-to-video', '720p', null, 303400, 0, 0, 15, '720p',
+   '2026-01-01', 'fal-2026-11', 'article example id; Seedance 2.0 standard prices'),
+  ('fal-ai/seedance-2.0/text-to-video', '1080p', null, 680400, 0, 0, 15, '720p',
+   '2026-01-01', 'fal-2026-11', 'article example id; Seedance 2.0 standard prices'),
+  -- Veo 3.1: the price depends on resolution tier and audio (audio is on by default).
+  ('fal-ai/veo3.1', '720p', false, 200000, 0, 0, 8, '720p',
+   '2026-01-01', 'fal-2026-11', 'fal pricing page: $0.20/s without audio'),
+  ('fal-ai/veo3.1', '720p', true, 400000, 0, 0, 8, '720p',
+   '2026-01-01', 'fal-2026-11', 'fal pricing page: $0.40/s with audio'),
+  ('fal-ai/veo3.1', '1080p', false, 200000, 0, 0, 8, '720p',
+   '2026-01-01', 'fal-2026-11', 'fal pricing page: $0.20/s without audio'),
+  ('fal-ai/veo3.1', '1080p', true, 400000, 0, 0, 8, '720p',
+   '2026-01-01', 'fal-2026-11', 'fal pricing page: $0.40/s with audio'),
+  ('fal-ai/veo3.1', '4k', false, 400000, 0, 0, 8, '720p',
+   '2026-01-01', 'fal-2026-11', 'fal pricing page: $0.40/s without audio at 4k'),
+  ('fal-ai/veo3.1', '4k', true, 600000, 0, 0, 8, '720p',
+   '2026-01-01', 'fal-2026-11', 'fal pricing page: $0.60/s with audio at 4k'),
+  ('fal-ai/kling-video/v3/turbo/pro/text-to-video', null, null, 140000, 0, 0, 5, null,
+   '2026-01-01', 'fal-2026-11', 'fal pricing page: $0.14/s'),
+  ('fal-ai/kling-video/v2.5-turbo/pro/image-to-video', null, null, 70000, 350000, 5, 5, null,
+   '2026-01-01', 'fal-2026-11', 'fal pricing page: $0.35 for the first 5 s, then $0.07/s');
