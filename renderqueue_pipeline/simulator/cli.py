@@ -1,0 +1,127 @@
+"""`renderqueue simulator ...` commands.
+
+Every fault and timing knob of `SimConfig` is a flag of `serve` (generated from
+the model, so the CLI, the control API and the test harness share one list).
+"""
+
+from __future__ import annotations
+
+import sys
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from renderqueue_pipeline.simulator.config import SimConfig
+from renderqueue_pipeline.simulator.server import DEFAULT_PORT
+
+_HELP = {
+    "queue_delay": "Seconds queued before a runner picks the request up ('A', 'A:B', 'exp:MEAN').",
+    "run_time": "Seconds of inference ('A', 'A:B', 'exp:MEAN').",
+    "submit_latency": "Seconds the submit call takes after enqueueing.",
+    "failure_rate": "Share of requests that end in ERROR with a 422 payload.",
+    "payload_error_rate": "Share of OK webhooks whose payload is null with payload_error set.",
+    "validation": "Reject bad inputs at submit (HTTP 422) or at run time (ERROR webhook).",
+    "cancel_in_progress": "Whether the simulated model stops when a running request is canceled.",
+    "webhook_duplicate_rate": "Share of webhooks delivered twice.",
+    "webhook_duplicate_delay": "Seconds between a webhook and its duplicate.",
+    "webhook_drop_rate": "Share of webhooks never sent.",
+    "webhook_out_of_order_rate": "Share of webhooks held back so later ones overtake them.",
+    "webhook_out_of_order_delay": "Seconds a held-back webhook waits.",
+    "webhook_early_rate": "Share of requests finished and delivered before submit returns.",
+    "webhook_delay": "Extra seconds before every webhook delivery.",
+    "webhook_max_attempts": "Delivery attempts per webhook (fal: 10).",
+    "webhook_retry_base": "First retry delay in seconds; doubles each attempt.",
+    "webhook_retry_max": "Cap on the retry delay in seconds.",
+    "webhook_timeout": "Seconds per delivery attempt (fal: 15).",
+    "webhook_clock_skew": "Seconds added to the signed webhook timestamp.",
+    "webhook_user_id": "X-Fal-Webhook-User-Id of every delivery.",
+    "api_429_rate": "Share of API calls answered 429 (fal-client retries these).",
+    "api_503_rate": "Share of API calls answered by an nginx 503 (fal-client retries these).",
+    "api_500_rate": "Share of API calls answered 500 (not retried by fal-client; on submit "
+    "the request is enqueued anyway).",
+    "cdn_url_ttl": "Seconds a signed output URL stays valid (403 afterwards).",
+    "result_ttl": "Seconds a result stays fetchable after completion.",
+    "size_scale": "Multiplier on output file sizes.",
+    "fal_key": "Accept only this key (default: any 'Authorization: Key ...').",
+    "seed": "Seed of every random decision.",
+}
+
+
+def _knob_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add one `--kebab-name` option per SimConfig field (defaults: the model's)."""
+    hints = typing.get_type_hints(SimConfig)
+    for name, field in reversed(list(SimConfig.model_fields.items())):
+        hint = hints[name]
+        option_type: Any
+        if typing.get_origin(hint) is typing.Literal:
+            option_type = click.Choice(list(typing.get_args(hint)))
+        elif hint is float:
+            option_type = float
+        elif hint is int:
+            option_type = int
+        else:
+            option_type = str
+        func = click.option(
+            f"--{name.replace('_', '-')}",
+            name,
+            type=option_type,
+            default=None,
+            show_default=str(field.default) if field.default is not None else False,
+            help=_HELP.get(name, ""),
+        )(func)
+    return func
+
+
+@click.group()
+def simulator() -> None:
+    """Run the local fal simulator (fal's queue API, CDN and signed webhooks over HTTPS)."""
+
+
+@simulator.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="0 picks one.")
+@click.option(
+    "--print-env",
+    is_flag=True,
+    help="Print the client's export lines and exit without serving (for eval).",
+)
+@click.option("--log-level", default="warning", show_default=True)
+@_knob_options
+def serve(host: str, port: int, print_env: bool, log_level: str, **knobs: Any) -> None:
+    """Serve the simulator; prints the `export` lines a fal client needs, then serves."""
+    from renderqueue_pipeline.errors import RenderqueueError
+    from renderqueue_pipeline.settings import get_settings
+    from renderqueue_pipeline.simulator.server import SimulatorServer, client_env, export_lines
+
+    home = get_settings().home_dir
+    try:
+        config = SimConfig.model_validate({k: v for k, v in knobs.items() if v is not None})
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if print_env:
+        if port == 0:
+            raise click.BadParameter("--print-env needs a fixed --port", param_hint="--port")
+        click.echo(export_lines(client_env(home, host, port, config.fal_key)), nl=False)
+        return
+    try:
+        server = SimulatorServer(home, host=host, port=port, config=config, log_level=log_level)
+    except OSError as exc:
+        raise RenderqueueError(f"fal simulator cannot listen on {host}:{port}: {exc}") from None
+    sys.stdout.write(export_lines(server.env()))
+    sys.stdout.write(f"# fal simulator serving on {server.base_url} (seed {config.seed})\n")
+    sys.stdout.flush()
+    server.run()
+
+
+@simulator.command("env")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
+@click.option("--fal-key", default=None, help="The key the simulator was started with.")
+def env(host: str, port: int, fal_key: str | None) -> None:
+    """Print the export lines for a simulator on HOST:PORT (same as serve --print-env)."""
+    from renderqueue_pipeline.settings import get_settings
+    from renderqueue_pipeline.simulator.server import client_env, export_lines
+
+    click.echo(export_lines(client_env(get_settings().home_dir, host, port, fal_key)), nl=False)

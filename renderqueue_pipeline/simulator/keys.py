@@ -1,0 +1,157 @@
+"""Key material the simulator keeps under `$RENDERQUEUE_HOME/simulator/`.
+
+Everything is created once and reused: the TLS certificate (so a client's
+SSL_CERT_FILE stays valid across restarts), the Ed25519 webhook key (so a
+receiver's cached JWKS stays valid) and the CDN URL signing secret.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import ipaddress
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a secret file readable by its owner only, atomically."""
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def _cert_is_usable(cert_path: Path, key_path: Path) -> bool:
+    if not (cert_path.exists() and key_path.exists()):
+        return False
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    has_ip = ipaddress.ip_address("127.0.0.1") in san.get_values_for_type(x509.IPAddress)
+    has_dns = "localhost" in san.get_values_for_type(x509.DNSName)
+    fresh = cert.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    return has_ip and has_dns and fresh
+
+
+def ensure_tls_cert(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost: (cert.pem, key.pem)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    if _cert_is_usable(cert_path, key_path):
+        return cert_path, key_path
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "renderqueue fal simulator")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=825))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(
+        key_path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    tmp = cert_path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    os.replace(tmp, cert_path)
+    return cert_path, key_path
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+@dataclass(frozen=True)
+class WebhookSigner:
+    """Signs webhook deliveries exactly like fal (Ed25519 over id, user, timestamp, body hash)."""
+
+    private_key: Ed25519PrivateKey
+
+    @classmethod
+    def load_or_create(cls, directory: Path) -> WebhookSigner:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "webhook_ed25519.pem"
+        if path.exists():
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if isinstance(key, Ed25519PrivateKey):
+                return cls(key)
+        key = Ed25519PrivateKey.generate()
+        _write_private(
+            path,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+        )
+        return cls(key)
+
+    @property
+    def public_bytes(self) -> bytes:
+        return self.private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    def jwks(self) -> dict:
+        """The JWKS document fal serves at /.well-known/jwks.json."""
+        x = _b64url(self.public_bytes)
+        kid = hashlib.sha256(self.public_bytes).hexdigest()[:16]
+        return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "use": "sig"}]}
+
+    def sign(self, request_id: str, user_id: str, timestamp: str, body: bytes) -> str:
+        """Hex signature of `request_id\\nuser_id\\ntimestamp\\nsha256_hex(body)`."""
+        message = "\n".join([request_id, user_id, timestamp, hashlib.sha256(body).hexdigest()])
+        return self.private_key.sign(message.encode("utf-8")).hex()
+
+
+@dataclass(frozen=True)
+class UrlSigner:
+    """HMAC signatures for expiring CDN URLs (the simulator's stand-in for fal's signed URLs)."""
+
+    secret: bytes
+
+    @classmethod
+    def load_or_create(cls, directory: Path) -> UrlSigner:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "cdn_secret"
+        if path.exists() and path.stat().st_size >= 32:
+            return cls(path.read_bytes())
+        secret = secrets.token_bytes(32)
+        _write_private(path, secret)
+        return cls(secret)
+
+    def signature(self, path: str, expires: int) -> str:
+        return hmac.new(self.secret, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def verify(self, path: str, expires: int, signature: str) -> bool:
+        return hmac.compare_digest(self.signature(path, expires), signature)
