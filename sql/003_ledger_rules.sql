@@ -258,3 +258,24 @@ $$;
 create trigger generations_guard
   before insert or update on generations
   for each row execute function rq_generations_guard();
+
+-- Store one event and apply it, in one round trip: a duplicate (same dedupe_key) is not
+-- stored again and reports 'duplicate'; otherwise the outcome of rq_apply_event.
+create function rq_record_event(p_request_id text, p_source text, p_kind text,
+                                p_payload jsonb, p_error text, p_gateway_request_id text)
+returns table (event_id bigint, outcome text)
+language plpgsql
+as $$
+begin
+  insert into generation_events (request_id, source, kind, payload, error, gateway_request_id)
+  values (p_request_id, p_source, p_kind, p_payload, p_error, p_gateway_request_id)
+  on conflict (dedupe_key) do nothing
+  returning id into event_id;
+  if event_id is null then
+    outcome := 'duplicate';
+  else
+    outcome := rq_apply_event(event_id);
+  end if;
+  return next;
+end
+$$;

@@ -9,6 +9,7 @@ after they exit so that `renderqueue db url` prints a URL that stays valid.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
@@ -56,13 +57,14 @@ def _ensure_database(admin_url: str, database: str) -> None:
     from psycopg import sql
 
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        exists = conn.execute("select 1 from pg_database where datname = %s", (database,)).fetchone()
+        exists = conn.execute(
+            "select 1 from pg_database where datname = %s", (database,)
+        ).fetchone()
         if exists:
             return
-        try:
+        # another process may create it first
+        with contextlib.suppress(psycopg.errors.DuplicateDatabase):
             conn.execute(sql.SQL("create database {}").format(sql.Identifier(database)))
-        except psycopg.errors.DuplicateDatabase:
-            pass  # another process created it first
 
 
 def stop_embedded(home: Path | None = None) -> bool:

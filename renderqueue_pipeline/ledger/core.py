@@ -1,0 +1,341 @@
+"""Validate, record and apply: the ledger operations every writer uses."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any, Literal
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.errors import LedgerInputError
+
+EventKind = Literal["in_progress", "completed", "failed", "canceled"]
+EventSource = Literal["webhook", "reconcile", "api"]
+EventOutcome = Literal["applied", "duplicate", "stale", "conflict", "waiting"]
+
+MAX_SECONDS = Decimal(3600)
+_BIGINT_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a request will cost by the price table in force when it is submitted."""
+
+    price_id: int
+    seconds: Decimal
+    cost_micros: int
+    price_version: str
+
+
+@dataclass(frozen=True)
+class Intent:
+    """A batch item: the record of an intent to submit, written before fal is called."""
+
+    item_id: int
+    state: str
+    request_id: str | None
+    user_id: int
+    endpoint: str
+    inputs: dict[str, Any]
+    estimate: Estimate
+
+
+@dataclass(frozen=True)
+class LedgerEvent:
+    """Something fal told us about a request (a webhook, or a status/result we polled)."""
+
+    request_id: str
+    kind: EventKind
+    payload: Any = None
+    error: str | None = None
+    source: EventSource = "webhook"
+    gateway_request_id: str | None = None
+
+
+# -- validation -----------------------------------------------------------------------
+
+
+def _parse_seconds(value: Any, *, row: str | int | None) -> Decimal | None:
+    """A requested duration as seconds, None for "auto"; LedgerInputError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise LedgerInputError(
+            "inputs.duration", f"expected seconds or 'auto', got {value!r}", row=row
+        )
+    if isinstance(value, int | float | Decimal):
+        seconds = Decimal(str(value))
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return None
+        try:
+            seconds = Decimal(text.removesuffix("s"))
+        except InvalidOperation:
+            raise LedgerInputError(
+                "inputs.duration", f"expected seconds or 'auto', got {value!r}", row=row
+            ) from None
+    else:
+        raise LedgerInputError(
+            "inputs.duration", f"expected seconds or 'auto', got {value!r}", row=row
+        )
+    if not seconds.is_finite() or seconds <= 0:
+        raise LedgerInputError("inputs.duration", f"must be positive, got {value!r}", row=row)
+    if seconds > MAX_SECONDS:
+        raise LedgerInputError(
+            "inputs.duration", f"must be at most {MAX_SECONDS} s, got {value!r}", row=row
+        )
+    return seconds
+
+
+def validate_request(
+    conn: psycopg.Connection,
+    endpoint: Any,
+    inputs: Any,
+    user_id: Any,
+    *,
+    row: str | int | None = None,
+) -> Estimate:
+    """Check one request and price it; raise LedgerInputError naming the field otherwise.
+
+    Writes nothing. `row` (a line number or key) is carried into the error message.
+    """
+    if isinstance(user_id, bool) or not isinstance(user_id, int):
+        raise LedgerInputError("user_id", f"expected an integer, got {user_id!r}", row=row)
+    if not 0 <= user_id <= _BIGINT_MAX:
+        raise LedgerInputError("user_id", f"must be between 0 and 2^63-1, got {user_id}", row=row)
+    if not isinstance(endpoint, str) or endpoint.count("/") < 1 or not endpoint.strip():
+        raise LedgerInputError(
+            "endpoint", f"expected an endpoint id like owner/app/path, got {endpoint!r}", row=row
+        )
+    if not isinstance(inputs, Mapping):
+        raise LedgerInputError(
+            "inputs", f"expected a JSON object, got {type(inputs).__name__}", row=row
+        )
+    prompt = inputs.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise LedgerInputError("inputs.prompt", "missing or empty", row=row)
+    _parse_seconds(inputs.get("duration"), row=row)
+    audio = inputs.get("generate_audio")
+    if audio is not None and not isinstance(audio, bool):
+        raise LedgerInputError(
+            "inputs.generate_audio", f"expected true or false, got {audio!r}", row=row
+        )
+
+    params = {"endpoint": endpoint, "inputs": Jsonb(dict(inputs)), "at": None}
+    found = conn.execute(q("estimate"), params).fetchone()
+    if found is not None:
+        return Estimate(
+            price_id=found["price_id"],
+            seconds=Decimal(found["seconds"]),
+            cost_micros=int(found["cost_micros"]),
+            price_version=found["price_version"],
+        )
+    variants = conn.execute(q("endpoint_prices"), params).fetchall()
+    if not variants:
+        known = ", ".join(r["endpoint"] for r in conn.execute(q("priced_endpoints")).fetchall())
+        raise LedgerInputError(
+            "endpoint", f"no price for {endpoint!r}; priced endpoints: {known}", row=row
+        )
+    resolutions = sorted({v["resolution"] for v in variants if v["resolution"]})
+    raise LedgerInputError(
+        "inputs.resolution",
+        f"{endpoint} has no price at resolution {inputs.get('resolution')!r}; "
+        f"priced: {', '.join(resolutions)}",
+        row=row,
+    )
+
+
+def estimate_cost(conn: psycopg.Connection, endpoint: str, inputs: Mapping[str, Any]) -> Estimate:
+    """The price of a request (validating it first)."""
+    return validate_request(conn, endpoint, inputs, 0)
+
+
+# -- submission (rule 1) --------------------------------------------------------------
+
+
+def record_intent(
+    conn: psycopg.Connection,
+    *,
+    user_id: int,
+    endpoint: str,
+    inputs: Mapping[str, Any],
+    idempotency_key: str | None = None,
+    batch_id: int | None = None,
+    line_no: int | None = None,
+) -> Intent:
+    """Validate and write the intent record; an existing key returns the existing item.
+
+    The caller commits before calling fal, so a crash after fal accepted the request leaves
+    a `pending` item behind, which `mark_unknown_outcomes` turns into a visible 'unknown'.
+    """
+    estimate = validate_request(conn, endpoint, inputs, user_id, row=line_no)
+    params = {
+        "batch_id": batch_id,
+        "line_no": line_no,
+        "idempotency_key": idempotency_key or f"api:{uuid.uuid4()}",
+        "user_id": user_id,
+        "endpoint": endpoint,
+        "inputs": Jsonb(dict(inputs)),
+        "estimate_micros": estimate.cost_micros,
+    }
+    found = conn.execute(q("insert_batch_item"), params).fetchone()
+    if found is None:
+        found = conn.execute(q("batch_item_by_key"), params).fetchone()
+    return Intent(
+        item_id=found["id"],
+        state=found["state"],
+        request_id=found["request_id"],
+        user_id=user_id,
+        endpoint=endpoint,
+        inputs=dict(inputs),
+        estimate=estimate,
+    )
+
+
+def record_submitted(conn: psycopg.Connection, intent: Intent, request_id: str) -> None:
+    """In one transaction: insert the generation row and mark the intent submitted.
+
+    Events that arrived before this row are applied by the insert trigger, in this same
+    transaction.
+    """
+    if not request_id:
+        raise LedgerInputError("request_id", "fal returned an empty request id")
+    with conn.transaction():
+        conn.execute(
+            q("insert_generation"),
+            {
+                "request_id": request_id,
+                "user_id": intent.user_id,
+                "endpoint": intent.endpoint,
+                "inputs": Jsonb(intent.inputs),
+                "cost_micros": intent.estimate.cost_micros,
+                "price_id": intent.estimate.price_id,
+                "seconds": intent.estimate.seconds,
+                "batch_item_id": intent.item_id,
+            },
+        )
+        conn.execute(
+            q("mark_item_submitted"), {"request_id": request_id, "item_id": intent.item_id}
+        )
+
+
+def record_rejected(conn: psycopg.Connection, intent: Intent, reason: str) -> None:
+    """fal refused the request for certain (nothing was queued): say why on the item."""
+    with conn.transaction():
+        conn.execute(q("mark_item_rejected"), {"item_id": intent.item_id, "reason": reason})
+
+
+def mark_unknown_outcomes(conn: psycopg.Connection, older_than: str = "10 minutes") -> list[dict]:
+    """Intents still pending after `older_than`: fal may hold a request we have no row for."""
+    with conn.transaction():
+        return conn.execute(q("mark_unknown_outcomes"), {"older_than": older_than}).fetchall()
+
+
+def submit_generation(
+    conn: psycopg.Connection,
+    submit: Callable[[str, dict[str, Any]], str],
+    *,
+    user_id: int,
+    endpoint: str,
+    inputs: Mapping[str, Any],
+    idempotency_key: str | None = None,
+    is_definite_rejection: Callable[[BaseException], bool] = lambda exc: False,
+) -> str:
+    """Submit one generation following rule 1; return its request_id.
+
+    Intent first (committed), then `submit(endpoint, inputs)` (the fal call), then the row.
+    An exception that `is_definite_rejection` recognises marks the item rejected; any other
+    leaves it pending, i.e. an unknown outcome, never a silent resubmission. Re-running with
+    the same idempotency key returns the recorded request_id without calling fal again.
+    """
+    with conn.transaction():
+        intent = record_intent(
+            conn, user_id=user_id, endpoint=endpoint, inputs=inputs, idempotency_key=idempotency_key
+        )
+    if intent.state == "submitted" and intent.request_id:
+        return intent.request_id
+    if intent.state != "pending":
+        raise LedgerInputError(
+            "idempotency_key", f"item {intent.item_id} is {intent.state}; not submitting again"
+        )
+    try:
+        request_id = submit(endpoint, dict(inputs))
+    except BaseException as exc:
+        if is_definite_rejection(exc):
+            record_rejected(conn, intent, str(exc))
+        raise
+    record_submitted(conn, intent, request_id)
+    return request_id
+
+
+# -- events (rules 2-6) ---------------------------------------------------------------
+
+
+def event_from_fal_webhook(body: Mapping[str, Any]) -> LedgerEvent:
+    """Map fal's webhook body to a ledger event (OK -> completed, ERROR -> failed)."""
+    request_id = body.get("request_id")
+    if not isinstance(request_id, str) or not request_id:
+        raise LedgerInputError("request_id", "missing from the webhook body")
+    status = body.get("status")
+    gateway_request_id = body.get("gateway_request_id")
+    if status == "OK":
+        return LedgerEvent(
+            request_id, "completed", body.get("payload"), None, "webhook", gateway_request_id
+        )
+    if status == "ERROR":
+        error = body.get("error") or body.get("payload_error") or "generation failed"
+        return LedgerEvent(
+            request_id, "failed", body.get("payload"), str(error), "webhook", gateway_request_id
+        )
+    raise LedgerInputError("status", f"expected 'OK' or 'ERROR', got {status!r}")
+
+
+def _event_params(event: LedgerEvent) -> dict[str, Any]:
+    return {
+        "request_id": event.request_id,
+        "source": event.source,
+        "kind": event.kind,
+        "payload": None if event.payload is None else Jsonb(event.payload),
+        "error": event.error,
+        # dedupe ignores it: fal changes it when it retries internally
+        "gateway_request_id": event.gateway_request_id,
+    }
+
+
+def record_event(conn: psycopg.Connection, event: LedgerEvent) -> EventOutcome:
+    """Store one event durably and apply it; commit before returning."""
+    return record_events(conn, [event])[0]
+
+
+def record_events(conn: psycopg.Connection, events: Iterable[LedgerEvent]) -> list[EventOutcome]:
+    """Store and apply many events in ONE transaction (group commit); outcomes in input order.
+
+    Events are processed in request_id order so that concurrent batches take the
+    per-request locks in the same order and cannot deadlock.
+    """
+    events = list(events)
+    order = sorted(range(len(events)), key=lambda i: events[i].request_id)
+    outcomes: list[EventOutcome | None] = [None] * len(events)
+    with conn.transaction(), conn.pipeline():
+        cursors = [(i, conn.execute(q("record_event"), _event_params(events[i]))) for i in order]
+        for i, cursor in cursors:
+            outcomes[i] = cursor.fetchone()["outcome"]
+    return outcomes  # type: ignore[return-value]
+
+
+def apply_waiting_events(conn: psycopg.Connection, limit: int = 10_000) -> Counter[str]:
+    """Apply stored events whose row has appeared since (the reconciler calls this)."""
+    outcomes: Counter[str] = Counter()
+    with conn.transaction():
+        rows = conn.execute(q("waiting_events_with_row"), {"limit": limit}).fetchall()
+        for row in rows:
+            outcome = conn.execute(q("apply_event"), {"event_id": row["id"]}).fetchone()["outcome"]
+            outcomes[outcome] += 1
+    return outcomes

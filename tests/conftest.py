@@ -1,0 +1,93 @@
+"""Shared fixtures: a real Postgres (embedded, or DATABASE_URL) with a fresh, migrated database."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.db.server import embedded_url, psycopg_url, with_database
+
+REPO = Path(__file__).resolve().parent.parent
+TEST_HOME = Path(os.environ.get("RENDERQUEUE_TEST_HOME", REPO / ".renderqueue" / "test"))
+
+pytest_plugins = (
+    ["fal_sim_plugin"] if (Path(__file__).parent / "fal_sim_plugin.py").exists() else []
+)
+
+LEDGER_TABLES = (
+    "generation_events",
+    "generations",
+    "batch_items",
+    "batches",
+    "user_budgets",
+    "spend_monthly_by_user",
+    "spend_monthly_by_endpoint",
+)
+
+
+@pytest.fixture(scope="session")
+def admin_url() -> str:
+    """A URL to the `postgres` database of the test server (DATABASE_URL's server if set)."""
+    configured = os.environ.get("DATABASE_URL")
+    if configured:
+        return with_database(psycopg_url(configured), "postgres")
+    TEST_HOME.mkdir(parents=True, exist_ok=True)
+    return embedded_url(TEST_HOME, "postgres")
+
+
+@pytest.fixture(scope="session")
+def make_database(admin_url: str) -> Iterator[Callable[[], str]]:
+    """Factory for empty databases on the test server; all are dropped at the end."""
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"rq_test_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'create database "{name}"')
+        created.append(name)
+        return with_database(admin_url, name)
+
+    yield make
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        for name in created:
+            conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture(scope="session")
+def ledger_url(make_database: Callable[[], str]) -> str:
+    """One migrated ledger database for the session (tables are emptied after each test)."""
+    url = make_database()
+    migrate(url)
+    return url
+
+
+@pytest.fixture
+def conn(ledger_url: str) -> Iterator[psycopg.Connection]:
+    """A connection to the migrated ledger; every ledger table is emptied afterwards."""
+    connection = connect(ledger_url)
+    try:
+        yield connection
+    finally:
+        connection.rollback()
+        connection.execute(f"truncate {', '.join(LEDGER_TABLES)} restart identity cascade")
+        connection.commit()
+        connection.close()
+
+
+@pytest.fixture
+def ledger_env(ledger_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    """Point renderqueue's settings at the test ledger (for CLI and app tests)."""
+    from renderqueue_pipeline.settings import get_settings
+
+    monkeypatch.setenv("DATABASE_URL", ledger_url)
+    monkeypatch.setenv("RENDERQUEUE_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    yield ledger_url
+    get_settings.cache_clear()

@@ -1,0 +1,243 @@
+"""Ledger rules 2-4 under any delivery order: property tests against a real Postgres."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from typing import Any
+
+import psycopg
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ledger_helpers import SEEDANCE, generation, submit_row, video_payload
+
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.ledger import (
+    LedgerEvent,
+    apply_waiting_events,
+    record_event,
+    record_events,
+    record_intent,
+    record_submitted,
+)
+
+COMPARED = (
+    "status",
+    "outputs",
+    "error",
+    "cost_micros",
+    "cost_cents",
+    "cost_basis",
+    "price_id",
+    "billed_seconds",
+    "conflict",
+    "archive_status",
+)
+INPUTS = {"prompt": "a red fox in snow", "duration": "5", "resolution": "720p"}
+ROW = "row"  # the submit path inserting the generation row, as one more "delivery"
+
+
+def terminal_event(kind: str, seconds: float) -> tuple[str, Any, str | None]:
+    if kind == "completed":
+        return (
+            "completed",
+            video_payload(seconds, url="https://v3b.fal.media/files/b/x/o.mp4"),
+            None,
+        )
+    if kind == "failed":
+        return ("failed", {"detail": [{"msg": "bad prompt"}]}, "Invalid status code: 422")
+    return ("canceled", None, None)
+
+
+def deliver(conn: psycopg.Connection, request_id: str, deliveries: list) -> None:
+    """Play deliveries in order: ROW inserts the generation, anything else is an event."""
+    for item in deliveries:
+        if item == ROW:
+            intent = record_intent(conn, user_id=7, endpoint=SEEDANCE, inputs=INPUTS)
+            record_submitted(conn, intent, request_id)
+        else:
+            kind, payload, error = item
+            record_event(conn, LedgerEvent(request_id, kind, payload, error, "webhook"))
+
+
+def final_state(conn: psycopg.Connection, request_id: str) -> dict[str, Any]:
+    row = generation(conn, request_id)
+    state = {key: row[key] for key in COMPARED}
+    state["finished"] = row["finished_at"] is not None
+    waiting = conn.execute(
+        "select count(*) as n from generation_events where request_id = %s and applied_at is null",
+        (request_id,),
+    ).fetchone()["n"]
+    state["waiting"] = waiting
+    return state
+
+
+@st.composite
+def delivery_orders(draw: st.DrawFn) -> tuple[list, list]:
+    """(in-order deliveries, the same deliveries duplicated and shuffled)."""
+    kind = draw(st.sampled_from(["completed", "failed", "canceled"]))
+    seconds = draw(st.sampled_from([4, 5, 5.04, 9.5, 15]))
+    terminal = terminal_event(kind, seconds)
+    in_order: list = [ROW]
+    if draw(st.booleans()):
+        in_order.append(("in_progress", None, None))
+    in_order.append(terminal)
+    shuffled: list = [ROW]
+    for event in in_order[1:]:
+        shuffled += [event] * draw(st.integers(min_value=1, max_value=3))
+    shuffled = draw(st.permutations(shuffled))
+    return in_order, list(shuffled)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(orders=delivery_orders())
+def test_any_order_and_duplication_gives_the_in_order_row(
+    conn: psycopg.Connection, orders: tuple[list, list]
+) -> None:
+    in_order, shuffled = orders
+    with conn.transaction(force_rollback=True):
+        expected_id, actual_id = f"exp-{uuid.uuid4().hex}", f"act-{uuid.uuid4().hex}"
+        deliver(conn, expected_id, in_order)
+        deliver(conn, actual_id, shuffled)
+        expected, actual = final_state(conn, expected_id), final_state(conn, actual_id)
+        assert actual == expected
+        assert actual["waiting"] == 0 and actual["finished"]
+        stored = conn.execute(
+            "select count(*) as n from generation_events where request_id = %s", (actual_id,)
+        ).fetchone()["n"]
+        assert stored == len(in_order) - 1  # duplicates are never stored twice
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kinds=st.lists(
+        st.sampled_from(["completed", "failed", "canceled"]), min_size=2, max_size=3, unique=True
+    ),
+    row_position=st.integers(min_value=0, max_value=3),
+)
+def test_conflicting_terminal_events_are_kept_and_flagged(
+    conn: psycopg.Connection, kinds: list[str], row_position: int
+) -> None:
+    events = [terminal_event(kind, 5) for kind in kinds]
+    deliveries = list(events)
+    deliveries.insert(min(row_position, len(deliveries)), ROW)
+    with conn.transaction(force_rollback=True):
+        request_id = f"conf-{uuid.uuid4().hex}"
+        deliver(conn, request_id, deliveries)
+        row = generation(conn, request_id)
+        assert row["status"] == kinds[0]  # the first terminal event to arrive wins
+        assert row["conflict"] is True
+        outcomes = [
+            (r["kind"], r["outcome"])
+            for r in conn.execute(
+                "select kind, outcome from generation_events where request_id = %s order by id",
+                (request_id,),
+            )
+        ]
+        assert outcomes == [(kinds[0], "applied")] + [(k, "conflict") for k in kinds[1:]]
+        if kinds[0] != "completed":
+            assert row["cost_micros"] == 0
+
+
+def test_event_before_its_row_waits_then_applies_on_insert(conn: psycopg.Connection) -> None:
+    request_id = f"early-{uuid.uuid4().hex}"
+    outcome = record_event(conn, LedgerEvent(request_id, "completed", video_payload(5)))
+    assert outcome == "waiting"
+    assert generation(conn, request_id) is None
+    submit_row(conn, request_id)
+    row = generation(conn, request_id)
+    assert row["status"] == "completed" and row["cost_basis"] == "actual"
+
+
+def test_the_articles_raw_insert_also_applies_waiting_events(conn: psycopg.Connection) -> None:
+    record_event(
+        conn, LedgerEvent("raw-early", "failed", {"detail": "x"}, "Invalid status code: 422")
+    )
+    conn.execute(  # the article's submit statement, with psycopg's placeholders
+        """insert into generations
+             (request_id, user_id, endpoint, inputs, cost_cents, status)
+           values (%s, %s, %s, %s, %s, 'submitted')
+           on conflict (request_id) do nothing""",
+        ("raw-early", 3, SEEDANCE, '{"prompt": "x", "duration": 5}', 152),
+    )
+    row = generation(conn, "raw-early")
+    assert row["status"] == "failed" and row["cost_cents"] == 0
+    assert row["error"].startswith("Invalid status code: 422")
+
+
+def test_duplicates_report_duplicate_and_change_nothing(conn: psycopg.Connection) -> None:
+    request_id, _ = submit_row(conn)
+    event = LedgerEvent(request_id, "completed", video_payload(5))
+    assert record_event(conn, event) == "applied"
+    before = generation(conn, request_id)
+    assert record_events(conn, [event, event, event]) == ["duplicate"] * 3
+    assert generation(conn, request_id) == before
+
+
+def test_status_never_moves_backwards_even_for_raw_sql(conn: psycopg.Connection) -> None:
+    request_id, _ = submit_row(conn)
+    record_event(conn, LedgerEvent(request_id, "completed", video_payload(5)))
+    try:
+        conn.execute(
+            "update generations set status = 'failed' where request_id = %s", (request_id,)
+        )
+    except psycopg.errors.CheckViolation as exc:
+        assert "is completed and cannot become failed" in str(exc)
+    else:  # pragma: no cover - the assertion below documents the failure
+        raise AssertionError("a terminal status was changed")
+    conn.rollback()
+    assert record_event(conn, LedgerEvent(request_id, "in_progress")) == "stale"
+    assert generation(conn, request_id)["status"] == "completed"
+
+
+def test_reconciler_applies_events_whose_row_appeared_later(conn: psycopg.Connection) -> None:
+    """A row inserted with the trigger disabled (e.g. a bulk restore) is caught up later."""
+    request_id = f"late-{uuid.uuid4().hex}"
+    record_event(conn, LedgerEvent(request_id, "completed", video_payload(5)))
+    with conn.transaction():
+        conn.execute("alter table generations disable trigger generations_apply_waiting")
+        submit_row(conn, request_id)
+        conn.execute("alter table generations enable trigger generations_apply_waiting")
+    assert generation(conn, request_id)["status"] == "submitted"
+    assert apply_waiting_events(conn) == {"applied": 1}
+    assert generation(conn, request_id)["status"] == "completed"
+
+
+def test_event_and_row_committed_concurrently_never_miss_each_other(
+    conn: psycopg.Connection, ledger_url: str
+) -> None:
+    """Either commit order: the per-request lock makes the later one see the earlier one."""
+    for event_first in (True, False):
+        request_id = f"race-{uuid.uuid4().hex}"
+        with connect(ledger_url) as event_conn, connect(ledger_url) as row_conn:
+            first, second = (event_conn, row_conn) if event_first else (row_conn, event_conn)
+
+            def write(c: psycopg.Connection, request_id: str = request_id) -> None:
+                if c is event_conn:
+                    c.execute(
+                        "select * from rq_record_event(%s, 'webhook', 'completed', %s, null, null)",
+                        (request_id, psycopg.types.json.Jsonb(video_payload(5))),
+                    )
+                else:
+                    intent = record_intent(c, user_id=1, endpoint=SEEDANCE, inputs=INPUTS)
+                    c.execute(
+                        "insert into generations (request_id, user_id, endpoint, inputs, "
+                        "batch_item_id) values (%s, 1, %s, %s, %s)",
+                        (request_id, SEEDANCE, psycopg.types.json.Jsonb(INPUTS), intent.item_id),
+                    )
+
+            write(first)  # holds the request's lock until it commits
+            worker = threading.Thread(target=lambda c=second: (write(c), c.commit()))
+            worker.start()
+            worker.join(timeout=0.5)
+            assert worker.is_alive(), "the second writer should wait for the first to commit"
+            first.commit()
+            worker.join(timeout=10)
+        row = generation(conn, request_id)
+        assert row["status"] == "completed", f"event_first={event_first}"

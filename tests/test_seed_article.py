@@ -1,0 +1,65 @@
+"""Every statement of the seed article runs unchanged and gives the article's answers."""
+
+from __future__ import annotations
+
+import json
+
+import psycopg
+from ledger_helpers import generation
+
+ENDPOINT = "fal-ai/seedance-2.0/text-to-video"
+
+# The article's SQL with $n placeholders turned into psycopg's %s, otherwise verbatim.
+SUBMIT = """insert into generations
+ (request_id, user_id, endpoint, inputs, cost_cents, status)
+ values (%s, %s, %s, %s, %s, 'submitted')
+ on conflict (request_id) do nothing"""
+WEBHOOK = """update generations
+ set status = %s, outputs = %s,
+ error = %s, finished_at = now()
+ where request_id = %s"""
+RECONCILE = """select request_id, endpoint from generations
+ where status = 'submitted'
+ and created_at < now() - interval '10 minutes'
+ limit 100"""
+
+
+def test_submit_webhook_and_reconcile_statements(conn: psycopg.Connection) -> None:
+    inputs = json.dumps({"prompt": "a horse", "resolution": "1080p", "duration": 5})
+    conn.execute(SUBMIT, ("req-a", 42, ENDPOINT, inputs, 340))
+    conn.execute(SUBMIT, ("req-a", 42, ENDPOINT, inputs, 340))  # webhook-beat-insert case: no-op
+    conn.execute(SUBMIT, ("req-b", 42, ENDPOINT, inputs, 340))
+    conn.execute(
+        "update generations set created_at = now() - interval '11 minutes' "
+        "where request_id = 'req-b'"
+    )
+    outputs = json.dumps({"video_url": "s3://ours/a.mp4", "original_url": "https://x/a.mp4"})
+    conn.execute(WEBHOOK, ("completed", outputs, None, "req-a"))
+    conn.execute(WEBHOOK, ("completed", outputs, None, "req-a"))  # a retried webhook: no-op
+    stuck = conn.execute(RECONCILE).fetchall()
+    assert [r["request_id"] for r in stuck] == ["req-b"]
+    row = generation(conn, "req-a")
+    assert row["status"] == "completed" and row["cost_cents"] == 340
+    assert row["cost_micros"] == 3_400_000
+    spent = conn.execute(
+        "select sum(cost_cents) as cents from generations "
+        "where user_id = 42 and created_at >= date_trunc('month', now())"
+    ).fetchone()
+    assert spent["cents"] == 680
+
+
+def test_prompt_containment_search_uses_the_gin_index(conn: psycopg.Connection) -> None:
+    conn.execute(SUBMIT, ("req-c", 1, ENDPOINT, json.dumps({"prompt": "fox"}), 0))
+    found = conn.execute(
+        "select request_id from generations where inputs @> %s", (json.dumps({"prompt": "fox"}),)
+    ).fetchall()
+    assert [r["request_id"] for r in found] == ["req-c"]
+    conn.execute("set enable_seqscan = off")
+    plan = " ".join(
+        r["QUERY PLAN"]
+        for r in conn.execute(
+            'explain select id from generations where inputs @> \'{"prompt": "fox"}\''
+        )
+    )
+    assert "generations_inputs_gin_idx" in plan
+    conn.rollback()
