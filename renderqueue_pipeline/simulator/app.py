@@ -260,7 +260,16 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
     # ----- control API (tests and operators; no fal equivalent) --------------------------------
 
     async def health(_: Request) -> Response:
-        return _json({"ok": True, "requests": len(engine.requests), "seed": engine.config.seed})
+        return _json(
+            {
+                "ok": True,
+                "seed": engine.config.seed,
+                "requests": len(engine.requests),
+                "api_calls": engine.api_calls,
+                "api_faults": engine.api_faults,
+                "pending_tasks": len(engine.tasks),
+            }
+        )
 
     async def get_config(_: Request) -> Response:
         return _json(engine.config.public())

@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import math
 import random
 import time
 import uuid
@@ -126,6 +127,7 @@ class Engine:
         self.deliveries: list[Delivery] = []
         self.counter = 0
         self.api_calls = 0
+        self.api_faults: dict[str, int] = {"429": 0, "503": 0, "500": 0}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.http: httpx.AsyncClient | None = None
 
@@ -157,6 +159,7 @@ class Engine:
         self.deliveries.clear()
         self.counter = 0
         self.api_calls = 0
+        self.api_faults = {"429": 0, "503": 0, "500": 0}
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -173,13 +176,16 @@ class Engine:
         if not (cfg.api_429_rate or cfg.api_503_rate or cfg.api_500_rate):
             return None
         u = random.Random(f"{cfg.seed}:api:{self.api_calls}").random()
+        fault: Literal["429", "503", "500"] | None = None
         if u < cfg.api_429_rate:
-            return "429"
-        if u < cfg.api_429_rate + cfg.api_503_rate:
-            return "503"
-        if u < cfg.api_429_rate + cfg.api_503_rate + cfg.api_500_rate:
-            return "500"
-        return None
+            fault = "429"
+        elif u < cfg.api_429_rate + cfg.api_503_rate:
+            fault = "503"
+        elif u < cfg.api_429_rate + cfg.api_503_rate + cfg.api_500_rate:
+            fault = "500"
+        if fault:
+            self.api_faults[fault] += 1
+        return fault
 
     # ----- submit ----------------------------------------------------------------------------
 
@@ -325,7 +331,7 @@ class Engine:
         """A freshly signed CDN URL for the request's output (expires after cdn_url_ttl)."""
         file = req.planned.file
         path = f"/files/b/{file.file_id}/{file.file_name}"
-        expires = int(time.time() + self.config.cdn_url_ttl)
+        expires = math.ceil(time.time() + self.config.cdn_url_ttl)
         sig = self.url_signer.signature(f"{path}\n{file.file_size}", expires)
         return f"{req.base_url}{path}?size={file.file_size}&exp={expires}&sig={sig}"
 

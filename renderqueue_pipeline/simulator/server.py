@@ -97,6 +97,7 @@ class SimulatorServer:
         port: int = DEFAULT_PORT,
         config: SimConfig | None = None,
         log_level: str = "warning",
+        graceful_shutdown: float = 2.0,
     ) -> None:
         self.home = Path(home).expanduser().resolve()
         self.host = host
@@ -114,7 +115,7 @@ class SimulatorServer:
                 access_log=log_level in ("debug", "trace"),
                 loop="asyncio",
                 lifespan="on",
-                timeout_graceful_shutdown=2,
+                timeout_graceful_shutdown=graceful_shutdown,
             )
         )
         self._thread: threading.Thread | None = None

@@ -1,0 +1,104 @@
+"""pytest plugin: makes the real fal_client talk to a local fal simulator in this process.
+
+Register with `pytest_plugins = ["fal_sim_plugin"]` (tests/ on sys.path) or run
+`pytest -p fal_sim_plugin` with PYTHONPATH=tests.
+
+fal-client reads FAL_QUEUE_RUN_HOST when it is first imported, so
+this module picks a free port and exports the simulator's client environment
+when it is imported (before test modules are collected); `pytest_configure`
+checks that fal_client did not freeze another host earlier. The simulator
+itself starts lazily, on that port, the first time a test asks for it.
+
+Fixtures:
+- `fal_simulator` (session): the `RunningSimulator` (thread), fast test timings.
+- `fal_sim` (function): the same simulator, reset to fast defaults (clean state,
+  seed 0) before the test; use `fal_sim.control.set_faults(...)` to script faults.
+- `webhook_sink` (function): a recording HTTP webhook receiver (`.url`, `.received`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from renderqueue_pipeline.simulator.server import client_env, free_port
+from renderqueue_pipeline.simulator.testing import (
+    FAST_TEST_OPTIONS,
+    RunningSimulator,
+    WebhookSink,
+    running_simulator,
+)
+
+
+def _export_env_now() -> tuple[Path, int]:
+    """Pick the port and export the env at plugin import: as early as a plugin can run."""
+    home = Path(tempfile.mkdtemp(prefix="renderqueue-falsim-"))
+    port = free_port()
+    env = client_env(home, "127.0.0.1", port)
+    if "fal_client" not in sys.modules:
+        os.environ.update(env)
+    return home, port
+
+
+_HOME, _PORT = _export_env_now()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Fail loudly if fal_client was imported (and froze its host) before this plugin loaded."""
+    expected = f"127.0.0.1:{_PORT}"
+    if "fal_client" in sys.modules:
+        from fal_client.auth import FAL_QUEUE_RUN_HOST
+
+        if expected != FAL_QUEUE_RUN_HOST:
+            raise pytest.UsageError(
+                "fal_client was imported before fal_sim_plugin could set FAL_QUEUE_RUN_HOST "
+                f"(it points at {FAL_QUEUE_RUN_HOST!r}); load the plugin earlier "
+                "(-p fal_sim_plugin) or do not import fal_client at conftest module level"
+            )
+    os.environ.update(client_env(_HOME, "127.0.0.1", _PORT))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def fal_simulator() -> Iterator[RunningSimulator]:
+    """The session's simulator, on the port fal_client was configured with."""
+    with running_simulator(_HOME, _PORT, seed=0, **FAST_TEST_OPTIONS) as sim:
+        yield sim
+
+
+@pytest.fixture
+def fal_sim(fal_simulator: RunningSimulator) -> RunningSimulator:
+    """The session simulator with clean state and fast default timings (seed 0)."""
+    if not fal_simulator.running:  # a previous test stopped it
+        fal_simulator.start()
+    fal_simulator.control.reset(seed=0, **_fast_defaults())
+    return fal_simulator
+
+
+def _fast_defaults() -> dict[str, object]:
+    """Every knob back to its default, with test timings on top."""
+    from renderqueue_pipeline.simulator.config import SimConfig
+
+    defaults = SimConfig().model_dump()
+    defaults.update(FAST_TEST_OPTIONS)
+    defaults.pop("seed")
+    return defaults
+
+
+@pytest.fixture
+def webhook_sink() -> Iterator[WebhookSink]:
+    """A recording webhook receiver on plain HTTP (127.0.0.1, random port)."""
+    sink = WebhookSink().start()
+    try:
+        yield sink
+    finally:
+        sink.stop()

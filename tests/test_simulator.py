@@ -1,0 +1,321 @@
+"""Unmodified fal-client (sync and async) against the simulator over real TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import fal_client
+import httpx
+import pytest
+from fal_client.client import FalClientHTTPError
+
+from renderqueue_pipeline.simulator.testing import RunningSimulator, wait_until
+
+ENDPOINT = "bytedance/seedance-2.0/text-to-video"
+APP = "bytedance/seedance-2.0"
+INPUTS = {"prompt": "a paper boat on a rainy street", "duration": "5", "resolution": "720p"}
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_env_points_fal_client_at_the_simulator(fal_sim: RunningSimulator) -> None:
+    from fal_client.client import QUEUE_URL_FORMAT
+
+    assert f"https://127.0.0.1:{fal_sim.port}/" == QUEUE_URL_FORMAT
+    assert fal_sim.env["FAL_QUEUE_RUN_HOST"] == f"127.0.0.1:{fal_sim.port}"
+
+
+def test_sync_submit_status_result(fal_sim: RunningSimulator) -> None:
+    handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
+    assert handle.status_url == f"{fal_sim.base_url}/{APP}/requests/{handle.request_id}/status"
+    first = handle.status()
+    assert isinstance(first, fal_client.Queued | fal_client.InProgress)
+
+    seen: list[type] = []
+    for event in handle.iter_events(with_logs=True, interval=0.01):
+        seen.append(type(event))
+        if isinstance(event, fal_client.InProgress | fal_client.Completed):
+            assert isinstance(event.logs, list)
+    assert seen[-1] is fal_client.Completed
+    done = handle.status(with_logs=True)
+    assert isinstance(done, fal_client.Completed)
+    assert done.error is None
+    assert done.logs and done.logs[-1]["message"] == "Generation complete"
+    assert {"message", "level", "source", "timestamp"} <= set(done.logs[0])
+    assert done.metrics["inference_time"] > 0
+
+    result = handle.get()
+    video = result["video"]
+    assert video["content_type"] == "video/mp4"
+    assert video["duration"] == 5.0
+    assert video["file_size"] > 0
+    truth = fal_sim.control.ground_truth(handle.request_id)
+    assert truth["status"] == "completed"
+    assert truth["billed_seconds"] == 5.0
+    assert truth["output"]["video"]["file_size"] == video["file_size"]
+
+    # the CDN serves exactly the declared bytes with the declared type
+    with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
+        download = http.get(video["url"])
+    assert download.status_code == 200
+    assert download.headers["content-type"] == "video/mp4"
+    assert len(download.content) == video["file_size"]
+    assert download.content[4:8] == b"ftyp"
+
+
+def test_status_without_logs_has_null_logs(fal_sim: RunningSimulator) -> None:
+    handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
+    handle.get()
+    status = handle.status(with_logs=False)
+    assert isinstance(status, fal_client.Completed)
+    assert status.logs is None
+    with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
+        raw = http.get(handle.status_url, headers={"Authorization": "Key k"}, params={"logs": 1})
+    assert raw.status_code == 200
+    assert raw.json()["status"] == "COMPLETED"
+    assert isinstance(raw.json()["logs"], list)
+
+
+def test_in_progress_status_is_202_with_logs(fal_sim: RunningSimulator) -> None:
+    fal_sim.control.set_faults(queue_delay="0", run_time="2")
+    handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
+    with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
+        raw = wait_until(
+            lambda: (
+                r
+                if (r := http.get(handle.status_url, headers={"Authorization": "Key k"})).json()[
+                    "status"
+                ]
+                == "IN_PROGRESS"
+                else None
+            ),
+            timeout=5,
+        )
+    assert raw.status_code == 202
+    assert "logs" in raw.json()
+    status = handle.status(with_logs=True)
+    assert isinstance(status, fal_client.InProgress)
+    assert status.logs and status.logs[0]["message"].startswith("Starting generation")
+
+
+def test_queue_position_counts_requests_ahead(fal_sim: RunningSimulator) -> None:
+    fal_sim.control.set_faults(queue_delay="5", run_time="0.1")
+    handles = [fal_client.submit(ENDPOINT, arguments=INPUTS) for _ in range(3)]
+    positions = [h.status().position for h in handles]  # type: ignore[attr-defined]
+    assert positions == [0, 1, 2]
+    for handle in handles:
+        handle.cancel()
+
+
+def test_async_client_end_to_end(fal_sim: RunningSimulator) -> None:
+    async def main() -> tuple[dict, list]:
+        client = fal_client.AsyncClient()
+        handle = await client.submit(ENDPOINT, arguments=INPUTS)
+        events = [e async for e in handle.iter_events(with_logs=True, interval=0.01)]
+        result = await handle.get()
+        again = await client.result(ENDPOINT, handle.request_id)
+        assert again["video"]["file_size"] == result["video"]["file_size"]
+        status = await client.status(ENDPOINT, handle.request_id, with_logs=False)
+        assert isinstance(status, fal_client.Completed)
+        return result, events
+
+    result, events = asyncio.run(main())
+    assert isinstance(events[-1], fal_client.Completed)
+    assert result["video"]["duration"] == 5.0
+
+
+def test_subscribe_and_run(fal_sim: RunningSimulator) -> None:
+    result = fal_client.subscribe(ENDPOINT, arguments={**INPUTS, "duration": 8})
+    assert result["video"]["duration"] == 8.0
+    image = fal_client.run("fal-ai/fast-sdxl", arguments={"prompt": "a cute cat"})
+    assert image["images"][0]["content_type"] == "image/jpeg"
+    truths = fal_sim.control.ground_truth()
+    assert [t["sync"] for t in truths] == [False, True]
+
+
+def test_auto_duration_and_resolution_shape_the_output(fal_sim: RunningSimulator) -> None:
+    result = fal_client.subscribe(
+        ENDPOINT, arguments={"prompt": "p", "duration": "auto", "resolution": "1080p"}
+    )
+    video = result["video"]
+    assert 4 <= video["duration"] <= 15
+    assert (video["width"], video["height"]) == (1920, 1080)
+    truth = fal_sim.control.ground_truth()[0]
+    assert truth["billed_seconds"] == video["duration"]
+
+
+def test_cancel_queued_request(fal_sim: RunningSimulator) -> None:
+    fal_sim.control.set_faults(queue_delay="10")
+    handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
+    handle.cancel()  # 202 CANCELLATION_REQUESTED
+    status = handle.status()
+    assert isinstance(status, fal_client.Completed)
+    assert status.error == "Request cancelled"
+    truth = fal_sim.control.ground_truth(handle.request_id)
+    assert truth["status"] == "canceled"
+    assert truth["billed_seconds"] == 0
+    with pytest.raises(FalClientHTTPError) as err:
+        handle.get()
+    assert err.value.status_code == 400
+
+
+def test_cancel_in_progress_honored_and_ignored(fal_sim: RunningSimulator) -> None:
+    fal_sim.control.set_faults(queue_delay="0", run_time="1.0")
+    handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
+    wait_until(lambda: isinstance(handle.status(), fal_client.InProgress), timeout=5)
+    handle.cancel()
+    assert fal_sim.control.ground_truth(handle.request_id)["status"] == "canceled"
+
+    fal_sim.control.set_faults(cancel_in_progress="ignore", run_time="0.3")
+    handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
+    wait_until(lambda: isinstance(handle.status(), fal_client.InProgress), timeout=5)
+    handle.cancel()  # accepted, but the model finishes anyway (and is billed)
+    assert handle.get()["video"]["duration"] == 5.0
+    assert fal_sim.control.ground_truth(handle.request_id)["billed_seconds"] == 5.0
+
+
+def test_cancel_completed_and_unknown_requests(fal_sim: RunningSimulator) -> None:
+    handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
+    handle.get()
+    with pytest.raises(FalClientHTTPError) as err:
+        handle.cancel()
+    assert err.value.status_code == 400
+    assert err.value.response.json() == {"status": "ALREADY_COMPLETED"}
+    with pytest.raises(FalClientHTTPError) as err:
+        fal_client.cancel(ENDPOINT, "00000000-0000-0000-0000-000000000000")
+    assert err.value.status_code == 404
+    assert err.value.response.json() == {"status": "NOT_FOUND"}
+
+
+def test_status_urls_use_owner_and_app_only(fal_sim: RunningSimulator) -> None:
+    handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
+    # fal_client builds owner/app URLs itself from the endpoint id
+    assert isinstance(
+        fal_client.status(ENDPOINT, handle.request_id), fal_client.Queued | fal_client.InProgress
+    )
+    with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
+        auth = {"Authorization": "Key k"}
+        wrong = http.get(f"{fal_sim.base_url}/{ENDPOINT}/requests/{handle.request_id}/status")
+        assert wrong.status_code == 401  # auth is checked first
+        wrong = http.get(
+            f"{fal_sim.base_url}/{ENDPOINT}/requests/{handle.request_id}/status", headers=auth
+        )
+        assert wrong.status_code == 404
+        other_app = http.get(
+            f"{fal_sim.base_url}/other/app/requests/{handle.request_id}/status", headers=auth
+        )
+        assert other_app.status_code == 404
+
+
+def test_missing_key_is_401(fal_sim: RunningSimulator) -> None:
+    with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
+        response = http.post(f"{fal_sim.base_url}/{ENDPOINT}", json=INPUTS)
+        assert response.status_code == 401
+        response = http.post(
+            f"{fal_sim.base_url}/{ENDPOINT}", json=INPUTS, headers={"Authorization": "Bearer x"}
+        )
+        assert response.status_code == 401
+
+
+def test_required_key_is_enforced(fal_sim: RunningSimulator) -> None:
+    fal_sim.control.set_faults(fal_key="the-right-key")
+    assert fal_sim.control.config()["fal_key"] == "***"
+    with pytest.raises(FalClientHTTPError) as err:
+        fal_client.SyncClient(key="wrong").submit(ENDPOINT, arguments=INPUTS)
+    assert err.value.status_code == 401
+    handle = fal_client.SyncClient(key="the-right-key").submit(ENDPOINT, arguments=INPUTS)
+    assert handle.request_id
+
+
+@pytest.mark.parametrize(
+    ("inputs", "field"),
+    [
+        ({"duration": "5"}, "prompt"),
+        ({"prompt": "p", "duration": "3"}, "duration"),
+        ({"prompt": "p", "duration": "16"}, "duration"),
+        ({"prompt": "p", "duration": "five"}, "duration"),
+        ({"prompt": "p", "resolution": "4k"}, "resolution"),
+    ],
+)
+def test_invalid_inputs_are_422(
+    fal_sim: RunningSimulator, inputs: dict[str, str], field: str
+) -> None:
+    with pytest.raises(FalClientHTTPError) as err:
+        fal_client.submit(ENDPOINT, arguments=inputs)
+    assert err.value.status_code == 422
+    detail = err.value.response.json()["detail"]
+    assert [item["loc"] for item in detail] == [["body", field]]
+    assert fal_sim.control.ground_truth() == []  # nothing enqueued, nothing billed
+
+
+def test_validation_at_run_time_fails_the_request(fal_sim: RunningSimulator) -> None:
+    fal_sim.control.set_faults(validation="run")
+    handle = fal_client.submit(ENDPOINT, arguments={"prompt": "p", "duration": "30"})
+    wait_until(lambda: isinstance(handle.status(), fal_client.Completed), timeout=5)
+    status = handle.status()
+    assert status.error  # type: ignore[attr-defined]
+    with pytest.raises(FalClientHTTPError) as err:
+        handle.get()
+    assert err.value.status_code == 422
+    assert err.value.response.json()["detail"][0]["loc"] == ["body", "duration"]
+
+
+def test_failure_rate_gives_422_result_and_no_bill(fal_sim: RunningSimulator) -> None:
+    fal_sim.control.set_faults(failure_rate=1.0)
+    handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
+    with pytest.raises(FalClientHTTPError) as err:
+        handle.get()
+    assert err.value.status_code == 422
+    truth = fal_sim.control.ground_truth(handle.request_id)
+    assert truth["status"] == "failed"
+    assert truth["billed_seconds"] == 0
+    assert truth["error"]["detail"][0]["type"] == "content_policy_violation"
+
+
+def test_transient_429_and_503_are_retried_by_fal_client(fal_sim: RunningSimulator) -> None:
+    fal_sim.control.set_faults(api_429_rate=0.2, api_503_rate=0.2)
+    handles = [fal_client.submit(ENDPOINT, arguments=INPUTS) for _ in range(3)]
+    for handle in handles:
+        assert handle.get()["video"]["duration"] == 5.0
+    faults = fal_sim.control.health()["api_faults"]
+    assert faults["429"] > 0 and faults["503"] > 0  # fixed by seed 0: reproducible
+    assert len(fal_sim.control.ground_truth()) == 3  # no duplicates from the retries
+
+
+def test_500_on_submit_still_enqueues(fal_sim: RunningSimulator) -> None:
+    fal_sim.control.set_faults(api_500_rate=1.0)
+    with pytest.raises(FalClientHTTPError) as err:
+        fal_client.submit(ENDPOINT, arguments=INPUTS)
+    assert err.value.status_code == 500
+    fal_sim.control.set_faults(api_500_rate=0.0)
+    (truth,) = fal_sim.control.ground_truth()
+    assert truth["request_id"] == err.value.response.headers["x-fal-request-id"]
+
+
+def test_cdn_urls_expire_and_reject_tampering(fal_sim: RunningSimulator) -> None:
+    fal_sim.control.set_faults(cdn_url_ttl=0.3)
+    handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
+    url = handle.get()["video"]["url"]
+    with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
+        assert http.head(url).status_code == 200
+        tampered = url.replace("size=", "size=1")
+        assert http.get(tampered).status_code == 403
+        assert http.get(url.split("?")[0]).status_code == 403
+        expires = int(httpx.URL(url).params["exp"])
+        time.sleep(max(0.0, expires - time.time() + 0.05))
+        assert http.get(url).status_code == 403
+        fresh = handle.get()["video"]["url"]  # the result endpoint re-signs
+        first = http.get(fresh)
+        assert first.status_code == 200
+        assert http.get(fresh).content == first.content  # deterministic bytes
+
+
+def test_namespaced_and_subpath_endpoints(fal_sim: RunningSimulator) -> None:
+    result = fal_client.subscribe(
+        "fal-ai/some-model/v2/text-to-video", arguments={"prompt": "p", "duration": 4}
+    )
+    assert result["video"]["duration"] == 4.0
+    truth = fal_sim.control.ground_truth()[0]
+    assert truth["app"] == "fal-ai/some-model"
+    assert truth["endpoint"] == "fal-ai/some-model/v2/text-to-video"
