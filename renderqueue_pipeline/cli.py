@@ -70,12 +70,45 @@ def db_psql(psql_args: tuple[str, ...]) -> None:
     os.execv(psql, [psql, url, *psql_args])
 
 
+@db.command("stop")
+def db_stop() -> None:
+    """Stop the embedded Postgres server of RENDERQUEUE_HOME (if it runs)."""
+    from renderqueue_pipeline.db.server import stop_embedded
+
+    click.echo("stopped the embedded server" if stop_embedded() else "no embedded server running")
+
+
 @db.command("status")
 def db_status() -> None:
     """Print the state of the ledger: generations by status and spend by endpoint."""
     from renderqueue_pipeline.ledger.report import print_ledger_status
 
     print_ledger_status()
+
+
+@main.command()
+def demo() -> None:
+    """Migrate the ledger and run the main Dagster job on the embedded defaults."""
+    from dagster import DagsterInstance
+
+    from renderqueue_pipeline.dagster_home import ensure_dagster_home
+    from renderqueue_pipeline.db.migrate import migrate
+    from renderqueue_pipeline.db.server import database_url
+    from renderqueue_pipeline.definitions import defs
+    from renderqueue_pipeline.ledger.report import print_ledger_status
+
+    url = database_url()
+    click.echo(f"ledger database: {url}")
+    applied = migrate(url)
+    click.echo(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
+    home = ensure_dagster_home(url)
+    click.echo(f"dagster instance: {home} (storage in Postgres)")
+    with DagsterInstance.get() as instance:
+        result = defs.resolve_job_def("ledger_status_job").execute_in_process(instance=instance)
+    click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'FAILED'}")
+    print_ledger_status(url)
+    if not result.success:
+        sys.exit(1)
 
 
 main.add_command(simulator)

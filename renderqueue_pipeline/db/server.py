@@ -52,6 +52,12 @@ def embedded_url(home: Path | None = None, database: str = LEDGER_DATABASE) -> s
     return server.get_uri(database)
 
 
+def ensure_database(url: str, database: str) -> str:
+    """Create `database` on the server of `url` if missing; return a URL to it."""
+    _ensure_database(with_database(psycopg_url(url), "postgres"), database)
+    return with_database(url, database)
+
+
 def _ensure_database(admin_url: str, database: str) -> None:
     import psycopg
     from psycopg import sql

@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine with Python 3.11+ and pip:
+#   make demo   install, start the embedded Postgres, run the main job
+#   make test   install with test extras and run the whole suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: install demo test lint bench clean stop
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/renderqueue demo
+
+lint: install
+	$(BIN)/ruff check renderqueue_pipeline tests bench
+
+test: install lint
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python -m bench
+
+stop:
+	-$(BIN)/renderqueue db stop
+	-RENDERQUEUE_HOME=.renderqueue/test $(BIN)/renderqueue db stop
+
+clean: stop
+	rm -rf $(VENV) .renderqueue .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,63 @@
+"""What every benchmark shares: the figure type and a throw-away ledger database."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.db.server import embedded_url, psycopg_url, with_database
+
+BENCH_HOME = Path(__file__).resolve().parent.parent / ".renderqueue" / "bench"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One measured figure and the baseline it is compared with in the same run."""
+
+    name: str
+    value: float
+    baseline_name: str
+    baseline_value: float
+    unit: str = "/s"
+    required: float | None = None
+    higher_is_better: bool = True
+
+    @property
+    def ratio(self) -> float:
+        if self.higher_is_better:
+            return self.value / self.baseline_value
+        return self.baseline_value / self.value
+
+    @property
+    def ok(self) -> bool:
+        return self.required is None or self.ratio >= self.required
+
+
+@contextmanager
+def scratch_ledger(server_url: str | None = None) -> Iterator[str]:
+    """A freshly migrated ledger database on the embedded server, dropped afterwards."""
+    import os
+
+    if server_url is None:
+        configured = os.environ.get("DATABASE_URL")
+        if configured:
+            server_url = with_database(psycopg_url(configured), "postgres")
+        else:
+            BENCH_HOME.mkdir(parents=True, exist_ok=True)
+            server_url = embedded_url(BENCH_HOME, "postgres")
+    name = f"rq_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'create database "{name}"')
+    url = with_database(server_url, name)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'drop database if exists "{name}" with (force)')

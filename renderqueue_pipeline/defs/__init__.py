@@ -1,0 +1,1 @@
+"""Dagster definitions by domain; each stays thin and calls plain, separately tested code."""

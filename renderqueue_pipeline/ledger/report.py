@@ -1,0 +1,46 @@
+"""A readable summary of the ledger for the terminal (`renderqueue db status`, the demo)."""
+
+from __future__ import annotations
+
+import psycopg
+from rich.console import Console
+from rich.table import Table
+
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.db.queries import q
+
+
+def dollars(micros: int) -> str:
+    """Micro-dollars as dollars with six decimals (exact, no float)."""
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(int(micros)), 1_000_000)
+    return f"{sign}${whole:,}.{frac:06d}"
+
+
+def ledger_status(conn: psycopg.Connection) -> dict[str, list[dict]]:
+    """Generations by status, spend by endpoint, and events still waiting for their row."""
+    return {
+        "by_status": conn.execute(q("status_counts")).fetchall(),
+        "by_endpoint": conn.execute(q("spend_by_endpoint")).fetchall(),
+        "waiting": conn.execute(q("waiting_event_count")).fetchall(),
+    }
+
+
+def print_ledger_status(url: str | None = None, console: Console | None = None) -> None:
+    """Print the ledger summary as two tables."""
+    console = console or Console()
+    with connect(url) as conn:
+        status = ledger_status(conn)
+    by_status = Table(title="generations by status")
+    for column in ("status", "generations", "cost"):
+        by_status.add_column(column, justify="right" if column != "status" else "left")
+    for row in status["by_status"]:
+        by_status.add_row(row["status"], str(row["generations"]), dollars(row["cost_micros"]))
+    by_endpoint = Table(title="spend by endpoint")
+    for column in ("endpoint", "generations", "cost"):
+        by_endpoint.add_column(column, justify="right" if column != "endpoint" else "left")
+    for row in status["by_endpoint"]:
+        by_endpoint.add_row(row["endpoint"], str(row["generations"]), dollars(row["cost_micros"]))
+    console.print(by_status)
+    console.print(by_endpoint)
+    console.print(f"events waiting for their row: {status['waiting'][0]['waiting']}")

@@ -1,0 +1,86 @@
+"""The command line and configuration: what a user types and what they read back."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+
+from renderqueue_pipeline.cli import main
+from renderqueue_pipeline.settings import ConfigError, load_settings
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("DATABASE_URL", "mysql://x@y/z", "DATABASE_URL: expected a postgresql:// URL"),
+        ("FAL_JWKS_URL", "ftp://keys", "FAL_JWKS_URL: expected an http(s):// URL"),
+        ("RENDERQUEUE_WEBHOOK_URL", "not a url", "RENDERQUEUE_WEBHOOK_URL: expected an http(s)"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_settings()
+    cli = subprocess.run(
+        [sys.executable, "-m", "renderqueue_pipeline.cli", "db", "url"],
+        env={**os.environ, variable: value},
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2
+    assert cli.stderr.strip().startswith(f"renderqueue: {says}")
+    assert "Traceback" not in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
+
+
+def test_secrets_do_not_show_in_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAL_KEY", "super-secret-key")
+    settings = load_settings()
+    assert "super-secret-key" not in repr(settings)
+    assert settings.fal_key.get_secret_value() == "super-secret-key"
+
+
+def test_db_url_migrate_twice_and_status(ledger_env: str) -> None:
+    runner = CliRunner()
+    url = runner.invoke(main, ["db", "url"])
+    assert url.exit_code == 0 and url.output.strip() == ledger_env
+    for _ in range(2):
+        migrated = runner.invoke(main, ["db", "migrate"])
+        assert migrated.exit_code == 0
+        assert migrated.output.strip() == "database is up to date"
+    with psycopg.connect(ledger_env) as conn:
+        conn.execute(
+            "insert into generations (request_id, user_id, endpoint, inputs, cost_cents) "
+            "values ('cli-1', 1, 'fal-ai/veo3.1', '{\"prompt\": \"x\"}', 320)"
+        )
+    status = runner.invoke(main, ["db", "status"])
+    assert status.exit_code == 0
+    assert "fal-ai/veo3.1" in status.output and "$3.200000" in status.output
+    with psycopg.connect(ledger_env) as conn:
+        conn.execute("truncate generations cascade")
+
+
+def test_embedded_server_is_shared_between_processes(admin_url: str) -> None:
+    """Another process on the same home reuses the running server instead of starting one."""
+    if os.environ.get("DATABASE_URL"):
+        pytest.skip("DATABASE_URL is set: no embedded server in use")
+    from conftest import TEST_HOME
+
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    cli = subprocess.run(
+        [sys.executable, "-m", "renderqueue_pipeline.cli", "db", "url"],
+        env={**env, "RENDERQUEUE_HOME": str(TEST_HOME)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    started = "select pg_postmaster_start_time() as t"
+    with psycopg.connect(cli.stdout.strip()) as theirs, psycopg.connect(admin_url) as ours:
+        assert theirs.execute(started).fetchone() == ours.execute(started).fetchone()
