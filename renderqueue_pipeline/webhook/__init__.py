@@ -1,0 +1,1 @@
+"""The webhook receiver: verify fal's signature, record, apply, answer. Nothing slow."""
