@@ -84,6 +84,7 @@ class SimRequest:
     started_wall: float | None = None
     cancel_requested: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    webhook_bytes: bytes | None = None
 
     @property
     def will_fail(self) -> bool:
@@ -372,7 +373,12 @@ class Engine:
     # ----- webhooks --------------------------------------------------------------------------
 
     def webhook_body(self, req: SimRequest) -> bytes:
-        """fal's webhook body, `json.dumps(..., sort_keys=True)` like fal's own."""
+        """fal's webhook body, `json.dumps(..., sort_keys=True)`; fixed once, same on retries."""
+        if req.webhook_bytes is None:
+            req.webhook_bytes = self._render_webhook(req)
+        return req.webhook_bytes
+
+    def _render_webhook(self, req: SimRequest) -> bytes:
         body: dict[str, Any] = {
             "request_id": req.request_id,
             "gateway_request_id": req.gateway_request_id,

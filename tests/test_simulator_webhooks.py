@@ -1,0 +1,327 @@
+"""Webhooks: fal's signature scheme verified independently, and every delivery fault knob."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+import time
+from typing import Any
+
+import fal_client
+import httpx
+import pytest
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from renderqueue_pipeline.simulator.testing import (
+    RunningSimulator,
+    WebhookSink,
+    wait_until,
+)
+
+ENDPOINT = "bytedance/seedance-2.0/text-to-video"
+INPUTS = {"prompt": "a lighthouse in fog", "duration": "6", "resolution": "480p"}
+
+pytestmark = pytest.mark.timeout(60)
+
+
+# ----- an independent implementation of fal's webhook verification ---------------------------
+
+
+def fetch_public_keys(jwks_url: str, ca_bundle: str) -> list[Ed25519PublicKey]:
+    """Fetch the JWKS like a receiver would (over TLS) and load every Ed25519 key."""
+    document = httpx.get(jwks_url, verify=ca_bundle).raise_for_status().json()
+    keys = []
+    for jwk in document["keys"]:
+        if jwk.get("kty") == "OKP" and jwk.get("crv") == "Ed25519":
+            raw = base64.urlsafe_b64decode(jwk["x"] + "=" * (-len(jwk["x"]) % 4))
+            keys.append(Ed25519PublicKey.from_public_bytes(raw))
+    return keys
+
+
+def verify_fal_webhook(
+    keys: list[Ed25519PublicKey],
+    headers: dict[str, str],
+    body: bytes,
+    *,
+    now: float | None = None,
+    tolerance: int = 300,
+) -> bool:
+    """fal's scheme: Ed25519 over id\\nuser\\ntimestamp\\nsha256_hex(raw body), ±300 s window."""
+    try:
+        request_id = headers["x-fal-webhook-request-id"]
+        user_id = headers["x-fal-webhook-user-id"]
+        timestamp = headers["x-fal-webhook-timestamp"]
+        signature = bytes.fromhex(headers["x-fal-webhook-signature"])
+    except (KeyError, ValueError):
+        return False
+    current = time.time() if now is None else now
+    if abs(current - int(timestamp)) > tolerance:
+        return False
+    message = "\n".join([request_id, user_id, timestamp, hashlib.sha256(body).hexdigest()])
+    for key in keys:
+        try:
+            key.verify(signature, message.encode("utf-8"))
+            return True
+        except InvalidSignature:
+            continue
+    return False
+
+
+def submit(sink: WebhookSink, inputs: dict[str, Any] | None = None) -> fal_client.SyncRequestHandle:
+    return fal_client.submit(ENDPOINT, arguments=inputs or INPUTS, webhook_url=sink.url)
+
+
+# ----- tests -----------------------------------------------------------------------------------
+
+
+def test_webhook_body_headers_and_signature(fal_sim: RunningSimulator, webhook_sink: WebhookSink):
+    handle = submit(webhook_sink)
+    (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
+    keys = fetch_public_keys(fal_sim.env["FAL_JWKS_URL"], str(fal_sim.ca_bundle))
+    assert verify_fal_webhook(keys, hook.headers, hook.body)
+
+    body = hook.json()
+    assert hook.body == json.dumps(body, sort_keys=True).encode()
+    assert body["request_id"] == handle.request_id
+    assert body["status"] == "OK" and body["error"] is None
+    assert body["payload"]["video"]["duration"] == 6.0
+    assert body["payload"]["video"]["content_type"] == "video/mp4"
+    assert hook.headers["x-fal-webhook-user-id"] == "sim-user"
+    assert hook.headers["content-type"] == "application/json"
+    truth = fal_sim.control.ground_truth(handle.request_id)
+    assert body["gateway_request_id"] == truth["gateway_request_id"]
+    assert body["payload"]["video"]["file_size"] == truth["output"]["video"]["file_size"]
+
+
+def test_tampered_or_stale_webhooks_are_rejected(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    handle = submit(webhook_sink)
+    (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
+    keys = fetch_public_keys(fal_sim.jwks_url, str(fal_sim.ca_bundle))
+    tampered = hook.body.replace(b'"status": "OK"', b'"status": "ERROR"')
+    assert tampered != hook.body
+    assert not verify_fal_webhook(keys, hook.headers, tampered)
+    reserialised = json.dumps(hook.json(), separators=(",", ":")).encode()  # same JSON
+    assert not verify_fal_webhook(keys, hook.headers, reserialised)
+    other_id = {**hook.headers, "x-fal-webhook-request-id": "someone-else"}
+    assert not verify_fal_webhook(keys, other_id, hook.body)
+    sent = int(hook.headers["x-fal-webhook-timestamp"])
+    assert verify_fal_webhook(keys, hook.headers, hook.body, now=sent + 299)
+    assert not verify_fal_webhook(keys, hook.headers, hook.body, now=sent + 301)
+    assert not verify_fal_webhook(keys, hook.headers, hook.body, now=sent - 301)
+
+
+def test_clock_skew_knob_moves_the_signed_timestamp(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    fal_sim.control.set_faults(webhook_clock_skew=-600)
+    handle = submit(webhook_sink)
+    (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
+    keys = fetch_public_keys(fal_sim.jwks_url, str(fal_sim.ca_bundle))
+    assert not verify_fal_webhook(keys, hook.headers, hook.body)  # outside the window
+    assert verify_fal_webhook(keys, hook.headers, hook.body, now=time.time() - 600)
+
+
+def test_failed_request_webhook_carries_422_payload(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    fal_sim.control.set_faults(failure_rate=1.0)
+    handle = submit(webhook_sink)
+    (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
+    body = hook.json()
+    assert body["status"] == "ERROR"
+    assert body["error"] == "Invalid status code: 422"
+    assert body["payload"]["detail"][0]["type"] == "content_policy_violation"
+
+
+def test_payload_error_webhook(fal_sim: RunningSimulator, webhook_sink: WebhookSink) -> None:
+    fal_sim.control.set_faults(payload_error_rate=1.0)
+    handle = submit(webhook_sink)
+    (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
+    body = hook.json()
+    assert body["status"] == "OK" and body["payload"] is None and body["payload_error"]
+    assert handle.get()["video"]  # the result endpoint still has the output
+
+
+def test_canceled_request_webhook(fal_sim: RunningSimulator, webhook_sink: WebhookSink) -> None:
+    fal_sim.control.set_faults(queue_delay="5")
+    handle = submit(webhook_sink)
+    handle.cancel()
+    (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
+    assert hook.json()["status"] == "ERROR"
+    assert hook.json()["error"] == "Request cancelled"
+
+
+def test_failed_deliveries_are_retried_with_backoff(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    fal_sim.control.set_faults(webhook_retry_base=0.05, webhook_retry_max=1.0)
+    webhook_sink.answer_next(500, 503, 502)
+    handle = submit(webhook_sink)
+    wait_until(lambda: webhook_sink.accepted())
+    hooks = webhook_sink.for_request(handle.request_id)
+    assert [h.answered for h in hooks] == [500, 503, 502, 200]
+    gaps = [b.arrived_mono - a.arrived_mono for a, b in zip(hooks, hooks[1:], strict=False)]
+    assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2  # doubling backoff
+    # each retry is signed afresh and carries the same body
+    assert len({h.body for h in hooks}) == 1
+    attempts = fal_sim.control.webhook_attempts(handle.request_id)
+    assert [(a["attempt"], a["outcome"]) for a in attempts] == [
+        (1, "failed"),
+        (2, "failed"),
+        (3, "failed"),
+        (4, "delivered"),
+    ]
+
+
+def test_delivery_gives_up_after_max_attempts(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    fal_sim.control.set_faults(webhook_max_attempts=3, webhook_retry_base=0.01)
+    webhook_sink.default_status = 500
+    handle = submit(webhook_sink)
+    wait_until(lambda: len(fal_sim.control.webhook_attempts(handle.request_id)) == 3)
+    time.sleep(0.2)
+    assert len(webhook_sink.for_request(handle.request_id)) == 3
+
+
+def test_unreachable_receiver_is_recorded_as_failed_attempts(fal_sim: RunningSimulator) -> None:
+    fal_sim.control.set_faults(webhook_max_attempts=2, webhook_retry_base=0.01)
+    handle = fal_client.submit(ENDPOINT, arguments=INPUTS, webhook_url="http://127.0.0.1:9/hook")
+    attempts = wait_until(
+        lambda: a if len(a := fal_sim.control.webhook_attempts(handle.request_id)) == 2 else None
+    )
+    assert all(a["outcome"] == "failed" and a["error"] for a in attempts)
+
+
+def test_duplicates_arrive(fal_sim: RunningSimulator, webhook_sink: WebhookSink) -> None:
+    fal_sim.control.set_faults(webhook_duplicate_rate=1.0)
+    handle = submit(webhook_sink)
+    hooks = wait_until(
+        lambda: h if len(h := webhook_sink.for_request(handle.request_id)) == 2 else None
+    )
+    assert hooks[0].body == hooks[1].body
+    attempts = wait_until(
+        lambda: a if len(a := fal_sim.control.webhook_attempts(handle.request_id)) == 2 else None
+    )
+    assert sorted(a["copy"] for a in attempts) == [0, 1]
+
+
+def test_dropped_webhooks_never_arrive(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    fal_sim.control.set_faults(webhook_drop_rate=1.0)
+    handle = submit(webhook_sink)
+    fal_sim.control.wait_finished(handle.request_id)
+    time.sleep(0.3)
+    assert webhook_sink.for_request(handle.request_id) == []
+    (attempt,) = fal_sim.control.webhook_attempts(handle.request_id)
+    assert attempt["outcome"] == "dropped"
+    assert handle.get()["video"]  # polling still finds the result: the reconciler's job
+
+
+def test_early_delivery_precedes_the_submit_response(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    fal_sim.control.set_faults(webhook_early_rate=1.0, submit_latency="0.05")
+    handle = submit(webhook_sink)
+    returned = time.monotonic()
+    hooks = webhook_sink.for_request(handle.request_id)
+    assert len(hooks) == 1  # already there when submit() returned
+    assert hooks[0].arrived_mono < returned
+    assert hooks[0].json()["status"] == "OK"
+
+
+def test_delayed_delivery(fal_sim: RunningSimulator, webhook_sink: WebhookSink) -> None:
+    fal_sim.control.set_faults(webhook_delay="0.5")
+    handle = submit(webhook_sink)
+    truth = fal_sim.control.wait_finished(handle.request_id)
+    (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
+    assert hook.arrived_wall - truth["finished_at"] >= 0.45
+
+
+def _delivery_order(sim: RunningSimulator, sink: WebhookSink, n: int) -> tuple[list[int], list]:
+    """Submit n requests one after another; return (arrival order by index, decisions)."""
+    handles = [submit(sink) for _ in range(n)]
+    index = {h.request_id: i for i, h in enumerate(handles)}
+    wait_until(lambda: len(sink.received) >= n, timeout=20)
+    order = [index[h.request_id] for h in sink.received if h.request_id in index]
+    truths = sim.control.ground_truth()
+    return order, [t["decisions"]["out_of_order"] for t in truths]
+
+
+def test_out_of_order_delivery_reproducible_under_seed(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    # identical timings: only the knob can push a request's webhook behind later ones
+    options = {"queue_delay": "0", "run_time": "0.05", "webhook_out_of_order_delay": "0.4:0.6"}
+    runs = []
+    for _ in range(2):
+        webhook_sink.received.clear()
+        fal_sim.control.reset(seed=11, webhook_out_of_order_rate=0.5, **options)
+        runs.append(_delivery_order(fal_sim, webhook_sink, 5))
+    (order_a, held_a), (order_b, held_b) = runs
+    assert held_a == held_b and any(held_a) and not all(held_a)  # same seed, same decisions
+    held_back = {i for i, held in enumerate(held_a) if held}
+    for order in (order_a, order_b):
+        assert order != sorted(order)  # held-back webhooks were overtaken...
+        assert set(order[-len(held_back) :]) == held_back  # ...by every one not held back
+
+
+def test_fault_decisions_are_reproducible_under_one_seed(fal_sim: RunningSimulator) -> None:
+    knobs = {
+        "failure_rate": 0.3,
+        "webhook_duplicate_rate": 0.3,
+        "webhook_drop_rate": 0.3,
+        "webhook_early_rate": 0.2,
+        "queue_delay": "0.01:0.05",
+        "run_time": "0.01:0.05",
+    }
+
+    def story(seed: int) -> list[dict[str, Any]]:
+        fal_sim.control.reset(seed=seed, **knobs)
+        handles = [fal_client.submit(ENDPOINT, arguments=INPUTS) for _ in range(12)]
+        for handle in handles:
+            fal_sim.control.wait_finished(handle.request_id)
+        return [
+            {
+                "status": t["status"],
+                "billed": t["billed_seconds"],
+                "duration": t["output_duration"],
+                **t["decisions"],
+            }
+            for t in fal_sim.control.ground_truth()
+        ]
+
+    first, second, other = story(5), story(5), story(6)
+    assert first == second
+    assert first != other
+    statuses = {s["status"] for s in first}
+    assert statuses == {"completed", "failed"}
+    assert any(s["duplicate"] for s in first) and any(s["drop"] for s in first)
+
+
+def test_concurrent_submissions_with_webhooks(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    """Many threads at once: every request gets exactly one webhook and a ground-truth row."""
+    handles: list[fal_client.SyncRequestHandle] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        handle = submit(webhook_sink)
+        with lock:
+            handles.append(handle)
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wait_until(lambda: len(webhook_sink.received) == 16, timeout=20)
+    assert {h.request_id for h in webhook_sink.received} == {h.request_id for h in handles}
+    assert len(fal_sim.control.ground_truth()) == 16
