@@ -120,6 +120,7 @@ declare
   v_outcome text;
   v_seconds numeric;
   v_outputs jsonb;
+  v_fill boolean;
 begin
   select * into e from generation_events where id = p_event_id;
   if not found then
@@ -138,7 +139,12 @@ begin
     return 'waiting';
   end if;
 
-  if g.status in ('completed', 'failed', 'canceled') then
+  -- A completed row whose webhook carried no payload (fal's payload_error) is still
+  -- waiting for its output: a later completed event with the payload fills it in.
+  v_fill := g.status = 'completed' and e.kind = 'completed'
+            and g.outputs is null and e.payload is not null;
+
+  if g.status in ('completed', 'failed', 'canceled') and not v_fill then
     if e.kind = g.status::text then
       v_outcome := 'duplicate';
     elsif e.kind = 'in_progress' then
@@ -154,13 +160,21 @@ begin
     else
       v_outcome := 'duplicate';
     end if;
+  elsif e.kind = 'completed' and e.payload is null then
+    -- Finished, but fal could not serialise the output: the estimate stands until the
+    -- reconciler fetches the result (fal keeps it about an hour).
+    update generations
+       set status = 'completed', finished_at = e.received_at,
+           error = coalesce(e.error, 'completed without a payload')
+     where id = g.id;
+    v_outcome := 'applied';
   elsif e.kind = 'completed' then
     v_outputs := rq_outputs_from_payload(e.payload);
     select * into p from rq_price_for(g.endpoint, g.inputs, g.created_at);
     if p.id is null then
       update generations
          set status = 'completed', outputs = v_outputs, error = null,
-             finished_at = e.received_at, cost_basis = 'unpriced',
+             finished_at = coalesce(g.finished_at, e.received_at), cost_basis = 'unpriced',
              billed_seconds = coalesce(rq_output_seconds(e.payload), rq_requested_seconds(g.inputs)),
              archive_status = case when v_outputs ? 'video_url' then 'pending' else 'none' end
        where id = g.id;
@@ -169,8 +183,8 @@ begin
                             p.default_seconds);
       update generations
          set status = 'completed', outputs = v_outputs, error = null,
-             finished_at = e.received_at, cost_basis = 'actual', price_id = p.id,
-             billed_seconds = v_seconds, cost_micros = rq_cost_micros(p, v_seconds),
+             finished_at = coalesce(g.finished_at, e.received_at), cost_basis = 'actual',
+             price_id = p.id, billed_seconds = v_seconds, cost_micros = rq_cost_micros(p, v_seconds),
              archive_status = case when v_outputs ? 'video_url' then 'pending' else 'none' end
        where id = g.id;
     end if;

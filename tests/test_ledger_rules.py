@@ -15,6 +15,7 @@ from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.ledger import (
     LedgerEvent,
     apply_waiting_events,
+    event_from_fal_webhook,
     record_event,
     record_events,
     record_intent,
@@ -241,3 +242,45 @@ def test_event_and_row_committed_concurrently_never_miss_each_other(
             worker.join(timeout=10)
         row = generation(conn, request_id)
         assert row["status"] == "completed", f"event_first={event_first}"
+
+
+def test_a_payload_less_completion_is_filled_in_by_the_result_in_either_order(
+    conn: psycopg.Connection,
+) -> None:
+    """fal's payload_error: completed, output unknown; the fetched result completes the row."""
+    bare = LedgerEvent("", "completed", None, "Response payload could not be serialized")
+    full = LedgerEvent("", "completed", video_payload(7, url="https://v3b.fal.media/x.mp4"), None)
+    rows = []
+    for order in ((bare, full), (full, bare)):
+        request_id, _ = submit_row(conn)
+        for event in order:
+            record_event(conn, LedgerEvent(request_id, event.kind, event.payload, event.error))
+        rows.append({k: generation(conn, request_id)[k] for k in COMPARED})
+    assert rows[0] == rows[1]
+    assert rows[0]["cost_micros"] == 7 * 303_400 and rows[0]["error"] is None
+
+
+def test_a_payload_less_completion_keeps_the_estimate(conn: psycopg.Connection) -> None:
+    request_id, _ = submit_row(conn)
+    body = {
+        "request_id": request_id,
+        "status": "OK",
+        "payload": None,
+        "payload_error": "Response payload could not be serialized to JSON",
+    }
+    record_event(conn, event_from_fal_webhook(body))
+    row = generation(conn, request_id)
+    assert (row["status"], row["outputs"], row["cost_basis"]) == ("completed", None, "estimate")
+    assert row["error"] == "Response payload could not be serialized to JSON"
+
+
+def test_a_cancelled_error_webhook_cancels(conn: psycopg.Connection) -> None:
+    request_id, _ = submit_row(conn)
+    body = {
+        "request_id": request_id,
+        "status": "ERROR",
+        "error": "Request cancelled",
+        "payload": {"detail": "Request was cancelled", "error_type": "request_cancelled"},
+    }
+    record_event(conn, event_from_fal_webhook(body))
+    assert generation(conn, request_id)["status"] == "canceled"

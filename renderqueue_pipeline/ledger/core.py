@@ -285,14 +285,27 @@ def event_from_fal_webhook(body: Mapping[str, Any]) -> LedgerEvent:
         raise LedgerInputError("request_id", "missing from the webhook body")
     status = body.get("status")
     gateway_request_id = body.get("gateway_request_id")
+    if status == "OK" and body.get("payload") is None:
+        # finished, but fal could not serialise the output; the result endpoint has it
+        reason = body.get("payload_error") or "completed without a payload"
+        return LedgerEvent(
+            request_id, "completed", None, str(reason), "webhook", gateway_request_id
+        )
     if status == "OK":
         return LedgerEvent(
             request_id, "completed", body.get("payload"), None, "webhook", gateway_request_id
         )
     if status == "ERROR":
         error = body.get("error") or body.get("payload_error") or "generation failed"
+        payload = body.get("payload")
+        cancelled = isinstance(payload, dict) and payload.get("error_type") == "request_cancelled"
         return LedgerEvent(
-            request_id, "failed", body.get("payload"), str(error), "webhook", gateway_request_id
+            request_id,
+            "canceled" if cancelled else "failed",
+            payload,
+            str(error),
+            "webhook",
+            gateway_request_id,
         )
     raise LedgerInputError("status", f"expected 'OK' or 'ERROR', got {status!r}")
 
