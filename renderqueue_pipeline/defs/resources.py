@@ -25,5 +25,9 @@ def default_resources() -> dict[str, object]:
     """Resources read from the environment (EnvVar keeps secrets out of the run config)."""
     import os
 
-    ledger = LedgerDatabase(url=EnvVar("DATABASE_URL")) if os.environ.get("DATABASE_URL") else LedgerDatabase()
+    ledger = (
+        LedgerDatabase(url=EnvVar("DATABASE_URL"))
+        if os.environ.get("DATABASE_URL")
+        else LedgerDatabase()
+    )
     return {"ledger": ledger}

@@ -16,7 +16,9 @@ def migrate_ledger(context: OpExecutionContext, ledger: LedgerDatabase) -> list[
 
 
 @op
-def report_ledger_status(context: OpExecutionContext, ledger: LedgerDatabase, applied: list[str]) -> dict:
+def report_ledger_status(
+    context: OpExecutionContext, ledger: LedgerDatabase, applied: list[str]
+) -> dict:
     """Generations by status and spend by endpoint, as run metadata."""
     with ledger.connect() as conn:
         status = ledger_status(conn)
