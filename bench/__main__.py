@@ -42,7 +42,7 @@ def render_markdown(results: dict[str, list[Figure]], notes: dict[str, str]) -> 
             lines.append(
                 f"| {f.name} | {f.value:,.1f} {f.unit} | {f.baseline_name} | "
                 f"{f.baseline_value:,.1f} {f.unit} | {f.ratio:.2f}x | "
-                f"{'≥ %.2fx' % f.required if f.required else '-'} | {'yes' if f.ok else 'NO'} |"
+                f"{f'≥ {f.required:.2f}x' if f.required else '-'} | {'yes' if f.ok else 'NO'} |"
             )
         lines.append("")
     return "\n".join(lines)
