@@ -277,7 +277,9 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
     async def patch_config(request: Request) -> Response:
         try:
             changes = await request.json()
-            engine.config = SimConfig.model_validate({**engine.config.model_dump(), **changes})
+            engine.update_config(
+                SimConfig.model_validate({**engine.config.model_dump(), **changes})
+            )
         except (ValueError, ValidationError) as exc:
             return _json({"detail": str(exc)}, 422)
         return _json(engine.config.public())

@@ -128,6 +128,7 @@ class Engine:
         self.deliveries: list[Delivery] = []
         self.counter = 0
         self.api_calls = 0
+        self.api_draws = 0  # restarts when the config changes: "set faults, then call" replays
         self.api_faults: dict[str, int] = {"429": 0, "503": 0, "500": 0}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.http: httpx.AsyncClient | None = None
@@ -160,7 +161,13 @@ class Engine:
         self.deliveries.clear()
         self.counter = 0
         self.api_calls = 0
+        self.api_draws = 0
         self.api_faults = {"429": 0, "503": 0, "500": 0}
+
+    def update_config(self, config: SimConfig) -> None:
+        """Apply new knobs to requests submitted from now on; API fault draws restart."""
+        self.config = config
+        self.api_draws = 0
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -173,10 +180,11 @@ class Engine:
     def api_fault(self) -> Literal["429", "503", "500"] | None:
         """Decide whether this API call fails transiently (one RNG per call, by call index)."""
         self.api_calls += 1
+        self.api_draws += 1
         cfg = self.config
         if not (cfg.api_429_rate or cfg.api_503_rate or cfg.api_500_rate):
             return None
-        u = random.Random(f"{cfg.seed}:api:{self.api_calls}").random()
+        u = random.Random(f"{cfg.seed}:api:{self.api_draws}").random()
         fault: Literal["429", "503", "500"] | None = None
         if u < cfg.api_429_rate:
             fault = "429"
