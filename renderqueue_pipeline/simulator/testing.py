@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from renderqueue_pipeline.simulator.config import FAST_TEST_OPTIONS, SimConfig
-from renderqueue_pipeline.simulator.server import SimulatorServer
+from renderqueue_pipeline.simulator.server import SimulatorServer, client_env, simulator_dir
 
 __all__ = [
     "FAST_TEST_OPTIONS",
@@ -124,20 +124,17 @@ class RunningSimulator:
     @property
     def cert_path(self) -> Path:
         """The simulator's own certificate (self-signed; SAN 127.0.0.1 and localhost)."""
-        assert self.server is not None
-        return self.server.cert
+        return simulator_dir(self.home) / "cert.pem"
 
     @property
     def ca_bundle(self) -> Path:
         """Public roots + our certificate: what SSL_CERT_FILE points at."""
-        assert self.server is not None
-        return self.server.bundle
+        return simulator_dir(self.home) / "ca-bundle.pem"
 
     @property
     def env(self) -> dict[str, str]:
         """FAL_QUEUE_RUN_HOST, FAL_RUN_HOST, SSL_CERT_FILE, FAL_KEY, FAL_JWKS_URL."""
-        assert self.server is not None
-        return self.server.env()
+        return client_env(self.home, self.host, self.port, self.config.fal_key)
 
     @property
     def jwks_url(self) -> str:
