@@ -67,8 +67,8 @@ def _knob_options(func: Callable[..., Any]) -> Callable[..., Any]:
             f"--{name.replace('_', '-')}",
             name,
             type=option_type,
-            default=None,
-            show_default=str(field.default) if field.default is not None else False,
+            default=field.default,
+            show_default=field.default is not None,
             help=_HELP.get(name, ""),
         )(func)
     return func
