@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
@@ -238,6 +239,50 @@ def mark_unknown_outcomes(conn: psycopg.Connection, older_than: str = "10 minute
         return conn.execute(q("mark_unknown_outcomes"), {"older_than": older_than}).fetchall()
 
 
+def begin_submission(
+    conn: psycopg.Connection,
+    *,
+    user_id: int,
+    endpoint: str,
+    inputs: Mapping[str, Any],
+    idempotency_key: str | None = None,
+) -> Intent:
+    """Rule 1, step one: validate and commit the intent before fal is called.
+
+    An intent already `submitted` (same idempotency key) carries its request_id: the caller
+    must not call fal again. One that is `rejected` or `unknown` raises LedgerInputError.
+    """
+    with conn.transaction():
+        intent = record_intent(
+            conn, user_id=user_id, endpoint=endpoint, inputs=inputs, idempotency_key=idempotency_key
+        )
+    if intent.state not in ("pending", "submitted"):
+        raise LedgerInputError(
+            "idempotency_key", f"item {intent.item_id} is {intent.state}; not submitting again"
+        )
+    return intent
+
+
+def finish_submission(
+    conn: psycopg.Connection,
+    intent: Intent,
+    outcome: str | BaseException,
+    is_definite_rejection: Callable[[BaseException], bool] = lambda exc: False,
+) -> str:
+    """Rule 1, step two: record fal's answer (a request_id) or its failure.
+
+    A failure that `is_definite_rejection` recognises marks the item rejected and re-raises;
+    any other failure leaves the item pending (an unknown outcome, never resubmitted
+    silently) and re-raises.
+    """
+    if isinstance(outcome, BaseException):
+        if is_definite_rejection(outcome):
+            record_rejected(conn, intent, str(outcome))
+        raise outcome
+    record_submitted(conn, intent, outcome)
+    return outcome
+
+
 def submit_generation(
     conn: psycopg.Connection,
     submit: Callable[[str, dict[str, Any]], str],
@@ -248,31 +293,53 @@ def submit_generation(
     idempotency_key: str | None = None,
     is_definite_rejection: Callable[[BaseException], bool] = lambda exc: False,
 ) -> str:
-    """Submit one generation following rule 1; return its request_id.
+    """Submit one generation following rule 1 with a blocking `submit(endpoint, inputs)`.
 
-    Intent first (committed), then `submit(endpoint, inputs)` (the fal call), then the row.
-    An exception that `is_definite_rejection` recognises marks the item rejected; any other
-    leaves it pending, i.e. an unknown outcome, never a silent resubmission. Re-running with
-    the same idempotency key returns the recorded request_id without calling fal again.
+    Re-running with the same idempotency key returns the recorded request_id without
+    calling fal again.
     """
-    with conn.transaction():
-        intent = record_intent(
-            conn, user_id=user_id, endpoint=endpoint, inputs=inputs, idempotency_key=idempotency_key
-        )
-    if intent.state == "submitted" and intent.request_id:
+    intent = begin_submission(
+        conn, user_id=user_id, endpoint=endpoint, inputs=inputs, idempotency_key=idempotency_key
+    )
+    if intent.request_id:
         return intent.request_id
-    if intent.state != "pending":
-        raise LedgerInputError(
-            "idempotency_key", f"item {intent.item_id} is {intent.state}; not submitting again"
-        )
     try:
-        request_id = submit(endpoint, dict(inputs))
-    except BaseException as exc:
-        if is_definite_rejection(exc):
-            record_rejected(conn, intent, str(exc))
-        raise
-    record_submitted(conn, intent, request_id)
-    return request_id
+        outcome: str | BaseException = submit(endpoint, dict(inputs))
+    except Exception as exc:
+        outcome = exc
+    return finish_submission(conn, intent, outcome, is_definite_rejection)
+
+
+async def asubmit_generation(
+    conn: psycopg.Connection,
+    submit: Callable[[str, dict[str, Any]], Awaitable[str]],
+    *,
+    user_id: int,
+    endpoint: str,
+    inputs: Mapping[str, Any],
+    idempotency_key: str | None = None,
+    is_definite_rejection: Callable[[BaseException], bool] = lambda exc: False,
+) -> str:
+    """`submit_generation` for an async `submit` (e.g. the fal gateway).
+
+    The ledger writes are short and run on the caller's connection in a worker thread;
+    give each concurrent submission its own connection.
+    """
+    intent = await asyncio.to_thread(
+        begin_submission,
+        conn,
+        user_id=user_id,
+        endpoint=endpoint,
+        inputs=inputs,
+        idempotency_key=idempotency_key,
+    )
+    if intent.request_id:
+        return intent.request_id
+    try:
+        outcome: str | BaseException = await submit(endpoint, dict(inputs))
+    except Exception as exc:
+        outcome = exc
+    return await asyncio.to_thread(finish_submission, conn, intent, outcome, is_definite_rejection)
 
 
 # -- events (rules 2-6) ---------------------------------------------------------------

@@ -1,0 +1,67 @@
+"""Rule 1 end to end: the ledger's submit path through the fal gateway and the simulator."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+from ledger_helpers import SEEDANCE, generation
+
+from renderqueue_pipeline.fal_gateway import FalGateway, FalRejected, FalSubmitOutcomeUnknown
+from renderqueue_pipeline.ledger import asubmit_generation
+from renderqueue_pipeline.simulator.testing import RunningSimulator
+
+
+def submit_once(conn: psycopg.Connection, inputs: dict, key: str | None = None) -> str:
+    async def go() -> str:
+        async with FalGateway() as gateway:
+
+            async def submit(endpoint: str, inputs: dict) -> str:
+                return (await gateway.submit(endpoint, inputs)).request_id
+
+            return await asubmit_generation(
+                conn,
+                submit,
+                user_id=9,
+                endpoint=SEEDANCE,
+                inputs=inputs,
+                idempotency_key=key,
+                is_definite_rejection=lambda exc: isinstance(exc, FalRejected),
+            )
+
+    return asyncio.run(go())
+
+
+def test_submit_records_the_row_fal_knows(
+    fal_sim: RunningSimulator, conn: psycopg.Connection
+) -> None:
+    request_id = submit_once(conn, {"prompt": "a lighthouse", "duration": "5"}, key="once")
+    assert fal_sim.control.ground_truth(request_id)["request_id"] == request_id
+    row = generation(conn, request_id)
+    assert (row["status"], row["user_id"], row["cost_micros"]) == ("submitted", 9, 5 * 303_400)
+    # the same key again: no second request at fal
+    assert submit_once(conn, {"prompt": "a lighthouse", "duration": "5"}, key="once") == request_id
+    assert len(fal_sim.control.ground_truth()) == 1
+
+
+def test_a_model_rejection_marks_the_item_rejected(
+    fal_sim: RunningSimulator, conn: psycopg.Connection
+) -> None:
+    with pytest.raises(FalRejected):
+        submit_once(conn, {"prompt": "too long a shot", "duration": "20"})
+    item = conn.execute("select state, reason from batch_items").fetchone()
+    assert item["state"] == "rejected" and "422" in item["reason"]
+    assert conn.execute("select count(*) as n from generations").fetchone()["n"] == 0
+
+
+def test_a_5xx_on_submit_is_an_unknown_outcome_not_a_retry(
+    fal_sim: RunningSimulator, conn: psycopg.Connection
+) -> None:
+    fal_sim.control.set_faults(api_500_rate=1.0)
+    with pytest.raises(FalSubmitOutcomeUnknown):
+        submit_once(conn, {"prompt": "a storm", "duration": "5"})
+    assert len(fal_sim.control.ground_truth()) == 1  # fal queued it exactly once
+    item = conn.execute("select state from batch_items").fetchone()
+    assert item["state"] == "pending"  # becomes 'unknown' for the reconciler after 10 min
+    assert conn.execute("select count(*) as n from generations").fetchone()["n"] == 0
