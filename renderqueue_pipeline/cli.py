@@ -89,26 +89,10 @@ def db_status() -> None:
 
 @main.command()
 def demo() -> None:
-    """Migrate the ledger and run the main Dagster job on the embedded defaults."""
-    from dagster import DagsterInstance
+    """Submit a few generations to the local fal simulator and watch the ledger fill in."""
+    from renderqueue_pipeline.demo import run_demo
 
-    from renderqueue_pipeline.dagster_home import ensure_dagster_home
-    from renderqueue_pipeline.db.migrate import migrate
-    from renderqueue_pipeline.db.server import database_url
-    from renderqueue_pipeline.definitions import defs
-    from renderqueue_pipeline.ledger.report import print_ledger_status
-
-    url = database_url()
-    click.echo(f"ledger database: {url}")
-    applied = migrate(url)
-    click.echo(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
-    home = ensure_dagster_home(url)
-    click.echo(f"dagster instance: {home} (storage in Postgres)")
-    with DagsterInstance.get() as instance:
-        result = defs.resolve_job_def("ledger_status_job").execute_in_process(instance=instance)
-    click.echo(f"dagster run {result.run_id}: {'success' if result.success else 'FAILED'}")
-    print_ledger_status(url)
-    if not result.success:
+    if not run_demo():
         sys.exit(1)
 
 
