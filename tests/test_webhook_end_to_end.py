@@ -119,6 +119,12 @@ def test_every_fault_knob_leaves_the_ledger_equal_to_ground_truth(
     # the knobs really fired in this run
     for knob in ("drop", "duplicate", "early", "out_of_order", "fail", "payload_error"):
         assert any(d[knob] for d in decisions), f"no request had {knob}"
+    # early deliveries reached the receiver before the submit response: stored, answered 202
+    attempts = fal_sim.control.webhook_attempts()
+    early = [r for r, d in zip(request_ids, decisions, strict=True) if d["early"] and not d["drop"]]
+    assert early and all(
+        any(a["status_code"] == 202 for a in attempts if a["request_id"] == r) for r in early
+    )
     for request_id in request_ids:
         row = conn.execute(
             "select * from generations where request_id = %s", (request_id,)
