@@ -57,6 +57,10 @@ select event_id, outcome
 from rq_record_event(%(request_id)s, %(source)s, %(kind)s, %(payload)s, %(error)s,
                      %(gateway_request_id)s);
 
+-- name: record_events_batch
+-- the webhook receiver's group commit: %(events)s is a JSON array in request_id order
+select ord, event_id, outcome from rq_record_events(%(events)s);
+
 -- name: apply_event
 select rq_apply_event(%(event_id)s) as outcome;
 

@@ -4,21 +4,29 @@ Each delivery waits for the commit that contains its event and only then is answ
 nothing is acknowledged before it is durable, but the receiver is not capped at one fsync
 per webhook. A batch closes when it holds `max_batch` events or `max_wait` seconds after
 its first event arrived, whichever comes first; `flushers` batches may commit at once.
+
+Each flusher owns one async psycopg connection (autocommit) on the event loop and stores
+a batch with ONE statement, `rq_record_events` (sql/005): the same `rq_record_event` per
+event, in request_id order, inside that statement's own transaction, so a batch costs one
+round trip and one commit instead of a statement per event plus BEGIN and COMMIT.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 
 import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
-from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.db.server import psycopg_url
 from renderqueue_pipeline.errors import DatabaseUnavailable
-from renderqueue_pipeline.ledger import EventOutcome, LedgerEvent, record_events
+from renderqueue_pipeline.ledger import EventOutcome, LedgerEvent
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,72 @@ class _Pending:
     future: asyncio.Future[EventOutcome] = field(repr=False)
 
 
+def _batch_document(events: list[LedgerEvent], order: list[int]) -> Jsonb:
+    """The JSON array rq_record_events takes; a None payload becomes SQL null there."""
+    return Jsonb(
+        [
+            {
+                "request_id": events[i].request_id,
+                "source": events[i].source,
+                "kind": events[i].kind,
+                "payload": events[i].payload,
+                "error": events[i].error,
+                # dedupe ignores it: fal changes it when it retries internally
+                "gateway_request_id": events[i].gateway_request_id,
+            }
+            for i in order
+        ]
+    )
+
+
+async def record_events_async(
+    conn: psycopg.AsyncConnection, events: list[LedgerEvent]
+) -> list[EventOutcome]:
+    """`ledger.record_events` on an async autocommit connection, in one statement.
+
+    Events go in request_id order (per-request locks in one order: no deadlocks between
+    concurrent batches); outcomes come back in input order.
+    """
+    order = sorted(range(len(events)), key=lambda i: events[i].request_id)
+    params = {"events": _batch_document(events, order)}
+    cursor = await conn.execute(q("record_events_batch"), params)
+    rows = await cursor.fetchall()
+    if len(rows) != len(events):
+        raise psycopg.DataError(f"{len(rows)} outcomes for {len(events)} events")
+    outcomes: list[EventOutcome | None] = [None] * len(events)
+    for row in rows:
+        outcomes[order[row["ord"] - 1]] = row["outcome"]
+    return outcomes  # type: ignore[return-value]
+
+
+class _Flusher:
+    """One flusher's connection, opened on first use and again after it broke."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: psycopg.AsyncConnection | None = None
+
+    async def connection(self) -> psycopg.AsyncConnection:
+        conn = self._conn
+        if conn is None or conn.closed or conn.broken:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    psycopg_url(self._url), autocommit=True, row_factory=dict_row
+                )
+            except psycopg.OperationalError as exc:
+                raise DatabaseUnavailable(
+                    f"cannot reach the ledger database: {exc}".strip()
+                ) from exc
+            self._conn = conn
+        return conn
+
+    async def drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await conn.close()
+
+
 class GroupCommitter:
     """Queue events from many requests; store and apply them in shared transactions."""
 
@@ -41,7 +115,7 @@ class GroupCommitter:
         database_url: str,
         *,
         max_batch: int = 256,
-        max_wait: float = 0.002,
+        max_wait: float = 0.0005,
         flushers: int = 2,
     ) -> None:
         self._url = database_url
@@ -50,12 +124,14 @@ class GroupCommitter:
         self._flushers = flushers
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
-        self._local = threading.local()
         self.batches = 0
         self.committed = 0
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._flush_loop()) for _ in range(self._flushers)]
+        self._tasks = [
+            asyncio.create_task(self._flush_loop(_Flusher(self._url)))
+            for _ in range(self._flushers)
+        ]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -66,7 +142,7 @@ class GroupCommitter:
     async def submit(self, event: LedgerEvent) -> EventOutcome:
         """Store and apply `event`; returns once its transaction has committed."""
         future: asyncio.Future[EventOutcome] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(event, future))
+        self._queue.put_nowait(_Pending(event, future))
         return await future
 
     async def _next_batch(self) -> list[_Pending]:
@@ -87,60 +163,51 @@ class GroupCommitter:
                 break
         return batch
 
-    async def _flush_loop(self) -> None:
-        while True:
-            batch = await self._next_batch()
-            try:
-                outcomes = await asyncio.to_thread(self._commit, [p.event for p in batch])
-            except Exception as exc:  # every delivery of the batch learns it was not stored
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-                continue
-            self.batches += 1
-            self.committed += len(batch)
-            for pending, outcome in zip(batch, outcomes, strict=True):
-                if pending.future.done():
-                    continue
-                if isinstance(outcome, Exception):
-                    pending.future.set_exception(EventNotStorable(str(outcome).strip()))
-                else:
-                    pending.future.set_result(outcome)
-
-    def _connection(self) -> psycopg.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None or conn.closed or conn.broken:
-            conn = connect(self._url)
-            self._local.conn = conn
-        return conn
-
-    def _commit(self, events: list[LedgerEvent]) -> list[EventOutcome | Exception]:
-        """Runs in a worker thread with that thread's own connection."""
+    async def _flush_loop(self, flusher: _Flusher) -> None:
         try:
-            conn = self._connection()
-            return list(record_events(conn, events))
+            while True:
+                batch = await self._next_batch()
+                try:
+                    outcomes = await self._commit(flusher, [p.event for p in batch])
+                except Exception as exc:  # every delivery of the batch learns it was not stored
+                    for pending in batch:
+                        if not pending.future.done():
+                            pending.future.set_exception(exc)
+                    continue
+                self.batches += 1
+                self.committed += len(batch)
+                for pending, outcome in zip(batch, outcomes, strict=True):
+                    if pending.future.done():
+                        continue
+                    if isinstance(outcome, Exception):
+                        pending.future.set_exception(EventNotStorable(str(outcome).strip()))
+                    else:
+                        pending.future.set_result(outcome)
+        finally:
+            await asyncio.shield(flusher.drop())
+
+    async def _commit(
+        self, flusher: _Flusher, events: list[LedgerEvent]
+    ) -> list[EventOutcome | Exception]:
+        try:
+            conn = await flusher.connection()
+            return list(await record_events_async(conn, events))
         except psycopg.OperationalError as exc:
-            self._drop_connection()
+            await flusher.drop()
             raise DatabaseUnavailable(str(exc).strip() or "database connection lost") from exc
         except psycopg.Error:
             # One bad event must not sink its neighbours: retry them one by one.
-            return [self._commit_one(event) for event in events]
+            return [await self._commit_one(flusher, event) for event in events]
 
-    def _commit_one(self, event: LedgerEvent) -> EventOutcome | Exception:
-        conn = self._connection()
+    async def _commit_one(
+        self, flusher: _Flusher, event: LedgerEvent
+    ) -> EventOutcome | Exception:
+        conn = await flusher.connection()
         try:
-            return record_events(conn, [event])[0]
+            return (await record_events_async(conn, [event]))[0]
         except psycopg.OperationalError as exc:
-            self._drop_connection()
+            await flusher.drop()
             raise DatabaseUnavailable(str(exc).strip()) from exc
         except psycopg.Error as exc:
             log.warning("event for request %s could not be stored: %s", event.request_id, exc)
             return exc
-
-    def _drop_connection(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            try:
-                conn.close()
-            finally:
-                self._local.conn = None
