@@ -18,7 +18,7 @@ from rich.table import Table
 
 from bench.common import Figure
 
-BENCHMARKS = ["ledger"]
+BENCHMARKS = ["ledger", "webhook"]
 OUT = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 
 
