@@ -87,8 +87,18 @@ create index generations_prompt_fts_idx on generations
   using gin (to_tsvector('english', coalesce(inputs ->> 'prompt', '')));
 
 -- The inbox of raw events (webhook deliveries, reconciler observations). Every accepted
--- event is stored here first; `applied_at` stays null while its generation row does not
--- exist yet. The same event delivered twice has the same dedupe_key and is stored once.
+-- event is stored here; `applied_at` stays null while its generation row does not exist
+-- yet. The same event delivered twice has the same dedupe_key and is stored once. The key
+-- ignores gateway_request_id, which fal changes when it retries internally.
+create function rq_event_dedupe_key(p_request_id text, p_kind text, p_payload jsonb,
+                                    p_error text)
+returns text
+language sql immutable parallel safe
+as $$
+  select p_request_id || ':' || p_kind || ':'
+         || md5(coalesce(p_payload::text, '') || E'\x1f' || coalesce(p_error, ''))
+$$;
+
 create table generation_events (
   id bigserial primary key,
   request_id text not null,
@@ -98,8 +108,7 @@ create table generation_events (
   error text,
   gateway_request_id text,
   dedupe_key text generated always as (
-    request_id || ':' || kind || ':'
-    || md5(coalesce(payload::text, '') || E'\x1f' || coalesce(error, ''))
+    rq_event_dedupe_key(request_id, kind, payload, error)
   ) stored,
   received_at timestamptz not null default now(),
   applied_at timestamptz,

@@ -2,7 +2,7 @@
 -- for every writer: our submit path, the webhook receiver, the reconciler, and even the
 -- seed article's own raw INSERT and UPDATE statements.
 --
---   rq_apply_event(event_id)   the one state machine; every event goes through it
+--   rq_apply(event, row)       the one state machine; every event goes through it
 --   generations_apply_waiting  applies stored events when their row appears (rule 4)
 --   generations_guard          invariants: forward-only status, exact money, no charge
 --                              for failed/canceled rows (rules 3 and 6)
@@ -16,24 +16,14 @@ as $$ select round(micros / 10000.0)::integer $$;
 -- Seconds the request asks for: 5, "5" or "5s"; null for "auto", missing or unreadable
 -- (the submit path rejects unreadable values before they get here).
 create function rq_requested_seconds(inputs jsonb) returns numeric
-language plpgsql immutable parallel safe
+language sql immutable parallel safe
 as $$
-declare
-  d jsonb := inputs -> 'duration';
-  t text;
-begin
-  if d is null or jsonb_typeof(d) = 'null' then
-    return null;
-  elsif jsonb_typeof(d) = 'number' then
-    return (d #>> '{}')::numeric;
-  elsif jsonb_typeof(d) = 'string' then
-    t := lower(btrim(d #>> '{}'));
-    if t ~ '^[0-9]+(\.[0-9]+)?s?$' then
-      return rtrim(t, 's')::numeric;
-    end if;
-  end if;
-  return null;
-end
+  select case
+    when jsonb_typeof(inputs -> 'duration') = 'number' then (inputs ->> 'duration')::numeric
+    when jsonb_typeof(inputs -> 'duration') = 'string'
+         and lower(btrim(inputs ->> 'duration')) ~ '^[0-9]+(\.[0-9]+)?s?$'
+      then rtrim(lower(btrim(inputs ->> 'duration')), 's')::numeric
+  end
 $$;
 
 -- Seconds the output actually lasts, when the provider says so.
@@ -103,63 +93,39 @@ as $$
   end
 $$;
 
--- THE state machine. Applies one stored event to its generation row, at most once.
--- Returns the event's outcome: applied | duplicate | stale | conflict, or 'waiting' when
--- the row does not exist yet (the event stays unapplied; the insert trigger or the
--- reconciler applies it later).
+-- THE state machine: what event `e` does to generation `g` (locked by the caller). It
+-- writes the row and returns the outcome: applied | duplicate | stale | conflict.
 --   status only moves forward: submitted -> in_progress -> completed | failed | canceled,
 --   submitted may jump to a terminal state, a terminal state never changes; a different
 --   terminal event for a finished row is kept, marked 'conflict', and flags the row.
-create function rq_apply_event(p_event_id bigint) returns text
+-- Callers: rq_record_event (a new event) and rq_apply_event (a stored, waiting one).
+create function rq_apply(e generation_events, g generations) returns text
 language plpgsql
 as $$
 declare
-  e generation_events;
-  g generations;
   p prices;
-  v_outcome text;
   v_seconds numeric;
   v_outputs jsonb;
-  v_fill boolean;
 begin
-  select * into e from generation_events where id = p_event_id;
-  if not found then
-    raise exception 'rq_apply_event: no event with id %', p_event_id;
-  end if;
-  -- One request at a time: pairs with the lock in generations_apply_waiting so an event
-  -- and its row committed concurrently never both miss each other.
-  perform pg_advisory_xact_lock(hashtextextended(e.request_id, 0));
-  select * into e from generation_events where id = p_event_id for update;
-  if e.applied_at is not null then
-    return e.outcome;
-  end if;
-
-  select * into g from generations where request_id = e.request_id for update;
-  if not found then
-    return 'waiting';
-  end if;
-
   -- A completed row whose webhook carried no payload (fal's payload_error) is still
   -- waiting for its output: a later completed event with the payload fills it in.
-  v_fill := g.status = 'completed' and e.kind = 'completed'
-            and g.outputs is null and e.payload is not null;
-
-  if g.status in ('completed', 'failed', 'canceled') and not v_fill then
+  if g.status in ('completed', 'failed', 'canceled')
+     and not (g.status = 'completed' and e.kind = 'completed'
+              and g.outputs is null and e.payload is not null) then
     if e.kind = g.status::text then
-      v_outcome := 'duplicate';
+      return 'duplicate';
     elsif e.kind = 'in_progress' then
-      v_outcome := 'stale';
-    else
-      v_outcome := 'conflict';
-      update generations set conflict = true where id = g.id;
+      return 'stale';
     end if;
-  elsif e.kind = 'in_progress' then
-    if g.status = 'submitted' then
-      update generations set status = 'in_progress' where id = g.id;
-      v_outcome := 'applied';
-    else
-      v_outcome := 'duplicate';
+    update generations set conflict = true where id = g.id;
+    return 'conflict';
+  end if;
+
+  if e.kind = 'in_progress' then
+    if g.status <> 'submitted' then
+      return 'duplicate';
     end if;
+    update generations set status = 'in_progress' where id = g.id;
   elsif e.kind = 'completed' and e.payload is null then
     -- Finished, but fal could not serialise the output: the estimate stands until the
     -- reconciler fetches the result (fal keeps it about an hour).
@@ -167,28 +133,21 @@ begin
        set status = 'completed', finished_at = e.received_at,
            error = coalesce(e.error, 'completed without a payload')
      where id = g.id;
-    v_outcome := 'applied';
   elsif e.kind = 'completed' then
     v_outputs := rq_outputs_from_payload(e.payload);
     select * into p from rq_price_for(g.endpoint, g.inputs, g.created_at);
-    if p.id is null then
-      update generations
-         set status = 'completed', outputs = v_outputs, error = null,
-             finished_at = coalesce(g.finished_at, e.received_at), cost_basis = 'unpriced',
-             billed_seconds = coalesce(rq_output_seconds(e.payload), rq_requested_seconds(g.inputs)),
-             archive_status = case when v_outputs ? 'video_url' then 'pending' else 'none' end
-       where id = g.id;
-    else
-      v_seconds := coalesce(rq_output_seconds(e.payload), rq_requested_seconds(g.inputs),
-                            p.default_seconds);
-      update generations
-         set status = 'completed', outputs = v_outputs, error = null,
-             finished_at = coalesce(g.finished_at, e.received_at), cost_basis = 'actual',
-             price_id = p.id, billed_seconds = v_seconds, cost_micros = rq_cost_micros(p, v_seconds),
-             archive_status = case when v_outputs ? 'video_url' then 'pending' else 'none' end
-       where id = g.id;
-    end if;
-    v_outcome := 'applied';
+    v_seconds := coalesce(rq_output_seconds(e.payload), rq_requested_seconds(g.inputs),
+                          p.default_seconds);
+    update generations
+       set status = 'completed', outputs = v_outputs, error = null,
+           finished_at = coalesce(g.finished_at, e.received_at),
+           cost_basis = case when p.id is null then 'unpriced' else 'actual' end,
+           price_id = coalesce(p.id, price_id),
+           billed_seconds = v_seconds,
+           cost_micros = case when p.id is null then cost_micros
+                              else rq_cost_micros(p, v_seconds) end,
+           archive_status = case when v_outputs ? 'video_url' then 'pending' else 'none' end
+     where id = g.id;
   else  -- failed or canceled: never charged (generations_guard zeroes the cost)
     update generations
        set status = e.kind::generation_status,
@@ -197,9 +156,37 @@ begin
                         || coalesce(': ' || (e.payload ->> 'detail'), ': ' || e.payload::text, ''),
                         4000)
      where id = g.id;
-    v_outcome := 'applied';
   end if;
+  return 'applied';
+end
+$$;
 
+-- Apply one stored event that was waiting for its row, at most once. Returns its outcome,
+-- or 'waiting' while the row still does not exist.
+create function rq_apply_event(p_event_id bigint) returns text
+language plpgsql
+as $$
+declare
+  e generation_events;
+  g generations;
+  v_outcome text;
+begin
+  select * into e from generation_events where id = p_event_id;
+  if not found then
+    raise exception 'rq_apply_event: no event with id %', p_event_id;
+  end if;
+  -- One request at a time: pairs with the lock in generations_apply_waiting and
+  -- rq_record_event so an event and its row committed concurrently never miss each other.
+  perform pg_advisory_xact_lock(hashtextextended(e.request_id, 0));
+  select * into e from generation_events where id = p_event_id;
+  if e.applied_at is not null then
+    return e.outcome;
+  end if;
+  select * into g from generations where request_id = e.request_id for update;
+  if not found then
+    return 'waiting';
+  end if;
+  v_outcome := rq_apply(e, g);
   update generation_events set applied_at = now(), outcome = v_outcome where id = e.id;
   return v_outcome;
 end
@@ -273,23 +260,43 @@ create trigger generations_guard
   before insert or update on generations
   for each row execute function rq_generations_guard();
 
--- Store one event and apply it, in one round trip: a duplicate (same dedupe_key) is not
--- stored again and reports 'duplicate'; otherwise the outcome of rq_apply_event.
+-- Store one new event and apply it, in one round trip. A duplicate (same dedupe_key) is
+-- not stored again and reports 'duplicate'. Otherwise the event is decided first and then
+-- stored once, already marked applied ('waiting' events are stored unapplied).
 create function rq_record_event(p_request_id text, p_source text, p_kind text,
                                 p_payload jsonb, p_error text, p_gateway_request_id text)
 returns table (event_id bigint, outcome text)
 language plpgsql
 as $$
+declare
+  e generation_events;
+  g generations;
 begin
-  insert into generation_events (request_id, source, kind, payload, error, gateway_request_id)
-  values (p_request_id, p_source, p_kind, p_payload, p_error, p_gateway_request_id)
-  on conflict (dedupe_key) do nothing
-  returning id into event_id;
-  if event_id is null then
+  perform pg_advisory_xact_lock(hashtextextended(p_request_id, 0));
+  -- under the request's lock, an earlier copy is either committed or ours
+  if exists (select 1 from generation_events
+             where dedupe_key = rq_event_dedupe_key(p_request_id, p_kind, p_payload, p_error))
+  then
+    event_id := null;
     outcome := 'duplicate';
-  else
-    outcome := rq_apply_event(event_id);
+    return next;
+    return;
   end if;
+  e.request_id := p_request_id;
+  e.source := p_source;
+  e.kind := p_kind;
+  e.payload := p_payload;
+  e.error := p_error;
+  e.received_at := now();
+  select * into g from generations where request_id = p_request_id for update;
+  outcome := case when found then rq_apply(e, g) else 'waiting' end;
+  insert into generation_events (request_id, source, kind, payload, error, gateway_request_id,
+                                 received_at, applied_at, outcome)
+  values (p_request_id, p_source, p_kind, p_payload, p_error, p_gateway_request_id,
+          e.received_at,
+          case when outcome = 'waiting' then null else e.received_at end,
+          nullif(outcome, 'waiting'))
+  returning id into event_id;
   return next;
 end
 $$;
