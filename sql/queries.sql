@@ -52,13 +52,9 @@ set state = 'unknown',
 where state = 'pending' and created_at < now() - %(older_than)s::interval
 returning id, batch_id, line_no, user_id, endpoint;
 
--- name: record_event
-select event_id, outcome
-from rq_record_event(%(request_id)s, %(source)s, %(kind)s, %(payload)s, %(error)s,
-                     %(gateway_request_id)s);
-
 -- name: record_events_batch
--- the webhook receiver's group commit: %(events)s is a JSON array in request_id order
+-- every writer of events (webhook group commit, reconciler, tests): %(events)s is a JSON
+-- array in request_id order; one row per event, `ord` its 1-based position
 select ord, event_id, outcome from rq_record_events(%(events)s);
 
 -- name: apply_event

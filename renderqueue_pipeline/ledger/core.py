@@ -377,16 +377,35 @@ def event_from_fal_webhook(body: Mapping[str, Any]) -> LedgerEvent:
     raise LedgerInputError("status", f"expected 'OK' or 'ERROR', got {status!r}")
 
 
-def _event_params(event: LedgerEvent) -> dict[str, Any]:
-    return {
-        "request_id": event.request_id,
-        "source": event.source,
-        "kind": event.kind,
-        "payload": None if event.payload is None else Jsonb(event.payload),
-        "error": event.error,
-        # dedupe ignores it: fal changes it when it retries internally
-        "gateway_request_id": event.gateway_request_id,
-    }
+def _batch(events: list[LedgerEvent]) -> tuple[dict[str, Any], list[int]]:
+    """Parameters of `record_events_batch` and the request_id order they follow.
+
+    Events go in request_id order so that concurrent batches take the per-request locks
+    in the same order and cannot deadlock.
+    """
+    order = sorted(range(len(events)), key=lambda i: events[i].request_id)
+    document = [
+        {
+            "request_id": events[i].request_id,
+            "source": events[i].source,
+            "kind": events[i].kind,
+            "payload": events[i].payload,
+            "error": events[i].error,
+            # dedupe ignores it: fal changes it when it retries internally
+            "gateway_request_id": events[i].gateway_request_id,
+        }
+        for i in order
+    ]
+    return {"events": Jsonb(document)}, order
+
+
+def _in_input_order(rows: list[dict[str, Any]], order: list[int]) -> list[EventOutcome]:
+    if len(rows) != len(order):
+        raise psycopg.DataError(f"{len(rows)} outcomes for {len(order)} events")
+    outcomes: list[EventOutcome | None] = [None] * len(order)
+    for row in rows:
+        outcomes[order[row["ord"] - 1]] = row["outcome"]
+    return outcomes  # type: ignore[return-value]
 
 
 def record_event(conn: psycopg.Connection, event: LedgerEvent) -> EventOutcome:
@@ -395,19 +414,21 @@ def record_event(conn: psycopg.Connection, event: LedgerEvent) -> EventOutcome:
 
 
 def record_events(conn: psycopg.Connection, events: Iterable[LedgerEvent]) -> list[EventOutcome]:
-    """Store and apply many events in ONE transaction (group commit); outcomes in input order.
-
-    Events are processed in request_id order so that concurrent batches take the
-    per-request locks in the same order and cannot deadlock.
-    """
+    """Store and apply many events in ONE statement and transaction; outcomes in input order."""
     events = list(events)
-    order = sorted(range(len(events)), key=lambda i: events[i].request_id)
-    outcomes: list[EventOutcome | None] = [None] * len(events)
-    with conn.transaction(), conn.pipeline():
-        cursors = [(i, conn.execute(q("record_event"), _event_params(events[i]))) for i in order]
-        for i, cursor in cursors:
-            outcomes[i] = cursor.fetchone()["outcome"]
-    return outcomes  # type: ignore[return-value]
+    params, order = _batch(events)
+    with conn.transaction():
+        rows = conn.execute(q("record_events_batch"), params).fetchall()
+    return _in_input_order(rows, order)
+
+
+async def arecord_events(
+    conn: psycopg.AsyncConnection, events: list[LedgerEvent]
+) -> list[EventOutcome]:
+    """`record_events` on an async autocommit connection (the statement is the transaction)."""
+    params, order = _batch(events)
+    cursor = await conn.execute(q("record_events_batch"), params)
+    return _in_input_order(await cursor.fetchall(), order)
 
 
 def apply_waiting_events(conn: psycopg.Connection, limit: int = 10_000) -> Counter[str]:

@@ -21,12 +21,10 @@ from dataclasses import dataclass, field
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
-from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.db.server import psycopg_url
 from renderqueue_pipeline.errors import DatabaseUnavailable
-from renderqueue_pipeline.ledger import EventOutcome, LedgerEvent
+from renderqueue_pipeline.ledger import EventOutcome, LedgerEvent, arecord_events
 
 log = logging.getLogger(__name__)
 
@@ -39,44 +37,6 @@ class EventNotStorable(Exception):
 class _Pending:
     event: LedgerEvent
     future: asyncio.Future[EventOutcome] = field(repr=False)
-
-
-def _batch_document(events: list[LedgerEvent], order: list[int]) -> Jsonb:
-    """The JSON array rq_record_events takes; a None payload becomes SQL null there."""
-    return Jsonb(
-        [
-            {
-                "request_id": events[i].request_id,
-                "source": events[i].source,
-                "kind": events[i].kind,
-                "payload": events[i].payload,
-                "error": events[i].error,
-                # dedupe ignores it: fal changes it when it retries internally
-                "gateway_request_id": events[i].gateway_request_id,
-            }
-            for i in order
-        ]
-    )
-
-
-async def record_events_async(
-    conn: psycopg.AsyncConnection, events: list[LedgerEvent]
-) -> list[EventOutcome]:
-    """`ledger.record_events` on an async autocommit connection, in one statement.
-
-    Events go in request_id order (per-request locks in one order: no deadlocks between
-    concurrent batches); outcomes come back in input order.
-    """
-    order = sorted(range(len(events)), key=lambda i: events[i].request_id)
-    params = {"events": _batch_document(events, order)}
-    cursor = await conn.execute(q("record_events_batch"), params)
-    rows = await cursor.fetchall()
-    if len(rows) != len(events):
-        raise psycopg.DataError(f"{len(rows)} outcomes for {len(events)} events")
-    outcomes: list[EventOutcome | None] = [None] * len(events)
-    for row in rows:
-        outcomes[order[row["ord"] - 1]] = row["outcome"]
-    return outcomes  # type: ignore[return-value]
 
 
 class _Flusher:
@@ -191,7 +151,7 @@ class GroupCommitter:
     ) -> list[EventOutcome | Exception]:
         try:
             conn = await flusher.connection()
-            return list(await record_events_async(conn, events))
+            return list(await arecord_events(conn, events))
         except psycopg.OperationalError as exc:
             await flusher.drop()
             raise DatabaseUnavailable(str(exc).strip() or "database connection lost") from exc
@@ -204,7 +164,7 @@ class GroupCommitter:
     ) -> EventOutcome | Exception:
         conn = await flusher.connection()
         try:
-            return (await record_events_async(conn, [event]))[0]
+            return (await arecord_events(conn, [event]))[0]
         except psycopg.OperationalError as exc:
             await flusher.drop()
             raise DatabaseUnavailable(str(exc).strip()) from exc
