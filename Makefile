@@ -28,11 +28,13 @@ test: install lint
 	$(BIN)/pytest -q
 
 bench: install
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench; status=$$?; \
+	RENDERQUEUE_HOME=.renderqueue/bench $(BIN)/renderqueue db stop >/dev/null; exit $$status
 
 stop:
 	-$(BIN)/renderqueue db stop
 	-RENDERQUEUE_HOME=.renderqueue/test $(BIN)/renderqueue db stop
+	-RENDERQUEUE_HOME=.renderqueue/bench $(BIN)/renderqueue db stop
 
 clean: stop
 	rm -rf $(VENV) .renderqueue .pytest_cache .ruff_cache .hypothesis
