@@ -287,3 +287,55 @@ def test_logs_name_the_request_but_not_the_body(
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert f"request_id={request_id}" in logged and "outcome=applied" in logged
     assert json.loads(body)["payload"]["video"]["url"] not in logged
+
+
+def test_webhook_serve_command(ledger_url: str, tmp_path) -> None:
+    """`renderqueue webhook serve` as a user starts it: real process, real port."""
+    import os
+    import subprocess
+    import sys
+
+    from webhook_helpers import JwksServer
+
+    from renderqueue_pipeline.simulator.server import free_port
+
+    key = Ed25519PrivateKey.generate()
+    jwks = JwksServer(key)
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": ledger_url,
+        "FAL_JWKS_URL": jwks.url,
+        "RENDERQUEUE_HOME": str(tmp_path),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "renderqueue_pipeline.cli", "webhook", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "the receiver did not start"
+                time.sleep(0.1)
+        assert health.json() == {"ok": True}
+        body = fal_body("cli-early")
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/webhooks/fal",
+            content=body,
+            headers=signed_headers(key, body, "cli-early"),
+        )
+        assert (answer.status_code, answer.json()["outcome"]) == (202, "waiting")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        jwks.stop()
+        with psycopg.connect(ledger_url) as conn:
+            conn.execute("delete from generation_events where request_id = 'cli-early'")
