@@ -34,35 +34,30 @@ batch's commit, throughput is bound by latency (Little's law), not by CPU.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from rich.console import Console
 
 from bench.common import BENCH_HOME, Figure, scratch_ledger
+from renderqueue_pipeline.simulator.server import free_port
+from renderqueue_pipeline.webhook.testing import JwksServer, fal_body, signed_headers
 
 DELIVERIES = 20_000
 DUPLICATE_SHARE = 0.15
@@ -170,28 +165,6 @@ def make_plan(rng: random.Random, deliveries: int, prefix: str) -> Plan:
     return Plan(with_row, early, [rid for _, rid in keyed])
 
 
-def fal_body(request_id: str) -> bytes:
-    """A completion webhook body as fal sends it."""
-    payload = {
-        "video": {
-            "url": f"https://v3b.fal.media/files/b/{request_id}/output.mp4",
-            "content_type": "video/mp4",
-            "file_name": "output.mp4",
-            "file_size": 1000,
-            "duration": 5,
-        },
-        "seed": 1,
-    }
-    body = {
-        "request_id": request_id,
-        "gateway_request_id": request_id,
-        "status": "OK",
-        "payload": payload,
-        "error": None,
-    }
-    return json.dumps(body, sort_keys=True).encode()
-
-
 def write_requests(path: Path, key: Ed25519PrivateKey, order: list[str]) -> None:
     """Sign every delivery now and write them as raw HTTP requests for the Lua script."""
     timestamp = str(int(time.time()))
@@ -201,18 +174,13 @@ def write_requests(path: Path, key: Ed25519PrivateKey, order: list[str]) -> None
             raw = signed.get(request_id)
             if raw is None:
                 body = fal_body(request_id)
-                digest = hashlib.sha256(body).hexdigest()
-                message = f"{request_id}\n{USER_ID}\n{timestamp}\n{digest}".encode()
+                headers = signed_headers(
+                    key, body, request_id, user_id=USER_ID, timestamp=int(timestamp)
+                )
                 head = (
-                    "POST /webhooks/fal HTTP/1.1\r\n"
-                    "Host: 127.0.0.1\r\n"
-                    "Content-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\n"
-                    f"X-Fal-Webhook-Request-Id: {request_id}\r\n"
-                    f"X-Fal-Webhook-User-Id: {USER_ID}\r\n"
-                    f"X-Fal-Webhook-Timestamp: {timestamp}\r\n"
-                    f"X-Fal-Webhook-Signature: {key.sign(message).hex()}\r\n"
-                    "\r\n"
+                    "POST /webhooks/fal HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+                    + f"Content-Length: {len(body)}\r\n\r\n"
                 )
                 raw = signed[request_id] = head.encode() + body
             out.write(b"%d\n" % len(raw) + raw)
@@ -233,41 +201,6 @@ def insert_rows(url: str, request_ids: list[str]) -> None:
 
 
 # -- servers --------------------------------------------------------------------------
-
-
-class JwksServer:
-    """The benchmark key's JWKS over HTTP, as fal serves its own."""
-
-    def __init__(self, key: Ed25519PrivateKey) -> None:
-        raw = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        x = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-        document = json.dumps({"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x}]}).encode()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(document)))
-                self.end_headers()
-                self.wfile.write(document)
-
-            def log_message(self, *args: Any) -> None:
-                return None
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/.well-known/jwks.json"
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
