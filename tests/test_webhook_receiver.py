@@ -339,3 +339,31 @@ def test_webhook_serve_command(ledger_url: str, tmp_path) -> None:
         jwks.stop()
         with psycopg.connect(ledger_url) as conn:
             conn.execute("delete from generation_events where request_id = 'cli-early'")
+
+
+def test_an_event_postgres_cannot_store_is_422_and_spares_its_batch(
+    receiver: Receiver, conn: psycopg.Connection
+) -> None:
+    """jsonb refuses \\u0000; that delivery gets 422, its batch neighbours are stored."""
+    good, _ = submit_row(conn)
+    bad, _ = submit_row(conn)
+    bad_body = fal_body(bad, payload={"video": {"url": "https://x/a.mp4"}, "note": "\u0000"})
+
+    async def both() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=10) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        f"{receiver.url}/webhooks/fal",
+                        content=body,
+                        headers=signed_headers(receiver.key, body, rid),
+                    )
+                    for rid, body in ((bad, bad_body), (good, fal_body(good)))
+                )
+            )
+
+    bad_answer, good_answer = asyncio.run(both())
+    assert (bad_answer.status_code, bad_answer.json()["outcome"]) == (422, "not_storable")
+    assert good_answer.status_code == 200
+    assert generation(conn, bad)["status"] == "submitted"
+    assert generation(conn, good)["status"] == "completed"
