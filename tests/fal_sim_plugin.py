@@ -34,6 +34,7 @@ from renderqueue_pipeline.simulator.testing import (
     WebhookSink,
     running_simulator,
 )
+from renderqueue_pipeline.simulator.testing import webhook_sink as running_webhook_sink
 
 
 def _export_env_now() -> tuple[Path, int]:
@@ -97,8 +98,5 @@ def _fast_defaults() -> dict[str, object]:
 @pytest.fixture
 def webhook_sink() -> Iterator[WebhookSink]:
     """A recording webhook receiver on plain HTTP (127.0.0.1, random port)."""
-    sink = WebhookSink().start()
-    try:
+    with running_webhook_sink() as sink:
         yield sink
-    finally:
-        sink.stop()
