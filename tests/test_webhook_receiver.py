@@ -247,6 +247,10 @@ def test_healthz_and_metrics(receiver: Receiver, conn: psycopg.Connection) -> No
     assert 'renderqueue_webhook_deliveries_total{outcome="duplicate"} 1.0' in text
     assert 'renderqueue_webhook_deliveries_total{outcome="bad_signature"} 1.0' in text
     assert "renderqueue_webhook_latency_seconds_bucket" in text
+    # two stored deliveries, one batch each (sequential); the unsigned one never queued
+    assert "renderqueue_webhook_batch_events_count 2.0" in text
+    assert "renderqueue_webhook_batch_events_sum 2.0" in text
+    assert "renderqueue_webhook_commit_seconds_count 2.0" in text
 
 
 def test_concurrent_deliveries_share_transactions(
@@ -271,6 +275,9 @@ def test_concurrent_deliveries_share_transactions(
     assert asyncio.run(burst()) == [200] * 64
     committer = receiver.app.state.committer
     assert committer.committed == 64 and committer.batches < 64
+    text = receiver.client.get(f"{receiver.url}/metrics").text
+    assert "renderqueue_webhook_batch_events_sum 64.0" in text
+    assert f"renderqueue_webhook_batch_events_count {committer.batches}.0" in text
     done = conn.execute(
         "select count(*) as n from generations where status = 'completed'"
     ).fetchone()

@@ -82,11 +82,27 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=self.registry,
         )
+        self.batch_events = Histogram(
+            "renderqueue_webhook_batch_events",
+            "Events per group commit",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "renderqueue_webhook_commit_seconds",
+            "Time to store and apply one group commit (one statement, one transaction)",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=self.registry,
+        )
         self.waiting = Gauge(
             "renderqueue_events_waiting_for_row",
             "Stored events whose generation row does not exist yet",
             registry=self.registry,
         )
+
+    def observe_commit(self, events: int, seconds: float) -> None:
+        self.batch_events.observe(events)
+        self.commit_seconds.observe(seconds)
 
 
 _SIGNATURE_HEADERS = frozenset(
@@ -247,6 +263,7 @@ def create_app(config: ReceiverConfig | None = None) -> Starlette:
         max_batch=config.max_batch,
         max_wait=config.max_wait,
         flushers=config.flushers,
+        on_commit=metrics.observe_commit,
     )
     verifier = JwksVerifier(config.jwks_url, min_refresh=config.jwks_min_refresh)
 

@@ -6,9 +6,9 @@ per webhook. A batch closes when it holds `max_batch` events or `max_wait` secon
 its first event arrived, whichever comes first; `flushers` batches may commit at once.
 
 Each flusher owns one async psycopg connection (autocommit) on the event loop and stores
-a batch with ONE statement, `rq_record_events` (sql/005): the same `rq_record_event` per
-event, in request_id order, inside that statement's own transaction, so a batch costs one
-round trip and one commit instead of a statement per event plus BEGIN and COMMIT.
+a batch with ONE statement, `rq_record_events` (sql/006): the ledger's state machine over
+every event, in request_id order, inside that statement's own transaction, so a batch costs
+one round trip and one commit instead of a statement per event plus BEGIN and COMMIT.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
@@ -77,8 +78,10 @@ class GroupCommitter:
         max_batch: int = 256,
         max_wait: float = 0.0005,
         flushers: int = 2,
+        on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
         self._url = database_url
+        self._on_commit = on_commit  # (events in the batch, seconds its statement took)
         self._max_batch = max_batch
         self._max_wait = max_wait
         self._flushers = flushers
@@ -127,6 +130,7 @@ class GroupCommitter:
         try:
             while True:
                 batch = await self._next_batch()
+                began = time.perf_counter()
                 try:
                     outcomes = await self._commit(flusher, [p.event for p in batch])
                 except Exception as exc:  # every delivery of the batch learns it was not stored
@@ -136,6 +140,8 @@ class GroupCommitter:
                     continue
                 self.batches += 1
                 self.committed += len(batch)
+                if self._on_commit is not None:
+                    self._on_commit(len(batch), time.perf_counter() - began)
                 for pending, outcome in zip(batch, outcomes, strict=True):
                     if pending.future.done():
                         continue
