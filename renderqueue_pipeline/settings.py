@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     fal_key: SecretStr | None = Field(default=None, alias="FAL_KEY")
     fal_jwks_url: str = Field(default=DEFAULT_JWKS_URL, alias="FAL_JWKS_URL")
     webhook_url: str | None = Field(default=None, alias="RENDERQUEUE_WEBHOOK_URL")
+    webhook_flushers: int = Field(default=1, ge=1, le=32, alias="RENDERQUEUE_WEBHOOK_FLUSHERS")
     storage_url: str | None = Field(default=None, alias="RENDERQUEUE_STORAGE_URL")
     prompts_url: str | None = Field(default=None, alias="RENDERQUEUE_PROMPTS_URL")
 

@@ -21,6 +21,16 @@ from renderqueue_pipeline.settings import ConfigError, load_settings
         ("DATABASE_URL", "mysql://x@y/z", "DATABASE_URL: expected a postgresql:// URL"),
         ("FAL_JWKS_URL", "ftp://keys", "FAL_JWKS_URL: expected an http(s):// URL"),
         ("RENDERQUEUE_WEBHOOK_URL", "not a url", "RENDERQUEUE_WEBHOOK_URL: expected an http(s)"),
+        (
+            "RENDERQUEUE_WEBHOOK_FLUSHERS",
+            "0",
+            "RENDERQUEUE_WEBHOOK_FLUSHERS: Input should be greater than or equal to 1",
+        ),
+        (
+            "RENDERQUEUE_WEBHOOK_FLUSHERS",
+            "many",
+            "RENDERQUEUE_WEBHOOK_FLUSHERS: Input should be a valid integer",
+        ),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_the_variable(
