@@ -21,15 +21,16 @@ includes the load generator's own CPU. Reproduce with `make bench` (all benchmar
 `.venv/bin/python -m bench webhook`; `make bench` installs wrk with apt-get when missing
 (pgbench comes with the embedded Postgres).
 
-Where the time goes (measured while tuning on this 2-core machine): the ledger's state
-machine costs Postgres ~160-170 µs per event on its own (5,000 completions in one
-statement: lock, dedupe, apply to the row with its triggers and nine indexes, store the
-event once) and ~280 µs of wall time per event inside a batch under load; the naive
-receiver's single upsert costs ~47 µs plus its commit (fsync here: ~133 µs, so commits are
-cheap and grouping them buys less than on slower disks). Ed25519 costs ~42 µs with
-libsodium, inline on the event loop. During the replay the receiver process uses ~0.6 of a
-core, Postgres ~0.7 and wrk ~0.07: with 64 deliveries in flight and each waiting for its
-batch's commit, throughput is bound by latency (Little's law), not by CPU.
+Where the time goes (this run's own figures are in the CPU rows of the table; the bench
+reads /proc for the server process, every postgres process, and wrk): the receiver's one
+process spends ~180 µs of CPU per delivery (HTTP parsing and answering in uvicorn, ~42 µs
+of Ed25519 in libsodium, JSON, the flusher's driver work) against ~300 µs for the naive
+Starlette handler, and keeps ~1 core busy: it is the bottleneck now. Postgres spends ~100
+µs per delivery applying the state machine to batches of ~27 (sql/006: a fixed number of
+statements per batch, one UPDATE and one INSERT for all rows) against ~220 µs for the naive
+single-row upserts, one transaction each. A single-row UPDATE statement of `generations`
+costs Postgres ~150-200 µs here whatever it writes (nine indexes, two of them GIN, and a trigger);
+one statement for the whole batch pays that once.
 """
 
 from __future__ import annotations
@@ -203,8 +204,14 @@ def insert_rows(url: str, request_ids: list[str]) -> None:
 # -- servers --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Server:
+    base: str
+    pid: int
+
+
 @contextlib.contextmanager
-def serving(cmd: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[str]:
+def serving(cmd: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[Server]:
     """Run a server process until it answers HTTP on `port`; stop it afterwards."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -226,7 +233,7 @@ def serving(cmd: list[str], env: dict[str, str], port: int, log: Path) -> Iterat
                     tail = log.read_text()[-2000:]
                     raise RuntimeError(f"{cmd[0]} did not start: {tail}") from None
                 time.sleep(0.1)
-        yield base
+        yield Server(base, proc.pid)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -234,6 +241,59 @@ def serving(cmd: list[str], env: dict[str, str], port: int, log: Path) -> Iterat
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# -- CPU accounting -------------------------------------------------------------------
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process so far (Linux /proc; 0 when unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _postgres_pids() -> list[int]:
+    """Every `postgres` process on the machine (postmaster, backends, WAL writer...)."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if (entry / "comm").read_text().strip() == "postgres":
+                pids.append(int(entry.name))
+    return pids
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    """CPU seconds each party spent during one replay."""
+
+    server: float
+    postgres: float
+    wrk: float
+
+
+@contextlib.contextmanager
+def cpu_use(server_pid: int) -> Iterator[list[CpuUse]]:
+    """Measure the block's CPU: the server process, all Postgres processes, and wrk."""
+    found: list[CpuUse] = []
+    before_pg = {pid: _cpu_seconds(pid) for pid in _postgres_pids()}
+    before_server = _cpu_seconds(server_pid)
+    before_children = os.times()
+    yield found
+    after_children = os.times()
+    postgres = sum(_cpu_seconds(pid) - before_pg.get(pid, 0.0) for pid in _postgres_pids())
+    found.append(
+        CpuUse(
+            server=_cpu_seconds(server_pid) - before_server,
+            postgres=postgres,
+            wrk=(after_children.children_user + after_children.children_system)
+            - (before_children.children_user + before_children.children_system),
+        )
+    )
 
 
 # -- load -----------------------------------------------------------------------------
@@ -346,6 +406,16 @@ def pgbench_floor(pgbench: str, url: str, rows: int, work: Path) -> float:
     return float(found.group(1))
 
 
+def _cpu_line(cpu: CpuUse, load: Load) -> str:
+    per = 1e6 / load.deliveries
+    return (
+        f"  CPU per delivery: server {cpu.server * per:.0f} µs, Postgres "
+        f"{cpu.postgres * per:.0f} µs, wrk {cpu.wrk * per:.0f} µs (cores busy: server "
+        f"{cpu.server / load.seconds:.2f}, Postgres {cpu.postgres / load.seconds:.2f}, "
+        f"wrk {cpu.wrk / load.seconds:.2f})"
+    )
+
+
 # -- checks ---------------------------------------------------------------------------
 
 
@@ -434,16 +504,19 @@ def run(console: Console) -> list[Figure]:
                 "warning",
             ]
             env = {"DATABASE_URL": receiver_db, "FAL_JWKS_URL": jwks.url}
-            with serving(receiver_cmd, env, port, work / "receiver.log") as base:
+            with serving(receiver_cmd, env, port, work / "receiver.log") as server:
                 write_requests(warm, key, warmup.order)
-                replay(wrk, base, warm, WARMUP_DELIVERIES, work)
+                replay(wrk, server.base, warm, WARMUP_DELIVERIES, work)
                 console.print(f"signing {DELIVERIES:,} deliveries; replaying them with wrk")
                 write_requests(requests, key, plan.order)
-                receiver = replay(wrk, base, requests, DELIVERIES, work)
+                with cpu_use(server.pid) as measured:
+                    receiver = replay(wrk, server.base, requests, DELIVERIES, work)
+                receiver_cpu = measured[0]
             console.print(
                 f"receiver: {receiver.rate:,.0f}/s p50 {receiver.p50_ms:.1f} ms "
                 f"p99 {receiver.p99_ms:.1f} ms max {receiver.max_ms:.0f} ms {receiver.statuses}"
             )
+            console.print(_cpu_line(receiver_cpu, receiver))
             problems = check_receiver(receiver_db, plan, receiver)
             if problems:
                 for problem in problems:
@@ -464,13 +537,16 @@ def run(console: Console) -> list[Figure]:
                 "--no-access-log",
             ]
             env = {"NAIVE_DATABASE_URL": naive_db, "NAIVE_POOL_SIZE": str(NAIVE_POOL_SIZE)}
-            with serving(naive_cmd, env, port, work / "naive.log") as base:
-                replay(wrk, base, warm, WARMUP_DELIVERIES, work)
-                naive = replay(wrk, base, requests, DELIVERIES, work)
+            with serving(naive_cmd, env, port, work / "naive.log") as server:
+                replay(wrk, server.base, warm, WARMUP_DELIVERIES, work)
+                with cpu_use(server.pid) as measured:
+                    naive = replay(wrk, server.base, requests, DELIVERIES, work)
+                naive_cpu = measured[0]
             console.print(
                 f"naive: {naive.rate:,.0f}/s p50 {naive.p50_ms:.1f} ms "
                 f"p99 {naive.p99_ms:.1f} ms max {naive.max_ms:.0f} ms {naive.statuses}"
             )
+            console.print(_cpu_line(naive_cpu, naive))
             bad = {s: n for s, n in naive.statuses.items() if not 200 <= s < 300}
             if bad:
                 raise RuntimeError(f"the naive receiver answered non-2xx: {bad}")
@@ -510,6 +586,22 @@ def run(console: Console) -> list[Figure]:
             "naive receiver p50",
             naive.p50_ms,
             unit="ms",
+            higher_is_better=False,
+        ),
+        Figure(
+            "receiver process CPU per delivery",
+            receiver_cpu.server / DELIVERIES * 1e6,
+            "naive receiver process",
+            naive_cpu.server / DELIVERIES * 1e6,
+            unit="µs",
+            higher_is_better=False,
+        ),
+        Figure(
+            "Postgres CPU per delivery",
+            receiver_cpu.postgres / DELIVERIES * 1e6,
+            "under the naive receiver",
+            naive_cpu.postgres / DELIVERIES * 1e6,
+            unit="µs",
             higher_is_better=False,
         ),
         Figure(
