@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import psycopg
 import pytest
 
+from renderqueue_pipeline.errors import DatabaseUnavailable
 from renderqueue_pipeline.ledger import LedgerEvent
 from renderqueue_pipeline.webhook.committer import GroupCommitter
-from tests.ledger_helpers import submit_row, video_payload
+from tests.ledger_helpers import generation, submit_row, video_payload
 
 
 def _flusher_threads() -> list[threading.Thread]:
@@ -89,3 +91,29 @@ def test_an_unreachable_database_fails_the_batch_not_the_flusher(ledger_url: str
 
     asyncio.run(run())
     assert _flusher_threads() == []
+
+
+def test_a_batch_stuck_on_a_row_lock_is_cancelled_then_retried(
+    conn: psycopg.Connection, ledger_url: str
+) -> None:
+    request_id, _ = submit_row(conn)
+    event = LedgerEvent(request_id, "completed", video_payload())
+
+    async def deliver() -> str:
+        committer = GroupCommitter(ledger_url, commit_timeout=0.3)
+        await committer.start()
+        try:
+            return await committer.submit(event)
+        finally:
+            await committer.stop()
+
+    with psycopg.connect(ledger_url) as other:  # e.g. an operator's open transaction
+        other.execute("select 1 from generations where request_id = %s for update", (request_id,))
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable, match=r"took over 0.3 s .*cancelled"):
+            asyncio.run(deliver())
+        assert time.monotonic() - started < 5
+        assert generation(conn, request_id)["status"] == "submitted"
+    # the lock is gone: fal's retry of the same delivery lands
+    assert asyncio.run(deliver()) == "applied"
+    assert generation(conn, request_id)["status"] == "completed"

@@ -7,7 +7,8 @@ Answers:
   401  missing/malformed signature headers, timestamp more than 300 s off, bad signature
   413  body over the size limit
   422  the event cannot be stored (e.g. a NUL escape that jsonb refuses)
-  503  Postgres unreachable or no usable JWKS: fal retries later (Retry-After)
+  503  Postgres unreachable, the batch took over 10 s (cancelled), or no usable JWKS:
+       fal retries later (Retry-After)
 Never 2xx for an event that is not durably committed.
 
 `POST /webhooks/fal` is a plain ASGI endpoint that the app calls before Starlette's
@@ -38,7 +39,11 @@ from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import DatabaseUnavailable, LedgerInputError
 from renderqueue_pipeline.ledger import event_from_fal_webhook
-from renderqueue_pipeline.webhook.committer import EventNotStorable, GroupCommitter
+from renderqueue_pipeline.webhook.committer import (
+    DEFAULT_COMMIT_TIMEOUT,
+    EventNotStorable,
+    GroupCommitter,
+)
 from renderqueue_pipeline.webhook.signature import JwksUnavailable, JwksVerifier, SignatureRejected
 
 log = logging.getLogger("renderqueue.webhook")
@@ -62,6 +67,7 @@ class ReceiverConfig:
     # 2 ms only adds latency
     max_wait: float = 0.0005
     flushers: int = 1  # see committer.py: one keeps batches large
+    commit_timeout: float = DEFAULT_COMMIT_TIMEOUT  # under fal's 15 s per attempt
     jwks_min_refresh: float = 60.0
 
 
@@ -267,6 +273,7 @@ def create_app(config: ReceiverConfig | None = None) -> Starlette:
         max_batch=config.max_batch,
         max_wait=config.max_wait,
         flushers=config.flushers,
+        commit_timeout=config.commit_timeout,
         on_commit=metrics.observe_commit,
     )
     verifier = JwksVerifier(config.jwks_url, min_refresh=config.jwks_min_refresh)

@@ -38,6 +38,10 @@ from renderqueue_pipeline.ledger import EventOutcome, LedgerEvent, record_events
 
 log = logging.getLogger(__name__)
 
+# fal gives a delivery 15 s (fal-wire.md): a batch stuck longer (a row lock held elsewhere)
+# is cancelled so its deliveries get a 503 and a retry, not a timeout.
+DEFAULT_COMMIT_TIMEOUT = 10.0
+
 
 class EventNotStorable(Exception):
     """Postgres refused this one event's content (e.g. a NUL escape that jsonb rejects)."""
@@ -52,8 +56,9 @@ class _Pending:
 class _Flusher:
     """One flusher's connection, opened on first use and again after it broke."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, statement_timeout: float) -> None:
         self._url = url
+        self._options = f"-c statement_timeout={max(1, round(statement_timeout * 1000))}"
         self._conn: psycopg.Connection | None = None
 
     def connection(self) -> psycopg.Connection:
@@ -61,7 +66,10 @@ class _Flusher:
         if conn is None or conn.closed or conn.broken:
             try:
                 conn = psycopg.Connection.connect(
-                    psycopg_url(self._url), autocommit=True, row_factory=dict_row
+                    psycopg_url(self._url),
+                    autocommit=True,
+                    row_factory=dict_row,
+                    options=self._options,
                 )
             except psycopg.OperationalError as exc:
                 raise DatabaseUnavailable(
@@ -87,12 +95,14 @@ class GroupCommitter:
         max_batch: int = 256,
         max_wait: float = 0.0005,
         flushers: int = 1,
+        commit_timeout: float = DEFAULT_COMMIT_TIMEOUT,
         on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
         self._url = database_url
         self._max_batch = max_batch
         self._max_wait = max_wait
         self._flushers = flushers
+        self._commit_timeout = commit_timeout
         self._on_commit = on_commit  # (events in the batch, seconds its statement took)
         self._pending: collections.deque[_Pending] = collections.deque()
         self._ready = threading.Condition()
@@ -108,7 +118,7 @@ class GroupCommitter:
         self._threads = [
             threading.Thread(
                 target=self._flush_loop,
-                args=(_Flusher(self._url),),
+                args=(_Flusher(self._url, self._commit_timeout),),
                 name=f"flusher-{i}",
                 daemon=True,
             )
@@ -195,6 +205,11 @@ class GroupCommitter:
     ) -> list[EventOutcome | Exception]:
         try:
             return list(record_events(flusher.connection(), events))
+        except psycopg.errors.QueryCanceled as exc:  # the connection stays usable
+            raise DatabaseUnavailable(
+                f"storing {len(events)} event(s) took over {self._commit_timeout:g} s "
+                "(a lock held elsewhere?); cancelled"
+            ) from exc
         except psycopg.OperationalError as exc:
             flusher.drop()
             raise DatabaseUnavailable(str(exc).strip() or "database connection lost") from exc
@@ -205,6 +220,10 @@ class GroupCommitter:
     def _commit_one(self, flusher: _Flusher, event: LedgerEvent) -> EventOutcome | Exception:
         try:
             return record_events(flusher.connection(), [event])[0]
+        except psycopg.errors.QueryCanceled as exc:
+            raise DatabaseUnavailable(
+                f"storing the event took over {self._commit_timeout:g} s; cancelled"
+            ) from exc
         except psycopg.OperationalError as exc:
             flusher.drop()
             raise DatabaseUnavailable(str(exc).strip()) from exc
