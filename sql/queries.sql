@@ -54,7 +54,7 @@ returning id, batch_id, line_no, user_id, endpoint;
 
 -- name: record_events_batch
 -- every writer of events (webhook group commit, reconciler, tests): %(events)s is a JSON
--- array in request_id order; one row per event, `ord` its 1-based position
+-- array of events in arrival order; one row per event, `ord` its 1-based position
 select ord, event_id, outcome from rq_record_events(%(events)s);
 
 -- name: apply_event

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from renderqueue_pipeline.errors import DatabaseUnavailable
-from renderqueue_pipeline.ledger import LedgerEvent
+from renderqueue_pipeline.ledger import LedgerEvent, record_events
 from renderqueue_pipeline.webhook.committer import GroupCommitter
 from tests.ledger_helpers import generation, submit_row, video_payload
 
@@ -117,3 +117,37 @@ def test_a_batch_stuck_on_a_row_lock_is_cancelled_then_retried(
     # the lock is gone: fal's retry of the same delivery lands
     assert asyncio.run(deliver()) == "applied"
     assert generation(conn, request_id)["status"] == "completed"
+
+
+def test_batches_of_the_same_requests_in_opposite_orders_never_deadlock(
+    conn: psycopg.Connection, ledger_url: str
+) -> None:
+    """rq_record_events takes its locks in request_id order whatever order events come in."""
+    ids = [submit_row(conn)[0] for _ in range(30)]
+    rounds = 15
+    failures: list[BaseException] = []
+
+    def writer(order: list[str], offset: int) -> None:
+        try:
+            with psycopg.connect(ledger_url, autocommit=True) as own:
+                for n in range(rounds):  # a distinct event per request each round
+                    record_events(
+                        own,
+                        [LedgerEvent(r, "failed", error=f"w{offset}-{n}") for r in order],
+                    )
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [
+        threading.Thread(target=writer, args=(ids, 0)),
+        threading.Thread(target=writer, args=(ids[::-1], 1)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert failures == []
+    stored = conn.execute(
+        "select count(*) as n from generation_events where request_id = any(%s)", (ids,)
+    ).fetchone()
+    assert stored["n"] == 30 * rounds * 2  # every distinct event kept, none lost

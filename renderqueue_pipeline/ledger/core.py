@@ -11,6 +11,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
 import psycopg
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from renderqueue_pipeline.db.queries import q
@@ -377,34 +378,34 @@ def event_from_fal_webhook(body: Mapping[str, Any]) -> LedgerEvent:
     raise LedgerInputError("status", f"expected 'OK' or 'ERROR', got {status!r}")
 
 
-def _batch(events: list[LedgerEvent]) -> tuple[dict[str, Any], list[int]]:
-    """Parameters of `record_events_batch` and the request_id order they follow.
+def _batch(events: list[LedgerEvent]) -> dict[str, Any]:
+    """Parameters of `record_events_batch`: the events as a JSON array, in input order.
 
-    Events go in request_id order so that concurrent batches take the per-request locks
-    in the same order and cannot deadlock.
+    rq_record_events takes the per-request locks in request_id order itself, so concurrent
+    batches cannot deadlock whatever order they arrive in.
     """
-    order = sorted(range(len(events)), key=lambda i: events[i].request_id)
     document = [
         {
-            "request_id": events[i].request_id,
-            "source": events[i].source,
-            "kind": events[i].kind,
-            "payload": events[i].payload,
-            "error": events[i].error,
+            "request_id": event.request_id,
+            "source": event.source,
+            "kind": event.kind,
+            "payload": event.payload,
+            "error": event.error,
             # dedupe ignores it: fal changes it when it retries internally
-            "gateway_request_id": events[i].gateway_request_id,
+            "gateway_request_id": event.gateway_request_id,
         }
-        for i in order
+        for event in events
     ]
-    return {"events": Jsonb(document)}, order
+    return {"events": Jsonb(document)}
 
 
-def _in_input_order(rows: list[dict[str, Any]], order: list[int]) -> list[EventOutcome]:
-    if len(rows) != len(order):
-        raise psycopg.DataError(f"{len(rows)} outcomes for {len(order)} events")
-    outcomes: list[EventOutcome | None] = [None] * len(order)
+def _in_input_order(rows: list[dict[str, Any]], count: int) -> list[EventOutcome]:
+    """Outcomes by `ord`, the 1-based position of each event in the array."""
+    if len(rows) != count:
+        raise psycopg.DataError(f"{len(rows)} outcomes for {count} events")
+    outcomes: list[EventOutcome | None] = [None] * count
     for row in rows:
-        outcomes[order[row["ord"] - 1]] = row["outcome"]
+        outcomes[row["ord"] - 1] = row["outcome"]
     return outcomes  # type: ignore[return-value]
 
 
@@ -416,21 +417,23 @@ def record_event(conn: psycopg.Connection, event: LedgerEvent) -> EventOutcome:
 def record_events(conn: psycopg.Connection, events: Iterable[LedgerEvent]) -> list[EventOutcome]:
     """Store and apply many events in ONE statement and transaction; outcomes in input order."""
     events = list(events)
-    params, order = _batch(events)
+    params = _batch(events)
+    cursor = conn.cursor(row_factory=dict_row)  # whatever the connection's row factory
     if conn.autocommit:  # the one statement is its own transaction: no BEGIN/COMMIT trips
-        return _in_input_order(conn.execute(q("record_events_batch"), params).fetchall(), order)
-    with conn.transaction():
-        rows = conn.execute(q("record_events_batch"), params).fetchall()
-    return _in_input_order(rows, order)
+        rows = cursor.execute(q("record_events_batch"), params).fetchall()
+    else:
+        with conn.transaction():
+            rows = cursor.execute(q("record_events_batch"), params).fetchall()
+    return _in_input_order(rows, len(events))
 
 
 async def arecord_events(
     conn: psycopg.AsyncConnection, events: list[LedgerEvent]
 ) -> list[EventOutcome]:
     """`record_events` on an async autocommit connection (the statement is the transaction)."""
-    params, order = _batch(events)
-    cursor = await conn.execute(q("record_events_batch"), params)
-    return _in_input_order(await cursor.fetchall(), order)
+    cursor = conn.cursor(row_factory=dict_row)
+    await cursor.execute(q("record_events_batch"), _batch(events))
+    return _in_input_order(await cursor.fetchall(), len(events))
 
 
 def apply_waiting_events(conn: psycopg.Connection, limit: int = 10_000) -> Counter[str]:
