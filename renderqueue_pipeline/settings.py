@@ -23,7 +23,8 @@ class ConfigError(Exception):
 class Settings(BaseSettings):
     """renderqueue's settings; each field maps to the environment variable in its alias."""
 
-    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+    # aliases only: with populate_by_name the field `home` would read $HOME
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore")
 
     home: Path = Field(default=Path(".renderqueue"), alias="RENDERQUEUE_HOME")
     database_url: str | None = Field(default=None, alias="DATABASE_URL")

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -94,3 +95,13 @@ def test_embedded_server_is_shared_between_processes(admin_url: str) -> None:
     started = "select pg_postmaster_start_time() as t"
     with psycopg.connect(cli.stdout.strip()) as theirs, psycopg.connect(admin_url) as ours:
         assert theirs.execute(started).fetchone() == ours.execute(started).fetchone()
+
+
+def test_the_default_home_is_under_the_working_folder_not_home(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """$HOME must not leak into RENDERQUEUE_HOME (the field is called `home`)."""
+    monkeypatch.delenv("RENDERQUEUE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "somebody"))
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().home_dir == tmp_path / ".renderqueue"
