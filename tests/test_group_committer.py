@@ -76,6 +76,19 @@ def test_stop_answers_every_queued_event_before_the_threads_end(
     assert _flusher_threads() == []
 
 
+def test_an_event_after_stop_is_refused_not_left_waiting(ledger_url: str) -> None:
+    async def run() -> None:
+        committer = GroupCommitter(ledger_url)
+        await committer.start()
+        await committer.stop()
+        with pytest.raises(DatabaseUnavailable, match="shutting down"):
+            await asyncio.wait_for(
+                committer.submit(LedgerEvent("req-late", "completed", video_payload())), 5
+            )
+
+    asyncio.run(run())
+
+
 def test_an_unreachable_database_fails_the_batch_not_the_flusher(ledger_url: str) -> None:
     unreachable = psycopg.conninfo.make_conninfo(ledger_url, port=1, connect_timeout=2)
 

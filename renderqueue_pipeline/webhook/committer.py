@@ -140,6 +140,8 @@ class GroupCommitter:
         assert self._loop is not None, "GroupCommitter.start() was not awaited"
         future: asyncio.Future[EventOutcome] = self._loop.create_future()
         with self._ready:
+            if self._stopping:  # no flusher would take it: fal retries against a live one
+                raise DatabaseUnavailable("the receiver is shutting down")
             self._pending.append(_Pending(event, future))
             self._ready.notify()
         return await future
