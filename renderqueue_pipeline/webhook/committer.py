@@ -14,7 +14,8 @@ loop is woken once per batch to answer that batch's deliveries.
 
 One flusher is the default: with one commit in flight, the next batch is everything that
 arrived meanwhile, so batches stay large and Postgres does the least work per event
-(bench/webhook.py measured 2 flushers ~15% slower on 2 cores). More flushers help when
+(on 2 cores, `RENDERQUEUE_WEBHOOK_FLUSHERS=2 python -m bench webhook`
+measured 2 flushers ~15% slower). More flushers help when
 Postgres has cores to spare.
 """
 
