@@ -25,6 +25,7 @@ lint: install
 	$(BIN)/ruff check renderqueue_pipeline tests bench
 
 test: install lint
+	$(BIN)/dg check defs
 	$(BIN)/pytest -q
 
 bench: install

@@ -18,7 +18,19 @@ from rich.table import Table
 
 from bench.common import Figure
 
-BENCHMARKS = ["ledger", "webhook"]
+
+def _discover() -> list[str]:
+    """Every bench/<name>.py that defines `run(console)` is a benchmark (ledger first)."""
+    here = Path(__file__).resolve().parent
+    found = [
+        p.stem
+        for p in sorted(here.glob("*.py"))
+        if not p.stem.startswith("_") and "\ndef run(" in p.read_text()
+    ]
+    return sorted(found, key=lambda name: (name != "ledger", name))
+
+
+BENCHMARKS = _discover()
 OUT = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
 
 

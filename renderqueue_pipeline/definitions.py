@@ -1,8 +1,20 @@
-"""The Dagster code location (`dagster dev -w workspace.yaml`)."""
+"""The Dagster code location: every domain folder under defs/, plus the shared resources.
 
-from dagster import Definitions
+`dg check defs`, `dg list defs`, `dagster dev` and `dagster-webserver`/`dagster-daemon`
+find it through `[tool.dg.project]` in pyproject.toml; `workspace.yaml` loads the same
+module. Each domain (`defs/<domain>/`) owns its jobs, sensors, schedules and assets.
+"""
 
-from renderqueue_pipeline.defs.ledger.jobs import ledger_status_job
+from pathlib import Path
+
+import dagster as dg
+
 from renderqueue_pipeline.defs.resources import default_resources
 
-defs = Definitions(jobs=[ledger_status_job], resources=default_resources())
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    return dg.Definitions.merge(
+        dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
+        dg.Definitions(resources=default_resources()),
+    )

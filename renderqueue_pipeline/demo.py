@@ -171,7 +171,7 @@ def run_demo(console: Console | None = None) -> bool:
     home_dir = ensure_dagster_home(url)
     console.print(f"dagster instance: {home_dir} (storage in Postgres)")
     with DagsterInstance.get() as instance:
-        result = defs.resolve_job_def("ledger_status_job").execute_in_process(
+        result = defs().resolve_job_def("ledger_status_job").execute_in_process(
             instance=instance,
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
         )

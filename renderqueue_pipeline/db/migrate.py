@@ -47,7 +47,7 @@ def sql_dir() -> Path:
 
 
 def load_migrations(folder: Path | None = None) -> list[Migration]:
-    """The migration files in version order (queries.sql and other names are not migrations)."""
+    """The migration files in version order (sql/queries/ and other names are not)."""
     folder = folder or sql_dir()
     found = []
     for path in sorted(folder.glob("*.sql")):

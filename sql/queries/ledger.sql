@@ -1,4 +1,4 @@
--- Every query the Python code runs, by name. Loaded by renderqueue_pipeline/db/queries.py.
+-- The ledger's named queries. Loaded with every sql/queries/*.sql by renderqueue_pipeline/db/queries.py.
 -- Parameters are psycopg named placeholders: %(name)s. The ledger rules themselves are
 -- SQL functions and triggers in 003_ledger_rules.sql; these queries only call them.
 
