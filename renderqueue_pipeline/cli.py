@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from renderqueue_pipeline.db.reset import db_reset
+from renderqueue_pipeline.ledger.cli import events
 from renderqueue_pipeline.settings import ConfigError
 from renderqueue_pipeline.simulator.cli import simulator
 from renderqueue_pipeline.webhook.cli import webhook
@@ -96,6 +98,8 @@ def demo() -> None:
         sys.exit(1)
 
 
+db.add_command(db_reset)
+main.add_command(events)
 main.add_command(simulator)
 main.add_command(webhook)
 

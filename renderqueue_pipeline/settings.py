@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     storage_url: str | None = Field(default=None, alias="RENDERQUEUE_STORAGE_URL")
     prompts_url: str | None = Field(default=None, alias="RENDERQUEUE_PROMPTS_URL")
 
+    # ledger
+    event_retention_days: float = Field(
+        default=7, gt=0, le=3650, alias="RENDERQUEUE_EVENT_RETENTION_DAYS"
+    )
+
     @field_validator("database_url")
     @classmethod
     def _postgres_url(cls, value: str | None) -> str | None:
