@@ -21,6 +21,19 @@ pytest_plugins = (
     ["fal_sim_plugin"] if (Path(__file__).parent / "fal_sim_plugin.py").exists() else []
 )
 
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Temporary folders inside this checkout, not the shared /tmp/pytest-of-<user>.
+
+    The embedded Postgres runs as its own user (as root) and must traverse every parent of
+    its data folder; another checkout's pytest run resets /tmp/pytest-of-<user> to mode 700.
+    """
+    if config.option.basetemp is None:
+        (REPO / ".renderqueue").mkdir(exist_ok=True)
+        config.option.basetemp = str(REPO / ".renderqueue" / "pytest-tmp")
+
+
 LEDGER_TABLES = (
     "generation_events",
     "generations",
