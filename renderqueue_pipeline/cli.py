@@ -97,6 +97,15 @@ def demo() -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.option("--port", default=3000, show_default=True, help="Port of the Dagster UI.")
+def dev(port: int) -> None:
+    """Run the whole product locally and open it in the Dagster UI (Ctrl-C stops it)."""
+    from renderqueue_pipeline.dev import run_dev
+
+    run_dev(ui_port=port)
+
+
 main.add_command(simulator)
 main.add_command(webhook)
 main.add_command(archive)
