@@ -24,14 +24,13 @@ pytest_plugins = (
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Temporary folders inside this checkout, not the shared /tmp/pytest-of-<user>.
+    """Temp folders under this checkout, not the shared /tmp/pytest-of-<user>.
 
-    The embedded Postgres runs as its own user (as root) and must traverse every parent of
-    its data folder; another checkout's pytest run resets /tmp/pytest-of-<user> to mode 700.
+    pytest resets that shared folder to mode 700 at every start, which locks the embedded
+    Postgres (its own system user when run as root) out of folders of a run in progress.
     """
-    if config.option.basetemp is None:
-        (REPO / ".renderqueue").mkdir(exist_ok=True)
-        config.option.basetemp = str(REPO / ".renderqueue" / "pytest-tmp")
+    if not config.option.basetemp:
+        config.option.basetemp = str(TEST_HOME / "tmp")
 
 
 LEDGER_TABLES = (
