@@ -1,7 +1,9 @@
 """The simulator's signed webhooks, every fault knob on, into the real receiver and ledger.
 
 The ledger must end identical to the simulator's ground truth: same status, same output,
-and the cost fal would bill (output seconds x list price, nothing for failures).
+and the cost priced from what fal's output lets us know: the requested seconds (the price
+table's 15 s default for "auto", since fal's output does not say how long the video is)
+times the list price, nothing for failures.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from renderqueue_pipeline.simulator.testing import FAST_TEST_OPTIONS, RunningSim
 from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
 
 PRICE_720P = 303_400  # micro-dollars per second, Seedance 2.0 at 720p
+AUTO_SECONDS = 15  # the price table's default for "auto" (docs/ledger.md)
 
 EVERY_FAULT = {
     **FAST_TEST_OPTIONS,
@@ -68,8 +71,13 @@ def settled(sim: RunningSimulator, request_ids: list[str]) -> bool:
 
 
 def _without_signature(url: str) -> str:
-    """The CDN path (the simulator signs a fresh query string each time it is asked)."""
+    """The CDN URL without a query string (only `signed` mode would add one)."""
     return urlsplit(url)._replace(query="").geturl()
+
+
+def requested_seconds(truth: dict[str, Any]) -> Decimal:
+    duration = truth["inputs"].get("duration", "auto")
+    return Decimal(AUTO_SECONDS if duration == "auto" else int(duration))
 
 
 def expected_row(truth: dict[str, Any]) -> dict[str, Any]:
@@ -80,11 +88,10 @@ def expected_row(truth: dict[str, Any]) -> dict[str, Any]:
         return {"status": "completed", "outputs": None, "cost_basis": "estimate"}
     if truth["status"] != "completed":
         return {"status": truth["status"], "cost_micros": 0}
-    billed = Decimal(repr(truth["billed_seconds"]))
+    seconds = requested_seconds(truth)
     return {
         "status": "completed",
-        "cost_basis": "actual",
-        "cost_micros": int((billed * PRICE_720P).quantize(Decimal(1), ROUND_HALF_UP)),
+        "cost_micros": int((seconds * PRICE_720P).quantize(Decimal(1), ROUND_HALF_UP)),
         "original_url": _without_signature(truth["output"]["video"]["url"]),
     }
 
