@@ -71,6 +71,8 @@ def tag_concurrency_limits(limits: RunLimits) -> list[dict[str, Any]]:
         {"key": "dagster/sensor_name", "value": per_value, "limit": limits.per_sensor},
         {"key": "dagster/schedule_name", "value": per_value, "limit": limits.per_schedule},
         {"key": DOMAIN_TAG, "value": per_value, "limit": limits.per_domain},
+        # the archive's runs (defs/archive/jobs.py ARCHIVE_TAG): one at a time
+        {"key": "renderqueue/archive", "value": "run", "limit": 1},
     ]
 
 
