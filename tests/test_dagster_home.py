@@ -91,6 +91,9 @@ def test_one_schedule_or_sensor_cannot_flood_the_run_queue(dagster_home: Path) -
         assert blocked([inbox] * limits.per_sensor, inbox)
         assert not blocked([inbox] * limits.per_sensor, {"dagster/sensor_name": "other"})
 
+        archive_run = {"renderqueue/archive": "run"}
+        assert blocked([archive_run], archive_run)
+
         submission = {DOMAIN_TAG: "submission"}
         assert blocked([submission] * limits.per_domain, submission)
         assert not blocked([submission] * limits.per_domain, {DOMAIN_TAG: "reconcile"})
