@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     reconcile_result_window_minutes: float = Field(
         default=60, gt=0, alias="RENDERQUEUE_RECONCILE_RESULT_WINDOW_MINUTES"
     )
+    # --- ledger (renderqueue_pipeline/ledger/, docs/ledger.md) ---
+    event_retention_days: float = Field(
+        default=7, gt=0, le=3650, alias="RENDERQUEUE_EVENT_RETENTION_DAYS"
+    )
+
     # --- archive (renderqueue_pipeline/archive/, docs/archive.md) ---
     archive_hosts: str = Field(
         default="v3.fal.media,v3b.fal.media,fal.media", alias="RENDERQUEUE_ARCHIVE_HOSTS"

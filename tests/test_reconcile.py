@@ -246,3 +246,35 @@ def test_fal_unreachable_leaves_rows_open_for_the_next_pass(
 def test_options_refuse_nonsense(field: str) -> None:
     with pytest.raises(ValueError, match=field.split("_")[0]):
         ReconcileOptions(**{field: 0})
+
+
+def test_a_cancel_fal_accepted_is_confirmed_by_the_error_that_follows(
+    fal_sim: RunningSimulator, conn: psycopg.Connection
+) -> None:
+    """The reconciler records fal's ERROR as it is; the ledger's rule makes it `canceled`."""
+    import asyncio
+
+    from renderqueue_pipeline.ledger import mark_cancel_requested
+
+    fal_sim.control.reset(
+        seed=1, **{**FAST_TEST_OPTIONS, "queue_delay": "3600", "webhook_drop_rate": 1.0}
+    )
+    canceled, queued = submit_many(conn, 2)
+
+    async def cancel() -> str:
+        async with FalGateway() as fal:
+            return await fal.cancel(SEEDANCE, canceled)
+
+    assert asyncio.run(cancel()) == "cancellation_requested"
+    assert mark_cancel_requested(conn, canceled)
+    fal_sim.control.wait_finished(canceled)
+    age_rows(conn, [canceled, queued], "11 minutes")
+    report = run_reconcile(conn)
+    got = row(conn, canceled)
+    assert (got["status"], got["cost_micros"]) == ("canceled", 0)
+    assert row(conn, queued)["status"] == "submitted"  # still queued at fal
+    assert (report.canceled, report.failed, report.still_open) == (1, 0, 1)
+    events = conn.execute(
+        "select source, kind from generation_events where request_id = %s", (canceled,)
+    ).fetchall()
+    assert events == [{"source": "reconcile", "kind": "failed"}]  # no guessed cancel string

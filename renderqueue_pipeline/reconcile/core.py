@@ -108,6 +108,7 @@ class ReconcileReport:
     fal_errors: int = 0
     results_expired: int = 0
     waiting_events_applied: int = 0
+    events_expired: int = 0
     unknown_outcomes: int = 0
     seconds: float = 0.0
     fal_error_samples: list[str] = field(default_factory=list)
@@ -133,6 +134,7 @@ class ReconcileReport:
             "fal_errors": self.fal_errors,
             "results_expired": self.results_expired,
             "waiting_events_applied": self.waiting_events_applied,
+            "events_expired": self.events_expired,
             "unknown_outcomes": self.unknown_outcomes,
             "seconds": round(self.seconds, 3),
             "rows_per_second": round(self.rows_per_second, 1),
@@ -415,7 +417,10 @@ def reconcile(
     started = time.monotonic()
 
     applied = apply_waiting_events(conn)
-    report.waiting_events_applied = sum(n for o, n in applied.items() if o != "waiting")
+    report.waiting_events_applied = sum(
+        n for outcome, n in applied.items() if outcome not in ("waiting", "expired", "error")
+    )
+    report.events_expired = applied["expired"]
     report.unknown_outcomes = len(mark_unknown_outcomes(conn, _interval(options.min_age)))
 
     rows = pick_rows(conn, options)
