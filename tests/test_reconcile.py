@@ -278,3 +278,40 @@ def test_a_cancel_fal_accepted_is_confirmed_by_the_error_that_follows(
         "select source, kind from generation_events where request_id = %s", (canceled,)
     ).fetchall()
     assert events == [{"source": "reconcile", "kind": "failed"}]  # no guessed cancel string
+
+
+def test_fals_504_user_timeout_is_a_terminal_failure(
+    fal_sim: RunningSimulator, conn: psycopg.Connection
+) -> None:
+    """A request not started within its start_timeout: fal answers its result with 504."""
+    import asyncio
+
+    from renderqueue_pipeline.ledger import asubmit_generation
+
+    fal_sim.control.reset(
+        seed=1, **{**FAST_TEST_OPTIONS, "queue_delay": "30", "webhook_drop_rate": 1.0}
+    )
+
+    async def submit() -> str:
+        async with FalGateway(start_timeouts={SEEDANCE: 1.5}) as fal:
+
+            async def call(endpoint: str, inputs: dict) -> str:
+                return (await fal.submit(endpoint, inputs)).request_id
+
+            return await asubmit_generation(
+                conn,
+                call,
+                user_id=1,
+                endpoint=SEEDANCE,
+                inputs={"prompt": "never started", **INPUTS},
+            )
+
+    request_id = asyncio.run(submit())
+    truth = fal_sim.control.wait_finished(request_id, timeout=30)
+    assert truth["status"] == "failed"
+    age_rows(conn, [request_id], "11 minutes")
+    report = run_reconcile(conn)
+    got = row(conn, request_id)
+    assert (got["status"], got["cost_micros"]) == ("failed", 0)
+    assert "504" in got["error"] or "timed out" in got["error"]
+    assert (report.failed, report.still_open, report.fal_errors) == (1, 0, 0)
