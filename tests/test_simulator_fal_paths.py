@@ -72,10 +72,7 @@ def add_file(sim: RunningSimulator, size: int, **spec: object) -> str:
 
 
 def add_file_info(sim: RunningSimulator, size: int, **spec: object) -> dict:
-    with http(sim) as client:
-        response = client.post(f"{sim.base_url}/_sim/files", json={"size": size, **spec})
-    response.raise_for_status()
-    return response.json()
+    return sim.control.add_file(size, **spec)  # type: ignore[arg-type]
 
 
 def test_head_and_byte_ranges(fal_sim: RunningSimulator) -> None:
