@@ -176,9 +176,7 @@ def test_not_started_within_start_timeout_is_a_504_user_timeout(
 def test_a_running_request_can_go_back_to_the_queue(
     fal_sim: RunningSimulator, webhook_sink: WebhookSink
 ) -> None:
-    fal_sim.control.set_faults(
-        queue_delay="1", run_time="2", requeue_rate=1.0, requeue_limit=1
-    )
+    fal_sim.control.set_faults(queue_delay="2", run_time="3", requeue_rate=1.0, requeue_limit=1)
     handle = fal_client.submit(ENDPOINT, arguments=INPUTS, webhook_url=webhook_sink.url)
     seen: list[str] = []
 
