@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     # webhook receiver
     webhook_user_ids: str | None = Field(default=None, alias="FAL_WEBHOOK_USER_IDS")
 
+    # --- ledger (renderqueue_pipeline/ledger/, docs/ledger.md) ---
+    event_retention_days: float = Field(
+        default=7, gt=0, le=3650, alias="RENDERQUEUE_EVENT_RETENTION_DAYS"
+    )
+
     # --- archive (renderqueue_pipeline/archive/, docs/archive.md) ---
     archive_hosts: str = Field(
         default="v3.fal.media,v3b.fal.media,fal.media", alias="RENDERQUEUE_ARCHIVE_HOSTS"
