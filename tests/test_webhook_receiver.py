@@ -388,13 +388,35 @@ def test_webhook_serve_command(ledger_url: str, tmp_path) -> None:
             conn.execute("delete from generation_events where request_id = 'cli-early'")
 
 
+DURATION_PRICED = "test/priced-by-output-duration"
+
+
+@pytest.fixture
+def priced_by_output_duration(conn: psycopg.Connection) -> Iterator[str]:
+    """A price that reads the clip's length from the output (removed after the test)."""
+    conn.execute(
+        "insert into prices (endpoint, micros_per_second, default_seconds, output_seconds_path,"
+        " effective_from, price_version, source) values (%s, 100000, 5, '{video,duration}',"
+        " '2020-01-01', 'test', 'test')",
+        (DURATION_PRICED,),
+    )
+    conn.commit()
+    try:
+        yield DURATION_PRICED
+    finally:
+        conn.rollback()
+        conn.execute("delete from generations where endpoint = %s", (DURATION_PRICED,))
+        conn.execute("delete from prices where endpoint = %s", (DURATION_PRICED,))
+        conn.commit()
+
+
 def test_an_event_postgres_refuses_is_422_and_spares_its_batch(
-    receiver: Receiver, conn: psycopg.Connection
+    receiver: Receiver, conn: psycopg.Connection, priced_by_output_duration: str
 ) -> None:
-    """A content error (SQLSTATE class 22: a duration no column can hold) is the event's
-    fault: that delivery gets 422 without database text, its batch neighbours are stored."""
+    """A content error (SQLSTATE class 22: a duration whose cost no column can hold) is the
+    event's fault: that delivery gets 422 without database text, its neighbours are stored."""
     good, _ = submit_row(conn)
-    bad, _ = submit_row(conn)
+    bad, _ = submit_row(conn, endpoint=priced_by_output_duration, inputs={"prompt": "x"})
     bad_body = fal_body(bad, payload={"video": {"url": "https://x/a.mp4", "duration": 1e300}})
 
     async def both() -> list[httpx.Response]:
