@@ -155,6 +155,7 @@ class Settings(BaseSettings):
         """The key for fal's admin calls: FAL_ADMIN_KEY, falling back to FAL_KEY."""
         return self.fal_admin_key or self.fal_key
 
+    @property
     def webhook_user_id_set(self) -> frozenset[str] | None:
         """FAL_WEBHOOK_USER_IDS as a set; None when unset (any fal account is accepted)."""
         if self.webhook_user_ids is None:

@@ -71,6 +71,7 @@ def test_a_bad_database_url_is_reported_without_its_password(
 
 
 def test_webhook_user_ids_are_a_comma_separated_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FAL_WEBHOOK_USER_IDS", raising=False)
     assert load_settings().webhook_user_id_set is None
     monkeypatch.setenv("FAL_WEBHOOK_USER_IDS", "usr_1, usr_2,,")
     assert load_settings().webhook_user_id_set == frozenset({"usr_1", "usr_2"})

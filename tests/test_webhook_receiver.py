@@ -370,7 +370,7 @@ def test_webhook_serve_command(ledger_url: str, tmp_path) -> None:
                 break
         else:
             raise AssertionError("the receiver did not start:\n" + "".join(lines))
-        assert any("FAL_WEBHOOK_USER_IDS is not set" in line for line in lines)
+        assert any("FAL_WEBHOOK_USER_IDS is not set" in line for line in lines), lines
         health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
         assert health.json() == {"ok": True}
         body = fal_body("cli-early")
