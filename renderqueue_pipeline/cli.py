@@ -10,6 +10,7 @@ import click
 
 from renderqueue_pipeline.settings import ConfigError
 from renderqueue_pipeline.simulator.cli import simulator
+from renderqueue_pipeline.spend.cli import spend
 from renderqueue_pipeline.webhook.cli import webhook
 
 
@@ -98,6 +99,7 @@ def demo() -> None:
 
 main.add_command(simulator)
 main.add_command(webhook)
+main.add_command(spend)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

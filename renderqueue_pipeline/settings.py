@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
+DEFAULT_FAL_API_URL = "https://api.fal.ai/v1"
 
 
 class ConfigError(Exception):
@@ -34,6 +35,15 @@ class Settings(BaseSettings):
     webhook_flushers: int = Field(default=1, ge=1, le=32, alias="RENDERQUEUE_WEBHOOK_FLUSHERS")
     storage_url: str | None = Field(default=None, alias="RENDERQUEUE_STORAGE_URL")
     prompts_url: str | None = Field(default=None, alias="RENDERQUEUE_PROMPTS_URL")
+    # spend: fal's Platform APIs (pricing, billing events) and the reconciliation rules
+    fal_admin_key: SecretStr | None = Field(default=None, alias="FAL_ADMIN_KEY")
+    fal_api_url: str = Field(default=DEFAULT_FAL_API_URL, alias="RENDERQUEUE_FAL_API_URL")
+    billing_grace_hours: float = Field(
+        default=48.0, ge=0.0, le=24 * 90, alias="RENDERQUEUE_BILLING_GRACE_HOURS"
+    )
+    billing_threshold_percent: float = Field(
+        default=0.5, ge=0.0, le=100.0, alias="RENDERQUEUE_BILLING_THRESHOLD_PERCENT"
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -45,7 +55,7 @@ class Settings(BaseSettings):
             raise ValueError("expected a postgresql:// URL")
         return value
 
-    @field_validator("fal_jwks_url", "webhook_url")
+    @field_validator("fal_jwks_url", "webhook_url", "fal_api_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value in (None, ""):

@@ -18,6 +18,7 @@ import math
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -132,6 +133,8 @@ class Engine:
         self.api_faults: dict[str, int] = {"429": 0, "503": 0, "500": 0}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.http: httpx.AsyncClient | None = None
+        # called with each request as it finishes (the Platform API simulator bills from it)
+        self.finish_listeners: list[Callable[[SimRequest], None]] = []
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -285,6 +288,11 @@ class Engine:
         if req.started_wall is None and state != "canceled":
             req.started_wall = req.finished_wall
         req.done.set()
+        for listener in self.finish_listeners:
+            try:
+                listener(req)
+            except Exception:  # a listener must never break the queue
+                log.exception("finish listener failed for %s", req.request_id)
         # an "early" request is delivered inline by the submit handler (deliver_now)
         if req.webhook_url and not req.decisions.early:
             self.schedule_webhooks(req)
