@@ -219,8 +219,11 @@ class FalPlatform:
         """Billing events with start <= timestamp < end, one list per page, in fal's order."""
         if not 1 <= page_size <= MAX_PAGE:
             raise ValueError(f"page_size must be 1..{MAX_PAGE}")
-        id_param, ids = ("request_id", list(request_ids)) if request_ids else (
-            "endpoint_id", list(endpoint_ids))
+        id_param, ids = (
+            ("request_id", list(request_ids))
+            if request_ids
+            else ("endpoint_id", list(endpoint_ids))
+        )
         id_chunks: list[list[str]] = list(_chunks(ids, MAX_IDS)) if ids else [[]]
         window_start = start
         while window_start < end:

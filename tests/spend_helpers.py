@@ -14,11 +14,17 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from conftest import LEDGER_TABLES
 
 from renderqueue_pipeline.fal_gateway import FalGateway, FalRejected
 from renderqueue_pipeline.fal_platform import FalPlatform
 from renderqueue_pipeline.ledger import LedgerEvent, asubmit_generation, record_events
-from renderqueue_pipeline.simulator.platform import BillingBook, BillingConfig, PlatformServer, attach
+from renderqueue_pipeline.simulator.platform import (
+    BillingBook,
+    BillingConfig,
+    PlatformServer,
+    attach,
+)
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 ADMIN_KEY = "admin-secret-key"
@@ -57,7 +63,8 @@ class FalBilling:
         return response.json()
 
     def add_events(self, events: list[dict[str, Any]]) -> None:
-        self.control.post("/_sim/billing/events", json={"billing_events": events}).raise_for_status()
+        body = {"billing_events": events}
+        self.control.post("/_sim/billing/events", json=body).raise_for_status()
 
     def add_synthetic(self, **run: Any) -> None:
         self.control.post("/_sim/billing/synthetic", json=run).raise_for_status()
@@ -88,7 +95,7 @@ def fal_billing(
     finally:
         control.close()
         conn.rollback()
-        conn.execute(f"truncate {', '.join(SPEND_TABLES)}")
+        conn.execute(f"truncate {', '.join(SPEND_TABLES + LEDGER_TABLES)} restart identity cascade")
         conn.execute("delete from prices where source like 'fal Platform API%'")
         conn.commit()
 
@@ -124,8 +131,13 @@ def settle(conn: psycopg.Connection, sim: RunningSimulator, request_ids: list[st
             events.append(LedgerEvent(request_id, "completed", truth["output"], source="api"))
         else:
             events.append(
-                LedgerEvent(request_id, truth["status"], truth["error"],
-                            error="Invalid status code: 422", source="api")
+                LedgerEvent(
+                    request_id,
+                    truth["status"],
+                    truth["error"],
+                    error="Invalid status code: 422",
+                    source="api",
+                )
             )
     record_events(conn, events)
     conn.commit()

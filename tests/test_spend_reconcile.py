@@ -1,12 +1,13 @@
 """Reconciling the ledger with fal's bill, against the simulator's Platform API."""
 
+# ruff: noqa: F401, F811  (pytest fixtures imported from spend_helpers)
 from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
 
 import psycopg
-from spend_helpers import fal_billing, platform_server, settle, submit, window  # noqa: F401
+from spend_helpers import fal_billing, platform_server, settle, submit, window
 
 from renderqueue_pipeline.spend import (
     apply_billed,
@@ -39,7 +40,7 @@ def expected_micros(endpoint: str, inputs: dict) -> int:
     return int(PUBLISHED[key] * int(inputs["duration"]) * 1_000_000)
 
 
-def reconcile(conn: psycopg.Connection, fal_billing, **options) -> object:  # noqa: F811
+def reconcile(conn: psycopg.Connection, fal_billing, **options) -> object:
     start, end = window()
     with fal_billing.platform() as platform:
         load_billing_events(conn, platform, start, end)
@@ -53,7 +54,7 @@ def outcome_of(conn: psycopg.Connection, request_id: str) -> dict:
     ).fetchone()
 
 
-def test_right_billing_matches_to_the_micro_dollar(conn, fal_billing) -> None:  # noqa: F811
+def test_right_billing_matches_to_the_micro_dollar(conn, fal_billing) -> None:
     ids = [submit(conn, endpoint, inputs) for endpoint, inputs in ORDERS]
     settle(conn, fal_billing.sim, ids)
     result = reconcile(conn, fal_billing)
@@ -78,7 +79,7 @@ def test_right_billing_matches_to_the_micro_dollar(conn, fal_billing) -> None:  
     assert again.count("matched") == len(ORDERS) and again.our_micros == expected
 
 
-def test_units_mismatch_is_found_and_explained(conn, fal_billing) -> None:  # noqa: F811
+def test_units_mismatch_is_found_and_explained(conn, fal_billing) -> None:
     fal_billing.configure(units_mismatch_rate=1.0, units_mismatch_seconds=1.0)
     request_id = submit(conn, SEEDANCE, {"prompt": "a slow pan", "duration": "5"})
     settle(conn, fal_billing.sim, [request_id])
@@ -91,7 +92,7 @@ def test_units_mismatch_is_found_and_explained(conn, fal_billing) -> None:  # no
     assert result.difference_micros == 303_400
 
 
-def test_price_and_discount_mismatches_are_explained(conn, fal_billing) -> None:  # noqa: F811
+def test_price_and_discount_mismatches_are_explained(conn, fal_billing) -> None:
     fal_billing.set_price(KLING, 0.15)  # fal raised the price; the ledger has not seen it
     fal_billing.configure(percent_discount={VEO: 10.0})
     kling = submit(conn, KLING, {"prompt": "a kite", "duration": "5"})
@@ -105,7 +106,7 @@ def test_price_and_discount_mismatches_are_explained(conn, fal_billing) -> None:
     assert veo_row["fal_micros"] == 4 * 400_000 * 90 // 100
 
 
-def test_billed_but_failed_canceled_or_open_in_the_ledger(conn, fal_billing) -> None:  # noqa: F811
+def test_billed_but_failed_canceled_or_open_in_the_ledger(conn, fal_billing) -> None:
     failed, canceled, still_open = (
         submit(conn, SEEDANCE, {"prompt": f"shot {n}", "duration": "4"}) for n in range(3)
     )
@@ -117,13 +118,15 @@ def test_billed_but_failed_canceled_or_open_in_the_ledger(conn, fal_billing) -> 
     conn.commit()
     result = reconcile(conn, fal_billing)
     assert result.count("billed_not_completed") == 3
-    reasons = {outcome_of(conn, r)["request_id"]: outcome_of(conn, r)["reason"]
-               for r in (failed, canceled, still_open)}
+    reasons = {
+        outcome_of(conn, r)["request_id"]: outcome_of(conn, r)["reason"]
+        for r in (failed, canceled, still_open)
+    }
     assert reasons == {failed: "failed", canceled: "canceled", still_open: "open"}
     assert result.fal_micros == 3 * 4 * 303_400 and result.our_micros == 0
 
 
-def test_completed_but_not_billed_after_the_grace_period(conn, fal_billing) -> None:  # noqa: F811
+def test_completed_but_not_billed_after_the_grace_period(conn, fal_billing) -> None:
     fal_billing.configure(billing_delay=3600)  # fal will bill in an hour
     request_id = submit(conn, SEEDANCE, {"prompt": "a comet", "duration": "4"})
     settle(conn, fal_billing.sim, [request_id])
@@ -136,7 +139,7 @@ def test_completed_but_not_billed_after_the_grace_period(conn, fal_billing) -> N
     assert outcome_of(conn, request_id)["our_micros"] == 4 * 303_400
 
 
-def test_late_billing_is_matched_on_a_later_run(conn, fal_billing) -> None:  # noqa: F811
+def test_late_billing_is_matched_on_a_later_run(conn, fal_billing) -> None:
     fal_billing.configure(billing_delay=2.0)
     request_id = submit(conn, SEEDANCE, {"prompt": "a tide", "duration": "4"})
     settle(conn, fal_billing.sim, [request_id])
@@ -153,7 +156,7 @@ def test_late_billing_is_matched_on_a_later_run(conn, fal_billing) -> None:  # n
     assert outcome_of(conn, request_id)["outcome"] == "matched"
 
 
-def test_billed_requests_unknown_to_the_ledger_are_attributed(conn, fal_billing) -> None:  # noqa: F811
+def test_billed_requests_unknown_to_the_ledger_are_attributed(conn, fal_billing) -> None:
     import pytest
 
     from renderqueue_pipeline.fal_gateway import FalSubmitOutcomeUnknown
@@ -165,10 +168,18 @@ def test_billed_requests_unknown_to_the_ledger_are_attributed(conn, fal_billing)
     (truth,) = fal_billing.sim.control.ground_truth()
     fal_billing.sim.control.wait_finished(truth["request_id"], timeout=30)
     now = dt.datetime.now(dt.UTC)
-    fal_billing.add_events([{
-        "request_id": "someone-else-1", "endpoint_id": KLING, "timestamp": now.isoformat(),
-        "output_units": 5, "unit_price": 0.14, "cost_estimate_nano_usd": 700_000_000,
-    }])
+    fal_billing.add_events(
+        [
+            {
+                "request_id": "someone-else-1",
+                "endpoint_id": KLING,
+                "timestamp": now.isoformat(),
+                "output_units": 5,
+                "unit_price": 0.14,
+                "cost_estimate_nano_usd": 700_000_000,
+            }
+        ]
+    )
     result = reconcile(conn, fal_billing)
     assert result.count("unknown_to_ledger") == 2
     item = conn.execute("select id from batch_items").fetchone()

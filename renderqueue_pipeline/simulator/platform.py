@@ -81,8 +81,14 @@ _JAN_2026 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC).timestamp()
 _SEEDANCE = ("bytedance/seedance-2.0/text-to-video", "fal-ai/seedance-2.0/text-to-video")
 _SEEDANCE_RATES = {"480p": 134_505, "720p": 303_400, "1080p": 680_400}
 _FAST_RATES = {"480p": 107_596, "720p": 241_900, "1080p": 544_275}
-_VEO = {("720p", False): 200_000, ("720p", True): 400_000, ("1080p", False): 200_000,
-        ("1080p", True): 400_000, ("4k", False): 400_000, ("4k", True): 600_000}
+_VEO = {
+    ("720p", False): 200_000,
+    ("720p", True): 400_000,
+    ("1080p", False): 200_000,
+    ("1080p", True): 400_000,
+    ("4k", False): 400_000,
+    ("4k", True): 600_000,
+}
 
 
 def seed_prices() -> list[SimPrice]:
@@ -93,20 +99,39 @@ def seed_prices() -> list[SimPrice]:
         for res, rate in _SEEDANCE_RATES.items()
     ]
     rows += [
-        SimPrice("bytedance/seedance-2.0/fast/text-to-video", res, None, rate,
-                 default_resolution="720p", effective_from=_JAN_2026)
+        SimPrice(
+            "bytedance/seedance-2.0/fast/text-to-video",
+            res,
+            None,
+            rate,
+            default_resolution="720p",
+            effective_from=_JAN_2026,
+        )
         for res, rate in _FAST_RATES.items()
     ]
     rows += [
-        SimPrice("fal-ai/veo3.1", res, audio, rate, default_resolution="720p",
-                 effective_from=_JAN_2026)
+        SimPrice(
+            "fal-ai/veo3.1", res, audio, rate, default_resolution="720p", effective_from=_JAN_2026
+        )
         for (res, audio), rate in _VEO.items()
     ]
     rows += [
-        SimPrice("fal-ai/kling-video/v3/turbo/pro/text-to-video", None, None, 140_000,
-                 effective_from=_JAN_2026),
-        SimPrice("fal-ai/kling-video/v2.5-turbo/pro/image-to-video", None, None, 70_000,
-                 base_micros=350_000, base_seconds=5.0, effective_from=_JAN_2026),
+        SimPrice(
+            "fal-ai/kling-video/v3/turbo/pro/text-to-video",
+            None,
+            None,
+            140_000,
+            effective_from=_JAN_2026,
+        ),
+        SimPrice(
+            "fal-ai/kling-video/v2.5-turbo/pro/image-to-video",
+            None,
+            None,
+            70_000,
+            base_micros=350_000,
+            base_seconds=5.0,
+            effective_from=_JAN_2026,
+        ),
     ]
     return rows
 
@@ -344,8 +369,9 @@ class BillingBook:
         if seconds is None or req.finished_wall is None:
             return
         inputs = req.inputs if isinstance(req.inputs, dict) else {}
-        self.bill(req.request_id, req.endpoint, inputs, seconds, req.submitted_wall,
-                  req.finished_wall)
+        self.bill(
+            req.request_id, req.endpoint, inputs, seconds, req.submitted_wall, req.finished_wall
+        )
 
     def bill(
         self,
@@ -524,8 +550,9 @@ def build_platform_app(book: BillingBook) -> Starlette:
     def authorize(request: Request) -> None:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
         if scheme != "Key" or not key.strip():
-            raise ApiError(401, "authorization_error",
-                           "No credentials: send 'Authorization: Key <admin key>'")
+            raise ApiError(
+                401, "authorization_error", "No credentials: send 'Authorization: Key <admin key>'"
+            )
         if book.config.admin_key and key.strip() != book.config.admin_key:
             raise ApiError(401, "authorization_error", "Invalid admin key")
 

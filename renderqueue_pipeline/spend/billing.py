@@ -77,8 +77,9 @@ def event_row(event: dict[str, Any]) -> tuple[Any, ...]:
         ) from None
 
 
-def copy_events(cursor: psycopg.Cursor, pages: Iterable[list[dict[str, Any]]],
-                progress: Progress | None = None) -> tuple[int, int]:
+def copy_events(
+    cursor: psycopg.Cursor, pages: Iterable[list[dict[str, Any]]], progress: Progress | None = None
+) -> tuple[int, int]:
     """COPY every event of every page; returns (pages, events)."""
     n_pages = n_events = 0
     with cursor.copy(q("spend_copy_billing_events")) as copy:
@@ -110,8 +111,11 @@ def load_billing_events(
             q("spend_billing_range_totals"), {"start": start, "end": end}
         ).fetchone()
     assert totals is not None
-    row = totals if isinstance(totals, dict) else dict(zip(("events", "requests", "nano_usd"),
-                                                           totals, strict=True))
+    row = (
+        totals
+        if isinstance(totals, dict)
+        else dict(zip(("events", "requests", "nano_usd"), totals, strict=True))
+    )
     return BillingLoad(start, end, n_pages, row["events"], row["requests"], row["nano_usd"])
 
 

@@ -16,12 +16,26 @@ def spend() -> None:
 
 @spend.command("reconcile")
 @click.option("--month", required=True, help="The month to reconcile, YYYY-MM (UTC).")
-@click.option("--load/--no-load", default=True, show_default=True,
-              help="Load the month's billing events from fal first.")
-@click.option("--apply/--no-apply", "apply", default=True, show_default=True,
-              help="Make fal's figure the cost of each billed generation (cost_basis 'billed').")
-@click.option("--top", default=10, show_default=True, type=click.IntRange(0, 1000),
-              help="How many of the largest differences to list.")
+@click.option(
+    "--load/--no-load",
+    default=True,
+    show_default=True,
+    help="Load the month's billing events from fal first.",
+)
+@click.option(
+    "--apply/--no-apply",
+    "apply",
+    default=True,
+    show_default=True,
+    help="Make fal's figure the cost of each billed generation (cost_basis 'billed').",
+)
+@click.option(
+    "--top",
+    default=10,
+    show_default=True,
+    type=click.IntRange(0, 1000),
+    help="How many of the largest differences to list.",
+)
 def reconcile(month: str, load: bool, apply: bool, top: int) -> None:
     """Load fal's billing events for MONTH, classify every request, print the summary."""
     from renderqueue_pipeline.db.connect import connect
@@ -58,8 +72,9 @@ def reconcile(month: str, load: bool, apply: bool, top: int) -> None:
                 f"loaded {loaded.events:,} billing events ({loaded.requests:,} requests, "
                 f"{dollars(loaded.micros)}) in {loaded.pages} pages"
             )
-        reconcile_range(conn, start, end,
-                        grace=dt.timedelta(hours=settings.billing_grace_hours), now=now)
+        reconcile_range(
+            conn, start, end, grace=dt.timedelta(hours=settings.billing_grace_hours), now=now
+        )
         if apply:
             changed = apply_billed(conn, start, end)
             click.echo(f"{changed:,} generations now carry fal's figure (cost_basis 'billed')")

@@ -63,9 +63,10 @@ def sync_prices(
     """Read fal's prices for the endpoints in use; add a price row for each change."""
     now = now or dt.datetime.now(dt.UTC)
     if endpoints is None:
-        rows = conn.execute(
-            q("spend_endpoints_in_use"), {"since": now - dt.timedelta(days=31)}
-        ).fetchall()
+        with conn.transaction():
+            rows = conn.execute(
+                q("spend_endpoints_in_use"), {"since": now - dt.timedelta(days=31)}
+            ).fetchall()
         endpoints = sorted(row["endpoint"] for row in rows)
     result = PriceSync(seen_at=now, checked=list(endpoints))
     fal_prices = {p.endpoint_id: p for p in platform.pricing(endpoints)}
@@ -76,8 +77,12 @@ def sync_prices(
                 result.not_priced_by_fal.append(endpoint)
             elif price.unit.lower() not in SECOND_UNITS or price.currency.upper() != "USD":
                 result.unrepresentable.append(
-                    {"endpoint": endpoint, "unit": price.unit, "unit_price": price.unit_price,
-                     "currency": price.currency}
+                    {
+                        "endpoint": endpoint,
+                        "unit": price.unit,
+                        "unit_price": price.unit_price,
+                        "currency": price.currency,
+                    }
                 )
             else:
                 added = _apply(conn, endpoint, price, now)
@@ -103,9 +108,16 @@ def _apply(
     described = f"{SOURCE}: {price.unit_price:g} {price.currency}/{price.unit}"
     if not rows:
         rows = [
-            {"resolution": None, "with_audio": None, "micros_per_second": new_rate,
-             "base_micros": 0, "base_seconds": 0, "default_seconds": 5,
-             "default_resolution": None, "id": None}
+            {
+                "resolution": None,
+                "with_audio": None,
+                "micros_per_second": new_rate,
+                "base_micros": 0,
+                "base_seconds": 0,
+                "default_seconds": 5,
+                "default_resolution": None,
+                "id": None,
+            }
         ]
     reference_id = reference["id"] if reference is not None else None
     reference_rate = reference["micros_per_second"] if reference is not None else new_rate

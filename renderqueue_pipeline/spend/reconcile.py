@@ -150,12 +150,13 @@ def summarize(
     """The stored results of a range: totals by outcome and the largest differences."""
     days = _days(start, end)
     result = Reconciliation(days["start_day"], days["end_day"])
-    for row in conn.execute(q("spend_outcomes"), days).fetchall():
-        result.outcomes[row["outcome"]] = OutcomeTotal(
-            int(row["requests"]), int(row["our_micros"]), int(row["fal_micros"])
-        )
-    if largest:
-        result.largest = conn.execute(
-            q("spend_largest_differences"), {**days, "limit": largest}
-        ).fetchall()
+    with conn.transaction():
+        for row in conn.execute(q("spend_outcomes"), days).fetchall():
+            result.outcomes[row["outcome"]] = OutcomeTotal(
+                int(row["requests"]), int(row["our_micros"]), int(row["fal_micros"])
+            )
+        if largest:
+            result.largest = conn.execute(
+                q("spend_largest_differences"), {**days, "limit": largest}
+            ).fetchall()
     return result

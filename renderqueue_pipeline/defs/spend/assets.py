@@ -1,7 +1,6 @@
 """Spend assets: fal's prices, fal's billing events (daily), and the reconciliation of the
 ledger with them (daily, plus a monthly summary with its checks)."""
 
-
 import datetime as dt
 
 import dagster as dg
@@ -123,10 +122,12 @@ def billing_reconciliation(
     partitions_def=spend_monthly_partition,
     deps=[billing_reconciliation],
     check_specs=[
-        dg.AssetCheckSpec("monthly_billing_difference_under_threshold",
-                          asset="billing_reconciliation_monthly"),
-        dg.AssetCheckSpec("no_billed_request_unknown_to_ledger",
-                          asset="billing_reconciliation_monthly"),
+        dg.AssetCheckSpec(
+            "monthly_billing_difference_under_threshold", asset="billing_reconciliation_monthly"
+        ),
+        dg.AssetCheckSpec(
+            "no_billed_request_unknown_to_ledger", asset="billing_reconciliation_monthly"
+        ),
     ],
 )
 def billing_reconciliation_monthly(

@@ -40,8 +40,9 @@ def reconcile_billing_schedule(context: dg.ScheduleEvaluationContext) -> list[dg
     today = context.scheduled_execution_time.date()
     days = [today - dt.timedelta(days=n) for n in range(1, DAYS_BACK + 1)]
     return [
-        dg.RunRequest(run_key=f"{day.isoformat()}@{today.isoformat()}",
-                      partition_key=day.isoformat())
+        dg.RunRequest(
+            run_key=f"{day.isoformat()}@{today.isoformat()}", partition_key=day.isoformat()
+        )
         for day in days
         if day >= dt.date(2026, 1, 1)
     ]
@@ -56,11 +57,13 @@ def reconcile_billing_schedule(context: dg.ScheduleEvaluationContext) -> list[dg
 def billing_month_schedule(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest]:
     """The month (or two months) of the days just reconciled."""
     today = context.scheduled_execution_time.date()
-    months = sorted({(today - dt.timedelta(days=n)).replace(day=1)
-                     for n in range(1, DAYS_BACK + 1)})
+    months = sorted(
+        {(today - dt.timedelta(days=n)).replace(day=1) for n in range(1, DAYS_BACK + 1)}
+    )
     return [
-        dg.RunRequest(run_key=f"{month.isoformat()}@{today.isoformat()}",
-                      partition_key=month.isoformat())
+        dg.RunRequest(
+            run_key=f"{month.isoformat()}@{today.isoformat()}", partition_key=month.isoformat()
+        )
         for month in months
         if month >= dt.date(2026, 1, 1)
     ]
