@@ -49,9 +49,10 @@ alter table generations add constraint generations_cost_basis_check
 -- keeps that cheap on an append-mostly table at almost no write cost.
 create index generations_created_brin on generations using brin (created_at);
 
--- One row per request per day that has something to say (everything but 'no_charge',
--- which is only counted). day = the generation's UTC creation day, or fal's billing day
--- for a request the ledger does not know.
+-- One row per request per day that needs a look (every outcome but 'matched' and
+-- 'no_charge', which are counted in billing_reconciliation_days; a matched generation
+-- carries fal's figure on its own row). day = the generation's UTC creation day, or fal's
+-- billing day for a request the ledger does not know.
 create table billing_reconciliation (
   day date not null,
   request_id text not null,
@@ -77,8 +78,8 @@ create table billing_reconciliation (
 );
 create index billing_reconciliation_outcome_idx on billing_reconciliation (outcome, day);
 
--- Per day and outcome: counts and money (includes 'no_charge': failed, canceled or open
--- generations fal did not bill, which is right).
+-- Per day and outcome: counts and money of every request (including 'matched', and
+-- 'no_charge': failed, canceled or open generations fal did not bill, which is right).
 create table billing_reconciliation_days (
   day date not null,
   outcome text not null,

@@ -82,34 +82,35 @@ def simulator() -> None:
 def _platform_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The Platform API simulator's port and billing knobs (more via /_sim/billing/config)."""
     options = [
-        click.option("--platform-port", type=int, default=None,
-                     help="Port of the Platform API server (default: --port + 1; 0 picks one)."),
-        click.option("--admin-key", default=None,
-                     help="Accept only this admin key on the Platform API (default: any)."),
-        click.option("--billing-delay", type=float, default=0.0, show_default=True,
-                     help="Seconds after completion before a billing event appears."),
-        click.option("--billing-units-mismatch-rate", type=float, default=0.0,
-                     show_default=True,
-                     help="Share of requests billed with one more second than produced."),
+        click.option(
+            "--platform-port",
+            type=int,
+            default=None,
+            help="Port of the Platform API server (default: --port + 1; 0 picks one).",
+        ),
+        click.option(
+            "--admin-key",
+            default=None,
+            help="Accept only this admin key on the Platform API (default: any).",
+        ),
+        click.option(
+            "--billing-delay",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="Seconds after completion before a billing event appears.",
+        ),
+        click.option(
+            "--billing-units-mismatch-rate",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="Share of requests billed with one more second than produced.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
     return func
-
-
-@simulator.command("env")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
-@click.option("--fal-key", default=None, help="The key the simulator was started with.")
-def env(host: str, port: int, fal_key: str | None) -> None:
-    """Print the export lines for a simulator on HOST:PORT (same as serve --print-env)."""
-    from renderqueue_pipeline.settings import get_settings
-    from renderqueue_pipeline.simulator.platform import platform_env
-    from renderqueue_pipeline.simulator.server import client_env, export_lines
-
-    env = {**client_env(get_settings().home_dir, host, port, fal_key),
-           **platform_env(host, port + 1)}
-    click.echo(export_lines(env), nl=False)
 
 
 @simulator.command("serve")
@@ -124,8 +125,14 @@ def env(host: str, port: int, fal_key: str | None) -> None:
 @_platform_options
 @_knob_options
 def serve(
-    host: str, port: int, print_env: bool, log_level: str, platform_port: int | None,
-    admin_key: str | None, billing_delay: float, billing_units_mismatch_rate: float,
+    host: str,
+    port: int,
+    print_env: bool,
+    log_level: str,
+    platform_port: int | None,
+    admin_key: str | None,
+    billing_delay: float,
+    billing_units_mismatch_rate: float,
     **knobs: Any,
 ) -> None:
     """Serve the simulator; prints the `export` lines a fal client needs, then serves."""
@@ -138,36 +145,65 @@ def serve(
     try:
         config = SimConfig.model_validate({k: v for k, v in knobs.items() if v is not None})
         billing = platform.BillingConfig(
-            seed=config.seed, admin_key=admin_key, billing_delay=billing_delay,
+            seed=config.seed,
+            admin_key=admin_key,
+            billing_delay=billing_delay,
             units_mismatch_rate=billing_units_mismatch_rate,
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    derived_platform_port = platform_port is None
     if platform_port is None:
         platform_port = port + 1 if port else 0
     if print_env:
         if port == 0 or platform_port == 0:
             raise click.BadParameter("--print-env needs a fixed --port", param_hint="--port")
-        env = {**client_env(home, host, port, config.fal_key),
-               **platform.platform_env(host, platform_port)}
+        env = {
+            **client_env(home, host, port, config.fal_key),
+            **platform.platform_env(host, platform_port),
+        }
         click.echo(export_lines(env), nl=False)
         return
     try:
         server = SimulatorServer(home, host=host, port=port, config=config, log_level=log_level)
-        api = platform.PlatformServer(
-            home, platform.BillingBook(billing), host=host, port=platform_port,
-            log_level=log_level,
-        )
     except OSError as exc:
         raise RenderqueueError(f"fal simulator cannot listen on {host}:{port}: {exc}") from None
-    platform.attach(server.app.state.engine, api.book)
-    api.start()
+    book = platform.BillingBook(billing)
+    try:
+        api = platform.PlatformServer(
+            home, book, host=host, port=platform_port, log_level=log_level
+        )
+    except OSError as exc:
+        if not derived_platform_port:
+            raise RenderqueueError(
+                f"fal Platform API simulator cannot listen on {host}:{platform_port}: {exc}"
+            ) from None
+        api = platform.PlatformServer(home, book, host=host, port=0, log_level=log_level)
+    platform.attach(server.app.state.engine, book)
     env = {**server.env(), **platform.platform_env(host, api.port)}
     sys.stdout.write(export_lines(env))
     sys.stdout.write(f"# fal simulator serving on {server.base_url} (seed {config.seed})\n")
     sys.stdout.write(f"# fal Platform API serving on {api.api_url}\n")
     sys.stdout.flush()
+    api.start()
     try:
         server.run()
     finally:
         api.stop()
+
+
+@simulator.command("env")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
+@click.option("--fal-key", default=None, help="The key the simulator was started with.")
+def env(host: str, port: int, fal_key: str | None) -> None:
+    """Print the export lines for a simulator on HOST:PORT (same as serve --print-env)."""
+    from renderqueue_pipeline.settings import get_settings
+    from renderqueue_pipeline.simulator.platform import platform_env
+    from renderqueue_pipeline.simulator.server import client_env, export_lines
+
+    env = {
+        **client_env(get_settings().home_dir, host, port, fal_key),
+        **platform_env(host, port + 1),
+    }
+    click.echo(export_lines(env), nl=False)

@@ -141,7 +141,7 @@ def apply_billed(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime)
     """fal's figure becomes the cost of each billed, completed generation of the range
     (cost_basis 'billed'; our figure kept in computed_cost_micros). Returns rows changed."""
     with conn.transaction():
-        return conn.execute(q("spend_apply_billed"), _days(start, end)).rowcount
+        return conn.execute(q("spend_apply_billed"), {"start": start, "end": end}).rowcount
 
 
 def summarize(

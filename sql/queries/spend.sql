@@ -32,8 +32,10 @@ where day >= %(start_day)s and day < %(end_day)s;
 
 -- Classify every request of [start, end): the generations created in the range (matched
 -- with their billing events whenever fal stamped them, up to 31 days later) and the
--- billing events stamped in the range that the ledger does not know at all. Writes one
--- row per request that has something to say, and counts per day and outcome.
+-- billing events stamped in the range that the ledger does not know at all. Every request
+-- is counted per day and outcome; one row is written per request that needs a look
+-- (everything but 'matched' and 'no_charge': a matched generation shows fal's figure on
+-- its own row once apply_billed ran).
 -- name: spend_reconcile_range
 with g as (
   select g.request_id, g.endpoint, g.status::text as status, g.created_at, g.finished_at,
@@ -97,7 +99,7 @@ written as (
          status, our_micros, fal_micros, nanos, billed_seconds, units, micros_per_second,
          fal_micros_per_unit, discount, batch_item_id, created_at, billed_at
   from c
-  where outcome <> 'no_charge'
+  where outcome not in ('matched', 'no_charge')
   returning 1
 )
 insert into billing_reconciliation_days (day, outcome, requests, our_micros, fal_micros)
@@ -139,23 +141,30 @@ update billing_reconciliation
  where day >= %(start_day)s and day < %(end_day)s
    and outcome = 'unknown_to_ledger' and reason is null;
 
--- fal's figure becomes the generation's cost (cost_basis 'billed'); our own figure and its
--- basis are kept once, in computed_cost_micros / computed_cost_basis.
+-- fal's figure becomes the cost of each billed, completed generation made in the range
+-- (cost_basis 'billed'); our own figure and its basis are kept once, in
+-- computed_cost_micros / computed_cost_basis. Reads the billing events themselves, so it
+-- holds for matched and differing requests alike.
 -- name: spend_apply_billed
+with b as (
+  select e.request_id, min(e.billed_at) as billed_at, sum(e.cost_nano_usd)::bigint as nanos
+  from fal_billing_events e
+  where e.billed_at >= %(start)s and e.billed_at < %(end)s::timestamptz + interval '31 days'
+  group by e.request_id
+)
 update generations g
    set computed_cost_micros = coalesce(g.computed_cost_micros, g.cost_micros),
        computed_cost_basis = coalesce(g.computed_cost_basis, g.cost_basis),
-       cost_micros = r.fal_micros,
+       cost_micros = rq_nanos_to_micros(b.nanos),
        cost_basis = 'billed',
-       fal_billed_micros = r.fal_micros,
-       fal_billed_nano_usd = r.fal_nano_usd,
-       fal_billed_at = r.billed_at
-  from billing_reconciliation r
- where r.day >= %(start_day)s and r.day < %(end_day)s
-   and r.outcome in ('matched', 'amount_differs')
-   and g.request_id = r.request_id
+       fal_billed_micros = rq_nanos_to_micros(b.nanos),
+       fal_billed_nano_usd = b.nanos,
+       fal_billed_at = b.billed_at
+  from b
+ where g.request_id = b.request_id
+   and g.created_at >= %(start)s and g.created_at < %(end)s
    and g.status = 'completed'
-   and (g.cost_basis <> 'billed' or g.fal_billed_nano_usd is distinct from r.fal_nano_usd);
+   and (g.cost_basis <> 'billed' or g.fal_billed_nano_usd is distinct from b.nanos);
 
 -- name: spend_outcomes
 select outcome, sum(requests)::bigint as requests, sum(our_micros)::bigint as our_micros,
