@@ -7,10 +7,13 @@ events fal published late simply appear on the next load of their day.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import Callable, Iterable
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -19,6 +22,7 @@ from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.fal_platform import FalPlatform
 
 Progress = Callable[[int, int], None]  # (pages, events) so far
+T = TypeVar("T")
 
 
 class BillingDataError(RenderqueueError):
@@ -77,6 +81,41 @@ def event_row(event: dict[str, Any]) -> tuple[Any, ...]:
         ) from None
 
 
+def prefetched(pages: Iterator[T], depth: int = 2) -> Iterator[T]:
+    """Fetch the next pages in a thread while the caller writes this one (bounded: `depth`
+    pages in memory). An error in the fetching thread is raised here, in order."""
+    done = object()
+    buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def fetch() -> None:
+        try:
+            for page in pages:
+                if stop.is_set():
+                    return
+                buffer.put((page, None))
+            buffer.put((done, None))
+        except BaseException as exc:  # handed to the consumer
+            buffer.put((done, exc))
+
+    thread = threading.Thread(target=fetch, name="billing-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                buffer.get_nowait()
+        thread.join(30)
+
+
 def copy_events(
     cursor: psycopg.Cursor, pages: Iterable[list[dict[str, Any]]], progress: Progress | None = None
 ) -> tuple[int, int]:
@@ -105,7 +144,7 @@ def load_billing_events(
     """Replace [start, end) of fal_billing_events with what fal reports now (one transaction)."""
     with conn.transaction(), conn.cursor() as cursor:
         cursor.execute(q("spend_delete_billing_range"), {"start": start, "end": end})
-        pages = platform.billing_event_pages(start, end, page_size=page_size)
+        pages = prefetched(platform.billing_event_pages(start, end, page_size=page_size))
         n_pages, _ = copy_events(cursor, pages, progress)
         totals = cursor.execute(
             q("spend_billing_range_totals"), {"start": start, "end": end}
