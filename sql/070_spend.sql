@@ -39,12 +39,6 @@ alter table generations
   add column computed_cost_micros bigint check (computed_cost_micros >= 0),
   add column computed_cost_basis text;
 
--- cost_basis gains 'billed' (fal's figure); the other values are the ledger's.
-alter table generations drop constraint if exists generations_cost_basis_check;
-alter table generations add constraint generations_cost_basis_check
-  check (cost_basis in ('none', 'estimate', 'actual', 'computed', 'requested', 'billed',
-                        'unpriced'));
-
 -- Reconciliation reads a day (or a month) of generations by creation time; a BRIN index
 -- keeps that cheap on an append-mostly table at almost no write cost.
 create index generations_created_brin on generations using brin (created_at);

@@ -29,15 +29,15 @@ PUBLISHED = {
 ORDERS = [
     (SEEDANCE, {"prompt": "a lighthouse at dusk", "duration": "5"}),
     (SEEDANCE, {"prompt": "a fox in snow", "duration": "12", "resolution": "720p"}),
-    (VEO, {"prompt": "rain on a tin roof", "duration": "8"}),
-    (VEO, {"prompt": "a quiet harbour", "duration": "6", "generate_audio": False}),
+    (VEO, {"prompt": "rain on a tin roof", "duration": "8s"}),
+    (VEO, {"prompt": "a quiet harbour", "duration": "6s", "generate_audio": False}),
     (KLING, {"prompt": "a paper boat", "duration": "10"}),
 ]
 
 
 def expected_micros(endpoint: str, inputs: dict) -> int:
     key = (endpoint, inputs.get("resolution", "720p"), inputs.get("generate_audio", True))
-    return int(PUBLISHED[key] * int(inputs["duration"]) * 1_000_000)
+    return int(PUBLISHED[key] * int(inputs["duration"].rstrip("s")) * 1_000_000)
 
 
 def reconcile(conn: psycopg.Connection, fal_billing, **options) -> object:
@@ -96,7 +96,7 @@ def test_price_and_discount_mismatches_are_explained(conn, fal_billing) -> None:
     fal_billing.set_price(KLING, 0.15)  # fal raised the price; the ledger has not seen it
     fal_billing.configure(percent_discount={VEO: 10.0})
     kling = submit(conn, KLING, {"prompt": "a kite", "duration": "5"})
-    veo = submit(conn, VEO, {"prompt": "a bell", "duration": "4"})
+    veo = submit(conn, VEO, {"prompt": "a bell", "duration": "4s"})
     settle(conn, fal_billing.sim, [kling, veo])
     reconcile(conn, fal_billing)
     kling_row, veo_row = outcome_of(conn, kling), outcome_of(conn, veo)
@@ -165,7 +165,7 @@ def test_billed_requests_unknown_to_the_ledger_are_attributed(conn, fal_billing)
 
     fal_billing.sim.control.set_faults(api_500_rate=1.0)
     with pytest.raises(FalSubmitOutcomeUnknown):
-        submit(conn, VEO, {"prompt": "a storm", "duration": "4"})
+        submit(conn, VEO, {"prompt": "a storm", "duration": "4s"})
     fal_billing.sim.control.set_faults(api_500_rate=0.0)
     (truth,) = fal_billing.sim.control.ground_truth()
     fal_billing.sim.control.wait_finished(truth["request_id"], timeout=30)
