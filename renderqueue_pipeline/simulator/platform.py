@@ -80,7 +80,7 @@ class SimPrice:
 _JAN_2026 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC).timestamp()
 _SEEDANCE = ("bytedance/seedance-2.0/text-to-video", "fal-ai/seedance-2.0/text-to-video")
 _SEEDANCE_RATES = {"480p": 134_505, "720p": 303_400, "1080p": 680_400}
-_FAST_RATES = {"480p": 107_596, "720p": 241_900, "1080p": 544_275}
+_FAST_RATES = {"480p": 107_595, "720p": 241_900, "1080p": 544_275}
 _VEO = {
     ("720p", False): 200_000,
     ("720p", True): 400_000,
