@@ -108,11 +108,6 @@ def _platform_options(func: Callable[..., Any]) -> Callable[..., Any]:
             help="Port of the Platform API server (default: --port + 1; 0 picks one).",
         ),
         click.option(
-            "--admin-key",
-            default=None,
-            help="Accept only this admin key on the Platform API (default: any).",
-        ),
-        click.option(
             "--billing-delay",
             type=float,
             default=0.0,
@@ -149,7 +144,6 @@ def serve(
     print_env: bool,
     log_level: str,
     platform_port: int | None,
-    admin_key: str | None,
     billing_delay: float,
     billing_units_mismatch_rate: float,
     **knobs: Any,
@@ -165,7 +159,7 @@ def serve(
         config = SimConfig.model_validate({k: v for k, v in knobs.items() if v is not None})
         billing = platform.BillingConfig(
             seed=config.seed,
-            admin_key=admin_key,
+            admin_key=config.admin_key,  # one admin key for delete_io and the Platform API
             billing_delay=billing_delay,
             units_mismatch_rate=billing_units_mismatch_rate,
         )
