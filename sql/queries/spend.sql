@@ -91,7 +91,7 @@ written as (
            when 'amount_differs' then coalesce(nullif(concat_ws(', ',
              case when units is distinct from billed_seconds then 'units' end,
              case when fal_micros_per_unit is distinct from micros_per_second then 'price' end,
-             case when coalesce(discount, 0) <> 0 then 'discount' end), ''), 'rounding')
+             case when coalesce(discount, 0) <> 0 then 'discount' end), ''), 'other')
            when 'billed_not_completed' then
              case when status in ('submitted', 'in_progress') then 'open' else status end
            when 'not_billed' then 'completed, no billing event after the grace period'
