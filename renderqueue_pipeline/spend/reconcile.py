@@ -5,7 +5,7 @@ billing day for a request the ledger does not know):
 
 - matched: fal's figure and ours are within 1 micro-dollar;
 - amount_differs: both billed, different amounts; `reason` says why: units (fal billed
-  other seconds than we priced), price (another unit price), discount, or rounding;
+  other seconds than we priced), price (another unit price), discount, or other;
 - billed_not_completed: fal billed it, the ledger says failed, canceled or still open;
 - not_billed: completed in the ledger, no billing event after the grace period;
 - awaiting_billing: completed in the ledger, within the grace period (not a finding yet);
