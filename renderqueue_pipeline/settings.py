@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
 DEFAULT_FAL_REST_URL = "https://rest.alpha.fal.ai"
+DEFAULT_FAL_API_URL = "https://api.fal.ai/v1"
 DEFAULT_OBJECT_LIFETIME = 7 * 86400  # seconds fal keeps our outputs unless told otherwise
 
 
@@ -86,6 +87,15 @@ class Settings(BaseSettings):
     # --- ledger (renderqueue_pipeline/ledger/, docs/ledger.md) ---
     event_retention_days: float = Field(
         default=7, gt=0, le=3650, alias="RENDERQUEUE_EVENT_RETENTION_DAYS"
+    )
+
+    # --- spend (renderqueue_pipeline/spend/, docs/spend.md; FAL_ADMIN_KEY is above) ---
+    fal_api_url: str = Field(default=DEFAULT_FAL_API_URL, alias="RENDERQUEUE_FAL_API_URL")
+    billing_grace_hours: float = Field(
+        default=48.0, ge=0.0, le=24 * 90, alias="RENDERQUEUE_BILLING_GRACE_HOURS"
+    )
+    billing_threshold_percent: float = Field(
+        default=0.5, ge=0.0, le=100.0, alias="RENDERQUEUE_BILLING_THRESHOLD_PERCENT"
     )
 
     # --- archive (renderqueue_pipeline/archive/, docs/archive.md) ---
@@ -160,7 +170,7 @@ class Settings(BaseSettings):
             raise ValueError("expected comma-separated fal user ids (unset it to accept any)")
         return value
 
-    @field_validator("webhook_url", "fal_rest_url")
+    @field_validator("webhook_url", "fal_rest_url", "fal_api_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
@@ -213,7 +223,15 @@ def redact_url(url: str) -> str:
 
 
 _URL_FIELDS = frozenset(
-    {"database_url", "fal_jwks_url", "fal_rest_url", "webhook_url", "storage_url", "prompts_url"}
+    {
+        "database_url",
+        "fal_jwks_url",
+        "fal_rest_url",
+        "fal_api_url",
+        "webhook_url",
+        "storage_url",
+        "prompts_url",
+    }
 )
 
 _FIELD_TO_ENV = {name: (field.alias or name) for name, field in Settings.model_fields.items()}
