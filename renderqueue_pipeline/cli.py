@@ -9,6 +9,8 @@ import sys
 import click
 
 from renderqueue_pipeline.archive.cli import archive, link
+from renderqueue_pipeline.db.reset import db_reset
+from renderqueue_pipeline.ledger.cli import events
 from renderqueue_pipeline.settings import ConfigError
 from renderqueue_pipeline.simulator.cli import simulator
 from renderqueue_pipeline.webhook.cli import webhook
@@ -106,6 +108,8 @@ def dev(port: int) -> None:
     run_dev(ui_port=port)
 
 
+db.add_command(db_reset)
+main.add_command(events)
 main.add_command(simulator)
 main.add_command(webhook)
 main.add_command(archive)
