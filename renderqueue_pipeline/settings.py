@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
 DEFAULT_FAL_REST_URL = "https://rest.alpha.fal.ai"
+DEFAULT_FAL_API_URL = "https://api.fal.ai/v1"
 DEFAULT_OBJECT_LIFETIME = 7 * 86400  # seconds fal keeps our outputs unless told otherwise
 
 
@@ -86,6 +87,15 @@ class Settings(BaseSettings):
         default=7, gt=0, le=3650, alias="RENDERQUEUE_EVENT_RETENTION_DAYS"
     )
 
+    # --- spend (renderqueue_pipeline/spend/, docs/spend.md; FAL_ADMIN_KEY is above) ---
+    fal_api_url: str = Field(default=DEFAULT_FAL_API_URL, alias="RENDERQUEUE_FAL_API_URL")
+    billing_grace_hours: float = Field(
+        default=48.0, ge=0.0, le=24 * 90, alias="RENDERQUEUE_BILLING_GRACE_HOURS"
+    )
+    billing_threshold_percent: float = Field(
+        default=0.5, ge=0.0, le=100.0, alias="RENDERQUEUE_BILLING_THRESHOLD_PERCENT"
+    )
+
     # --- archive (renderqueue_pipeline/archive/, docs/archive.md) ---
     archive_hosts: str = Field(
         default="v3.fal.media,v3b.fal.media,fal.media", alias="RENDERQUEUE_ARCHIVE_HOSTS"
@@ -143,7 +153,7 @@ class Settings(BaseSettings):
         """start_timeout seconds per endpoint id (RENDERQUEUE_FAL_START_TIMEOUTS)."""
         return parse_start_timeouts(self.fal_start_timeouts_spec)
 
-    @field_validator("fal_jwks_url", "webhook_url", "fal_rest_url")
+    @field_validator("fal_jwks_url", "webhook_url", "fal_rest_url", "fal_api_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
