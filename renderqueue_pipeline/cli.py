@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from renderqueue_pipeline.batch.cli import batch, budget, submit
 from renderqueue_pipeline.settings import ConfigError
 from renderqueue_pipeline.simulator.cli import simulator
 from renderqueue_pipeline.webhook.cli import webhook
@@ -98,6 +99,9 @@ def demo() -> None:
 
 main.add_command(simulator)
 main.add_command(webhook)
+main.add_command(batch)
+main.add_command(budget)
+main.add_command(submit)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -6,6 +6,7 @@ Every knob is an environment variable; a wrong value becomes one clear line
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
@@ -34,6 +35,10 @@ class Settings(BaseSettings):
     webhook_flushers: int = Field(default=1, ge=1, le=32, alias="RENDERQUEUE_WEBHOOK_FLUSHERS")
     storage_url: str | None = Field(default=None, alias="RENDERQUEUE_STORAGE_URL")
     prompts_url: str | None = Field(default=None, alias="RENDERQUEUE_PROMPTS_URL")
+    # batch submission (renderqueue_pipeline/batch)
+    default_monthly_budget_usd: Decimal | None = Field(
+        default=None, ge=0, allow_inf_nan=False, alias="RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD"
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -43,6 +48,14 @@ class Settings(BaseSettings):
         scheme = urlparse(value).scheme.split("+")[0]
         if scheme not in ("postgres", "postgresql"):
             raise ValueError("expected a postgresql:// URL")
+        return value
+
+    @field_validator("default_monthly_budget_usd", mode="before")
+    @classmethod
+    def _usd(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().removeprefix("$")
+            return value or None
         return value
 
     @field_validator("fal_jwks_url", "webhook_url")
