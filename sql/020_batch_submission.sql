@@ -24,7 +24,11 @@ alter table batches add constraint batches_status_check
 -- row from a row over budget: `reject_kind` is 'invalid' (the row itself), 'over_budget'
 -- (the user's monthly budget or the batch's max_cost_usd) or 'fal' (fal refused it).
 -- `reject_field` names the column or setting at fault.
+-- `sent_at`: set just before fal is called (many at once, one statement). After a crash
+-- a pending item with `sent_at` may be at fal (unknown outcome); one without was never
+-- sent and is simply sent by the next run.
 alter table batch_items
+  add column sent_at timestamptz,
   add column reject_kind text check (reject_kind in ('invalid', 'over_budget', 'fal')),
   add column reject_field text,
   add column cancel_outcome text,

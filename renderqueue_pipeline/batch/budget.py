@@ -179,9 +179,9 @@ def set_budget(
     conn: psycopg.Connection, user_id: int, limit_micros: int, month: date | None = None
 ) -> dict[str, Any]:
     """Set (or replace) a user's budget for a month (default: the current UTC month)."""
-    if month is None:
-        month = conn.execute(q("current_utc_month")).fetchone()["month"]
     with conn.transaction():
+        if month is None:
+            month = conn.execute(q("current_utc_month")).fetchone()["month"]
         return conn.execute(
             q("upsert_user_budget"),
             {"user_id": user_id, "month": month, "limit_micros": limit_micros},

@@ -158,7 +158,14 @@ class BatchResult:
 
 
 class AdaptiveLimit:
-    """At most `limit` calls in flight; a 429 halves it and pauses, successes regrow it."""
+    """At most `limit` calls in flight; a 429 halves it and pauses, successes regrow it.
+
+    429s that arrive while already paused (calls that were in flight together) count as
+    one: the pause doubles only for 429s after the previous pause ended with no success
+    in between (0.25 s, 0.5 s, ... up to 30 s).
+    """
+
+    BASE_PAUSE_S = 0.25
 
     def __init__(self, ceiling: int) -> None:
         self.ceiling = ceiling
@@ -167,7 +174,7 @@ class AdaptiveLimit:
         self.active = 0
         self.rate_limited = 0
         self._resume_at = 0.0
-        self._backoff = 0.0
+        self._consecutive = 0
         self._streak = 0
         self._changed = asyncio.Condition()
 
@@ -187,20 +194,57 @@ class AdaptiveLimit:
     async def release(self, *, rate_limited: bool = False) -> None:
         async with self._changed:
             self.active -= 1
+            now = time.monotonic()
             if rate_limited:
                 self.rate_limited += 1
-                self.limit = max(1, self.limit // 2)
-                self.lowest = min(self.lowest, self.limit)
-                self._backoff = min(max(self._backoff * 2, 0.5), MAX_BACKOFF_S)
-                self._resume_at = time.monotonic() + self._backoff * random.uniform(0.75, 1.25)
                 self._streak = 0
+                if now >= self._resume_at:  # a new 429, not one of the same burst
+                    self._consecutive += 1
+                    self.limit = max(1, self.limit // 2)
+                    self.lowest = min(self.lowest, self.limit)
+                    pause = min(self.BASE_PAUSE_S * 2 ** (self._consecutive - 1), MAX_BACKOFF_S)
+                    self._resume_at = now + pause * random.uniform(0.8, 1.2)
             else:
+                self._consecutive = 0
                 self._streak += 1
-                if self._streak >= self.limit:
+                if self._streak >= self.limit and self.limit < self.ceiling:
                     self._streak = 0
-                    self._backoff /= 2
-                    self.limit = min(self.ceiling, self.limit + 1)
+                    self.limit += 1
             self._changed.notify_all()
+
+
+class SendMarks:
+    """Marks items sent just before their calls, many per statement (group commit).
+
+    A worker awaits `mark(item_id)`; marks that arrive while one statement runs go in
+    the next, so the cost is one round trip per burst, not per request.
+    """
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self._waiting: list[tuple[int, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def mark(self, item_id: int) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item_id, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        while self._waiting:
+            group, self._waiting = self._waiting, []
+            try:
+                await asyncio.to_thread(
+                    self.conn.execute, q("mark_items_sent"), {"item_ids": [i for i, _ in group]}
+                )
+            except Exception as exc:
+                for _, future in group:
+                    future.set_exception(exc)
+            else:
+                for _, future in group:
+                    future.set_result(None)
 
 
 def _is_rate_limited(exc: BaseException) -> bool:
@@ -277,6 +321,8 @@ class _Run:
         self.limit = AdaptiveLimit(options.concurrency)
         self.stop_reason: str | None = None
         self.unsent: list[int] = []
+        self.fatal: BaseException | None = None
+        self.marks: SendMarks
         self.total_hint = facts.rows_estimate
 
     # -- producer: rows -> intents (in a worker thread, its own connection) ----------
@@ -375,6 +421,8 @@ class _Run:
         results: asyncio.Queue[tuple[Intent, Any] | None] = asyncio.Queue()
         intents_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
         results_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
+        marks_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
+        self.marks = SendMarks(marks_conn)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 gateway = await stack.enter_async_context(
@@ -391,7 +439,7 @@ class _Run:
                 finally:
                     for _ in workers:
                         await queue.put(None)
-                    await asyncio.gather(*workers, return_exceptions=True)
+                    await asyncio.gather(*workers)
                     await results.put(None)
                     await recorder
                     ticker.cancel()
@@ -399,12 +447,14 @@ class _Run:
                         await ticker
                     if self.unsent:
                         await asyncio.to_thread(self._forget_unsent, intents_conn)
+            if self.fatal is not None:
+                raise self.fatal
         finally:
             self.stats.finished = time.monotonic()
             self.stats.rate_limited = self.limit.rate_limited
             self.stats.lowest_concurrency = self.limit.lowest
-            await asyncio.to_thread(intents_conn.close)
-            await asyncio.to_thread(results_conn.close)
+            for conn in (intents_conn, results_conn, marks_conn):
+                await asyncio.to_thread(conn.close)
 
     async def _produce(
         self, conn: psycopg.Connection, reader: PromptReader, queue: asyncio.Queue
@@ -412,18 +462,28 @@ class _Run:
         existing = await asyncio.to_thread(_line_numbers, conn, self.batch_id)
         if self.total_hint is not None:
             self.total_hint = max(self.total_hint - len(existing), 0)
-        if self.options.resubmit_unknown:
-            for intent in await asyncio.to_thread(self._reopen_unknown, conn):
-                await queue.put(intent)
-        default_limit = await asyncio.to_thread(default_limit_micros)
-        cap_used = await asyncio.to_thread(
-            lambda: int(
-                conn.execute(q("batch_cost_so_far"), {"batch_id": self.batch_id}).fetchone()[
-                    "micros"
-                ]
-            )
+        unsent = await asyncio.to_thread(
+            self._load_intents, conn, q("unsent_pending_items"), reopen=False
         )
-        cap = BatchCap(self.options.max_cost_micros, cap_used)
+        if unsent:
+            self.log(f"sending {len(unsent)} items a stopped run recorded but never sent")
+        if self.options.resubmit_unknown:
+            unknown = await asyncio.to_thread(
+                self._load_intents, conn, q("unknown_items_to_resubmit"), reopen=True
+            )
+            self.stats.resubmitted_unknown = len(unknown)
+            if unknown:
+                self.log(f"resubmitting {len(unknown)} items whose outcome was unknown")
+            unsent += unknown
+        if self.total_hint is not None:
+            self.total_hint += len(unsent)
+        for intent in unsent:
+            await queue.put(intent)
+        default_limit = await asyncio.to_thread(default_limit_micros)
+        cap_row = await asyncio.to_thread(
+            lambda: conn.execute(q("batch_cost_so_far"), {"batch_id": self.batch_id}).fetchone()
+        )
+        cap = BatchCap(self.options.max_cost_micros, int(cap_row["micros"]))
         chunks = self._chunks(reader, existing)
         while self.stop_reason is None:
             chunk = await asyncio.to_thread(next, chunks, None)
@@ -437,30 +497,34 @@ class _Run:
             ):
                 await queue.put(intent)
 
-    def _reopen_unknown(self, conn: psycopg.Connection) -> list[Intent]:
+    def _load_intents(self, conn: psycopg.Connection, sql: str, *, reopen: bool) -> list[Intent]:
+        """Stored items as intents to send (priced again: the estimate is not stored whole)."""
         from renderqueue_pipeline.ledger import validate_request
 
         intents = []
-        for item in conn.execute(q("unknown_items_to_resubmit"), {"batch_id": self.batch_id}):
+        for item in conn.execute(sql, {"batch_id": self.batch_id}).fetchall():
             with conn.transaction():
-                if conn.execute(q("reopen_unknown_item"), {"item_id": item["id"]}).fetchone():
-                    estimate = validate_request(
-                        conn, item["endpoint"], item["inputs"], item["user_id"], row=item["line_no"]
-                    )
-                    intents.append(
-                        Intent(
-                            item_id=item["id"],
-                            state="pending",
-                            request_id=None,
-                            user_id=item["user_id"],
-                            endpoint=item["endpoint"],
-                            inputs=item["inputs"],
-                            estimate=estimate,
-                        )
-                    )
-        self.stats.resubmitted_unknown = len(intents)
-        if intents:
-            self.log(f"resubmitting {len(intents)} items whose outcome was unknown")
+                if (
+                    reopen
+                    and not conn.execute(
+                        q("reopen_unknown_item"), {"item_id": item["id"]}
+                    ).fetchone()
+                ):
+                    continue
+                estimate = validate_request(
+                    conn, item["endpoint"], item["inputs"], item["user_id"], row=item["line_no"]
+                )
+            intents.append(
+                Intent(
+                    item_id=item["id"],
+                    state="pending",
+                    request_id=None,
+                    user_id=item["user_id"],
+                    endpoint=item["endpoint"],
+                    inputs=item["inputs"],
+                    estimate=estimate,
+                )
+            )
         return intents
 
     async def _worker(self, gateway: Any, queue: asyncio.Queue, results: asyncio.Queue) -> None:
@@ -473,17 +537,36 @@ class _Run:
             if self.stop_reason is not None:
                 self.unsent.append(intent.item_id)
                 continue
-            outcome = await self._send(gateway, intent)
+            try:
+                outcome = await self._send(gateway, intent)
+            except Exception as exc:  # the ledger failed us: stop; the next run resumes
+                if self.fatal is None:
+                    self.fatal, self.stop_reason = exc, f"{type(exc).__name__}: {exc}"
+                    self.log(f"stopping: {self.stop_reason}")
+                self.unsent.append(intent.item_id)
+                continue
             if isinstance(outcome, FalAuthError) and self.stop_reason is None:
                 self.stop_reason = f"fal refused the key: {outcome}"
                 self.log(f"stopping: {self.stop_reason}")
             await results.put((intent, outcome))
 
     async def _send(self, gateway: Any, intent: Intent) -> Any:
-        """fal's request id, or the exception; 429s are waited out, not returned."""
+        """fal's request id, or fal's exception; 429s are waited out, not returned.
+
+        The item is marked sent (committed) before its first call; an exception from the
+        ledger itself propagates.
+        """
         first_try = time.monotonic()
+        marked = False
         while True:
             await self.limit.acquire()
+            try:
+                if not marked:
+                    await self.marks.mark(intent.item_id)
+                    marked = True
+            except BaseException:
+                await self.limit.release()
+                raise
             try:
                 submitted = await gateway.submit(intent.endpoint, dict(intent.inputs))
             except Exception as exc:

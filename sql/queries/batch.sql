@@ -50,8 +50,20 @@ set state = 'unknown',
     reason = 'a run stopped between recording the intent and fal''s answer: fal may or may '
              || 'not have the request (resubmit only with resubmit_unknown)',
     updated_at = now()
-where batch_id = %(batch_id)s and state = 'pending'
+where batch_id = %(batch_id)s and state = 'pending' and sent_at is not null
 returning id, line_no;
+
+-- name: unsent_pending_items
+-- intents a stopped run recorded but never sent (sent_at null): the next run sends them
+select id, line_no, user_id, endpoint, inputs
+from batch_items
+where batch_id = %(batch_id)s and state = 'pending' and sent_at is null
+order by line_no;
+
+-- name: mark_items_sent
+-- just before the calls to fal: these items may be at fal from now on
+update batch_items set sent_at = now()
+where id = any(%(item_ids)s) and state = 'pending';
 
 -- name: batch_line_numbers
 select line_no from batch_items where batch_id = %(batch_id)s;
@@ -69,7 +81,7 @@ order by line_no;
 
 -- name: reopen_unknown_item
 update batch_items
-set state = 'pending', reason = null, updated_at = now()
+set state = 'pending', reason = null, sent_at = null, updated_at = now()
 where id = %(item_id)s and state = 'unknown'
 returning id;
 
@@ -92,7 +104,8 @@ where id = %(item_id)s and state = 'pending';
 
 -- name: forget_unsent_items
 -- intents whose call to fal was provably never made (the run stopped first)
-delete from batch_items where id = any(%(item_ids)s) and state = 'pending';
+delete from batch_items
+where id = any(%(item_ids)s) and state = 'pending' and sent_at is null;
 
 -- name: batch_status
 select status from batches where id = %(batch_id)s;
