@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import psycopg
 
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
@@ -50,7 +53,10 @@ def write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path:
 def prompts(n: int, *, user_id: int | None = 7, duration: str = "5", tag: str = "p") -> list[dict]:
     rows = []
     for i in range(n):
-        row: dict[str, Any] = {"prompt": f"{tag} {i}: a red fox in fresh snow", "duration": duration}
+        row: dict[str, Any] = {
+            "prompt": f"{tag} {i}: a red fox in fresh snow",
+            "duration": duration,
+        }
         if user_id is not None:
             row["user_id"] = user_id
         rows.append(row)
@@ -70,3 +76,14 @@ def ledger_counts(conn: psycopg.Connection) -> tuple[int, int, int]:
         "(select count(*) from generations) as g"
     ).fetchone()
     return row["b"], row["i"], row["g"]
+
+
+@contextmanager
+def dagster_instance(ledger_url: str) -> Iterator[dg.DagsterInstance]:
+    """A Dagster instance whose storage is the test server's Postgres (never SQLite)."""
+    from renderqueue_pipeline.dagster_home import dagster_storage_url
+
+    overrides = {"storage": {"postgres": {"postgres_url": dagster_storage_url(ledger_url)}}}
+    with dg.instance_for_test(overrides=overrides) as instance:
+        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        yield instance

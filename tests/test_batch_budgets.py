@@ -61,8 +61,9 @@ def test_the_default_budget_applies_without_a_row(
     monkeypatch.setenv("RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD", "3.10")
     get_settings.cache_clear()
     try:
-        result = run(write_csv(tmp_path / "a.csv", prompts(3, user_id=None)), ledger_url,
-                     default_user_id=11)
+        result = run(
+            write_csv(tmp_path / "a.csv", prompts(3, user_id=None)), ledger_url, default_user_id=11
+        )
     finally:
         get_settings.cache_clear()
     assert result.report.counts["submitted"] == 2 and result.report.counts["over_budget"] == 1
@@ -120,8 +121,14 @@ def test_a_single_submission_over_budget_raises_and_sends_nothing(
 
 @pytest.mark.parametrize(
     ("value", "says"),
-    [("abc", "expected an amount in USD"), ("-5", "must not be negative"),
-     ("nan", "finite"), ("1e12", "at most"), ("0.0000001", "micro-dollar"), (None, "expected")],
+    [
+        ("abc", "expected an amount in USD"),
+        ("-5", "must not be negative"),
+        ("nan", "finite"),
+        ("1e12", "at most"),
+        ("0.0000001", "micro-dollar"),
+        (None, "expected"),
+    ],
 )
 def test_a_malformed_amount_names_the_setting(value, says: str) -> None:
     with pytest.raises(BudgetSettingError) as caught:

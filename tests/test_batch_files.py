@@ -114,21 +114,34 @@ def test_a_bad_row_is_rejected_with_its_field(raw: dict, field: str, says: str) 
 def test_a_good_row_merges_defaults_and_types_csv_cells() -> None:
     row = validate_row(
         3,
-        {"prompt": "a fox", "user_id": "42", "duration": "5", "generate_audio": "false",
-         "seed": "9", "resolution": "", "endpoint": ""},
+        {
+            "prompt": "a fox",
+            "user_id": "42",
+            "duration": "5",
+            "generate_audio": "false",
+            "seed": "9",
+            "resolution": "",
+            "endpoint": "",
+        },
         DEFAULTS,
     )
     assert row == PromptRow(
         3,
         42,
         SEEDANCE,
-        {"resolution": "720p", "prompt": "a fox", "duration": "5", "generate_audio": False,
-         "seed": 9},
+        {
+            "resolution": "720p",
+            "prompt": "a fox",
+            "duration": "5",
+            "generate_audio": False,
+            "seed": 9,
+        },
     )
     # JSON numbers: a duration becomes fal's string enum
-    assert validate_row(1, {"prompt": "a", "user_id": 1, "duration": 8}, DEFAULTS).inputs[
-        "duration"
-    ] == "8"
+    assert (
+        validate_row(1, {"prompt": "a", "user_id": 1, "duration": 8}, DEFAULTS).inputs["duration"]
+        == "8"
+    )
 
 
 def test_inbox_ignores_hidden_partial_and_other_files() -> None:

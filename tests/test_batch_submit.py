@@ -89,7 +89,9 @@ def test_good_rows_are_submitted_and_bad_rows_rejected_with_line_and_field(
     generations = conn.execute(
         "select request_id, user_id, cost_micros from generations order by request_id"
     ).fetchall()
-    assert sorted(g["request_id"] for g in generations) == sorted(i["request_id"] for i in submitted)
+    assert sorted(g["request_id"] for g in generations) == sorted(
+        i["request_id"] for i in submitted
+    )
     assert all(g["cost_micros"] == seedance_720p_micros(5) for g in generations)
     assert result.report.submitted_estimate_micros == 2 * seedance_720p_micros(5)
 
@@ -176,10 +178,23 @@ def test_a_crash_between_intent_and_answer_is_unknown_and_never_sent_twice(
     fal_sim.control.set_faults(submit_latency=30)  # fal enqueues, then answers in 30 s
     path = write_csv(tmp_path / "a.csv", prompts(12))
     env = {**os.environ, "DATABASE_URL": ledger_url, "RENDERQUEUE_HOME": str(tmp_path / "home")}
-    command = [sys.executable, "-m", "renderqueue_pipeline.cli", "batch", "submit", str(path),
-               "--endpoint", SEEDANCE, "--concurrency", "4"]
+    command = [
+        sys.executable,
+        "-m",
+        "renderqueue_pipeline.cli",
+        "batch",
+        "submit",
+        str(path),
+        "--endpoint",
+        SEEDANCE,
+        "--concurrency",
+        "4",
+    ]
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        command,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     try:
