@@ -40,6 +40,32 @@ class Settings(BaseSettings):
         default=None, ge=0, allow_inf_nan=False, alias="RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD"
     )
 
+    # --- ledger (renderqueue_pipeline/ledger/, docs/ledger.md) ---
+    event_retention_days: float = Field(
+        default=7, gt=0, le=3650, alias="RENDERQUEUE_EVENT_RETENTION_DAYS"
+    )
+
+    # --- archive (renderqueue_pipeline/archive/, docs/archive.md) ---
+    archive_hosts: str = Field(
+        default="v3.fal.media,v3b.fal.media,fal.media", alias="RENDERQUEUE_ARCHIVE_HOSTS"
+    )
+    archive_loopback_hosts: str = Field(default="", alias="RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS")
+    archive_max_bytes: int = Field(
+        default=2 * 1024**3, ge=1, alias="RENDERQUEUE_ARCHIVE_MAX_BYTES"
+    )
+    archive_batch_rows: int = Field(default=500, ge=1, alias="RENDERQUEUE_ARCHIVE_BATCH_ROWS")
+    archive_concurrency: int = Field(
+        default=4, ge=1, le=64, alias="RENDERQUEUE_ARCHIVE_CONCURRENCY"
+    )
+    archive_max_attempts: int = Field(default=5, ge=1, alias="RENDERQUEUE_ARCHIVE_MAX_ATTEMPTS")
+    archive_alert_minutes: float = Field(
+        default=30.0, gt=0, alias="RENDERQUEUE_ARCHIVE_ALERT_MINUTES"
+    )
+    archive_deadline_hours: float = Field(
+        default=24.0, gt=0, alias="RENDERQUEUE_ARCHIVE_DEADLINE_HOURS"
+    )
+    delete_fal_copy: bool = Field(default=False, alias="RENDERQUEUE_DELETE_FAL_COPY")
+
     @field_validator("database_url")
     @classmethod
     def _postgres_url(cls, value: str | None) -> str | None:

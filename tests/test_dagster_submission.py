@@ -18,7 +18,6 @@ import psycopg
 import pytest
 from batch_helpers import SEEDANCE, dagster_instance, ledger_counts, prompts, write_csv
 
-from renderqueue_pipeline import ledger
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.submission.jobs import SUBMISSION_TAGS, cancel_batch, submit_batch
 from renderqueue_pipeline.defs.submission.resources import PromptsInbox
@@ -204,10 +203,6 @@ def test_a_bad_setting_fails_the_run_with_its_name(
     assert ledger_counts(conn) == (0, 0, 0)
 
 
-@pytest.mark.skipif(
-    not hasattr(ledger, "mark_cancel_requested"),
-    reason="the ledger's mark_cancel_requested has not landed yet",
-)
 def test_cancel_batch_cancels_queued_requests_at_fal(
     fal_sim: RunningSimulator,
     conn: psycopg.Connection,
