@@ -15,6 +15,25 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
+DEFAULT_FAL_REST_URL = "https://rest.alpha.fal.ai"
+DEFAULT_OBJECT_LIFETIME = 7 * 86400  # seconds fal keeps our outputs unless told otherwise
+
+
+def parse_start_timeouts(value: str) -> dict[str, float]:
+    """`endpoint=seconds,endpoint=seconds` -> {endpoint: seconds}; ValueError when malformed."""
+    result: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        endpoint, sep, seconds = item.rpartition("=")
+        try:
+            number = float(seconds)
+        except ValueError:
+            number = 0.0
+        if not sep or not endpoint.strip() or not number > 1:  # fal-client's own floor
+            raise ValueError(
+                f"expected endpoint=seconds (seconds > 1) separated by commas, at {item!r}"
+            )
+        result[endpoint.strip()] = number
+    return result
 
 
 class ConfigError(Exception):
@@ -35,7 +54,15 @@ class Settings(BaseSettings):
     webhook_flushers: int = Field(default=1, ge=1, le=32, alias="RENDERQUEUE_WEBHOOK_FLUSHERS")
     storage_url: str | None = Field(default=None, alias="RENDERQUEUE_STORAGE_URL")
     prompts_url: str | None = Field(default=None, alias="RENDERQUEUE_PROMPTS_URL")
-    # batch submission (renderqueue_pipeline/batch)
+    # -- fal gateway (issue 9) --
+    fal_admin_key: SecretStr | None = Field(default=None, alias="FAL_ADMIN_KEY")
+    fal_rest_url: str = Field(default=DEFAULT_FAL_REST_URL, alias="RENDERQUEUE_FAL_REST_URL")
+    fal_object_lifetime: float | None = Field(
+        default=DEFAULT_OBJECT_LIFETIME, alias="RENDERQUEUE_FAL_OBJECT_LIFETIME"
+    )
+    fal_start_timeouts_spec: str = Field(default="", alias="RENDERQUEUE_FAL_START_TIMEOUTS")
+
+    # --- batch submission (renderqueue_pipeline/batch/, docs/batch.md) ---
     default_monthly_budget_usd: Decimal | None = Field(
         default=None, ge=0, allow_inf_nan=False, alias="RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD"
     )
@@ -76,6 +103,32 @@ class Settings(BaseSettings):
             raise ValueError("expected a postgresql:// URL")
         return value
 
+    @field_validator("fal_object_lifetime", mode="before")
+    @classmethod
+    def _lifetime(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+            return None
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = 0.0
+            if not seconds > 0:
+                raise ValueError("expected seconds > 0, or 'none' for no expiry")
+            return seconds
+        return value
+
+    @field_validator("fal_start_timeouts_spec")
+    @classmethod
+    def _start_timeouts(cls, value: str) -> str:
+        parse_start_timeouts(value)
+        return value
+
+    @property
+    def fal_start_timeouts(self) -> dict[str, float]:
+        """start_timeout seconds per endpoint id (RENDERQUEUE_FAL_START_TIMEOUTS)."""
+        return parse_start_timeouts(self.fal_start_timeouts_spec)
+
     @field_validator("default_monthly_budget_usd", mode="before")
     @classmethod
     def _usd(cls, value: object) -> object:
@@ -84,7 +137,7 @@ class Settings(BaseSettings):
             return value or None
         return value
 
-    @field_validator("fal_jwks_url", "webhook_url")
+    @field_validator("fal_jwks_url", "webhook_url", "fal_rest_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
@@ -93,6 +146,11 @@ class Settings(BaseSettings):
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError("expected an http(s):// URL")
         return value
+
+    @property
+    def fal_admin_secret(self) -> SecretStr | None:
+        """The key for fal's admin calls: FAL_ADMIN_KEY, falling back to FAL_KEY."""
+        return self.fal_admin_key or self.fal_key
 
     @property
     def home_dir(self) -> Path:

@@ -87,8 +87,10 @@ def test_good_rows_are_submitted_and_bad_rows_rejected_with_line_and_field(
     truth = {t["request_id"] for t in fal_sim.control.ground_truth()}
     assert {i["request_id"] for i in submitted} == truth and len(truth) == 2
     generations = conn.execute(
-        "select request_id, user_id, cost_micros from generations order by request_id"
+        "select request_id, user_id, cost_micros, fal_expires_at from generations"
     ).fetchall()
+    # the gateway asked fal for a lifecycle: the ledger knows when fal deletes the outputs
+    assert all(g["fal_expires_at"] is not None for g in generations)
     assert sorted(g["request_id"] for g in generations) == sorted(
         i["request_id"] for i in submitted
     )

@@ -99,9 +99,9 @@ async def asubmit_prompt(
     try:
         if gateway is None:
             async with FalGateway.from_settings(max_concurrency=1) as own:
-                outcome: Any = (await own.submit(intent.endpoint, dict(intent.inputs))).request_id
+                outcome: Any = await own.submit(intent.endpoint, dict(intent.inputs))
         else:
-            outcome = (await gateway.submit(intent.endpoint, dict(intent.inputs))).request_id
+            outcome = await gateway.submit(intent.endpoint, dict(intent.inputs))
     except Exception as exc:
         outcome = exc
 

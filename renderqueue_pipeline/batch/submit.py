@@ -551,7 +551,7 @@ class _Run:
             await results.put((intent, outcome))
 
     async def _send(self, gateway: Any, intent: Intent) -> Any:
-        """fal's request id, or fal's exception; 429s are waited out, not returned.
+        """fal's SubmitResult, or fal's exception; 429s are waited out, not returned.
 
         The item is marked sent (committed) before its first call; an exception from the
         ledger itself propagates.
@@ -584,7 +584,7 @@ class _Run:
                     continue
                 return exc
             await self.limit.release()
-            return submitted.request_id
+            return submitted  # the SubmitResult: request id and fal_expires_at
 
     async def _recorder(self, conn: psycopg.Connection, results: asyncio.Queue) -> None:
         done = False

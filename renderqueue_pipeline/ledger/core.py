@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import uuid
 from collections import Counter
@@ -10,7 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import psycopg
 from psycopg.rows import dict_row
@@ -176,11 +177,16 @@ def record_intent(
     )
 
 
-def record_submitted(conn: psycopg.Connection, intent: Intent, request_id: str) -> None:
+def record_submitted(
+    conn: psycopg.Connection,
+    intent: Intent,
+    request_id: str,
+    fal_expires_at: dt.datetime | None = None,
+) -> None:
     """In one transaction: insert the generation row and mark the intent submitted.
 
     Events that arrived before this row are applied by the insert trigger, in this same
-    transaction.
+    transaction. `fal_expires_at`: when fal deletes the outputs (the lifecycle asked for).
     """
     if not request_id:
         raise LedgerInputError("request_id", "fal returned an empty request id")
@@ -196,6 +202,7 @@ def record_submitted(conn: psycopg.Connection, intent: Intent, request_id: str) 
                 "price_id": intent.estimate.price_id,
                 "seconds": intent.estimate.seconds,
                 "batch_item_id": intent.item_id,
+                "fal_expires_at": fal_expires_at,
             },
         )
         conn.execute(
@@ -239,29 +246,40 @@ def begin_submission(
     return intent
 
 
+class Submitted(Protocol):
+    """What a submit may return instead of a bare request id (e.g. the gateway's result)."""
+
+    request_id: str
+    fal_expires_at: dt.datetime | None
+
+
 def finish_submission(
     conn: psycopg.Connection,
     intent: Intent,
-    outcome: str | BaseException,
+    outcome: str | Submitted | BaseException,
     is_definite_rejection: Callable[[BaseException], bool] = lambda exc: False,
 ) -> str:
     """Rule 1, step two: record fal's answer (a request_id) or its failure.
 
     A failure that `is_definite_rejection` recognises marks the item rejected and re-raises;
     any other failure leaves the item pending (an unknown outcome, never resubmitted
-    silently) and re-raises.
+    silently) and re-raises. An outcome with a `fal_expires_at` (the gateway's
+    SubmitResult) records when fal deletes the outputs.
     """
     if isinstance(outcome, BaseException):
         if is_definite_rejection(outcome):
             record_rejected(conn, intent, str(outcome))
         raise outcome
-    record_submitted(conn, intent, outcome)
-    return outcome
+    if isinstance(outcome, str):
+        record_submitted(conn, intent, outcome)
+        return outcome
+    record_submitted(conn, intent, outcome.request_id, getattr(outcome, "fal_expires_at", None))
+    return outcome.request_id
 
 
 def submit_generation(
     conn: psycopg.Connection,
-    submit: Callable[[str, dict[str, Any]], str],
+    submit: Callable[[str, dict[str, Any]], str | Submitted],
     *,
     user_id: int,
     endpoint: str,
@@ -280,7 +298,7 @@ def submit_generation(
     if intent.request_id:
         return intent.request_id
     try:
-        outcome: str | BaseException = submit(endpoint, dict(inputs))
+        outcome: str | Submitted | BaseException = submit(endpoint, dict(inputs))
     except Exception as exc:
         outcome = exc
     return finish_submission(conn, intent, outcome, is_definite_rejection)
@@ -288,7 +306,7 @@ def submit_generation(
 
 async def asubmit_generation(
     conn: psycopg.Connection,
-    submit: Callable[[str, dict[str, Any]], Awaitable[str]],
+    submit: Callable[[str, dict[str, Any]], Awaitable[str | Submitted]],
     *,
     user_id: int,
     endpoint: str,
@@ -312,7 +330,7 @@ async def asubmit_generation(
     if intent.request_id:
         return intent.request_id
     try:
-        outcome: str | BaseException = await submit(endpoint, dict(inputs))
+        outcome: str | Submitted | BaseException = await submit(endpoint, dict(inputs))
     except Exception as exc:
         outcome = exc
     return await asyncio.to_thread(finish_submission, conn, intent, outcome, is_definite_rejection)

@@ -35,9 +35,9 @@ select id, state, request_id from batch_items where idempotency_key = %(idempote
 
 -- name: insert_generation
 insert into generations (request_id, user_id, endpoint, inputs, cost_micros, cost_basis,
-                         price_id, billed_seconds, batch_item_id)
+                         price_id, billed_seconds, batch_item_id, fal_expires_at)
 values (%(request_id)s, %(user_id)s, %(endpoint)s, %(inputs)s, %(cost_micros)s, 'estimate',
-        %(price_id)s, %(seconds)s, %(batch_item_id)s)
+        %(price_id)s, %(seconds)s, %(batch_item_id)s, %(fal_expires_at)s)
 on conflict (request_id) do nothing
 returning id;
 
