@@ -305,7 +305,7 @@ def test_a_user_start_timeout_is_terminal_and_not_retried(fal_sim: RunningSimula
 
 
 def test_a_requeued_request_is_not_terminal(fal_sim: RunningSimulator) -> None:
-    fal_sim.control.set_faults(queue_delay="1", run_time="2", requeue_rate=1.0, requeue_limit=1)
+    fal_sim.control.set_faults(queue_delay="2", run_time="3", requeue_rate=1.0, requeue_limit=1)
 
     async def main() -> list[str]:
         states: list[str] = []

@@ -194,7 +194,7 @@ def test_cancel_queued_request_leaves_the_queue(fal_sim: RunningSimulator) -> No
 
 def test_cancel_of_a_running_request_is_only_a_signal(fal_sim: RunningSimulator) -> None:
     """fal signals the app; by default it finishes, returns its output and is billed."""
-    fal_sim.control.set_faults(queue_delay="0", run_time="1.0")
+    fal_sim.control.set_faults(queue_delay="0", run_time="3")
     handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
     wait_until(lambda: isinstance(handle.status(), fal_client.InProgress), timeout=30)
     handle.cancel()  # 202: accepted as a request, not a promise

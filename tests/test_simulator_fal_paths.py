@@ -72,10 +72,7 @@ def add_file(sim: RunningSimulator, size: int, **spec: object) -> str:
 
 
 def add_file_info(sim: RunningSimulator, size: int, **spec: object) -> dict:
-    with http(sim) as client:
-        response = client.post(f"{sim.base_url}/_sim/files", json={"size": size, **spec})
-    response.raise_for_status()
-    return response.json()
+    return sim.control.add_file(size, **spec)  # type: ignore[arg-type]
 
 
 def test_head_and_byte_ranges(fal_sim: RunningSimulator) -> None:
@@ -179,9 +176,7 @@ def test_not_started_within_start_timeout_is_a_504_user_timeout(
 def test_a_running_request_can_go_back_to_the_queue(
     fal_sim: RunningSimulator, webhook_sink: WebhookSink
 ) -> None:
-    fal_sim.control.set_faults(
-        queue_delay="1", run_time="2", requeue_rate=1.0, requeue_limit=1
-    )
+    fal_sim.control.set_faults(queue_delay="2", run_time="3", requeue_rate=1.0, requeue_limit=1)
     handle = fal_client.submit(ENDPOINT, arguments=INPUTS, webhook_url=webhook_sink.url)
     seen: list[str] = []
 

@@ -163,7 +163,7 @@ def test_canceled_request_webhook(fal_sim: RunningSimulator, webhook_sink: Webho
 def test_cancel_while_running_still_delivers_the_output(
     fal_sim: RunningSimulator, webhook_sink: WebhookSink
 ) -> None:
-    fal_sim.control.set_faults(queue_delay="0", run_time="1.5")
+    fal_sim.control.set_faults(queue_delay="0", run_time="3")
     handle = submit(webhook_sink)
     wait_until(lambda: isinstance(handle.status(), fal_client.InProgress), timeout=30)
     handle.cancel()

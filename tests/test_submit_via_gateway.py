@@ -85,3 +85,23 @@ def test_the_row_records_when_fal_deletes_the_outputs(
     assert fal_sim.control.ground_truth(request_id)["object_lifetime"] == 7200
     forever = submit_once(conn, {"prompt": "a quay", "duration": "5"}, object_lifetime=None)
     assert generation(conn, forever)["fal_expires_at"] is None
+
+
+def test_the_ledger_prices_from_what_fal_documents_even_when_the_output_says_more(
+    fal_sim: RunningSimulator, conn: psycopg.Connection
+) -> None:
+    """With the simulator's extras on, the output names its duration; fal's never does for
+    Seedance, so the ledger must not read it: "auto" is priced at the 15 s default."""
+    import fal_client
+
+    from renderqueue_pipeline.ledger import LedgerEvent, record_event
+
+    fal_sim.control.set_faults(output_extras=True)
+    request_id = submit_once(conn, {"prompt": "a lantern", "duration": "auto"})
+    fal_sim.control.wait_finished(request_id, timeout=30)
+    output = fal_client.result(SEEDANCE, request_id)
+    assert output["video"]["duration"] < 15  # the extra field is there, and tempting
+    record_event(conn, LedgerEvent(request_id, "completed", output, source="api"))
+    row = generation(conn, request_id)
+    assert (row["status"], row["cost_basis"]) == ("completed", "requested")
+    assert row["cost_micros"] == 15 * 303_400

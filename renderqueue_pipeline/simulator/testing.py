@@ -91,6 +91,25 @@ class SimControl:
         params = {"request_id": request_id} if request_id else None
         return self._json(self._http.get("/webhooks", params=params))
 
+    def rotate_keys(self) -> dict[str, Any]:
+        """A new webhook signing key; the previous one stays in the JWKS. Returns the JWKS."""
+        return self._json(self._http.post("/jwks/rotate"))
+
+    def add_file(
+        self,
+        size: int,
+        *,
+        name: str = "output.mp4",
+        content_type: str = "video/mp4",
+        lifetime: float | None = None,
+    ) -> dict[str, Any]:
+        """A CDN file of `size` bytes with no request behind it: {url, file_id, file_size, ...}.
+
+        The bytes are made on the fly per block, so sizes up to many GB cost nothing upfront.
+        """
+        spec = {"size": size, "name": name, "content_type": content_type, "lifetime": lifetime}
+        return self._json(self._http.post("/files", json=spec))
+
     def wait_finished(self, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
         """Block until the request is terminal in the simulator; return its ground truth."""
         return wait_until(
