@@ -67,6 +67,26 @@ class Settings(BaseSettings):
         default=None, ge=0, allow_inf_nan=False, alias="RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD"
     )
 
+    # -- Dagster instance and reconciler (renderqueue_pipeline/dagster_home.py, reconcile/)
+    dagster_max_concurrent_runs: int = Field(
+        default=8, ge=1, le=1000, alias="RENDERQUEUE_DAGSTER_MAX_RUNS"
+    )
+    fal_api_pool_limit: int = Field(default=4, ge=1, le=1000, alias="RENDERQUEUE_FAL_API_POOL")
+    reconcile_min_age_minutes: float = Field(
+        default=10, ge=0, alias="RENDERQUEUE_RECONCILE_MIN_AGE_MINUTES"
+    )
+    reconcile_max_open_hours: float = Field(
+        default=24, gt=0, alias="RENDERQUEUE_RECONCILE_MAX_OPEN_HOURS"
+    )
+    reconcile_concurrency: int = Field(
+        default=16, ge=1, le=256, alias="RENDERQUEUE_RECONCILE_CONCURRENCY"
+    )
+    reconcile_max_rows: int = Field(
+        default=20_000, ge=1, le=1_000_000, alias="RENDERQUEUE_RECONCILE_MAX_ROWS"
+    )
+    reconcile_result_window_minutes: float = Field(
+        default=60, gt=0, alias="RENDERQUEUE_RECONCILE_RESULT_WINDOW_MINUTES"
+    )
     # --- ledger (renderqueue_pipeline/ledger/, docs/ledger.md) ---
     event_retention_days: float = Field(
         default=7, gt=0, le=3650, alias="RENDERQUEUE_EVENT_RETENTION_DAYS"

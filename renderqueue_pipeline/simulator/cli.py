@@ -20,6 +20,7 @@ _HELP = {
     "queue_delay": "Seconds queued before a runner picks the request up ('A', 'A:B', 'exp:MEAN').",
     "run_time": "Seconds of inference ('A', 'A:B', 'exp:MEAN').",
     "submit_latency": "Seconds the submit call takes after enqueueing.",
+    "status_latency": "Seconds each status call (GET .../status) takes.",
     "failure_rate": "Share of requests that end in ERROR with a 422 payload.",
     "payload_error_rate": "Share of OK webhooks whose payload is null with payload_error set.",
     "validation": "Where bad inputs are refused: each endpoint's own rule, or force 'submit' "

@@ -15,12 +15,13 @@ from renderqueue_pipeline.batch import (
 from renderqueue_pipeline.batch import (
     cancel_batch as cancel_batch_now,
 )
+from renderqueue_pipeline.dagster_home import DOMAIN_TAG
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.errors import RenderqueueError
 
-#: Run tag the Dagster instance limits (tag_concurrency_limits) so one inbox cannot
-#: flood the run queue.
-SUBMISSION_TAGS = {"renderqueue/domain": "submission"}
+#: Run tag the Dagster instance limits (dagster_home.tag_concurrency_limits) so the
+#: inbox cannot flood the run queue.
+SUBMISSION_TAGS = {DOMAIN_TAG: "submission"}
 
 
 class SubmitBatchConfig(dg.Config):
