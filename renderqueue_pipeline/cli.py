@@ -15,6 +15,7 @@ from renderqueue_pipeline.ledger.cli import events
 from renderqueue_pipeline.reconcile.cli import reconcile_command
 from renderqueue_pipeline.settings import ConfigError
 from renderqueue_pipeline.simulator.cli import simulator
+from renderqueue_pipeline.spend.cli import spend
 from renderqueue_pipeline.webhook.cli import webhook
 
 
@@ -117,6 +118,7 @@ main.add_command(webhook)
 main.add_command(batch)
 main.add_command(budget)
 main.add_command(submit)
+main.add_command(spend)
 main.add_command(reconcile_command)
 main.add_command(archive)
 main.add_command(link)

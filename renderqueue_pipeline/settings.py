@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
 DEFAULT_FAL_REST_URL = "https://rest.alpha.fal.ai"
+DEFAULT_FAL_API_URL = "https://api.fal.ai/v1"
 DEFAULT_OBJECT_LIFETIME = 7 * 86400  # seconds fal keeps our outputs unless told otherwise
 
 
@@ -92,6 +93,15 @@ class Settings(BaseSettings):
         default=7, gt=0, le=3650, alias="RENDERQUEUE_EVENT_RETENTION_DAYS"
     )
 
+    # --- spend (renderqueue_pipeline/spend/, docs/spend.md; FAL_ADMIN_KEY is above) ---
+    fal_api_url: str = Field(default=DEFAULT_FAL_API_URL, alias="RENDERQUEUE_FAL_API_URL")
+    billing_grace_hours: float = Field(
+        default=48.0, ge=0.0, le=24 * 90, alias="RENDERQUEUE_BILLING_GRACE_HOURS"
+    )
+    billing_threshold_percent: float = Field(
+        default=0.5, ge=0.0, le=100.0, alias="RENDERQUEUE_BILLING_THRESHOLD_PERCENT"
+    )
+
     # --- archive (renderqueue_pipeline/archive/, docs/archive.md) ---
     archive_hosts: str = Field(
         default="v3.fal.media,v3b.fal.media,fal.media", alias="RENDERQUEUE_ARCHIVE_HOSTS"
@@ -157,7 +167,7 @@ class Settings(BaseSettings):
             return value or None
         return value
 
-    @field_validator("fal_jwks_url", "webhook_url", "fal_rest_url")
+    @field_validator("fal_jwks_url", "webhook_url", "fal_rest_url", "fal_api_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
