@@ -128,11 +128,13 @@ def _measure(url: str) -> dict[str, Any]:
                 last[0] = now
                 print(f"  reconcile: {done}/{total} rows", flush=True)
 
+        cpu = time.process_time()
         report = reconcile(
             conn,
             ReconcileOptions(concurrency=CONCURRENCY, max_rows=20_000),
             progress=progress,
         )
+        cpu = time.process_time() - cpu
         states = {
             r["request_id"]: r["status"]
             for r in conn.execute(
@@ -147,6 +149,7 @@ def _measure(url: str) -> dict[str, Any]:
         "plan": plan,
         "figures": report.figures(),
         "submit_seconds": submit_seconds,
+        "cpu_seconds": cpu,
     }
 
 
@@ -197,8 +200,9 @@ def run(console: Console) -> list[Figure]:
     failed = sum(status == "failed" for status in truth.values())
     console.print(
         f"  {STUCK:,} rows to ground truth ({failed:,} failed at fal) in {figures['seconds']} s; "
-        f"results fetched {figures['results_fetched']:,}; setup submit "
-        f"{measured['submit_seconds']:.1f} s"
+        f"results fetched {figures['results_fetched']:,}; ledger writes "
+        f"{figures['ledger_write_seconds']} s; setup submit "
+        f"{measured['submit_seconds']:.1f} s; reconciler CPU {measured['cpu_seconds']:.1f} s"
     )
     console.print("  plan of the stuck-row query:\n    " + measured["plan"].replace("\n", "\n    "))
     bound = CONCURRENCY / STATUS_LATENCY
