@@ -21,7 +21,7 @@ from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.ledger.report import dollars
-from renderqueue_pipeline.settings import get_settings
+from renderqueue_pipeline.settings import get_settings, redact_url
 
 # (user, endpoint, inputs): a small, mixed batch priced from the seeded price table
 DEMO_REQUESTS: list[tuple[int, str, dict]] = [
@@ -84,13 +84,13 @@ def local_fal(home: Path, *, seed: int = 2, failure_rate: float = 0.15):
 
 
 async def _submit_all(url: str, webhook_url: str) -> list[tuple[int, str, dict, str]]:
-    from renderqueue_pipeline.fal_gateway import FalGateway, FalRejected
+    from renderqueue_pipeline.fal_gateway import FalGateway, FalRejected, SubmitResult
     from renderqueue_pipeline.ledger import asubmit_generation
 
     async with FalGateway(default_webhook_url=webhook_url) as gateway:
 
-        async def submit(endpoint: str, inputs: dict) -> str:
-            return (await gateway.submit(endpoint, inputs)).request_id
+        async def submit(endpoint: str, inputs: dict) -> SubmitResult:
+            return await gateway.submit(endpoint, inputs)  # the ledger keeps fal_expires_at
 
         async def one(user_id: int, endpoint: str, inputs: dict) -> tuple[int, str, dict, str]:
             with connect(url) as conn:  # one connection per concurrent submission
@@ -146,7 +146,7 @@ def run_demo(console: Console | None = None) -> bool:
     console = console or Console()
     home = get_settings().home_dir
     url = database_url()
-    console.print(f"ledger database: {url}")
+    console.print(f"ledger database: {redact_url(url)}")
     applied = migrate(url)
     console.print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
 
@@ -171,9 +171,13 @@ def run_demo(console: Console | None = None) -> bool:
     home_dir = ensure_dagster_home(url)
     console.print(f"dagster instance: {home_dir} (storage in Postgres)")
     with DagsterInstance.get() as instance:
-        result = defs().resolve_job_def("ledger_status_job").execute_in_process(
-            instance=instance,
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        result = (
+            defs()
+            .resolve_job_def("ledger_status_job")
+            .execute_in_process(
+                instance=instance,
+                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            )
         )
     console.print(f"dagster run {result.run_id}: {'success' if result.success else 'FAILED'}")
     print_ledger_status(url, console)
