@@ -598,11 +598,14 @@ def row_locked(ledger_url: str, request_id: str) -> Iterator[None]:
 def test_a_delivery_past_its_deadline_is_503_and_its_retry_lands_once(
     ledger_url: str, conn: psycopg.Connection
 ) -> None:
-    with running_receiver(ledger_url, delivery_deadline=1.0) as receiver:
+    # the batch itself would wait a minute for the lock: the delivery's deadline answers
+    with running_receiver(ledger_url, delivery_deadline=1.0, commit_timeout=60) as receiver:
         request_id, _ = submit_row(conn)
         conn.commit()
         with row_locked(ledger_url, request_id):
+            began = time.monotonic()
             answer = receiver.deliver(fal_body(request_id), request_id)
+            assert time.monotonic() - began < 30  # generous: the point is not 60 s
             assert (answer.status_code, answer.json()["outcome"]) == (503, "database_unavailable")
             assert answer.headers["retry-after"]
         answers = retry_until_final(lambda: receiver.deliver(fal_body(request_id), request_id))
