@@ -229,13 +229,14 @@ def test_late_retries_that_keep_their_first_timestamp_still_land_once(
     with read_only(make_database, admin_url) as broken:
         config = ReceiverConfig(broken.receiver_url, fal_sim.jwks_url)
         with serving(create_app(config)) as receiver:
-            submit = lambda i: (
-                fal_client.submit(  # noqa: E731
+
+            def submit(i: int) -> str:
+                return fal_client.submit(
                     SEEDANCE,
                     arguments={"prompt": f"late {i}", "duration": "5"},
                     webhook_url=f"{receiver}/webhooks/fal",
                 ).request_id
-            )
+
             ours = [submit(i) for i in range(3)]
             stranger = submit(99)  # no generation row: a late delivery for it is refused
             with connect(broken.admin_url) as conn:
