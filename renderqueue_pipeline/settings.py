@@ -6,6 +6,7 @@ Every knob is an environment variable; a wrong value becomes one clear line
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
@@ -63,6 +64,11 @@ class Settings(BaseSettings):
     fal_start_timeouts_spec: str = Field(default="", alias="RENDERQUEUE_FAL_START_TIMEOUTS")
     # --- webhook receiver (renderqueue_pipeline/webhook/, docs/webhook.md) ---
     webhook_user_ids: str | None = Field(default=None, alias="FAL_WEBHOOK_USER_IDS")
+
+    # --- batch submission (renderqueue_pipeline/batch/, docs/batch.md) ---
+    default_monthly_budget_usd: Decimal | None = Field(
+        default=None, ge=0, allow_inf_nan=False, alias="RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD"
+    )
 
     # -- Dagster instance and reconciler (renderqueue_pipeline/dagster_home.py, reconcile/)
     dagster_max_concurrent_runs: int = Field(
@@ -152,6 +158,14 @@ class Settings(BaseSettings):
     def fal_start_timeouts(self) -> dict[str, float]:
         """start_timeout seconds per endpoint id (RENDERQUEUE_FAL_START_TIMEOUTS)."""
         return parse_start_timeouts(self.fal_start_timeouts_spec)
+
+    @field_validator("default_monthly_budget_usd", mode="before")
+    @classmethod
+    def _usd(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().removeprefix("$")
+            return value or None
+        return value
 
     @field_validator("fal_jwks_url")
     @classmethod
