@@ -42,8 +42,12 @@ __all__ = [
 ]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
-    """Poll until `predicate()` is truthy and return its value; raise TimeoutError otherwise."""
+def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.01) -> Any:
+    """Poll until `predicate()` is truthy and return its value; raise TimeoutError otherwise.
+
+    The default deadline is generous on purpose: it only matters when something is wrong,
+    and a loaded 2-core machine can take seconds to run a millisecond-scale request.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -110,7 +114,7 @@ class SimControl:
         spec = {"size": size, "name": name, "content_type": content_type, "lifetime": lifetime}
         return self._json(self._http.post("/files", json=spec))
 
-    def wait_finished(self, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    def wait_finished(self, request_id: str, timeout: float = 30.0) -> dict[str, Any]:
         """Block until the request is terminal in the simulator; return its ground truth."""
         return wait_until(
             lambda: (
