@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from renderqueue_pipeline.reports.cli import report
 from renderqueue_pipeline.settings import ConfigError
 from renderqueue_pipeline.simulator.cli import simulator
 from renderqueue_pipeline.webhook.cli import webhook
@@ -98,6 +99,7 @@ def demo() -> None:
 
 main.add_command(simulator)
 main.add_command(webhook)
+main.add_command(report)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

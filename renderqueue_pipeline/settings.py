@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     webhook_flushers: int = Field(default=1, ge=1, le=32, alias="RENDERQUEUE_WEBHOOK_FLUSHERS")
     storage_url: str | None = Field(default=None, alias="RENDERQUEUE_STORAGE_URL")
     prompts_url: str | None = Field(default=None, alias="RENDERQUEUE_PROMPTS_URL")
+    # reports: the first month of the monthly report partitions (YYYY-MM)
+    reports_start_month: str = Field(
+        default="2026-01", pattern=r"^\d{4}-(0[1-9]|1[0-2])$", alias="RENDERQUEUE_REPORTS_START"
+    )
 
     @field_validator("database_url")
     @classmethod
