@@ -7,14 +7,11 @@
 -- cents are the micro-dollar sum rounded once, half up (rq_micros_to_cents), never a sum
 -- of per-row cents.
 --
--- Nothing here touches the ledger's write path: no trigger on generations. The rollup is
--- recomputed per day from the generations_created_at_brin index by the reports code
--- (renderqueue_pipeline/reports/), which keeps days that can no longer change.
-
--- Time ranges over generations (a day, a month). BRIN: a few pages for the whole table,
--- nearly free on insert, and a summarising index, so updates stay HOT-eligible as before.
-create index generations_created_at_brin on generations using brin (created_at)
-  with (pages_per_range = 32, autosummarize = on);
+-- Nothing here touches the ledger's write path: no trigger and no new index on
+-- generations. The rollups are recomputed per UTC day by the reports code
+-- (renderqueue_pipeline/reports/), which finds a day's rows through the seed's
+-- (user_id, created_at desc) index (a skip scan over users, PostgreSQL 18) and keeps days
+-- that can no longer change.
 
 -- The rollups the reports are summed from: per UTC day, user and endpoint; and per UTC
 -- day and batch (batch_id null: generations submitted one at a time, outside any batch).
@@ -65,6 +62,8 @@ create table spend_rollup_days (
   generations integer not null,
   open integer not null,
   settled boolean not null,
+  -- what the computing refresh saw: its snapshot's start and the newest ids
+  snapshot_at timestamptz not null,
   max_generation_id bigint not null,
   max_event_id bigint not null
 );

@@ -21,6 +21,7 @@ from report_helpers import (
 )
 
 from renderqueue_pipeline.ledger import LedgerEvent, record_events
+from renderqueue_pipeline.reports import spend
 from renderqueue_pipeline.reports.checks import (
     completed_generations_are_priced,
     no_archive_failures,
@@ -28,14 +29,7 @@ from renderqueue_pipeline.reports.checks import (
     report_matches_ledger,
 )
 from renderqueue_pipeline.reports.months import ReportInputError, finalizes_at, parse_month
-from renderqueue_pipeline.reports.spend import mark_days_unsettled
-from renderqueue_pipeline.reports.spend import refresh_month as refresh
-
-
-def refresh_month(conn, month, **kwargs):
-    """A tiny ledger's ids all sit within the production overlap: look back from the
-    exact high-water mark here, so that reuse is visible."""
-    return refresh(conn, month, id_overlap=0, **kwargs)
+from renderqueue_pipeline.reports.spend import mark_days_unsettled, refresh_month
 
 MARCH = date(2026, 3, 1)
 PRICE = {KLING: KLING_MICROS_PER_SECOND, VEO: VEO_MICROS_PER_SECOND}
@@ -277,8 +271,10 @@ def test_open_month_reads_only_changed_days(conn: psycopg.Connection) -> None:
 
 
 def test_report_check_fails_on_a_stale_day_and_passes_after_rebuild(
-    conn: psycopg.Connection,
+    conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # an old row: beyond the ids a refresh looks back over for commits still in flight
+    monkeypatch.setattr(spend, "ID_OVERLAP", 0)
     build(conn, MARCH_ROWS[:6])
     now = utc(2026, 3, 31, 23, 30)
     refresh_month(conn, MARCH, now=now)

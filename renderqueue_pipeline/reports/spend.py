@@ -4,7 +4,8 @@ The report tables are sums over two daily rollups (`spend_rollup_daily`: per UTC
 and endpoint; `spend_rollup_daily_batch`: per day and batch). Refreshing an open month
 reads from the ledger only the days that can still change: days not yet settled, and days
 whose generations were inserted or received an event since they were computed. A month past
-its grace period (06:00 UTC on the 1st) is finalized: every day read again from the ledger.
+its grace period (06:00 UTC on the 1st) is final; the finalizing run (schedules.py) is a
+rebuild: every day read again from the ledger, whatever wrote to it.
 The checks (checks.py) compare the tables with the ledger afterwards.
 """
 
@@ -28,8 +29,10 @@ from renderqueue_pipeline.reports.months import (
 )
 
 # Ids handed out to transactions still in flight during a refresh may commit below the
-# high-water mark it recorded; the next refresh looks this far back to catch them.
+# high-water mark it recorded; the next refresh looks this far back for rows and events
+# written within IN_FLIGHT of that refresh's snapshot.
 ID_OVERLAP = 10_000
+IN_FLIGHT = timedelta(minutes=5)
 REPORT_TABLES = (
     "spend_monthly_by_user",
     "spend_monthly_by_endpoint",
@@ -62,17 +65,6 @@ class MonthReport:
         return self.state == "final"
 
 
-def _runs(days: list[date]) -> list[tuple[date, date]]:
-    """Sorted days as contiguous [first, end) runs."""
-    runs: list[tuple[date, date]] = []
-    for day in sorted(days):
-        if runs and runs[-1][1] == day:
-            runs[-1] = (runs[-1][0], day + timedelta(days=1))
-        else:
-            runs.append((day, day + timedelta(days=1)))
-    return runs
-
-
 def _recompute(conn: psycopg.Connection, first: date, end: date) -> None:
     """Replace the rollup of days [first, end) with what the ledger says now."""
     start_ts = datetime(first.year, first.month, first.day, tzinfo=UTC)
@@ -82,9 +74,7 @@ def _recompute(conn: psycopg.Connection, first: date, end: date) -> None:
     conn.execute(q("rollup_insert_range"), {"start": start_ts, "end": end_ts})
 
 
-def _stale_days(
-    conn: psycopg.Connection, month: date, now: datetime, id_overlap: int
-) -> tuple[list[date], int]:
+def _stale_days(conn: psycopg.Connection, month: date, now: datetime) -> tuple[list[date], int]:
     """Days of an open month to read again, and how many settled days are reused."""
     start, end = month_range(month)
     days = days_until(month, now)
@@ -97,13 +87,13 @@ def _stale_days(
     settled = {d: r for d, r in known.items() if r["settled"] and d in days}
     stale = set(days) - set(settled)
     if settled:
-        after_generation = min(r["max_generation_id"] for r in settled.values()) - id_overlap
-        after_event = min(r["max_event_id"] for r in settled.values()) - id_overlap
         touched = conn.execute(
             q("days_touched_since"),
             {
-                "after_generation_id": max(after_generation, 0),
-                "after_event_id": max(after_event, 0),
+                "after_generation_id": min(r["max_generation_id"] for r in settled.values()),
+                "after_event_id": min(r["max_event_id"] for r in settled.values()),
+                "since": min(r["snapshot_at"] for r in settled.values()) - IN_FLIGHT,
+                "overlap": ID_OVERLAP,
                 "start": start,
                 "end": end,
             },
@@ -139,15 +129,14 @@ def refresh_month(
     *,
     now: datetime | None = None,
     rebuild: bool = False,
-    id_overlap: int = ID_OVERLAP,
 ) -> MonthReport:
     """Refresh (or finalize) one month's report tables, in one transaction.
 
-    `now` decides the mode: after `finalizes_at(month)` the month is finalized (every day
-    read from the ledger, state 'final'); before, only stale days are read (state 'open').
-    `rebuild` reads every day whatever the mode. `id_overlap`: how far below the previous
-    refresh's newest ids to look for late commits. Safe to run concurrently (one refresh of
-    a month at a time) and to repeat: the same ledger gives the same rows.
+    Reads from the ledger only the days that may have changed since they were computed
+    (see module docstring); `rebuild` reads every day. `now` decides the state: from
+    `finalizes_at(month)` on the month is 'final', before that 'open'. Safe to run
+    concurrently (one refresh of a month at a time) and to repeat: the same ledger gives the
+    same rows.
     """
     started = time.perf_counter()
     now = (now or datetime.now(UTC)).astimezone(UTC)
@@ -162,7 +151,7 @@ def refresh_month(
     conn.isolation_level = IsolationLevel.REPEATABLE_READ
     try:
         with conn.transaction():
-            report = _refresh_in_snapshot(conn, month, now, final, rebuild, id_overlap)
+            report = _refresh_in_snapshot(conn, month, now, final, rebuild)
     finally:
         conn.isolation_level = previous_isolation
         conn.execute("select pg_advisory_unlock(hashtextextended(%s, 0))", lock)
@@ -177,7 +166,6 @@ def _refresh_in_snapshot(
     now: datetime,
     final: bool,
     rebuild: bool,
-    id_overlap: int,
 ) -> MonthReport:
     clock = time.perf_counter()
     timings: dict[str, float] = {}
@@ -189,16 +177,19 @@ def _refresh_in_snapshot(
 
     high_water = conn.execute(q("ledger_high_water")).fetchone()
     all_days = days_until(month, now)
-    if final or rebuild or not all_days:
+    if rebuild or not all_days:
         stale, reused = all_days, 0
-        runs = [(month, next_month(month))]
     else:
-        stale, reused = _stale_days(conn, month, now, id_overlap)
-        runs = _runs(stale)
-        if runs and runs[-1][1] > all_days[-1]:
-            # the run holding today reaches to the month's end: clocks that ran ahead too
-            runs[-1] = (runs[-1][0], next_month(month))
-    for first, end in runs:
+        stale, reused = _stale_days(conn, month, now)
+    # one statement per day keeps each one small (a day's rows, found by an index scan);
+    # the last day also takes any row stamped later in the month (a clock that ran ahead)
+    ranges = [(day, day + timedelta(days=1)) for day in stale]
+    if not all_days:
+        ranges = [(month, next_month(month))]
+    elif ranges and ranges[-1][0] == all_days[-1]:
+        ranges[-1] = (all_days[-1], next_month(month))
+    conn.execute("set local work_mem = '32MB'")  # a day's sort stays in memory
+    for first, end in ranges:
         _recompute(conn, first, end)
     lap("rollup")
     _write_tables(conn, month, now)

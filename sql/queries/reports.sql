@@ -9,11 +9,11 @@ delete from spend_rollup_daily where day >= %(first_day)s and day < %(end_day)s;
 delete from spend_rollup_daily_batch where day >= %(first_day)s and day < %(end_day)s;
 
 -- name: rollup_insert_range
--- One pass over the range's generations feeds both rollups (grouping sets). The created_at
--- range is served by the BRIN index on created_at.
-with facts as (
-  select (g.created_at at time zone 'UTC')::date as day, g.user_id, g.endpoint,
-         bi.batch_id, grouping(g.user_id, g.endpoint, bi.batch_id) as grain,
+-- One pass over the range's generations (found through the (user_id, created_at) index by
+-- a skip scan) feeds both rollups: grouped by day, user, endpoint and batch, then summed
+-- each way.
+with facts as materialized (
+  select (g.created_at at time zone 'UTC')::date as day, g.user_id, g.endpoint, bi.batch_id,
          count(*) as generations,
          count(*) filter (where g.status = 'completed') as completed,
          count(*) filter (where g.status = 'failed') as failed,
@@ -28,33 +28,37 @@ with facts as (
                   0) as open_estimate_micros,
          coalesce(sum(bi.estimate_micros), 0) as submit_estimate_micros
   from generations g
-  left join batch_items bi on bi.id = g.batch_item_id
+  -- lateral with limit: one primary-key probe per generation, never a scan of every
+  -- intent ever recorded
+  left join lateral (select b.batch_id, b.estimate_micros from batch_items b
+                     where b.id = g.batch_item_id limit 1) bi on true
   where g.created_at >= %(start)s and g.created_at < %(end)s
-  group by grouping sets (((g.created_at at time zone 'UTC')::date, g.user_id, g.endpoint),
-                          ((g.created_at at time zone 'UTC')::date, bi.batch_id))
+  group by 1, 2, 3, 4
 ),
 by_user as (
   insert into spend_rollup_daily (day, user_id, endpoint, generations, completed, failed,
                                   canceled, open, unpriced, billed_seconds, cost_micros,
                                   open_estimate_micros)
-  select day, user_id, endpoint, generations, completed, failed, canceled, open, unpriced,
-         billed_seconds, cost_micros, open_estimate_micros
-  from facts where grain = 1
+  select day, user_id, endpoint, sum(generations), sum(completed), sum(failed),
+         sum(canceled), sum(open), sum(unpriced), sum(billed_seconds), sum(cost_micros),
+         sum(open_estimate_micros)
+  from facts group by day, user_id, endpoint
   returning 1
 )
 insert into spend_rollup_daily_batch (day, batch_id, generations, completed, failed, canceled,
                                       open, unpriced, billed_seconds, cost_micros,
                                       open_estimate_micros, submit_estimate_micros)
-select day, batch_id, generations, completed, failed, canceled, open, unpriced,
-       billed_seconds, cost_micros, open_estimate_micros, submit_estimate_micros
-from facts where grain = 6;
+select day, batch_id, sum(generations), sum(completed), sum(failed), sum(canceled), sum(open),
+       sum(unpriced), sum(billed_seconds), sum(cost_micros), sum(open_estimate_micros),
+       sum(submit_estimate_micros)
+from facts group by day, batch_id;
 
 -- name: rollup_days_upsert
-insert into spend_rollup_days (day, computed_at, generations, open, settled,
+insert into spend_rollup_days (day, computed_at, generations, open, settled, snapshot_at,
                                max_generation_id, max_event_id)
 select d.day, %(computed_at)s, coalesce(s.generations, 0), coalesce(s.open, 0),
        %(settle_before)s::date > d.day and coalesce(s.open, 0) = 0,
-       %(max_generation_id)s, %(max_event_id)s
+       %(snapshot_at)s, %(max_generation_id)s, %(max_event_id)s
 from unnest(%(days)s::date[]) as d(day)
 left join (select day, sum(generations)::int as generations, sum(open)::int as open
            from spend_rollup_daily
@@ -62,11 +66,11 @@ left join (select day, sum(generations)::int as generations, sum(open)::int as o
            group by day) s on s.day = d.day
 on conflict (day) do update
   set computed_at = excluded.computed_at, generations = excluded.generations,
-      open = excluded.open, settled = excluded.settled,
+      open = excluded.open, settled = excluded.settled, snapshot_at = excluded.snapshot_at,
       max_generation_id = excluded.max_generation_id, max_event_id = excluded.max_event_id;
 
 -- name: rollup_days_of_month
-select day, settled, max_generation_id, max_event_id
+select day, settled, snapshot_at, max_generation_id, max_event_id
 from spend_rollup_days
 where day >= %(first_day)s and day < %(end_day)s
 order by day;
@@ -78,17 +82,21 @@ select coalesce((select max(id) from generations), 0) as max_generation_id,
        now() as snapshot_at;
 
 -- name: days_touched_since
--- Days of a month whose generations were inserted, or received an event, after the
--- given ids (both scans run on primary keys, so they cost what changed, not the month).
+-- Days of a month whose generations were inserted, or received an event, after a refresh
+-- saw the given ids. Ids handed out before that refresh but committed after it sit a little
+-- below them: within %(overlap)s ids, a row or event written since a little before the
+-- refresh's snapshot counts too. Both scans run on primary keys: they cost what changed.
 select distinct (g.created_at at time zone 'UTC')::date as day
 from generations g
-where g.id > %(after_generation_id)s
+where g.id > %(after_generation_id)s - %(overlap)s
+  and (g.id > %(after_generation_id)s or g.updated_at > %(since)s)
   and g.created_at >= %(start)s and g.created_at < %(end)s
 union
 select distinct (g.created_at at time zone 'UTC')::date
 from generation_events e
 join generations g on g.request_id = e.request_id
-where e.id > %(after_event_id)s
+where e.id > %(after_event_id)s - %(overlap)s
+  and (e.id > %(after_event_id)s or e.received_at > %(since)s)
   and g.created_at >= %(start)s and g.created_at < %(end)s;
 
 -- name: monthly_by_user_delete

@@ -36,7 +36,6 @@ def table_metadata(report: MonthReport, table: str, rows: list[dict]) -> dict[st
         "open": sum(int(r["open"]) for r in rows),
         "days_recomputed": report.days_recomputed,
         "days_reused": report.days_reused,
-        "rebuilt_after_mismatch": report.rebuilt_after_mismatch,
         "refresh_seconds": dg.MetadataValue.float(round(report.seconds, 3)),
     }
     if table in _KEYS:

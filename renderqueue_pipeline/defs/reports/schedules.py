@@ -1,14 +1,16 @@
 """When reports refresh: the current month every hour, the previous month finalized once.
 
-Both start RUNNING. The finalizing run is on the 1st at 06:00 UTC, after the grace period
-for late webhooks and the reconciler (reports.months.FINALIZE_GRACE); any run of a month
-past that moment reads every day from the ledger and marks the month final.
+Both start RUNNING. The hourly run reads only the days that changed. The finalizing run is
+on the 1st at 06:00 UTC, after the grace period for late webhooks and the reconciler
+(reports.months.FINALIZE_GRACE): a rebuild that reads every day of the month from the
+ledger and marks the month final.
 """
 
 from datetime import UTC, datetime
 
 import dagster as dg
 
+from renderqueue_pipeline.defs.reports.assets import SpendReportConfig
 from renderqueue_pipeline.defs.reports.jobs import spend_report
 from renderqueue_pipeline.reports.months import (
     FINALIZE_GRACE,
@@ -51,5 +53,6 @@ def spend_report_finalize_schedule(context: dg.ScheduleEvaluationContext):
     return dg.RunRequest(
         run_key=f"final:{month_label(month)}",
         partition_key=f"{month:%Y-%m-%d}",
+        run_config=dg.RunConfig(ops={"monthly_spend_tables": SpendReportConfig(rebuild=True)}),
         tags={"renderqueue/report_mode": "finalize"},
     )
