@@ -26,7 +26,7 @@ reads /proc for the server process, every postgres process, and wrk): the receiv
 process spends ~180 µs of CPU per delivery (HTTP parsing and answering in uvicorn, ~42 µs
 of Ed25519 in libsodium, JSON, the flusher's driver work) against ~300 µs for the naive
 Starlette handler, and keeps ~1 core busy: it is the bottleneck now. Postgres spends ~100
-µs per delivery applying the state machine to batches of ~27 (sql/006: a fixed number of
+µs per delivery applying the state machine to batches of ~27 (`rq_record_events`: a fixed number of
 statements per batch, one UPDATE and one INSERT for all rows) against ~220 µs for the naive
 single-row upserts, one transaction each. A single-row UPDATE statement of `generations`
 costs Postgres ~150-200 µs here whatever it writes (nine indexes, two of them GIN, and a trigger);

@@ -8,6 +8,9 @@ import sys
 
 import click
 
+from renderqueue_pipeline.archive.cli import archive, link
+from renderqueue_pipeline.db.reset import db_reset
+from renderqueue_pipeline.ledger.cli import events
 from renderqueue_pipeline.reports.cli import report
 from renderqueue_pipeline.settings import ConfigError
 from renderqueue_pipeline.simulator.cli import simulator
@@ -97,8 +100,21 @@ def demo() -> None:
         sys.exit(1)
 
 
+@main.command()
+@click.option("--port", default=3000, show_default=True, help="Port of the Dagster UI.")
+def dev(port: int) -> None:
+    """Run the whole product locally and open it in the Dagster UI (Ctrl-C stops it)."""
+    from renderqueue_pipeline.dev import run_dev
+
+    run_dev(ui_port=port)
+
+
+db.add_command(db_reset)
+main.add_command(events)
 main.add_command(simulator)
 main.add_command(webhook)
+main.add_command(archive)
+main.add_command(link)
 main.add_command(report)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -49,7 +49,7 @@ DEMO_REQUESTS: list[tuple[int, str, dict]] = [
         "fal-ai/veo3.1",
         {
             "prompt": "a lighthouse in a storm, waves crashing",
-            "duration": "8",
+            "duration": "8s",
             "generate_audio": False,
         },
     ),

@@ -20,13 +20,23 @@ and transport errors, up to 10 attempts):
   retries a submit on a read timeout; that residual risk is why ledger rule 1
   (intent row first) exists. Definite rejections (4xx) raise `FalRejected` /
   `FalRequestError`: nothing was enqueued and nothing is owed.
+
+Every submit carries `X-Fal-Object-Lifecycle-Preference` (how long fal keeps the
+outputs; 7 days unless configured) and, when configured for the endpoint,
+`start_timeout` (fal ends a request not started in time with a 504 marked
+`X-Fal-Request-Timeout-Type: user`: `FalRequestTimedOut`, terminal, never retried).
+The expiry asked for is returned as `SubmitResult.fal_expires_at` for the ledger.
+A request fal puts back in its queue (runner lost) is simply `queued` again: not
+terminal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -49,6 +59,10 @@ T = TypeVar("T")
 
 #: Server errors fal-client does not retry itself (it retries only nginx-style 502/503/504).
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+TIMEOUT_TYPE_HEADER = "x-fal-request-timeout-type"
+LIFECYCLE_HEADER = "X-Fal-Object-Lifecycle-Preference"
+DEFAULT_OBJECT_LIFETIME = 7 * 86400.0
+_UNSET: Any = object()
 
 
 # ----- our small exception set -----------------------------------------------------------------
@@ -97,6 +111,17 @@ class FalRequestError(FalError):
 
 class FalRejected(FalRequestError):
     """422: the model rejected the inputs (at submit, or as the request's result)."""
+
+
+class FalRequestTimedOut(FalRequestError):
+    """504 with `X-Fal-Request-Timeout-Type: user`: not started within start_timeout.
+
+    Terminal: fal will not run it and bills nothing. Never retried.
+    """
+
+
+class FalCancelled(FalRequestError):
+    """The request's result says it was cancelled (499); nothing was billed."""
 
 
 class FalNotFound(FalRequestError):
@@ -148,6 +173,9 @@ class SubmitResult:
     status_url: str
     cancel_url: str
     webhook_url: str | None = None
+    #: when fal deletes the outputs, by the lifecycle this submit asked for (None: never)
+    fal_expires_at: dt.datetime | None = None
+    start_timeout: float | None = None
 
 
 QueueState = Literal["queued", "in_progress", "completed"]
@@ -174,6 +202,11 @@ class Status:
     def succeeded(self) -> bool:
         return self.state == "completed" and self.error is None
 
+    @property
+    def timed_out(self) -> bool:
+        """fal gave up before a runner started it (start_timeout): terminal, not billed."""
+        return self.state == "completed" and self.error_type == "request_timeout"
+
 
 CancelOutcome = Literal["cancellation_requested", "already_completed"]
 
@@ -191,10 +224,21 @@ def _is_fal_http_error(exc: BaseException) -> bool:
     return isinstance(exc, FalClientHTTPError)
 
 
+def _is_user_timeout(exc: BaseException) -> bool:
+    """fal's 504 for a request not started within its start_timeout."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    return _status_code(exc) == 504 and bool(headers.get(TIMEOUT_TYPE_HEADER))
+
+
 def _retryable(exc: BaseException) -> bool:
     """Idempotent calls: retry fal's own 5xx and transport errors fal-client gave up on."""
     if isinstance(exc, httpx.TransportError):
         return True
+    if isinstance(exc, httpx.HTTPStatusError):  # our own REST calls (delete_io)
+        return exc.response.status_code in RETRYABLE_STATUS or exc.response.status_code == 429
+    if _is_user_timeout(exc):
+        return False  # the request's own deadline passed: asking again changes nothing
     code = _status_code(exc)
     return code in RETRYABLE_STATUS  # 429 is already retried (10x) by fal-client
 
@@ -215,6 +259,10 @@ class FalGateway:
         retry_max: float = 8.0,
         timeout: float = 120.0,
         default_webhook_url: str | None = None,
+        start_timeouts: Mapping[str, float] | None = None,
+        object_lifetime: float | None = DEFAULT_OBJECT_LIFETIME,
+        rest_url: str = "https://rest.alpha.fal.ai",
+        admin_key: str | None = _UNSET,
     ) -> None:
         import fal_client as _fal_client  # lazily: it freezes FAL_QUEUE_RUN_HOST on import
 
@@ -230,6 +278,11 @@ class FalGateway:
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.default_webhook_url = default_webhook_url
+        self.start_timeouts = dict(start_timeouts or {})
+        self.object_lifetime = object_lifetime
+        self.rest_url = rest_url.rstrip("/")
+        self._admin_key = key if admin_key is _UNSET else admin_key
+        self._timeout = timeout
 
     @classmethod
     def from_settings(cls, settings: Any = None, **overrides: Any) -> FalGateway:
@@ -238,7 +291,12 @@ class FalGateway:
 
         settings = settings or get_settings()
         key = settings.fal_key.get_secret_value() if settings.fal_key else None
+        admin = settings.fal_admin_secret
         overrides.setdefault("default_webhook_url", settings.webhook_url)
+        overrides.setdefault("start_timeouts", settings.fal_start_timeouts)
+        overrides.setdefault("object_lifetime", settings.fal_object_lifetime)
+        overrides.setdefault("rest_url", settings.fal_rest_url)
+        overrides.setdefault("admin_key", admin.get_secret_value() if admin else None)
         return cls(key, **overrides)
 
     def __repr__(self) -> str:  # never show the key
@@ -298,6 +356,10 @@ class FalGateway:
         error_type = getattr(exc, "error_type", None)
         args = (endpoint, request_id, code, detail)
         kwargs = {"operation": operation, "error_type": error_type}
+        if _is_user_timeout(exc):
+            return FalRequestTimedOut(*args, **kwargs)
+        if code == 499:
+            return FalCancelled(*args, **kwargs)
         if code == 422:
             return FalRejected(*args, **kwargs)
         if code == 404:
@@ -322,12 +384,28 @@ class FalGateway:
         *,
         webhook_url: str | None = None,
         hint: str | None = None,
+        priority: Literal["normal", "low"] | None = None,
     ) -> SubmitResult:
-        """Enqueue one request (with a webhook). Never retried by us: see the module doc."""
+        """Enqueue one request (with a webhook). Never retried by us: see the module doc.
+
+        Sends the object lifecycle and the endpoint's start_timeout (if configured).
+        """
         webhook = webhook_url or self.default_webhook_url
+        start_timeout = self.start_timeouts.get(endpoint)
+        lifetime = self.object_lifetime
+        headers = {LIFECYCLE_HEADER: json.dumps({"expiration_duration_seconds": lifetime})}
+        asked_at = dt.datetime.now(dt.UTC)  # before the call: fal's clock starts later
         try:
             handle = await self._bounded(
-                lambda: self._client.submit(endpoint, inputs, webhook_url=webhook, hint=hint)
+                lambda: self._client.submit(
+                    endpoint,
+                    inputs,
+                    webhook_url=webhook,
+                    hint=hint,
+                    priority=priority,
+                    headers=headers,
+                    start_timeout=start_timeout,
+                )
             )
         except (httpx.TransportError, httpx.TimeoutException) as exc:
             raise FalSubmitOutcomeUnknown(
@@ -357,7 +435,45 @@ class FalGateway:
             status_url=handle.status_url,
             cancel_url=handle.cancel_url,
             webhook_url=webhook,
+            fal_expires_at=None if lifetime is None else asked_at + dt.timedelta(seconds=lifetime),
+            start_timeout=start_timeout,
         )
+
+    async def delete_io(self, request_id: str) -> list[DeletedFile]:
+        """fal's `PUT /requests/delete_io/{request_id}` (admin key): delete the request's
+        stored payloads and its output files on fal's CDN (inputs' files are kept).
+
+        Returns one `DeletedFile` per output file; `error` is set for a file fal could not
+        delete. Raises FalNotFound for an unknown request, FalAuthError without an admin key.
+        """
+        if not self._admin_key:
+            raise FalAuthError(
+                "delete_io", request_id, 401, "no admin key: set FAL_ADMIN_KEY (or FAL_KEY)",
+                operation="delete_io",
+            )
+        url = f"{self.rest_url}/requests/delete_io/{request_id}"
+        headers = {"Authorization": f"Key {self._admin_key}"}
+
+        async def call() -> httpx.Response:
+            async with httpx.AsyncClient(timeout=self._timeout) as http:
+                response = await http.put(url, headers=headers)
+            if response.status_code in RETRYABLE_STATUS or response.status_code == 429:
+                response.raise_for_status()
+            return response
+
+        try:
+            response = await self._idempotent(call)
+        except httpx.HTTPStatusError as exc:
+            response = exc.response
+        except httpx.TransportError as exc:
+            raise self._map(exc, "delete_io", request_id, "delete_io") from exc
+        if response.status_code >= 400:
+            raise _http_error(response, request_id)
+        body = response.json()
+        return [
+            DeletedFile(item.get("link", ""), item.get("exception"))
+            for item in body.get("CDN_DELETE_RESULTS") or []
+        ]
 
     async def status(self, endpoint: str, request_id: str, *, with_logs: bool = False) -> Status:
         """The request's queue status (fal-client builds the owner/app URL from the endpoint)."""
@@ -412,6 +528,40 @@ class FalGateway:
                 return "already_completed"
             raise self._map(exc, endpoint, request_id, "cancel") from exc
         return "cancellation_requested"
+
+
+@dataclass(frozen=True)
+class DeletedFile:
+    """One output file of a delete_io call: its CDN link and fal's error text, if any."""
+
+    link: str
+    error: str | None = None
+
+    @property
+    def deleted(self) -> bool:
+        return self.error is None
+
+
+def _http_error(response: httpx.Response, request_id: str) -> FalError:
+    """Our error for a failed call to fal's REST API (delete_io)."""
+    try:
+        body = response.json()
+        detail = body.get("detail", body) if isinstance(body, dict) else body
+    except ValueError:
+        detail = response.text
+    code = response.status_code
+    args = ("delete_io", request_id, code, detail)
+    if code == 404:
+        return FalNotFound(*args, operation="delete_io")
+    if code in (401, 403):
+        return FalAuthError(*args, operation="delete_io")
+    if code == 429 or code >= 500:
+        return FalUnavailable(
+            f"fal delete_io request {request_id}: HTTP {code} after retries: {_short(detail)}",
+            endpoint="delete_io",
+            request_id=request_id,
+        )
+    return FalRequestError(*args, operation="delete_io")
 
 
 def _body_status(exc: BaseException) -> str | None:

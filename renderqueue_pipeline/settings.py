@@ -14,6 +14,25 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
+DEFAULT_FAL_REST_URL = "https://rest.alpha.fal.ai"
+DEFAULT_OBJECT_LIFETIME = 7 * 86400  # seconds fal keeps our outputs unless told otherwise
+
+
+def parse_start_timeouts(value: str) -> dict[str, float]:
+    """`endpoint=seconds,endpoint=seconds` -> {endpoint: seconds}; ValueError when malformed."""
+    result: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        endpoint, sep, seconds = item.rpartition("=")
+        try:
+            number = float(seconds)
+        except ValueError:
+            number = 0.0
+        if not sep or not endpoint.strip() or not number > 1:  # fal-client's own floor
+            raise ValueError(
+                f"expected endpoint=seconds (seconds > 1) separated by commas, at {item!r}"
+            )
+        result[endpoint.strip()] = number
+    return result
 
 
 class ConfigError(Exception):
@@ -34,7 +53,42 @@ class Settings(BaseSettings):
     webhook_flushers: int = Field(default=1, ge=1, le=32, alias="RENDERQUEUE_WEBHOOK_FLUSHERS")
     storage_url: str | None = Field(default=None, alias="RENDERQUEUE_STORAGE_URL")
     prompts_url: str | None = Field(default=None, alias="RENDERQUEUE_PROMPTS_URL")
-    # reports: the first month of the monthly report partitions (YYYY-MM)
+    # -- fal gateway (issue 9) --
+    fal_admin_key: SecretStr | None = Field(default=None, alias="FAL_ADMIN_KEY")
+    fal_rest_url: str = Field(default=DEFAULT_FAL_REST_URL, alias="RENDERQUEUE_FAL_REST_URL")
+    fal_object_lifetime: float | None = Field(
+        default=DEFAULT_OBJECT_LIFETIME, alias="RENDERQUEUE_FAL_OBJECT_LIFETIME"
+    )
+    fal_start_timeouts_spec: str = Field(default="", alias="RENDERQUEUE_FAL_START_TIMEOUTS")
+
+    # --- ledger (renderqueue_pipeline/ledger/, docs/ledger.md) ---
+    event_retention_days: float = Field(
+        default=7, gt=0, le=3650, alias="RENDERQUEUE_EVENT_RETENTION_DAYS"
+    )
+
+    # --- archive (renderqueue_pipeline/archive/, docs/archive.md) ---
+    archive_hosts: str = Field(
+        default="v3.fal.media,v3b.fal.media,fal.media", alias="RENDERQUEUE_ARCHIVE_HOSTS"
+    )
+    archive_loopback_hosts: str = Field(default="", alias="RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS")
+    archive_max_bytes: int = Field(
+        default=2 * 1024**3, ge=1, alias="RENDERQUEUE_ARCHIVE_MAX_BYTES"
+    )
+    archive_batch_rows: int = Field(default=500, ge=1, alias="RENDERQUEUE_ARCHIVE_BATCH_ROWS")
+    archive_concurrency: int = Field(
+        default=4, ge=1, le=64, alias="RENDERQUEUE_ARCHIVE_CONCURRENCY"
+    )
+    archive_max_attempts: int = Field(default=5, ge=1, alias="RENDERQUEUE_ARCHIVE_MAX_ATTEMPTS")
+    archive_alert_minutes: float = Field(
+        default=30.0, gt=0, alias="RENDERQUEUE_ARCHIVE_ALERT_MINUTES"
+    )
+    archive_deadline_hours: float = Field(
+        default=24.0, gt=0, alias="RENDERQUEUE_ARCHIVE_DEADLINE_HOURS"
+    )
+    delete_fal_copy: bool = Field(default=False, alias="RENDERQUEUE_DELETE_FAL_COPY")
+
+    # --- reports (renderqueue_pipeline/reports/, docs/reports.md) ---
+    # the first month of the monthly report partitions (YYYY-MM)
     reports_start_month: str = Field(
         default="2026-01", pattern=r"^\d{4}-(0[1-9]|1[0-2])$", alias="RENDERQUEUE_REPORTS_START"
     )
@@ -49,7 +103,33 @@ class Settings(BaseSettings):
             raise ValueError("expected a postgresql:// URL")
         return value
 
-    @field_validator("fal_jwks_url", "webhook_url")
+    @field_validator("fal_object_lifetime", mode="before")
+    @classmethod
+    def _lifetime(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+            return None
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            try:
+                seconds = float(value)
+            except ValueError:
+                seconds = 0.0
+            if not seconds > 0:
+                raise ValueError("expected seconds > 0, or 'none' for no expiry")
+            return seconds
+        return value
+
+    @field_validator("fal_start_timeouts_spec")
+    @classmethod
+    def _start_timeouts(cls, value: str) -> str:
+        parse_start_timeouts(value)
+        return value
+
+    @property
+    def fal_start_timeouts(self) -> dict[str, float]:
+        """start_timeout seconds per endpoint id (RENDERQUEUE_FAL_START_TIMEOUTS)."""
+        return parse_start_timeouts(self.fal_start_timeouts_spec)
+
+    @field_validator("fal_jwks_url", "webhook_url", "fal_rest_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
@@ -58,6 +138,11 @@ class Settings(BaseSettings):
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError("expected an http(s):// URL")
         return value
+
+    @property
+    def fal_admin_secret(self) -> SecretStr | None:
+        """The key for fal's admin calls: FAL_ADMIN_KEY, falling back to FAL_KEY."""
+        return self.fal_admin_key or self.fal_key
 
     @property
     def home_dir(self) -> Path:

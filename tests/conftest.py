@@ -21,6 +21,18 @@ pytest_plugins = (
     ["fal_sim_plugin"] if (Path(__file__).parent / "fal_sim_plugin.py").exists() else []
 )
 
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Temp folders under this checkout, not the shared /tmp/pytest-of-<user>.
+
+    pytest resets that shared folder to mode 700 at every start, which locks the embedded
+    Postgres (its own system user when run as root) out of folders of a run in progress.
+    """
+    if not config.option.basetemp:
+        config.option.basetemp = str(TEST_HOME / "tmp")
+
+
 LEDGER_TABLES = (
     "generation_events",
     "generations",

@@ -4,10 +4,11 @@ Register with `pytest_plugins = ["fal_sim_plugin"]` (tests/ on sys.path) or run
 `pytest -p fal_sim_plugin` with PYTHONPATH=tests.
 
 fal-client reads FAL_QUEUE_RUN_HOST when it is first imported, so
-this module picks a free port and exports the simulator's client environment
-when it is imported (before test modules are collected); `pytest_configure`
-checks that fal_client did not freeze another host earlier. The simulator
-itself starts lazily, on that port, the first time a test asks for it.
+this module binds a socket to port 0 and exports the simulator's client
+environment for the port it got when it is imported (before test modules are
+collected); `pytest_configure` checks that fal_client did not freeze another
+host earlier. The simulator itself starts lazily, serving that very socket (so
+no other process can take the port in between), the first time a test asks.
 
 Fixtures:
 - `fal_simulator` (session): the `RunningSimulator` (thread), fast test timings.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from renderqueue_pipeline.simulator.server import client_env, free_port
+from renderqueue_pipeline.simulator.server import bind_socket, client_env
 from renderqueue_pipeline.simulator.testing import (
     FAST_TEST_OPTIONS,
     RunningSimulator,
@@ -37,17 +39,18 @@ from renderqueue_pipeline.simulator.testing import (
 from renderqueue_pipeline.simulator.testing import webhook_sink as running_webhook_sink
 
 
-def _export_env_now() -> tuple[Path, int]:
-    """Pick the port and export the env at plugin import: as early as a plugin can run."""
+def _export_env_now() -> tuple[Path, socket.socket, int]:
+    """Bind the port and export the env at plugin import: as early as a plugin can run."""
     home = Path(tempfile.mkdtemp(prefix="renderqueue-falsim-"))
-    port = free_port()
+    sock = bind_socket("127.0.0.1", 0)  # held from now on: nobody else can take the port
+    port = sock.getsockname()[1]
     env = client_env(home, "127.0.0.1", port)
     if "fal_client" not in sys.modules:
         os.environ.update(env)
-    return home, port
+    return home, sock, port
 
 
-_HOME, _PORT = _export_env_now()
+_HOME, _SOCK, _PORT = _export_env_now()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -66,13 +69,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
+    _SOCK.close()  # a no-op once a simulator served (and closed) it
     shutil.rmtree(_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def fal_simulator() -> Iterator[RunningSimulator]:
     """The session's simulator, on the port fal_client was configured with."""
-    with running_simulator(_HOME, _PORT, seed=0, **FAST_TEST_OPTIONS) as sim:
+    with running_simulator(_HOME, sock=_SOCK, seed=0, **FAST_TEST_OPTIONS) as sim:
         yield sim
 
 

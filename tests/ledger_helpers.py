@@ -12,17 +12,21 @@ from renderqueue_pipeline.ledger import Intent, record_intent, record_submitted
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
 
 
-def video_payload(seconds: float = 5, url: str | None = None) -> dict[str, Any]:
-    """A text-to-video result in fal's shape, with the output's real duration."""
+# What fal documents for a text-to-video output (Seedance 2.0): nothing else, no duration.
+DOCUMENTED_VIDEO_FIELDS = frozenset({"url", "content_type", "file_name", "file_size"})
+DOCUMENTED_OUTPUT_FIELDS = frozenset({"video", "seed"})
+
+
+def video_payload(seed: int = 123, url: str | None = None) -> dict[str, Any]:
+    """A text-to-video result exactly in fal's documented shape."""
     return {
         "video": {
             "url": url or f"https://v3b.fal.media/files/b/{uuid.uuid4().hex}/output.mp4",
             "content_type": "video/mp4",
             "file_name": "output.mp4",
             "file_size": 13638187,
-            "duration": seconds,
         },
-        "seed": 123,
+        "seed": seed,
     }
 
 

@@ -26,6 +26,6 @@ def test_demo_submits_receives_and_reports(
     rows = conn.execute("select status::text, cost_basis, cost_micros from generations").fetchall()
     assert len(rows) == 6
     assert all(r["status"] in ("completed", "failed") for r in rows)
-    assert all(r["cost_basis"] == "actual" for r in rows if r["status"] == "completed")
+    assert all(r["cost_basis"] == "requested" for r in rows if r["status"] == "completed")
     assert all(r["cost_micros"] == 0 for r in rows if r["status"] == "failed")
     assert (tmp_path / "home" / "dagster" / "dagster.yaml").read_text().count("postgres_url") == 1

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 
+from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.db.migrate import MigrationError, load_migrations, migrate, sql_dir
+from renderqueue_pipeline.db.server import with_database
 
 
 def schema_fingerprint(url: str) -> list[tuple]:
@@ -60,11 +63,15 @@ def test_two_processes_at_once_end_in_the_same_schema(make_database: Callable[[]
     ]
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
-    outputs = sorted(out for out, _ in results)
-    assert outputs[0].strip() == "database is up to date" or "applied" in outputs[0]
-    # each migration was applied by exactly one of the two processes
+    # each process either applied some migrations or found nothing left to do; each
+    # migration was applied by exactly one of them
+    for out, _ in results:
+        lines = out.splitlines()
+        assert lines == ["database is up to date"] or (
+            lines and all(line.startswith("applied ") for line in lines)
+        ), out
     applied = [
-        line for out, _ in results for line in out.splitlines() if line.startswith("applied")
+        line for out, _ in results for line in out.splitlines() if line != "database is up to date"
     ]
     assert sorted(applied) == sorted(f"applied {m.name}" for m in load_migrations())
     assert schema_fingerprint(url) == schema_fingerprint(reference)
@@ -100,3 +107,99 @@ def test_a_failing_migration_rolls_back_whole(
         assert conn.execute("select to_regclass('half_done')").fetchone()[0] is None
         versions = [r[0] for r in conn.execute("select version from schema_migrations")]
     assert "999" not in versions and "001" in versions
+
+
+PRE_RELEASE = [
+    ("001", "001_generations"),
+    ("002", "002_ledger"),
+    ("003", "003_ledger_rules"),
+    ("004", "004_seed_prices"),
+    ("005", "005_record_events_batch"),
+    ("006", "006_set_based_apply"),
+]
+
+
+def make_pre_release_database(url: str) -> None:
+    """What the pre-release files left: their names in schema_migrations, and data."""
+    first = load_migrations()[0]
+    with psycopg.connect(url) as conn:
+        conn.execute(first.sql)
+        conn.execute(
+            "create table schema_migrations (version text primary key, name text not null, "
+            "checksum text not null, applied_at timestamptz not null default now())"
+        )
+        for version, name in PRE_RELEASE:
+            checksum = first.checksum if version == "001" else f"old-{version}"
+            conn.execute(
+                "insert into schema_migrations (version, name, checksum) values (%s, %s, %s)",
+                (version, name, checksum),
+            )
+        conn.execute(
+            "insert into generations (request_id, user_id, endpoint, inputs) "
+            "values ('old-1', 1, 'a/b', '{}')"
+        )
+
+
+def test_a_pre_release_database_is_refused_naming_the_fix(
+    make_database: Callable[[], str],
+) -> None:
+    url = make_database()
+    make_pre_release_database(url)
+    with pytest.raises(MigrationError) as refused:
+        migrate(url)
+    message = str(refused.value)
+    assert "pre-release migration files" in message
+    assert "002_ledger, 003_ledger_rules" in message
+    assert "renderqueue db reset" in message and "drop the database by hand" in message
+    with psycopg.connect(url) as conn:  # nothing was changed
+        assert conn.execute("select to_regclass('prices')").fetchone()[0] is None
+
+
+def test_a_renamed_migration_is_refused(make_database: Callable[[], str], tmp_path: Path) -> None:
+    folder = tmp_path / "sql"
+    shutil.copytree(sql_dir(), folder)
+    url = make_database()
+    migrate(url, folder)
+    prices = sorted(folder.glob("004_*.sql"))[0]
+    prices.rename(folder / "004_renamed.sql")
+    with pytest.raises(MigrationError, match="recorded as 004_prices.sql but the file is now"):
+        migrate(url, folder)
+
+
+def test_db_reset_asks_then_recreates_only_its_database(
+    make_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from renderqueue_pipeline.settings import get_settings
+
+    url, other = make_database(), make_database()
+    make_pre_release_database(url)
+    with psycopg.connect(other) as conn:
+        conn.execute("create table keep_me (id int)")
+    monkeypatch.setenv("DATABASE_URL", url)
+    monkeypatch.setenv("RENDERQUEUE_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    try:
+        runner = CliRunner()
+        refused = runner.invoke(main, ["db", "migrate"])
+        assert refused.exit_code == 2
+        assert "renderqueue db reset" in refused.output
+
+        declined = runner.invoke(main, ["db", "reset"], input="n\n")
+        assert declined.exit_code == 1 and "Drop database" in declined.output
+        with psycopg.connect(url) as conn:  # still there
+            assert conn.execute("select count(*) from generations").fetchone()[0] == 1
+
+        done = runner.invoke(main, ["db", "reset", "--yes"])
+        assert done.exit_code == 0, done.output
+        assert f"applied {len(load_migrations())} migrations" in done.output
+    finally:
+        get_settings.cache_clear()
+    assert migrate(url) == []
+    with psycopg.connect(url) as conn:
+        assert conn.execute("select count(*) from generations").fetchone()[0] == 0
+        names = [r[0] for r in conn.execute("select name from schema_migrations order by 1")]
+    assert names == [m.name for m in load_migrations()]
+    with psycopg.connect(other) as conn:
+        assert conn.execute("select to_regclass('keep_me')").fetchone()[0] == "keep_me"
+    with psycopg.connect(with_database(url, "postgres")) as conn:
+        assert conn.execute("select 1 from pg_database where datname = 'postgres'").fetchone()

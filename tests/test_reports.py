@@ -362,7 +362,7 @@ def test_archive_failures_fail_the_archive_check(conn: psycopg.Connection) -> No
     finding = no_archive_failures(conn, MARCH)
     assert not finding.passed
     assert finding.metadata["archive_failures"] == 1
-    assert finding.metadata["first_failures"] == [f"{rid}: gone (404)"]
+    assert finding.metadata["first_failures"] == [f"{rid} (failed): gone (404)"]
 
 
 @pytest.mark.parametrize("text", ["2026-13", "March", "2026-3", "2026-03-02", ""])

@@ -47,10 +47,13 @@ def test_sync_submit_status_result(fal_sim: RunningSimulator) -> None:
 
     result = handle.get()
     video = result["video"]
-    assert video["content_type"] == "video/mp4"
-    assert video["duration"] == 5.0
+    # exactly fal's documented output schema for Seedance 2.0: nothing fal does not send
+    assert set(result) == {"video", "seed"}
+    assert set(video) == {"url", "content_type", "file_name", "file_size"}
+    assert video["content_type"] == "video/mp4" and video["file_name"] == "output.mp4"
     assert video["file_size"] > 0
     truth = fal_sim.control.ground_truth(handle.request_id)
+    assert truth["output_duration"] == 5.0
     assert truth["status"] == "completed"
     assert truth["billed_seconds"] == 5.0
     assert truth["output"]["video"]["file_size"] == video["file_size"]
@@ -90,7 +93,7 @@ def test_in_progress_status_is_202_with_logs(fal_sim: RunningSimulator) -> None:
                 == "IN_PROGRESS"
                 else None
             ),
-            timeout=5,
+            timeout=30,
         )
     assert raw.status_code == 202
     assert "logs" in raw.json()
@@ -115,64 +118,104 @@ def test_async_client_end_to_end(fal_sim: RunningSimulator) -> None:
         events = [e async for e in handle.iter_events(with_logs=True, interval=0.01)]
         result = await handle.get()
         again = await client.result(ENDPOINT, handle.request_id)
-        assert again["video"]["file_size"] == result["video"]["file_size"]
+        assert again == result  # the same stable URL every time
         status = await client.status(ENDPOINT, handle.request_id, with_logs=False)
         assert isinstance(status, fal_client.Completed)
         return result, events
 
     result, events = asyncio.run(main())
     assert isinstance(events[-1], fal_client.Completed)
-    assert result["video"]["duration"] == 5.0
+    assert set(result["video"]) == {"url", "content_type", "file_name", "file_size"}
 
 
 def test_subscribe_and_run(fal_sim: RunningSimulator) -> None:
-    result = fal_client.subscribe(ENDPOINT, arguments={**INPUTS, "duration": 8})
-    assert result["video"]["duration"] == 8.0
+    result = fal_client.subscribe(ENDPOINT, arguments={**INPUTS, "duration": "8"})
+    assert result["video"]["url"]
     image = fal_client.run("fal-ai/fast-sdxl", arguments={"prompt": "a cute cat"})
+    assert set(image["images"][0]) == {"url", "width", "height", "content_type"}
     assert image["images"][0]["content_type"] == "image/jpeg"
     truths = fal_sim.control.ground_truth()
     assert [t["sync"] for t in truths] == [False, True]
+    assert truths[0]["billed_seconds"] == 8.0
 
 
-def test_auto_duration_and_resolution_shape_the_output(fal_sim: RunningSimulator) -> None:
+def test_auto_duration_is_billed_but_not_in_the_output(fal_sim: RunningSimulator) -> None:
+    """fal bills what "auto" picked, but its output does not say how long the video is."""
+    result = fal_client.subscribe(
+        ENDPOINT, arguments={"prompt": "p", "duration": "auto", "resolution": "1080p"}
+    )
+    assert "duration" not in result["video"] and "width" not in result["video"]
+    truth = fal_sim.control.ground_truth()[0]
+    assert 4 <= truth["billed_seconds"] <= 15
+    assert truth["billed_seconds"] == truth["output_duration"]
+
+
+def test_output_extras_knob_adds_what_fal_does_not_send(fal_sim: RunningSimulator) -> None:
+    fal_sim.control.set_faults(output_extras=True)
     result = fal_client.subscribe(
         ENDPOINT, arguments={"prompt": "p", "duration": "auto", "resolution": "1080p"}
     )
     video = result["video"]
-    assert 4 <= video["duration"] <= 15
     assert (video["width"], video["height"]) == (1920, 1080)
-    truth = fal_sim.control.ground_truth()[0]
-    assert truth["billed_seconds"] == video["duration"]
+    assert video["duration"] == fal_sim.control.ground_truth()[0]["billed_seconds"]
 
 
-def test_cancel_queued_request(fal_sim: RunningSimulator) -> None:
+@pytest.mark.parametrize(
+    ("endpoint", "inputs", "keys"),
+    [
+        ("fal-ai/veo3.1", {"prompt": "p", "duration": "6s", "resolution": "4k"}, {"video"}),
+        ("fal-ai/kling-video/v3/pro/text-to-video", {"prompt": "p", "duration": "12"}, {"video"}),
+        ("bytedance/seedance-2.0/fast/text-to-video", {"prompt": "p"}, {"video", "seed"}),
+    ],
+)
+def test_each_endpoint_returns_its_documented_output(
+    fal_sim: RunningSimulator, endpoint: str, inputs: dict, keys: set[str]
+) -> None:
+    result = fal_client.subscribe(endpoint, arguments=inputs)
+    assert set(result) == keys
+    assert set(result["video"]) == {"url", "content_type", "file_name", "file_size"}
+
+
+def test_cancel_queued_request_leaves_the_queue(fal_sim: RunningSimulator) -> None:
     fal_sim.control.set_faults(queue_delay="10")
     handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
     handle.cancel()  # 202 CANCELLATION_REQUESTED
     status = handle.status()
     assert isinstance(status, fal_client.Completed)
-    assert status.error == "Request cancelled"
+    assert status.error and status.error_type == "client_cancelled"
     truth = fal_sim.control.ground_truth(handle.request_id)
     assert truth["status"] == "canceled"
     assert truth["billed_seconds"] == 0
     with pytest.raises(FalClientHTTPError) as err:
         handle.get()
-    assert err.value.status_code == 400
+    assert err.value.status_code == 499
+    assert err.value.response.json()["error_type"] == "client_cancelled"
 
 
-def test_cancel_in_progress_honored_and_ignored(fal_sim: RunningSimulator) -> None:
-    fal_sim.control.set_faults(queue_delay="0", run_time="1.0")
+def test_cancel_of_a_running_request_is_only_a_signal(fal_sim: RunningSimulator) -> None:
+    """fal signals the app; by default it finishes, returns its output and is billed."""
+    fal_sim.control.set_faults(queue_delay="0", run_time="3")
     handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
-    wait_until(lambda: isinstance(handle.status(), fal_client.InProgress), timeout=5)
+    wait_until(lambda: isinstance(handle.status(), fal_client.InProgress), timeout=30)
+    handle.cancel()  # 202: accepted as a request, not a promise
+    assert set(handle.get()["video"]) == {"url", "content_type", "file_name", "file_size"}
+    truth = fal_sim.control.ground_truth(handle.request_id)
+    assert truth["status"] == "completed" and truth["cancel_requested"]
+    assert truth["billed_seconds"] == 5.0
+
+
+def test_cancel_stop_rate_makes_a_running_request_stop(fal_sim: RunningSimulator) -> None:
+    fal_sim.control.set_faults(queue_delay="0", run_time="5", cancel_stop_rate=1.0)
+    handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
+    wait_until(lambda: isinstance(handle.status(), fal_client.InProgress), timeout=30)
     handle.cancel()
-    assert fal_sim.control.ground_truth(handle.request_id)["status"] == "canceled"
-
-    fal_sim.control.set_faults(cancel_in_progress="ignore", run_time="0.3")
-    handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
-    wait_until(lambda: isinstance(handle.status(), fal_client.InProgress), timeout=5)
-    handle.cancel()  # accepted, but the model finishes anyway (and is billed)
-    assert handle.get()["video"]["duration"] == 5.0
-    assert fal_sim.control.ground_truth(handle.request_id)["billed_seconds"] == 5.0
+    status = handle.status()
+    assert isinstance(status, fal_client.Completed) and status.error_type == "client_cancelled"
+    truth = fal_sim.control.ground_truth(handle.request_id)
+    assert truth["status"] == "canceled" and truth["billed_seconds"] == 0
+    with pytest.raises(FalClientHTTPError) as err:
+        handle.get()
+    assert err.value.status_code == 499
 
 
 def test_cancel_completed_and_unknown_requests(fal_sim: RunningSimulator) -> None:
@@ -236,6 +279,8 @@ def test_required_key_is_enforced(fal_sim: RunningSimulator) -> None:
         ({"prompt": "p", "duration": "16"}, "duration"),
         ({"prompt": "p", "duration": "five"}, "duration"),
         ({"prompt": "p", "resolution": "4k"}, "resolution"),
+        ({"prompt": "p", "duration": 5}, "duration"),  # a string enum: 5 is not "5"
+        ({"prompt": "p", "aspect_ratio": "2:1"}, "aspect_ratio"),
     ],
 )
 def test_invalid_inputs_are_422(
@@ -249,10 +294,52 @@ def test_invalid_inputs_are_422(
     assert fal_sim.control.ground_truth() == []  # nothing enqueued, nothing billed
 
 
+@pytest.mark.parametrize(
+    ("endpoint", "inputs", "field"),
+    [
+        ("bytedance/seedance-2.0/fast/text-to-video", {"prompt": "p", "resolution": "1080p"},
+         "resolution"),  # fast: 480p/720p only
+        ("bytedance/seedance-2.0/text-to-video", {"prompt": "p", "resolution": "4k"},
+         "resolution"),
+    ],
+)
+def test_inputs_are_rules_per_endpoint(
+    fal_sim: RunningSimulator, endpoint: str, inputs: dict, field: str
+) -> None:
+    with pytest.raises(FalClientHTTPError) as err:
+        fal_client.submit(endpoint, arguments=inputs)
+    assert err.value.status_code == 422
+    assert [item["loc"] for item in err.value.response.json()["detail"]] == [["body", field]]
+    # the standard tier takes 1080p
+    ok = fal_client.submit(
+        "bytedance/seedance-2.0/text-to-video", arguments={"prompt": "p", "resolution": "1080p"}
+    )
+    assert ok.request_id
+
+
+def test_an_endpoint_that_validates_at_run_time_fails_with_an_error_webhook(
+    fal_sim: RunningSimulator, webhook_sink
+) -> None:
+    """Veo accepts the submit; the 422 comes as the ERROR webhook's payload and the result."""
+    handle = fal_client.submit(
+        "fal-ai/veo3.1", arguments={"prompt": "p", "duration": "5s"}, webhook_url=webhook_sink.url
+    )
+    (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id), timeout=30)
+    body = hook.json()
+    assert body["status"] == "ERROR" and body["error"] == "Invalid status code: 422"
+    assert body["payload"]["detail"][0]["loc"] == ["body", "duration"]
+    with pytest.raises(FalClientHTTPError) as err:
+        handle.get()
+    assert err.value.status_code == 422
+    assert err.value.response.json() == body["payload"]
+    with pytest.raises(FalClientHTTPError):  # Seedance refuses the same mistake at submit
+        fal_client.submit(ENDPOINT, arguments={"prompt": "p", "duration": "5s"})
+
+
 def test_validation_at_run_time_fails_the_request(fal_sim: RunningSimulator) -> None:
     fal_sim.control.set_faults(validation="run")
     handle = fal_client.submit(ENDPOINT, arguments={"prompt": "p", "duration": "30"})
-    wait_until(lambda: isinstance(handle.status(), fal_client.Completed), timeout=5)
+    wait_until(lambda: isinstance(handle.status(), fal_client.Completed), timeout=30)
     status = handle.status()
     assert status.error  # type: ignore[attr-defined]
     with pytest.raises(FalClientHTTPError) as err:
@@ -277,7 +364,7 @@ def test_transient_429_and_503_are_retried_by_fal_client(fal_sim: RunningSimulat
     fal_sim.control.set_faults(api_429_rate=0.2, api_503_rate=0.2)
     handles = [fal_client.submit(ENDPOINT, arguments=INPUTS) for _ in range(3)]
     for handle in handles:
-        assert handle.get()["video"]["duration"] == 5.0
+        assert handle.get()["video"]["url"]
     faults = fal_sim.control.health()["api_faults"]
     assert faults["429"] > 0 and faults["503"] > 0  # fixed by seed 0: reproducible
     assert len(fal_sim.control.ground_truth()) == 3  # no duplicates from the retries
@@ -293,15 +380,16 @@ def test_500_on_submit_still_enqueues(fal_sim: RunningSimulator) -> None:
     assert truth["request_id"] == err.value.response.headers["x-fal-request-id"]
 
 
-def test_cdn_urls_expire_and_reject_tampering(fal_sim: RunningSimulator) -> None:
-    fal_sim.control.set_faults(cdn_url_ttl=0.3)
+def test_signed_cdn_mode_expires_and_rejects_tampering(fal_sim: RunningSimulator) -> None:
+    """The `signed` knob: another provider's style, kept for the archiver's tests."""
+    fal_sim.control.set_faults(cdn_mode="signed", cdn_url_ttl=1.0)
     handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
     url = handle.get()["video"]["url"]
     with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
         assert http.head(url).status_code == 200
         tampered = url.replace("size=", "size=1")
         assert http.get(tampered).status_code == 403
-        assert http.get(url.split("?")[0]).status_code == 403
+        assert http.get(url.split("?")[0]).status_code == 404
         expires = int(httpx.URL(url).params["exp"])
         time.sleep(max(0.0, expires - time.time() + 0.05))
         assert http.get(url).status_code == 403
@@ -313,9 +401,10 @@ def test_cdn_urls_expire_and_reject_tampering(fal_sim: RunningSimulator) -> None
 
 def test_namespaced_and_subpath_endpoints(fal_sim: RunningSimulator) -> None:
     result = fal_client.subscribe(
-        "fal-ai/some-model/v2/text-to-video", arguments={"prompt": "p", "duration": 4}
+        "fal-ai/some-model/v2/text-to-video", arguments={"prompt": "p", "duration": "4"}
     )
-    assert result["video"]["duration"] == 4.0
+    assert result["video"]["url"]
     truth = fal_sim.control.ground_truth()[0]
+    assert truth["billed_seconds"] == 4.0
     assert truth["app"] == "fal-ai/some-model"
     assert truth["endpoint"] == "fal-ai/some-model/v2/text-to-video"

@@ -87,8 +87,9 @@ def test_webhook_body_headers_and_signature(fal_sim: RunningSimulator, webhook_s
     assert hook.body == json.dumps(body, sort_keys=True).encode()
     assert body["request_id"] == handle.request_id
     assert body["status"] == "OK" and body["error"] is None
-    assert body["payload"]["video"]["duration"] == 6.0
+    assert set(body["payload"]) == {"video", "seed"}  # fal's documented output, nothing more
     assert body["payload"]["video"]["content_type"] == "video/mp4"
+    assert body["payload"]["video"]["url"] == handle.get()["video"]["url"]  # one stable URL
     assert hook.headers["x-fal-webhook-user-id"] == "sim-user"
     assert hook.headers["content-type"] == "application/json"
     truth = fal_sim.control.ground_truth(handle.request_id)
@@ -148,12 +149,26 @@ def test_payload_error_webhook(fal_sim: RunningSimulator, webhook_sink: WebhookS
 
 
 def test_canceled_request_webhook(fal_sim: RunningSimulator, webhook_sink: WebhookSink) -> None:
+    """A queued request left the queue: an ERROR webhook with fal's client_cancelled (499)."""
     fal_sim.control.set_faults(queue_delay="5")
     handle = submit(webhook_sink)
     handle.cancel()
     (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
-    assert hook.json()["status"] == "ERROR"
-    assert hook.json()["error"] == "Request cancelled"
+    body = hook.json()
+    assert body["status"] == "ERROR" and body["error"] == "Invalid status code: 499"
+    assert body["payload"]["error_type"] == "client_cancelled"
+    assert b"request_cancelled" not in hook.body  # no invented error strings
+
+
+def test_cancel_while_running_still_delivers_the_output(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    fal_sim.control.set_faults(queue_delay="0", run_time="3")
+    handle = submit(webhook_sink)
+    wait_until(lambda: isinstance(handle.status(), fal_client.InProgress), timeout=30)
+    handle.cancel()
+    (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id), timeout=30)
+    assert hook.json()["status"] == "OK" and hook.json()["payload"]["video"]["url"]
 
 
 def test_failed_deliveries_are_retried_with_backoff(
@@ -162,13 +177,12 @@ def test_failed_deliveries_are_retried_with_backoff(
     fal_sim.control.set_faults(webhook_retry_base=0.05, webhook_retry_max=1.0)
     webhook_sink.answer_next(500, 503, 502)
     handle = submit(webhook_sink)
-    wait_until(lambda: webhook_sink.accepted())
+    wait_until(lambda: webhook_sink.accepted(), timeout=30)
     hooks = webhook_sink.for_request(handle.request_id)
     assert [h.answered for h in hooks] == [500, 503, 502, 200]
     gaps = [b.arrived_mono - a.arrived_mono for a, b in zip(hooks, hooks[1:], strict=False)]
     assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2  # doubling backoff
-    # each retry is signed afresh and carries the same body
-    assert len({h.body for h in hooks}) == 1
+    assert len({h.body for h in hooks}) == 1  # the body is fixed once: same bytes every time
     attempts = fal_sim.control.webhook_attempts(handle.request_id)
     assert [(a["attempt"], a["outcome"]) for a in attempts] == [
         (1, "failed"),
@@ -178,14 +192,82 @@ def test_failed_deliveries_are_retried_with_backoff(
     ]
 
 
+def test_each_retry_is_signed_afresh_with_its_own_timestamp(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    fal_sim.control.set_faults(webhook_retry_base=1.2, webhook_retry_max=5)  # stamp moves
+    webhook_sink.answer_next(500)
+    handle = submit(webhook_sink)
+    first, second = wait_until(
+        lambda: h if len(h := webhook_sink.for_request(handle.request_id)) == 2 else None,
+        timeout=30,
+    )
+    keys = fetch_public_keys(fal_sim.jwks_url, str(fal_sim.ca_bundle))
+    for hook in (first, second):
+        stamp = int(hook.headers["x-fal-webhook-timestamp"])
+        assert abs(stamp - hook.arrived_wall) <= 1  # the time of that attempt
+        assert verify_fal_webhook(keys, hook.headers, hook.body)
+    assert second.headers["x-fal-webhook-timestamp"] > first.headers["x-fal-webhook-timestamp"]
+    assert second.headers["x-fal-webhook-signature"] != first.headers["x-fal-webhook-signature"]
+
+
+def test_keep_timestamp_knob_resends_the_first_signature(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    fal_sim.control.set_faults(
+        webhook_retry_base=1.2, webhook_retry_max=5, webhook_keep_timestamp=True
+    )
+    webhook_sink.answer_next(503)
+    handle = submit(webhook_sink)
+    first, second = wait_until(
+        lambda: h if len(h := webhook_sink.for_request(handle.request_id)) == 2 else None,
+        timeout=30,
+    )
+    for header in ("x-fal-webhook-timestamp", "x-fal-webhook-signature"):
+        assert first.headers[header] == second.headers[header]
+    assert second.arrived_wall - int(second.headers["x-fal-webhook-timestamp"]) >= 1
+
+
+def test_4xx_answers_are_final_by_default(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    """Whether fal retries a 4xx is not documented: by default it does not."""
+    webhook_sink.answer_next(400)
+    handle = submit(webhook_sink)
+    (attempt,) = wait_until(lambda: fal_sim.control.webhook_attempts(handle.request_id))
+    assert (attempt["status_code"], attempt["will_retry"]) == (400, False)
+    fal_sim.control.set_faults(webhook_retry_on="4xx+5xx")
+    webhook_sink.answer_next(409)
+    handle = submit(webhook_sink)
+    hooks = wait_until(
+        lambda: h if len(h := webhook_sink.for_request(handle.request_id)) == 2 else None,
+        timeout=30,
+    )
+    assert [h.answered for h in hooks] == [409, 200]
+
+
+def test_default_delivery_retries_ten_times_over_about_two_hours() -> None:
+    """fal: "retried 10 times in the span of 2 hours"; the defaults spread them so."""
+    from renderqueue_pipeline.simulator.config import SimConfig
+    from renderqueue_pipeline.simulator.engine import retry_schedule
+
+    delays = retry_schedule(SimConfig())
+    assert len(delays) == 10
+    assert 1.75 * 3600 <= sum(delays) <= 2.25 * 3600
+    assert delays == sorted(delays)
+
+
 def test_delivery_gives_up_after_max_attempts(
     fal_sim: RunningSimulator, webhook_sink: WebhookSink
 ) -> None:
     fal_sim.control.set_faults(webhook_max_attempts=3, webhook_retry_base=0.01)
     webhook_sink.default_status = 500
     handle = submit(webhook_sink)
-    wait_until(lambda: len(fal_sim.control.webhook_attempts(handle.request_id)) == 3)
-    time.sleep(0.2)
+    attempts = wait_until(
+        lambda: a if len(a := fal_sim.control.webhook_attempts(handle.request_id)) == 3 else None,
+        timeout=30,
+    )
+    assert [a["will_retry"] for a in attempts] == [True, True, False]  # the last one says so
     assert len(webhook_sink.for_request(handle.request_id)) == 3
 
 
@@ -193,7 +275,8 @@ def test_unreachable_receiver_is_recorded_as_failed_attempts(fal_sim: RunningSim
     fal_sim.control.set_faults(webhook_max_attempts=2, webhook_retry_base=0.01)
     handle = fal_client.submit(ENDPOINT, arguments=INPUTS, webhook_url="http://127.0.0.1:9/hook")
     attempts = wait_until(
-        lambda: a if len(a := fal_sim.control.webhook_attempts(handle.request_id)) == 2 else None
+        lambda: a if len(a := fal_sim.control.webhook_attempts(handle.request_id)) == 2 else None,
+        timeout=30,
     )
     assert all(a["outcome"] == "failed" and a["error"] for a in attempts)
 
@@ -258,7 +341,8 @@ def test_out_of_order_delivery_reproducible_under_seed(
     fal_sim: RunningSimulator, webhook_sink: WebhookSink
 ) -> None:
     # identical timings: only the knob can push a request's webhook behind later ones
-    options = {"queue_delay": "0", "run_time": "0.05", "webhook_out_of_order_delay": "0.4:0.6"}
+    # held back far longer than submitting all five can take, even on a loaded machine
+    options = {"queue_delay": "0", "run_time": "0.05", "webhook_out_of_order_delay": "3:3.5"}
     runs = []
     for _ in range(2):
         webhook_sink.received.clear()
@@ -325,3 +409,35 @@ def test_concurrent_submissions_with_webhooks(
     wait_until(lambda: len(webhook_sink.received) == 16, timeout=20)
     assert {h.request_id for h in webhook_sink.received} == {h.request_id for h in handles}
     assert len(fal_sim.control.ground_truth()) == 16
+
+
+# ----- the JWKS: two keys, one with a padded x, rotated through the control API -----------------
+
+
+def test_jwks_serves_two_keys_one_with_a_padded_x(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    document = httpx.get(fal_sim.jwks_url, verify=str(fal_sim.ca_bundle)).json()
+    xs = [key["x"] for key in document["keys"]]
+    assert len(xs) == 2 and len(set(xs)) == 2
+    assert sum(x.endswith("=") for x in xs) == 1  # one padded, one not: read both
+    handle = submit(webhook_sink)
+    (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
+    keys = fetch_public_keys(fal_sim.jwks_url, str(fal_sim.ca_bundle))
+    assert verify_fal_webhook(keys, hook.headers, hook.body)
+
+
+def test_rotating_keys_signs_with_a_new_key_and_keeps_the_old_one_published(
+    fal_sim: RunningSimulator, webhook_sink: WebhookSink
+) -> None:
+    before = fetch_public_keys(fal_sim.jwks_url, str(fal_sim.ca_bundle))
+    old = submit(webhook_sink)
+    (old_hook,) = wait_until(lambda: webhook_sink.for_request(old.request_id))
+    rotated = httpx.post(f"{fal_sim.base_url}/_sim/jwks/rotate", verify=str(fal_sim.ca_bundle))
+    assert rotated.status_code == 200 and len(rotated.json()["keys"]) == 2
+    new = submit(webhook_sink)
+    (new_hook,) = wait_until(lambda: webhook_sink.for_request(new.request_id))
+    after = fetch_public_keys(fal_sim.jwks_url, str(fal_sim.ca_bundle))
+    assert not verify_fal_webhook(before, new_hook.headers, new_hook.body)  # a stale cache fails
+    assert verify_fal_webhook(after, new_hook.headers, new_hook.body)
+    assert verify_fal_webhook(after, old_hook.headers, old_hook.body)  # the old key stays

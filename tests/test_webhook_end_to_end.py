@@ -1,13 +1,13 @@
 """The simulator's signed webhooks, every fault knob on, into the real receiver and ledger.
 
 The ledger must end identical to the simulator's ground truth: same status, same output,
-and the cost fal would bill (output seconds x list price, nothing for failures).
+and the cost priced from the requested seconds (fal's output documents no duration; "auto"
+is the 15 s default) x list price, nothing for failures.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,19 +72,18 @@ def _without_signature(url: str) -> str:
     return urlsplit(url)._replace(query="").geturl()
 
 
-def expected_row(truth: dict[str, Any]) -> dict[str, Any]:
-    """What the ledger must say, from the simulator's own decisions."""
+def expected_row(truth: dict[str, Any], requested_seconds: int) -> dict[str, Any]:
+    """What the ledger must say, from the simulator's own decisions and the request."""
     if truth["decisions"]["drop"]:
         return {"status": "submitted"}  # no webhook ever came: the reconciler's job
     if truth["status"] == "completed" and truth["decisions"]["payload_error"]:
         return {"status": "completed", "outputs": None, "cost_basis": "estimate"}
     if truth["status"] != "completed":
         return {"status": truth["status"], "cost_micros": 0}
-    billed = Decimal(repr(truth["billed_seconds"]))
     return {
         "status": "completed",
-        "cost_basis": "actual",
-        "cost_micros": int((billed * PRICE_720P).quantize(Decimal(1), ROUND_HALF_UP)),
+        "cost_basis": "requested",
+        "cost_micros": requested_seconds * PRICE_720P,
         "original_url": _without_signature(truth["output"]["video"]["url"]),
     }
 
@@ -129,7 +128,8 @@ def test_every_fault_knob_leaves_the_ledger_equal_to_ground_truth(
         row = conn.execute(
             "select * from generations where request_id = %s", (request_id,)
         ).fetchone()
-        expected = expected_row(truths[request_id])
+        seconds = 15 if row["inputs"]["duration"] == "auto" else int(row["inputs"]["duration"])
+        expected = expected_row(truths[request_id], seconds)
         assert actual_row(row, expected) == expected, request_id
     waiting = conn.execute("select count(*) as n from generation_events where applied_at is null")
     assert waiting.fetchone()["n"] == 0

@@ -56,7 +56,7 @@ def test_completed_webhook_is_applied(receiver: Receiver, conn: psycopg.Connecti
     answer = receiver.deliver(fal_body(request_id), request_id)
     assert (answer.status_code, answer.json()["outcome"]) == (200, "applied")
     row = generation(conn, request_id)
-    assert row["status"] == "completed" and row["cost_basis"] == "actual"
+    assert row["status"] == "completed" and row["cost_basis"] == "requested"
     assert row["outputs"]["original_url"].endswith("/output.mp4")
 
 

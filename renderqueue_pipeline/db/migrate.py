@@ -4,6 +4,10 @@ Each file runs in its own transaction and is recorded in `schema_migrations` wit
 checksum. The whole run holds a session advisory lock, so processes that migrate at the
 same moment take turns and the later ones find nothing left to do. A recorded file whose
 text has changed since is an error: migrations are append-only.
+
+A database made by the pre-release migration files (before the sql/ baseline was
+rewritten into one file per topic) cannot be upgraded in place: it is refused with a
+message naming the fix, `renderqueue db reset`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,20 @@ from renderqueue_pipeline.errors import RenderqueueError
 
 MIGRATION_LOCK_ID = 0x72656E6465727175  # "renderqu": one id for every renderqueue database
 _MIGRATION_NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
+# The files sql/ held before the baseline (001 is unchanged and not listed).
+PRE_RELEASE_MIGRATIONS = frozenset(
+    {
+        "002_ledger",
+        "003_ledger_rules",
+        "004_seed_prices",
+        "005_record_events_batch",
+        "006_set_based_apply",
+    }
+)
+RESET_HINT = (
+    "run `renderqueue db reset` (it drops and recreates this database: its data is lost) "
+    "or drop the database by hand, then migrate again"
+)
 
 
 class MigrationError(RenderqueueError):
@@ -74,7 +92,11 @@ def migrate(url: str, folder: Path | None = None) -> list[str]:
                      checksum text not null,
                      applied_at timestamptz not null default now())"""
             )
-            done = dict(conn.execute("select version, checksum from schema_migrations").fetchall())
+            recorded_rows = conn.execute(
+                "select version, name, checksum from schema_migrations order by version"
+            ).fetchall()
+            _refuse_other_lineage(recorded_rows, migrations)
+            done = {version: checksum for version, _, checksum in recorded_rows}
             for migration in migrations:
                 recorded = done.get(migration.version)
                 if recorded is not None:
@@ -98,3 +120,23 @@ def migrate(url: str, folder: Path | None = None) -> list[str]:
         finally:
             conn.execute("select pg_advisory_unlock(%s)", (MIGRATION_LOCK_ID,))
     return applied
+
+
+def _refuse_other_lineage(
+    recorded: list[tuple[str, str, str]], migrations: list[Migration]
+) -> None:
+    """Refuse a database whose recorded migrations are not a prefix of these files."""
+    names = {m.version: m.name for m in migrations}
+    pre_release = sorted(name for _, name, _ in recorded if name in PRE_RELEASE_MIGRATIONS)
+    if pre_release:
+        raise MigrationError(
+            "this database was made by the pre-release migration files "
+            f"({', '.join(pre_release)}), which were replaced by a new baseline and cannot "
+            f"be upgraded in place; {RESET_HINT}"
+        )
+    for version, name, _ in recorded:
+        if version in names and names[version] != name:
+            raise MigrationError(
+                f"migration {version} is recorded as {name}.sql but the file is now "
+                f"{names[version]}.sql; {RESET_HINT}"
+            )

@@ -1,8 +1,9 @@
 """The ledger's Python face: validate and record submissions, record events.
 
 The rules themselves (forward-only status, idempotency, order independence, exact cost)
-are SQL in sql/003_ledger_rules.sql; everything here calls them, so every writer --
-submit, webhook receiver, reconciler -- goes through the same state machine.
+are SQL in sql/003_state_machine.sql (the state machine `rq_next` and its writers);
+everything here calls them, so every writer -- submit, webhook receiver, reconciler --
+goes through the same state machine.
 """
 
 from renderqueue_pipeline.ledger.core import (
@@ -16,7 +17,10 @@ from renderqueue_pipeline.ledger.core import (
     begin_submission,
     estimate_cost,
     event_from_fal_webhook,
+    expire_waiting_events,
+    expired_event_count,
     finish_submission,
+    mark_cancel_requested,
     mark_unknown_outcomes,
     record_event,
     record_events,
@@ -25,6 +29,7 @@ from renderqueue_pipeline.ledger.core import (
     record_submitted,
     submit_generation,
     validate_request,
+    waiting_events,
 )
 
 __all__ = [
@@ -38,7 +43,10 @@ __all__ = [
     "begin_submission",
     "estimate_cost",
     "event_from_fal_webhook",
+    "expire_waiting_events",
+    "expired_event_count",
     "finish_submission",
+    "mark_cancel_requested",
     "mark_unknown_outcomes",
     "record_event",
     "record_events",
@@ -47,4 +55,5 @@ __all__ = [
     "record_submitted",
     "submit_generation",
     "validate_request",
+    "waiting_events",
 ]

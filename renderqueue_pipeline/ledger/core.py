@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import json
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any, Literal, Protocol
 
 import psycopg
 from psycopg.rows import dict_row
@@ -21,8 +24,8 @@ EventKind = Literal["in_progress", "completed", "failed", "canceled"]
 EventSource = Literal["webhook", "reconcile", "api"]
 EventOutcome = Literal["applied", "duplicate", "stale", "conflict", "waiting"]
 
-MAX_SECONDS = Decimal(3600)
 _BIGINT_MAX = 2**63 - 1
+APPLY_CHUNK = 200  # waiting events per transaction: a few hundred locks at most
 
 
 @dataclass(frozen=True)
@@ -63,39 +66,6 @@ class LedgerEvent:
 # -- validation -----------------------------------------------------------------------
 
 
-def _parse_seconds(value: Any, *, row: str | int | None) -> Decimal | None:
-    """A requested duration as seconds, None for "auto"; LedgerInputError otherwise."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise LedgerInputError(
-            "inputs.duration", f"expected seconds or 'auto', got {value!r}", row=row
-        )
-    if isinstance(value, int | float | Decimal):
-        seconds = Decimal(str(value))
-    elif isinstance(value, str):
-        text = value.strip().lower()
-        if text == "auto":
-            return None
-        try:
-            seconds = Decimal(text.removesuffix("s"))
-        except InvalidOperation:
-            raise LedgerInputError(
-                "inputs.duration", f"expected seconds or 'auto', got {value!r}", row=row
-            ) from None
-    else:
-        raise LedgerInputError(
-            "inputs.duration", f"expected seconds or 'auto', got {value!r}", row=row
-        )
-    if not seconds.is_finite() or seconds <= 0:
-        raise LedgerInputError("inputs.duration", f"must be positive, got {value!r}", row=row)
-    if seconds > MAX_SECONDS:
-        raise LedgerInputError(
-            "inputs.duration", f"must be at most {MAX_SECONDS} s, got {value!r}", row=row
-        )
-    return seconds
-
-
 def validate_request(
     conn: psycopg.Connection,
     endpoint: Any,
@@ -123,16 +93,22 @@ def validate_request(
     prompt = inputs.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise LedgerInputError("inputs.prompt", "missing or empty", row=row)
-    _parse_seconds(inputs.get("duration"), row=row)
     audio = inputs.get("generate_audio")
     if audio is not None and not isinstance(audio, bool):
         raise LedgerInputError(
             "inputs.generate_audio", f"expected true or false, got {audio!r}", row=row
         )
+    try:
+        json.dumps(dict(inputs), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise LedgerInputError("inputs", f"not storable as JSON: {exc}", row=row) from None
 
+    # The duration is read by SQL's rq_parse_duration, the one definition (sql/003).
     params = {"endpoint": endpoint, "inputs": Jsonb(dict(inputs)), "at": None}
-    found = conn.execute(q("estimate"), params).fetchone()
-    if found is not None:
+    found = conn.execute(q("validate_and_estimate"), params).fetchone()
+    if found["duration_problem"] is not None:
+        raise LedgerInputError("inputs.duration", found["duration_problem"], row=row)
+    if found["price_id"] is not None:
         return Estimate(
             price_id=found["price_id"],
             seconds=Decimal(found["seconds"]),
@@ -201,11 +177,16 @@ def record_intent(
     )
 
 
-def record_submitted(conn: psycopg.Connection, intent: Intent, request_id: str) -> None:
+def record_submitted(
+    conn: psycopg.Connection,
+    intent: Intent,
+    request_id: str,
+    fal_expires_at: dt.datetime | None = None,
+) -> None:
     """In one transaction: insert the generation row and mark the intent submitted.
 
     Events that arrived before this row are applied by the insert trigger, in this same
-    transaction.
+    transaction. `fal_expires_at`: when fal deletes the outputs (the lifecycle asked for).
     """
     if not request_id:
         raise LedgerInputError("request_id", "fal returned an empty request id")
@@ -221,6 +202,7 @@ def record_submitted(conn: psycopg.Connection, intent: Intent, request_id: str) 
                 "price_id": intent.estimate.price_id,
                 "seconds": intent.estimate.seconds,
                 "batch_item_id": intent.item_id,
+                "fal_expires_at": fal_expires_at,
             },
         )
         conn.execute(
@@ -264,29 +246,40 @@ def begin_submission(
     return intent
 
 
+class Submitted(Protocol):
+    """What a submit may return instead of a bare request id (e.g. the gateway's result)."""
+
+    request_id: str
+    fal_expires_at: dt.datetime | None
+
+
 def finish_submission(
     conn: psycopg.Connection,
     intent: Intent,
-    outcome: str | BaseException,
+    outcome: str | Submitted | BaseException,
     is_definite_rejection: Callable[[BaseException], bool] = lambda exc: False,
 ) -> str:
     """Rule 1, step two: record fal's answer (a request_id) or its failure.
 
     A failure that `is_definite_rejection` recognises marks the item rejected and re-raises;
     any other failure leaves the item pending (an unknown outcome, never resubmitted
-    silently) and re-raises.
+    silently) and re-raises. An outcome with a `fal_expires_at` (the gateway's
+    SubmitResult) records when fal deletes the outputs.
     """
     if isinstance(outcome, BaseException):
         if is_definite_rejection(outcome):
             record_rejected(conn, intent, str(outcome))
         raise outcome
-    record_submitted(conn, intent, outcome)
-    return outcome
+    if isinstance(outcome, str):
+        record_submitted(conn, intent, outcome)
+        return outcome
+    record_submitted(conn, intent, outcome.request_id, getattr(outcome, "fal_expires_at", None))
+    return outcome.request_id
 
 
 def submit_generation(
     conn: psycopg.Connection,
-    submit: Callable[[str, dict[str, Any]], str],
+    submit: Callable[[str, dict[str, Any]], str | Submitted],
     *,
     user_id: int,
     endpoint: str,
@@ -305,7 +298,7 @@ def submit_generation(
     if intent.request_id:
         return intent.request_id
     try:
-        outcome: str | BaseException = submit(endpoint, dict(inputs))
+        outcome: str | Submitted | BaseException = submit(endpoint, dict(inputs))
     except Exception as exc:
         outcome = exc
     return finish_submission(conn, intent, outcome, is_definite_rejection)
@@ -313,7 +306,7 @@ def submit_generation(
 
 async def asubmit_generation(
     conn: psycopg.Connection,
-    submit: Callable[[str, dict[str, Any]], Awaitable[str]],
+    submit: Callable[[str, dict[str, Any]], Awaitable[str | Submitted]],
     *,
     user_id: int,
     endpoint: str,
@@ -337,7 +330,7 @@ async def asubmit_generation(
     if intent.request_id:
         return intent.request_id
     try:
-        outcome: str | BaseException = await submit(endpoint, dict(inputs))
+        outcome: str | Submitted | BaseException = await submit(endpoint, dict(inputs))
     except Exception as exc:
         outcome = exc
     return await asyncio.to_thread(finish_submission, conn, intent, outcome, is_definite_rejection)
@@ -347,7 +340,11 @@ async def asubmit_generation(
 
 
 def event_from_fal_webhook(body: Mapping[str, Any]) -> LedgerEvent:
-    """Map fal's webhook body to a ledger event (OK -> completed, ERROR -> failed)."""
+    """Map fal's webhook body to a ledger event (OK -> completed, ERROR -> failed).
+
+    Reads only the envelope fal documents (request_id, gateway_request_id, status,
+    payload, error, payload_error); the payload is stored as sent.
+    """
     request_id = body.get("request_id")
     if not isinstance(request_id, str) or not request_id:
         raise LedgerInputError("request_id", "missing from the webhook body")
@@ -364,16 +361,11 @@ def event_from_fal_webhook(body: Mapping[str, Any]) -> LedgerEvent:
             request_id, "completed", body.get("payload"), None, "webhook", gateway_request_id
         )
     if status == "ERROR":
+        # fal sends no cancel event: rq_next turns an ERROR on a row whose cancel fal
+        # accepted (mark_cancel_requested) into `canceled`.
         error = body.get("error") or body.get("payload_error") or "generation failed"
-        payload = body.get("payload")
-        cancelled = isinstance(payload, dict) and payload.get("error_type") == "request_cancelled"
         return LedgerEvent(
-            request_id,
-            "canceled" if cancelled else "failed",
-            payload,
-            str(error),
-            "webhook",
-            gateway_request_id,
+            request_id, "failed", body.get("payload"), str(error), "webhook", gateway_request_id
         )
     raise LedgerInputError("status", f"expected 'OK' or 'ERROR', got {status!r}")
 
@@ -436,12 +428,84 @@ async def arecord_events(
     return _in_input_order(await cursor.fetchall(), len(events))
 
 
-def apply_waiting_events(conn: psycopg.Connection, limit: int = 10_000) -> Counter[str]:
-    """Apply stored events whose row has appeared since (the reconciler calls this)."""
+def mark_cancel_requested(conn: psycopg.Connection, request_id: str) -> bool:
+    """Record that fal accepted our cancel (202) for `request_id`; commit.
+
+    Cancelling only signals fal: an ERROR outcome after this is the cancellation (the row
+    becomes `canceled`, cost 0), a completion is billed as usual. False when there is no
+    row for the request; the first time recorded is kept.
+    """
+    with conn.transaction():
+        found = conn.execute(q("mark_cancel_requested"), {"request_id": request_id}).fetchone()
+    return found is not None
+
+
+def expire_waiting_events(conn: psycopg.Connection, retention: timedelta | None = None) -> int:
+    """Mark events that waited longer than `retention` for a row that never came; commit.
+
+    Default retention: RENDERQUEUE_EVENT_RETENTION_DAYS (7 days). The events are kept
+    (and still applied should their row appear); returns how many were newly marked.
+    """
+    if retention is None:
+        from renderqueue_pipeline.settings import get_settings
+
+        retention = timedelta(days=get_settings().event_retention_days)
+    with conn.transaction():
+        found = conn.execute(q("expire_waiting_events"), {"retention": retention}).fetchone()
+    return int(_first(found))
+
+
+def expired_event_count(conn: psycopg.Connection) -> int:
+    """Events still waiting for their row after the retention period (for /metrics)."""
+    return int(_first(conn.execute(q("expired_event_count")).fetchone()))
+
+
+def _first(row: Any) -> Any:
+    """The first column of a row, whatever the connection's row factory."""
+    return next(iter(row.values())) if isinstance(row, Mapping) else row[0]
+
+
+def apply_waiting_events(
+    conn: psycopg.Connection,
+    limit: int = 10_000,
+    *,
+    chunk: int = APPLY_CHUNK,
+    retention: timedelta | None = None,
+) -> Counter[str]:
+    """Apply stored events whose row has appeared since, then expire the stale ones.
+
+    The reconciler calls this every few minutes. Work goes in chunks of `chunk` events,
+    each its own transaction (locks taken in rq_record_events' order, so never more than a
+    few hundred, and no deadlock with the webhook receiver). An event that cannot be
+    applied is skipped with the reason stored on it (outcome 'error'); events that failed
+    before are tried after the others. Returns outcomes counted, plus 'expired'.
+    """
     outcomes: Counter[str] = Counter()
     with conn.transaction():
-        rows = conn.execute(q("waiting_events_with_row"), {"limit": limit}).fetchall()
-        for row in rows:
-            outcome = conn.execute(q("apply_event"), {"event_id": row["id"]}).fetchone()["outcome"]
-            outcomes[outcome] += 1
+        started = _first(conn.execute("select now()").fetchone())
+    done = 0
+    while done < limit:
+        with conn.transaction():
+            ids = [
+                _first(r)
+                for r in conn.execute(
+                    q("waiting_events_with_row"),
+                    {"started": started, "limit": min(chunk, limit - done)},
+                ).fetchall()
+            ]
+            if not ids:
+                break
+            cursor = conn.cursor(row_factory=dict_row)
+            rows = cursor.execute(q("apply_events"), {"event_ids": ids}).fetchall()
+        outcomes.update(row["outcome"] for row in rows)
+        done += len(ids)
+    expired = expire_waiting_events(conn, retention)
+    if expired:
+        outcomes["expired"] += expired
     return outcomes
+
+
+def waiting_events(conn: psycopg.Connection, limit: int = 100) -> list[dict[str, Any]]:
+    """Events not applied yet, oldest first: why each waits (no row, expired, an error)."""
+    cursor = conn.cursor(row_factory=dict_row)
+    return cursor.execute(q("waiting_events"), {"limit": limit}).fetchall()

@@ -43,4 +43,9 @@ def print_ledger_status(url: str | None = None, console: Console | None = None) 
         by_endpoint.add_row(row["endpoint"], str(row["generations"]), dollars(row["cost_micros"]))
     console.print(by_status)
     console.print(by_endpoint)
-    console.print(f"events waiting for their row: {status['waiting'][0]['waiting']}")
+    waiting = status["waiting"][0]
+    console.print(
+        f"events waiting for their row: {waiting['waiting']} "
+        f"(expired: {waiting['expired']}, failing to apply: {waiting['failing']}; "
+        "see `renderqueue events waiting`)"
+    )

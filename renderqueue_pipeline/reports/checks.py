@@ -274,16 +274,28 @@ def no_generation_open_too_long(conn: psycopg.Connection, month: date, now: date
 
 
 def no_archive_failures(conn: psycopg.Connection, month: date) -> Finding:
-    """Archive failures among the month's generations (count and the first request ids)."""
+    """Outputs of the month we hold no copy of: archive failed, or fal's copy was lost
+    first (count, and the first request ids with the reason)."""
     start, end = month_range(month)
     params = {"start": start, "end": end, "limit": SAMPLE}
     with snapshot(conn):
-        failed = conn.execute(q("archive_failure_count"), params).fetchone()["failed"]
-        sample = conn.execute(q("archive_failures_in_month"), params).fetchall() if failed else []
-    metadata: dict[str, Any] = {"archive_failures": failed}
+        counts = conn.execute(q("archive_failure_count"), params).fetchone()
+        total = counts["failed"] + counts["lost"]
+        sample = conn.execute(q("archive_failures_in_month"), params).fetchall() if total else []
+    metadata: dict[str, Any] = {
+        "archive_failures": total,
+        "archive_failed": counts["failed"],
+        "archive_lost": counts["lost"],
+    }
     if sample:
         metadata["first_failures"] = [
-            f"{r['request_id']}: {(r['archive_error'] or '')[:120]}" for r in sample
+            f"{r['request_id']} ({r['archive_status']}): {(r['archive_error'] or '')[:120]}"
+            for r in sample
         ]
-    summary = f"{failed} output(s) failed to archive" if failed else "no archive failures"
-    return Finding("no_archive_failures", failed == 0, summary, metadata)
+    summary = (
+        f"{total} output(s) of the month have no archived copy "
+        f"({counts['failed']} failed, {counts['lost']} lost)"
+        if total
+        else "no archive failures"
+    )
+    return Finding("no_archive_failures", total == 0, summary, metadata)

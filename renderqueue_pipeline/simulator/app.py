@@ -1,4 +1,5 @@
-"""The simulator's HTTP surface: fal's queue API, a sync run API, a CDN, JWKS and a control API.
+"""The simulator's HTTP surface: fal's queue API, a sync run API, a CDN, JWKS, fal's
+`delete_io` and a control API.
 
 Wire shapes follow shared/fal-wire.md; anything fal-client reads is present with
 the type it expects, so unmodified fal-client cannot tell this from fal.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,22 +23,38 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
 from renderqueue_pipeline.simulator.config import SimConfig
-from renderqueue_pipeline.simulator.engine import TERMINAL, Engine, SimRequest
+from renderqueue_pipeline.simulator.engine import TERMINAL, Engine, Lifecycle, SimRequest
 from renderqueue_pipeline.simulator.keys import UrlSigner, WebhookSigner
 from renderqueue_pipeline.simulator.models import OutputFile, file_chunks, validate_inputs
 
 NAMESPACES = ("workflows", "comfy")
-NGINX_503 = (
-    "<html>\r\n<head><title>503 Service Temporarily Unavailable</title></head>\r\n<body>\r\n"
-    "<center><h1>503 Service Temporarily Unavailable</h1></center>\r\n"
-    "<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
-)
+
+
+def _nginx(code: int, reason: str) -> str:
+    return (
+        f"<html>\r\n<head><title>{code} {reason}</title></head>\r\n<body>\r\n"
+        f"<center><h1>{code} {reason}</h1></center>\r\n"
+        "<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+    )
+
+
+EDGE_REASONS = {502: "Bad Gateway", 503: "Service Temporarily Unavailable", 504: "Gateway Time-out"}
 CONTENT_TYPES = {".mp4": "video/mp4", ".jpeg": "image/jpeg", ".jpg": "image/jpeg"}
+LIFECYCLE_HEADER = "x-fal-object-lifecycle-preference"
+TIMEOUT_HEADER = "x-fal-request-timeout"
+PRIORITY_HEADER = "x-fal-queue-priority"
+HINT_HEADER = "x-fal-runner-hint"
+STORE_IO_HEADER = "x-fal-store-io"
+_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-def _json(body: Any, status: int = 200, request_id: str | None = None) -> JSONResponse:
-    headers = {"x-fal-request-id": request_id} if request_id else None
-    return JSONResponse(body, status_code=status, headers=headers)
+def _json(
+    body: Any, status: int = 200, request_id: str | None = None, **headers: str
+) -> JSONResponse:
+    extra = {k.replace("_", "-"): v for k, v in headers.items()}
+    if request_id:
+        extra["x-fal-request-id"] = request_id
+    return JSONResponse(body, status_code=status, headers=extra or None)
 
 
 def _split_app(path: str) -> tuple[str, list[str]] | None:
@@ -50,6 +68,63 @@ def _split_app(path: str) -> tuple[str, list[str]] | None:
     return f"{prefix}{parts[0]}/{parts[1]}", parts[2:]
 
 
+class BadHeader(ValueError):
+    """A request header fal would refuse (answered 422 naming the header)."""
+
+
+def parse_lifecycle(headers: Any, config: SimConfig) -> Lifecycle:
+    """The request's lifecycle headers; the configured defaults where it sent none."""
+    lifetime = config.cdn_default_lifetime
+    raw = headers.get(LIFECYCLE_HEADER)
+    if raw is not None:
+        try:
+            preference = json.loads(raw)
+            seconds = preference["expiration_duration_seconds"]
+        except (ValueError, KeyError, TypeError):
+            raise BadHeader(
+                "X-Fal-Object-Lifecycle-Preference: expected "
+                '{"expiration_duration_seconds": N} (N seconds, or null for no expiry)'
+            ) from None
+        if seconds is not None and (
+            isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds <= 0
+        ):
+            raise BadHeader("X-Fal-Object-Lifecycle-Preference: seconds must be positive")
+        lifetime = None if seconds is None else float(seconds)
+    start_timeout = None
+    if (raw := headers.get(TIMEOUT_HEADER)) is not None:
+        try:
+            start_timeout = float(raw)
+        except ValueError:
+            raise BadHeader("X-Fal-Request-Timeout: expected seconds") from None
+        if start_timeout <= 0:
+            raise BadHeader("X-Fal-Request-Timeout: must be positive")
+    priority = headers.get(PRIORITY_HEADER, "normal")
+    if priority not in ("normal", "low"):
+        raise BadHeader("X-Fal-Queue-Priority: expected 'normal' or 'low'")
+    store_io = headers.get(STORE_IO_HEADER, "1").strip() != "0"
+    return Lifecycle(lifetime, start_timeout, priority, headers.get(HINT_HEADER), store_io)
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
+    """(first, last) of a single `bytes=` range; None for no range; False if unsatisfiable."""
+    if not header:
+        return None
+    match = _RANGE.match(header.strip())
+    if not match or (not match.group(1) and not match.group(2)):
+        return None  # multi-range or garbage: RFC 9110 lets us ignore it and send all
+    first_text, last_text = match.groups()
+    if not first_text:  # suffix: the last N bytes
+        length = int(last_text)
+        if length == 0 or size == 0:
+            return False
+        return max(0, size - length), size - 1
+    first = int(first_text)
+    last = int(last_text) if last_text else size - 1
+    if first >= size or last < first:
+        return False
+    return first, min(last, size - 1)
+
+
 def build_app(home: Path, config: SimConfig) -> Starlette:
     """The ASGI app; key material comes from (and stays in) `home/simulator/`."""
     sim_dir = home / "simulator"
@@ -57,20 +132,24 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
     url_signer = UrlSigner.load_or_create(sim_dir)
     engine = Engine(config, signer, url_signer)
 
-    def authorized(request: Request) -> JSONResponse | None:
+    def authorized(request: Request, *, admin: bool = False) -> JSONResponse | None:
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme != "Key" or not key.strip():
             return _json({"detail": "No credentials: send 'Authorization: Key <FAL_KEY>'"}, 401)
-        if engine.config.fal_key and key.strip() != engine.config.fal_key:
-            return _json({"detail": "Invalid credentials"}, 401)
+        wanted = engine.config.admin_key if admin else engine.config.fal_key
+        if wanted and key.strip() != wanted:
+            detail = "This call needs an admin key" if admin else "Invalid credentials"
+            return _json({"detail": detail}, 403 if admin else 401)
         return None
 
     def fault_response(fault: str, request_id: str | None = None) -> Response:
         if fault == "429":
             return _json({"detail": "Too many requests; slow down"}, 429)
-        if fault == "503":
-            return Response(NGINX_503, status_code=503, media_type="text/html")
+        if fault in ("502", "503", "504"):  # the edge (nginx): fal-client retries these
+            code = int(fault)
+            return Response(_nginx(code, EDGE_REASONS[code]), code, media_type="text/html")
+        # fal's own 5xx: JSON, named request, not retried by fal-client
         return Response(
             '{"detail":"Internal server error","error_type":"internal_error"}',
             status_code=500,
@@ -96,17 +175,31 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
         }
 
     async def submit(request: Request, endpoint: str, app_path: str) -> Response:
+        engine.submits_in_flight += 1
+        engine.submits_in_flight_peak = max(
+            engine.submits_in_flight_peak, engine.submits_in_flight
+        )
+        try:
+            return await enqueue(request, endpoint, app_path)
+        finally:
+            engine.submits_in_flight -= 1
+
+    async def enqueue(request: Request, endpoint: str, app_path: str) -> Response:
         fault = engine.api_fault()
-        if fault in ("429", "503"):
+        if fault and fault != "500":
             return fault_response(fault)
+        try:
+            lifecycle = parse_lifecycle(request.headers, engine.config)
+        except BadHeader as exc:
+            return _json({"detail": str(exc)}, 422)
         inputs = await read_inputs(request)
-        if engine.config.validation == "submit" or inputs is None:
+        if engine.validation_stage(endpoint) == "submit" or inputs is None:
             errors = validate_inputs(endpoint, inputs)
             if errors:
                 return _json({"detail": errors}, 422)
         webhook_url = request.query_params.get("fal_webhook") or None
         base = str(request.base_url).rstrip("/")
-        req = engine.create(endpoint, app_path, inputs, webhook_url, base)
+        req = engine.create(endpoint, app_path, inputs, webhook_url, base, lifecycle=lifecycle)
         if req.decisions.early and webhook_url:
             engine.refresh(req)
             await engine.deliver_now(req)
@@ -145,35 +238,33 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
         body = {
             "status": "COMPLETED",
             "logs": logs,
-            "metrics": {"inference_time": round(req.decisions.run_time, 3)},
+            "metrics": {"inference_time": round(req.decisions.run_time, 3)}
+            if req.started_wall is not None
+            else {},
             **common,
         }
-        if state == "failed":
-            body["error"] = "Invalid status code: 422"
-        elif state == "canceled":
-            body["error"] = "Request cancelled"
-            body["error_type"] = "request_cancelled"
+        if state != "completed":
+            error = req.error_body()
+            body["error"] = f"Invalid status code: {req.http_status}"
+            if "error_type" in error:
+                body["error_type"] = error["error_type"]
         return _json(body, 200, req.request_id)
 
     async def result(req: SimRequest) -> Response:
         state = engine.refresh(req)
         if state not in TERMINAL:
             return _json({"detail": "Request is still in progress"}, 400, req.request_id)
-        if req.finished_wall and time.time() - req.finished_wall > engine.config.result_ttl:
+        if engine.result_expired(req):
             return _json({"detail": "Request result has expired"}, 404, req.request_id)
-        if state == "failed":
-            return _json(req.error_body(), 422, req.request_id)
-        if state == "canceled":
-            body = {"detail": "Request was cancelled", "error_type": "request_cancelled"}
-            return JSONResponse(
-                body,
-                status_code=400,
-                headers={
-                    "x-fal-request-id": req.request_id,
-                    "x-fal-error-type": body["error_type"],
-                },
-            )
-        return _json(engine.output(req), 200, req.request_id)
+        if state == "completed":
+            return _json(engine.output(req), 200, req.request_id)
+        body = req.error_body()
+        headers: dict[str, str] = {}
+        if "error_type" in body:
+            headers["x_fal_error_type"] = body["error_type"]
+        if req.ending == "start_timeout":
+            headers["x_fal_request_timeout_type"] = "user"
+        return _json(body, req.http_status, req.request_id, **headers)
 
     async def queue(request: Request) -> Response:
         split = _split_app(request.path_params["path"])
@@ -217,42 +308,82 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
         fault = engine.api_fault()
         if fault:
             return fault_response(fault)
+        try:
+            lifecycle = parse_lifecycle(request.headers, engine.config)
+        except BadHeader as exc:
+            return _json({"detail": str(exc)}, 422)
         inputs = await read_inputs(request)
         errors = validate_inputs(endpoint, inputs)
         if errors:
             return _json({"detail": errors}, 422)
         base = str(request.base_url).rstrip("/")
-        req = engine.create(endpoint, split[0], inputs, None, base, sync=True)
+        req = engine.create(endpoint, split[0], inputs, None, base, lifecycle=lifecycle, sync=True)
         await req.done.wait()
-        if req.state == "failed":
-            return _json(req.error_body(), 422, req.request_id)
+        if req.state != "completed":
+            return await result(req)
         return _json(engine.output(req), 200, req.request_id)
+
+    async def delete_io(request: Request) -> Response:
+        """fal's `PUT /requests/delete_io/{request_id}` (admin key): payloads and output files."""
+        if denied := authorized(request, admin=True):
+            return denied
+        req = engine.requests.get(request.path_params["request_id"])
+        if req is None:
+            return _json({"detail": "Request not found"}, 404)
+        base = str(request.base_url).rstrip("/")
+        return _json({"CDN_DELETE_RESULTS": engine.delete_io(req, base)})
+
+    def serve_file(request: Request, file: OutputFile, headers: dict[str, str]) -> Response:
+        """HEAD, GET and single byte ranges, streamed block by block."""
+        content_type = file.content_type
+        headers = {**headers, "accept-ranges": "bytes"}
+        wanted = parse_range(request.headers.get("range"), file.file_size)
+        if wanted is False:
+            headers["content-range"] = f"bytes */{file.file_size}"
+            return Response(status_code=416, headers=headers)
+        if wanted is None:
+            first, last, code = 0, file.file_size - 1, 200
+        else:
+            first, last = wanted
+            code = 206
+            headers["content-range"] = f"bytes {first}-{last}/{file.file_size}"
+        headers["content-length"] = str(last - first + 1)
+        if request.method == "HEAD":
+            return Response(status_code=code, headers=headers, media_type=content_type)
+        return StreamingResponse(
+            file_chunks(file, first, last), code, headers=headers, media_type=content_type
+        )
 
     async def cdn(request: Request) -> Response:
         file_id, name = request.path_params["file_id"], request.path_params["name"]
+        path = f"/files/b/{file_id}/{name}"
+        if "sig" in request.query_params:  # a URL minted in `signed` mode
+            return signed_cdn(request, file_id, name, path)
+        entry = engine.cdn_file(path)
+        if entry is None or not entry.alive(time.time()):
+            return Response("Not Found", status_code=404, media_type="text/plain")
+        headers = {
+            "etag": f'"{entry.file.file_id}-{entry.file.file_size}"',
+            "cache-control": "public, max-age=31536000, immutable",
+            "last-modified": _http_date(entry.created_wall),
+        }
+        return serve_file(request, entry.file, headers)
+
+    def signed_cdn(request: Request, file_id: str, name: str, path: str) -> Response:
         try:
             size = int(request.query_params["size"])
             expires = int(request.query_params["exp"])
             sig = request.query_params["sig"]
         except (KeyError, ValueError):
             return Response("Forbidden: unsigned URL", status_code=403)
-        path = f"/files/b/{file_id}/{name}"
         if not url_signer.verify(f"{path}\n{size}", expires, sig):
             return Response("Forbidden: bad signature", status_code=403)
         if time.time() > expires:
             return Response("Forbidden: URL expired", status_code=403)
-        suffix = Path(name).suffix.lower()
-        content_type = CONTENT_TYPES.get(suffix, "application/octet-stream")
-        headers = {
-            "content-length": str(size),
-            "etag": f'"{file_id}-{size}"',
-            "cache-control": "private, max-age=0",
-            "accept-ranges": "none",
-        }
-        if request.method == "HEAD":
-            return Response(status_code=200, headers=headers, media_type=content_type)
+        content_type = CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
         file = OutputFile(file_id, name, content_type, size)
-        return StreamingResponse(file_chunks(file), headers=headers, media_type=content_type)
+        headers = {"etag": f'"{file_id}-{size}"', "cache-control": "private, max-age=0"}
+        return serve_file(request, file, headers)
 
     async def jwks(_: Request) -> Response:
         return JSONResponse(signer.jwks(), headers={"cache-control": "public, max-age=86400"})
@@ -265,9 +396,11 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
                 "ok": True,
                 "seed": engine.config.seed,
                 "requests": len(engine.requests),
+                "files": len(engine.files),
                 "api_calls": engine.api_calls,
                 "api_faults": engine.api_faults,
                 "pending_tasks": len(engine.tasks),
+                "submits_in_flight_peak": engine.submits_in_flight_peak,
             }
         )
 
@@ -308,6 +441,38 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
         items = [d.as_json() for d in engine.deliveries if not wanted or d.request_id == wanted]
         return _json(items)
 
+    async def rotate_keys(_: Request) -> Response:
+        signer.rotate()
+        return _json(signer.jwks())
+
+    async def add_file(request: Request) -> Response:
+        try:
+            spec = await request.json()
+            size = int(spec["size"])
+            lifetime = spec.get("lifetime")
+            if size < 0 or (lifetime is not None and float(lifetime) <= 0):
+                raise ValueError("size must be >= 0 and lifetime > 0 (or null)")
+        except (ValueError, KeyError, TypeError) as exc:
+            detail = f"expected {{size, name?, content_type?, lifetime?}}: {exc}"
+            return _json({"detail": detail}, 422)
+        entry = engine.add_file(
+            str(request.base_url).rstrip("/"),
+            size,
+            name=spec.get("name", "output.mp4"),
+            content_type=spec.get("content_type", "video/mp4"),
+            lifetime=None if lifetime is None else float(lifetime),
+        )
+        base = str(request.base_url).rstrip("/")
+        return _json(
+            {
+                "url": f"{base}{entry.path}",
+                "file_id": entry.file.file_id,  # what the bytes are a function of
+                "file_size": size,
+                "content_type": entry.file.content_type,
+                "expires_at": entry.expires_wall,
+            }
+        )
+
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
         await engine.start()
@@ -324,6 +489,8 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
         Route("/ground-truth", ground_truth),
         Route("/ground-truth/{request_id}", ground_truth),
         Route("/webhooks", webhooks),
+        Route("/jwks/rotate", rotate_keys, methods=["POST"]),
+        Route("/files", add_file, methods=["POST"]),
     ]
     app = Starlette(
         routes=[
@@ -331,9 +498,14 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
             Mount("/_sim", routes=control),
             Route("/files/b/{file_id}/{name}", cdn, methods=["GET", "HEAD"]),
             Route("/_run/{path:path}", run_sync, methods=["POST"]),
+            Route("/requests/delete_io/{request_id}", delete_io, methods=["PUT"]),
             Route("/{path:path}", queue, methods=["GET", "POST", "PUT"]),
         ],
         lifespan=lifespan,
     )
     app.state.engine = engine
     return app
+
+
+def _http_date(wall: float) -> str:
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(wall))

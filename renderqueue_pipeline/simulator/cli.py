@@ -22,8 +22,14 @@ _HELP = {
     "submit_latency": "Seconds the submit call takes after enqueueing.",
     "failure_rate": "Share of requests that end in ERROR with a 422 payload.",
     "payload_error_rate": "Share of OK webhooks whose payload is null with payload_error set.",
-    "validation": "Reject bad inputs at submit (HTTP 422) or at run time (ERROR webhook).",
-    "cancel_in_progress": "Whether the simulated model stops when a running request is canceled.",
+    "validation": "Where bad inputs are refused: each endpoint's own rule, or force 'submit' "
+    "(HTTP 422) or 'run' (ERROR webhook with the 422 body) for all.",
+    "output_extras": "Add duration/width/height to video outputs (fal does not send them).",
+    "cancel_stop_rate": "Share of running requests that stop when cancelled (fal: the app "
+    "decides; most finish and are billed).",
+    "requeue_rate": "Chance, per runner attempt, that a running request goes back to the queue "
+    "with a new gateway_request_id.",
+    "requeue_limit": "At most this many re-queues per request.",
     "webhook_duplicate_rate": "Share of webhooks delivered twice.",
     "webhook_duplicate_delay": "Seconds between a webhook and its duplicate.",
     "webhook_drop_rate": "Share of webhooks never sent.",
@@ -31,20 +37,31 @@ _HELP = {
     "webhook_out_of_order_delay": "Seconds a held-back webhook waits.",
     "webhook_early_rate": "Share of requests finished and delivered before submit returns.",
     "webhook_delay": "Extra seconds before every webhook delivery.",
-    "webhook_max_attempts": "Delivery attempts per webhook (fal: 10).",
+    "webhook_max_attempts": "Delivery attempts per webhook (fal: 1 + 10 retries).",
     "webhook_retry_base": "First retry delay in seconds; doubles each attempt.",
     "webhook_retry_max": "Cap on the retry delay in seconds.",
-    "webhook_timeout": "Seconds per delivery attempt (fal: 15).",
+    "webhook_retry_on": "Answers that are retried: '5xx' (and timeouts, connection errors) or "
+    "'4xx+5xx'.",
+    "webhook_keep_timestamp": "Retries keep the first attempt's timestamp and signature.",
+    "webhook_timeout": "Seconds per delivery attempt (fal: 15, unverified).",
     "webhook_clock_skew": "Seconds added to the signed webhook timestamp.",
     "webhook_user_id": "X-Fal-Webhook-User-Id of every delivery.",
     "api_429_rate": "Share of API calls answered 429 (fal-client retries these).",
-    "api_503_rate": "Share of API calls answered by an nginx 503 (fal-client retries these).",
-    "api_500_rate": "Share of API calls answered 500 (not retried by fal-client; on submit "
-    "the request is enqueued anyway).",
-    "cdn_url_ttl": "Seconds a signed output URL stays valid (403 afterwards).",
-    "result_ttl": "Seconds a result stays fetchable after completion.",
+    "api_503_rate": "Share of API calls answered by the edge's nginx 503 (fal-client retries).",
+    "api_500_rate": "Share of API calls answered by fal's JSON 500 with x-fal-request-id (not "
+    "retried by fal-client; on submit the request is enqueued anyway).",
+    "api_502_rate": "Share of API calls answered by the edge's nginx 502 (fal-client retries).",
+    "api_504_rate": "Share of API calls answered by the edge's nginx 504 (fal-client retries).",
+    "cdn_mode": "'public': stable URLs that expire with the request's lifecycle (fal); "
+    "'signed': signed URLs re-signed on every result fetch (not fal).",
+    "cdn_default_lifetime": "Seconds an output file lives when the request sent no "
+    "X-Fal-Object-Lifecycle-Preference ('none': forever).",
+    "cdn_url_ttl": "Seconds a signed output URL stays valid in 'signed' mode (403 afterwards).",
+    "result_ttl": "Seconds a result stays fetchable after completion with X-Fal-Store-IO: 0.",
+    "payload_ttl": "Seconds a result stays fetchable when payloads are stored (the default).",
     "size_scale": "Multiplier on output file sizes.",
     "fal_key": "Accept only this key (default: any 'Authorization: Key ...').",
+    "admin_key": "Accept only this key for admin calls (delete_io); default: any key.",
     "seed": "Seed of every random decision.",
 }
 
@@ -57,6 +74,8 @@ def _knob_options(func: Callable[..., Any]) -> Callable[..., Any]:
         option_type: Any
         if typing.get_origin(hint) is typing.Literal:
             option_type = click.Choice(list(typing.get_args(hint)))
+        elif hint is bool:
+            option_type = click.BOOL
         elif hint is float:
             option_type = float
         elif hint is int:

@@ -78,7 +78,11 @@ _RATE = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class SimConfig(BaseModel):
-    """Every simulator knob. Rates are probabilities per request (or per API call)."""
+    """Every simulator knob. Rates are probabilities per request (or per API call).
+
+    Defaults follow fal's documented behaviour; docs/simulator.md lists every knob whose
+    non-default value departs from it ("where the simulator differs from fal").
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -90,8 +94,11 @@ class SimConfig(BaseModel):
     # request outcomes
     failure_rate: float = _RATE
     payload_error_rate: float = _RATE
-    validation: Literal["submit", "run"] = "submit"
-    cancel_in_progress: Literal["honor", "ignore"] = "honor"
+    validation: Literal["endpoint", "submit", "run"] = "endpoint"
+    output_extras: bool = False
+    cancel_stop_rate: float = _RATE
+    requeue_rate: float = _RATE
+    requeue_limit: int = Field(default=3, ge=0, le=20)
     # webhook delivery
     webhook_duplicate_rate: float = _RATE
     webhook_duplicate_delay: str = "0.05:0.5"
@@ -100,9 +107,11 @@ class SimConfig(BaseModel):
     webhook_out_of_order_delay: str = "0.5:2.0"
     webhook_early_rate: float = _RATE
     webhook_delay: str = "0"
-    webhook_max_attempts: int = Field(default=10, ge=1, le=100)
+    webhook_max_attempts: int = Field(default=11, ge=1, le=100)
     webhook_retry_base: float = Field(default=7.0, ge=0.0)
     webhook_retry_max: float = Field(default=3600.0, ge=0.0)
+    webhook_retry_on: Literal["5xx", "4xx+5xx"] = "5xx"
+    webhook_keep_timestamp: bool = False
     webhook_timeout: float = Field(default=15.0, gt=0.0)
     webhook_clock_skew: float = 0.0
     webhook_user_id: str = "sim-user"
@@ -110,12 +119,25 @@ class SimConfig(BaseModel):
     api_429_rate: float = _RATE
     api_503_rate: float = _RATE
     api_500_rate: float = _RATE
+    api_502_rate: float = _RATE
+    api_504_rate: float = _RATE
     # CDN and results
+    cdn_mode: Literal["public", "signed"] = "public"
+    cdn_default_lifetime: float | None = Field(default=7 * 86400.0, gt=0.0)
     cdn_url_ttl: float = Field(default=3600.0, gt=0.0)
     result_ttl: float = Field(default=3600.0, gt=0.0)
+    payload_ttl: float = Field(default=30 * 86400.0, gt=0.0)
     size_scale: float = Field(default=1.0, gt=0.0)
     # auth
     fal_key: str | None = None
+    admin_key: str | None = None
+
+    @field_validator("cdn_default_lifetime", mode="before")
+    @classmethod
+    def _lifetime(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+            return None
+        return value
 
     @field_validator(
         "queue_delay",
@@ -137,8 +159,9 @@ class SimConfig(BaseModel):
     def public(self) -> dict[str, Any]:
         """The config as JSON, with the required key masked (it is a secret)."""
         data = self.model_dump()
-        if data.get("fal_key"):
-            data["fal_key"] = "***"
+        for secret in ("fal_key", "admin_key"):
+            if data.get(secret):
+                data[secret] = "***"
         return data
 
 

@@ -87,46 +87,85 @@ def ensure_tls_cert(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+def _load_or_create_key(path: Path) -> Ed25519PrivateKey:
+    if path.exists():
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if isinstance(key, Ed25519PrivateKey):
+            return key
+    key = Ed25519PrivateKey.generate()
+    _write_key(path, key)
+    return key
 
 
-@dataclass(frozen=True)
+def _write_key(path: Path, key: Ed25519PrivateKey) -> None:
+    _write_private(
+        path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+
+
+def _raw_public(key: Ed25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
 class WebhookSigner:
-    """Signs webhook deliveries exactly like fal (Ed25519 over id, user, timestamp, body hash)."""
+    """Signs webhook deliveries like fal (Ed25519 over id, user, timestamp, body hash).
 
-    private_key: Ed25519PrivateKey
+    Holds two keys, as fal's JWKS does: the signing key and the one before it. The
+    signing key's `x` is published with base64 padding (`...=`), the other without, so a
+    receiver that cannot read either spelling fails its tests. `rotate()` makes a new
+    signing key and keeps the previous one published.
+    """
+
+    CURRENT = "webhook_ed25519.pem"
+    PREVIOUS = "webhook_ed25519.previous.pem"
+
+    def __init__(
+        self, current: Ed25519PrivateKey, previous: Ed25519PrivateKey, directory: Path | None
+    ) -> None:
+        self.private_key = current
+        self.previous_key = previous
+        self.directory = directory
 
     @classmethod
     def load_or_create(cls, directory: Path) -> WebhookSigner:
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / "webhook_ed25519.pem"
-        if path.exists():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if isinstance(key, Ed25519PrivateKey):
-                return cls(key)
-        key = Ed25519PrivateKey.generate()
-        _write_private(
-            path,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-        )
-        return cls(key)
+        current = _load_or_create_key(directory / cls.CURRENT)
+        previous = _load_or_create_key(directory / cls.PREVIOUS)
+        return cls(current, previous, directory)
 
     @property
     def public_bytes(self) -> bytes:
-        return self.private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        return _raw_public(self.private_key)
+
+    def rotate(self) -> None:
+        """A new signing key; the old signing key stays published, the oldest is dropped."""
+        new = Ed25519PrivateKey.generate()
+        if self.directory is not None:
+            _write_key(self.directory / self.PREVIOUS, self.private_key)
+            _write_key(self.directory / self.CURRENT, new)
+        self.previous_key, self.private_key = self.private_key, new
 
     def jwks(self) -> dict:
-        """The JWKS document fal serves at /.well-known/jwks.json."""
-        x = _b64url(self.public_bytes)
-        kid = hashlib.sha256(self.public_bytes).hexdigest()[:16]
-        return {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "use": "sig"}]}
+        """The JWKS document fal serves at /.well-known/jwks.json (two keys)."""
+        keys = []
+        for key, padded in ((self.previous_key, False), (self.private_key, True)):
+            raw = _raw_public(key)
+            x = base64.urlsafe_b64encode(raw).decode("ascii")
+            keys.append(
+                {
+                    "kty": "OKP",
+                    "crv": "Ed25519",
+                    "x": x if padded else x.rstrip("="),
+                    "kid": hashlib.sha256(raw).hexdigest()[:16],
+                    "use": "sig",
+                }
+            )
+        return {"keys": keys}
 
     def sign(self, request_id: str, user_id: str, timestamp: str, body: bytes) -> str:
         """Hex signature of `request_id\\nuser_id\\ntimestamp\\nsha256_hex(body)`."""

@@ -61,6 +61,8 @@ def client_env(home: Path, host: str, port: int, fal_key: str | None = None) -> 
         "SSL_CERT_FILE": str(bundle),
         "FAL_KEY": fal_key or DEFAULT_CLIENT_KEY,
         "FAL_JWKS_URL": f"https://{hostport}/.well-known/jwks.json",
+        # fal's REST API (delete_io) lives on the same server here
+        "RENDERQUEUE_FAL_REST_URL": f"https://{hostport}",
     }
 
 
@@ -98,12 +100,13 @@ class SimulatorServer:
         config: SimConfig | None = None,
         log_level: str = "warning",
         graceful_shutdown: float = 2.0,
+        sock: socket.socket | None = None,
     ) -> None:
         self.home = Path(home).expanduser().resolve()
         self.host = host
         self.config = config or SimConfig()
         self.cert, self.key, self.bundle = ensure_ca_bundle(self.home)
-        self.sock = bind_socket(host, port)
+        self.sock = sock if sock is not None else bind_socket(host, port)
         self.port: int = self.sock.getsockname()[1]
         self.app = build_app(self.home, self.config)
         self._uvicorn = uvicorn.Server(

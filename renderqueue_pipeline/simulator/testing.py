@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -90,6 +91,25 @@ class SimControl:
         params = {"request_id": request_id} if request_id else None
         return self._json(self._http.get("/webhooks", params=params))
 
+    def rotate_keys(self) -> dict[str, Any]:
+        """A new webhook signing key; the previous one stays in the JWKS. Returns the JWKS."""
+        return self._json(self._http.post("/jwks/rotate"))
+
+    def add_file(
+        self,
+        size: int,
+        *,
+        name: str = "output.mp4",
+        content_type: str = "video/mp4",
+        lifetime: float | None = None,
+    ) -> dict[str, Any]:
+        """A CDN file of `size` bytes with no request behind it: {url, file_id, file_size, ...}.
+
+        The bytes are made on the fly per block, so sizes up to many GB cost nothing upfront.
+        """
+        spec = {"size": size, "name": name, "content_type": content_type, "lifetime": lifetime}
+        return self._json(self._http.post("/files", json=spec))
+
     def wait_finished(self, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
         """Block until the request is terminal in the simulator; return its ground truth."""
         return wait_until(
@@ -113,6 +133,7 @@ class RunningSimulator:
     config: SimConfig
     server: SimulatorServer | None = None
     control: SimControl = field(init=False)
+    sock: socket.socket | None = None  # a socket bound in advance, used by the first start
 
     def __post_init__(self) -> None:
         self.start()
@@ -147,8 +168,14 @@ class RunningSimulator:
     def start(self) -> None:
         if self.server is not None:
             return
+        sock, self.sock = self.sock, None
         self.server = SimulatorServer(
-            self.home, host=self.host, port=self.port, config=self.config, graceful_shutdown=0.2
+            self.home,
+            host=self.host,
+            port=self.port,
+            config=self.config,
+            graceful_shutdown=0.2,
+            sock=sock,
         )
         self.port = self.server.port
         self.server.start()
@@ -172,14 +199,23 @@ class RunningSimulator:
 
 @contextlib.contextmanager
 def running_simulator(
-    home: Path, port: int | None = None, *, host: str = "127.0.0.1", seed: int = 0, **options: Any
+    home: Path,
+    port: int | None = None,
+    *,
+    host: str = "127.0.0.1",
+    seed: int = 0,
+    sock: socket.socket | None = None,
+    **options: Any,
 ) -> Iterator[RunningSimulator]:
     """Start a simulator (thread) for the duration of the block; always stopped afterwards.
 
     `options` are `SimConfig` knobs (see `FAST_TEST_OPTIONS` for millisecond timings).
+    `sock`: a socket already bound (e.g. to port 0 long before), served by the first start.
     """
     config = SimConfig(seed=seed, **options)
-    sim = RunningSimulator(Path(home), host, port or 0, config)
+    if sock is not None:
+        port = sock.getsockname()[1]
+    sim = RunningSimulator(Path(home), host, port or 0, config, sock=sock)
     try:
         yield sim
     finally:

@@ -6,11 +6,11 @@ per webhook.
 
 A flusher is a THREAD with its own psycopg connection (autocommit). When events are
 queued it waits `max_wait` for a burst to gather, takes up to `max_batch` of them and
-stores them with ONE statement, `rq_record_events` (sql/006): the ledger's state machine
-over every event, in request_id order, inside that statement's own transaction. The
-database round trip runs outside the event loop (psycopg waits with the GIL released), so
-the next batch starts as soon as a commit returns, not when the busy loop gets to it; the
-loop is woken once per batch to answer that batch's deliveries.
+stores them with ONE statement, `rq_record_events` (sql/003_state_machine.sql): the
+ledger's state machine over every event, in request_id order, inside that statement's own
+transaction. The database round trip runs outside the event loop (psycopg waits with the
+GIL released), so the next batch starts as soon as a commit returns, not when the busy
+loop gets to it; the loop is woken once per batch to answer that batch's deliveries.
 
 One flusher is the default: with one commit in flight, the next batch is everything that
 arrived meanwhile, so batches stay large and Postgres does the least work per event

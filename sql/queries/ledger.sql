@@ -1,10 +1,17 @@
 -- The ledger's named queries. Loaded with every sql/queries/*.sql by renderqueue_pipeline/db/queries.py.
 -- Parameters are psycopg named placeholders: %(name)s. The ledger rules themselves are
--- SQL functions and triggers in 003_ledger_rules.sql; these queries only call them.
+-- SQL functions and triggers in sql/003_state_machine.sql; these queries only call them.
 
--- name: estimate
-select price_id, seconds, cost_micros, price_version
-from rq_estimate(%(endpoint)s, %(inputs)s, coalesce(%(at)s::timestamptz, now()));
+-- name: validate_and_estimate
+-- the duration read by rq_parse_duration (its one definition) and the price in force;
+-- price columns are null when no price row matches
+select d.problem as duration_problem, e.price_id, e.seconds, e.cost_micros, e.price_version
+from rq_parse_duration(%(inputs)s::jsonb -> 'duration') d
+left join rq_estimate(%(endpoint)s, %(inputs)s, coalesce(%(at)s::timestamptz, now())) e
+  on true;
+
+-- name: parse_duration
+select seconds, problem from rq_parse_duration(%(value)s::jsonb);
 
 -- name: endpoint_prices
 select resolution, with_audio
@@ -28,9 +35,9 @@ select id, state, request_id from batch_items where idempotency_key = %(idempote
 
 -- name: insert_generation
 insert into generations (request_id, user_id, endpoint, inputs, cost_micros, cost_basis,
-                         price_id, billed_seconds, batch_item_id)
+                         price_id, billed_seconds, batch_item_id, fal_expires_at)
 values (%(request_id)s, %(user_id)s, %(endpoint)s, %(inputs)s, %(cost_micros)s, 'estimate',
-        %(price_id)s, %(seconds)s, %(batch_item_id)s)
+        %(price_id)s, %(seconds)s, %(batch_item_id)s, %(fal_expires_at)s)
 on conflict (request_id) do nothing
 returning id;
 
@@ -57,19 +64,47 @@ returning id, batch_id, line_no, user_id, endpoint;
 -- array of events in arrival order; one row per event, `ord` its 1-based position
 select ord, event_id, outcome from rq_record_events(%(events)s);
 
--- name: apply_event
-select rq_apply_event(%(event_id)s) as outcome;
+-- name: apply_events
+select event_id, outcome from rq_apply_events(%(event_ids)s::bigint[]);
 
 -- name: waiting_events_with_row
+-- one chunk of apply_waiting_events: events not tried since the pass started, those
+-- that failed before last
 select e.id
 from generation_events e
 where e.applied_at is null
+  and (e.apply_failed_at is null or e.apply_failed_at < %(started)s)
   and exists (select 1 from generations g where g.request_id = e.request_id)
-order by e.id
+order by e.apply_failed_at nulls first, e.id
 limit %(limit)s;
 
 -- name: waiting_event_count
-select count(*) as waiting from generation_events where applied_at is null;
+select count(*) as waiting,
+       count(*) filter (where expired_at is not null) as expired,
+       count(*) filter (where apply_error is not null) as failing
+from generation_events where applied_at is null;
+
+-- name: expire_waiting_events
+select rq_expire_waiting_events(%(retention)s::interval) as expired;
+
+-- name: expired_event_count
+select count(*) as expired from generation_events
+where applied_at is null and expired_at is not null;
+
+-- name: waiting_events
+select e.id, e.request_id, e.source, e.kind, e.received_at, e.expired_at,
+       e.apply_error,
+       exists (select 1 from generations g where g.request_id = e.request_id) as has_row
+from generation_events e
+where e.applied_at is null
+order by e.received_at, e.id
+limit %(limit)s;
+
+-- name: mark_cancel_requested
+update generations
+set cancel_requested_at = coalesce(cancel_requested_at, now())
+where request_id = %(request_id)s
+returning cancel_requested_at;
 
 -- name: generation_by_request_id
 select * from generations where request_id = %(request_id)s;

@@ -261,12 +261,6 @@ where created_at >= %(start)s and created_at < %(end)s
 order by created_at, request_id
 limit %(limit)s;
 
--- name: unpriced_completed_count
-select count(*)::int as unpriced, count(distinct endpoint)::int as endpoints
-from generations
-where created_at >= %(start)s and created_at < %(end)s
-  and status = 'completed' and cost_basis in ('unpriced', 'none');
-
 -- name: stuck_open_in_month
 -- Open for more than the limit, as of %(as_of)s (served by the open rows' partial index).
 select request_id, endpoint, status::text as status, created_at
@@ -285,16 +279,20 @@ where status in ('submitted', 'in_progress')
   and created_at < %(as_of)s::timestamptz - %(max_open)s::interval;
 
 -- name: archive_failures_in_month
-select request_id, archive_error
+-- failed: the copy could not be made; lost: fal's copy was gone before we made ours
+select request_id, archive_status, archive_error
 from generations
-where created_at >= %(start)s and created_at < %(end)s and archive_status = 'failed'
+where created_at >= %(start)s and created_at < %(end)s
+  and archive_status in ('failed', 'lost')
 order by created_at, request_id
 limit %(limit)s;
 
 -- name: archive_failure_count
-select count(*)::int as failed
+select count(*) filter (where archive_status = 'failed')::int as failed,
+       count(*) filter (where archive_status = 'lost')::int as lost
 from generations
-where created_at >= %(start)s and created_at < %(end)s and archive_status = 'failed';
+where created_at >= %(start)s and created_at < %(end)s
+  and archive_status in ('failed', 'lost');
 
 -- name: oldest_generation_month
 select date_trunc('month', min(created_at) at time zone 'UTC')::date as month from generations;

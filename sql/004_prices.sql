@@ -1,12 +1,17 @@
 -- Public list prices (fal's pages, late 2026), as data with an effective date. A new
 -- price is a new row with a later effective_from; old rows stay so that past generations
--- keep the price they were made at.
+-- keep the price they were made at (the row in force at generations.created_at).
 --
 -- Seedance 2.0 is token-priced: $0.014 per 1k tokens, tokens = h * w * seconds * 24 / 1024.
--- 720p is the published $0.3034/s; 480p (854x480) and 1080p (1920x1080) follow the token
--- formula. The fast variant publishes only 720p ($0.2419/s); its other resolutions are
--- scaled by the same token ratio. "auto" duration is estimated at the 15 s maximum (a
--- conservative estimate for budgets) and replaced by the output's real duration.
+-- 480p (854x480) and 1080p (1920x1080) follow the token formula exactly (134,505 and
+-- 680,400 micro-dollars a second). 720p is the published $0.3034/s (the formula at
+-- 1280x720 gives $0.3024/s; fal's published figure wins). The fast variant publishes
+-- only 720p ($0.2419/s); its other resolutions are that price scaled by the token ratio,
+-- rounded half up to the micro-dollar: 480p 241,900 * (854*480)/(1280*720) = 107,595.10
+-- -> 107,595; 1080p 241,900 * 2.25 = 544,275 exactly.
+-- "auto" duration is priced at the 15 s maximum. No seeded endpoint documents the
+-- output's duration (output_seconds_path null), so completions are priced from the
+-- requested or default seconds (cost_basis 'requested').
 insert into prices (endpoint, resolution, with_audio, micros_per_second, base_micros,
                     base_seconds, default_seconds, default_resolution, effective_from,
                     price_version, source)
@@ -17,8 +22,9 @@ values
    '2026-01-01', 'fal-2026-11', 'fal pricing page: $0.3034/s at 720p'),
   ('bytedance/seedance-2.0/text-to-video', '1080p', null, 680400, 0, 0, 15, '720p',
    '2026-01-01', 'fal-2026-11', 'token formula: 1920*1080*24/1024 tokens/s at $0.014/1k'),
-  ('bytedance/seedance-2.0/fast/text-to-video', '480p', null, 107596, 0, 0, 15, '720p',
-   '2026-01-01', 'fal-2026-11', '720p fast price scaled by the 480p/720p token ratio'),
+  ('bytedance/seedance-2.0/fast/text-to-video', '480p', null, 107595, 0, 0, 15, '720p',
+   '2026-01-01', 'fal-2026-11',
+   '720p fast price x 480p/720p token ratio: 107,595.10, rounded to the micro-dollar'),
   ('bytedance/seedance-2.0/fast/text-to-video', '720p', null, 241900, 0, 0, 15, '720p',
    '2026-01-01', 'fal-2026-11', 'fal pricing page: $0.2419/s at 720p'),
   ('bytedance/seedance-2.0/fast/text-to-video', '1080p', null, 544275, 0, 0, 15, '720p',

@@ -1,7 +1,9 @@
--- The ledger around the seed's table: prices with effective dates, exact money, archive
--- state, the raw event inbox, batches and their items (intent records), budgets and the
--- monthly spend tables. Columns added to `generations` all have defaults, so the seed
--- article's own INSERT and UPDATE statements keep working unchanged.
+-- The ledger's tables around the seed's: prices with effective dates, batches and their
+-- items (intent records), the columns added to `generations` (exact money, cancellation,
+-- archive state), the raw event inbox, budgets and the monthly spend tables. Columns added
+-- to `generations` all have defaults, so the seed article's own INSERT and UPDATE
+-- statements keep working unchanged. The rules over these tables are in
+-- 003_state_machine.sql; the seeded prices in 004_prices.sql.
 
 -- Prices are data: one row per endpoint (and resolution / audio where the price depends on
 -- them), valid from `effective_from` until a newer row for the same key takes over.
@@ -16,6 +18,11 @@ create table prices (
   base_seconds numeric not null default 0 check (base_seconds >= 0),
   default_seconds numeric not null check (default_seconds > 0),
   default_resolution text,          -- what the model renders when the request names none
+  -- Where the endpoint's documented output states the clip's length (a JSON path such as
+  -- {video,duration}); null when fal documents no duration, as for Seedance. The ledger
+  -- reads no output field fal does not document: without a path, a completion is priced
+  -- from the requested (or default) seconds.
+  output_seconds_path text[],
   effective_from timestamptz not null,
   price_version text not null,
   source text not null,
@@ -60,12 +67,18 @@ create index batch_items_pending_idx on batch_items (created_at) where state = '
 
 alter table generations
   add column cost_micros bigint not null default 0 check (cost_micros >= 0),
+  -- what cost_micros is: 'none' (nothing charged), 'estimate' (at submit), 'computed'
+  -- (completed, priced from a duration the output documents), 'requested' (completed,
+  -- priced from the requested or default seconds: the output has no duration), 'billed'
+  -- (fal's own figure, from its billing events), 'unpriced' (no price row in force)
   add column cost_basis text not null default 'none'
-    check (cost_basis in ('none', 'estimate', 'actual', 'unpriced')),
+    check (cost_basis in ('none', 'estimate', 'computed', 'requested', 'billed', 'unpriced')),
   add column price_id bigint references prices (id),
   add column billed_seconds numeric,
   add column batch_item_id bigint references batch_items (id),
   add column conflict boolean not null default false,
+  -- when fal accepted our cancel (202): an ERROR outcome after it is the cancellation
+  add column cancel_requested_at timestamptz,
   add column updated_at timestamptz not null default now(),
   add column archive_status text not null default 'none'
     check (archive_status in ('none', 'pending', 'archived', 'failed')),
@@ -88,7 +101,7 @@ create index generations_prompt_fts_idx on generations
 
 -- The inbox of raw events (webhook deliveries, reconciler observations). Every accepted
 -- event is stored here; `applied_at` stays null while its generation row does not exist
--- yet. The same event delivered twice has the same dedupe_key and is stored once. The key
+-- yet (a "waiting" event). The same event delivered twice has the same dedupe_key and is stored once. The key
 -- ignores gateway_request_id, which fal changes when it retries internally.
 create function rq_event_dedupe_key(p_request_id text, p_kind text, p_payload jsonb,
                                     p_error text)
@@ -112,7 +125,13 @@ create table generation_events (
   ) stored,
   received_at timestamptz not null default now(),
   applied_at timestamptz,
-  outcome text check (outcome in ('applied', 'duplicate', 'stale', 'conflict'))
+  outcome text check (outcome in ('applied', 'duplicate', 'stale', 'conflict')),
+  -- still waiting for its row after the retention period (another fal account, a submit
+  -- whose outcome is unknown): kept, and applied should the row appear after all
+  expired_at timestamptz,
+  -- why the last attempt to apply it failed (the event is skipped, the others go on)
+  apply_error text,
+  apply_failed_at timestamptz
 );
 create unique index generation_events_dedupe_key on generation_events (dedupe_key);
 create index generation_events_request_idx on generation_events (request_id, id);

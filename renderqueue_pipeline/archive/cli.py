@@ -1,0 +1,51 @@
+"""`renderqueue archive` and `renderqueue link`."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("archive")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Rows to take at most (default RENDERQUEUE_ARCHIVE_BATCH_ROWS, 500).")
+def archive(limit: int | None) -> None:
+    """Copy completed outputs into RENDERQUEUE_STORAGE_URL, nearest deadline first."""
+    from rich.console import Console
+
+    from renderqueue_pipeline.archive import run_archive
+    from renderqueue_pipeline.db.connect import connect
+    from renderqueue_pipeline.db.server import database_url
+
+    console = Console(stderr=True)
+    url = database_url()
+
+    def progress(outcome) -> None:
+        detail = f" ({outcome.reason}: {outcome.error})" if outcome.reason else ""
+        console.print(f"{outcome.status:>8} {outcome.request_id} {outcome.bytes} B{detail}",
+                      highlight=False, soft_wrap=True)
+
+    report = run_archive(lambda: connect(url), limit=limit, progress=progress)
+    summary = report.as_dict()
+    click.echo(
+        f"archived {summary['archived']}, lost {summary['lost']}, failed {summary['failed']}, "
+        f"retrying {summary['retrying']}; {summary['bytes']} bytes in {summary['seconds']} s "
+        f"({summary['mb_per_second']} MB/s)"
+    )
+    for reason, count in sorted(summary["failures_by_reason"].items()):
+        click.echo(f"  {reason}: {count}")
+
+
+@click.command("link")
+@click.argument("request_id")
+@click.option("--expires", type=click.IntRange(min=1, max=7 * 24 * 3600), default=3600,
+              show_default=True, help="Lifetime of a presigned S3 URL, in seconds.")
+def link(request_id: str, expires: int) -> None:
+    """Print a link to our copy of REQUEST_ID's output (one line per file)."""
+    from renderqueue_pipeline.archive import ArchiveStorage, links
+    from renderqueue_pipeline.db.connect import connect
+    from renderqueue_pipeline.settings import get_settings
+
+    storage = ArchiveStorage.from_url(get_settings().storage)
+    with connect() as conn:
+        for line in links(conn, request_id, storage, expires_seconds=expires):
+            click.echo(line)

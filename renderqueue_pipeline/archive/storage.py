@@ -1,0 +1,100 @@
+"""Where our copies live: any fsspec URL (`file://` by default, `s3://bucket/prefix`).
+
+Objects are written under a staging prefix, checked, then moved to their final key, so
+a reader never sees a partial object at `generations/YYYY/MM/<request_id>/<file name>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import posixpath
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+STAGING = ".staging"
+#: s3fs buffers one block per open upload: this bounds memory per concurrent copy.
+UPLOAD_BLOCK_BYTES = 8 * 1024 * 1024
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_file_name(name: str | None, fallback: str) -> str:
+    """A file name safe as the last part of a key: no folders, no dot-only names."""
+    base = posixpath.basename((name or "").replace("\\", "/"))
+    base = _UNSAFE.sub("_", base).strip("._")[:120]
+    return base or fallback
+
+
+@dataclass
+class ArchiveStorage:
+    """An fsspec file system and the root path under it."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem
+    root: str
+
+    @classmethod
+    def from_url(cls, url: str, **storage_options: Any) -> ArchiveStorage:
+        fs, root = url_to_fs(url, **storage_options)
+        return cls(url, fs, root.rstrip("/"))
+
+    @property
+    def is_local(self) -> bool:
+        return "file" in _protocols(self.fs)
+
+    def final_path(self, created_at: datetime, request_id: str, file_name: str) -> str:
+        return (f"{self.root}/generations/{created_at:%Y}/{created_at:%m}/"
+                f"{safe_file_name(request_id, 'request')}/{file_name}")
+
+    def staging_path(self, request_id: str, file_name: str) -> str:
+        token = f"{safe_file_name(request_id, 'request')}.{uuid.uuid4().hex[:12]}"
+        return f"{self.root}/{STAGING}/{token}/{file_name}"
+
+    def open_for_write(self, path: str):
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            return self.fs.open(path, "wb")
+        return self.fs.open(path, "wb", block_size=UPLOAD_BLOCK_BYTES)
+
+    def size(self, path: str) -> int:
+        return int(self.fs.info(path)["size"])
+
+    def move(self, source: str, target: str) -> None:
+        """Make the staged object visible under its final key (a rename on local disks)."""
+        if self.is_local:
+            self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        self.fs.mv(source, target)
+
+    def discard(self, path: str) -> None:
+        """Remove a staged object (and its staging folder on local disks); never raises."""
+        with contextlib.suppress(Exception):
+            if self.fs.exists(path):
+                self.fs.rm(path)
+        if self.is_local:
+            with contextlib.suppress(Exception):
+                self.fs.rmdir(posixpath.dirname(path))
+
+    def url_of(self, path: str) -> str:
+        """The full URL of a path (`file:///...`, `s3://bucket/key`)."""
+        return self.fs.unstrip_protocol(path)
+
+    def link(self, archive_url: str, expires_seconds: int = 3600) -> str:
+        """What a user opens: a presigned URL on S3, a local path for file://."""
+        if archive_url.startswith(self.fs.unstrip_protocol(self.root)):
+            fs, path = self.fs, self.fs._strip_protocol(archive_url)
+        else:
+            fs, path = url_to_fs(archive_url)
+        if "file" in _protocols(fs):
+            return path
+        return fs.sign(path, expiration=expires_seconds)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)

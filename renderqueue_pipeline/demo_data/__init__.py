@@ -1,0 +1,1 @@
+"""Sample data for `renderqueue dev` and `renderqueue demo --headless`."""

@@ -1,0 +1,287 @@
+"""`renderqueue dev`: the whole product on one machine, in the Dagster UI.
+
+Starts, on the embedded defaults: Postgres, the fal simulator, the webhook receiver, and
+Dagster (webserver and daemon on Postgres storage). Each runs as its own process, the way a
+deployment runs them; Ctrl-C stops every one of them and the embedded server it started.
+With FAL_KEY / DATABASE_URL set, the simulator / embedded server are not started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import httpx
+from rich.console import Console
+
+from renderqueue_pipeline.errors import RenderqueueError
+
+SAMPLE_PROMPTS = "prompts-demo.csv"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def sample_prompts_text() -> str:
+    """The demo's prompts file: several users and endpoints, a few bad rows."""
+    return resources.files("renderqueue_pipeline.demo_data").joinpath(SAMPLE_PROMPTS).read_text()
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (beside the running Python), else PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise RenderqueueError(f"{name} is not installed in this environment")
+    return found
+
+
+@dataclass
+class Supervisor:
+    """Child processes in their own process groups; `stop()` ends them all, newest first."""
+
+    log_dir: Path
+    children: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = (self.log_dir / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.children.append((name, process))
+        return process
+
+    def check(self) -> None:
+        """Raise with the log's tail when a child died on its own."""
+        for name, process in self.children:
+            if process.poll() is not None:
+                tail = (self.log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
+                raise RenderqueueError(
+                    f"{name} exited with code {process.returncode}; last lines of "
+                    f"{self.log_dir / (name + '.log')}:\n{tail}"
+                )
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for _, process in reversed(self.children):
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for _, process in reversed(self.children):
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.children.clear()
+
+
+def wait_for_http(url: str, supervisor: Supervisor, timeout: float = 120.0, **kw) -> None:
+    """Poll `url` until it answers below 500 (a child dying stops the wait at once)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        supervisor.check()
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2.0, **kw).status_code < 500:
+                return
+        time.sleep(0.5)
+    raise RenderqueueError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def read_exports(process: subprocess.Popen, log: Path, timeout: float = 60.0) -> dict[str, str]:
+    """The `export K=V` lines the simulator prints at start (it binds port 0 first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RenderqueueError(f"fal simulator exited: {log.read_text()[-2000:]}")
+        text = log.read_text() if log.exists() else ""
+        if "# fal simulator serving" in text:
+            env: dict[str, str] = {}
+            for line in text.splitlines():
+                if line.startswith("export "):
+                    key, _, value = line.removeprefix("export ").partition("=")
+                    env[key] = value.strip().strip("'\"")
+            return env
+        time.sleep(0.2)
+    raise RenderqueueError("fal simulator did not start within 60 s")
+
+
+@contextlib.contextmanager
+def running_stack(
+    home: Path,
+    *,
+    console: Console,
+    ui: bool = True,
+    ui_port: int = 3000,
+    webhook_ports: tuple[int, ...] = (8787,),
+    code_server_port: int | None = None,
+) -> Iterator[dict[str, str]]:
+    """Start every process of the product; yield the environment they share.
+
+    With `code_server_port`, the code location runs as its own gRPC code server and the
+    webserver and daemon reach it through a workspace file (the production shape);
+    several `webhook_ports` start one receiver each on the same database.
+    """
+    from renderqueue_pipeline.dagster_home import ensure_dagster_home
+    from renderqueue_pipeline.db.migrate import migrate
+    from renderqueue_pipeline.db.server import database_url, stop_embedded
+    from renderqueue_pipeline.settings import get_settings
+
+    settings = get_settings()
+    started_embedded = settings.database_url is None
+    url = database_url()
+    migrate(url)
+    env = dict(os.environ)
+    env["RENDERQUEUE_HOME"] = str(home)
+    env["DATABASE_URL"] = url
+    supervisor = Supervisor(home / "logs")
+    try:
+        if settings.fal_key is None:
+            sim_log = supervisor.log_dir / "simulator.log"
+            supervisor.log_dir.mkdir(parents=True, exist_ok=True)
+            sim_log.write_text("")
+            sim = supervisor.start(
+                "simulator", [_bin("renderqueue"), "simulator", "serve", "--port", "0"], env
+            )
+            env.update(read_exports(sim, sim_log))
+            console.print(f"fal simulator   https://{env['FAL_QUEUE_RUN_HOST']}")
+        env.setdefault(
+            "RENDERQUEUE_WEBHOOK_URL", f"http://127.0.0.1:{webhook_ports[0]}/webhooks/fal"
+        )
+        for n, port in enumerate(webhook_ports):
+            supervisor.start(
+                f"webhook-{n + 1}",
+                [_bin("renderqueue"), "webhook", "serve", "--port", str(port)],
+                env,
+            )
+        for port in webhook_ports:
+            wait_for_http(f"http://127.0.0.1:{port}/healthz", supervisor)
+            console.print(f"webhook receiver http://127.0.0.1:{port}/webhooks/fal")
+        dagster_home = ensure_dagster_home(url)
+        env["DAGSTER_HOME"] = str(dagster_home)
+        workspace = str(REPO_ROOT / "workspace.yaml")
+        if code_server_port is not None:
+            workspace = str(_grpc_workspace(dagster_home, code_server_port))
+            supervisor.start(
+                "code-server",
+                [
+                    _bin("dagster"),
+                    "code-server",
+                    "start",
+                    "-m",
+                    "renderqueue_pipeline.definitions",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(code_server_port),
+                ],
+                env,
+            )
+            _wait_for_code_server(code_server_port, supervisor)
+            console.print(f"code server     grpc://127.0.0.1:{code_server_port}")
+        supervisor.start("dagster-daemon", [_bin("dagster-daemon"), "run", "-w", workspace], env)
+        if ui:
+            supervisor.start(
+                "dagster-webserver",
+                [_bin("dagster-webserver"), "-w", workspace, "-h", "127.0.0.1", "-p", str(ui_port)],
+                env,
+            )
+            wait_for_http(f"http://127.0.0.1:{ui_port}/server_info", supervisor)
+            console.print(f"Dagster UI      http://127.0.0.1:{ui_port}")
+        yield env
+    finally:
+        supervisor.stop()
+        if started_embedded:
+            stop_embedded(home)
+
+
+def _wait_for_code_server(port: int, supervisor: Supervisor, timeout: float = 180.0) -> None:
+    """Block until the gRPC code server answers its health check (it imports our code)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        supervisor.check()
+        check = subprocess.run(
+            [_bin("dagster"), "api", "grpc-health-check", "-p", str(port), "-h", "127.0.0.1"],
+            capture_output=True,
+        )
+        if check.returncode == 0:
+            return
+        time.sleep(1)
+    raise RenderqueueError(f"the code server on port {port} did not start within {timeout:.0f} s")
+
+
+def _grpc_workspace(dagster_home: Path, port: int) -> Path:
+    """A workspace file that loads the code location from a gRPC code server."""
+    path = dagster_home / "workspace-grpc.yaml"
+    path.write_text(
+        "load_from:\n"
+        "  - grpc_server:\n"
+        "      host: 127.0.0.1\n"
+        f"      port: {port}\n"
+        "      location_name: renderqueue\n"
+    )
+    return path
+
+
+def drop_sample_prompts(prompts_url: str) -> str:
+    """Put the demo's prompts file in the inbox (same name and content: a no-op)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(prompts_url)
+    fs.makedirs(root, exist_ok=True)
+    target = f"{root.rstrip('/')}/{SAMPLE_PROMPTS}"
+    text = sample_prompts_text()
+    if not fs.exists(target) or fs.cat_file(target).decode() != text:
+        partial = f"{root.rstrip('/')}/.{SAMPLE_PROMPTS}.part"  # ignored by the inbox sensor
+        fs.pipe_file(partial, text.encode())
+        fs.mv(partial, target)
+    return target
+
+
+def run_dev(console: Console | None = None, *, ui_port: int = 3000) -> None:
+    """Start everything, drop the sample prompts, print where to look; Ctrl-C stops all."""
+    from renderqueue_pipeline.settings import get_settings
+
+    console = console or Console()
+    settings = get_settings()
+    home = settings.home_dir
+    home.mkdir(parents=True, exist_ok=True)
+    stop = False
+
+    def _stop(*_: object) -> None:
+        nonlocal stop
+        stop = True
+
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        with running_stack(home, console=console, ui_port=ui_port) as env:
+            target = drop_sample_prompts(settings.prompts)
+            console.print(f"sample prompts  {target}")
+            ui = f"http://127.0.0.1:{ui_port}"
+            console.print(
+                "\n[bold]Open[/bold]\n"
+                f"  {ui}/runs                       the batch run (rejected rows in its metadata)\n"
+                f"  {ui}/automation                 sensors and schedules, all running\n"
+                f"  {ui}/assets                     monthly spend, checks and the chart\n"
+                f"logs of every process: {home / 'logs'}\n"
+                "Ctrl-C stops everything.\n"
+            )
+            del env
+            while not stop:
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        console.print("stopped every process renderqueue dev started")

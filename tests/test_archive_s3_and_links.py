@@ -1,0 +1,138 @@
+"""S3 through s3fs against moto's S3 server, and `renderqueue link` for both storages."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from archive_helpers import Behaviour, completed_row, media_server, media_sha256, row, video
+from click.testing import CliRunner
+
+from renderqueue_pipeline.archive import ArchiveOptions, ArchiveStorage, archive_pending, links
+from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
+from renderqueue_pipeline.cli import main
+from renderqueue_pipeline.db.connect import connect
+
+BUCKET = "rq-archive"
+
+
+@pytest.fixture(scope="module")
+def moto_s3() -> Iterator[str]:
+    """moto's S3 server on loopback; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_s3: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Credentials and endpoint for s3fs in the environment, and a fresh bucket."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    s3 = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
+    s3.create_bucket(Bucket=BUCKET)
+    yield moto_s3
+    listing = s3.list_objects_v2(Bucket=BUCKET)
+    for item in listing.get("Contents", []):
+        s3.delete_object(Bucket=BUCKET, Key=item["Key"])
+    s3.delete_bucket(Bucket=BUCKET)
+
+
+@pytest.fixture
+def origin():
+    with media_server("127.0.0.1") as server:
+        yield server
+
+
+def _s3_keys(endpoint: str) -> list[str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", []))
+
+
+def test_archive_into_s3_and_link_to_a_presigned_url(
+    conn, ledger_url, origin, s3_env, ledger_env, monkeypatch
+) -> None:
+    size = 12 * 1024 * 1024 + 5  # several multipart blocks
+    rid = completed_row(conn, video(origin.serve("/s3/output.mp4", Behaviour(size=size)), size))
+    cut = completed_row(conn, video(origin.serve(
+        "/s3/cut.mp4", Behaviour(size=size, disconnect_after=9 * 1024 * 1024)), size))
+    storage = ArchiveStorage.from_url(f"s3://{BUCKET}/prod")
+    storage.fs.invalidate_cache()
+    policy = FetchPolicy(loopback_hosts=parse_hosts(origin.netloc))
+    report = archive_pending(lambda: connect(ledger_url), storage, policy, ArchiveOptions())
+    assert report.archived == 1 and report.retrying == 1
+
+    r = row(conn, rid)
+    created = r["created_at"]
+    key = f"prod/generations/{created:%Y}/{created:%m}/{rid}/output.mp4"
+    assert r["archive_url"] == f"s3://{BUCKET}/{key}"
+    assert r["archive_sha256"] == media_sha256("/s3/output.mp4", size)
+    assert row(conn, cut)["archive_status"] == "pending"
+    assert _s3_keys(s3_env) == [key]  # the broken upload left nothing behind
+
+    (url,) = links(conn, rid, storage, expires_seconds=600)
+    assert url.startswith(s3_env) and "Signature=" in url
+    body = httpx.get(url, timeout=30).content
+    import hashlib
+
+    assert hashlib.sha256(body).hexdigest() == r["archive_sha256"]
+
+    monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"s3://{BUCKET}/prod")
+    from renderqueue_pipeline.settings import get_settings
+
+    get_settings.cache_clear()
+    result = CliRunner().invoke(main, ["link", rid, "--expires", "120"])
+    assert result.exit_code == 0, result.output
+    presigned = httpx.URL(result.output.strip())
+    expires = presigned.params.get("Expires") or presigned.params.get("X-Amz-Expires")
+    lifetime = int(expires) - time.time() if "Expires" in presigned.params else int(expires)
+    assert 60 < lifetime <= 121
+    assert httpx.get(presigned, timeout=30).status_code == 200
+
+
+def test_link_for_file_storage_and_for_rows_without_a_copy(
+    conn, ledger_url, origin, ledger_env, tmp_path, monkeypatch
+) -> None:
+    archive_root = tmp_path / "files"
+    monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{archive_root}")
+    from renderqueue_pipeline.settings import get_settings
+
+    get_settings.cache_clear()
+    done = completed_row(conn, video(origin.serve("/l/output.mp4", Behaviour(size=64)), 64))
+    lost = completed_row(conn, video(origin.serve("/l/gone.mp4", Behaviour(status=404)), 64))
+    waiting = completed_row(conn, video(origin.url("/l/not-yet.mp4"), 64))
+    storage = ArchiveStorage.from_url(f"file://{archive_root}")
+    policy = FetchPolicy(loopback_hosts=parse_hosts(origin.netloc))
+    archive_pending(lambda: connect(ledger_url), storage, policy, ArchiveOptions(limit=2))
+    assert row(conn, waiting)["archive_status"] == "pending"
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["link", done])
+    assert result.exit_code == 0, result.output
+    path = Path(result.output.strip())
+    assert path.is_file() and path.read_bytes()[:4] and path.stat().st_size == 64
+    assert str(path).startswith(str(archive_root))
+
+    for rid, words in ((lost, "archive_status=lost"), (waiting, "archive_status=pending"),
+                       ("no-such-request", "no such generation")):
+        result = runner.invoke(main, ["link", rid])
+        assert result.exit_code == 2
+        assert words in result.output and rid in result.output
+        assert len(result.output.strip().splitlines()) == 1
