@@ -43,18 +43,10 @@ TRAFFIC = 20_000
 MEMORY_LIMIT_MB = 300
 
 
-def _completed_basis(conn) -> str:
-    definition = conn.execute(
-        "select pg_get_constraintdef(oid) as d from pg_constraint "
-        "where conname like 'generations_cost_basis%'"
-    ).fetchone()
-    return "computed" if definition and "computed" in definition["d"] else "actual"
-
-
 def load_month(url: str, n: int = GENERATIONS, until: datetime = OPEN_NOW) -> None:
     """One month of generations in created_at order, spread evenly up to `until`."""
     with connect(url) as conn:
-        basis = _completed_basis(conn)
+        basis = "computed"
         conn.execute("drop index if exists generations_inputs_gin_idx")
         conn.execute("drop index if exists generations_prompt_fts_idx")
         conn.execute(

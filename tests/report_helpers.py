@@ -22,15 +22,6 @@ def utc(*parts: int) -> datetime:
     return datetime(*parts, tzinfo=UTC)
 
 
-def priced_basis(conn: psycopg.Connection) -> str:
-    """The cost_basis the ledger gives a completion priced from its output's duration."""
-    definition = conn.execute(
-        "select pg_get_constraintdef(oid) as d from pg_constraint "
-        "where conname like 'generations_cost_basis%'"
-    ).fetchone()["d"]
-    return "computed" if "computed" in definition else "actual"
-
-
 def add_generation(
     conn: psycopg.Connection,
     *,
@@ -50,7 +41,7 @@ def add_generation(
     request_id = request_id or f"rep-{next(_ids)}-{created_at:%Y%m%d%H%M%S%f}"
     if cost_basis is None:
         cost_basis = {
-            "completed": priced_basis(conn),
+            "completed": "computed",
             "submitted": "estimate",
             "in_progress": "estimate",
         }.get(status, "none")

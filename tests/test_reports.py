@@ -188,7 +188,8 @@ def raised_price(conn: psycopg.Connection):
 
 
 def test_price_change_mid_month(conn: psycopg.Connection, raised_price: int) -> None:
-    """Completions are priced by the ledger at the price in force at created_at."""
+    """Completions are priced by the ledger at the price in force at created_at (for
+    this endpoint: the requested 5 s, as fal's output documents no duration)."""
     new_price = raised_price
     before = add_generation(conn, created_at=utc(2026, 3, 10), status="submitted", seconds=5,
                             cost_micros=5 * KLING_MICROS_PER_SECOND)
@@ -196,33 +197,33 @@ def test_price_change_mid_month(conn: psycopg.Connection, raised_price: int) -> 
                            cost_micros=5 * new_price)
     conn.commit()
     record_events(conn, [
-        LedgerEvent(rid, "completed", {"video": {"url": f"https://v3b.fal.media/{rid}.mp4",
-                                                 "duration": 6}})
+        LedgerEvent(rid, "completed", {"video": {"url": f"https://v3b.fal.media/{rid}.mp4"}})
         for rid in (before, after)
     ])
     report = refresh_month(conn, MARCH, now=AFTER_MARCH)
-    assert report.cost_micros == 6 * KLING_MICROS_PER_SECOND + 6 * new_price
+    assert report.cost_micros == 5 * KLING_MICROS_PER_SECOND + 5 * new_price
     daily = {r["day"]: r["cost_micros"] for r in table(conn, "spend_daily", MARCH)}
-    assert daily == {date(2026, 3, 10): 6 * KLING_MICROS_PER_SECOND,
-                     date(2026, 3, 20): 6 * new_price}
+    assert daily == {date(2026, 3, 10): 5 * KLING_MICROS_PER_SECOND,
+                     date(2026, 3, 20): 5 * new_price}
 
 
 def test_late_completion_moves_the_previous_month_before_finalization(
     conn: psycopg.Connection,
 ) -> None:
+    # Kling's output documents no duration: the ledger bills the requested 7 s
     late = add_generation(conn, created_at=utc(2026, 3, 31, 23, 50), status="in_progress",
-                          seconds=5, cost_micros=5 * KLING_MICROS_PER_SECOND)
+                          seconds=7, cost_micros=7 * KLING_MICROS_PER_SECOND)
     add_generation(conn, created_at=utc(2026, 3, 12), status="completed", seconds=4,
                    cost_micros=4 * KLING_MICROS_PER_SECOND)
     conn.commit()
     evening = refresh_month(conn, MARCH, now=utc(2026, 3, 31, 23, 55))
     assert evening.state == "open"
     assert (evening.cost_micros, evening.open_estimate_micros) == (
-        4 * KLING_MICROS_PER_SECOND, 5 * KLING_MICROS_PER_SECOND)
+        4 * KLING_MICROS_PER_SECOND, 7 * KLING_MICROS_PER_SECOND)
 
     # fal finishes it after midnight UTC: still March's money (created_at decides)
     record_events(conn, [LedgerEvent(late, "completed", {
-        "video": {"url": "https://v3b.fal.media/late.mp4", "duration": 7}})])
+        "video": {"url": "https://v3b.fal.media/late.mp4"}})])
     night = refresh_month(conn, MARCH, now=utc(2026, 4, 1, 3))
     assert night.state == "open"  # before 06:00 UTC on the 1st: not final yet
     assert night.cost_micros == 11 * KLING_MICROS_PER_SECOND
