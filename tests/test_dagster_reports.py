@@ -99,7 +99,8 @@ def checks_of(result) -> dict:
 def read_back(storage_url: str, name: str, kind: str) -> pd.DataFrame:
     import fsspec
 
-    with fsspec.open(f"{storage_url}/reports/spend/2026-03/{name}.{kind}", "rb") as f:
+    url = f"{storage_url}/reports/spend/2026-03/{name}.{kind}"
+    with fsspec.open(url, "rb", skip_instance_cache=True) as f:
         data = f.read()
     return pd.read_parquet(io.BytesIO(data)) if kind == "parquet" else pd.read_csv(io.BytesIO(data))
 

@@ -66,7 +66,8 @@ def export_month(conn: psycopg.Connection, month: date, storage_url: str) -> lis
     """Write the month's four report tables (Parquet and CSV) and its chart; list them."""
     with snapshot(conn):
         frames = {table: read_table(conn, table, month) for table in REPORT_TABLES}
-    fs, root = fsspec.core.url_to_fs(month_folder(storage_url, month))
+    # a fresh filesystem: credentials and endpoint are read now, not from a cached client
+    fs, root = fsspec.core.url_to_fs(month_folder(storage_url, month), skip_instance_cache=True)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     fs.makedirs(root, exist_ok=True)
     written = []
