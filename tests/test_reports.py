@@ -262,6 +262,10 @@ def test_open_month_reads_only_changed_days(conn: psycopg.Connection) -> None:
     second = refresh_month(conn, MARCH, now=now + timedelta(minutes=5))
     assert second.days_recomputed == 1  # today only
     assert second.days_reused == 30
+    # reused days were seen unchanged up to this refresh: the next one looks after it only
+    marks = conn.execute("select distinct max_generation_id, snapshot_at "
+                         "from spend_rollup_days").fetchall()
+    assert len(marks) == 1
     # a late row for a settled day is a new id: that day is read again
     add_generation(conn, created_at=utc(2026, 3, 3, 4), status="completed", seconds=2,
                    cost_micros=2 * KLING_MICROS_PER_SECOND)

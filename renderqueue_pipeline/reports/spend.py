@@ -74,8 +74,10 @@ def _recompute(conn: psycopg.Connection, first: date, end: date) -> None:
     conn.execute(q("rollup_insert_range"), {"start": start_ts, "end": end_ts})
 
 
-def _stale_days(conn: psycopg.Connection, month: date, now: datetime) -> tuple[list[date], int]:
-    """Days of an open month to read again, and how many settled days are reused."""
+def _stale_days(
+    conn: psycopg.Connection, month: date, now: datetime
+) -> tuple[list[date], list[date]]:
+    """Days of an open month to read again, and the settled days reused as they are."""
     start, end = month_range(month)
     days = days_until(month, now)
     known = {
@@ -99,7 +101,7 @@ def _stale_days(conn: psycopg.Connection, month: date, now: datetime) -> tuple[l
             },
         ).fetchall()
         stale |= {r["day"] for r in touched if r["day"] in settled}
-    return sorted(stale), len(set(settled) - stale)
+    return sorted(stale), sorted(set(settled) - stale)
 
 
 def _write_tables(conn: psycopg.Connection, month: date, computed_at: datetime) -> None:
@@ -177,8 +179,9 @@ def _refresh_in_snapshot(
 
     high_water = conn.execute(q("ledger_high_water")).fetchone()
     all_days = days_until(month, now)
+    reused: list[date] = []
     if rebuild or not all_days:
-        stale, reused = all_days, 0
+        stale = all_days
     else:
         stale, reused = _stale_days(conn, month, now)
     # one statement per day keeps each one small (a day's rows, found by an index scan);
@@ -196,6 +199,8 @@ def _refresh_in_snapshot(
     lap("tables")
     if stale:
         _mark_days(conn, stale, now, high_water)
+    if reused:
+        conn.execute(q("rollup_days_advance"), {"days": reused, **high_water})
     state = "final" if final else "open"
     summary = conn.execute(
         q("report_month_upsert"),
@@ -213,7 +218,7 @@ def _refresh_in_snapshot(
         state=state,
         computed_at=now,
         days_recomputed=len(stale),
-        days_reused=reused,
+        days_reused=len(reused),
         generations=int(summary["generations"]),
         cost_micros=int(summary["cost_micros"]),
         open_estimate_micros=int(summary["open_estimate_micros"]),

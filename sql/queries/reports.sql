@@ -69,6 +69,14 @@ on conflict (day) do update
       open = excluded.open, settled = excluded.settled, snapshot_at = excluded.snapshot_at,
       max_generation_id = excluded.max_generation_id, max_event_id = excluded.max_event_id;
 
+-- name: rollup_days_advance
+-- Settled days a refresh found untouched are unchanged up to its snapshot: the next
+-- refresh looks for changes after this one only.
+update spend_rollup_days
+set snapshot_at = %(snapshot_at)s, max_generation_id = %(max_generation_id)s,
+    max_event_id = %(max_event_id)s
+where day = any(%(days)s::date[]);
+
 -- name: rollup_days_of_month
 select day, settled, snapshot_at, max_generation_id, max_event_id
 from spend_rollup_days
