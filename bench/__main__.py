@@ -54,7 +54,7 @@ def render_markdown(results: dict[str, list[Figure]], notes: dict[str, str]) -> 
             lines.append(
                 f"| {f.name} | {f.value:,.1f} {f.unit} | {f.baseline_name} | "
                 f"{f.baseline_value:,.1f} {f.unit} | {f.ratio:.2f}x | "
-                f"{f'≥ {f.required:.2f}x' if f.required else '-'} | {'yes' if f.ok else 'NO'} |"
+                f"{f.requirement} | {'yes' if f.ok else 'NO'} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{f.value:,.1f} {f.unit}",
                 f"{f.baseline_name}: {f.baseline_value:,.1f}",
                 f"{f.ratio:.2f}x",
-                f"≥ {f.required:.2f}x" if f.required else "-",
+                f.requirement,
                 "yes" if f.ok else "NO",
             )
     console.print(table)

@@ -27,6 +27,7 @@ class Figure:
     unit: str = "/s"
     required: float | None = None
     higher_is_better: bool = True
+    max_value: float | None = None  # an absolute ceiling on `value` (e.g. peak memory)
 
     @property
     def ratio(self) -> float:
@@ -36,7 +37,16 @@ class Figure:
 
     @property
     def ok(self) -> bool:
+        if self.max_value is not None and self.value > self.max_value:
+            return False
         return self.required is None or self.ratio >= self.required
+
+    @property
+    def requirement(self) -> str:
+        parts = [f"≥ {self.required:.2f}x"] if self.required else []
+        if self.max_value is not None:
+            parts.append(f"≤ {self.max_value:,.0f} {self.unit}")
+        return ", ".join(parts) or "-"
 
 
 @contextmanager

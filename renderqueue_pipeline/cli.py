@@ -11,9 +11,11 @@ import click
 from renderqueue_pipeline.archive.cli import archive, link
 from renderqueue_pipeline.db.reset import db_reset
 from renderqueue_pipeline.ledger.cli import events
+from renderqueue_pipeline.reconcile.cli import reconcile_command
 from renderqueue_pipeline.reports.cli import report
 from renderqueue_pipeline.settings import ConfigError
 from renderqueue_pipeline.simulator.cli import simulator
+from renderqueue_pipeline.spend.cli import spend
 from renderqueue_pipeline.webhook.cli import webhook
 
 
@@ -113,6 +115,8 @@ db.add_command(db_reset)
 main.add_command(events)
 main.add_command(simulator)
 main.add_command(webhook)
+main.add_command(spend)
+main.add_command(reconcile_command)
 main.add_command(archive)
 main.add_command(link)
 main.add_command(report)

@@ -84,13 +84,13 @@ def local_fal(home: Path, *, seed: int = 2, failure_rate: float = 0.15):
 
 
 async def _submit_all(url: str, webhook_url: str) -> list[tuple[int, str, dict, str]]:
-    from renderqueue_pipeline.fal_gateway import FalGateway, FalRejected
+    from renderqueue_pipeline.fal_gateway import FalGateway, FalRejected, SubmitResult
     from renderqueue_pipeline.ledger import asubmit_generation
 
     async with FalGateway(default_webhook_url=webhook_url) as gateway:
 
-        async def submit(endpoint: str, inputs: dict) -> str:
-            return (await gateway.submit(endpoint, inputs)).request_id
+        async def submit(endpoint: str, inputs: dict) -> SubmitResult:
+            return await gateway.submit(endpoint, inputs)  # the ledger keeps fal_expires_at
 
         async def one(user_id: int, endpoint: str, inputs: dict) -> tuple[int, str, dict, str]:
             with connect(url) as conn:  # one connection per concurrent submission

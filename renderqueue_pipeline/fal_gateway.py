@@ -519,6 +519,28 @@ class FalGateway:
         except Exception as exc:
             raise self._map(exc, endpoint, request_id, "result") from exc
 
+    async def fetch_result(self, endpoint: str, request_id: str) -> dict[str, Any]:
+        """The output of a request whose status said completed: one GET, no status polls.
+
+        `result()` polls the status twice more (ours, then fal-client's); the reconciler
+        has just read the status, so it fetches with this. Raises FalRejected (the 422 body
+        of a failed request), FalNotFound (expired or unknown), FalRequestError otherwise.
+        """
+        from fal_client.client import _async_maybe_retry_request, _raise_for_status
+
+        async def get() -> Any:
+            handle = await self._client.get_handle(endpoint, request_id)
+            response = await _async_maybe_retry_request(
+                handle.client, "GET", handle.response_url, timeout=self._client.default_timeout
+            )
+            _raise_for_status(response)  # fal-client's own error type, as result() raises
+            return response.json()
+
+        try:
+            return await self._idempotent(get)
+        except Exception as exc:
+            raise self._map(exc, endpoint, request_id, "result") from exc
+
     async def cancel(self, endpoint: str, request_id: str) -> CancelOutcome:
         """Ask fal to cancel. A running request may still finish (and be billed)."""
         try:

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
 DEFAULT_FAL_REST_URL = "https://rest.alpha.fal.ai"
+DEFAULT_FAL_API_URL = "https://api.fal.ai/v1"
 DEFAULT_OBJECT_LIFETIME = 7 * 86400  # seconds fal keeps our outputs unless told otherwise
 
 
@@ -61,9 +62,38 @@ class Settings(BaseSettings):
     )
     fal_start_timeouts_spec: str = Field(default="", alias="RENDERQUEUE_FAL_START_TIMEOUTS")
 
+    # -- Dagster instance and reconciler (renderqueue_pipeline/dagster_home.py, reconcile/)
+    dagster_max_concurrent_runs: int = Field(
+        default=8, ge=1, le=1000, alias="RENDERQUEUE_DAGSTER_MAX_RUNS"
+    )
+    fal_api_pool_limit: int = Field(default=4, ge=1, le=1000, alias="RENDERQUEUE_FAL_API_POOL")
+    reconcile_min_age_minutes: float = Field(
+        default=10, ge=0, alias="RENDERQUEUE_RECONCILE_MIN_AGE_MINUTES"
+    )
+    reconcile_max_open_hours: float = Field(
+        default=24, gt=0, alias="RENDERQUEUE_RECONCILE_MAX_OPEN_HOURS"
+    )
+    reconcile_concurrency: int = Field(
+        default=16, ge=1, le=256, alias="RENDERQUEUE_RECONCILE_CONCURRENCY"
+    )
+    reconcile_max_rows: int = Field(
+        default=20_000, ge=1, le=1_000_000, alias="RENDERQUEUE_RECONCILE_MAX_ROWS"
+    )
+    reconcile_result_window_minutes: float = Field(
+        default=60, gt=0, alias="RENDERQUEUE_RECONCILE_RESULT_WINDOW_MINUTES"
+    )
     # --- ledger (renderqueue_pipeline/ledger/, docs/ledger.md) ---
     event_retention_days: float = Field(
         default=7, gt=0, le=3650, alias="RENDERQUEUE_EVENT_RETENTION_DAYS"
+    )
+
+    # --- spend (renderqueue_pipeline/spend/, docs/spend.md; FAL_ADMIN_KEY is above) ---
+    fal_api_url: str = Field(default=DEFAULT_FAL_API_URL, alias="RENDERQUEUE_FAL_API_URL")
+    billing_grace_hours: float = Field(
+        default=48.0, ge=0.0, le=24 * 90, alias="RENDERQUEUE_BILLING_GRACE_HOURS"
+    )
+    billing_threshold_percent: float = Field(
+        default=0.5, ge=0.0, le=100.0, alias="RENDERQUEUE_BILLING_THRESHOLD_PERCENT"
     )
 
     # --- archive (renderqueue_pipeline/archive/, docs/archive.md) ---
@@ -129,7 +159,7 @@ class Settings(BaseSettings):
         """start_timeout seconds per endpoint id (RENDERQUEUE_FAL_START_TIMEOUTS)."""
         return parse_start_timeouts(self.fal_start_timeouts_spec)
 
-    @field_validator("fal_jwks_url", "webhook_url", "fal_rest_url")
+    @field_validator("fal_jwks_url", "webhook_url", "fal_rest_url", "fal_api_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value in (None, ""):

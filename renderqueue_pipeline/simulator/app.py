@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import re
 import time
 from collections.abc import AsyncIterator
@@ -224,7 +225,12 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
             return None
         return req
 
+    latency_rng = random.Random()
+
     async def status(request: Request, req: SimRequest) -> Response:
+        latency = engine.config.dist("status_latency").sample(latency_rng)
+        if latency > 0:
+            await asyncio.sleep(latency)
         with_logs = request.query_params.get("logs", "0").lower() in ("1", "true", "yes")
         state = engine.refresh(req)
         base = str(request.base_url).rstrip("/")

@@ -20,6 +20,7 @@ _HELP = {
     "queue_delay": "Seconds queued before a runner picks the request up ('A', 'A:B', 'exp:MEAN').",
     "run_time": "Seconds of inference ('A', 'A:B', 'exp:MEAN').",
     "submit_latency": "Seconds the submit call takes after enqueueing.",
+    "status_latency": "Seconds each status call (GET .../status) takes.",
     "failure_rate": "Share of requests that end in ERROR with a 422 payload.",
     "payload_error_rate": "Share of OK webhooks whose payload is null with payload_error set.",
     "validation": "Where bad inputs are refused: each endpoint's own rule, or force 'submit' "
@@ -98,6 +99,35 @@ def simulator() -> None:
     """Run the local fal simulator (fal's queue API, CDN and signed webhooks over HTTPS)."""
 
 
+def _platform_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The Platform API simulator's port and billing knobs (more via /_sim/billing/config)."""
+    options = [
+        click.option(
+            "--platform-port",
+            type=int,
+            default=None,
+            help="Port of the Platform API server (default: --port + 1; 0 picks one).",
+        ),
+        click.option(
+            "--billing-delay",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="Seconds after completion before a billing event appears.",
+        ),
+        click.option(
+            "--billing-units-mismatch-rate",
+            type=float,
+            default=0.0,
+            show_default=True,
+            help="Share of requests billed with one more second than produced.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @simulator.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="0 picks one.")
@@ -107,31 +137,73 @@ def simulator() -> None:
     help="Print the client's export lines and exit without serving (for eval).",
 )
 @click.option("--log-level", default="warning", show_default=True)
+@_platform_options
 @_knob_options
-def serve(host: str, port: int, print_env: bool, log_level: str, **knobs: Any) -> None:
+def serve(
+    host: str,
+    port: int,
+    print_env: bool,
+    log_level: str,
+    platform_port: int | None,
+    billing_delay: float,
+    billing_units_mismatch_rate: float,
+    **knobs: Any,
+) -> None:
     """Serve the simulator; prints the `export` lines a fal client needs, then serves."""
     from renderqueue_pipeline.errors import RenderqueueError
     from renderqueue_pipeline.settings import get_settings
+    from renderqueue_pipeline.simulator import platform
     from renderqueue_pipeline.simulator.server import SimulatorServer, client_env, export_lines
 
     home = get_settings().home_dir
     try:
         config = SimConfig.model_validate({k: v for k, v in knobs.items() if v is not None})
+        billing = platform.BillingConfig(
+            seed=config.seed,
+            admin_key=config.admin_key,  # one admin key for delete_io and the Platform API
+            billing_delay=billing_delay,
+            units_mismatch_rate=billing_units_mismatch_rate,
+        )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    derived_platform_port = platform_port is None
+    if platform_port is None:
+        platform_port = port + 1 if port else 0
     if print_env:
-        if port == 0:
+        if port == 0 or platform_port == 0:
             raise click.BadParameter("--print-env needs a fixed --port", param_hint="--port")
-        click.echo(export_lines(client_env(home, host, port, config.fal_key)), nl=False)
+        env = {
+            **client_env(home, host, port, config.fal_key),
+            **platform.platform_env(host, platform_port),
+        }
+        click.echo(export_lines(env), nl=False)
         return
     try:
         server = SimulatorServer(home, host=host, port=port, config=config, log_level=log_level)
     except OSError as exc:
         raise RenderqueueError(f"fal simulator cannot listen on {host}:{port}: {exc}") from None
-    sys.stdout.write(export_lines(server.env()))
+    book = platform.BillingBook(billing)
+    try:
+        api = platform.PlatformServer(
+            home, book, host=host, port=platform_port, log_level=log_level
+        )
+    except OSError as exc:
+        if not derived_platform_port:
+            raise RenderqueueError(
+                f"fal Platform API simulator cannot listen on {host}:{platform_port}: {exc}"
+            ) from None
+        api = platform.PlatformServer(home, book, host=host, port=0, log_level=log_level)
+    platform.attach(server.app.state.engine, book)
+    env = {**server.env(), **platform.platform_env(host, api.port)}
+    sys.stdout.write(export_lines(env))
     sys.stdout.write(f"# fal simulator serving on {server.base_url} (seed {config.seed})\n")
+    sys.stdout.write(f"# fal Platform API serving on {api.api_url}\n")
     sys.stdout.flush()
-    server.run()
+    api.start()
+    try:
+        server.run()
+    finally:
+        api.stop()
 
 
 @simulator.command("env")
@@ -141,6 +213,11 @@ def serve(host: str, port: int, print_env: bool, log_level: str, **knobs: Any) -
 def env(host: str, port: int, fal_key: str | None) -> None:
     """Print the export lines for a simulator on HOST:PORT (same as serve --print-env)."""
     from renderqueue_pipeline.settings import get_settings
+    from renderqueue_pipeline.simulator.platform import platform_env
     from renderqueue_pipeline.simulator.server import client_env, export_lines
 
-    click.echo(export_lines(client_env(get_settings().home_dir, host, port, fal_key)), nl=False)
+    env = {
+        **client_env(get_settings().home_dir, host, port, fal_key),
+        **platform_env(host, port + 1),
+    }
+    click.echo(export_lines(env), nl=False)

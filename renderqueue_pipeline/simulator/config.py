@@ -91,6 +91,7 @@ class SimConfig(BaseModel):
     queue_delay: str = "0.2:1.0"
     run_time: str = "1.0:3.0"
     submit_latency: str = "0"
+    status_latency: str = "0"
     # request outcomes
     failure_rate: float = _RATE
     payload_error_rate: float = _RATE
@@ -143,6 +144,7 @@ class SimConfig(BaseModel):
         "queue_delay",
         "run_time",
         "submit_latency",
+        "status_latency",
         "webhook_duplicate_delay",
         "webhook_out_of_order_delay",
         "webhook_delay",

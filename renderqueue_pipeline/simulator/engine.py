@@ -29,6 +29,7 @@ import random
 import secrets
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -224,6 +225,8 @@ class Engine:
         self.http: httpx.AsyncClient | None = None
         self.submits_in_flight = 0
         self.submits_in_flight_peak = 0  # most submit calls being answered at one moment
+        # called with each request as it finishes (the Platform API simulator bills from it)
+        self.finish_listeners: list[Callable[[SimRequest], None]] = []
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -440,6 +443,11 @@ class Engine:
         if state == "completed":
             self._publish_output(req)
         req.done.set()
+        for listener in self.finish_listeners:
+            try:
+                listener(req)
+            except Exception:  # a listener must never break the queue
+                log.exception("finish listener failed for %s", req.request_id)
         # an "early" request is delivered inline by the submit handler (deliver_now)
         if req.webhook_url and not req.decisions.early:
             self.schedule_webhooks(req)

@@ -105,7 +105,14 @@ from generation_events e
 join generations g on g.request_id = e.request_id
 where e.id > %(after_event_id)s - %(overlap)s
   and (e.id > %(after_event_id)s or e.received_at > %(since)s)
-  and g.created_at >= %(start)s and g.created_at < %(end)s;
+  and g.created_at >= %(start)s and g.created_at < %(end)s
+union
+-- days whose costs the billing reconciliation (spend domain, 070_spend.sql) replaced with
+-- fal's billed figures since: it rewrites a day's billing_reconciliation_days each time
+select day
+from billing_reconciliation_days
+where computed_at > %(since)s
+  and day >= %(start)s::date and day < %(end)s::date;
 
 -- name: monthly_by_user_delete
 delete from spend_monthly_by_user where month = %(month)s;

@@ -1,0 +1,178 @@
+"""Spend assets: fal's prices, fal's billing events (daily), and the reconciliation of the
+ledger with them (daily, plus a monthly summary with its checks)."""
+
+import datetime as dt
+
+import dagster as dg
+
+from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.spend.resources import FalPlatformResource
+from renderqueue_pipeline.ledger.report import dollars
+from renderqueue_pipeline.spend import (
+    apply_billed,
+    day_range,
+    load_billing_events,
+    month_range,
+    reconcile_range,
+    summarize,
+    sync_prices,
+)
+
+spend_daily_partition = dg.DailyPartitionsDefinition(start_date="2026-01-01", end_offset=1)
+spend_monthly_partition = dg.MonthlyPartitionsDefinition(start_date="2026-01-01", end_offset=1)
+
+
+class ReconcileConfig(dg.Config):
+    """Empty values mean RENDERQUEUE_BILLING_GRACE_HOURS / _THRESHOLD_PERCENT."""
+
+    grace_hours: float | None = None
+    apply_billed: bool = True
+
+
+class MonthlyCheckConfig(dg.Config):
+    threshold_percent: float | None = None
+
+
+def _settings():  # read at run time, never at import
+    from renderqueue_pipeline.settings import get_settings
+
+    return get_settings()
+
+
+@dg.asset(
+    group_name="spend",
+    kinds={"postgres"},
+    pool="fal_api",
+    check_specs=[dg.AssetCheckSpec("fal_price_units_are_representable", asset="fal_prices")],
+)
+def fal_prices(ledger: LedgerDatabase, fal_platform: FalPlatformResource) -> dg.MaterializeResult:
+    """fal's unit prices for the endpoints in use; a change becomes a new `prices` row."""
+    with ledger.connect() as conn, fal_platform.client() as platform:
+        result = sync_prices(conn, platform)
+    return dg.MaterializeResult(
+        metadata={
+            "endpoints_checked": len(result.checked),
+            "endpoints_changed": dg.MetadataValue.json(result.changed),
+            "price_rows_added": len(result.added_rows),
+            "not_priced_by_fal": dg.MetadataValue.json(result.not_priced_by_fal),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="fal_price_units_are_representable",
+                passed=not result.unrepresentable,
+                metadata={"unrepresentable": dg.MetadataValue.json(result.unrepresentable)},
+            )
+        ],
+    )
+
+
+@dg.asset(
+    group_name="spend",
+    kinds={"postgres"},
+    pool="fal_api",
+    partitions_def=spend_daily_partition,
+)
+def fal_billing_events(
+    context: dg.AssetExecutionContext, ledger: LedgerDatabase, fal_platform: FalPlatformResource
+) -> dg.MaterializeResult:
+    """One UTC day of fal's billing events, replacing the day in one transaction."""
+    start, end = day_range(dt.date.fromisoformat(context.partition_key))
+    with ledger.connect() as conn, fal_platform.client() as platform:
+        loaded = load_billing_events(conn, platform, start, end)
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/partition_row_count": loaded.events,
+            "requests": loaded.requests,
+            "pages": loaded.pages,
+            "fal_billed": dollars(loaded.micros),
+            "fal_billed_micros": loaded.micros,
+        }
+    )
+
+
+@dg.asset(
+    group_name="spend",
+    kinds={"postgres"},
+    partitions_def=spend_daily_partition,
+    deps=[fal_billing_events],
+)
+def billing_reconciliation(
+    context: dg.AssetExecutionContext, config: ReconcileConfig, ledger: LedgerDatabase
+) -> dg.MaterializeResult:
+    """Every request of the day classified against fal's bill; billed figures applied."""
+    start, end = day_range(dt.date.fromisoformat(context.partition_key))
+    grace = config.grace_hours
+    if grace is None:
+        grace = _settings().billing_grace_hours
+    with ledger.connect() as conn:
+        result = reconcile_range(conn, start, end, grace=dt.timedelta(hours=grace))
+        applied = apply_billed(conn, start, end) if config.apply_billed else 0
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/partition_row_count": result.requests,
+            **result.as_metadata(),
+            "generations_billed_now": applied,
+        }
+    )
+
+
+@dg.asset(
+    group_name="spend",
+    kinds={"postgres"},
+    partitions_def=spend_monthly_partition,
+    deps=[billing_reconciliation],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "monthly_billing_difference_under_threshold", asset="billing_reconciliation_monthly"
+        ),
+        dg.AssetCheckSpec(
+            "no_billed_request_unknown_to_ledger", asset="billing_reconciliation_monthly"
+        ),
+    ],
+)
+def billing_reconciliation_monthly(
+    context: dg.AssetExecutionContext, config: MonthlyCheckConfig, ledger: LedgerDatabase
+) -> dg.MaterializeResult:
+    """The month: our computed total, fal's billed total, the difference, the top findings."""
+    start, end = month_range(context.partition_key)
+    threshold = (
+        config.threshold_percent
+        if config.threshold_percent is not None
+        else _settings().billing_threshold_percent
+    )
+    with ledger.connect() as conn:
+        result = summarize(conn, start, end, largest=10)
+    table = "\n".join(
+        f"| {r['request_id']} | {r['endpoint']} | {r['outcome']} | {r['reason'] or ''} | "
+        f"{dollars(r['our_micros'] or 0)} | {dollars(r['fal_micros'] or 0)} |"
+        for r in result.largest
+    )
+    unknown = result.count("unknown_to_ledger")
+    return dg.MaterializeResult(
+        metadata={
+            **result.as_metadata(),
+            "our_computed_total": dollars(result.our_micros),
+            "fal_billed_total": dollars(result.fal_micros),
+            "difference": dollars(result.difference_micros),
+            "largest_differences": dg.MetadataValue.md(
+                "| request | endpoint | outcome | why | ours | fal |\n|---|---|---|---|---|---|\n"
+                + table
+            ),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="monthly_billing_difference_under_threshold",
+                passed=result.difference_percent <= threshold,
+                metadata={
+                    "difference_percent": round(result.difference_percent, 4),
+                    "threshold_percent": threshold,
+                    "difference_micros": result.difference_micros,
+                },
+            ),
+            dg.AssetCheckResult(
+                check_name="no_billed_request_unknown_to_ledger",
+                passed=unknown == 0,
+                metadata={"unknown_to_ledger": unknown},
+            ),
+        ],
+    )

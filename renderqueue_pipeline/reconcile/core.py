@@ -1,0 +1,438 @@
+"""The reconciler: bring rows whose webhook never came (or came empty) to fal's truth.
+
+One pass (`reconcile`):
+
+1. applies stored events whose generation row appeared after them;
+2. marks batch items stuck `pending` as unknown outcome (fal may hold a request we have
+   no row for; never resubmitted silently);
+3. picks open rows older than `min_age` (through the partial index generations_open_idx)
+   and completed rows whose webhook carried no payload (fal keeps a result about an hour,
+   so these are fetched on the first pass, whatever their age);
+4. asks fal for each one's status through the gateway, `concurrency` at a time, fetches
+   the results of completed ones, and records what it learned through the ledger's one
+   writer (`record_events`, source 'reconcile'), in chunks as it goes.
+
+What fal says decides, never a guessed error string:
+- COMPLETED without error: the result is fetched and applied (a result fal no longer
+  keeps still completes the row; its estimate stands);
+- COMPLETED with an error (a model error, fal's 504 user timeout, a cancelled request):
+  terminal failure; the ledger turns it into `canceled` when our cancel was accepted;
+- IN_PROGRESS moves a submitted row forward; IN_QUEUE after IN_PROGRESS is fal putting the
+  request back in its queue: not terminal, the row stays open;
+- 404 (fal does not know the request) and a request still open past `max_open` become
+  failed with an error saying so, cost zero.
+A fal call that fails transiently leaves the row as it is for the next pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from typing import Any, Literal
+
+import psycopg
+
+from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.fal_gateway import (
+    FalError,
+    FalGateway,
+    FalNotFound,
+    FalRequestError,
+    FalUnavailable,
+)
+from renderqueue_pipeline.ledger import (
+    LedgerEvent,
+    apply_waiting_events,
+    mark_unknown_outcomes,
+    record_events,
+)
+
+log = logging.getLogger("renderqueue.reconcile")
+
+Verdict = Literal["event", "open", "fal_error", "result_expired"]
+
+
+@dataclass(frozen=True)
+class ReconcileOptions:
+    """How far back to look, when to give up, and how hard to push fal."""
+
+    min_age: timedelta = timedelta(minutes=10)
+    max_open: timedelta = timedelta(hours=24)
+    result_window: timedelta = timedelta(minutes=60)
+    concurrency: int = 16
+    max_rows: int = 20_000
+    chunk: int = 500
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if self.max_rows < 1 or self.chunk < 1:
+            raise ValueError("max_rows and chunk must be >= 1")
+
+    @classmethod
+    def from_settings(cls, **overrides: Any) -> ReconcileOptions:
+        """Options from RENDERQUEUE_RECONCILE_* (overrides win when not None)."""
+        from renderqueue_pipeline.settings import get_settings
+
+        s = get_settings()
+        options = cls(
+            min_age=timedelta(minutes=s.reconcile_min_age_minutes),
+            max_open=timedelta(hours=s.reconcile_max_open_hours),
+            result_window=timedelta(minutes=s.reconcile_result_window_minutes),
+            concurrency=s.reconcile_concurrency,
+            max_rows=s.reconcile_max_rows,
+        )
+        return replace(options, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class ReconcileReport:
+    """What one pass did; the run metadata and the CLI show exactly these figures."""
+
+    examined: int = 0
+    advanced: int = 0
+    still_open: int = 0
+    failed: int = 0
+    results_fetched: int = 0
+    completed: int = 0
+    canceled: int = 0
+    payloads_filled: int = 0
+    not_found: int = 0
+    past_limit: int = 0
+    requeued: int = 0
+    fal_errors: int = 0
+    results_expired: int = 0
+    waiting_events_applied: int = 0
+    events_expired: int = 0
+    unknown_outcomes: int = 0
+    seconds: float = 0.0
+    fal_error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.examined / self.seconds if self.seconds > 0 else 0.0
+
+    def figures(self) -> dict[str, int | float]:
+        """The figures by name, in the order a reader wants them."""
+        return {
+            "rows_examined": self.examined,
+            "rows_advanced": self.advanced,
+            "still_open": self.still_open,
+            "failed": self.failed,
+            "results_fetched": self.results_fetched,
+            "completed": self.completed,
+            "canceled": self.canceled,
+            "payloads_filled": self.payloads_filled,
+            "not_found_at_fal": self.not_found,
+            "open_past_limit": self.past_limit,
+            "requeued_by_fal": self.requeued,
+            "fal_errors": self.fal_errors,
+            "results_expired": self.results_expired,
+            "waiting_events_applied": self.waiting_events_applied,
+            "events_expired": self.events_expired,
+            "unknown_outcomes": self.unknown_outcomes,
+            "seconds": round(self.seconds, 3),
+            "rows_per_second": round(self.rows_per_second, 1),
+        }
+
+    def markdown(self) -> str:
+        """The figures as a markdown table (Dagster's run metadata, docs)."""
+        lines = ["| figure | value |", "|---|---:|"]
+        lines += [
+            f"| {name.replace('_', ' ')} | {value} |" for name, value in self.figures().items()
+        ]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Row:
+    request_id: str
+    endpoint: str
+    status: str
+    past_limit: bool
+    payload_missing: bool
+
+
+@dataclass(frozen=True)
+class _Observation:
+    row: _Row
+    verdict: Verdict
+    event: LedgerEvent | None = None
+    result_fetched: bool = False
+    reason: str = ""  # not_found | past_limit | requeued | fal error text
+
+
+def _interval(delta: timedelta) -> str:
+    return f"{delta.total_seconds()} seconds"
+
+
+def pick_rows(conn: psycopg.Connection, options: ReconcileOptions) -> list[_Row]:
+    """Open rows older than min_age, then payload-less completions (up to max_rows)."""
+    params = {
+        "min_age": _interval(options.min_age),
+        "max_open": _interval(options.max_open),
+        "result_window": _interval(options.result_window),
+        "limit": options.max_rows,
+    }
+    open_rows = conn.execute(q("reconcile_open_rows"), params).fetchall()
+    params["limit"] = max(0, options.max_rows - len(open_rows))
+    missing = (
+        conn.execute(q("reconcile_payload_missing_rows"), params).fetchall()
+        if params["limit"]
+        else []
+    )
+    conn.commit()  # end the read transaction: the pass may take minutes
+    rows = [
+        _Row(r["request_id"], r["endpoint"], r["status"], bool(r["past_limit"]), False)
+        for r in open_rows
+    ]
+    rows += [_Row(r["request_id"], r["endpoint"], r["status"], False, True) for r in missing]
+    return rows
+
+
+def _event(row: _Row, kind: str, payload: Any = None, error: str | None = None) -> LedgerEvent:
+    return LedgerEvent(row.request_id, kind, payload, error, "reconcile")  # type: ignore[arg-type]
+
+
+async def observe(fal: FalGateway, row: _Row, options: ReconcileOptions) -> _Observation:
+    """Ask fal about one row and say what it means for the ledger (no writes)."""
+    try:
+        status = await fal.status(row.endpoint, row.request_id)
+    except FalNotFound:
+        return _Observation(
+            row,
+            "event",
+            _event(
+                row,
+                "failed",
+                error=(
+                    "fal does not know this request (HTTP 404 on status): it was never "
+                    "queued or fal no longer keeps it; marked failed by the reconciler, "
+                    "nothing billed"
+                ),
+            ),
+            reason="not_found",
+        )
+    except FalError as exc:
+        return _Observation(row, "fal_error", reason=str(exc))
+
+    if status.done and status.error is None:
+        return await _fetch_completed(fal, row)
+    if status.done:  # fal finished it with an error: terminal whatever the error says
+        return await _fetch_failed(fal, row, status.error, status.error_type)
+    if row.payload_missing:  # cannot happen at fal (completed is final); leave it be
+        return _Observation(row, "open")
+    if row.past_limit:
+        hours = options.max_open.total_seconds() / 3600
+        return _Observation(
+            row,
+            "event",
+            _event(
+                row,
+                "failed",
+                error=(
+                    f"still {status.state.replace('_', ' ')} at fal more than {hours:g} h "
+                    "after submit; given up by the reconciler (not cancelled at fal), "
+                    "nothing billed"
+                ),
+            ),
+            reason="past_limit",
+        )
+    if status.state == "in_progress" and row.status == "submitted":
+        return _Observation(row, "event", _event(row, "in_progress"))
+    if status.state == "queued" and row.status == "in_progress":
+        return _Observation(row, "open", reason="requeued")  # fal re-queued it: not terminal
+    return _Observation(row, "open")
+
+
+async def _fetch_completed(fal: FalGateway, row: _Row) -> _Observation:
+    try:
+        payload = await fal.fetch_result(row.endpoint, row.request_id)
+    except FalNotFound:
+        if row.payload_missing:
+            return _Observation(row, "result_expired")
+        # finished (and billed) but fal no longer keeps the result: complete it; the
+        # estimate stands since the output is unknown
+        error = "completed at fal; the result was no longer available to the reconciler"
+        return _Observation(row, "event", _event(row, "completed", error=error))
+    except FalUnavailable as exc:
+        return _Observation(row, "fal_error", reason=str(exc))
+    except FalRequestError as exc:  # fal answered the result with an error: it failed
+        return _Observation(
+            row,
+            "event",
+            _event(row, "failed", _error_payload(exc), str(exc)),
+            result_fetched=True,
+        )
+    return _Observation(row, "event", _event(row, "completed", payload), result_fetched=True)
+
+
+async def _fetch_failed(
+    fal: FalGateway, row: _Row, error: str | None, error_type: str | None
+) -> _Observation:
+    """A terminal error: fetch the result's error body for its detail when fal has it."""
+    payload: Any = {"error_type": error_type} if error_type else None
+    fetched = False
+    try:
+        await fal.fetch_result(row.endpoint, row.request_id)
+    except FalRequestError as exc:
+        payload, fetched = _error_payload(exc), True
+    except FalError:
+        pass  # the status already said it failed; the detail is a nicety
+    text = f"fal: {error}" if error else "fal: the request ended with an error"
+    return _Observation(row, "event", _event(row, "failed", payload, text), result_fetched=fetched)
+
+
+def _error_payload(exc: FalRequestError) -> dict[str, Any]:
+    payload: dict[str, Any] = {"detail": exc.detail}
+    if exc.error_type:
+        payload["error_type"] = exc.error_type
+    payload["status_code"] = exc.status_code
+    return payload
+
+
+class _Writer:
+    """Records events in chunks through the ledger's one writer, off the event loop."""
+
+    def __init__(self, conn: psycopg.Connection, chunk: int) -> None:
+        self.conn = conn
+        self.chunk = chunk
+        self.pending: list[LedgerEvent] = []
+        self.outcomes: dict[str, str] = {}
+        self._lock = asyncio.Lock()
+
+    async def add(self, event: LedgerEvent) -> None:
+        self.pending.append(event)
+        if len(self.pending) >= self.chunk:
+            await self.flush()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            batch, self.pending = self.pending, []
+            if batch:
+                outcomes = await asyncio.to_thread(record_events, self.conn, batch)
+                for event, outcome in zip(batch, outcomes, strict=True):
+                    self.outcomes[event.request_id] = outcome
+
+
+async def reconcile_rows(
+    conn: psycopg.Connection,
+    fal: FalGateway,
+    rows: list[_Row],
+    options: ReconcileOptions,
+    report: ReconcileReport,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Observe every row with `options.concurrency` workers and record what fal said."""
+    writer = _Writer(conn, options.chunk)
+    queue: asyncio.Queue[_Row] = asyncio.Queue()
+    for row in rows:
+        queue.put_nowait(row)
+    verdicts: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        while True:
+            try:
+                row = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            seen = await observe(fal, row, options)
+            verdicts[seen.verdict] += 1
+            report.results_fetched += seen.result_fetched
+            if seen.reason in ("not_found", "past_limit", "requeued"):
+                reasons[seen.reason] += 1
+            if seen.verdict == "fal_error" and len(report.fal_error_samples) < 5:
+                report.fal_error_samples.append(seen.reason)
+            if seen.event is not None:
+                await writer.add(seen.event)
+            done += 1
+            if progress:
+                progress(done, len(rows))
+
+    workers = min(options.concurrency, len(rows))
+    await asyncio.gather(*(worker() for _ in range(workers)))
+    await writer.flush()
+
+    report.fal_errors = verdicts["fal_error"]
+    report.results_expired = verdicts["result_expired"]
+    report.not_found = reasons["not_found"]
+    report.past_limit = reasons["past_limit"]
+    report.requeued = reasons["requeued"]
+    _count_outcomes(conn, rows, writer.outcomes, report)
+
+
+def _count_outcomes(
+    conn: psycopg.Connection,
+    rows: list[_Row],
+    outcomes: dict[str, str],
+    report: ReconcileReport,
+) -> None:
+    """Advanced = rows an event of this pass changed; their states now, from the ledger."""
+    changed = [rid for rid, outcome in outcomes.items() if outcome == "applied"]
+    report.advanced = len(changed)
+    states = {
+        r["request_id"]: r
+        for r in conn.execute(
+            q("reconcile_row_states"), {"request_ids": [r.request_id for r in rows]}
+        )
+    }
+    conn.commit()
+    for rid in changed:
+        state = states.get(rid)
+        if state is None:
+            continue
+        if state["status"] == "failed":
+            report.failed += 1
+        elif state["status"] == "canceled":
+            report.canceled += 1
+        elif state["status"] == "completed":
+            report.completed += 1
+    missing = [r.request_id for r in rows if r.payload_missing]
+    report.payloads_filled = sum(
+        1 for rid in missing if rid in outcomes and states.get(rid, {}).get("has_output")
+    )
+    report.still_open = sum(
+        1 for r in states.values() if r["status"] in ("submitted", "in_progress")
+    )
+
+
+def reconcile(
+    conn: psycopg.Connection,
+    options: ReconcileOptions | None = None,
+    *,
+    gateway_factory: Callable[[int], FalGateway] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ReconcileReport:
+    """One reconcile pass on `conn`; returns what it did (see the module doc)."""
+    options = options or ReconcileOptions.from_settings()
+    report = ReconcileReport()
+    started = time.monotonic()
+
+    applied = apply_waiting_events(conn)
+    report.waiting_events_applied = sum(
+        n for outcome, n in applied.items() if outcome not in ("waiting", "expired", "error")
+    )
+    report.events_expired = applied["expired"]
+    report.unknown_outcomes = len(mark_unknown_outcomes(conn, _interval(options.min_age)))
+
+    rows = pick_rows(conn, options)
+    report.examined = len(rows)
+    if rows:
+        factory = gateway_factory or (lambda n: FalGateway.from_settings(max_concurrency=n))
+
+        async def run() -> None:
+            async with factory(options.concurrency) as fal:
+                await reconcile_rows(conn, fal, rows, options, report, progress)
+
+        asyncio.run(run())
+    report.seconds = time.monotonic() - started
+    log.info("reconcile: %s", report.figures())
+    return report

@@ -1,0 +1,32 @@
+"""Spend truth: fal's own bill, loaded, reconciled request by request, and prices kept current.
+
+Plain functions over a psycopg connection and a `FalPlatform` client; Dagster
+(defs/spend/) and the CLI (`renderqueue spend ...`) are thin layers over them.
+"""
+
+from renderqueue_pipeline.spend.billing import (
+    BillingLoad,
+    day_range,
+    load_billing_events,
+    month_range,
+)
+from renderqueue_pipeline.spend.prices import PriceSync, sync_prices
+from renderqueue_pipeline.spend.reconcile import (
+    Reconciliation,
+    apply_billed,
+    reconcile_range,
+    summarize,
+)
+
+__all__ = [
+    "BillingLoad",
+    "PriceSync",
+    "Reconciliation",
+    "apply_billed",
+    "day_range",
+    "load_billing_events",
+    "month_range",
+    "reconcile_range",
+    "summarize",
+    "sync_prices",
+]

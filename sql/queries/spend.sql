@@ -1,0 +1,216 @@
+-- Spend truth: fal's billing events, the reconciliation of each request with the ledger,
+-- and prices kept current from fal's pricing API. Schema in 070_spend.sql.
+-- Parameters are psycopg named placeholders: %(name)s.
+
+-- name: spend_delete_billing_range
+delete from fal_billing_events
+where billed_at >= %(start)s and billed_at < %(end)s;
+
+-- name: spend_copy_billing_events
+copy fal_billing_events (request_id, endpoint, billed_at, output_units, unit_price,
+                         percent_discount, cost_nano_usd)
+from stdin;
+
+-- name: spend_insert_billing_event
+insert into fal_billing_events (request_id, endpoint, billed_at, output_units, unit_price,
+                                percent_discount, cost_nano_usd)
+values (%s, %s, %s, %s, %s, %s, %s);
+
+-- name: spend_billing_range_totals
+select count(*) as events, count(distinct request_id) as requests,
+       coalesce(sum(cost_nano_usd), 0)::bigint as nano_usd
+from fal_billing_events
+where billed_at >= %(start)s and billed_at < %(end)s;
+
+-- name: spend_delete_reconciliation_range
+with days as (
+  delete from billing_reconciliation_days
+  where day >= %(start_day)s and day < %(end_day)s
+)
+delete from billing_reconciliation
+where day >= %(start_day)s and day < %(end_day)s;
+
+-- Classify every request of [start, end): the generations created in the range (matched
+-- with their billing events whenever fal stamped them, up to 31 days later) and the
+-- billing events stamped in the range that the ledger does not know at all. Every request
+-- is counted per day and outcome; one row is written per request that needs a look
+-- (everything but 'matched' and 'no_charge': a matched generation shows fal's figure on
+-- its own row once apply_billed ran).
+-- name: spend_reconcile_range
+with g as (
+  select g.request_id, g.endpoint, g.status::text as status, g.created_at, g.finished_at,
+         g.billed_seconds, g.price_id, g.batch_item_id,
+         case when g.status = 'completed'
+              then coalesce(g.computed_cost_micros, g.cost_micros) else 0 end as our_micros
+  from generations g
+  where g.created_at >= %(start)s and g.created_at < %(end)s
+),
+b as (
+  select e.request_id, min(e.endpoint) as endpoint, min(e.billed_at) as billed_at,
+         sum(e.output_units) as units, max(e.unit_price) as unit_price,
+         max(e.percent_discount) as discount, sum(e.cost_nano_usd)::bigint as nanos
+  from fal_billing_events e
+  where e.billed_at >= %(start)s and e.billed_at < %(end)s::timestamptz + interval '31 days'
+  group by e.request_id
+),
+c as (
+  select
+    case when g.request_id is null then (b.billed_at at time zone 'UTC')::date
+         else (g.created_at at time zone 'UTC')::date end as day,
+    coalesce(g.request_id, b.request_id) as request_id,
+    coalesce(g.endpoint, b.endpoint) as endpoint,
+    case
+      when g.request_id is null then 'unknown_to_ledger'
+      when b.request_id is null then
+        case when g.status <> 'completed' then 'no_charge'
+             when coalesce(g.finished_at, g.created_at)
+                  < %(now)s::timestamptz - %(grace)s::interval then 'not_billed'
+             else 'awaiting_billing' end
+      when g.status <> 'completed' then 'billed_not_completed'
+      when abs(rq_nanos_to_micros(b.nanos) - g.our_micros) <= 1 then 'matched'
+      else 'amount_differs'
+    end as outcome,
+    g.status, g.our_micros, rq_nanos_to_micros(b.nanos) as fal_micros, b.nanos,
+    g.billed_seconds, b.units, p.micros_per_second,
+    b.unit_price * 1000000 as fal_micros_per_unit, b.discount, g.batch_item_id,
+    g.created_at, b.billed_at
+  from g
+  full join b on b.request_id = g.request_id
+  left join prices p on p.id = g.price_id
+  where g.request_id is not null
+     or (b.billed_at < %(end)s
+         and not exists (select 1 from generations x where x.request_id = b.request_id))
+),
+written as (
+  insert into billing_reconciliation (
+    day, request_id, endpoint, outcome, reason, ledger_status, our_micros, fal_micros,
+    fal_nano_usd, our_seconds, fal_units, our_micros_per_second, fal_micros_per_unit,
+    percent_discount, batch_item_id, created_at, billed_at)
+  select day, request_id, endpoint, outcome,
+         case outcome
+           when 'amount_differs' then coalesce(nullif(concat_ws(', ',
+             case when units is distinct from billed_seconds then 'units' end,
+             case when fal_micros_per_unit is distinct from micros_per_second then 'price' end,
+             case when coalesce(discount, 0) <> 0 then 'discount' end), ''), 'other')
+           when 'billed_not_completed' then
+             case when status in ('submitted', 'in_progress') then 'open' else status end
+           when 'not_billed' then 'completed, no billing event after the grace period'
+         end,
+         status, our_micros, fal_micros, nanos, billed_seconds, units, micros_per_second,
+         fal_micros_per_unit, discount, batch_item_id, created_at, billed_at
+  from c
+  where outcome not in ('matched', 'no_charge')
+  returning 1
+)
+insert into billing_reconciliation_days (day, outcome, requests, our_micros, fal_micros)
+select day, outcome, count(*), coalesce(sum(our_micros), 0), coalesce(sum(fal_micros), 0)
+from c
+group by day, outcome;
+
+-- A billed request the ledger does not know: attribute it to the batch item that asked for
+-- it when one can be found (same request id, or an item of the same endpoint whose submit
+-- outcome stayed unknown, made in the day before fal's timestamp; the nearest wins).
+-- name: spend_attribute_unknown
+update billing_reconciliation r
+   set batch_item_id = a.id,
+       reason = a.reason
+  from billing_reconciliation u
+  cross join lateral (
+    select bi.id,
+           case when bi.request_id = u.request_id
+                then format('batch item %%s (state %%s): same request id', bi.id, bi.state)
+                else format('batch item %%s (state %%s): same endpoint, submitted %%s before',
+                            bi.id, bi.state,
+                            date_trunc('second', u.billed_at - bi.created_at)) end as reason
+    from batch_items bi
+    where bi.request_id = u.request_id
+       or (bi.state in ('unknown', 'pending')
+           and bi.endpoint = u.endpoint
+           and bi.created_at <= u.billed_at
+           and bi.created_at > u.billed_at - interval '1 day')
+    order by bi.request_id = u.request_id desc nulls last, bi.created_at desc
+    limit 1
+  ) a
+ where u.day >= %(start_day)s and u.day < %(end_day)s
+   and u.outcome = 'unknown_to_ledger'
+   and r.day = u.day and r.request_id = u.request_id;
+
+-- name: spend_mark_unattributed
+update billing_reconciliation
+   set reason = 'no ledger record or batch item: another system using the key?'
+ where day >= %(start_day)s and day < %(end_day)s
+   and outcome = 'unknown_to_ledger' and reason is null;
+
+-- fal's figure becomes the cost of each billed, completed generation made in the range
+-- (cost_basis 'billed'); our own figure and its basis are kept once, in
+-- computed_cost_micros / computed_cost_basis. Reads the billing events themselves, so it
+-- holds for matched and differing requests alike.
+-- name: spend_apply_billed
+with b as (
+  select e.request_id, min(e.billed_at) as billed_at, sum(e.cost_nano_usd)::bigint as nanos
+  from fal_billing_events e
+  where e.billed_at >= %(start)s and e.billed_at < %(end)s::timestamptz + interval '31 days'
+  group by e.request_id
+)
+update generations g
+   set computed_cost_micros = coalesce(g.computed_cost_micros, g.cost_micros),
+       computed_cost_basis = coalesce(g.computed_cost_basis, g.cost_basis),
+       cost_micros = rq_nanos_to_micros(b.nanos),
+       cost_basis = 'billed',
+       fal_billed_micros = rq_nanos_to_micros(b.nanos),
+       fal_billed_nano_usd = b.nanos,
+       fal_billed_at = b.billed_at
+  from b
+ where g.request_id = b.request_id
+   and g.created_at >= %(start)s and g.created_at < %(end)s
+   and g.status = 'completed'
+   and (g.cost_basis <> 'billed' or g.fal_billed_nano_usd is distinct from b.nanos);
+
+-- name: spend_outcomes
+select outcome, sum(requests)::bigint as requests, sum(our_micros)::bigint as our_micros,
+       sum(fal_micros)::bigint as fal_micros
+from billing_reconciliation_days
+where day >= %(start_day)s and day < %(end_day)s
+group by outcome
+order by outcome;
+
+-- name: spend_largest_differences
+select day, request_id, endpoint, outcome, reason, ledger_status, our_micros, fal_micros,
+       coalesce(fal_micros, 0) - coalesce(our_micros, 0) as difference_micros,
+       our_seconds, fal_units, our_micros_per_second, fal_micros_per_unit, percent_discount,
+       batch_item_id
+from billing_reconciliation
+where day >= %(start_day)s and day < %(end_day)s
+  and outcome in ('amount_differs', 'billed_not_completed', 'not_billed', 'unknown_to_ledger')
+order by abs(coalesce(fal_micros, 0) - coalesce(our_micros, 0)) desc, request_id
+limit %(limit)s;
+
+-- name: spend_endpoints_in_use
+select endpoint from prices
+union
+select distinct endpoint from generations
+where created_at >= %(since)s;
+
+-- The latest row of each price key (resolution, audio) of an endpoint at a moment.
+-- name: spend_current_price_rows
+select distinct on (resolution, with_audio)
+       id, endpoint, resolution, with_audio, micros_per_second, base_micros, base_seconds,
+       default_seconds, default_resolution, effective_from, price_version, source
+from prices
+where endpoint = %(endpoint)s and effective_from <= %(at)s
+order by resolution, with_audio, effective_from desc;
+
+-- The row the pricing API's single figure is compared with: default resolution, audio on.
+-- name: spend_reference_price
+select id, micros_per_second, resolution, with_audio
+from rq_price_for(%(endpoint)s, '{}'::jsonb, %(at)s);
+
+-- name: spend_insert_price
+insert into prices (endpoint, resolution, with_audio, micros_per_second, base_micros,
+                    base_seconds, default_seconds, default_resolution, effective_from,
+                    price_version, source)
+values (%(endpoint)s, %(resolution)s, %(with_audio)s, %(micros_per_second)s,
+        %(base_micros)s, %(base_seconds)s, %(default_seconds)s, %(default_resolution)s,
+        %(effective_from)s, %(price_version)s, %(source)s)
+on conflict do nothing
+returning id;
