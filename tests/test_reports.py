@@ -311,6 +311,35 @@ def test_report_check_fails_on_a_stale_day_and_passes_after_rebuild(
     assert passed.metadata["difference_micros"] == 0
 
 
+@pytest.fixture
+def reconciliation_days(conn: psycopg.Connection):
+    """The spend domain's table (not emptied by the shared fixture): cleaned here."""
+    yield
+    conn.rollback()
+    conn.execute("delete from billing_reconciliation_days")
+    conn.commit()
+
+
+def test_days_rebilled_by_the_spend_reconciliation_are_read_again(
+    conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch, reconciliation_days: None
+) -> None:
+    monkeypatch.setattr(spend, "ID_OVERLAP", 0)  # old rows, far below the newest ids
+    build(conn, MARCH_ROWS[:6])
+    conn.execute("set timezone = 'America/Los_Angeles'")
+    now = utc(2026, 3, 31, 23, 30)
+    refresh_month(conn, MARCH, now=now)
+    # what the spend domain does when fal's bill for 5 March is in: fal's figure replaces
+    # ours on the day's generations, and the day's reconciliation is rewritten
+    conn.execute("update generations set cost_micros = cost_micros - 100, cost_basis = 'billed'"
+                 " where created_at = %s", (utc(2026, 3, 5, 14),))
+    conn.execute("insert into billing_reconciliation_days (day, outcome, requests, our_micros,"
+                 " fal_micros) values ('2026-03-05', 'amount_differs', 1, 0, 0)")
+    conn.commit()
+    again = refresh_month(conn, MARCH, now=now + timedelta(minutes=5))
+    assert again.days_recomputed == 2  # today, and the rebilled day
+    assert report_matches_ledger(conn, MARCH, "user", margin="0 seconds").passed
+
+
 def test_report_check_skips_keys_changed_after_the_report(conn: psycopg.Connection) -> None:
     build(conn, MARCH_ROWS)
     refresh_month(conn, MARCH, now=AFTER_MARCH)

@@ -112,7 +112,8 @@ union
 select day
 from billing_reconciliation_days
 where computed_at > %(since)s
-  and day >= %(start)s::date and day < %(end)s::date;
+  and day >= (%(start)s::timestamptz at time zone 'UTC')::date
+  and day < (%(end)s::timestamptz at time zone 'UTC')::date;
 
 -- name: monthly_by_user_delete
 delete from spend_monthly_by_user where month = %(month)s;
@@ -308,6 +309,3 @@ select count(*) filter (where archive_status = 'failed')::int as failed,
 from generations
 where created_at >= %(start)s and created_at < %(end)s
   and archive_status in ('failed', 'lost');
-
--- name: oldest_generation_month
-select date_trunc('month', min(created_at) at time zone 'UTC')::date as month from generations;
