@@ -40,6 +40,12 @@ LEDGER_TABLES = (
     "user_budgets",
     "spend_monthly_by_user",
     "spend_monthly_by_endpoint",
+    "spend_monthly_by_batch",
+    "spend_daily",
+    "spend_rollup_daily",
+    "spend_rollup_daily_batch",
+    "spend_rollup_days",
+    "spend_report_months",
 )
 
 

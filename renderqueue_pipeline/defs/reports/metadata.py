@@ -1,0 +1,64 @@
+"""Report figures as Dagster metadata under stable keys (compare months in the UI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dagster as dg
+
+from renderqueue_pipeline.reports.spend import MonthReport
+from renderqueue_pipeline.reports.storage import WrittenFile
+from renderqueue_pipeline.reports.summary import dollars, micros_to_usd, top_table
+
+_KEYS = {
+    "spend_monthly_by_user": "user_id",
+    "spend_monthly_by_endpoint": "endpoint",
+    "spend_monthly_by_batch": "batch_id",
+}
+
+
+def table_metadata(report: MonthReport, table: str, rows: list[dict]) -> dict[str, Any]:
+    """Row count, the month's totals (numbers, same keys every month), a top-10 table."""
+    metadata: dict[str, Any] = {
+        "dagster/row_count": len(rows),
+        "dagster/partition_row_count": len(rows),
+        "table": table,
+        "month": f"{report.month:%Y-%m}",
+        "state": report.state,
+        "total_spend_usd": dg.MetadataValue.float(micros_to_usd(report.cost_micros)),
+        "total_spend": dollars(report.cost_micros),
+        "cost_micros": report.cost_micros,
+        "open_estimate_micros": report.open_estimate_micros,
+        "generations": report.generations,
+        "completed": sum(int(r["completed"]) for r in rows),
+        "failed": sum(int(r["failed"]) for r in rows),
+        "canceled": sum(int(r["canceled"]) for r in rows),
+        "open": sum(int(r["open"]) for r in rows),
+        "days_recomputed": report.days_recomputed,
+        "days_reused": report.days_reused,
+        "refresh_seconds": dg.MetadataValue.float(round(report.seconds, 3)),
+    }
+    if table in _KEYS:
+        metadata["top_10"] = dg.MetadataValue.md(top_table(rows, _KEYS[table]))
+    if table == "spend_daily":
+        metadata["top_10_users"] = dg.MetadataValue.md(top_table(report.by_user, "user_id"))
+        metadata["top_10_endpoints"] = dg.MetadataValue.md(
+            top_table(report.by_endpoint, "endpoint")
+        )
+    return metadata
+
+
+def files_metadata(written: list[WrittenFile]) -> dict[str, Any]:
+    """A link per file (the chart first), and how many rows each table file holds."""
+    metadata: dict[str, Any] = {}
+    for f in written:
+        if f.kind == "chart":
+            metadata["chart"] = dg.MetadataValue.url(f.url)
+        else:
+            metadata[f"{f.table}_{f.kind}"] = dg.MetadataValue.url(f.url)
+    metadata["files"] = dg.MetadataValue.md(
+        "| file | rows | bytes |\n|---|---:|---:|\n"
+        + "\n".join(f"| [{f.name}]({f.url}) | {f.rows} | {f.bytes} |" for f in written)
+    )
+    metadata["dagster/row_count"] = sum(f.rows for f in written if f.kind == "parquet")
+    return metadata

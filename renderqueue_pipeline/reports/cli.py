@@ -1,0 +1,69 @@
+"""`renderqueue report`: a month's spend by user, endpoint or batch, from the ledger."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from decimal import Decimal
+
+import click
+
+from renderqueue_pipeline.reports.months import month_label, parse_month
+
+
+def _plain(value):
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+@click.command("report")
+@click.option("--month", "month_text", required=True, help="UTC month, YYYY-MM.")
+@click.option(
+    "--by", type=click.Choice(["user", "endpoint", "batch"]), default="endpoint", show_default=True
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+    show_default=True,
+)
+def report(month_text: str, by: str, fmt: str) -> None:
+    """Spend for one UTC month, straight from the ledger (no materialization needed).
+
+    Same figures as the report tables: counts by status, billed seconds and cost of
+    completed generations (micro-dollars, and cents rounded once), estimates of open ones.
+    """
+    from renderqueue_pipeline.db.connect import connect
+    from renderqueue_pipeline.ledger.report import dollars
+    from renderqueue_pipeline.reports.ledger_view import columns_for, month_from_ledger
+
+    month = parse_month(month_text)
+    with connect() as conn:
+        rows = month_from_ledger(conn, month, by)
+    columns = columns_for(by)
+    if fmt == "json":
+        click.echo(json.dumps([{c: _plain(r[c]) for c in columns} for r in rows], indent=2))
+        return
+    if fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({c: _plain(r[c]) for c in columns} for r in rows)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    total = sum(int(r["cost_micros"]) for r in rows)
+    table = Table(title=f"spend {month_label(month)} by {by} (UTC): {dollars(total)}")
+    shown = [c for c in columns if c not in ("cost_cents", "micros_per_completed_second")]
+    for column in shown:
+        table.add_column(column, justify="left" if column in ("endpoint", "source") else "right")
+    for r in rows:
+        table.add_row(
+            *[
+                dollars(r[c]) if c.endswith("_micros") else ("-" if r[c] is None else str(r[c]))
+                for c in shown
+            ]
+        )
+    Console().print(table)
+    if not rows:
+        click.echo(f"no generations in {month_label(month)}")

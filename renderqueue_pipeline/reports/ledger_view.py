@@ -1,0 +1,66 @@
+"""A month's spend straight from the ledger, in the report tables' shape (for the CLI).
+
+The same figures the report tables hold, computed from `generations` alone, so
+`renderqueue report` works before any materialization and can be compared with the tables.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+import psycopg
+
+from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.reports.checks import (
+    cents,
+    fold_facts,
+    ledger_facts,
+    per_second,
+    snapshot,
+)
+from renderqueue_pipeline.reports.months import month_range
+
+COLUMNS = {
+    "user": ["user_id"],
+    "endpoint": ["endpoint"],
+    "batch": ["batch_id", "source"],
+}
+FIGURES = [
+    "generations",
+    "completed",
+    "failed",
+    "canceled",
+    "open",
+    "unpriced",
+    "billed_seconds",
+    "cost_micros",
+    "cost_cents",
+    "micros_per_completed_second",
+    "open_estimate_micros",
+]
+BATCH_FIGURES = ["submit_estimate_micros", "cost_minus_estimate_micros"]
+
+
+def columns_for(by: str) -> list[str]:
+    return COLUMNS[by] + FIGURES + (BATCH_FIGURES if by == "batch" else [])
+
+
+def month_from_ledger(conn: psycopg.Connection, month: date, by: str) -> list[dict]:
+    """Rows by user, endpoint or batch, costliest first, with the report tables' columns."""
+    with snapshot(conn):
+        if by in ("user", "endpoint"):
+            rows = fold_facts(ledger_facts(conn, month), by)
+        else:
+            start, end = month_range(month)
+            rows = conn.execute(q("ledger_month_by_batch"), {"start": start, "end": end}).fetchall()
+            for row in rows:
+                row["cost_cents"] = cents(row["cost_micros"])
+                row["micros_per_completed_second"] = per_second(
+                    row["cost_micros"], row["billed_seconds"]
+                )
+                row["cost_minus_estimate_micros"] = (
+                    row["cost_micros"] + row["open_estimate_micros"] - row["submit_estimate_micros"]
+                )
+            rows.sort(key=lambda r: (-r["cost_micros"], r["batch_id"] is None, r["batch_id"] or 0))
+    keep = columns_for(by)
+    return [{c: r[c] for c in keep} for r in rows]

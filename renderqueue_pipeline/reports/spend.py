@@ -1,0 +1,236 @@
+"""Monthly spend reports: refresh a month's rollups and report tables in one transaction.
+
+The report tables are sums over two daily rollups (`spend_rollup_daily`: per UTC day, user
+and endpoint; `spend_rollup_daily_batch`: per day and batch). Refreshing an open month
+reads from the ledger only the days that can still change: days not yet settled, and days
+whose generations were inserted or received an event since they were computed. A month past
+its grace period (06:00 UTC on the 1st) is final; the finalizing run (schedules.py) is a
+rebuild: every day read again from the ledger, whatever wrote to it.
+The checks (checks.py) compare the tables with the ledger afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+import psycopg
+from psycopg import IsolationLevel
+
+from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.reports.months import (
+    SETTLE_AFTER,
+    days_until,
+    finalizes_at,
+    month_range,
+    next_month,
+)
+
+# Ids handed out to transactions still in flight during a refresh may commit below the
+# high-water mark it recorded; the next refresh looks this far back for rows and events
+# written within IN_FLIGHT of that refresh's snapshot.
+ID_OVERLAP = 10_000
+IN_FLIGHT = timedelta(minutes=5)
+REPORT_TABLES = (
+    "spend_monthly_by_user",
+    "spend_monthly_by_endpoint",
+    "spend_monthly_by_batch",
+    "spend_daily",
+)
+
+
+@dataclass
+class MonthReport:
+    """What a refresh wrote, and what the checks found in the same snapshot."""
+
+    month: date
+    state: str
+    computed_at: datetime
+    days_recomputed: int
+    days_reused: int
+    generations: int
+    cost_micros: int
+    open_estimate_micros: int
+    by_user: list[dict]
+    by_endpoint: list[dict]
+    by_batch: list[dict]
+    daily: list[dict]
+    timings: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def final(self) -> bool:
+        return self.state == "final"
+
+
+def _recompute(conn: psycopg.Connection, first: date, end: date) -> None:
+    """Replace the rollup of days [first, end) with what the ledger says now."""
+    start_ts = datetime(first.year, first.month, first.day, tzinfo=UTC)
+    end_ts = datetime(end.year, end.month, end.day, tzinfo=UTC)
+    conn.execute(q("rollup_delete_range"), {"first_day": first, "end_day": end})
+    conn.execute(q("rollup_batch_delete_range"), {"first_day": first, "end_day": end})
+    conn.execute(q("rollup_insert_range"), {"start": start_ts, "end": end_ts})
+
+
+def _stale_days(
+    conn: psycopg.Connection, month: date, now: datetime
+) -> tuple[list[date], list[date]]:
+    """Days of an open month to read again, and the settled days reused as they are."""
+    start, end = month_range(month)
+    days = days_until(month, now)
+    known = {
+        r["day"]: r
+        for r in conn.execute(
+            q("rollup_days_of_month"), {"first_day": month, "end_day": next_month(month)}
+        )
+    }
+    settled = {d: r for d, r in known.items() if r["settled"] and d in days}
+    stale = set(days) - set(settled)
+    if settled:
+        touched = conn.execute(
+            q("days_touched_since"),
+            {
+                "after_generation_id": min(r["max_generation_id"] for r in settled.values()),
+                "after_event_id": min(r["max_event_id"] for r in settled.values()),
+                "since": min(r["snapshot_at"] for r in settled.values()) - IN_FLIGHT,
+                "overlap": ID_OVERLAP,
+                "start": start,
+                "end": end,
+            },
+        ).fetchall()
+        stale |= {r["day"] for r in touched if r["day"] in settled}
+    return sorted(stale), sorted(set(settled) - stale)
+
+
+def _write_tables(conn: psycopg.Connection, month: date, computed_at: datetime) -> None:
+    params = {"month": month, "end_day": next_month(month), "computed_at": computed_at}
+    for table in ("monthly_by_user", "monthly_by_endpoint", "monthly_by_batch", "daily"):
+        conn.execute(q(f"{table}_delete"), params)
+        conn.execute(q(f"{table}_insert"), params)
+
+
+def _mark_days(
+    conn: psycopg.Connection, days: list[date], now: datetime, high_water: dict
+) -> None:
+    conn.execute(
+        q("rollup_days_upsert"),
+        {
+            "days": days,
+            "computed_at": now,
+            "settle_before": (now - SETTLE_AFTER).date(),
+            **high_water,
+        },
+    )
+
+
+def refresh_month(
+    conn: psycopg.Connection,
+    month: date,
+    *,
+    now: datetime | None = None,
+    rebuild: bool = False,
+) -> MonthReport:
+    """Refresh (or finalize) one month's report tables, in one transaction.
+
+    Reads from the ledger only the days that may have changed since they were computed
+    (see module docstring); `rebuild` reads every day. `now` decides the state: from
+    `finalizes_at(month)` on the month is 'final', before that 'open'. Safe to run
+    concurrently (one refresh of a month at a time) and to repeat: the same ledger gives the
+    same rows.
+    """
+    started = time.perf_counter()
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    final = now >= finalizes_at(month)
+    lock = (f"spend_report:{month:%Y-%m}",)
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        conn.commit()
+    # one refresh of a month at a time, waited for before the snapshot is taken
+    conn.execute("select pg_advisory_lock(hashtextextended(%s, 0))", lock)
+    conn.commit()
+    previous_isolation = conn.isolation_level
+    conn.isolation_level = IsolationLevel.REPEATABLE_READ
+    try:
+        with conn.transaction():
+            report = _refresh_in_snapshot(conn, month, now, final, rebuild)
+    finally:
+        conn.isolation_level = previous_isolation
+        conn.execute("select pg_advisory_unlock(hashtextextended(%s, 0))", lock)
+        conn.commit()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _refresh_in_snapshot(
+    conn: psycopg.Connection,
+    month: date,
+    now: datetime,
+    final: bool,
+    rebuild: bool,
+) -> MonthReport:
+    clock = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - clock
+        clock = time.perf_counter()
+
+    high_water = conn.execute(q("ledger_high_water")).fetchone()
+    all_days = days_until(month, now)
+    reused: list[date] = []
+    if rebuild or not all_days:
+        stale = all_days
+    else:
+        stale, reused = _stale_days(conn, month, now)
+    # one statement per day keeps each one small (a day's rows, found by an index scan);
+    # the last day also takes any row stamped later in the month (a clock that ran ahead)
+    ranges = [(day, day + timedelta(days=1)) for day in stale]
+    if not all_days:
+        ranges = [(month, next_month(month))]
+    elif ranges and ranges[-1][0] == all_days[-1]:
+        ranges[-1] = (all_days[-1], next_month(month))
+    conn.execute("set local work_mem = '32MB'")  # a day's sort stays in memory
+    for first, end in ranges:
+        _recompute(conn, first, end)
+    lap("rollup")
+    _write_tables(conn, month, now)
+    lap("tables")
+    if stale:
+        _mark_days(conn, stale, now, high_water)
+    if reused:
+        conn.execute(q("rollup_days_advance"), {"days": reused, **high_water})
+    state = "final" if final else "open"
+    summary = conn.execute(
+        q("report_month_upsert"),
+        {
+            "month": month,
+            "end_day": next_month(month),
+            "state": state,
+            "computed_at": now,
+            "snapshot_at": high_water["snapshot_at"],
+            "max_generation_id": high_water["max_generation_id"],
+        },
+    ).fetchone()
+    return MonthReport(
+        month=month,
+        state=state,
+        computed_at=now,
+        days_recomputed=len(stale),
+        days_reused=len(reused),
+        generations=int(summary["generations"]),
+        cost_micros=int(summary["cost_micros"]),
+        open_estimate_micros=int(summary["open_estimate_micros"]),
+        by_user=conn.execute(q("monthly_by_user"), {"month": month}).fetchall(),
+        by_endpoint=conn.execute(q("monthly_by_endpoint"), {"month": month}).fetchall(),
+        by_batch=conn.execute(q("monthly_by_batch"), {"month": month}).fetchall(),
+        daily=conn.execute(q("daily_for_month"), {"month": month}).fetchall(),
+        timings=timings,
+    )
+
+
+def mark_days_unsettled(conn: psycopg.Connection, days: Iterable[date]) -> None:
+    """For writers that change money outside record_events (a raw UPDATE, a billing
+    correction): the next refresh of those days' months reads them from the ledger again."""
+    conn.execute(q("mark_days_unsettled"), {"days": sorted(set(days))})

@@ -1,0 +1,86 @@
+"""Report files: Parquet and CSV of each report table, and a chart of daily spend.
+
+Written under any fsspec URL (RENDERQUEUE_STORAGE_URL: file:// by default, s3:// through
+s3fs) at reports/spend/YYYY-MM/. Each file is built in memory (a month's report tables are
+small) and written whole, so a reader never sees half a file on object storage.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from datetime import date
+
+import fsspec
+import pandas as pd
+import psycopg
+
+from renderqueue_pipeline.reports.chart import daily_spend_chart
+from renderqueue_pipeline.reports.checks import snapshot
+from renderqueue_pipeline.reports.spend import REPORT_TABLES
+
+CHART_NAME = "daily_spend_by_endpoint.png"
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    table: str
+    kind: str  # parquet | csv | chart
+    name: str
+    url: str
+    rows: int
+    bytes: int
+
+
+def month_folder(storage_url: str, month: date) -> str:
+    return f"{storage_url.rstrip('/')}/reports/spend/{month:%Y-%m}"
+
+
+def read_table(conn: psycopg.Connection, table: str, month: date) -> pd.DataFrame:
+    """One month of a report table as a DataFrame, columns in table order, sorted stably."""
+    if table not in REPORT_TABLES:
+        raise ValueError(f"not a report table: {table}")
+    order = {"spend_daily": "day, endpoint", "spend_monthly_by_user": "user_id",
+             "spend_monthly_by_endpoint": "endpoint", "spend_monthly_by_batch": "batch_id"}
+    with conn.cursor() as cur:
+        # the table name comes from REPORT_TABLES above, never from input
+        cur.execute(
+            f"select * from {table} where month = %s order by {order[table]}",  # noqa: S608
+            (month,),
+        )
+        columns = [c.name for c in cur.description]
+        return pd.DataFrame(cur.fetchall(), columns=columns)
+
+
+def _parquet(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def _csv(frame: pd.DataFrame) -> bytes:
+    return frame.to_csv(index=False).encode()
+
+
+def export_month(conn: psycopg.Connection, month: date, storage_url: str) -> list[WrittenFile]:
+    """Write the month's four report tables (Parquet and CSV) and its chart; list them."""
+    with snapshot(conn):
+        frames = {table: read_table(conn, table, month) for table in REPORT_TABLES}
+    # a fresh filesystem: credentials and endpoint are read now, not from a cached client
+    fs, root = fsspec.core.url_to_fs(month_folder(storage_url, month), skip_instance_cache=True)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    fs.makedirs(root, exist_ok=True)
+    written = []
+
+    def put(table: str, kind: str, name: str, data: bytes, rows: int) -> None:
+        path = f"{root}/{name}"
+        fs.pipe_file(path, data)
+        url = f"file://{path}" if protocol in ("file", "local") else f"{protocol}://{path}"
+        written.append(WrittenFile(table, kind, name, url, rows, len(data)))
+
+    for table, frame in frames.items():
+        put(table, "parquet", f"{table}.parquet", _parquet(frame), len(frame))
+        put(table, "csv", f"{table}.csv", _csv(frame), len(frame))
+    chart = daily_spend_chart(frames["spend_daily"], month)
+    put("spend_daily", "chart", CHART_NAME, chart, len(frames["spend_daily"]))
+    return written
