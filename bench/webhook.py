@@ -106,9 +106,7 @@ def _apt_install(package: str) -> None:
     subprocess.run([*prefix, "apt-get", "update"], env=env, capture_output=True)
     done = subprocess.run(install, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise ToolMissing(
-            f"could not install {package} with apt-get: {done.stderr.strip()[-400:]}"
-        )
+        raise ToolMissing(f"could not install {package} with apt-get: {done.stderr.strip()[-400:]}")
 
 
 def wrk_binary(console: Console) -> str:
@@ -193,7 +191,7 @@ def insert_rows(url: str, request_ids: list[str]) -> None:
             with conn.transaction(), conn.cursor() as cur:
                 cur.executemany(
                     "insert into generations (request_id, user_id, endpoint, inputs) "
-                    "values (%s, 1, %s, '{\"prompt\": \"p\", \"duration\": \"5\"}')",
+                    'values (%s, 1, %s, \'{"prompt": "p", "duration": "5"}\')',
                     [(rid, ENDPOINT) for rid in request_ids[i : i + 500]],
                 )
         conn.autocommit = True
@@ -502,6 +500,7 @@ def run(console: Console) -> list[Figure]:
                 "1",
                 "--log-level",
                 "warning",
+                "--insecure-jwks",  # the benchmark's JWKS server is plain http on loopback
             ]
             env = {"DATABASE_URL": receiver_db, "FAL_JWKS_URL": jwks.url}
             with serving(receiver_cmd, env, port, work / "receiver.log") as server:

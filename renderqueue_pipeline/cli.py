@@ -9,6 +9,7 @@ import sys
 import click
 
 from renderqueue_pipeline.archive.cli import archive, link
+from renderqueue_pipeline.batch.cli import batch, budget, submit
 from renderqueue_pipeline.db.reset import db_reset
 from renderqueue_pipeline.ledger.cli import events
 from renderqueue_pipeline.reconcile.cli import reconcile_command
@@ -114,6 +115,9 @@ db.add_command(db_reset)
 main.add_command(events)
 main.add_command(simulator)
 main.add_command(webhook)
+main.add_command(batch)
+main.add_command(budget)
+main.add_command(submit)
 main.add_command(spend)
 main.add_command(reconcile_command)
 main.add_command(archive)

@@ -21,7 +21,7 @@ from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.ledger.report import dollars
-from renderqueue_pipeline.settings import get_settings
+from renderqueue_pipeline.settings import get_settings, redact_url
 
 # (user, endpoint, inputs): a small, mixed batch priced from the seeded price table
 DEMO_REQUESTS: list[tuple[int, str, dict]] = [
@@ -146,7 +146,7 @@ def run_demo(console: Console | None = None) -> bool:
     console = console or Console()
     home = get_settings().home_dir
     url = database_url()
-    console.print(f"ledger database: {url}")
+    console.print(f"ledger database: {redact_url(url)}")
     applied = migrate(url)
     console.print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
 
@@ -171,9 +171,13 @@ def run_demo(console: Console | None = None) -> bool:
     home_dir = ensure_dagster_home(url)
     console.print(f"dagster instance: {home_dir} (storage in Postgres)")
     with DagsterInstance.get() as instance:
-        result = defs().resolve_job_def("ledger_status_job").execute_in_process(
-            instance=instance,
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        result = (
+            defs()
+            .resolve_job_def("ledger_status_job")
+            .execute_in_process(
+                instance=instance,
+                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            )
         )
     console.print(f"dagster run {result.run_id}: {'success' if result.success else 'FAILED'}")
     print_ledger_status(url, console)

@@ -6,9 +6,10 @@ Every knob is an environment variable; a wrong value becomes one clear line
 
 from __future__ import annotations
 
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlparse, urlunparse
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -61,6 +62,13 @@ class Settings(BaseSettings):
         default=DEFAULT_OBJECT_LIFETIME, alias="RENDERQUEUE_FAL_OBJECT_LIFETIME"
     )
     fal_start_timeouts_spec: str = Field(default="", alias="RENDERQUEUE_FAL_START_TIMEOUTS")
+    # --- webhook receiver (renderqueue_pipeline/webhook/, docs/webhook.md) ---
+    webhook_user_ids: str | None = Field(default=None, alias="FAL_WEBHOOK_USER_IDS")
+
+    # --- batch submission (renderqueue_pipeline/batch/, docs/batch.md) ---
+    default_monthly_budget_usd: Decimal | None = Field(
+        default=None, ge=0, allow_inf_nan=False, alias="RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD"
+    )
 
     # -- Dagster instance and reconciler (renderqueue_pipeline/dagster_home.py, reconcile/)
     dagster_max_concurrent_runs: int = Field(
@@ -101,9 +109,7 @@ class Settings(BaseSettings):
         default="v3.fal.media,v3b.fal.media,fal.media", alias="RENDERQUEUE_ARCHIVE_HOSTS"
     )
     archive_loopback_hosts: str = Field(default="", alias="RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS")
-    archive_max_bytes: int = Field(
-        default=2 * 1024**3, ge=1, alias="RENDERQUEUE_ARCHIVE_MAX_BYTES"
-    )
+    archive_max_bytes: int = Field(default=2 * 1024**3, ge=1, alias="RENDERQUEUE_ARCHIVE_MAX_BYTES")
     archive_batch_rows: int = Field(default=500, ge=1, alias="RENDERQUEUE_ARCHIVE_BATCH_ROWS")
     archive_concurrency: int = Field(
         default=4, ge=1, le=64, alias="RENDERQUEUE_ARCHIVE_CONCURRENCY"
@@ -153,7 +159,32 @@ class Settings(BaseSettings):
         """start_timeout seconds per endpoint id (RENDERQUEUE_FAL_START_TIMEOUTS)."""
         return parse_start_timeouts(self.fal_start_timeouts_spec)
 
-    @field_validator("fal_jwks_url", "webhook_url", "fal_rest_url", "fal_api_url")
+    @field_validator("default_monthly_budget_usd", mode="before")
+    @classmethod
+    def _usd(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().removeprefix("$")
+            return value or None
+        return value
+
+    @field_validator("fal_jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty: unset it for fal's JWKS, or give an https:// URL")
+        parsed = urlparse(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError("expected an https:// URL")
+        return value
+
+    @field_validator("webhook_user_ids")
+    @classmethod
+    def _user_ids(cls, value: str | None) -> str | None:
+        if value is not None and not [part for part in value.split(",") if part.strip()]:
+            raise ValueError("expected comma-separated fal user ids (unset it to accept any)")
+        return value
+
+    @field_validator("webhook_url", "fal_rest_url", "fal_api_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
@@ -167,6 +198,13 @@ class Settings(BaseSettings):
     def fal_admin_secret(self) -> SecretStr | None:
         """The key for fal's admin calls: FAL_ADMIN_KEY, falling back to FAL_KEY."""
         return self.fal_admin_key or self.fal_key
+
+    @property
+    def webhook_user_id_set(self) -> frozenset[str] | None:
+        """FAL_WEBHOOK_USER_IDS as a set; None when unset (any fal account is accepted)."""
+        if self.webhook_user_ids is None:
+            return None
+        return frozenset(part.strip() for part in self.webhook_user_ids.split(",") if part.strip())
 
     @property
     def home_dir(self) -> Path:
@@ -184,7 +222,34 @@ class Settings(BaseSettings):
         return self.prompts_url or f"file://{self.home_dir / 'prompts' / 'inbox'}"
 
 
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by `***` (safe to print or log)."""
+    try:
+        parsed = urlparse(url)
+        password = parsed.password
+    except ValueError:
+        return "<unparseable URL>"
+    if not password:
+        return url
+    user = parsed.username or ""
+    host = parsed.netloc.rsplit("@", 1)[1]
+    return urlunparse(parsed._replace(netloc=f"{user}:***@{host}"))
+
+
+_URL_FIELDS = frozenset(
+    {
+        "database_url",
+        "fal_jwks_url",
+        "fal_rest_url",
+        "fal_api_url",
+        "webhook_url",
+        "storage_url",
+        "prompts_url",
+    }
+)
+
 _FIELD_TO_ENV = {name: (field.alias or name) for name, field in Settings.model_fields.items()}
+_URL_ENVS = frozenset(_FIELD_TO_ENV[name] for name in _URL_FIELDS)
 
 
 def load_settings() -> Settings:
@@ -196,7 +261,10 @@ def load_settings() -> Settings:
         field = str(first["loc"][0]) if first["loc"] else "?"
         env = _FIELD_TO_ENV.get(field, field)
         message = first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{env}: {message} (got {first.get('input')!r})") from None
+        got = first.get("input")
+        if (field in _URL_FIELDS or env in _URL_ENVS) and isinstance(got, str):
+            got = redact_url(got)  # a bad DATABASE_URL may still carry a real password
+        raise ConfigError(f"{env}: {message} (got {got!r})") from None
 
 
 @lru_cache(maxsize=1)

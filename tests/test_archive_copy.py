@@ -288,3 +288,21 @@ def test_memory_stays_bounded_for_a_large_object(conn, ledger_url, storage, orig
         tracemalloc.stop()
     assert report.archived == 1 and report.bytes == size
     assert peak < 16 * 1024 * 1024, peak
+
+
+def test_an_output_is_archived_whole_or_not_at_all(
+    conn, ledger_url, storage, origin, tmp_path
+) -> None:
+    """The first image copied fine, the second broke: neither is visible, the row retries."""
+    a = origin.serve("/whole/1/image.jpeg", Behaviour(size=4000, content_type="image/jpeg"))
+    b = origin.serve("/whole/2/image.jpeg", Behaviour(size=4000, disconnect_after=1000),
+                     Behaviour(size=4000))
+    rid = completed_row(conn, images((a, 4000), (b, 4000)))
+    report = run(ledger_url, storage, origin)
+    assert report.retrying == 1
+    assert stored_files(tmp_path) == []
+    assert conn.execute("select count(*) as n from generation_files").fetchone()["n"] == 0
+    make_due(conn, rid)
+    run(ledger_url, storage, origin)
+    assert row(conn, rid)["archive_status"] == "archived"
+    assert [p.name for p in stored_files(tmp_path)] == ["1-image.jpeg", "2-image.jpeg"]

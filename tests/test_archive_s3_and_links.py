@@ -107,6 +107,28 @@ def test_archive_into_s3_and_link_to_a_presigned_url(
     assert httpx.get(presigned, timeout=30).status_code == 200
 
 
+def test_an_output_on_s3_is_archived_whole_or_not_at_all(
+    conn, ledger_url, origin, s3_env
+) -> None:
+    from archive_helpers import images
+
+    a = origin.serve("/s3w/1/image.jpeg", Behaviour(size=6 * 1024 * 1024))
+    b = origin.serve("/s3w/2/image.jpeg", Behaviour(size=4000, status=503),
+                     Behaviour(size=4000))
+    rid = completed_row(conn, images((a, 6 * 1024 * 1024), (b, 4000)))
+    storage = ArchiveStorage.from_url(f"s3://{BUCKET}/whole")
+    policy = FetchPolicy(loopback_hosts=parse_hosts(origin.netloc))
+    report = archive_pending(lambda: connect(ledger_url), storage, policy, ArchiveOptions())
+    assert report.retrying == 1
+    assert _s3_keys(s3_env) == []  # the first image's upload was never completed
+    conn.execute("update generations set archive_next_attempt_at = now() where request_id = %s",
+                 (rid,))
+    conn.commit()
+    archive_pending(lambda: connect(ledger_url), storage, policy, ArchiveOptions())
+    assert row(conn, rid)["archive_status"] == "archived"
+    assert [k.rsplit("/", 1)[1] for k in _s3_keys(s3_env)] == ["1-image.jpeg", "2-image.jpeg"]
+
+
 def test_link_for_file_storage_and_for_rows_without_a_copy(
     conn, ledger_url, origin, ledger_env, tmp_path, monkeypatch
 ) -> None:

@@ -20,7 +20,9 @@ from renderqueue_pipeline.settings import ConfigError, load_settings
     ("variable", "value", "says"),
     [
         ("DATABASE_URL", "mysql://x@y/z", "DATABASE_URL: expected a postgresql:// URL"),
-        ("FAL_JWKS_URL", "ftp://keys", "FAL_JWKS_URL: expected an http(s):// URL"),
+        ("FAL_JWKS_URL", "ftp://keys", "FAL_JWKS_URL: expected an https:// URL"),
+        ("FAL_JWKS_URL", "", "FAL_JWKS_URL: is empty"),
+        ("FAL_WEBHOOK_USER_IDS", " , ", "FAL_WEBHOOK_USER_IDS: expected comma-separated"),
         ("RENDERQUEUE_WEBHOOK_URL", "not a url", "RENDERQUEUE_WEBHOOK_URL: expected an http(s)"),
         (
             "RENDERQUEUE_WEBHOOK_FLUSHERS",
@@ -49,6 +51,70 @@ def test_a_bad_setting_is_one_line_naming_the_variable(
     assert cli.returncode == 2
     assert cli.stderr.strip().startswith(f"renderqueue: {says}")
     assert "Traceback" not in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_database_url_is_reported_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bad = "mysql://bob:s3cret-pw@db.internal/ledger"
+    monkeypatch.setenv("DATABASE_URL", bad)
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    assert "s3cret-pw" not in str(raised.value) and "bob:***@db.internal" in str(raised.value)
+    cli = subprocess.run(
+        [sys.executable, "-m", "renderqueue_pipeline.cli", "db", "url"],
+        env={**os.environ, "DATABASE_URL": bad},
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2 and "s3cret-pw" not in cli.stdout + cli.stderr
+
+
+def test_webhook_user_ids_are_a_comma_separated_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FAL_WEBHOOK_USER_IDS", raising=False)
+    assert load_settings().webhook_user_id_set is None
+    monkeypatch.setenv("FAL_WEBHOOK_USER_IDS", "usr_1, usr_2,,")
+    assert load_settings().webhook_user_id_set == frozenset({"usr_1", "usr_2"})
+
+
+@pytest.mark.parametrize(
+    ("jwks_url", "flags", "says"),
+    [
+        ("http://127.0.0.1:9/jwks.json", [], "FAL_JWKS_URL must be an https:// URL"),
+        ("", ["--insecure-jwks"], "FAL_JWKS_URL: is empty"),
+    ],
+)
+def test_webhook_serve_refuses_an_unusable_jwks_url_at_start(
+    ledger_url: str, tmp_path: Path, jwks_url: str, flags: list[str], says: str
+) -> None:
+    env = {
+        **os.environ,
+        "DATABASE_URL": ledger_url,
+        "FAL_JWKS_URL": jwks_url,
+        "RENDERQUEUE_HOME": str(tmp_path),
+    }
+    cli = subprocess.run(
+        [sys.executable, "-m", "renderqueue_pipeline.cli", "webhook", "serve", "--port", "0"]
+        + flags,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 2, cli.stdout + cli.stderr
+    assert cli.stderr.strip().startswith(f"renderqueue: {says}")
+    assert "Traceback" not in cli.stderr
+
+
+def test_the_embedded_servers_path_is_shell_quoted_for_su() -> None:
+    import shlex
+
+    from renderqueue_pipeline.db.server import as_user
+
+    cmd = ["/opt/pg/bin/pg_ctl", "-D", "/srv/my home/it's $(touch pwned)/pg", "stop"]
+    wrapped = as_user("pgserver", cmd)
+    assert wrapped[:5] == ["su", "pgserver", "-s", "/bin/sh", "-c"]
+    assert shlex.split(wrapped[5]) == cmd  # what /bin/sh will run: the same arguments
 
 
 def test_secrets_do_not_show_in_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse, urlunparse
 
 import psycopg
 
@@ -13,6 +14,9 @@ import psycopg
 def test_demo_submits_receives_and_reports(
     ledger_url: str, conn: psycopg.Connection, tmp_path: Path
 ) -> None:
+    parsed = urlparse(ledger_url)
+    if not parsed.password and parsed.netloc.endswith(":@"):  # the embedded server trusts
+        ledger_url = urlunparse(parsed._replace(netloc=f"{parsed.username}:demo-s3cret@"))
     env = {**os.environ, "DATABASE_URL": ledger_url, "RENDERQUEUE_HOME": str(tmp_path / "home")}
     run = subprocess.run(
         [sys.executable, "-m", "renderqueue_pipeline.cli", "demo"],
@@ -22,6 +26,8 @@ def test_demo_submits_receives_and_reports(
         timeout=180,
     )
     assert run.returncode == 0, run.stdout + run.stderr
+    password = urlparse(ledger_url).password
+    assert password and password not in run.stdout + run.stderr  # never printed
     assert "submitted 6 generations" in run.stdout and "success" in run.stdout
     rows = conn.execute("select status::text, cost_basis, cost_micros from generations").fetchall()
     assert len(rows) == 6

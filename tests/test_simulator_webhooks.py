@@ -183,7 +183,11 @@ def test_failed_deliveries_are_retried_with_backoff(
     gaps = [b.arrived_mono - a.arrived_mono for a, b in zip(hooks, hooks[1:], strict=False)]
     assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2  # doubling backoff
     assert len({h.body for h in hooks}) == 1  # the body is fixed once: same bytes every time
-    attempts = fal_sim.control.webhook_attempts(handle.request_id)
+    # the simulator records an attempt after the sink answered it: wait for the fourth
+    attempts = wait_until(
+        lambda: (found := fal_sim.control.webhook_attempts(handle.request_id))[3:] and found,
+        timeout=30,
+    )
     assert [(a["attempt"], a["outcome"]) for a in attempts] == [
         (1, "failed"),
         (2, "failed"),

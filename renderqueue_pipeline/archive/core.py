@@ -30,7 +30,7 @@ from renderqueue_pipeline.archive.fetch import (
     make_client,
     open_download,
 )
-from renderqueue_pipeline.archive.storage import ArchiveStorage, safe_file_name
+from renderqueue_pipeline.archive.storage import ArchiveStorage, Upload, safe_file_name
 from renderqueue_pipeline.db.queries import q
 
 log = logging.getLogger("renderqueue.archive")
@@ -132,13 +132,14 @@ def copy_file(
     policy: FetchPolicy,
     storage: ArchiveStorage,
     url: str,
-    staging_path: str,
+    request_id: str,
+    final: str,
     expected_size: int | None,
-) -> tuple[int, str]:
-    """Stream one URL into a staged object; return (bytes, sha256) once both are verified.
+) -> tuple[int, str, Upload]:
+    """Stream one URL into an upload nobody sees yet; (bytes, sha256, upload) once checked.
 
-    A failure removes the staged object. A Content-Length or fal file_size that
-    disagrees with the bytes received is a LengthMismatch.
+    A Content-Length or fal file_size that disagrees with the bytes received is a
+    LengthMismatch; any failure aborts the upload.
     """
     with contextlib.ExitStack() as stack:
         download = open_download(client, url, policy, stack)
@@ -148,35 +149,22 @@ def copy_file(
                                  f"file_size is {expected_size}")
         digest = hashlib.sha256()
         received = 0
-        sink = storage.open_for_write(staging_path)
+        upload = storage.begin(request_id, final)
         try:
             for chunk in download.chunks:
                 digest.update(chunk)
-                sink.write(chunk)
+                upload.write(chunk)
                 received += len(chunk)
             for announced, what in ((download.content_length, "Content-Length"),
                                     (expected_size, "fal's file_size")):
                 if announced is not None and received != announced:
                     raise LengthMismatch(f"{url}: received {received} bytes, {what} says "
                                          f"{announced}")
-            sink.close()
+            upload.seal(received)
         except BaseException:
-            with contextlib.suppress(Exception):
-                if hasattr(sink, "discard"):
-                    sink.discard()  # s3fs: abort the multipart upload
-                sink.close()
-            storage.discard(staging_path)
+            upload.abort()
             raise
-    try:
-        stored = storage.size(staging_path)
-    except Exception as exc:
-        storage.discard(staging_path)
-        raise FetchError(f"{staging_path}: cannot read back the staged object: {exc}",
-                         "storage") from exc
-    if stored != received:
-        storage.discard(staging_path)
-        raise FetchError(f"{staging_path}: stored {stored} bytes, wrote {received}", "storage")
-    return received, digest.hexdigest()
+    return received, digest.hexdigest(), upload
 
 
 def copy_row(
@@ -188,29 +176,32 @@ def copy_row(
     if not files:
         return RowOutcome(request_id, "failed", "no_media", "the output has no media files")
     names = _stored_names(files, _name_from_url)
-    staged: list[tuple[str, str, ArchivedFile]] = []
+    uploads: list[Upload] = []
+    committed: list[Upload] = []
+    archived: list[ArchivedFile] = []
     try:
         for file, name in zip(files, names, strict=True):
-            staging = storage.staging_path(request_id, name)
             final = storage.final_path(row["created_at"], request_id, name)
-            size, sha = copy_file(client, policy, storage, file["url"], staging,
-                                  file.get("file_size"))
-            staged.append((staging, final, ArchivedFile(
-                file["ordinal"], file["url"], name, file.get("content_type"), size, sha,
-                storage.url_of(final))))
-        for staging, final, _ in staged:
-            storage.move(staging, final)
-    except FetchError as exc:
-        for staging, _, _ in staged:
-            storage.discard(staging)
-        status = "lost" if isinstance(exc, Gone) else "failed"
-        return RowOutcome(request_id, status, exc.reason, str(exc))
-    except Exception as exc:  # storage, or anything unexpected: retried
-        for staging, _, _ in staged:
-            storage.discard(staging)
+            size, sha, upload = copy_file(client, policy, storage, file["url"], request_id,
+                                          final, file.get("file_size"))
+            uploads.append(upload)
+            archived.append(ArchivedFile(file["ordinal"], file["url"], name,
+                                         file.get("content_type"), size, sha,
+                                         storage.url_of(final)))
+        for upload in uploads:
+            upload.commit()
+            committed.append(upload)
+    except Exception as exc:
+        for upload in uploads:
+            if upload in committed:
+                storage.discard(upload.final)  # all or nothing: take back the ones shown
+            else:
+                upload.abort()
+        if isinstance(exc, FetchError):
+            status = "lost" if isinstance(exc, Gone) else "failed"
+            return RowOutcome(request_id, status, exc.reason, str(exc))
         log.warning("archive of %s failed: %s", request_id, exc, exc_info=True)
         return RowOutcome(request_id, "failed", "storage", f"{type(exc).__name__}: {exc}")
-    archived = [a for _, _, a in staged]
     return RowOutcome(request_id, "archived", bytes=sum(a.bytes for a in archived),
                       files=archived)
 

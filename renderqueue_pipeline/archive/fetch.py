@@ -32,7 +32,6 @@ import httpx
 #: fal's media hosts (outputs are public URLs on its CDN).
 DEFAULT_ALLOWED_HOSTS = ("v3.fal.media", "v3b.fal.media", "fal.media")
 DEFAULT_MAX_BYTES = 2 * 1024**3
-CHUNK_BYTES = 1024 * 1024
 
 Resolver = Callable[[str, int], list[str]]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -278,7 +277,7 @@ class Download:
 def _body(response: httpx.Response, url: str, max_bytes: int) -> Iterator[bytes]:
     received = 0
     try:
-        for chunk in response.iter_raw(CHUNK_BYTES):
+        for chunk in response.iter_raw():
             received += len(chunk)
             if received > max_bytes:
                 raise Refused(f"{url} is larger than the maximum of {max_bytes} bytes", "too_large")

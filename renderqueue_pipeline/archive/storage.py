@@ -19,7 +19,7 @@ from fsspec.core import url_to_fs
 
 STAGING = ".staging"
 #: s3fs buffers one block per open upload: this bounds memory per concurrent copy.
-UPLOAD_BLOCK_BYTES = 8 * 1024 * 1024
+UPLOAD_BLOCK_BYTES = 5 * 1024 * 1024
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -56,11 +56,16 @@ class ArchiveStorage:
         token = f"{safe_file_name(request_id, 'request')}.{uuid.uuid4().hex[:12]}"
         return f"{self.root}/{STAGING}/{token}/{file_name}"
 
-    def open_for_write(self, path: str):
-        if self.is_local:
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            return self.fs.open(path, "wb")
-        return self.fs.open(path, "wb", block_size=UPLOAD_BLOCK_BYTES)
+    @property
+    def completes_uploads(self) -> bool:
+        """Object stores where a multipart upload stays invisible until it is completed."""
+        return bool({"s3", "s3a"} & set(_protocols(self.fs)))
+
+    def begin(self, request_id: str, final: str) -> Upload:
+        """An upload for `final` that nobody sees until `commit()`."""
+        if self.completes_uploads:
+            return CompletedUpload(self, final)
+        return StagedUpload(self, self.staging_path(request_id, posixpath.basename(final)), final)
 
     def size(self, path: str) -> int:
         return int(self.fs.info(path)["size"])
@@ -93,6 +98,71 @@ class ArchiveStorage:
         if "file" in _protocols(fs):
             return path
         return fs.sign(path, expiration=expires_seconds)
+
+
+class StorageError(Exception):
+    """The storage did not keep what we wrote."""
+
+
+class StagedUpload:
+    """Written under the staging prefix, checked, then moved (a rename on local disks)."""
+
+    def __init__(self, storage: ArchiveStorage, staging: str, final: str) -> None:
+        self.storage, self.staging, self.final = storage, staging, final
+        if storage.is_local:
+            storage.fs.makedirs(posixpath.dirname(staging), exist_ok=True)
+        self._sink = storage.fs.open(staging, "wb")
+
+    def write(self, data: bytes) -> None:
+        self._sink.write(data)
+
+    def seal(self, written: int) -> None:
+        """Close the staged object and check its stored size against the bytes written."""
+        self._sink.close()
+        stored = self.storage.size(self.staging)
+        if stored != written:
+            raise StorageError(f"{self.staging}: stored {stored} bytes, wrote {written}")
+
+    def commit(self) -> None:
+        self.storage.move(self.staging, self.final)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self._sink.close()
+        self.storage.discard(self.staging)
+
+
+class CompletedUpload:
+    """A multipart upload to the final key: S3 shows no object until it is completed, and
+    it is completed only after every check passed (no server-side copy of the bytes)."""
+
+    def __init__(self, storage: ArchiveStorage, final: str) -> None:
+        self.storage, self.final = storage, final
+        self._sink = storage.fs.open(final, "wb", block_size=UPLOAD_BLOCK_BYTES)
+        self._written = 0
+
+    def write(self, data: bytes) -> None:
+        self._sink.write(data)
+
+    def seal(self, written: int) -> None:
+        self._written = written
+
+    def commit(self) -> None:
+        self._sink.close()  # completes the multipart upload (or one PUT for a small object)
+        stored = self.storage.size(self.final)
+        if stored != self._written:
+            self.storage.discard(self.final)
+            raise StorageError(f"{self.final}: stored {stored} bytes, wrote {self._written}")
+
+    def abort(self) -> None:
+        if self._sink.closed:
+            return
+        with contextlib.suppress(Exception):
+            self._sink.discard()  # aborts the multipart upload; nothing was ever visible
+        self._sink.closed = True  # never completed later (close() on garbage collection)
+
+
+Upload = StagedUpload | CompletedUpload
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

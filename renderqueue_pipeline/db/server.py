@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
 
@@ -106,9 +107,15 @@ def stop_embedded(home: Path | None = None) -> bool:
     user = "pgserver" if _is_root() else None
     cmd = [str(pg_ctl), "-w", "-D", str(pgdata), "-m", "fast", "stop"]
     if user:
-        cmd = ["su", user, "-s", "/bin/sh", "-c", " ".join(cmd)]
+        cmd = as_user(user, cmd)
     subprocess.run(cmd, check=True, capture_output=True)
     return True
+
+
+def as_user(user: str, cmd: list[str]) -> list[str]:
+    """`cmd` run by `user` through `su -c`, each argument shell-quoted (paths may hold
+    spaces, quotes or `$(...)`: the shell must see them as data)."""
+    return ["su", user, "-s", "/bin/sh", "-c", shlex.join(cmd)]
 
 
 def _is_root() -> bool:

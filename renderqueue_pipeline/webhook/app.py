@@ -1,15 +1,23 @@
 """`POST /webhooks/fal`: verify, record, apply, answer. Plus `/healthz` and `/metrics`.
 
-Answers:
+Answers (docs/webhook.md has the table, with what fal does with each):
   200  stored and applied (or a duplicate: nothing changed)
   202  stored; its generation row does not exist yet, it is applied when the row appears
   400  not JSON, not fal's body shape, or the header request id differs from the body's
-  401  missing/malformed signature headers, timestamp more than 300 s off, bad signature
+  401  missing/malformed signature headers, timestamp more than 300 s off (unless it is a
+       late retry for a request we know), a signature that fails against a key set
+       fetched after the delivery arrived
+  403  signed by fal for a fal user not in FAL_WEBHOOK_USER_IDS (nothing stored)
   413  body over the size limit
-  422  the event cannot be stored (e.g. a NUL escape that jsonb refuses)
-  503  Postgres unreachable, the batch took over 10 s (cancelled), or no usable JWKS:
+  422  Postgres refused the event's content (SQLSTATE class 22)
+  503  anything that is our fault: database unreachable, read-only, not migrated, missing
+       privilege, lock/statement timeout, too many deliveries queued or being read, the
+       delivery's deadline passed, no usable JWKS or a key we could not refresh yet.
        fal retries later (Retry-After)
-Never 2xx for an event that is not durably committed.
+Never 2xx for an event that is not durably committed. No answer body carries database
+error text, host, user or database name: those are logged with the request id.
+
+Header checks (presence, shape, time window, user id) happen before the body is read.
 
 `POST /webhooks/fal` is a plain ASGI endpoint that the app calls before Starlette's
 router and middleware (which still serve everything else, including that path's 405s):
@@ -26,35 +34,57 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.middleware.errors import ServerErrorMiddleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import DatabaseUnavailable, LedgerInputError
 from renderqueue_pipeline.ledger import event_from_fal_webhook
 from renderqueue_pipeline.webhook.committer import (
     DEFAULT_COMMIT_TIMEOUT,
+    DEFAULT_MAX_PENDING,
+    UNKNOWN_REQUEST,
     EventNotStorable,
     GroupCommitter,
+    describe,
+    open_connection,
 )
-from renderqueue_pipeline.webhook.signature import JwksUnavailable, JwksVerifier, SignatureRejected
+from renderqueue_pipeline.webhook.payload import jsonb_safe, needs_escaping
+from renderqueue_pipeline.webhook.signature import (
+    MAX_CLOCK_SKEW_SECONDS,
+    JwksUnavailable,
+    JwksVerifier,
+    SignatureRejected,
+    StaleTimestamp,
+)
 
 log = logging.getLogger("renderqueue.webhook")
 
 DEFAULT_MAX_BODY = 1024 * 1024
 FAL_PATH = "/webhooks/fal"
 RETRY_AFTER_SECONDS = "5"
+#: fal gives an attempt 15 s; we answer (503 at worst) well before it gives up on us
+DEFAULT_DELIVERY_DEADLINE = 12.0
+#: a delivery whose signed timestamp is older than the window but younger than this is a
+#: late retry (fal retries over about 2 hours): accepted for a request id we know
+LATE_RETRY_MAX_AGE = 3 * 3600
+DEFAULT_MAX_READING = 256
+PROBE_INTERVAL = 1.0
 
 
 class BodyTooLarge(Exception):
     pass
+
+
+class ClientGone(Exception):
+    """The client disconnected before sending its whole body."""
 
 
 @dataclass
@@ -69,6 +99,13 @@ class ReceiverConfig:
     flushers: int = 1  # see committer.py: one keeps batches large
     commit_timeout: float = DEFAULT_COMMIT_TIMEOUT  # under fal's 15 s per attempt
     jwks_min_refresh: float = 60.0
+    #: fal user ids whose webhooks we accept; None accepts any (warned at start-up)
+    user_ids: frozenset[str] | None = None
+    #: plain-http JWKS URL allowed (tests only: `webhook serve --insecure-jwks`)
+    insecure_jwks: bool = False
+    max_pending: int = DEFAULT_MAX_PENDING  # deliveries waiting for a commit
+    max_reading: int = DEFAULT_MAX_READING  # requests whose body is being read at once
+    delivery_deadline: float = DEFAULT_DELIVERY_DEADLINE  # wait + commit, per delivery
 
 
 class Metrics:
@@ -105,10 +142,69 @@ class Metrics:
             "Stored events whose generation row does not exist yet",
             registry=self.registry,
         )
+        self.expired = Gauge(
+            "renderqueue_events_expired",
+            "Stored events that waited past the retention period for a row that never came",
+            registry=self.registry,
+        )
+        self.queued = Gauge(
+            "renderqueue_webhook_queued",
+            "Deliveries waiting for a group commit",
+            registry=self.registry,
+        )
 
     def observe_commit(self, events: int, seconds: float) -> None:
         self.batch_events.observe(events)
         self.commit_seconds.observe(seconds)
+
+
+@dataclass
+class ProbeResult:
+    ok: bool
+    waiting: int | None = None
+    expired: int | None = None
+
+
+class DatabaseProbe:
+    """One reused connection, read at most once per `interval` however often it is asked."""
+
+    def __init__(self, url: str, interval: float = PROBE_INTERVAL) -> None:
+        self._url = url
+        self._interval = interval
+        self._conn: psycopg.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._last: ProbeResult | None = None
+        self._at = float("-inf")
+        self.reads = 0
+
+    async def read(self) -> ProbeResult:
+        async with self._lock:
+            if self._last is None or time.monotonic() - self._at >= self._interval:
+                self._last = await asyncio.to_thread(self._read)
+                self._at = time.monotonic()
+            return self._last
+
+    def _read(self) -> ProbeResult:
+        from renderqueue_pipeline import ledger
+
+        self.reads += 1
+        try:
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._conn = open_connection(self._url, statement_timeout=2.0)
+            waiting = self._conn.execute(q("webhook_probe")).fetchone()["waiting"]
+            count_expired = getattr(ledger, "expired_event_count", None)
+            expired = count_expired(self._conn) if count_expired is not None else None
+            return ProbeResult(True, waiting, expired)
+        except (psycopg.Error, DatabaseUnavailable) as exc:
+            log.error("database probe failed: %s", describe(exc))
+            self.close()
+            return ProbeResult(False)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
 
 
 _SIGNATURE_HEADERS = frozenset(
@@ -145,7 +241,7 @@ async def read_body(headers: dict[str, str], receive: Receive, limit: int) -> by
             if not message.get("more_body", False):
                 return b"".join(chunks)
         elif message["type"] == "http.disconnect":
-            raise ClientDisconnect()
+            raise ClientGone
 
 
 def json_answer(status: int, content: dict) -> tuple[list[tuple[bytes, bytes]], bytes]:
@@ -173,6 +269,7 @@ class _FalEndpoint:
         self.metrics = metrics
         self.verifier = verifier
         self.committer = committer
+        self.reading = 0  # requests whose body is being read now
         self._outcomes: dict[str, Counter] = {}
 
     def _count(self, outcome: str, started: float) -> None:
@@ -184,29 +281,83 @@ class _FalEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        status, content = await self._handle(scope, receive, started)
+        answer = await self._handle(scope, receive, started)
+        if answer is None:  # the client left mid-body: nobody to answer
+            self._count("client_disconnected", started)
+            return
+        status, content = answer
         self._count(content["outcome"], started)
         headers, body = json_answer(status, content)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def _handle(self, scope: Scope, receive: Receive, started: float) -> tuple[int, dict]:
+    def _check_headers(self, headers: dict[str, str]) -> tuple[object, bool] | tuple[int, dict]:
+        """The signed headers and whether this is a late retry, or a refusal."""
+        verifier, late = self.verifier, False
+        try:
+            signed = verifier.check_headers(headers)
+        except StaleTimestamp as exc:
+            signed = verifier.check_headers(headers, window=False)
+            age = verifier.now() - signed.timestamp
+            if not MAX_CLOCK_SKEW_SECONDS < age <= LATE_RETRY_MAX_AGE:
+                log.warning("rejected webhook %s: %s", headers.get("x-fal-webhook-request-id"), exc)
+                return 401, {"outcome": "bad_signature", "error": str(exc)}
+            late = True
+        except SignatureRejected as exc:
+            log.warning("rejected webhook %s: %s", headers.get("x-fal-webhook-request-id"), exc)
+            return 401, {"outcome": "bad_signature", "error": str(exc)}
+        allowed = self.config.user_ids
+        if allowed is not None and signed.user_id not in allowed:
+            log.warning(
+                "refused webhook %s: fal user %r is not in FAL_WEBHOOK_USER_IDS",
+                signed.request_id,
+                signed.user_id,
+            )
+            return 403, {
+                "outcome": "foreign_user",
+                "error": "X-Fal-Webhook-User-Id is not an account this receiver serves",
+            }
+        return signed, late
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, started: float
+    ) -> tuple[int, dict] | None:
         config, verifier = self.config, self.verifier
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + config.delivery_deadline
+        arrived = verifier.now()
         headers = request_headers(scope)
+        checked = self._check_headers(headers)
+        if isinstance(checked[0], int):
+            return checked  # type: ignore[return-value]
+        signed, late = checked
+        if self.reading >= config.max_reading:
+            log.warning(
+                "busy: %d requests already being read; 503 for %s", self.reading, signed.request_id
+            )
+            return 503, {"outcome": "busy"}
+        self.reading += 1
         try:
             body = await read_body(headers, receive, config.max_body)
         except BodyTooLarge:
             return 413, {"outcome": "too_large", "limit": config.max_body}
+        except ClientGone:
+            log.info("webhook %s: client disconnected mid-body", signed.request_id)
+            return None
+        finally:
+            self.reading -= 1
         try:
-            signed = await verifier.verify(headers, body)
+            await verifier.verify_signed(signed, body, arrived=arrived)
         except SignatureRejected as exc:
-            log.warning("rejected webhook: %s", exc)
+            log.warning("rejected webhook %s: %s", signed.request_id, exc)
             return 401, {"outcome": "bad_signature", "error": str(exc)}
         except JwksUnavailable as exc:
-            log.error("cannot verify webhooks: %s", exc)
+            log.error("cannot verify webhook %s yet: %s", signed.request_id, exc)
             return 503, {"outcome": "jwks_unavailable"}
         try:
             document = json.loads(body)
+            if needs_escaping(body):
+                document = jsonb_safe(document)
             event = event_from_fal_webhook(document)
         except (ValueError, LedgerInputError) as exc:
             reason = str(exc) if isinstance(exc, LedgerInputError) else "body is not JSON"
@@ -217,20 +368,31 @@ class _FalEndpoint:
                 "error": "X-Fal-Webhook-Request-Id differs from the body's request_id",
             }
         try:
-            outcome = await self.committer.submit(event)
+            outcome = await self.committer.submit(event, deadline=deadline, known_only=late)
         except EventNotStorable as exc:
-            log.error("webhook for %s not storable: %s", event.request_id, exc)
+            log.error("webhook %s not storable: %s", event.request_id, exc)
             return 422, {"outcome": "not_storable", "error": str(exc)}
         except DatabaseUnavailable as exc:
-            log.error("database unavailable, asking fal to retry %s: %s", event.request_id, exc)
+            log.error("webhook %s: 503, fal retries: %s", event.request_id, exc)
             return 503, {"outcome": "database_unavailable"}
+        if outcome == UNKNOWN_REQUEST:
+            log.warning(
+                "rejected webhook %s: timestamp %s s old and no generation row for it",
+                event.request_id,
+                int(verifier.now() - signed.timestamp),
+            )
+            return 401, {
+                "outcome": "bad_signature",
+                "error": f"timestamp more than {MAX_CLOCK_SKEW_SECONDS} s old",
+            }
         status = 202 if outcome == "waiting" else 200
         if log.isEnabledFor(logging.INFO):
             log.info(
-                "webhook request_id=%s kind=%s outcome=%s ms=%.1f",
+                "webhook request_id=%s kind=%s outcome=%s%s ms=%.1f",
                 event.request_id,
                 event.kind,
                 outcome,
+                " late_retry=1" if late else "",
                 (time.perf_counter() - started) * 1000,
             )
         return status, {"outcome": outcome, "request_id": event.request_id}
@@ -254,18 +416,41 @@ class ReceiverApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
-def create_app(config: ReceiverConfig | None = None) -> Starlette:
-    """The ASGI app; with no config, settings come from the environment."""
-    if config is None:
-        from renderqueue_pipeline.db.server import database_url
-        from renderqueue_pipeline.settings import get_settings
+def config_from_settings(*, insecure_jwks: bool = False) -> ReceiverConfig:
+    """The receiver's config from the environment (ConfigError on a bad value)."""
+    from renderqueue_pipeline.db.server import database_url
+    from renderqueue_pipeline.settings import get_settings
 
-        settings = get_settings()
-        config = ReceiverConfig(
-            database_url=database_url(),
-            jwks_url=settings.fal_jwks_url,
-            flushers=settings.webhook_flushers,
+    settings = get_settings()
+    return ReceiverConfig(
+        database_url=database_url(),
+        jwks_url=settings.fal_jwks_url,
+        flushers=settings.webhook_flushers,
+        user_ids=settings.webhook_user_id_set,
+        insecure_jwks=insecure_jwks,
+    )
+
+
+def create_insecure_jwks_app() -> Starlette:
+    """`webhook serve --insecure-jwks` (tests, benchmarks): a plain-http JWKS URL allowed."""
+    return create_app(config_from_settings(insecure_jwks=True))
+
+
+def create_app(config: ReceiverConfig | None = None) -> Starlette:
+    """The ASGI app; with no config, settings come from the environment.
+
+    Raises ConfigError at once for an unusable FAL_JWKS_URL (empty, or not https://).
+    """
+    from renderqueue_pipeline.settings import ConfigError
+
+    if config is None:
+        config = config_from_settings()
+    try:
+        verifier = JwksVerifier(
+            config.jwks_url, min_refresh=config.jwks_min_refresh, allow_http=config.insecure_jwks
         )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
     metrics = Metrics()
     committer = GroupCommitter(
@@ -274,41 +459,53 @@ def create_app(config: ReceiverConfig | None = None) -> Starlette:
         max_wait=config.max_wait,
         flushers=config.flushers,
         commit_timeout=config.commit_timeout,
+        max_pending=config.max_pending,
         on_commit=metrics.observe_commit,
     )
-    verifier = JwksVerifier(config.jwks_url, min_refresh=config.jwks_min_refresh)
-
+    probe = DatabaseProbe(config.database_url)
     endpoint = _FalEndpoint(config, metrics, verifier, committer)
 
-    def _count_waiting() -> int:
-        with connect(config.database_url) as conn:
-            return conn.execute(q("waiting_event_count")).fetchone()["waiting"]
+    async def database_ok() -> bool:
+        """The flushers' last word if it is recent and good; else the cached probe."""
+        state = committer.state
+        recent = state.last_ok is not None and time.monotonic() - state.last_ok < PROBE_INTERVAL
+        if recent and (state.last_error is None or state.last_error < state.last_ok):
+            return True
+        return (await probe.read()).ok
 
     async def healthz(request: Request) -> Response:
-        try:
-            await asyncio.to_thread(_count_waiting)
-        except DatabaseUnavailable as exc:
+        if not await database_ok():
             return JSONResponse(
-                {"ok": False, "database": str(exc)},
+                {"ok": False, "database": "unavailable"},
                 status_code=503,
                 headers={"Retry-After": RETRY_AFTER_SECONDS},
             )
         return JSONResponse({"ok": True})
 
     async def metrics_endpoint(request: Request) -> Response:
-        # on an outage keep the last known value; /healthz reports the outage
-        with contextlib.suppress(DatabaseUnavailable):
-            metrics.waiting.set(await asyncio.to_thread(_count_waiting))
+        # on an outage keep the last known values; /healthz reports the outage
+        found = await probe.read()
+        if found.waiting is not None:
+            metrics.waiting.set(found.waiting)
+        if found.expired is not None:
+            metrics.expired.set(found.expired)
+        metrics.queued.set(committer.queued)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @asynccontextmanager
     async def lifespan(app: Starlette):
+        if config.user_ids is None:
+            log.warning(
+                "FAL_WEBHOOK_USER_IDS is not set: accepting webhooks signed by fal for ANY "
+                "fal account; set it to your fal user id(s)"
+            )
         await committer.start()
         try:
             yield
         finally:
             await committer.stop()
             await verifier.aclose()
+            await asyncio.to_thread(probe.close)
 
     app = ReceiverApp(
         routes=[
@@ -321,6 +518,8 @@ def create_app(config: ReceiverConfig | None = None) -> Starlette:
     app.state.committer = committer
     app.state.verifier = verifier
     app.state.metrics = metrics
+    app.state.probe = probe
+    app.state.endpoint = endpoint
     # what Starlette's own stack would do with an exception: a plain 500, then re-raise
     app.fal_endpoint = ServerErrorMiddleware(endpoint)
     return app

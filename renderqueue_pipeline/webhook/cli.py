@@ -12,13 +12,28 @@ def webhook() -> None:
 
 @webhook.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8787, show_default=True, type=int)
+@click.option("--port", default=8787, show_default=True, type=int, help="0: any free port")
 @click.option("--workers", default=1, show_default=True, type=int, help="uvicorn worker processes")
 @click.option("--log-level", default="info", show_default=True)
-def serve(host: str, port: int, workers: int, log_level: str) -> None:
+@click.option(
+    "--limit-concurrency",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Connections and requests served at once per worker; beyond it uvicorn answers 503.",
+)
+@click.option(
+    "--insecure-jwks",
+    is_flag=True,
+    help="Allow a plain http:// FAL_JWKS_URL (tests and benchmarks only).",
+)
+def serve(
+    host: str, port: int, workers: int, log_level: str, limit_concurrency: int, insecure_jwks: bool
+) -> None:
     """Serve POST /webhooks/fal, GET /healthz and GET /metrics.
 
-    Settings come from the environment (DATABASE_URL or the embedded server, FAL_JWKS_URL).
+    Settings come from the environment (DATABASE_URL or the embedded server, FAL_JWKS_URL,
+    FAL_WEBHOOK_USER_IDS).
     """
     import logging
 
@@ -26,17 +41,26 @@ def serve(host: str, port: int, workers: int, log_level: str) -> None:
 
     from renderqueue_pipeline.db.migrate import migrate
     from renderqueue_pipeline.db.server import database_url
+    from renderqueue_pipeline.settings import ConfigError, get_settings
+    from renderqueue_pipeline.webhook.signature import check_jwks_url
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    settings = get_settings()  # a bad value is one line now, not a 500 per request
+    try:
+        check_jwks_url(settings.fal_jwks_url, allow_http=insecure_jwks)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     migrate(database_url())  # also starts the embedded server before workers fork
+    factory = "create_insecure_jwks_app" if insecure_jwks else "create_app"
     uvicorn.run(
-        "renderqueue_pipeline.webhook.app:create_app",
+        f"renderqueue_pipeline.webhook.app:{factory}",
         factory=True,
         host=host,
         port=port,
         workers=workers,
         log_level=log_level,
         access_log=False,
+        limit_concurrency=limit_concurrency,
     )

@@ -17,6 +17,19 @@ arrived meanwhile, so batches stay large and Postgres does the least work per ev
 (on 2 cores, `RENDERQUEUE_WEBHOOK_FLUSHERS=2 python -m bench webhook`
 measured 2 flushers ~15% slower). More flushers help when
 Postgres has cores to spare.
+
+Whose fault is an error? fal does not retry a 4xx, so a 4xx for a genuine delivery is a
+lost event. Only a content error (SQLSTATE class 22: data exception, e.g. a value out of
+range) is the event's fault: `EventNotStorable`, 422. Everything else is ours and a 503
+with Retry-After (`DatabaseUnavailable`): the database unreachable, read-only (a failover
+to a standby), not migrated (undefined function or table), a missing privilege,
+serialization failures and deadlocks, lock and statement timeouts, out of memory or disk.
+On those the flusher drops its connection, so the next batch reconnects (and sees a
+promoted primary, a reset `default_transaction_read_only`, new grants).
+
+Bounded everywhere: the connection has `connect_timeout` and TCP keepalives, the queue of
+deliveries waiting for a commit holds at most `max_pending` (beyond it: `Overloaded`, 503 at
+once), and each delivery waits at most until its deadline (`DeadlineExceeded`, 503).
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg.rows import dict_row
 
+from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.db.server import psycopg_url
 from renderqueue_pipeline.errors import DatabaseUnavailable
 from renderqueue_pipeline.ledger import EventOutcome, LedgerEvent, record_events
@@ -42,16 +56,76 @@ log = logging.getLogger(__name__)
 # fal gives a delivery 15 s (fal-wire.md): a batch stuck longer (a row lock held elsewhere)
 # is cancelled so its deliveries get a 503 and a retry, not a timeout.
 DEFAULT_COMMIT_TIMEOUT = 10.0
+CONNECT_TIMEOUT_SECONDS = 3
+DEFAULT_MAX_PENDING = 4096
+#: outcome of a late retry (see app.py) for a request id we have no row for: not stored
+UNKNOWN_REQUEST = "unknown_request"
 
 
 class EventNotStorable(Exception):
-    """Postgres refused this one event's content (e.g. a NUL escape that jsonb rejects)."""
+    """Postgres refused this one event's content (SQLSTATE class 22): the request's fault."""
+
+
+class Overloaded(DatabaseUnavailable):
+    """Too many deliveries already wait for a commit: answer 503 now, fal retries later."""
+
+
+class DeadlineExceeded(DatabaseUnavailable):
+    """The delivery's commit did not finish before its deadline (under fal's 15 s)."""
+
+
+def is_content_error(exc: BaseException) -> bool:
+    """True when Postgres refused the data itself (class 22), not our database or schema."""
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(state, str) and state.startswith("22")
+
+
+def describe(exc: BaseException) -> str:
+    """One line for the log: SQLSTATE and the first line of the message."""
+    state = getattr(exc, "sqlstate", None)
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"{type(exc).__name__}[{state}]: {text}" if state else f"{type(exc).__name__}: {text}"
+
+
+def connection_options(statement_timeout: float) -> dict[str, object]:
+    """libpq options of a receiver connection: bounded connect, keepalives, statement cap."""
+    return {
+        "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+        "options": f"-c statement_timeout={max(1, round(statement_timeout * 1000))}",
+    }
+
+
+def open_connection(url: str, statement_timeout: float) -> psycopg.Connection:
+    """An autocommit connection for the receiver, or DatabaseUnavailable (no URL in it)."""
+    try:
+        return psycopg.Connection.connect(
+            psycopg_url(url),
+            autocommit=True,
+            row_factory=dict_row,
+            **connection_options(statement_timeout),
+        )
+    except psycopg.Error as exc:
+        raise DatabaseUnavailable(f"cannot reach the ledger database: {describe(exc)}") from exc
 
 
 @dataclass
 class _Pending:
     event: LedgerEvent
     future: asyncio.Future[EventOutcome] = field(repr=False)
+    known_only: bool = False  # a late retry: store it only if its generation row exists
+
+
+@dataclass
+class FlusherState:
+    """What /healthz reads instead of opening a connection."""
+
+    last_ok: float | None = None  # monotonic time of the last successful commit
+    last_error: float | None = None
+    error: str | None = None
 
 
 class _Flusher:
@@ -59,24 +133,13 @@ class _Flusher:
 
     def __init__(self, url: str, statement_timeout: float) -> None:
         self._url = url
-        self._options = f"-c statement_timeout={max(1, round(statement_timeout * 1000))}"
+        self._statement_timeout = statement_timeout
         self._conn: psycopg.Connection | None = None
 
     def connection(self) -> psycopg.Connection:
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
-            try:
-                conn = psycopg.Connection.connect(
-                    psycopg_url(self._url),
-                    autocommit=True,
-                    row_factory=dict_row,
-                    options=self._options,
-                )
-            except psycopg.OperationalError as exc:
-                raise DatabaseUnavailable(
-                    f"cannot reach the ledger database: {exc}".strip()
-                ) from exc
-            self._conn = conn
+            conn = self._conn = open_connection(self._url, self._statement_timeout)
         return conn
 
     def drop(self) -> None:
@@ -97,6 +160,7 @@ class GroupCommitter:
         max_wait: float = 0.0005,
         flushers: int = 1,
         commit_timeout: float = DEFAULT_COMMIT_TIMEOUT,
+        max_pending: int = DEFAULT_MAX_PENDING,
         on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
         self._url = database_url
@@ -104,14 +168,21 @@ class GroupCommitter:
         self._max_wait = max_wait
         self._flushers = flushers
         self._commit_timeout = commit_timeout
+        self._max_pending = max_pending
         self._on_commit = on_commit  # (events in the batch, seconds its statement took)
         self._pending: collections.deque[_Pending] = collections.deque()
         self._ready = threading.Condition()
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.state = FlusherState()
         self.batches = 0
         self.committed = 0
+        self.batch_sizes: list[int] = []  # the last few batch sizes (tests, diagnostics)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -136,32 +207,55 @@ class GroupCommitter:
             await asyncio.to_thread(thread.join)
         self._threads = []
 
-    async def submit(self, event: LedgerEvent) -> EventOutcome:
-        """Store and apply `event`; returns once its transaction has committed."""
+    async def submit(
+        self, event: LedgerEvent, *, deadline: float | None = None, known_only: bool = False
+    ) -> EventOutcome:
+        """Store and apply `event`; returns once its transaction has committed.
+
+        `deadline` (loop time): past it the delivery gets DeadlineExceeded (a 503; the
+        event may still commit, and fal's retry is then a duplicate). `known_only`: store
+        the event only if its generation row exists, else the outcome is UNKNOWN_REQUEST.
+        """
         assert self._loop is not None, "GroupCommitter.start() was not awaited"
         future: asyncio.Future[EventOutcome] = self._loop.create_future()
         with self._ready:
             if self._stopping:  # no flusher would take it: fal retries against a live one
                 raise DatabaseUnavailable("the receiver is shutting down")
-            self._pending.append(_Pending(event, future))
+            if len(self._pending) >= self._max_pending:
+                raise Overloaded(f"{len(self._pending)} deliveries already wait for a commit")
+            self._pending.append(_Pending(event, future, known_only))
             self._ready.notify()
-        return await future
+        if deadline is None:
+            return await future
+        remaining = deadline - self._loop.time()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), max(remaining, 0.0))
+        except TimeoutError:
+            future.cancel()  # a flusher that has not taken it yet skips it
+            raise DeadlineExceeded(
+                "the commit did not finish before the delivery's deadline"
+            ) from None
 
     def _next_batch(self) -> list[_Pending] | None:
         """The next batch; None once stopping and nothing is left (the queue drains first)."""
         with self._ready:
-            while not self._pending:
-                if self._stopping:
-                    return None
-                self._ready.wait()
-            if len(self._pending) < self._max_batch and self._max_wait > 0:
-                self._ready.release()  # let a burst gather
-                try:
-                    time.sleep(self._max_wait)
-                finally:
-                    self._ready.acquire()
-            take = min(len(self._pending), self._max_batch)
-            return [self._pending.popleft() for _ in range(take)]
+            while True:
+                while not self._pending:
+                    if self._stopping:
+                        return None
+                    self._ready.wait()
+                if len(self._pending) < self._max_batch and self._max_wait > 0:
+                    self._ready.release()  # let a burst gather
+                    try:
+                        time.sleep(self._max_wait)
+                    finally:
+                        self._ready.acquire()
+                take = min(len(self._pending), self._max_batch)
+                batch = [self._pending.popleft() for _ in range(take)]
+                # already answered 503 (deadline): fal retries it, do not store it now
+                batch = [p for p in batch if not p.future.done()]
+                if batch:
+                    return batch
 
     def _flush_loop(self, flusher: _Flusher) -> None:
         try:
@@ -169,10 +263,12 @@ class GroupCommitter:
                 began = time.perf_counter()
                 try:
                     result: list[EventOutcome | Exception] | Exception = self._commit(
-                        flusher, [p.event for p in batch]
+                        flusher, batch
                     )
+                    self.state.last_ok = time.monotonic()
                 except Exception as exc:  # every delivery of the batch learns it was not stored
                     result = exc
+                    self.state.last_error, self.state.error = time.monotonic(), describe(exc)
                 seconds = time.perf_counter() - began
                 with contextlib.suppress(RuntimeError):  # the loop closed under us
                     self._loop.call_soon_threadsafe(self._answer, batch, result, seconds)
@@ -193,43 +289,66 @@ class GroupCommitter:
             return
         self.batches += 1
         self.committed += len(batch)
+        self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
         if self._on_commit is not None:
             self._on_commit(len(batch), seconds)
         for pending, outcome in zip(batch, result, strict=True):
             if pending.future.done():
                 continue
             if isinstance(outcome, Exception):
-                pending.future.set_exception(EventNotStorable(str(outcome).strip()))
+                pending.future.set_exception(outcome)
             else:
                 pending.future.set_result(outcome)
 
-    def _commit(
+    def _ours(self, flusher: _Flusher, exc: psycopg.Error, what: str) -> DatabaseUnavailable:
+        """A fault of our database: drop the connection (the next batch reconnects)."""
+        flusher.drop()
+        if isinstance(exc, psycopg.errors.QueryCanceled):
+            return DatabaseUnavailable(
+                f"storing {what} took over {self._commit_timeout:g} s (a lock held elsewhere?); "
+                "cancelled"
+            )
+        return DatabaseUnavailable(f"storing {what} failed: {describe(exc)}")
+
+    def _commit(self, flusher: _Flusher, batch: list[_Pending]) -> list[EventOutcome | Exception]:
+        conn = flusher.connection()
+        known: set[str] | None = None
+        if any(p.known_only for p in batch):
+            ids = sorted({p.event.request_id for p in batch if p.known_only})
+            try:
+                rows = conn.execute(q("webhook_known_request_ids"), {"request_ids": ids})
+                known = {row["request_id"] for row in rows.fetchall()}
+            except psycopg.Error as exc:
+                raise self._ours(flusher, exc, "a batch") from exc
+        stored = [p for p in batch if not p.known_only or p.event.request_id in (known or ())]
+        outcomes = self._store(flusher, [p.event for p in stored])
+        by_pending = dict(zip(map(id, stored), outcomes, strict=True))
+        return [by_pending.get(id(p), UNKNOWN_REQUEST) for p in batch]
+
+    def _store(
         self, flusher: _Flusher, events: list[LedgerEvent]
     ) -> list[EventOutcome | Exception]:
+        if not events:
+            return []
         try:
             return list(record_events(flusher.connection(), events))
-        except psycopg.errors.QueryCanceled as exc:  # the connection stays usable
-            raise DatabaseUnavailable(
-                f"storing {len(events)} event(s) took over {self._commit_timeout:g} s "
-                "(a lock held elsewhere?); cancelled"
-            ) from exc
-        except psycopg.OperationalError as exc:
-            flusher.drop()
-            raise DatabaseUnavailable(str(exc).strip() or "database connection lost") from exc
-        except psycopg.Error:
-            # One bad event must not sink its neighbours: retry them one by one.
-            return [self._commit_one(flusher, event) for event in events]
+        except psycopg.Error as exc:
+            if not is_content_error(exc) or len(events) == 1:
+                if is_content_error(exc):
+                    return [self._not_storable(events[0], exc)]
+                raise self._ours(flusher, exc, f"{len(events)} event(s)") from exc
+        # One bad event must not sink its neighbours: store them one by one.
+        return [self._store_one(flusher, event) for event in events]
 
-    def _commit_one(self, flusher: _Flusher, event: LedgerEvent) -> EventOutcome | Exception:
+    def _store_one(self, flusher: _Flusher, event: LedgerEvent) -> EventOutcome | Exception:
         try:
             return record_events(flusher.connection(), [event])[0]
-        except psycopg.errors.QueryCanceled as exc:
-            raise DatabaseUnavailable(
-                f"storing the event took over {self._commit_timeout:g} s; cancelled"
-            ) from exc
-        except psycopg.OperationalError as exc:
-            flusher.drop()
-            raise DatabaseUnavailable(str(exc).strip()) from exc
         except psycopg.Error as exc:
-            log.warning("event for request %s could not be stored: %s", event.request_id, exc)
-            return exc
+            if is_content_error(exc):
+                return self._not_storable(event, exc)
+            return self._ours(flusher, exc, "the event")
+
+    @staticmethod
+    def _not_storable(event: LedgerEvent, exc: psycopg.Error) -> EventNotStorable:
+        log.warning("event for request %s could not be stored: %s", event.request_id, describe(exc))
+        return EventNotStorable(f"Postgres refused the event's content (SQLSTATE {exc.sqlstate})")

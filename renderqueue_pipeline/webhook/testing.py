@@ -26,10 +26,14 @@ def jwk(key: Ed25519PrivateKey) -> dict[str, str]:
 
 
 class JwksServer:
-    """Serves a JWKS over HTTP from a mutable key list; `down = True` makes it answer 500."""
+    """Serves a JWKS over HTTP from a mutable key list; `down = True` makes it answer 500.
+
+    `extra` JWK dicts are served after the keys as they are (malformed ones, other types).
+    """
 
     def __init__(self, *keys: Ed25519PrivateKey) -> None:
         self.keys = list(keys)
+        self.extra: list[Any] = []
         self.down = False
         self.hits = 0
         outer = self
@@ -42,7 +46,7 @@ class JwksServer:
                     self.send_header("content-length", "0")
                     self.end_headers()
                     return
-                body = json.dumps({"keys": [jwk(k) for k in outer.keys]}).encode()
+                body = json.dumps({"keys": [*outer.extra, *(jwk(k) for k in outer.keys)]}).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
@@ -95,9 +99,12 @@ def signed_headers(
     request_id: str,
     *,
     user_id: str = "user-1",
-    timestamp: int | None = None,
+    timestamp: int | str | None = None,
 ) -> dict[str, str]:
-    """fal's four signature headers over `body` (plus content-type), signed with `key`."""
+    """fal's four signature headers over `body` (plus content-type), signed with `key`.
+
+    A str `timestamp` is signed and sent exactly as given.
+    """
     ts = str(int(time.time()) if timestamp is None else timestamp)
     message = f"{request_id}\n{user_id}\n{ts}\n{hashlib.sha256(body).hexdigest()}".encode()
     return {

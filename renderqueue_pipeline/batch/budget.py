@@ -1,0 +1,202 @@
+"""Per-user monthly budgets, checked before any money is committed.
+
+A user's budget for a month (UTC) is their `user_budgets` row, else
+RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD (unset: no cap). A request fits when
+month-to-date actual spend + in-flight estimates + its own estimate stay within it.
+Decisions for one user are serialised by a transaction-scoped advisory lock taken in the
+same transaction that writes the intent, so two batches (or a batch and the product
+backend) running at once cannot overspend together.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import psycopg
+
+from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.errors import RenderqueueError
+
+MICROS_PER_USD = 1_000_000
+MAX_USD = Decimal(10) ** 9  # a billion dollars: anything above is a typo
+
+
+class BudgetSettingError(RenderqueueError, ValueError):
+    """A money amount or month that cannot be used; names the setting."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        self.setting = setting
+        super().__init__(f"{setting}: {reason}")
+
+
+def parse_usd(value: Any, setting: str) -> int:
+    """A non-negative dollar amount ("12.5", 12.5, "$12.50") as micro-dollars."""
+    if isinstance(value, bool) or value is None:
+        raise BudgetSettingError(setting, f"expected an amount in USD, got {value!r}")
+    text = str(value).strip().removeprefix("$").replace("_", "")
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:
+        raise BudgetSettingError(
+            setting, f"expected an amount in USD like 25 or 12.50, got {value!r}"
+        ) from None
+    if not amount.is_finite():
+        raise BudgetSettingError(setting, f"must be a finite amount, got {value!r}")
+    if amount < 0:
+        raise BudgetSettingError(setting, f"must not be negative, got {value!r}")
+    if amount > MAX_USD:
+        raise BudgetSettingError(setting, f"must be at most {MAX_USD:,} USD, got {value!r}")
+    micros = amount * MICROS_PER_USD
+    if micros != micros.to_integral_value():
+        raise BudgetSettingError(setting, f"more precise than a micro-dollar: {value!r}")
+    return int(micros)
+
+
+def parse_month(value: str | None, setting: str = "--month") -> date | None:
+    """YYYY-MM as the first day of that month; None stays None (the current month)."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"(\d{4})-(\d{2})", value.strip())
+    if not match or not 1 <= int(match.group(2)) <= 12:
+        raise BudgetSettingError(setting, f"expected YYYY-MM, got {value!r}")
+    return date(int(match.group(1)), int(match.group(2)), 1)
+
+
+def usd(micros: int | None) -> str:
+    """Micro-dollars as dollars for people: $1,234.567891 trimmed to at least cents."""
+    if micros is None:
+        return "no cap"
+    text = f"{Decimal(micros) / MICROS_PER_USD:,.6f}".rstrip("0")
+    whole, _, frac = text.partition(".")
+    return f"${whole}.{frac.ljust(2, '0')}"
+
+
+@dataclass(frozen=True)
+class MonthFigures:
+    """One user's month: the cap in force (None: no cap) and what counts against it."""
+
+    user_id: int
+    month: date
+    limit_micros: int | None
+    limit_source: str  # 'user_budgets', 'default' or 'none'
+    actual_micros: int
+    in_flight_micros: int
+
+    @property
+    def committed_micros(self) -> int:
+        return self.actual_micros + self.in_flight_micros
+
+    @property
+    def remaining_micros(self) -> int | None:
+        return None if self.limit_micros is None else self.limit_micros - self.committed_micros
+
+
+def month_figures(
+    conn: psycopg.Connection,
+    user_id: int,
+    month: date | None = None,
+    default_limit_micros: int | None = None,
+) -> MonthFigures:
+    """The budget figures of one user for a month (None: the current UTC month)."""
+    row = conn.execute(q("user_month_figures"), {"user_id": user_id, "month": month}).fetchone()
+    if row["limit_micros"] is not None:
+        limit, source = int(row["limit_micros"]), "user_budgets"
+    elif default_limit_micros is not None:
+        limit, source = default_limit_micros, "default"
+    else:
+        limit, source = None, "none"
+    return MonthFigures(
+        user_id=user_id,
+        month=row["month"],
+        limit_micros=limit,
+        limit_source=source,
+        actual_micros=int(row["actual_micros"]),
+        in_flight_micros=int(row["in_flight_micros"]),
+    )
+
+
+def default_limit_micros() -> int | None:
+    """RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD in micro-dollars (None when unset)."""
+    from renderqueue_pipeline.settings import get_settings
+
+    value = get_settings().default_monthly_budget_usd
+    return None if value is None else parse_usd(value, "RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD")
+
+
+class BudgetBook:
+    """Budget decisions inside ONE intent transaction.
+
+    `admit` takes the user's lock the first time it sees the user (locks in the order
+    users appear; callers that hold several users at once sort them first with `lock`),
+    reads the month's figures once, then keeps a running total of what this transaction
+    adds. Commit the transaction soon: the locks are held until then.
+    """
+
+    def __init__(self, conn: psycopg.Connection, default_limit: int | None) -> None:
+        self.conn = conn
+        self.default_limit = default_limit
+        self._figures: dict[int, MonthFigures] = {}
+        self._added: dict[int, int] = {}
+
+    def lock(self, user_ids: list[int]) -> None:
+        """Take the budget locks of these users now, in a deadlock-free (sorted) order."""
+        for user_id in sorted(set(user_ids) - set(self._figures)):
+            self._load(user_id)
+
+    def _load(self, user_id: int) -> MonthFigures:
+        figures = self._figures.get(user_id)
+        if figures is None:
+            self.conn.execute(q("lock_user_budget"), {"user_id": user_id})
+            figures = month_figures(self.conn, user_id, None, self.default_limit)
+            self._figures[user_id] = figures
+            self._added[user_id] = 0
+        return figures
+
+    def admit(self, user_id: int, estimate_micros: int) -> str | None:
+        """None if the estimate fits the user's budget (and count it), else the reason."""
+        figures = self._load(user_id)
+        if figures.limit_micros is None:
+            self._added[user_id] += estimate_micros
+            return None
+        in_flight = figures.in_flight_micros + self._added[user_id]
+        total = figures.actual_micros + in_flight + estimate_micros
+        if total <= figures.limit_micros:
+            self._added[user_id] += estimate_micros
+            return None
+        where = "monthly budget" if figures.limit_source == "user_budgets" else "default budget"
+        return (
+            f"user {user_id} over the {where} {usd(figures.limit_micros)} for "
+            f"{figures.month:%Y-%m}: spent {usd(figures.actual_micros)} + in flight "
+            f"{usd(in_flight)} + this row {usd(estimate_micros)} = {usd(total)}"
+        )
+
+
+def set_budget(
+    conn: psycopg.Connection, user_id: int, limit_micros: int, month: date | None = None
+) -> dict[str, Any]:
+    """Set (or replace) a user's budget for a month (default: the current UTC month)."""
+    with conn.transaction():
+        if month is None:
+            month = conn.execute(q("current_utc_month")).fetchone()["month"]
+        return conn.execute(
+            q("upsert_user_budget"),
+            {"user_id": user_id, "month": month, "limit_micros": limit_micros},
+        ).fetchone()
+
+
+def budget_overview(
+    conn: psycopg.Connection,
+    user_id: int | None = None,
+    month: date | None = None,
+    default_limit: int | None = None,
+) -> list[MonthFigures]:
+    """Figures for one user, or every user with a budget or spend in the month."""
+    if user_id is not None:
+        users = [user_id]
+    else:
+        users = [r["user_id"] for r in conn.execute(q("budget_users_for_month"), {"month": month})]
+    return [month_figures(conn, u, month, default_limit) for u in users]

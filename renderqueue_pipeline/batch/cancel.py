@@ -1,0 +1,125 @@
+"""Cancel a batch: stop submitting its rows and ask fal to cancel what is queued or running.
+
+The batch is marked `canceled` first, so a run still submitting it stops at its next
+chunk. Then each of its generations still `submitted` or `in_progress` gets a cancel
+through the gateway. fal's 202 only means "cancellation requested": the ledger records
+that (`mark_cancel_requested`) and the row becomes `canceled` when fal confirms it (a
+running request may still finish, and is then billed). Every outcome is stored on the
+batch item (`cancel_outcome`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from renderqueue_pipeline.batch.report import BatchNotFound
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.db.queries import q
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    batch_id: int
+    asked: int
+    outcomes: Counter[str]
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = ", ".join(
+            f"{n} {name.replace('_', ' ')}" for name, n in sorted(self.outcomes.items())
+        )
+        return f"batch {self.batch_id} canceled: {self.asked} open requests asked to cancel" + (
+            f" ({parts})" if parts else ""
+        )
+
+
+def _mark_cancel_requested(conn: psycopg.Connection, request_id: str) -> None:
+    from renderqueue_pipeline.ledger import mark_cancel_requested
+
+    mark_cancel_requested(conn, request_id)
+
+
+async def _cancel_all(
+    ledger_url: str,
+    batch_id: int,
+    concurrency: int,
+    gateway_factory: Callable[[int], Any],
+    log: Callable[[str], None],
+) -> CancelResult:
+    from renderqueue_pipeline.fal_gateway import FalError, FalNotFound
+
+    def open_requests() -> list[dict[str, Any]]:
+        with connect(ledger_url, autocommit=True) as conn:
+            with conn.transaction():
+                if (
+                    conn.execute(q("mark_batch_canceled"), {"batch_id": batch_id}).fetchone()
+                    is None
+                ):
+                    raise BatchNotFound(f"no batch {batch_id} (see `renderqueue batch list`)")
+            return conn.execute(q("batch_open_requests"), {"batch_id": batch_id}).fetchall()
+
+    rows = await asyncio.to_thread(open_requests)
+    log(f"batch {batch_id}: marked canceled; {len(rows)} requests are queued or running at fal")
+    outcomes: Counter[str] = Counter()
+    errors: list[dict[str, Any]] = []
+    conn = await asyncio.to_thread(connect, ledger_url, autocommit=True)
+
+    def record(row: dict[str, Any], outcome: str) -> None:
+        with conn.transaction():
+            if outcome == "cancellation_requested":
+                _mark_cancel_requested(conn, row["request_id"])
+            conn.execute(
+                q("record_cancel_outcome"), {"item_id": row["item_id"], "outcome": outcome}
+            )
+
+    lock = asyncio.Lock()  # one connection: record outcomes one at a time
+    try:
+        async with gateway_factory(concurrency) as gateway:
+
+            async def one(row: dict[str, Any]) -> None:
+                stored: str
+                try:
+                    outcome = stored = await gateway.cancel(row["endpoint"], row["request_id"])
+                except FalNotFound:
+                    outcome = stored = "not_found"
+                except FalError as exc:
+                    outcome, stored = "error", f"error: {exc}"
+                    errors.append(
+                        {
+                            "line_no": row["line_no"],
+                            "request_id": row["request_id"],
+                            "error": str(exc),
+                        }
+                    )
+                async with lock:
+                    await asyncio.to_thread(record, row, stored)
+                outcomes[outcome] += 1
+
+            await asyncio.gather(*(one(row) for row in rows))
+    finally:
+        await asyncio.to_thread(conn.close)
+    return CancelResult(batch_id, len(rows), outcomes, errors)
+
+
+def cancel_batch(
+    batch_id: int,
+    *,
+    ledger_url: str | None = None,
+    concurrency: int = 16,
+    log: Callable[[str], None] = lambda line: None,
+    gateway_factory: Callable[[int], Any] | None = None,
+) -> CancelResult:
+    """Cancel batch `batch_id` (see the module doc); BatchNotFound for an unknown id."""
+    from renderqueue_pipeline.db.server import database_url
+    from renderqueue_pipeline.fal_gateway import FalGateway
+
+    factory = gateway_factory or (lambda n: FalGateway.from_settings(max_concurrency=n))
+    return asyncio.run(
+        _cancel_all(ledger_url or database_url(), batch_id, concurrency, factory, log)
+    )

@@ -1,0 +1,259 @@
+"""`renderqueue batch ...`, `renderqueue budget ...` and `renderqueue submit`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from renderqueue_pipeline.errors import RenderqueueError
+
+
+def _require_fal() -> None:
+    """fal calls need FAL_KEY (fal's, or the local simulator's from its export lines)."""
+    from renderqueue_pipeline.settings import get_settings
+
+    if get_settings().fal_key is None:
+        raise RenderqueueError(
+            "FAL_KEY is not set: export your fal key, or start the local simulator with "
+            "`renderqueue simulator serve` and eval the export lines it prints"
+        )
+
+
+def _file_url(file: str) -> str:
+    return file if "://" in file else Path(file).expanduser().resolve().as_uri()
+
+
+def _ledger_url() -> str:
+    from renderqueue_pipeline.db.migrate import migrate
+    from renderqueue_pipeline.db.server import database_url
+
+    url = database_url()
+    migrate(url)
+    return url
+
+
+def _print_report(report) -> None:  # noqa: ANN001 - BatchReport, imported lazily
+    from renderqueue_pipeline.batch.budget import usd
+
+    click.echo(f"batch {report.batch_id}: {report.source}")
+    click.echo(f"  status      {report.status}" + (f" ({report.error})" if report.error else ""))
+    for name in ("read", "submitted", "rejected", "over_budget", "unknown", "pending"):
+        if name != "pending" or report.counts[name]:
+            click.echo(f"  {name.replace('_', ' '):<11} {report.counts[name]:,}")
+    click.echo(f"  estimated   {usd(report.submitted_estimate_micros)} (submitted rows)")
+    if report.generations:
+        states = ", ".join(f"{n:,} {s}" for s, n in sorted(report.generations.items()))
+        click.echo(f"  at fal      {states}")
+    if report.rejections:
+        shown = len(report.rejections)
+        total = report.counts["rejected"] + report.counts["over_budget"]
+        click.echo(f"\nrejected rows (first {shown} of {total:,}):")
+        click.echo(f"  {'line':>6}  {'field':<14} reason")
+        for r in report.rejections:
+            click.echo(f"  {r['line_no']:>6}  {r['field']:<14} {r['reason']}")
+    if report.unknown:
+        click.echo(
+            f"\nunknown outcomes (fal may or may not have these; resubmit with "
+            f"--resubmit-unknown), first {len(report.unknown)} of {report.counts['unknown']:,}:"
+        )
+        for r in report.unknown:
+            click.echo(f"  line {r['line_no']:>6}  user {r['user_id']}  {r['endpoint']}")
+
+
+@click.group()
+def batch() -> None:
+    """Prompt files submitted as batches: submit, show, cancel, list."""
+
+
+@batch.command("submit")
+@click.argument("file")
+@click.option("--user-id", type=int, help="user_id for rows without one.")
+@click.option("--endpoint", help="fal endpoint id for rows without one.")
+@click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A model input for rows that do not set it (repeatable).",
+)
+@click.option("--max-cost-usd", help="Cap on the batch's estimated cost, in USD.")
+@click.option(
+    "--concurrency", type=int, default=16, show_default=True, help="Requests in flight to fal."
+)
+@click.option(
+    "--resubmit-unknown",
+    is_flag=True,
+    help="Resubmit items whose outcome is unknown after a crash (may pay twice).",
+)
+def batch_submit(
+    file: str,
+    user_id: int | None,
+    endpoint: str | None,
+    inputs: tuple[str, ...],
+    max_cost_usd: str | None,
+    concurrency: int,
+    resubmit_unknown: bool,
+) -> None:
+    """Submit FILE (a path or any fsspec URL: CSV, JSONL, Parquet) as one batch.
+
+    Prints the batch id and the counts; exits 1 if nothing could be submitted.
+    """
+    from renderqueue_pipeline.batch import BatchOptions, parse_usd, submit_batch_file
+
+    options = BatchOptions(
+        default_user_id=user_id,
+        default_endpoint=endpoint,
+        default_inputs=_key_values(inputs),
+        max_cost_micros=None if max_cost_usd is None else parse_usd(max_cost_usd, "--max-cost-usd"),
+        concurrency=concurrency,
+        resubmit_unknown=resubmit_unknown,
+    ).checked()
+    _require_fal()
+    result = submit_batch_file(
+        _file_url(file),
+        options,
+        ledger_url=_ledger_url(),
+        log=lambda line: click.echo(line, err=True),
+    )
+    _print_report(result.report)
+    if result.duplicate:
+        click.echo(f"nothing submitted: this content is batch {result.batch_id}", err=True)
+        sys.exit(1)
+    if result.report.counts["submitted"] == 0:
+        click.echo("nothing could be submitted", err=True)
+        sys.exit(1)
+
+
+@batch.command("show")
+@click.argument("batch_id", type=int)
+def batch_show(batch_id: int) -> None:
+    """Counts, the first 20 rejected rows and the unknown outcomes of a batch."""
+    from renderqueue_pipeline.batch import batch_report
+    from renderqueue_pipeline.db.connect import connect
+
+    with connect(_ledger_url()) as conn:
+        _print_report(batch_report(conn, batch_id))
+
+
+@batch.command("list")
+@click.option("--limit", type=int, default=20, show_default=True)
+def batch_list(limit: int) -> None:
+    """The most recent batches."""
+    from renderqueue_pipeline.batch.report import recent_batches
+    from renderqueue_pipeline.db.connect import connect
+
+    with connect(_ledger_url()) as conn:
+        rows = recent_batches(conn, limit)
+    if not rows:
+        click.echo("no batches yet")
+    for r in rows:
+        click.echo(
+            f"{r['id']:>6}  {r['status']:<8} {r['created_at']:%Y-%m-%d %H:%M}  "
+            f"{r['rows']:>7,} rows  {r['submitted']:>7,} submitted  {r['rejected']:>6,} rejected  "
+            f"{r['unknown']:>4,} unknown  {r['source']}"
+        )
+
+
+@batch.command("cancel")
+@click.argument("batch_id", type=int)
+def batch_cancel(batch_id: int) -> None:
+    """Stop BATCH_ID and cancel its queued and running requests at fal."""
+    from renderqueue_pipeline.batch import cancel_batch
+
+    _require_fal()
+    result = cancel_batch(
+        batch_id, ledger_url=_ledger_url(), log=lambda line: click.echo(line, err=True)
+    )
+    click.echo(result.summary())
+    for error in result.errors:
+        click.echo(f"  line {error['line_no']} {error['request_id']}: {error['error']}", err=True)
+
+
+def _key_values(pairs: tuple[str, ...]) -> dict[str, str]:
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--input")
+        values[key.strip().lower()] = value
+    return values
+
+
+@click.group()
+def budget() -> None:
+    """Per-user monthly budgets (USD, UTC months)."""
+
+
+@budget.command("set")
+@click.option("--user-id", type=int, required=True)
+@click.option("--usd", "amount", required=True, help="The month's budget in USD.")
+@click.option("--month", help="YYYY-MM (default: the current UTC month).")
+def budget_set(user_id: int, amount: str, month: str | None) -> None:
+    """Set a user's budget for a month."""
+    from renderqueue_pipeline.batch import parse_month, parse_usd, set_budget, usd
+    from renderqueue_pipeline.batch.rows import parse_user_id
+    from renderqueue_pipeline.db.connect import connect
+
+    try:
+        parse_user_id(user_id)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--user-id") from None
+    micros = parse_usd(amount, "--usd")
+    with connect(_ledger_url()) as conn:
+        row = set_budget(conn, user_id, micros, parse_month(month))
+    click.echo(f"user {row['user_id']}: {usd(row['limit_micros'])} for {row['month']:%Y-%m}")
+
+
+@budget.command("show")
+@click.option("--user-id", type=int, help="One user (default: every user with a budget or spend).")
+@click.option("--month", help="YYYY-MM (default: the current UTC month).")
+def budget_show(user_id: int | None, month: str | None) -> None:
+    """Budget, spent, in flight and remaining per user for a month."""
+    from renderqueue_pipeline.batch import budget_overview, parse_month, usd
+    from renderqueue_pipeline.batch.budget import default_limit_micros
+    from renderqueue_pipeline.db.connect import connect
+
+    with connect(_ledger_url()) as conn:
+        rows = budget_overview(conn, user_id, parse_month(month), default_limit_micros())
+    if not rows:
+        click.echo("no budgets or spend this month")
+        return
+    click.echo(
+        f"{'user':>8}  {'month':<7}  {'budget':>14}  {'spent':>14}  {'in flight':>14}  "
+        f"{'remaining':>14}"
+    )
+    for f in rows:
+        budget_text = usd(f.limit_micros) + (" (default)" if f.limit_source == "default" else "")
+        remaining = "-" if f.remaining_micros is None else usd(f.remaining_micros)
+        click.echo(
+            f"{f.user_id:>8}  {f.month:%Y-%m}  {budget_text:>14}  {usd(f.actual_micros):>14}  "
+            f"{usd(f.in_flight_micros):>14}  {remaining:>14}"
+        )
+
+
+@click.command("submit")
+@click.option("--user-id", type=int, required=True)
+@click.option("--endpoint", required=True, help="fal endpoint id.")
+@click.option("--prompt", required=True)
+@click.option("--input", "inputs", multiple=True, metavar="KEY=VALUE", help="A model input.")
+@click.option("--idempotency-key", help="The same key never submits twice.")
+def submit(
+    user_id: int, endpoint: str, prompt: str, inputs: tuple[str, ...], idempotency_key: str | None
+) -> None:
+    """Submit one generation (budget checked, ledger first) and print its request id."""
+    from renderqueue_pipeline.batch import submit_prompt
+
+    values = _key_values(inputs)
+    _require_fal()
+    click.echo(
+        submit_prompt(
+            user_id,
+            endpoint,
+            prompt,
+            values,
+            idempotency_key=idempotency_key,
+            ledger_url=_ledger_url(),
+        )
+    )

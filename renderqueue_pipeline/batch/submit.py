@@ -1,0 +1,788 @@
+"""Submit a prompts file as a batch: stream, validate, budget, fan out to fal, record.
+
+    result = submit_batch_file("s3://prompts/inbox/week-48.csv", BatchOptions(...))
+
+The run, step by step:
+1. hash the file (sha256) and check it looks like its format; nothing is written yet;
+2. find or create the batch by that hash: a renamed or re-uploaded copy of an ingested
+   file finds its batch and submits nothing again;
+3. hold the batch's session lock for the whole run (one submitting run per batch);
+   intents a dead earlier run left pending become `unknown` (listed, resubmitted only
+   with `resubmit_unknown`);
+4. read rows in chunks; each chunk is one transaction that takes the users' budget
+   locks, prices each row, and records it as an intent or a rejection;
+5. `concurrency` workers send intents to fal through the gateway (ledger rule 1: the
+   intent is committed before the call); a 429 halves the fan-out and backs off instead
+   of failing the row; fal's answers are written by `finish_submission`;
+6. progress goes to `log` every few seconds; the batch is `done` at the end.
+
+Nothing is ever sent twice: a row whose item exists (submitted, rejected, unknown) is
+skipped on a re-run, and an item's request id is written with its generation row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from renderqueue_pipeline.batch.budget import BudgetBook, default_limit_micros
+from renderqueue_pipeline.batch.intents import BatchCap, decide_row, store_rejection
+from renderqueue_pipeline.batch.report import BatchReport, batch_report
+from renderqueue_pipeline.batch.rows import PromptRow, Rejection, RowDefaults, validate_row
+from renderqueue_pipeline.batch.source import FileFacts, PromptFileError, PromptReader, inspect_file
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.ledger import Intent, finish_submission
+
+MAX_CONCURRENCY = 256
+#: How long one row may keep meeting 429s before it is recorded as refused by fal.
+RATE_LIMIT_PATIENCE_S = 600.0
+MAX_BACKOFF_S = 30.0
+#: A batch in one of these states has been ingested: the same content again submits nothing.
+FINISHED = ("done", "canceled")
+
+
+class BatchConfigError(RenderqueueError, ValueError):
+    """A batch setting cannot be used; names the setting."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        self.setting = setting
+        super().__init__(f"{setting}: {reason}")
+
+
+class BatchStopped(RenderqueueError):
+    """The run stopped before the end of the file (the reason says why)."""
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """How to submit a file; every field is also a launchpad setting of `submit_batch`."""
+
+    default_user_id: int | None = None
+    default_endpoint: str | None = None
+    default_inputs: Mapping[str, Any] = field(default_factory=dict)
+    max_cost_micros: int | None = None
+    concurrency: int = 16
+    resubmit_unknown: bool = False
+    content_version: str = ""
+    progress_seconds: float = 5.0
+    chunk_rows: int = 256
+
+    def checked(self) -> BatchOptions:
+        """Self, after checking each setting (BatchConfigError names the bad one)."""
+        if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int):
+            raise BatchConfigError("concurrency", f"expected an integer, got {self.concurrency!r}")
+        if not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise BatchConfigError(
+                "concurrency", f"must be between 1 and {MAX_CONCURRENCY}, got {self.concurrency}"
+            )
+        if self.default_user_id is not None:
+            from renderqueue_pipeline.batch.rows import parse_user_id
+
+            try:
+                parse_user_id(self.default_user_id)
+            except ValueError as exc:
+                raise BatchConfigError("default_user_id", str(exc)) from None
+        if self.default_endpoint is not None and (
+            not isinstance(self.default_endpoint, str) or "/" not in self.default_endpoint
+        ):
+            raise BatchConfigError(
+                "default_endpoint",
+                f"expected an endpoint id like owner/app/path, got {self.default_endpoint!r}",
+            )
+        if not isinstance(self.default_inputs, Mapping):
+            raise BatchConfigError(
+                "default_inputs", f"expected a mapping, got {type(self.default_inputs).__name__}"
+            )
+        if self.max_cost_micros is not None and self.max_cost_micros < 0:
+            raise BatchConfigError("max_cost_usd", "must not be negative")
+        return self
+
+
+@dataclass
+class RunStats:
+    """What this run did (the batch's totals come from the database)."""
+
+    started: float = field(default_factory=time.monotonic)
+    read: int = 0
+    skipped_existing: int = 0
+    submitted: int = 0
+    rejected: int = 0
+    over_budget: int = 0
+    refused_by_fal: int = 0
+    unknown: int = 0
+    orphaned: int = 0
+    resubmitted_unknown: int = 0
+    rate_limited: int = 0
+    lowest_concurrency: int = 0
+    finished: float | None = None
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+    @property
+    def decided(self) -> int:
+        return (
+            self.submitted + self.rejected + self.over_budget + self.refused_by_fal + self.unknown
+        )
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """A finished run: the batch as stored, and what this run did."""
+
+    report: BatchReport
+    stats: RunStats
+    duplicate: bool = False
+
+    @property
+    def batch_id(self) -> int:
+        return self.report.batch_id
+
+    @property
+    def submit_rate(self) -> float:
+        return self.stats.submitted / self.stats.elapsed if self.stats.elapsed > 0 else 0.0
+
+
+# -- fan-out ----------------------------------------------------------------------------
+
+
+class AdaptiveLimit:
+    """At most `limit` calls in flight; a 429 halves it and pauses, successes regrow it.
+
+    429s that arrive while already paused (calls that were in flight together) count as
+    one: the pause doubles only for 429s after the previous pause ended with no success
+    in between (0.25 s, 0.5 s, ... up to 30 s).
+    """
+
+    BASE_PAUSE_S = 0.25
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = ceiling
+        self.limit = ceiling
+        self.lowest = ceiling
+        self.active = 0
+        self.rate_limited = 0
+        self._resume_at = 0.0
+        self._consecutive = 0
+        self._streak = 0
+        self._changed = asyncio.Condition()
+
+    async def acquire(self) -> None:
+        while True:
+            delay = self._resume_at - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            async with self._changed:
+                if self.active < self.limit:
+                    self.active += 1
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), timeout=1.0)
+
+    async def release(self, *, rate_limited: bool = False) -> None:
+        async with self._changed:
+            self.active -= 1
+            now = time.monotonic()
+            if rate_limited:
+                self.rate_limited += 1
+                self._streak = 0
+                if now >= self._resume_at:  # a new 429, not one of the same burst
+                    self._consecutive += 1
+                    self.limit = max(1, self.limit // 2)
+                    self.lowest = min(self.lowest, self.limit)
+                    pause = min(self.BASE_PAUSE_S * 2 ** (self._consecutive - 1), MAX_BACKOFF_S)
+                    self._resume_at = now + pause * random.uniform(0.8, 1.2)
+            else:
+                self._consecutive = 0
+                self._streak += 1
+                if self._streak >= self.limit and self.limit < self.ceiling:
+                    self._streak = 0
+                    self.limit += 1
+            self._changed.notify_all()
+
+
+class SendMarks:
+    """Marks items sent just before their calls, many per statement (group commit).
+
+    A worker awaits `mark(item_id)`; marks that arrive while one statement runs go in
+    the next, so the cost is one round trip per burst, not per request.
+    """
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self.conn = conn
+        self._waiting: list[tuple[int, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def mark(self, item_id: int) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((item_id, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        while self._waiting:
+            group, self._waiting = self._waiting, []
+            try:
+                await asyncio.to_thread(
+                    self.conn.execute, q("mark_items_sent"), {"item_ids": [i for i, _ in group]}
+                )
+            except Exception as exc:
+                for _, future in group:
+                    future.set_exception(exc)
+            else:
+                for _, future in group:
+                    future.set_result(None)
+
+
+def _is_rate_limited(exc: BaseException) -> bool:
+    """fal said 429 (after fal-client's own retries): nothing was enqueued, slow down."""
+    from renderqueue_pipeline.fal_gateway import FalSubmitOutcomeUnknown, FalUnavailable
+
+    if not isinstance(exc, FalUnavailable) or isinstance(exc, FalSubmitOutcomeUnknown):
+        return False
+    cause = exc.__cause__
+    return getattr(cause, "status_code", None) == 429 or "HTTP 429" in str(exc)
+
+
+def _is_definite_rejection(exc: BaseException) -> bool:
+    """A 4xx other than 429: fal refused the request, nothing was enqueued or billed."""
+    from renderqueue_pipeline.fal_gateway import FalRequestError
+
+    return isinstance(exc, FalRequestError)
+
+
+def _fal_field(exc: BaseException) -> str:
+    """The input fal's 422 names (`loc: ["body", "duration"]`), else 'fal'."""
+    detail = getattr(exc, "detail", None)
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        loc = detail[0].get("loc") or []
+        if loc:
+            return str(loc[-1])
+    return "fal"
+
+
+def _fal_reason(exc: BaseException) -> str:
+    """fal's own words when it gave any ("duration: Input should be ..."), else the error."""
+    detail = getattr(exc, "detail", None)
+    code = getattr(exc, "status_code", None)
+    if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
+        parts = []
+        for item in detail[:3]:
+            loc = ".".join(str(p) for p in (item.get("loc") or [])[1:]) or "input"
+            parts.append(f"{loc}: {item.get('msg', item)}")
+        return f"fal refused it (HTTP {code}): " + "; ".join(parts)
+    return str(exc)
+
+
+Log = Callable[[str], None]
+
+
+def _eta(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class _Run:
+    """One submitting run of one batch (all state of the fan-out lives here)."""
+
+    def __init__(
+        self,
+        url: str,
+        ledger_url: str,
+        options: BatchOptions,
+        facts: FileFacts,
+        batch_id: int,
+        log: Log,
+        gateway_factory: Callable[[int], Any],
+    ) -> None:
+        self.url = url
+        self.ledger_url = ledger_url
+        self.options = options
+        self.facts = facts
+        self.batch_id = batch_id
+        self.log = log
+        self.gateway_factory = gateway_factory
+        self.stats = RunStats()
+        self.limit = AdaptiveLimit(options.concurrency)
+        self.stop_reason: str | None = None
+        self.unsent: list[int] = []
+        self.fatal: BaseException | None = None
+        self.marks: SendMarks
+        self.total_hint = facts.rows_estimate
+
+    # -- producer: rows -> intents (in a worker thread, its own connection) ----------
+
+    def _chunks(
+        self, reader: PromptReader, existing: set[int]
+    ) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+        chunk: list[tuple[int, dict[str, Any]]] = []
+        for line_no, raw in reader:
+            if line_no in existing:
+                self.stats.skipped_existing += 1
+                continue
+            chunk.append((line_no, raw))
+            if len(chunk) >= self.options.chunk_rows:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+    def _write_chunk(
+        self,
+        conn: psycopg.Connection,
+        rows: list[tuple[int, dict[str, Any]]],
+        cap: BatchCap,
+        default_limit: int | None,
+    ) -> list[Intent]:
+        defaults = RowDefaults(
+            self.options.default_user_id,
+            self.options.default_endpoint,
+            self.options.default_inputs,
+        )
+        checked = [validate_row(line_no, raw, defaults) for line_no, raw in rows]
+        try:
+            return self._record(conn, checked, cap, default_limit, careful=False)
+        except psycopg.errors.OperationalError:
+            raise
+        except psycopg.Error:
+            # a row the database refused: redo the chunk row by row, each in a savepoint
+            return self._record(conn, checked, cap, default_limit, careful=True)
+
+    def _record(
+        self,
+        conn: psycopg.Connection,
+        checked: list[PromptRow | Rejection],
+        cap: BatchCap,
+        default_limit: int | None,
+        *,
+        careful: bool,
+    ) -> list[Intent]:
+        intents: list[Intent] = []
+        cap_before = cap.used_micros
+        counts = {"rejected": 0, "over_budget": 0}
+        try:
+            with conn.transaction():
+                book = BudgetBook(conn, default_limit)
+                book.lock([r.user_id for r in checked if isinstance(r, PromptRow)])
+                for row in checked:
+                    if isinstance(row, Rejection):
+                        decided: Intent | Rejection = row
+                    elif careful:
+                        try:
+                            with conn.transaction():
+                                decided = decide_row(
+                                    conn, row, book, batch_id=self.batch_id, cap=cap
+                                )
+                        except psycopg.errors.OperationalError:
+                            raise
+                        except psycopg.Error as exc:
+                            decided = Rejection(
+                                row.line_no,
+                                "(row)",
+                                f"the ledger refused it: {exc}".strip(),
+                                "invalid",
+                                row.user_id,
+                                row.endpoint,
+                            )
+                    else:
+                        decided = decide_row(conn, row, book, batch_id=self.batch_id, cap=cap)
+                    if isinstance(decided, Rejection):
+                        store_rejection(conn, self.batch_id, decided)
+                        counts["over_budget" if decided.kind == "over_budget" else "rejected"] += 1
+                    elif decided.state == "pending":
+                        intents.append(decided)
+        except BaseException:
+            cap.used_micros = cap_before
+            raise
+        self.stats.read += len(checked)
+        self.stats.rejected += counts["rejected"]
+        self.stats.over_budget += counts["over_budget"]
+        return intents
+
+    # -- the run ----------------------------------------------------------------------
+
+    async def run(self, reader: PromptReader) -> None:
+        queue: asyncio.Queue[Intent | None] = asyncio.Queue(maxsize=self.options.concurrency * 4)
+        results: asyncio.Queue[tuple[Intent, Any] | None] = asyncio.Queue()
+        intents_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
+        results_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
+        marks_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
+        self.marks = SendMarks(marks_conn)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                gateway = await stack.enter_async_context(
+                    self.gateway_factory(self.options.concurrency)
+                )
+                workers = [
+                    asyncio.create_task(self._worker(gateway, queue, results))
+                    for _ in range(self.options.concurrency)
+                ]
+                recorder = asyncio.create_task(self._recorder(results_conn, results))
+                ticker = asyncio.create_task(self._ticker())
+                try:
+                    await self._produce(intents_conn, reader, queue)
+                finally:
+                    for _ in workers:
+                        await queue.put(None)
+                    await asyncio.gather(*workers)
+                    await results.put(None)
+                    await recorder
+                    ticker.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await ticker
+                    if self.unsent:
+                        await asyncio.to_thread(self._forget_unsent, intents_conn)
+            if self.fatal is not None:
+                raise self.fatal
+        finally:
+            self.stats.finished = time.monotonic()
+            self.stats.rate_limited = self.limit.rate_limited
+            self.stats.lowest_concurrency = self.limit.lowest
+            for conn in (intents_conn, results_conn, marks_conn):
+                await asyncio.to_thread(conn.close)
+
+    async def _produce(
+        self, conn: psycopg.Connection, reader: PromptReader, queue: asyncio.Queue
+    ) -> None:
+        existing = await asyncio.to_thread(_line_numbers, conn, self.batch_id)
+        if self.total_hint is not None:
+            self.total_hint = max(self.total_hint - len(existing), 0)
+        unsent = await asyncio.to_thread(
+            self._load_intents, conn, q("unsent_pending_items"), reopen=False
+        )
+        if unsent:
+            self.log(f"sending {len(unsent)} items a stopped run recorded but never sent")
+        if self.options.resubmit_unknown:
+            unknown = await asyncio.to_thread(
+                self._load_intents, conn, q("unknown_items_to_resubmit"), reopen=True
+            )
+            self.stats.resubmitted_unknown = len(unknown)
+            if unknown:
+                self.log(f"resubmitting {len(unknown)} items whose outcome was unknown")
+            unsent += unknown
+        if self.total_hint is not None:
+            self.total_hint += len(unsent)
+        for intent in unsent:
+            await queue.put(intent)
+        default_limit = await asyncio.to_thread(default_limit_micros)
+        cap_row = await asyncio.to_thread(
+            lambda: conn.execute(q("batch_cost_so_far"), {"batch_id": self.batch_id}).fetchone()
+        )
+        cap = BatchCap(self.options.max_cost_micros, int(cap_row["micros"]))
+        chunks = self._chunks(reader, existing)
+        while self.stop_reason is None:
+            chunk = await asyncio.to_thread(next, chunks, None)
+            if chunk is None:
+                return
+            if await asyncio.to_thread(_batch_status, conn, self.batch_id) == "canceled":
+                self.stop_reason = "the batch was canceled"
+                return
+            for intent in await asyncio.to_thread(
+                self._write_chunk, conn, chunk, cap, default_limit
+            ):
+                await queue.put(intent)
+
+    def _load_intents(self, conn: psycopg.Connection, sql: str, *, reopen: bool) -> list[Intent]:
+        """Stored items as intents to send (priced again: the estimate is not stored whole)."""
+        from renderqueue_pipeline.ledger import validate_request
+
+        intents = []
+        for item in conn.execute(sql, {"batch_id": self.batch_id}).fetchall():
+            with conn.transaction():
+                if (
+                    reopen
+                    and not conn.execute(
+                        q("reopen_unknown_item"), {"item_id": item["id"]}
+                    ).fetchone()
+                ):
+                    continue
+                estimate = validate_request(
+                    conn, item["endpoint"], item["inputs"], item["user_id"], row=item["line_no"]
+                )
+            intents.append(
+                Intent(
+                    item_id=item["id"],
+                    state="pending",
+                    request_id=None,
+                    user_id=item["user_id"],
+                    endpoint=item["endpoint"],
+                    inputs=item["inputs"],
+                    estimate=estimate,
+                )
+            )
+        return intents
+
+    async def _worker(self, gateway: Any, queue: asyncio.Queue, results: asyncio.Queue) -> None:
+        from renderqueue_pipeline.fal_gateway import FalAuthError
+
+        while True:
+            intent = await queue.get()
+            if intent is None:
+                return
+            if self.stop_reason is not None:
+                self.unsent.append(intent.item_id)
+                continue
+            try:
+                outcome = await self._send(gateway, intent)
+            except Exception as exc:  # the ledger failed us: stop; the next run resumes
+                if self.fatal is None:
+                    self.fatal, self.stop_reason = exc, f"{type(exc).__name__}: {exc}"
+                    self.log(f"stopping: {self.stop_reason}")
+                self.unsent.append(intent.item_id)
+                continue
+            if isinstance(outcome, FalAuthError) and self.stop_reason is None:
+                self.stop_reason = f"fal refused the key: {outcome}"
+                self.log(f"stopping: {self.stop_reason}")
+            await results.put((intent, outcome))
+
+    async def _send(self, gateway: Any, intent: Intent) -> Any:
+        """fal's SubmitResult, or fal's exception; 429s are waited out, not returned.
+
+        The item is marked sent (committed) before its first call; an exception from the
+        ledger itself propagates.
+        """
+        first_try = time.monotonic()
+        marked = False
+        while True:
+            await self.limit.acquire()
+            try:
+                if not marked:
+                    await self.marks.mark(intent.item_id)
+                    marked = True
+            except BaseException:
+                await self.limit.release()
+                raise
+            try:
+                submitted = await gateway.submit(intent.endpoint, dict(intent.inputs))
+            except Exception as exc:
+                limited = _is_rate_limited(exc)
+                await self.limit.release(rate_limited=limited)
+                if limited and time.monotonic() - first_try < RATE_LIMIT_PATIENCE_S:
+                    if (
+                        self.limit.rate_limited in (1, 10, 100)
+                        or self.limit.rate_limited % 1000 == 0
+                    ):
+                        self.log(
+                            f"fal answered 429: slowing down to {self.limit.limit} in flight "
+                            f"({self.limit.rate_limited} rate-limited calls so far)"
+                        )
+                    continue
+                return exc
+            await self.limit.release()
+            return submitted  # the SubmitResult: request id and fal_expires_at
+
+    async def _recorder(self, conn: psycopg.Connection, results: asyncio.Queue) -> None:
+        done = False
+        while not done:
+            first = await results.get()
+            if first is None:
+                return
+            group = [first]
+            while not results.empty() and len(group) < 64:
+                item = results.get_nowait()
+                if item is None:
+                    done = True
+                    break
+                group.append(item)
+            await asyncio.to_thread(self._record_outcomes, conn, group)
+
+    def _record_outcomes(self, conn: psycopg.Connection, group: list[tuple[Intent, Any]]) -> None:
+        for intent, outcome in group:
+            try:
+                finish_submission(conn, intent, outcome, _is_definite_rejection)
+                self.stats.submitted += 1
+            except Exception as exc:
+                if _is_definite_rejection(exc):
+                    with conn.transaction():
+                        conn.execute(
+                            q("label_rejected_item"),
+                            {
+                                "item_id": intent.item_id,
+                                "kind": "fal",
+                                "field": _fal_field(exc),
+                                "reason": _fal_reason(exc),
+                            },
+                        )
+                    self.stats.refused_by_fal += 1
+                else:
+                    with conn.transaction():
+                        conn.execute(
+                            q("mark_item_unknown"),
+                            {"item_id": intent.item_id, "reason": f"outcome unknown: {exc}"},
+                        )
+                    self.stats.unknown += 1
+
+    def _forget_unsent(self, conn: psycopg.Connection) -> None:
+        with conn.transaction():
+            conn.execute(q("forget_unsent_items"), {"item_ids": self.unsent})
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self.options.progress_seconds)
+            self.log(self.progress_line())
+
+    def progress_line(self) -> str:
+        s = self.stats
+        elapsed = max(s.elapsed, 1e-9)
+        rate = s.decided / elapsed
+        total = self.total_hint
+        if total:
+            done = min(s.decided, total)
+            eta = _eta((total - done) / rate) if rate > 0 else "?"
+            head = f"{s.decided:,}/~{total:,} rows ({done / total:.0%})"
+        else:
+            head, eta = f"{s.decided:,} rows", "?"
+        return (
+            f"batch {self.batch_id}: {head}, {s.submitted:,} submitted, "
+            f"{s.rejected + s.refused_by_fal:,} rejected, {s.over_budget:,} over budget, "
+            f"{s.unknown:,} unknown; {rate:,.0f} rows/s, {self.limit.limit} in flight max, "
+            f"ETA {eta}"
+        )
+
+
+def _line_numbers(conn: psycopg.Connection, batch_id: int) -> set[int]:
+    return {r["line_no"] for r in conn.execute(q("batch_line_numbers"), {"batch_id": batch_id})}
+
+
+def _batch_status(conn: psycopg.Connection, batch_id: int) -> str | None:
+    row = conn.execute(q("batch_status"), {"batch_id": batch_id}).fetchone()
+    return row["status"] if row else None
+
+
+def _default_gateway(concurrency: int) -> Any:
+    from renderqueue_pipeline.fal_gateway import FalGateway
+
+    return FalGateway.from_settings(max_concurrency=concurrency)
+
+
+def _open_batch(
+    conn: psycopg.Connection, facts: FileFacts, options: BatchOptions, source: str
+) -> tuple[dict[str, Any], bool]:
+    """The batch of this content: (row, created). Never two batches for one sha256."""
+    with conn.transaction():
+        created = conn.execute(
+            q("insert_batch"),
+            {
+                "source": source,
+                "content_version": options.content_version,
+                "sha256": facts.sha256,
+                "size": facts.size,
+                "endpoint": options.default_endpoint,
+                "default_user_id": options.default_user_id,
+                "default_inputs": Jsonb(dict(options.default_inputs)),
+                "max_cost_micros": options.max_cost_micros,
+                "rows_estimate": facts.rows_estimate,
+            },
+        ).fetchone()
+        if created is not None:
+            return created, True
+        return conn.execute(q("batch_by_sha256"), {"sha256": facts.sha256}).fetchone(), False
+
+
+def submit_batch_file(
+    url: str,
+    options: BatchOptions | None = None,
+    *,
+    ledger_url: str | None = None,
+    log: Log = lambda line: None,
+    gateway_factory: Callable[[int], Any] | None = None,
+) -> BatchResult:
+    """Submit every good row of the prompts file at `url` (any fsspec URL) as one batch.
+
+    Raises PromptFileError when the file as a whole cannot be used (nothing written),
+    BatchConfigError for a bad option, BatchStopped when fal refused the key. The same
+    content ingested before (under any name), or being submitted by another run right
+    now, submits nothing: the result says `duplicate`. Rejected rows are recorded and
+    reported, never raised.
+    """
+    from renderqueue_pipeline.db.server import database_url
+
+    options = (options or BatchOptions()).checked()
+    ledger_url = ledger_url or database_url()
+    facts = inspect_file(url)
+    log(
+        f"{url}: {facts.format}, {facts.size:,} bytes, sha256 {facts.sha256[:12]}…"
+        + (f", about {facts.rows_estimate:,} rows" if facts.rows_estimate is not None else "")
+    )
+    with PromptReader(url, facts.format) as reader, connect(ledger_url, autocommit=True) as conn:
+        batch, created = _open_batch(conn, facts, options, url)
+        batch_id = batch["id"]
+        if not created and batch["status"] in FINISHED and not options.resubmit_unknown:
+            log(
+                f"already ingested as batch {batch_id} from {batch['source']} "
+                f"({batch['status']}); nothing submitted"
+            )
+            return BatchResult(batch_report(conn, batch_id), RunStats(), duplicate=True)
+        if not conn.execute(q("try_lock_batch"), {"batch_id": batch_id}).fetchone()["locked"]:
+            log(
+                f"batch {batch_id} ({batch['source']}) is being submitted by another run right "
+                "now; nothing submitted by this one"
+            )
+            return BatchResult(batch_report(conn, batch_id), RunStats(), duplicate=True)
+        try:
+            with conn.transaction():
+                orphaned = conn.execute(
+                    q("orphaned_items_to_unknown"), {"batch_id": batch_id}
+                ).fetchall()
+                if not created:
+                    conn.execute(q("reopen_batch"), {"batch_id": batch_id})
+            if orphaned:
+                log(
+                    f"{len(orphaned)} items of batch {batch_id} were left by a run that stopped "
+                    "between intent and answer: marked unknown"
+                )
+            log(f"batch {batch_id}: " + ("created" if created else "resuming"))
+            run = _Run(
+                url,
+                ledger_url,
+                options,
+                facts,
+                batch_id,
+                log,
+                gateway_factory or _default_gateway,
+            )
+            run.stats.orphaned = len(orphaned)
+            failure: BaseException | None = None
+            try:
+                asyncio.run(run.run(reader))
+            except PromptFileError as exc:
+                failure = exc
+            log(run.progress_line())
+            if failure is not None:
+                with conn.transaction():
+                    conn.execute(
+                        q("finish_batch"),
+                        {"batch_id": batch_id, "status": "failed", "error": str(failure)},
+                    )
+                raise failure
+            if run.stop_reason is not None:
+                if _batch_status(conn, batch_id) != "canceled":
+                    with conn.transaction():
+                        conn.execute(
+                            q("finish_batch"),
+                            {"batch_id": batch_id, "status": "failed", "error": run.stop_reason},
+                        )
+                    raise BatchStopped(f"batch {batch_id} stopped: {run.stop_reason}")
+            else:
+                with conn.transaction():
+                    conn.execute(
+                        q("finish_batch"), {"batch_id": batch_id, "status": "done", "error": None}
+                    )
+            return BatchResult(batch_report(conn, batch_id), run.stats)
+        finally:
+            conn.execute(q("unlock_batch"), {"batch_id": batch_id})

@@ -1,0 +1,1 @@
+"""Submission: the prompts inbox sensor, `submit_batch` and `cancel_batch`."""

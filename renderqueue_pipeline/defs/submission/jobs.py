@@ -1,0 +1,175 @@
+"""`submit_batch` (one prompts file -> one batch) and `cancel_batch`."""
+
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from renderqueue_pipeline.batch import (
+    BatchOptions,
+    BatchResult,
+    PromptFileError,
+    parse_usd,
+    submit_batch_file,
+)
+from renderqueue_pipeline.batch import (
+    cancel_batch as cancel_batch_now,
+)
+from renderqueue_pipeline.dagster_home import DOMAIN_TAG
+from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.errors import RenderqueueError
+
+#: Run tag the Dagster instance limits (dagster_home.tag_concurrency_limits) so the
+#: inbox cannot flood the run queue.
+SUBMISSION_TAGS = {DOMAIN_TAG: "submission"}
+
+
+class SubmitBatchConfig(dg.Config):
+    """One prompts file to submit as a batch (launchpad or the inbox sensor)."""
+
+    file_url: str = Field(
+        description="fsspec URL of a CSV, JSONL or Parquet prompts file "
+        "(file:///data/prompts.csv, s3://bucket/inbox/prompts.parquet). Columns: prompt "
+        "(required), user_id, endpoint, and any model input (duration, resolution, ...)."
+    )
+    content_version: str = Field(
+        default="",
+        description="Version the inbox saw (etag, or size-mtime); set by the sensor.",
+    )
+    default_user_id: int | None = Field(
+        default=None, description="user_id for rows without one (none: such rows are rejected)."
+    )
+    default_endpoint: str | None = Field(
+        default=None,
+        description="fal endpoint id for rows without one, e.g. "
+        "bytedance/seedance-2.0/text-to-video.",
+    )
+    default_inputs: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Model inputs for every row unless the row sets them, e.g. {"duration": '
+        '"5", "resolution": "720p"}.',
+    )
+    max_cost_usd: float | None = Field(
+        default=None,
+        description="Cap on the batch's estimated cost in USD; rows past it are rejected as "
+        "over budget (none: no batch cap; users' monthly budgets still apply).",
+    )
+    concurrency: int = Field(default=16, description="Requests in flight to fal (1-256).")
+    resubmit_unknown: bool = Field(
+        default=False,
+        description="Resubmit items whose outcome is unknown after a crash (fal may already "
+        "have them: this can pay twice).",
+    )
+
+
+def _options(config: SubmitBatchConfig) -> BatchOptions:
+    return BatchOptions(
+        default_user_id=config.default_user_id,
+        default_endpoint=config.default_endpoint,
+        default_inputs=config.default_inputs,
+        max_cost_micros=(
+            None
+            if config.max_cost_usd is None
+            else parse_usd(repr(config.max_cost_usd), "max_cost_usd")
+        ),
+        concurrency=config.concurrency,
+        resubmit_unknown=config.resubmit_unknown,
+        content_version=config.content_version,
+    )
+
+
+def result_metadata(result: BatchResult) -> dict[str, dg.MetadataValue]:
+    """Counts, the first 20 rejections and the unknown outcomes, as run metadata."""
+    report, stats = result.report, result.stats
+    counts = report.counts
+    return {
+        "batch_id": dg.MetadataValue.int(report.batch_id),
+        "status": dg.MetadataValue.text(report.status),
+        "duplicate": dg.MetadataValue.bool(result.duplicate),
+        "source": dg.MetadataValue.text(report.source),
+        "sha256": dg.MetadataValue.text(report.sha256 or ""),
+        "read": dg.MetadataValue.int(counts["read"]),
+        "submitted": dg.MetadataValue.int(counts["submitted"]),
+        "rejected": dg.MetadataValue.int(counts["rejected"]),
+        "over_budget": dg.MetadataValue.int(counts["over_budget"]),
+        "unknown": dg.MetadataValue.int(counts["unknown"]),
+        "submitted_this_run": dg.MetadataValue.int(stats.submitted),
+        "submits_per_second": dg.MetadataValue.float(round(result.submit_rate, 1)),
+        "rate_limited_calls": dg.MetadataValue.int(stats.rate_limited),
+        "seconds": dg.MetadataValue.float(round(stats.elapsed, 2)),
+        "rejections": dg.MetadataValue.md(report.rejections_markdown()),
+        "unknown_outcomes": dg.MetadataValue.md(report.unknown_markdown()),
+    }
+
+
+@dg.op(pool="fal_api", tags=SUBMISSION_TAGS)
+def submit_prompts_file(
+    context: dg.OpExecutionContext, config: SubmitBatchConfig, ledger: LedgerDatabase
+) -> int:
+    """Submit the file's good rows to fal; rejected rows are recorded with their reasons."""
+    try:
+        result = submit_batch_file(
+            config.file_url,
+            _options(config),
+            ledger_url=ledger.resolved_url(),
+            log=context.log.info,
+        )
+    except PromptFileError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+    except RenderqueueError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    context.add_output_metadata(result_metadata(result))
+    context.log.info(result.report.summary())
+    return result.batch_id
+
+
+@dg.job(
+    tags=SUBMISSION_TAGS,
+    description="Submit one prompts file (CSV, JSONL, Parquet) to fal as a batch: rows "
+    "validated one by one, budgets enforced, bounded fan-out, nothing submitted twice.",
+)
+def submit_batch() -> None:
+    submit_prompts_file()
+
+
+class CancelBatchConfig(dg.Config):
+    """The batch to cancel."""
+
+    batch_id: int = Field(description="Id of the batch (run metadata of submit_batch).")
+
+
+@dg.op(name="cancel_batch_requests", pool="fal_api", tags=SUBMISSION_TAGS)
+def cancel_batch_requests(
+    context: dg.OpExecutionContext, config: CancelBatchConfig, ledger: LedgerDatabase
+) -> int:
+    """Stop the batch and ask fal to cancel its queued and running requests."""
+    try:
+        result = cancel_batch_now(
+            config.batch_id, ledger_url=ledger.resolved_url(), log=context.log.info
+        )
+    except RenderqueueError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+    errors = "\n".join(
+        f"| {e['line_no']} | {e['request_id']} | {e['error']} |" for e in result.errors
+    )
+    context.add_output_metadata(
+        {
+            "batch_id": dg.MetadataValue.int(result.batch_id),
+            "asked": dg.MetadataValue.int(result.asked),
+            "outcomes": dg.MetadataValue.json(dict(result.outcomes)),
+            "errors": dg.MetadataValue.md(
+                "| line | request | error |\n|---:|---|---|\n" + errors if errors else "none"
+            ),
+        }
+    )
+    context.log.info(result.summary())
+    return result.asked
+
+
+@dg.job(
+    tags=SUBMISSION_TAGS,
+    description="Cancel a batch: stop submitting its rows and cancel its queued and running "
+    "requests at fal (a running request may still finish and be billed).",
+)
+def cancel_batch() -> None:
+    cancel_batch_requests()

@@ -1,0 +1,130 @@
+"""The prompts inbox on S3: moto's S3 server over real HTTP, read through s3fs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import dagster as dg
+import psycopg
+import pytest
+from batch_helpers import SEEDANCE, dagster_instance, ledger_counts, prompts, write_csv
+
+from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
+from renderqueue_pipeline.batch.source import PromptFileError
+from renderqueue_pipeline.defs.submission.resources import PromptsInbox
+from renderqueue_pipeline.defs.submission.sensors import prompts_inbox_sensor
+from renderqueue_pipeline.simulator.testing import RunningSimulator
+
+
+@pytest.fixture
+def instance(ledger_url: str) -> Iterator[dg.DagsterInstance]:
+    with dagster_instance(ledger_url) as instance:
+        yield instance
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {
+        k: os.environ.get(k)
+        for k in (
+            "AWS_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION",
+        )
+    }
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    try:
+        yield endpoint
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3_endpoint: str) -> Iterator[str]:
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    name = "prompts-inbox"
+    if not fs.exists(name):
+        fs.mkdir(name)
+    yield name
+    fs.rm(name, recursive=True)
+
+
+def test_a_file_on_s3_is_listed_by_the_sensor_and_submitted(
+    fal_sim: RunningSimulator,
+    conn: psycopg.Connection,
+    ledger_url: str,
+    bucket: str,
+    instance: dg.DagsterInstance,
+    tmp_path,
+) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    local = write_csv(tmp_path / "w.csv", [{**r, "endpoint": SEEDANCE} for r in prompts(3)])
+    fs.put(str(local), f"{bucket}/inbox/week48.csv")
+    fs.pipe(f"{bucket}/inbox/.week49.csv", b"prompt\nhidden\n")
+
+    inbox = PromptsInbox(url=f"s3://{bucket}/inbox")
+
+    def tick(cursor):
+        context = dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources={"prompts_inbox": inbox}
+        )
+        return prompts_inbox_sensor(context)
+
+    first = tick(None)
+    assert not first.run_requests
+    [request] = tick(first.cursor).run_requests
+    file_url = request.run_config["ops"]["submit_prompts_file"]["config"]["file_url"]
+    assert file_url == f"s3://{bucket}/inbox/week48.csv"
+    assert (
+        request.run_key == f"{bucket}/inbox/week48.csv@{fs.info(file_url)['ETag'].strip(chr(34))}"
+    )
+
+    result = submit_batch_file(file_url, BatchOptions(), ledger_url=ledger_url)
+    assert result.report.counts["submitted"] == 3
+    # the same bytes uploaded under another key: recognised, nothing sent
+    fs.copy(file_url, f"{bucket}/inbox/week48-again.csv")
+    again = submit_batch_file(
+        f"s3://{bucket}/inbox/week48-again.csv", BatchOptions(), ledger_url=ledger_url
+    )
+    assert again.duplicate and again.batch_id == result.batch_id
+    assert len(fal_sim.control.ground_truth()) == 3
+
+
+def test_a_prompts_url_whose_bucket_does_not_exist_says_so(
+    conn: psycopg.Connection, ledger_url: str, s3_endpoint: str, instance: dg.DagsterInstance
+) -> None:
+    inbox = PromptsInbox(url="s3://no-such-bucket-here/inbox")
+    with pytest.raises(PromptFileError) as caught:
+        prompts_inbox_sensor(
+            dg.build_sensor_context(instance=instance, resources={"prompts_inbox": inbox})
+        )
+    assert str(caught.value) == (
+        "s3://no-such-bucket-here/inbox: bucket 'no-such-bucket-here' does not exist "
+        "(or is not visible with these credentials)"
+    )
+    with pytest.raises(PromptFileError, match="bucket 'no-such-bucket-here' does not exist"):
+        submit_batch_file("s3://no-such-bucket-here/inbox/a.csv", ledger_url=ledger_url)
+    assert ledger_counts(conn) == (0, 0, 0)
