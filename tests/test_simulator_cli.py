@@ -76,6 +76,7 @@ def _parse_exports(text: str) -> dict[str, str]:
 @pytest.mark.timeout(400)  # four cold CLI starts: slow on a loaded 2-core machine
 def test_serve_prints_env_at_once_and_runs_readme_examples(tmp_path: Path) -> None:
     port = free_port()
+    platform_port = free_port()  # the Platform API's (default --port + 1 may be taken)
     out = tmp_path / "sim.out"
     env = _clean_env(tmp_path / "home")
     with out.open("w") as handle:  # output to a file: must still be flushed at once
@@ -86,6 +87,8 @@ def test_serve_prints_env_at_once_and_runs_readme_examples(tmp_path: Path) -> No
                 "serve",
                 "--port",
                 str(port),
+                "--platform-port",
+                str(platform_port),
                 "--queue-delay",
                 "0.05",
                 "--run-time",
@@ -105,7 +108,8 @@ def test_serve_prints_env_at_once_and_runs_readme_examples(tmp_path: Path) -> No
         assert Path(client["SSL_CERT_FILE"]).is_relative_to(tmp_path / "home" / "simulator")
 
         printed = subprocess.run(
-            [*RENDERQUEUE, "simulator", "serve", "--port", str(port), "--print-env"],
+            [*RENDERQUEUE, "simulator", "serve", "--port", str(port),
+             "--platform-port", str(platform_port), "--print-env"],
             capture_output=True,
             text=True,
             env=env,
