@@ -22,7 +22,6 @@ pytest_plugins = (
 )
 
 
-
 def pytest_configure(config: pytest.Config) -> None:
     """Temp folders under this checkout, not the shared /tmp/pytest-of-<user>.
 
@@ -80,6 +79,25 @@ def ledger_url(make_database: Callable[[], str]) -> str:
     return url
 
 
+def empty_ledger(url: str) -> None:
+    """Empty every ledger table (and, by cascade, the tables that refer to them)."""
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("set lock_timeout = '60s'")
+        connection.execute(f"truncate {', '.join(LEDGER_TABLES)} restart identity cascade")
+
+
+@pytest.fixture(autouse=True)
+def _empty_ledger_after_each_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every test that used the shared ledger leaves it empty, passed or failed.
+
+    Runs after the test's own fixtures are torn down (connections closed), so a test never
+    sees another's rows, whichever fixture it reached the database through.
+    """
+    yield
+    if "ledger_url" in request.fixturenames:
+        empty_ledger(request.getfixturevalue("ledger_url"))
+
+
 @pytest.fixture
 def conn(ledger_url: str) -> Iterator[psycopg.Connection]:
     """A connection to the migrated ledger; every ledger table is emptied afterwards."""
@@ -88,8 +106,6 @@ def conn(ledger_url: str) -> Iterator[psycopg.Connection]:
         yield connection
     finally:
         connection.rollback()
-        connection.execute(f"truncate {', '.join(LEDGER_TABLES)} restart identity cascade")
-        connection.commit()
         connection.close()
 
 

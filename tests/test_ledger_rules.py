@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ledger_helpers import SEEDANCE, generation, submit_row, video_payload
@@ -287,3 +289,168 @@ def test_a_payload_less_completion_keeps_the_estimate(conn: psycopg.Connection) 
     row = generation(conn, request_id)
     assert (row["status"], row["outputs"], row["cost_basis"]) == ("completed", None, "estimate")
     assert row["error"] == "Response payload could not be serialized to JSON"
+
+
+# -- order independence through the batch path, across two connections -----------------
+
+BARE = ("completed", None, "Response payload could not be serialized")  # fal's payload_error
+
+
+@st.composite
+def two_connection_deliveries(draw: st.DrawFn) -> tuple[list, list, list]:
+    """(in-order deliveries, connection A's batches, connection B's batches).
+
+    The same events (with a payload-less completion sometimes, duplicates always possible,
+    also inside one batch) shuffled and cut into batches that two connections send at once.
+    """
+    kind = draw(st.sampled_from(["completed", "failed", "canceled"]))
+    events: list = []
+    if draw(st.booleans()):
+        events.append(("in_progress", None, None))
+    if kind == "completed":
+        shape = draw(st.sampled_from(["full", "bare", "bare+full"]))
+        if "bare" in shape:
+            events.append(BARE)
+        if "full" in shape:
+            events.append(terminal_event("completed", draw(st.integers(0, 2**31))))
+    else:
+        events.append(terminal_event(kind, 0))
+    in_order = [ROW, *events]
+    copies = [ROW] + [e for e in events for _ in range(draw(st.integers(1, 3)))]
+    shuffled = list(draw(st.permutations(copies)))
+    batches: list[list] = []
+    while shuffled:
+        size = draw(st.integers(1, len(shuffled)))
+        batch, shuffled = shuffled[:size], shuffled[size:]
+        if ROW in batch:  # the row is inserted on its own, like the submit path does
+            batch.remove(ROW)
+            batches.append([ROW])
+        if batch:
+            batches.append(batch)
+    sides = [draw(st.booleans()) for _ in batches]
+    a = [b for b, side in zip(batches, sides, strict=True) if side]
+    b = [b for b, side in zip(batches, sides, strict=True) if not side]
+    return in_order, a, b
+
+
+def send(connection: psycopg.Connection, request_id: str, batches: list[list]) -> None:
+    for batch in batches:
+        if batch == [ROW]:
+            intent = record_intent(connection, user_id=7, endpoint=SEEDANCE, inputs=INPUTS)
+            connection.commit()
+            record_submitted(connection, intent, request_id)
+        else:
+            record_events(
+                connection,
+                [LedgerEvent(request_id, kind, payload, error) for kind, payload, error in batch],
+            )
+
+
+@pytest.fixture
+def second_conn(ledger_url: str) -> Iterator[psycopg.Connection]:
+    connection = connect(ledger_url)
+    try:
+        yield connection
+    finally:
+        connection.rollback()
+        connection.close()
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(plan=two_connection_deliveries())
+def test_batches_from_two_connections_at_once_give_the_in_order_row(
+    conn: psycopg.Connection, second_conn: psycopg.Connection, plan: tuple[list, list, list]
+) -> None:
+    in_order, batches_a, batches_b = plan
+    expected_id, actual_id = f"exp-{uuid.uuid4().hex}", f"two-{uuid.uuid4().hex}"
+    deliver(conn, expected_id, in_order)
+    conn.commit()
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def run(connection: psycopg.Connection, batches: list[list]) -> None:
+        try:
+            start.wait(timeout=30)
+            send(connection, actual_id, batches)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=run, args=(conn, batches_a)),
+        threading.Thread(target=run, args=(second_conn, batches_b)),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    expected, actual = final_state(conn, expected_id), final_state(conn, actual_id)
+    conn.commit()
+    assert actual == expected
+    assert actual["waiting"] == 0 and actual["finished"]
+    stored = conn.execute(
+        "select count(*) as n from generation_events where request_id = %s", (actual_id,)
+    ).fetchone()["n"]
+    conn.commit()
+    assert stored == len(in_order) - 1  # duplicates are never stored twice
+
+
+def test_the_dedupe_key_ignores_gateway_request_id(conn: psycopg.Connection) -> None:
+    """fal changes gateway_request_id when it retries internally: still the same event."""
+    request_id, _ = submit_row(conn)
+    payload = video_payload()
+    first = LedgerEvent(request_id, "completed", payload, None, "webhook", "gw-first")
+    retried = LedgerEvent(request_id, "completed", payload, None, "webhook", "gw-second")
+    assert record_events(conn, [first]) == ["applied"]
+    assert record_events(conn, [retried]) == ["duplicate"]
+    stored = conn.execute(
+        "select gateway_request_id from generation_events where request_id = %s",
+        (request_id,),
+    ).fetchall()
+    assert [r["gateway_request_id"] for r in stored] == ["gw-first"]
+
+
+@pytest.mark.parametrize("status", ["failed", "canceled"])
+def test_raw_sql_cannot_charge_a_failed_or_canceled_row(
+    conn: psycopg.Connection, status: str
+) -> None:
+    request_id, _ = submit_row(conn)
+    conn.execute(
+        "update generations set status = %s, cost_cents = 500, cost_basis = 'billed' "
+        "where request_id = %s",
+        (status, request_id),
+    )
+    conn.execute("update generations set cost_micros = 99 where request_id = %s", (request_id,))
+    row = generation(conn, request_id)
+    assert (row["status"], row["cost_micros"], row["cost_cents"], row["cost_basis"]) == (
+        status,
+        0,
+        0,
+        "none",
+    )
+    conn.rollback()
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ("in_progress", "submitted"),
+        ("completed", "in_progress"),
+        ("completed", "submitted"),
+        ("failed", "completed"),
+        ("failed", "in_progress"),
+        ("canceled", "failed"),
+    ],
+)
+def test_raw_sql_cannot_move_a_row_backwards(
+    conn: psycopg.Connection, before: str, after: str
+) -> None:
+    request_id, _ = submit_row(conn)
+    conn.execute("update generations set status = %s where request_id = %s", (before, request_id))
+    with pytest.raises(psycopg.errors.CheckViolation, match=f"is {before} and cannot become"):
+        conn.execute(
+            "update generations set status = %s where request_id = %s", (after, request_id)
+        )
+    conn.rollback()

@@ -69,15 +69,57 @@ def test_the_four_seed_indexes_exactly(conn: psycopg.Connection) -> None:
         assert defs.get(name) == definition
 
 
-def test_additions_design_asks_for(conn: psycopg.Connection) -> None:
-    """Partial index for open rows, archive backlog, prompt full-text, exact money."""
-    defs = " ".join(
-        r["indexdef"]
-        for r in conn.execute("select indexdef from pg_indexes where tablename = 'generations'")
-    )
-    assert "generations_open_idx" in defs and "WHERE (status = ANY" in defs
-    assert "to_tsvector('english'" in defs
-    assert "generations_archive_backlog_idx" in defs
+# index name -> (table, key columns as pg_get_indexdef prints them, predicate or None)
+LEDGER_INDEXES = {
+    "generations_open_idx": (
+        "generations",
+        "btree (created_at)",
+        "(status = ANY (ARRAY['submitted'::generation_status, 'in_progress'::generation_status]))",
+    ),
+    "generations_archive_backlog_idx": (
+        "generations",
+        "btree (finished_at)",
+        "((status = 'completed'::generation_status) AND (archive_status = 'pending'::text))",
+    ),
+    "generations_prompt_fts_idx": (
+        "generations",
+        "gin (to_tsvector('english'::regconfig, COALESCE((inputs ->> 'prompt'::text), ''::text)))",
+        None,
+    ),
+    "generation_events_dedupe_key": ("generation_events", "btree (dedupe_key)", None),
+    "generation_events_request_idx": ("generation_events", "btree (request_id, id)", None),
+    "generation_events_waiting_idx": (
+        "generation_events",
+        "btree (received_at)",
+        "(applied_at IS NULL)",
+    ),
+    "batch_items_pending_idx": ("batch_items", "btree (created_at)", "(state = 'pending'::text)"),
+}
+
+
+def test_each_ledger_index_has_its_own_columns_and_predicate(conn: psycopg.Connection) -> None:
+    """Each index compared on its own: table, method and keys, and its WHERE clause."""
+    rows = conn.execute(
+        "select c.relname as name, t.relname as table_name, i.indisunique as is_unique, "
+        "pg_get_indexdef(i.indexrelid) as definition, "
+        "pg_get_expr(i.indpred, i.indrelid) as predicate "
+        "from pg_index i join pg_class c on c.oid = i.indexrelid "
+        "join pg_class t on t.oid = i.indrelid "
+        "where c.relname = any(%s)",
+        (list(LEDGER_INDEXES),),
+    ).fetchall()
+    found = {r["name"]: r for r in rows}
+    assert set(found) == set(LEDGER_INDEXES)
+    for name, (table, keys, predicate) in LEDGER_INDEXES.items():
+        row = found[name]
+        assert row["table_name"] == table, name
+        assert row["predicate"] == predicate, name
+        using = row["definition"].split(" USING ", 1)[1].split(" WHERE ", 1)[0]
+        assert using == keys, name
+    assert found["generation_events_dedupe_key"]["is_unique"]
+
+
+def test_the_ledger_tables_exist(conn: psycopg.Connection) -> None:
     tables = {
         r["table_name"]
         for r in conn.execute(

@@ -28,24 +28,42 @@ def test_submit_webhook_and_reconcile_statements(conn: psycopg.Connection) -> No
     inputs = json.dumps({"prompt": "a horse", "resolution": "1080p", "duration": 5})
     conn.execute(SUBMIT, ("req-a", 42, ENDPOINT, inputs, 340))
     conn.execute(SUBMIT, ("req-a", 42, ENDPOINT, inputs, 340))  # webhook-beat-insert case: no-op
-    conn.execute(SUBMIT, ("req-b", 42, ENDPOINT, inputs, 340))
+    assert (
+        conn.execute("select count(*) as n from generations where request_id = 'req-a'").fetchone()[
+            "n"
+        ]
+        == 1
+    )
+    # the stuck one belongs to another user: backdating it never moves user 42's month
+    conn.execute(SUBMIT, ("req-b", 43, ENDPOINT, inputs, 340))
     conn.execute(
         "update generations set created_at = now() - interval '11 minutes' "
         "where request_id = 'req-b'"
     )
+    conn.execute(SUBMIT, ("req-c", 42, ENDPOINT, inputs, 340))
+    conn.commit()
     outputs = json.dumps({"video_url": "s3://ours/a.mp4", "original_url": "https://x/a.mp4"})
     conn.execute(WEBHOOK, ("completed", outputs, None, "req-a"))
+    conn.commit()
+    first = generation(conn, "req-a")
     conn.execute(WEBHOOK, ("completed", outputs, None, "req-a"))  # a retried webhook: no-op
+    conn.commit()
+    retried = generation(conn, "req-a")
+    assert {k: v for k, v in retried.items() if k != "updated_at"} == {
+        k: v for k, v in first.items() if k != "updated_at"
+    }
     stuck = conn.execute(RECONCILE).fetchall()
     assert [r["request_id"] for r in stuck] == ["req-b"]
-    row = generation(conn, "req-a")
-    assert row["status"] == "completed" and row["cost_cents"] == 340
-    assert row["cost_micros"] == 3_400_000
+    assert (retried["status"], retried["cost_cents"], retried["cost_micros"]) == (
+        "completed",
+        340,
+        340 * 10_000,
+    )
     spent = conn.execute(
         "select sum(cost_cents) as cents from generations "
         "where user_id = 42 and created_at >= date_trunc('month', now())"
     ).fetchone()
-    assert spent["cents"] == 680
+    assert spent["cents"] == 2 * 340  # req-a and req-c, created in this transaction's month
 
 
 def test_prompt_containment_search_uses_the_gin_index(conn: psycopg.Connection) -> None:

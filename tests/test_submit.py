@@ -2,83 +2,160 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+
 import psycopg
 import pytest
 from ledger_helpers import SEEDANCE, generation
 
+from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.errors import LedgerInputError
 from renderqueue_pipeline.ledger import mark_unknown_outcomes, submit_generation
 
 INPUTS = {"prompt": "a red fox", "duration": "5"}
 
 
-class Crash(Exception):
-    """Stands for the process dying after fal accepted the request."""
-
-
 class Refused(Exception):
     """Stands for fal's definite refusal (e.g. a 422)."""
 
 
-def test_submit_writes_intent_then_row(conn: psycopg.Connection) -> None:
-    calls: list[str] = []
+def item(conn: psycopg.Connection, key: str) -> dict | None:
+    return conn.execute("select * from batch_items where idempotency_key = %s", (key,)).fetchone()
+
+
+def test_the_intent_is_committed_before_fal_is_called(
+    conn: psycopg.Connection, ledger_url: str
+) -> None:
+    """Seen from ANOTHER connection while fal is being called: committed, pending."""
+    key = f"k-{uuid.uuid4().hex}"
+    request_id = f"req-{uuid.uuid4().hex}"
+    seen: list[dict | None] = []
 
     def fal_submit(endpoint: str, inputs: dict) -> str:
-        item = conn.execute("select state from batch_items").fetchone()
-        calls.append(item["state"])  # the intent is already recorded when fal is called
-        return "req-1"
+        with connect(ledger_url) as other:
+            seen.append(item(other, key))
+        return request_id
 
-    request_id = submit_generation(
-        conn, fal_submit, user_id=5, endpoint=SEEDANCE, inputs=INPUTS, idempotency_key="k1"
+    assert (
+        submit_generation(
+            conn, fal_submit, user_id=5, endpoint=SEEDANCE, inputs=INPUTS, idempotency_key=key
+        )
+        == request_id
     )
-    assert request_id == "req-1" and calls == ["pending"]
-    row = generation(conn, "req-1")
-    item = conn.execute("select * from batch_items").fetchone()
-    assert (item["state"], item["request_id"], row["batch_item_id"]) == (
+    assert len(seen) == 1 and seen[0] is not None
+    assert (seen[0]["state"], seen[0]["request_id"]) == ("pending", None)
+    with connect(ledger_url) as other:
+        after = item(other, key)
+        row = generation(other, request_id)
+    assert (after["state"], after["request_id"], row["batch_item_id"]) == (
         "submitted",
-        "req-1",
-        item["id"],
+        request_id,
+        after["id"],
     )
 
 
 def test_same_key_again_does_not_call_fal_twice(conn: psycopg.Connection) -> None:
     calls = []
+    key, request_id = f"k-{uuid.uuid4().hex}", f"req-{uuid.uuid4().hex}"
 
     def fal_submit(endpoint: str, inputs: dict) -> str:
         calls.append(1)
-        return "req-1"
+        return request_id
 
     for _ in range(3):
         assert (
             submit_generation(
-                conn, fal_submit, user_id=5, endpoint=SEEDANCE, inputs=INPUTS, idempotency_key="k"
+                conn, fal_submit, user_id=5, endpoint=SEEDANCE, inputs=INPUTS, idempotency_key=key
             )
-            == "req-1"
+            == request_id
         )
     assert len(calls) == 1
 
 
-def test_crash_after_fal_leaves_an_unknown_outcome_not_a_resubmission(
-    conn: psycopg.Connection,
-) -> None:
-    def crashing(endpoint: str, inputs: dict) -> str:
-        raise Crash
+DYING_SUBMITTER = textwrap.dedent(
+    """
+    import os, sys
+    from renderqueue_pipeline.db.connect import connect
+    from renderqueue_pipeline.ledger import submit_generation
 
-    with pytest.raises(Crash):
-        submit_generation(
-            conn, crashing, user_id=5, endpoint=SEEDANCE, inputs=INPUTS, idempotency_key="k2"
-        )
-    conn.execute("update batch_items set created_at = now() - interval '11 minutes'")
+    def fal_submit(endpoint, inputs):
+        # fal has the request now; the process dies before the answer is recorded
+        sys.stdout.write("calling fal\\n")
+        sys.stdout.flush()
+        os._exit(17)
+
+    with connect(sys.argv[1]) as conn:
+        submit_generation(conn, fal_submit, user_id=5, endpoint=sys.argv[2],
+                          inputs={"prompt": "a red fox", "duration": "5"},
+                          idempotency_key=sys.argv[3])
+    sys.stdout.write("not reached\\n")
+    """
+)
+
+
+def test_a_process_dying_inside_the_submit_leaves_an_unknown_outcome(
+    conn: psycopg.Connection, ledger_url: str
+) -> None:
+    key = f"k-{uuid.uuid4().hex}"
+    died = subprocess.run(
+        [sys.executable, "-c", DYING_SUBMITTER, ledger_url, SEEDANCE, key],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ},
+    )
+    assert (died.returncode, died.stdout) == (17, "calling fal\n"), died.stderr
+    pending = item(conn, key)  # this connection is not the dead process's
+    assert (pending["state"], pending["request_id"]) == ("pending", None)
+    conn.execute(
+        "update batch_items set created_at = now() - interval '11 minutes' "
+        "where idempotency_key = %s",
+        (key,),
+    )
+    conn.commit()
     unknown = mark_unknown_outcomes(conn)
-    assert len(unknown) == 1 and unknown[0]["user_id"] == 5
+    assert [u["id"] for u in unknown] == [pending["id"]]
+    assert item(conn, key)["state"] == "unknown"
+
+    def must_not_be_called(endpoint: str, inputs: dict) -> str:
+        raise AssertionError("an unknown outcome was submitted again")
+
     with pytest.raises(LedgerInputError, match="is unknown; not submitting again"):
         submit_generation(
-            conn, crashing, user_id=5, endpoint=SEEDANCE, inputs=INPUTS, idempotency_key="k2"
+            conn,
+            must_not_be_called,
+            user_id=5,
+            endpoint=SEEDANCE,
+            inputs=INPUTS,
+            idempotency_key=key,
         )
-    assert conn.execute("select count(*) as n from generations").fetchone()["n"] == 0
+    rows = conn.execute(
+        "select count(*) as n from generations where batch_item_id = %s", (pending["id"],)
+    ).fetchone()
+    assert rows["n"] == 0
+
+
+def test_a_recent_pending_intent_is_not_yet_unknown(conn: psycopg.Connection) -> None:
+    key = f"k-{uuid.uuid4().hex}"
+
+    def crashing(endpoint: str, inputs: dict) -> str:
+        raise ConnectionError("the answer was lost")
+
+    with pytest.raises(ConnectionError):
+        submit_generation(
+            conn, crashing, user_id=5, endpoint=SEEDANCE, inputs=INPUTS, idempotency_key=key
+        )
+    assert mark_unknown_outcomes(conn) == []
+    assert item(conn, key)["state"] == "pending"
 
 
 def test_definite_rejection_is_recorded_with_its_reason(conn: psycopg.Connection) -> None:
+    key = f"k-{uuid.uuid4().hex}"
+
     def refusing(endpoint: str, inputs: dict) -> str:
         raise Refused("422: prompt rejected by the model")
 
@@ -89,7 +166,8 @@ def test_definite_rejection_is_recorded_with_its_reason(conn: psycopg.Connection
             user_id=5,
             endpoint=SEEDANCE,
             inputs=INPUTS,
+            idempotency_key=key,
             is_definite_rejection=lambda exc: isinstance(exc, Refused),
         )
-    item = conn.execute("select state, reason from batch_items").fetchone()
-    assert item == {"state": "rejected", "reason": "422: prompt rejected by the model"}
+    found = item(conn, key)
+    assert (found["state"], found["reason"]) == ("rejected", "422: prompt rejected by the model")

@@ -484,21 +484,24 @@ def apply_waiting_events(
     with conn.transaction():
         started = _first(conn.execute("select now()").fetchone())
     done = 0
-    while done < limit:
-        with conn.transaction():
-            ids = [
-                _first(r)
-                for r in conn.execute(
-                    q("waiting_events_with_row"),
-                    {"started": started, "limit": min(chunk, limit - done)},
-                ).fetchall()
-            ]
-            if not ids:
-                break
-            cursor = conn.cursor(row_factory=dict_row)
-            rows = cursor.execute(q("apply_events"), {"event_ids": ids}).fetchall()
-        outcomes.update(row["outcome"] for row in rows)
-        done += len(ids)
+    for failed_before in (False, True):
+        after = 0
+        while done < limit:
+            with conn.transaction():
+                params = {
+                    "after": after,
+                    "failed": failed_before,
+                    "started": started,
+                    "limit": min(chunk, limit - done),
+                }
+                ids = [_first(r) for r in conn.execute(q("waiting_events_with_row"), params)]
+                if not ids:
+                    break
+                cursor = conn.cursor(row_factory=dict_row)
+                rows = cursor.execute(q("apply_events"), {"event_ids": ids}).fetchall()
+            outcomes.update(row["outcome"] for row in rows)
+            after = ids[-1]
+            done += len(ids)
     expired = expire_waiting_events(conn, retention)
     if expired:
         outcomes["expired"] += expired

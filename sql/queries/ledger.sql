@@ -68,14 +68,16 @@ select ord, event_id, outcome from rq_record_events(%(events)s);
 select event_id, outcome from rq_apply_events(%(event_ids)s::bigint[]);
 
 -- name: waiting_events_with_row
--- one chunk of apply_waiting_events: events not tried since the pass started, those
--- that failed before last
+-- one chunk of apply_waiting_events, by id after %(after)s: first the events never tried,
+-- then (%(failed)s) those that failed before this pass started
 select e.id
 from generation_events e
 where e.applied_at is null
-  and (e.apply_failed_at is null or e.apply_failed_at < %(started)s)
+  and e.id > %(after)s
+  and case when %(failed)s then e.apply_failed_at < %(started)s
+           else e.apply_failed_at is null end
   and exists (select 1 from generations g where g.request_id = e.request_id)
-order by e.apply_failed_at nulls first, e.id
+order by e.id
 limit %(limit)s;
 
 -- name: waiting_event_count
