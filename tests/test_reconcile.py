@@ -315,3 +315,24 @@ def test_fals_504_user_timeout_is_a_terminal_failure(
     assert (got["status"], got["cost_micros"]) == ("failed", 0)
     assert "504" in got["error"] or "timed out" in got["error"]
     assert (report.failed, report.still_open, report.fal_errors) == (1, 0, 0)
+
+
+def test_the_cli_runs_the_same_pass_and_prints_its_figures(
+    fal_sim: RunningSimulator, conn: psycopg.Connection, ledger_env: str
+) -> None:
+    from click.testing import CliRunner
+
+    from renderqueue_pipeline.cli import main
+
+    fal_sim.control.reset(seed=2, **FAST_TEST_OPTIONS, webhook_drop_rate=1.0)
+    (request_id,) = submit_many(conn, 1)
+    fal_sim.control.wait_finished(request_id)
+    age_rows(conn, [request_id], "11 minutes")
+    result = CliRunner().invoke(main, ["reconcile", "--concurrency", "2"])
+    assert result.exit_code == 0, result.output
+    assert row(conn, request_id)["status"] == "completed"
+    for figure in ("rows examined", "rows advanced", "still open", "failed", "results fetched"):
+        assert figure in result.output
+    assert "seconds" in result.output
+    bad = CliRunner().invoke(main, ["reconcile", "--concurrency", "0"])
+    assert bad.exit_code != 0 and "concurrency" in bad.output
