@@ -1,12 +1,12 @@
 # Two commands set everything up on a fresh machine with Python 3.11+ and pip:
-#   make demo   install, start the embedded Postgres, run the main job
+#   make demo   install, then run the whole product locally in the Dagster UI
 #   make test   install with test extras and run the whole suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test lint bench clean stop
+.PHONY: install demo demo-headless prod-local test lint bench clean stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/renderqueue demo
+	$(BIN)/renderqueue dev
+
+demo-headless: install
+	$(BIN)/renderqueue demo --headless
+
+prod-local: install
+	$(BIN)/renderqueue dev --production-shape
 
 lint: install
 	$(BIN)/ruff check renderqueue_pipeline tests bench

@@ -95,21 +95,39 @@ def db_status() -> None:
 
 
 @main.command()
-def demo() -> None:
-    """Submit a few generations to the local fal simulator and watch the ledger fill in."""
-    from renderqueue_pipeline.demo import run_demo
+@click.option(
+    "--headless",
+    is_flag=True,
+    help="Run the whole flow in this process without the UI, print a summary, and exit 0 "
+    "only if the ledger matches the simulator's ground truth.",
+)
+@click.option("--port", default=3000, show_default=True, help="Port of the Dagster UI.")
+def demo(headless: bool, port: int) -> None:
+    """The whole product on the embedded defaults: in the Dagster UI, or --headless."""
+    if headless:
+        from renderqueue_pipeline.demo import run_headless
 
-    if not run_demo():
-        sys.exit(1)
+        if not run_headless():
+            sys.exit(1)
+        return
+    from renderqueue_pipeline.dev import run_dev
+
+    run_dev(ui_port=port)
 
 
 @main.command()
 @click.option("--port", default=3000, show_default=True, help="Port of the Dagster UI.")
-def dev(port: int) -> None:
+@click.option(
+    "--production-shape",
+    is_flag=True,
+    help="Run the code location as a gRPC code server (port 4000) that the webserver and "
+    "daemon reach through a workspace file, and two webhook receivers (8787, 8788).",
+)
+def dev(port: int, production_shape: bool) -> None:
     """Run the whole product locally and open it in the Dagster UI (Ctrl-C stops it)."""
     from renderqueue_pipeline.dev import run_dev
 
-    run_dev(ui_port=port)
+    run_dev(ui_port=port, production_shape=production_shape)
 
 
 db.add_command(db_reset)

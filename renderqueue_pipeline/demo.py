@@ -1,20 +1,24 @@
-"""`renderqueue demo`: the whole loop on one machine, with no fal account.
+"""`renderqueue demo --headless`: the product's whole flow, to completion, without the UI.
 
-Embedded Postgres, the local fal simulator (real TLS, real fal-client), the webhook
-receiver, a handful of submissions through the ledger's submit path, webhooks applied as
-they arrive, then the Dagster ledger job on a Postgres-backed instance.
+The same sensors, jobs and assets the Dagster UI runs, executed in this process on a
+Postgres-backed Dagster instance: the prompts inbox sensor sees the sample file, the
+`submit_batch` run submits it to the local fal simulator (real TLS, real fal-client), the
+webhook receiver records the outcomes, then the reconciler, the archiver, the monthly
+spend reports and fal's billing reconciliation run. It exits 0 only when the ledger
+matches the simulator's ground truth.
 """
 
 from __future__ import annotations
 
-import asyncio
+import datetime as dt
 import os
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from renderqueue_pipeline.db.connect import connect
@@ -23,162 +27,346 @@ from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.ledger.report import dollars
 from renderqueue_pipeline.settings import get_settings, redact_url
 
-# (user, endpoint, inputs): a small, mixed batch priced from the seeded price table
-DEMO_REQUESTS: list[tuple[int, str, dict]] = [
-    (
-        101,
-        "bytedance/seedance-2.0/text-to-video",
-        {"prompt": "a red fox trotting through fresh snow, golden hour", "duration": "5"},
-    ),
-    (
-        101,
-        "bytedance/seedance-2.0/text-to-video",
-        {
-            "prompt": "timelapse of clouds over a mountain lake",
-            "duration": "auto",
-            "resolution": "1080p",
-        },
-    ),
-    (
-        102,
-        "bytedance/seedance-2.0/fast/text-to-video",
-        {"prompt": "a paper boat drifting down a rainy street", "duration": "4"},
-    ),
-    (
-        102,
-        "fal-ai/veo3.1",
-        {
-            "prompt": "a lighthouse in a storm, waves crashing",
-            "duration": "8s",
-            "generate_audio": False,
-        },
-    ),
-    (
-        103,
-        "fal-ai/kling-video/v3/turbo/pro/text-to-video",
-        {"prompt": "macro shot of a bee landing on lavender", "duration": "5"},
-    ),
-    (
-        103,
-        "bytedance/seedance-2.0/text-to-video",
-        {"prompt": "a city skyline from day to night", "duration": "6", "resolution": "480p"},
-    ),
-]
 TERMINAL = ("completed", "failed", "canceled")
+OVER_BUDGET_USER = 106
+OVER_BUDGET_USD = "25"
 
 
 @contextmanager
-def local_fal(home: Path, *, seed: int = 2, failure_rate: float = 0.15):
-    """Start the fal simulator and point fal-client at it (before fal_client is imported)."""
+def local_fal(home: Path, *, seed: int = 2, failure_rate: float = 0.1) -> Iterator[Any]:
+    """The fal simulator and its Platform API in threads; fal-client pointed at them.
+
+    Sets the environment before fal_client is imported anywhere in this process.
+    """
+    from renderqueue_pipeline.simulator import platform
     from renderqueue_pipeline.simulator.config import SimConfig
     from renderqueue_pipeline.simulator.server import SimulatorServer
 
-    server = SimulatorServer(
-        home, port=0, config=SimConfig(seed=seed, failure_rate=failure_rate)
-    ).start()
-    os.environ.update(server.env())
+    config = SimConfig(seed=seed, failure_rate=failure_rate)
+    server = SimulatorServer(home, port=0, config=config).start()
+    book = platform.BillingBook(platform.BillingConfig(seed=seed, admin_key=config.admin_key))
+    api = platform.PlatformServer(home, book, port=0)
+    platform.attach(server.app.state.engine, book)
+    api.start()
+    os.environ.update({**server.env(), **platform.platform_env("127.0.0.1", api.port)})
+    get_settings.cache_clear()
     try:
         yield server
     finally:
+        api.stop()
         server.stop()
 
 
-async def _submit_all(url: str, webhook_url: str) -> list[tuple[int, str, dict, str]]:
-    from renderqueue_pipeline.fal_gateway import FalGateway, FalRejected, SubmitResult
-    from renderqueue_pipeline.ledger import asubmit_generation
+def prepare_demo_ledger(url: str) -> None:
+    """One user gets a small monthly budget, so the demo shows a budget refusal."""
+    from renderqueue_pipeline.batch.budget import parse_usd, set_budget
 
-    async with FalGateway(default_webhook_url=webhook_url) as gateway:
-
-        async def submit(endpoint: str, inputs: dict) -> SubmitResult:
-            return await gateway.submit(endpoint, inputs)  # the ledger keeps fal_expires_at
-
-        async def one(user_id: int, endpoint: str, inputs: dict) -> tuple[int, str, dict, str]:
-            with connect(url) as conn:  # one connection per concurrent submission
-                request_id = await asubmit_generation(
-                    conn,
-                    submit,
-                    user_id=user_id,
-                    endpoint=endpoint,
-                    inputs=inputs,
-                    is_definite_rejection=lambda exc: isinstance(exc, FalRejected),
-                )
-            return user_id, endpoint, inputs, request_id
-
-        return await asyncio.gather(*(one(*request) for request in DEMO_REQUESTS))
+    month = dt.datetime.now(dt.UTC).date().replace(day=1)
+    with connect(url) as conn:
+        exists = conn.execute(
+            "select 1 from user_budgets where user_id = %s and month = %s",
+            (OVER_BUDGET_USER, month),
+        ).fetchone()
+        if not exists:
+            set_budget(conn, OVER_BUDGET_USER, parse_usd(OVER_BUDGET_USD, "budget"), month)
 
 
-def _wait_for_webhooks(url: str, request_ids: list[str], console: Console, timeout: float = 60):
-    with (
-        Progress(
-            TextColumn("waiting for fal's webhooks"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=console,
-        ) as progress,
-        connect(url, autocommit=True) as conn,
-    ):
-        task = progress.add_task("webhooks", total=len(request_ids))
-        deadline = time.monotonic() + timeout
+class Step:
+    """Prints one line per step of the flow, with its time."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.started = time.monotonic()
+
+    def __call__(self, name: str, action: Callable[[], Any]) -> Any:
+        began = time.monotonic()
+        self.console.print(f"[bold]{name}[/bold] ...")
+        result = action()
+        self.console.print(f"  done in {time.monotonic() - began:.1f} s")
+        return result
+
+
+def _sensor_requests(defs: Any, instance: Any) -> list[Any]:
+    """Tick the prompts inbox sensor until it requests runs (a file waits one tick)."""
+    import dagster as dg
+
+    from renderqueue_pipeline.defs.submission.resources import PromptsInbox
+
+    sensor = defs.resolve_sensor_def("prompts_inbox_sensor")
+    cursor = None
+    for _ in range(3):
+        with dg.build_sensor_context(
+            instance=instance, cursor=cursor, resources={"prompts_inbox": PromptsInbox()}
+        ) as context:
+            result = sensor(context)
+        cursor = result.cursor
+        if result.run_requests:
+            return list(result.run_requests)
+        time.sleep(1.1)
+    return []
+
+
+def _wait_for_webhooks(url: str, request_ids: list[str], timeout: float = 90.0) -> int:
+    """Wait until every submitted row is terminal (or the timeout); return how many are."""
+    deadline = time.monotonic() + timeout
+    done = 0
+    with connect(url, autocommit=True) as conn:
         while time.monotonic() < deadline:
             done = conn.execute(
                 "select count(*) as n from generations where request_id = any(%s) "
                 "and status::text = any(%s)",
                 (request_ids, list(TERMINAL)),
             ).fetchone()["n"]
-            progress.update(task, completed=done)
             if done == len(request_ids):
-                return
-            time.sleep(0.2)
-    console.print("[yellow]some webhooks have not arrived yet; the reconciler will catch up[/]")
+                break
+            time.sleep(0.3)
+    return done
 
 
-def run_demo(console: Console | None = None) -> bool:
-    """Run the demo; True when the Dagster job succeeded."""
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def _execute(
+    defs: Any, instance: Any, job: str, run_config: dict | None = None, **kwargs: Any
+) -> Any:
+    """One job run in this process; the run's log goes to Dagster's storage, not stdout."""
+    result = defs.resolve_job_def(job).execute_in_process(
+        instance=instance,
+        raise_on_error=False,
+        run_config={**(run_config or {}), **QUIET},
+        **kwargs,
+    )
+    if not result.success:
+        failures = [e.message for e in result.all_events if e.is_failure]
+        raise RuntimeError(f"{job} failed: {failures[:3]}")
+    return result
+
+
+def run_headless(console: Console | None = None) -> bool:
+    """Run the whole flow; True when the ledger matches the simulator's ground truth."""
     from dagster import DagsterInstance
 
     from renderqueue_pipeline.dagster_home import ensure_dagster_home
-    from renderqueue_pipeline.definitions import defs
-    from renderqueue_pipeline.ledger.report import print_ledger_status
+    from renderqueue_pipeline.definitions import defs as load_defs
+    from renderqueue_pipeline.dev import drop_sample_prompts
+    from renderqueue_pipeline.simulator.testing import SimControl
     from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
     from renderqueue_pipeline.webhook.background import serve_in_thread
 
     console = console or Console()
+    step = Step(console)
     home = get_settings().home_dir
+    home.mkdir(parents=True, exist_ok=True)
     url = database_url()
     console.print(f"ledger database: {redact_url(url)}")
-    applied = migrate(url)
-    console.print(f"migrations applied: {', '.join(applied) or 'none (up to date)'}")
-
+    migrate(url)
     with local_fal(home) as fal:
-        console.print(f"fal simulator: {fal.base_url} (no fal account needed, nothing is billed)")
-        receiver_app = create_app(ReceiverConfig(url, f"{fal.base_url}/.well-known/jwks.json"))
+        console.print(f"fal simulator: {fal.base_url} (no fal account, nothing billed)")
+        receiver_app = create_app(ReceiverConfig(url, os.environ["FAL_JWKS_URL"]))
         with serve_in_thread(receiver_app) as receiver:
+            os.environ["RENDERQUEUE_WEBHOOK_URL"] = f"{receiver}/webhooks/fal"
+            get_settings.cache_clear()
             console.print(f"webhook receiver: {receiver}/webhooks/fal")
-            submitted = asyncio.run(_submit_all(url, f"{receiver}/webhooks/fal"))
-            table = Table(title=f"submitted {len(submitted)} generations")
-            for column in ("user", "endpoint", "request_id", "estimate"):
-                table.add_column(column)
-            with connect(url) as conn:
-                for user_id, endpoint, _, request_id in submitted:
-                    row = conn.execute(
-                        "select cost_micros from generations where request_id = %s", (request_id,)
-                    ).fetchone()
-                    table.add_row(str(user_id), endpoint, request_id, dollars(row["cost_micros"]))
-            console.print(table)
-            _wait_for_webhooks(url, [r for *_, r in submitted], console)
+            prepare_demo_ledger(url)
+            target = drop_sample_prompts(get_settings().prompts)
+            console.print(f"sample prompts: {target}")
+            ensure_dagster_home(url)
+            defs = load_defs()
+            with DagsterInstance.get() as instance:
+                requests = step("prompts_inbox_sensor", lambda: _sensor_requests(defs, instance))
+                batch_ids = []
+                for request in requests:
+                    run = step(
+                        f"submit_batch ({request.tags.get('renderqueue/file', '')})",
+                        lambda request=request: _execute(
+                            defs,
+                            instance,
+                            "submit_batch",
+                            run_config=request.run_config,
+                            tags=request.tags,
+                        ),
+                    )
+                    batch_ids.append(run.output_for_node("submit_prompts_file"))
+                request_ids = _submitted_request_ids(url, batch_ids)
+                done = step(
+                    f"webhooks for {len(request_ids)} generations",
+                    lambda: _wait_for_webhooks(url, request_ids),
+                )
+                console.print(f"  {done}/{len(request_ids)} terminal from fal's webhooks")
+                step(
+                    "reconcile_ledger",
+                    lambda: _execute(
+                        defs,
+                        instance,
+                        "reconcile_ledger",
+                        run_config={
+                            "ops": {"reconcile_open_rows": {"config": {"min_age_minutes": 0}}}
+                        },
+                    ),
+                )
+                step("archive_outputs", lambda: _execute(defs, instance, "archive_outputs"))
+                today = dt.datetime.now(dt.UTC).date()
+                _materialize_reports(defs, instance, today, step)
+                step(
+                    "reconcile_billing (today)",
+                    lambda: _execute(
+                        defs, instance, "reconcile_billing", partition_key=today.isoformat()
+                    ),
+                )
+                step(
+                    "summarize_billing_month",
+                    lambda: _execute(
+                        defs,
+                        instance,
+                        "summarize_billing_month",
+                        partition_key=today.replace(day=1).isoformat(),
+                    ),
+                )
+            truth = SimControl(fal.base_url, fal.bundle)
+            try:
+                truths = {t["request_id"]: t for t in truth.ground_truth()}
+            finally:
+                truth.close()
+    return print_summary(url, batch_ids, request_ids, truths, console)
 
-    home_dir = ensure_dagster_home(url)
-    console.print(f"dagster instance: {home_dir} (storage in Postgres)")
-    with DagsterInstance.get() as instance:
-        result = (
-            defs()
-            .resolve_job_def("ledger_status_job")
-            .execute_in_process(
-                instance=instance,
-                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-            )
-        )
-    console.print(f"dagster run {result.run_id}: {'success' if result.success else 'FAILED'}")
-    print_ledger_status(url, console)
-    return result.success
+
+def _materialize_reports(defs: Any, instance: Any, today: dt.date, step: Step) -> None:
+    """The current month's spend reports, when the reports domain is installed."""
+    try:
+        defs.resolve_job_def("spend_report")
+    except Exception:  # noqa: BLE001 - Dagster raises its own error kinds for a missing job
+        return
+    step(
+        "spend_report (this month)",
+        lambda: _execute(
+            defs,
+            instance,
+            "spend_report",
+            partition_key=today.replace(day=1).isoformat(),
+        ),
+    )
+
+
+def _submitted_request_ids(url: str, batch_ids: list[int]) -> list[str]:
+    with connect(url) as conn:
+        rows = conn.execute(
+            "select request_id from batch_items where batch_id = any(%s) "
+            "and request_id is not null order by id",
+            (batch_ids,),
+        ).fetchall()
+    return [r["request_id"] for r in rows]
+
+
+def check_against_truth(
+    url: str, request_ids: list[str], truths: dict[str, dict[str, Any]]
+) -> list[str]:
+    """Every difference between the ledger and the simulator's decisions, as sentences."""
+    problems: list[str] = []
+    with connect(url) as conn:
+        for request_id in request_ids:
+            row = conn.execute(
+                "select status::text as status, cost_micros, archive_status "
+                "from generations where request_id = %s",
+                (request_id,),
+            ).fetchone()
+            truth = truths.get(request_id)
+            if truth is None or row is None:
+                problems.append(f"{request_id}: missing on one side")
+                continue
+            if row["status"] != truth["status"]:
+                problems.append(f"{request_id}: ledger {row['status']}, fal {truth['status']}")
+            if row["status"] != "completed" and row["cost_micros"] != 0:
+                problems.append(f"{request_id}: {row['status']} but costs {row['cost_micros']}")
+            if row["status"] == "completed" and row["archive_status"] != "archived":
+                problems.append(f"{request_id}: completed but archive is {row['archive_status']}")
+    return problems
+
+
+def print_summary(
+    url: str,
+    batch_ids: list[int],
+    request_ids: list[str],
+    truths: dict[str, dict[str, Any]] | None,
+    console: Console,
+) -> bool:
+    """The one-screen summary; True when the ledger matches the ground truth (if given)."""
+    settings = get_settings()
+    with connect(url) as conn:
+        by_status = conn.execute(
+            "select status::text as status, count(*) as n, coalesce(sum(cost_micros), 0) as c "
+            "from generations where request_id = any(%s) group by 1 order by 1",
+            (request_ids,),
+        ).fetchall()
+        rejected = conn.execute(
+            "select line_no, reason from batch_items where batch_id = any(%s) "
+            "and state = 'rejected' order by line_no",
+            (batch_ids,),
+        ).fetchall()
+        by_user = conn.execute(
+            "select user_id, count(*) as n, coalesce(sum(cost_micros), 0) as c "
+            "from generations where request_id = any(%s) group by 1 order by 3 desc",
+            (request_ids,),
+        ).fetchall()
+        archived = conn.execute(
+            "select count(*) as n, coalesce(sum(archive_bytes), 0) as b from generations "
+            "where request_id = any(%s) and archive_status = 'archived'",
+            (request_ids,),
+        ).fetchone()
+        billing = conn.execute(
+            "select cost_basis, count(*) as n from generations "
+            "where request_id = any(%s) and status = 'completed' group by 1 order by 1",
+            (request_ids,),
+        ).fetchall()
+        billing_days = conn.execute(
+            "select outcome, sum(requests) as n, sum(our_micros) as ours, "
+            "sum(fal_micros) as fal from billing_reconciliation_days "
+            "where day = (now() at time zone 'utc')::date group by 1 order by 1"
+        ).fetchall()
+    table = Table(title="generations by status")
+    for column in ("status", "generations", "cost"):
+        table.add_column(column)
+    for r in by_status:
+        table.add_row(r["status"], str(r["n"]), dollars(r["c"]))
+    console.print(table)
+    if rejected:
+        bad = Table(title="rejected rows")
+        bad.add_column("line")
+        bad.add_column("why")
+        for r in rejected:
+            bad.add_row(str(r["line_no"]), r["reason"])
+        console.print(bad)
+    users = Table(title="spend by user")
+    for column in ("user", "generations", "cost"):
+        users.add_column(column)
+    for r in by_user:
+        users.add_row(str(r["user_id"]), str(r["n"]), dollars(r["c"]))
+    console.print(users)
+    console.print(
+        f"archived: {archived['n']} outputs, {archived['b']:,} bytes under "
+        f"{settings.storage}/generations/"
+    )
+    month = dt.datetime.now(dt.UTC).strftime("%Y-%m")
+    console.print(f"spend reports: {settings.storage}/reports/spend/{month}/")
+    console.print(
+        "cost basis of completed rows: " + ", ".join(f"{r['cost_basis']} {r['n']}" for r in billing)
+    )
+    if billing_days:
+        bills = Table(title="fal's bill against the ledger (today, UTC)")
+        for column in ("outcome", "requests", "ours (computed)", "fal billed"):
+            bills.add_column(column)
+        for r in billing_days:
+            bills.add_row(r["outcome"], str(r["n"]), dollars(r["ours"]), dollars(r["fal"]))
+        console.print(bills)
+    if truths is None:
+        return True
+    problems = check_against_truth(url, request_ids, truths)
+    if problems:
+        console.print(f"[red]the ledger differs from fal's ground truth in {len(problems)} rows:")
+        for line in problems[:20]:
+            console.print(f"  {line}")
+        return False
+    console.print(
+        f"[green]ledger matches the simulator's ground truth for all {len(request_ids)} "
+        "generations[/green]"
+    )
+    return bool(request_ids)

@@ -15,10 +15,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import httpx
 from rich.console import Console
@@ -249,8 +250,66 @@ def drop_sample_prompts(prompts_url: str) -> str:
     return target
 
 
-def run_dev(console: Console | None = None, *, ui_port: int = 3000) -> None:
+LAUNCH_RUN = """
+mutation($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def launch(ui: str, job: str, partition: str | None = None) -> str:
+    """Queue a run through the webserver's GraphQL API (the daemon starts it)."""
+    tags = [{"key": "dagster/partition", "value": partition}] if partition else []
+    params = {
+        "selector": {
+            "repositoryLocationName": "renderqueue",
+            "repositoryName": "__repository__",
+            "jobName": job,
+        },
+        "runConfigData": {},
+        "executionMetadata": {"tags": tags},
+    }
+    response = httpx.post(
+        f"{ui}/graphql", json={"query": LAUNCH_RUN, "variables": {"params": params}}, timeout=60
+    )
+    response.raise_for_status()
+    answer = response.json()["data"]["launchRun"]
+    if answer["__typename"] != "LaunchRunSuccess":
+        raise RenderqueueError(f"could not launch {job}: {answer}")
+    return answer["run"]["runId"]
+
+
+def wait_for_sample_batch(url: str, stop: Callable[[], bool]) -> list[int]:
+    """Batches of the sample file once done and every one of their rows is terminal."""
+    from renderqueue_pipeline.db.connect import connect
+
+    with connect(url, autocommit=True) as conn:
+        while not stop():
+            rows = conn.execute(
+                "select b.id, b.status, count(g.id) filter ("
+                "  where g.status in ('submitted', 'in_progress')) as open "
+                "from batches b left join batch_items i on i.batch_id = b.id "
+                "left join generations g on g.request_id = i.request_id "
+                "where b.source like %s group by b.id, b.status",
+                (f"%{SAMPLE_PROMPTS}",),
+            ).fetchall()
+            if rows and all(r["status"] != "open" and r["open"] == 0 for r in rows):
+                return [r["id"] for r in rows]
+            time.sleep(2)
+    return []
+
+
+def run_dev(
+    console: Console | None = None, *, ui_port: int = 3000, production_shape: bool = False
+) -> None:
     """Start everything, drop the sample prompts, print where to look; Ctrl-C stops all."""
+    import datetime as dt
+
+    from renderqueue_pipeline.demo import prepare_demo_ledger, print_summary
     from renderqueue_pipeline.settings import get_settings
 
     console = console or Console()
@@ -264,24 +323,66 @@ def run_dev(console: Console | None = None, *, ui_port: int = 3000) -> None:
         stop = True
 
     previous = signal.signal(signal.SIGTERM, _stop)
+    shape: dict[str, Any] = (
+        {"code_server_port": 4000, "webhook_ports": (8787, 8788)} if production_shape else {}
+    )
     try:
-        with running_stack(home, console=console, ui_port=ui_port) as env:
+        with running_stack(home, console=console, ui_port=ui_port, **shape) as env:
+            url = env["DATABASE_URL"]
+            prepare_demo_ledger(url)
             target = drop_sample_prompts(settings.prompts)
-            console.print(f"sample prompts  {target}")
             ui = f"http://127.0.0.1:{ui_port}"
+            console.print(f"sample prompts  {target}", soft_wrap=True)
             console.print(
-                "\n[bold]Open[/bold]\n"
-                f"  {ui}/runs                       the batch run (rejected rows in its metadata)\n"
-                f"  {ui}/automation                 sensors and schedules, all running\n"
-                f"  {ui}/assets                     monthly spend, checks and the chart\n"
+                "\n[bold]Open[/bold] (the sensors pick the file up within a minute)\n"
+                f"  {ui}/runs         the submit_batch run: counts and rejected rows\n"
+                f"  {ui}/automation   sensors and schedules, all running\n"
+                f"  {ui}/assets       archive, monthly spend (checks, chart), billing\n"
                 f"logs of every process: {home / 'logs'}\n"
-                "Ctrl-C stops everything.\n"
+                "Ctrl-C stops everything.\n",
+                soft_wrap=True,
             )
-            del env
+            batch_ids = wait_for_sample_batch(url, lambda: stop)
+            if batch_ids and not stop:
+                today = dt.datetime.now(dt.UTC).date()
+                month = today.replace(day=1).isoformat()
+                for job, partition in (
+                    ("spend_report", month),
+                    ("reconcile_billing", today.isoformat()),
+                    ("summarize_billing_month", month),
+                ):
+                    try:
+                        launch(ui, job, partition)
+                        console.print(f"launched {job} ({partition})")
+                    except (RenderqueueError, httpx.HTTPError) as exc:
+                        console.print(f"[yellow]{job} not launched: {exc}")
+                from renderqueue_pipeline.db.connect import connect
+
+                with connect(url) as conn:
+                    request_ids = [
+                        r["request_id"]
+                        for r in conn.execute(
+                            "select request_id from batch_items where batch_id = any(%s) "
+                            "and request_id is not null",
+                            (batch_ids,),
+                        ).fetchall()
+                    ]
+                    deadline = time.monotonic() + 180  # the archive sensor ticks every minute
+                    while not stop and time.monotonic() < deadline:
+                        left = conn.execute(
+                            "select count(*) as n from generations where request_id = any(%s) "
+                            "and status = 'completed' and archive_status <> 'archived'",
+                            (request_ids,),
+                        ).fetchone()["n"]
+                        conn.rollback()
+                        if left == 0:
+                            break
+                        time.sleep(2)
+                print_summary(url, batch_ids, request_ids, None, console)
             while not stop:
                 time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        console.print("stopped every process renderqueue dev started")
+        console.print("stopped every process renderqueue started")

@@ -111,6 +111,7 @@ class ReconcileReport:
     events_expired: int = 0
     unknown_outcomes: int = 0
     seconds: float = 0.0
+    ledger_write_seconds: float = 0.0
     fal_error_samples: list[str] = field(default_factory=list)
 
     @property
@@ -137,6 +138,7 @@ class ReconcileReport:
             "events_expired": self.events_expired,
             "unknown_outcomes": self.unknown_outcomes,
             "seconds": round(self.seconds, 3),
+            "ledger_write_seconds": round(self.ledger_write_seconds, 3),
             "rows_per_second": round(self.rows_per_second, 1),
         }
 
@@ -304,6 +306,7 @@ class _Writer:
         self.chunk = chunk
         self.pending: list[LedgerEvent] = []
         self.outcomes: dict[str, str] = {}
+        self.seconds = 0.0
         self._lock = asyncio.Lock()
 
     async def add(self, event: LedgerEvent) -> None:
@@ -315,7 +318,9 @@ class _Writer:
         async with self._lock:
             batch, self.pending = self.pending, []
             if batch:
+                started = time.monotonic()
                 outcomes = await asyncio.to_thread(record_events, self.conn, batch)
+                self.seconds += time.monotonic() - started
                 for event, outcome in zip(batch, outcomes, strict=True):
                     self.outcomes[event.request_id] = outcome
 
@@ -360,6 +365,7 @@ async def reconcile_rows(
     workers = min(options.concurrency, len(rows))
     await asyncio.gather(*(worker() for _ in range(workers)))
     await writer.flush()
+    report.ledger_write_seconds = writer.seconds
 
     report.fal_errors = verdicts["fal_error"]
     report.results_expired = verdicts["result_expired"]
