@@ -74,10 +74,11 @@ def _make_generations(conn, console: Console) -> None:
             insert into generations (request_id, user_id, endpoint, inputs, status,
                                      cost_micros, cost_cents, cost_basis, price_id,
                                      billed_seconds, created_at, finished_at, updated_at)
-            select 'bench-' || lpad(i::text, 9, '0'), i %% 1000, %(endpoints)s[k + 1], '{}',
+            select 'bench-' || lpad(i::text, 9, '0'), i %% 1000,
+                   (%(endpoints)s::text[])[k + 1], '{}',
                    s::generation_status, cost, round(cost / 10000.0)::integer,
                    case when s = 'completed' then 'computed' else 'none' end,
-                   %(price_ids)s[k + 1],
+                   (%(price_ids)s::bigint[])[k + 1],
                    case when s = 'completed' then 4 + (i / 5) %% 12 end,
                    t, t + interval '60 seconds', t
             from generate_series(0, %(n)s - 1) as i,
@@ -88,7 +89,7 @@ def _make_generations(conn, console: Console) -> None:
                                       when i %% 5 in (1, 2) then 'failed'
                                       else 'canceled' end as s) as a,
                  lateral (select case when s = 'completed'
-                                      then (4 + (i / 5) %% 12) * %(micros)s[k + 1]
+                                      then (4 + (i / 5) %% 12) * (%(micros)s::bigint[])[k + 1]
                                            + case when (i / 5) %% 1000 = 7 then 1000 else 0 end
                                       else 0 end::bigint as cost) as c
             """,
@@ -101,8 +102,10 @@ def _make_generations(conn, console: Console) -> None:
                 "span": (END - START).total_seconds(),
             },
         )
-    conn.execute("analyze generations")
     conn.commit()
+    conn.autocommit = True  # a table in service has its hint bits and statistics
+    conn.execute("vacuum analyze generations")
+    conn.autocommit = False
     console.print(f"  setup: {GENERATIONS:,} generations in {time.perf_counter() - started:,.0f} s")
 
 
@@ -209,7 +212,9 @@ def run(console: Console) -> list[Figure]:
                     f"at {copy_rate:,.0f}/s"
                 )
                 assert loaded.events == EVENTS
+            conn.autocommit = True
             conn.execute("vacuum analyze fal_billing_events")
+            conn.autocommit = False
 
             ours = _child("reconcile", url)
             console.print(

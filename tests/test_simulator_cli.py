@@ -75,6 +75,7 @@ def _parse_exports(text: str) -> dict[str, str]:
 
 def test_serve_prints_env_at_once_and_runs_readme_examples(tmp_path: Path) -> None:
     port = free_port()
+    platform_port = free_port()  # the Platform API's (default --port + 1 may be taken)
     out = tmp_path / "sim.out"
     env = _clean_env(tmp_path / "home")
     with out.open("w") as handle:  # output to a file: must still be flushed at once
@@ -85,6 +86,8 @@ def test_serve_prints_env_at_once_and_runs_readme_examples(tmp_path: Path) -> No
                 "serve",
                 "--port",
                 str(port),
+                "--platform-port",
+                str(platform_port),
                 "--queue-delay",
                 "0.05",
                 "--run-time",
@@ -104,7 +107,8 @@ def test_serve_prints_env_at_once_and_runs_readme_examples(tmp_path: Path) -> No
         assert Path(client["SSL_CERT_FILE"]).is_relative_to(tmp_path / "home" / "simulator")
 
         printed = subprocess.run(
-            [*RENDERQUEUE, "simulator", "serve", "--port", str(port), "--print-env"],
+            [*RENDERQUEUE, "simulator", "serve", "--port", str(port),
+             "--platform-port", str(platform_port), "--print-env"],
             capture_output=True,
             text=True,
             env=env,

@@ -205,3 +205,72 @@ def test_after_the_fault_is_fixed_fal_retries_land_every_event_once(
     assert all(r["n"] == 1 for r in stored)
     if broken.migrated:
         assert [s["status"] for s in statuses] == ["completed"] * 5
+
+
+def test_late_retries_that_keep_their_first_timestamp_still_land_once(
+    fal_sim: RunningSimulator, make_database, admin_url: str
+) -> None:
+    """fal may sign every retry with the first attempt's timestamp. After an outage longer
+    than the ±300 s window, those retries must still land (for requests we submitted)."""
+    import fal_client
+
+    fal_sim.control.reset(
+        seed=9,
+        **{
+            **FAST_TEST_OPTIONS,
+            "webhook_retry_base": 0.2,
+            "webhook_retry_max": 0.5,
+            "webhook_max_attempts": 100,
+            "webhook_keep_timestamp": True,
+            "webhook_clock_skew": -400.0,  # as if the first attempt was 400 s ago
+            "run_time": "2:3",  # our rows are written before the first attempt
+        },
+    )
+    with read_only(make_database, admin_url) as broken:
+        config = ReceiverConfig(broken.receiver_url, fal_sim.jwks_url)
+        with serving(create_app(config)) as receiver:
+
+            def submit(i: int) -> str:
+                return fal_client.submit(
+                    SEEDANCE,
+                    arguments={"prompt": f"late {i}", "duration": "5"},
+                    webhook_url=f"{receiver}/webhooks/fal",
+                ).request_id
+
+            ours = [submit(i) for i in range(3)]
+            stranger = submit(99)  # no generation row: a late delivery for it is refused
+            with connect(broken.admin_url) as conn:
+                for request_id in ours:
+                    submit_row(conn, request_id)
+
+            def refused_each() -> bool:
+                attempts = fal_sim.control.webhook_attempts()
+                return all(
+                    any(a["request_id"] == r and a["status_code"] == 503 for a in attempts)
+                    for r in ours
+                )
+
+            wait_until(refused_each, timeout=60, interval=0.1)
+            broken.fix()
+            wait_until(lambda: _refused_then_delivered(fal_sim, ours), timeout=60)
+            wait_until(
+                lambda: any(
+                    a["request_id"] == stranger and a["status_code"] == 401
+                    for a in fal_sim.control.webhook_attempts()
+                ),
+                timeout=60,
+            )
+        attempts = [a for a in fal_sim.control.webhook_attempts() if a["request_id"] in ours]
+        assert {a["status_code"] for a in attempts} <= {503, 200}
+        with connect(broken.admin_url) as conn:
+            stored = conn.execute(
+                "select request_id, count(*) as n from generation_events "
+                "where request_id = any(%s) group by request_id",
+                ([*ours, stranger],),
+            ).fetchall()
+            statuses = conn.execute(
+                "select status::text from generations where request_id = any(%s)", (ours,)
+            ).fetchall()
+    assert sorted(r["request_id"] for r in stored) == sorted(ours)  # the stranger: nothing
+    assert all(r["n"] == 1 for r in stored)
+    assert [s["status"] for s in statuses] == ["completed"] * 3

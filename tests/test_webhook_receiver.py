@@ -598,11 +598,14 @@ def row_locked(ledger_url: str, request_id: str) -> Iterator[None]:
 def test_a_delivery_past_its_deadline_is_503_and_its_retry_lands_once(
     ledger_url: str, conn: psycopg.Connection
 ) -> None:
-    with running_receiver(ledger_url, delivery_deadline=1.0) as receiver:
+    # the batch itself would wait a minute for the lock: the delivery's deadline answers
+    with running_receiver(ledger_url, delivery_deadline=1.0, commit_timeout=60) as receiver:
         request_id, _ = submit_row(conn)
         conn.commit()
         with row_locked(ledger_url, request_id):
+            began = time.monotonic()
             answer = receiver.deliver(fal_body(request_id), request_id)
+            assert time.monotonic() - began < 30  # generous: the point is not 60 s
             assert (answer.status_code, answer.json()["outcome"]) == (503, "database_unavailable")
             assert answer.headers["retry-after"]
         answers = retry_until_final(lambda: receiver.deliver(fal_body(request_id), request_id))
@@ -709,3 +712,18 @@ def test_a_late_delivery_for_an_unknown_request_is_401_and_not_stored(
     too_old = receiver.deliver(fal_body(known), known, timestamp=int(time.time()) - 4 * 3600)
     assert too_old.status_code == 401
     assert ledger_snapshot(conn)[1] == []  # no event stored
+
+
+def test_metrics_count_events_that_expired_waiting_for_their_row(
+    receiver: Receiver, conn: psycopg.Connection
+) -> None:
+    from datetime import timedelta
+
+    from renderqueue_pipeline.ledger import expire_waiting_events
+
+    stranger = f"other-account-{uuid.uuid4().hex}"
+    assert receiver.deliver(fal_body(stranger), stranger).status_code == 202
+    assert expire_waiting_events(conn, timedelta(0)) == 1
+    metric = "renderqueue_events_expired 1.0"
+    # read through the cached probe: at most once a second, so wait for the next read
+    wait_until(lambda: metric in receiver.client.get(f"{receiver.url}/metrics").text, timeout=20)

@@ -17,7 +17,7 @@ from renderqueue_pipeline.batch.budget import BudgetBook, usd
 from renderqueue_pipeline.batch.rows import PromptRow, Rejection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import LedgerInputError
-from renderqueue_pipeline.ledger import Intent, record_intent, validate_request
+from renderqueue_pipeline.ledger import Intent, record_intent
 
 
 @dataclass
@@ -58,12 +58,25 @@ def decide_row(
     cap: BatchCap | None = None,
     idempotency_key: str | None = None,
 ) -> Intent | Rejection:
-    """Price the row, check the batch cap and the user's budget, then record the intent.
+    """Record the row's intent (the ledger validates and prices it), then check the
+    batch cap and the user's budget; a row that does not fit has its item rejected.
 
-    Runs inside the caller's transaction; returns the rejection instead of raising.
+    Runs inside the caller's transaction (which holds the budget locks), so nobody sees
+    an intent that is then rejected; returns the rejection instead of raising. A stored
+    rejection is marked `stored` (nothing left to write).
     """
+    book.lock([row.user_id])  # figures read before this row's intent exists
     try:
-        estimate = validate_request(conn, row.endpoint, row.inputs, row.user_id, row=row.line_no)
+        intent = record_intent(
+            conn,
+            user_id=row.user_id,
+            endpoint=row.endpoint,
+            inputs=row.inputs,
+            idempotency_key=idempotency_key
+            or (item_key(batch_id, row.line_no) if batch_id is not None else None),
+            batch_id=batch_id,
+            line_no=row.line_no if batch_id is not None else None,
+        )
     except LedgerInputError as exc:
         return Rejection(
             row.line_no,
@@ -74,45 +87,36 @@ def decide_row(
             row.endpoint,
             row.inputs,
         )
-    over_cap = cap.reason(estimate.cost_micros) if cap else None
-    if over_cap:
+    if intent.state != "pending" or intent.request_id:
+        return intent  # an earlier submission with this key: the caller decides
+    estimate = intent.estimate.cost_micros
+    field, reason = "max_cost_usd", cap.reason(estimate) if cap else None
+    if reason is None:
+        field, reason = "budget", book.admit(row.user_id, estimate)
+    if reason is not None:
+        conn.execute(
+            q("reject_pending_item"),
+            {"item_id": intent.item_id, "reason": reason, "kind": "over_budget", "field": field},
+        )
         return Rejection(
             row.line_no,
-            "max_cost_usd",
-            over_cap,
+            field,
+            reason,
             "over_budget",
             row.user_id,
             row.endpoint,
             row.inputs,
+            stored=True,
         )
-    over_budget = book.admit(row.user_id, estimate.cost_micros)
-    if over_budget:
-        return Rejection(
-            row.line_no,
-            "budget",
-            over_budget,
-            "over_budget",
-            row.user_id,
-            row.endpoint,
-            row.inputs,
-        )
-    intent = record_intent(
-        conn,
-        user_id=row.user_id,
-        endpoint=row.endpoint,
-        inputs=row.inputs,
-        idempotency_key=idempotency_key
-        or (item_key(batch_id, row.line_no) if batch_id is not None else None),
-        batch_id=batch_id,
-        line_no=row.line_no if batch_id is not None else None,
-    )
     if cap:
-        cap.used_micros += estimate.cost_micros
+        cap.used_micros += estimate
     return intent
 
 
 def store_rejection(conn: psycopg.Connection, batch_id: int, rejection: Rejection) -> None:
     """Record a rejected row as a batch item (never sent; its reason shown to users)."""
+    if rejection.stored:
+        return
     params: dict[str, Any] = {
         "batch_id": batch_id,
         "line_no": rejection.line_no,

@@ -43,6 +43,7 @@ class Rejection:
     user_id: int | None = None
     endpoint: str | None = None
     inputs: dict[str, Any] = field(default_factory=dict)
+    stored: bool = False  # already recorded on its batch item
 
 
 @dataclass(frozen=True)

@@ -65,10 +65,12 @@ def _record_intent(
             book,
             idempotency_key=idempotency_key,
         )
-    if not isinstance(decided, Intent):
-        if decided.kind == "over_budget":
-            raise BudgetExceeded(checked.user_id, decided.reason)
-        raise LedgerInputError(decided.field, decided.reason)
+        # raised inside the transaction: a refused request leaves no item behind, so the
+        # same idempotency key can be tried again once the budget allows it
+        if not isinstance(decided, Intent):
+            if decided.kind == "over_budget":
+                raise BudgetExceeded(checked.user_id, decided.reason)
+            raise LedgerInputError(decided.field, decided.reason)
     if decided.state not in ("pending", "submitted"):
         raise LedgerInputError(
             "idempotency_key", f"item {decided.item_id} is {decided.state}; not submitting again"

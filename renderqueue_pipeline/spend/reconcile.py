@@ -40,6 +40,26 @@ OUTCOMES = (
 OURS = ("matched", "amount_differs", "not_billed", "awaiting_billing")
 #: Outcomes whose money is in "fal's billed total".
 FALS = ("matched", "amount_differs", "billed_not_completed", "unknown_to_ledger")
+#: The columns of a stored finding, in COPY order (spend_copy_reconciliation).
+FINDING_COLUMNS = (
+    "day",
+    "request_id",
+    "endpoint",
+    "outcome",
+    "reason",
+    "ledger_status",
+    "our_micros",
+    "fal_micros",
+    "fal_nano_usd",
+    "our_seconds",
+    "fal_units",
+    "our_micros_per_second",
+    "fal_micros_per_unit",
+    "percent_discount",
+    "batch_item_id",
+    "created_at",
+    "billed_at",
+)
 #: Outcomes that are findings (something to look at).
 FINDINGS = ("amount_differs", "billed_not_completed", "not_billed", "unknown_to_ledger")
 
@@ -124,14 +144,38 @@ def reconcile_range(
     now: dt.datetime | None = None,
 ) -> Reconciliation:
     """Classify every request of [start, end) (UTC day boundaries) in one transaction,
-    replacing that range's results; idempotent."""
+    replacing that range's results; idempotent. One read-only query classifies; the few
+    findings and the day totals are written back with COPY."""
     now = now or dt.datetime.now(dt.UTC)
     days = _days(start, end)
+    params = {"start": start, "end": end, "now": now, "grace": grace}
     with conn.transaction():
+        conn.execute(q("spend_reconcile_work_mem"))
         conn.execute(q("spend_delete_reconciliation_range"), days)
-        conn.execute(
-            q("spend_reconcile_range"), {"start": start, "end": end, "now": now, "grace": grace}
-        )
+        totals: dict[tuple[dt.date, str], list[int]] = {}
+        with conn.cursor() as cursor:
+            groups = cursor.execute(q("spend_classify_range"), params).fetchall()
+            with cursor.copy(q("spend_copy_reconciliation")) as copy:
+                for row in groups:
+                    total = totals.setdefault((row["day"], row["outcome"]), [0, 0, 0])
+                    total[0] += row["requests"]
+                    total[1] += row["our_micros_total"]
+                    total[2] += row["fal_micros_total"]
+                    if row["request_id"] is not None:
+                        copy.write_row([row[column] for column in FINDING_COLUMNS])
+            cursor.executemany(
+                q("spend_insert_reconciliation_day"),
+                [
+                    {
+                        "day": day,
+                        "outcome": outcome,
+                        "requests": n,
+                        "our_micros": ours,
+                        "fal_micros": fals,
+                    }
+                    for (day, outcome), (n, ours, fals) in sorted(totals.items())
+                ],
+            )
         conn.execute(q("spend_attribute_unknown"), days)
         conn.execute(q("spend_mark_unattributed"), days)
     return summarize(conn, start, end, largest=0)

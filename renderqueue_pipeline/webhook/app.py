@@ -46,7 +46,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import DatabaseUnavailable, LedgerInputError
-from renderqueue_pipeline.ledger import event_from_fal_webhook
+from renderqueue_pipeline.ledger import event_from_fal_webhook, expired_event_count
 from renderqueue_pipeline.webhook.committer import (
     DEFAULT_COMMIT_TIMEOUT,
     DEFAULT_MAX_PENDING,
@@ -185,16 +185,12 @@ class DatabaseProbe:
             return self._last
 
     def _read(self) -> ProbeResult:
-        from renderqueue_pipeline import ledger
-
         self.reads += 1
         try:
             if self._conn is None or self._conn.closed or self._conn.broken:
                 self._conn = open_connection(self._url, statement_timeout=2.0)
             waiting = self._conn.execute(q("webhook_probe")).fetchone()["waiting"]
-            count_expired = getattr(ledger, "expired_event_count", None)
-            expired = count_expired(self._conn) if count_expired is not None else None
-            return ProbeResult(True, waiting, expired)
+            return ProbeResult(True, waiting, expired_event_count(self._conn))
         except (psycopg.Error, DatabaseUnavailable) as exc:
             log.error("database probe failed: %s", describe(exc))
             self.close()

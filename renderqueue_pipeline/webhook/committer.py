@@ -112,6 +112,13 @@ def open_connection(url: str, statement_timeout: float) -> psycopg.Connection:
         raise DatabaseUnavailable(f"cannot reach the ledger database: {describe(exc)}") from exc
 
 
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(
+            DeadlineExceeded("the commit did not finish before the delivery's deadline")
+        )
+
+
 @dataclass
 class _Pending:
     event: LedgerEvent
@@ -227,14 +234,13 @@ class GroupCommitter:
             self._ready.notify()
         if deadline is None:
             return await future
-        remaining = deadline - self._loop.time()
+        # one timer per delivery (cheaper than wait_for's extra task): past the deadline the
+        # delivery is answered 503; a flusher that has not taken it yet skips it
+        timer = self._loop.call_at(deadline, _expire, future)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), max(remaining, 0.0))
-        except TimeoutError:
-            future.cancel()  # a flusher that has not taken it yet skips it
-            raise DeadlineExceeded(
-                "the commit did not finish before the delivery's deadline"
-            ) from None
+            return await future
+        finally:
+            timer.cancel()
 
     def _next_batch(self) -> list[_Pending] | None:
         """The next batch; None once stopping and nothing is left (the queue drains first)."""

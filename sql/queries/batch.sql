@@ -92,6 +92,13 @@ values (%(batch_id)s, %(line_no)s, %(idempotency_key)s, %(user_id)s, %(endpoint)
         %(inputs)s, 'rejected', %(reason)s, %(kind)s, %(field)s, %(estimate_micros)s)
 on conflict (idempotency_key) do nothing;
 
+-- name: reject_pending_item
+-- an intent that does not fit a budget, turned down in the transaction that wrote it
+update batch_items
+set state = 'rejected', reason = %(reason)s, reject_kind = %(kind)s,
+    reject_field = %(field)s, updated_at = now()
+where id = %(item_id)s and state = 'pending';
+
 -- name: label_rejected_item
 update batch_items
 set reject_kind = %(kind)s, reject_field = %(field)s, reason = coalesce(%(reason)s, reason)

@@ -30,13 +30,18 @@ with days as (
 delete from billing_reconciliation
 where day >= %(start_day)s and day < %(end_day)s;
 
+-- The reconciliation hashes a range's billing events: room to keep that in memory, for
+-- its own transaction only.
+-- name: spend_reconcile_work_mem
+set local work_mem = '64MB';
+
 -- Classify every request of [start, end): the generations created in the range (matched
 -- with their billing events whenever fal stamped them, up to 31 days later) and the
--- billing events stamped in the range that the ledger does not know at all. Every request
--- is counted per day and outcome; one row is written per request that needs a look
--- (everything but 'matched' and 'no_charge': a matched generation shows fal's figure on
--- its own row once apply_billed ran).
--- name: spend_reconcile_range
+-- billing events stamped in the range that the ledger does not know at all.
+-- One read-only pass (Postgres may run it in parallel), grouped so that it answers both:
+-- a row per (day, outcome) for the requests that are fine ('matched', 'no_charge'), and a
+-- row per request, with the detail and the reason, for every request that needs a look.
+-- name: spend_classify_range
 with g as (
   select g.request_id, g.endpoint, g.status::text as status, g.created_at, g.finished_at,
          g.billed_seconds, g.price_id, g.batch_item_id,
@@ -53,7 +58,7 @@ b as (
   where e.billed_at >= %(start)s and e.billed_at < %(end)s::timestamptz + interval '31 days'
   group by e.request_id
 ),
-c as (
+k as (
   select
     case when g.request_id is null then (b.billed_at at time zone 'UTC')::date
          else (g.created_at at time zone 'UTC')::date end as day,
@@ -80,32 +85,54 @@ c as (
   where g.request_id is not null
      or (b.billed_at < %(end)s
          and not exists (select 1 from generations x where x.request_id = b.request_id))
+  offset 0  -- a fence: each request's outcome is computed once, not once per use
 ),
-written as (
-  insert into billing_reconciliation (
-    day, request_id, endpoint, outcome, reason, ledger_status, our_micros, fal_micros,
-    fal_nano_usd, our_seconds, fal_units, our_micros_per_second, fal_micros_per_unit,
-    percent_discount, batch_item_id, created_at, billed_at)
-  select day, request_id, endpoint, outcome,
-         case outcome
-           when 'amount_differs' then coalesce(nullif(concat_ws(', ',
-             case when units is distinct from billed_seconds then 'units' end,
-             case when fal_micros_per_unit is distinct from micros_per_second then 'price' end,
-             case when coalesce(discount, 0) <> 0 then 'discount' end), ''), 'other')
-           when 'billed_not_completed' then
-             case when status in ('submitted', 'in_progress') then 'open' else status end
-           when 'not_billed' then 'completed, no billing event after the grace period'
-         end,
-         status, our_micros, fal_micros, nanos, billed_seconds, units, micros_per_second,
-         fal_micros_per_unit, discount, batch_item_id, created_at, billed_at
-  from c
-  where outcome not in ('matched', 'no_charge')
-  returning 1
+f as (
+  select k.*,
+         case when outcome not in ('matched', 'no_charge') then request_id end as finding
+  from k
 )
+select day, outcome, finding as request_id,
+       count(*) as requests,
+       coalesce(sum(our_micros), 0)::bigint as our_micros_total,
+       coalesce(sum(fal_micros), 0)::bigint as fal_micros_total,
+       -- a finding is a group of one: these are its values (null for the other groups)
+       min(endpoint) filter (where finding is not null) as endpoint,
+       min(case outcome
+             when 'amount_differs' then coalesce(nullif(concat_ws(', ',
+               case when units is distinct from billed_seconds then 'units' end,
+               case when fal_micros_per_unit is distinct from micros_per_second
+                    then 'price' end,
+               case when coalesce(discount, 0) <> 0 then 'discount' end), ''), 'other')
+             when 'billed_not_completed' then
+               case when status in ('submitted', 'in_progress') then 'open' else status end
+             when 'not_billed' then 'completed, no billing event after the grace period'
+           end) filter (where finding is not null) as reason,
+       min(status) filter (where finding is not null) as ledger_status,
+       min(our_micros) filter (where finding is not null) as our_micros,
+       min(fal_micros) filter (where finding is not null) as fal_micros,
+       min(nanos) filter (where finding is not null) as fal_nano_usd,
+       min(billed_seconds) filter (where finding is not null) as our_seconds,
+       min(units) filter (where finding is not null) as fal_units,
+       min(micros_per_second) filter (where finding is not null) as our_micros_per_second,
+       min(fal_micros_per_unit) filter (where finding is not null) as fal_micros_per_unit,
+       min(discount) filter (where finding is not null) as percent_discount,
+       min(batch_item_id) filter (where finding is not null) as batch_item_id,
+       min(created_at) filter (where finding is not null) as created_at,
+       min(billed_at) filter (where finding is not null) as billed_at
+from f
+group by day, outcome, finding;
+
+-- name: spend_copy_reconciliation
+copy billing_reconciliation (day, request_id, endpoint, outcome, reason, ledger_status,
+                             our_micros, fal_micros, fal_nano_usd, our_seconds, fal_units,
+                             our_micros_per_second, fal_micros_per_unit, percent_discount,
+                             batch_item_id, created_at, billed_at)
+from stdin;
+
+-- name: spend_insert_reconciliation_day
 insert into billing_reconciliation_days (day, outcome, requests, our_micros, fal_micros)
-select day, outcome, count(*), coalesce(sum(our_micros), 0), coalesce(sum(fal_micros), 0)
-from c
-group by day, outcome;
+values (%(day)s, %(outcome)s, %(requests)s, %(our_micros)s, %(fal_micros)s);
 
 -- A billed request the ledger does not know: attribute it to the batch item that asked for
 -- it when one can be found (same request id, or an item of the same endpoint whose submit

@@ -1,0 +1,269 @@
+"""Batch submission: bounded fan-out against the seed article's one-at-a-time loop.
+
+The fal simulator runs as its own process with a 100 ms submit latency; every submit
+goes through the real fal-client over TLS. The baseline is the seed article's loop:
+submit one prompt, insert its row, then the next (200 prompts). The measured run is
+`submit_batch_file` (what the `submit_batch` job and `renderqueue batch submit` run) on a
+5,000-row CSV at concurrency 32: validation, budgets, intents, the fan-out and the ledger
+writes all included. Its bound is concurrency / latency = 320 submits/s. Peak memory
+(max RSS of the process) is measured on a run over a 100,000-row file (simulator latency
+0, concurrency 64). Each part runs in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from bench.common import BENCH_HOME, Figure, scratch_ledger
+from renderqueue_pipeline.simulator.server import client_env, free_port
+
+ENDPOINT = "bytedance/seedance-2.0/text-to-video"
+LATENCY_S = 0.1
+CONCURRENCY = 32
+ROWS = 5_000
+BASELINE_ROWS = 200
+MEMORY_ROWS = 100_000
+MEMORY_CONCURRENCY = 64
+MEMORY_LIMIT_MB = 300.0
+HERE = Path(__file__).resolve().parent
+
+
+def _write_prompts(path: Path, rows: int, tag: str) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "user_id", "duration", "resolution"])
+        for i in range(rows):
+            writer.writerow(
+                [f"{tag} {i}: a red fox trotting through fresh snow", i % 50, "5", "720p"]
+            )
+    return path
+
+
+# -- children (fresh processes: fal-client reads its host at import) ---------------------
+
+
+def _child_baseline(ledger_url: str, rows: int) -> dict:
+    """The seed article's submit path: submit, then insert, one prompt at a time."""
+    import fal_client
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    client = fal_client.SyncClient()
+    with psycopg.connect(ledger_url, autocommit=True) as conn:
+        started = time.perf_counter()
+        for i in range(rows):
+            inputs = {"prompt": f"baseline {i}: a red fox", "resolution": "720p", "duration": "5"}
+            handle = client.submit(ENDPOINT, arguments=inputs)
+            conn.execute(
+                "insert into generations (request_id, user_id, endpoint, inputs, cost_cents, "
+                "status) values (%s, %s, %s, %s, %s, 'submitted') "
+                "on conflict (request_id) do nothing",
+                (handle.request_id, i % 50, ENDPOINT, Jsonb(inputs), 152),
+            )
+        elapsed = time.perf_counter() - started
+    return {"rows": rows, "seconds": elapsed}
+
+
+def _child_batch(ledger_url: str, path: str, concurrency: int) -> dict:
+    from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
+
+    started = time.perf_counter()
+    result = submit_batch_file(
+        Path(path).as_uri(),
+        BatchOptions(default_endpoint=ENDPOINT, concurrency=concurrency, progress_seconds=5),
+        ledger_url=ledger_url,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    elapsed = time.perf_counter() - started
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "rows": result.report.counts["read"],
+        "submitted": result.report.counts["submitted"],
+        "rejected": result.report.counts["rejected"] + result.report.counts["over_budget"],
+        "seconds": elapsed,
+        "peak_mb": peak_kib / 1024,
+        "rate_limited": result.stats.rate_limited,
+    }
+
+
+def _run_child(args: list[str], env: dict[str, str], console: Console, label: str) -> dict:
+    command = [sys.executable, "-m", "bench.submit", *args]
+    with console.status(label):
+        done = subprocess.run(
+            command,
+            env={**os.environ, **env},
+            cwd=HERE.parent,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"{label} failed:\n{done.stderr[-3000:]}")
+    progress = [line for line in done.stderr.splitlines() if "rows/s" in line]
+    if progress:
+        console.print(f"  {progress[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+class _Simulator:
+    """`renderqueue simulator serve` as its own process (its CPU is not ours)."""
+
+    def __init__(self, home: Path, latency: float) -> None:
+        self.home = home
+        self.port = free_port()
+        self.env = client_env(home, "127.0.0.1", self.port)
+        command = [
+            sys.executable,
+            "-m",
+            "renderqueue_pipeline.cli",
+            "simulator",
+            "serve",
+            "--port",
+            str(self.port),
+            "--submit-latency",
+            str(latency),
+            # no queue: the simulator then skips its queue-position scan over every
+            # request so far (O(n) per submit); requests run for the whole bench
+            "--queue-delay",
+            "0",
+            "--run-time",
+            "600",
+            "--log-level",
+            "error",
+        ]
+        self.log = (home / "simulator.log").open("w")
+        self.process = subprocess.Popen(
+            command,
+            env={**os.environ, "RENDERQUEUE_HOME": str(home)},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        bundle = self.env["SSL_CERT_FILE"]
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"the simulator exited: {(self.home / 'simulator.log').read_text()}"
+                )
+            try:
+                httpx.get(f"https://127.0.0.1:{self.port}/_sim/health", verify=bundle, timeout=2)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise RuntimeError("the simulator did not start")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+def run(console: Console) -> list[Figure]:
+    BENCH_HOME.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=BENCH_HOME, prefix="submit-") as tmp:
+        work = Path(tmp)
+        prompts = _write_prompts(work / "prompts-5k.csv", ROWS, "fan-out")
+        big = _write_prompts(work / "prompts-100k.csv", MEMORY_ROWS, "memory")
+
+        with scratch_ledger() as ledger_url:
+            sim = _Simulator(work, LATENCY_S)
+            try:
+                env = {**sim.env, "DATABASE_URL": ledger_url, "RENDERQUEUE_HOME": str(work)}
+                baseline = _run_child(
+                    ["baseline", ledger_url, str(BASELINE_ROWS)],
+                    env,
+                    console,
+                    f"seed article's loop: {BASELINE_ROWS} prompts one at a time",
+                )
+                fanout = _run_child(
+                    ["batch", ledger_url, str(prompts), str(CONCURRENCY)],
+                    env,
+                    console,
+                    f"submit_batch_file: {ROWS:,} rows at concurrency {CONCURRENCY}",
+                )
+            finally:
+                sim.stop()
+
+        with scratch_ledger() as ledger_url:
+            (work / "memory").mkdir()
+            sim = _Simulator(work / "memory", 0.0)
+            try:
+                env = {**sim.env, "DATABASE_URL": ledger_url, "RENDERQUEUE_HOME": str(work)}
+                memory = _run_child(
+                    ["batch", ledger_url, str(big), str(MEMORY_CONCURRENCY)],
+                    env,
+                    console,
+                    f"submit_batch_file: {MEMORY_ROWS:,} rows (peak memory)",
+                )
+            finally:
+                sim.stop()
+
+    assert fanout["submitted"] == ROWS, fanout
+    assert memory["submitted"] == MEMORY_ROWS, memory
+    baseline_rate = baseline["rows"] / baseline["seconds"]
+    rate = fanout["submitted"] / fanout["seconds"]
+    bound = CONCURRENCY / LATENCY_S
+    console.print(
+        f"  baseline {baseline_rate:,.1f}/s; fan-out {rate:,.1f}/s over {fanout['seconds']:.1f} s; "
+        f"100k rows in {memory['seconds']:.0f} s, peak {memory['peak_mb']:.0f} MB"
+    )
+    return [
+        Figure(
+            f"submits/s, {ROWS:,} rows, concurrency {CONCURRENCY}, 100 ms latency",
+            rate,
+            f"seed article's loop ({BASELINE_ROWS} prompts)",
+            baseline_rate,
+            required=20,
+        ),
+        Figure(
+            "submits/s against the concurrency bound",
+            rate,
+            f"bound: {CONCURRENCY} / {LATENCY_S} s",
+            bound,
+            required=0.7,
+        ),
+        Figure(
+            f"peak RSS of a {MEMORY_ROWS:,}-row run",
+            memory["peak_mb"],
+            "limit",
+            MEMORY_LIMIT_MB,
+            unit=" MB",
+            required=1.0,
+            higher_is_better=False,
+        ),
+    ]
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.submit")
+    parser.add_argument("mode", choices=["baseline", "batch"])
+    parser.add_argument("args", nargs="*")
+    ns = parser.parse_args()
+    if ns.mode == "baseline":
+        out = _child_baseline(ns.args[0], int(ns.args[1]))
+    else:
+        out = _child_batch(ns.args[0], ns.args[1], int(ns.args[2]))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    _main()
