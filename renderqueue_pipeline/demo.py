@@ -142,13 +142,29 @@ def _execute(
     return result
 
 
-def run_headless(console: Console | None = None) -> bool:
-    """Run the whole flow; True when the ledger matches the simulator's ground truth."""
-    from dagster import DagsterInstance
+@contextmanager
+def real_fal(console: Console) -> Iterator[None]:
+    """FAL_KEY is set: fal (or whatever FAL_QUEUE_RUN_HOST names) and the receiver that
+    RENDERQUEUE_WEBHOOK_URL reaches are already running; start neither here."""
+    from renderqueue_pipeline.errors import RenderqueueError
 
-    from renderqueue_pipeline.dagster_home import ensure_dagster_home
-    from renderqueue_pipeline.definitions import defs as load_defs
-    from renderqueue_pipeline.dev import drop_sample_prompts
+    settings = get_settings()
+    if not settings.webhook_url:
+        raise RenderqueueError(
+            "RENDERQUEUE_WEBHOOK_URL: with FAL_KEY set, fal needs the public URL of your "
+            "running webhook receiver (renderqueue webhook serve)"
+        )
+    host = os.environ.get("FAL_QUEUE_RUN_HOST", "queue.fal.run")
+    console.print(f"fal: {host} (FAL_KEY set; no simulator started)")
+    console.print(f"webhook receiver: {settings.webhook_url} (already running)")
+    yield
+
+
+def run_headless(console: Console | None = None) -> bool:
+    """Run the whole flow; True when the ledger matches the simulator's ground truth
+    (with FAL_KEY set: when every generation ended and every output was archived)."""
+
+    from renderqueue_pipeline.definitions import defs as defs_loader
     from renderqueue_pipeline.simulator.testing import SimControl
     from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
     from renderqueue_pipeline.webhook.background import serve_in_thread
@@ -160,6 +176,13 @@ def run_headless(console: Console | None = None) -> bool:
     url = database_url()
     console.print(f"ledger database: {redact_url(url)}")
     migrate(url)
+    truths: dict[str, dict[str, Any]] | None = None
+    if get_settings().fal_key is not None:
+        with real_fal(console):
+            batch_ids, request_ids = _flow(url, defs_loader, console, step)
+        return print_summary(url, batch_ids, request_ids, None, console) and _all_done(
+            url, request_ids, console
+        )
     with local_fal(home) as fal:
         console.print(f"fal simulator: {fal.base_url} (no fal account, nothing billed)")
         receiver_app = create_app(ReceiverConfig(url, os.environ["FAL_JWKS_URL"]))
@@ -167,67 +190,90 @@ def run_headless(console: Console | None = None) -> bool:
             os.environ["RENDERQUEUE_WEBHOOK_URL"] = f"{receiver}/webhooks/fal"
             get_settings.cache_clear()
             console.print(f"webhook receiver: {receiver}/webhooks/fal")
-            prepare_demo_ledger(url)
-            target = drop_sample_prompts(get_settings().prompts)
-            console.print(f"sample prompts: {target}")
-            ensure_dagster_home(url)
-            defs = load_defs()
-            with DagsterInstance.get() as instance:
-                requests = step("prompts_inbox_sensor", lambda: _sensor_requests(defs, instance))
-                batch_ids = []
-                for request in requests:
-                    run = step(
-                        f"submit_batch ({request.tags.get('renderqueue/file', '')})",
-                        lambda request=request: _execute(
-                            defs,
-                            instance,
-                            "submit_batch",
-                            run_config=request.run_config,
-                            tags=request.tags,
-                        ),
-                    )
-                    batch_ids.append(run.output_for_node("submit_prompts_file"))
-                request_ids = _submitted_request_ids(url, batch_ids)
-                done = step(
-                    f"webhooks for {len(request_ids)} generations",
-                    lambda: _wait_for_webhooks(url, request_ids),
-                )
-                console.print(f"  {done}/{len(request_ids)} terminal from fal's webhooks")
-                step(
-                    "reconcile_ledger",
-                    lambda: _execute(
-                        defs,
-                        instance,
-                        "reconcile_ledger",
-                        run_config={
-                            "ops": {"reconcile_open_rows": {"config": {"min_age_minutes": 0}}}
-                        },
-                    ),
-                )
-                step("archive_outputs", lambda: _execute(defs, instance, "archive_outputs"))
-                today = dt.datetime.now(dt.UTC).date()
-                _materialize_reports(defs, instance, today, step)
-                step(
-                    "reconcile_billing (today)",
-                    lambda: _execute(
-                        defs, instance, "reconcile_billing", partition_key=today.isoformat()
-                    ),
-                )
-                step(
-                    "summarize_billing_month",
-                    lambda: _execute(
-                        defs,
-                        instance,
-                        "summarize_billing_month",
-                        partition_key=today.replace(day=1).isoformat(),
-                    ),
-                )
-            truth = SimControl(fal.base_url, fal.bundle)
-            try:
-                truths = {t["request_id"]: t for t in truth.ground_truth()}
-            finally:
-                truth.close()
+            batch_ids, request_ids = _flow(url, defs_loader, console, step)
+        truth = SimControl(fal.base_url, fal.bundle)
+        try:
+            truths = {t["request_id"]: t for t in truth.ground_truth()}
+        finally:
+            truth.close()
     return print_summary(url, batch_ids, request_ids, truths, console)
+
+
+def _flow(url: str, load_defs: Any, console: Console, step: Step) -> tuple[list[int], list[str]]:
+    """Inbox sensor, batch, webhooks, reconcile, archive, reports, billing: in this process."""
+    from dagster import DagsterInstance
+
+    from renderqueue_pipeline.dagster_home import ensure_dagster_home
+    from renderqueue_pipeline.dev import drop_sample_prompts
+
+    prepare_demo_ledger(url)
+    target = drop_sample_prompts(get_settings().prompts)
+    console.print(f"sample prompts: {target}")
+    ensure_dagster_home(url)
+    defs = load_defs()
+    with DagsterInstance.get() as instance:
+        requests = step("prompts_inbox_sensor", lambda: _sensor_requests(defs, instance))
+        batch_ids = []
+        for request in requests:
+            run = step(
+                f"submit_batch ({request.tags.get('renderqueue/file', '')})",
+                lambda request=request: _execute(
+                    defs,
+                    instance,
+                    "submit_batch",
+                    run_config=request.run_config,
+                    tags=request.tags,
+                ),
+            )
+            batch_ids.append(run.output_for_node("submit_prompts_file"))
+        request_ids = _submitted_request_ids(url, batch_ids)
+        done = step(
+            f"webhooks for {len(request_ids)} generations",
+            lambda: _wait_for_webhooks(url, request_ids),
+        )
+        console.print(f"  {done}/{len(request_ids)} terminal from fal's webhooks")
+        step(
+            "reconcile_ledger",
+            lambda: _execute(
+                defs,
+                instance,
+                "reconcile_ledger",
+                run_config={"ops": {"reconcile_open_rows": {"config": {"min_age_minutes": 0}}}},
+            ),
+        )
+        step("archive_outputs", lambda: _execute(defs, instance, "archive_outputs"))
+        today = dt.datetime.now(dt.UTC).date()
+        _materialize_reports(defs, instance, today, step)
+        step(
+            "reconcile_billing (today)",
+            lambda: _execute(defs, instance, "reconcile_billing", partition_key=today.isoformat()),
+        )
+        step(
+            "summarize_billing_month",
+            lambda: _execute(
+                defs,
+                instance,
+                "summarize_billing_month",
+                partition_key=today.replace(day=1).isoformat(),
+            ),
+        )
+    return batch_ids, request_ids
+
+
+def _all_done(url: str, request_ids: list[str], console: Console) -> bool:
+    """Without ground truth: every generation ended and every completed one is archived."""
+    with connect(url) as conn:
+        left = conn.execute(
+            "select count(*) filter (where status in ('submitted', 'in_progress')) as open, "
+            "count(*) filter (where status = 'completed' and archive_status <> 'archived') "
+            "as unarchived from generations where request_id = any(%s)",
+            (request_ids,),
+        ).fetchone()
+    if left["open"] or left["unarchived"]:
+        console.print(f"[red]{left['open']} still open, {left['unarchived']} not archived")
+        return False
+    console.print(f"[green]all {len(request_ids)} generations ended; outputs archived[/green]")
+    return bool(request_ids)
 
 
 def _materialize_reports(defs: Any, instance: Any, today: dt.date, step: Step) -> None:

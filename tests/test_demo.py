@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -58,3 +59,100 @@ def test_headless_demo_runs_the_whole_flow_and_matches_ground_truth(
     # the same sample file again adds nothing twice
     count = conn.execute("select count(*) as n from batch_items").fetchone()["n"]
     assert count == len(items), again.stdout[-3000:]
+
+
+@pytest.mark.timeout(400)
+def test_headless_demo_on_real_services_starts_neither_simulator_nor_embedded_server(
+    make_database, tmp_path: Path
+) -> None:
+    """FAL_KEY, RENDERQUEUE_WEBHOOK_URL, DATABASE_URL and an s3:// storage URL set: the
+    demo uses them (the simulator stands in for fal through its env, moto for S3, a second
+    database for DATABASE_URL) and starts nothing of its own."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from renderqueue_pipeline.dev import Supervisor, _bin, read_exports, wait_for_http
+
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    supervisor = Supervisor(tmp_path / "logs")
+    try:
+        host, port = s3.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        aws = {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": endpoint,
+        }
+        boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).create_bucket(Bucket="renderqueue-demo")
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "RENDERQUEUE_"))}
+        ledger = make_database()
+        # "fal": the simulator as its own process, known to the demo only through its env
+        sim_env = {**base, "RENDERQUEUE_HOME": str(tmp_path / "fal-side")}
+        (tmp_path / "logs").mkdir()
+        (tmp_path / "logs" / "simulator.log").write_text("")
+        sim = supervisor.start(
+            "simulator", [_bin("renderqueue"), "simulator", "serve", "--port", "0"], sim_env
+        )
+        fal_env = read_exports(sim, tmp_path / "logs" / "simulator.log")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            hook_port = sock.getsockname()[1]
+        receiver_env = {
+            **base,
+            **fal_env,
+            "DATABASE_URL": ledger,
+            "RENDERQUEUE_HOME": str(tmp_path / "receiver"),
+        }
+        supervisor.start(
+            "webhook",
+            [_bin("renderqueue"), "webhook", "serve", "--port", str(hook_port)],
+            receiver_env,
+        )
+        wait_for_http(f"http://127.0.0.1:{hook_port}/healthz", supervisor)
+
+        home = tmp_path / "home"
+        env = {
+            **base,
+            **fal_env,
+            **aws,
+            "DATABASE_URL": ledger,
+            "RENDERQUEUE_HOME": str(home),
+            "RENDERQUEUE_WEBHOOK_URL": f"http://127.0.0.1:{hook_port}/webhooks/fal",
+            "RENDERQUEUE_STORAGE_URL": "s3://renderqueue-demo/rq",
+            "RENDERQUEUE_PROMPTS_URL": "s3://renderqueue-demo/inbox",
+        }
+        run = subprocess.run(
+            [sys.executable, "-m", "renderqueue_pipeline.cli", "demo", "--headless"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=360,
+        )
+        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+        assert "no simulator started" in run.stdout
+        assert not (home / "pg").exists(), "the embedded Postgres was started"
+        assert not (home / "simulator").exists(), "a simulator was started"
+        objects = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        ).list_objects_v2(Bucket="renderqueue-demo", Prefix="rq/generations/")
+        assert objects.get("KeyCount", 0) > 0
+        with psycopg.connect(ledger) as conn:
+            open_rows = conn.execute(
+                "select count(*) from generations where status in ('submitted', 'in_progress')"
+            ).fetchone()[0]
+        assert open_rows == 0
+    finally:
+        supervisor.stop()
+        s3.stop()
