@@ -137,6 +137,41 @@ def test_separate_processes_load_launch_and_share_one_ledger(
             assert launched["__typename"] == "LaunchRunSuccess", launched
             assert _wait_for_run(base, launched["run"]["runId"]) == "SUCCESS"
 
+            prompts = tmp_path / "launchpad.csv"
+            prompts.write_text(
+                "prompt,user_id\n" + "".join(f"launchpad shot {n},{700 + n}\n" for n in range(4))
+            )
+            batch = _graphql(
+                base,
+                LAUNCH,
+                {
+                    "selector": {
+                        "repositoryLocationName": "renderqueue",
+                        "repositoryName": repo["name"],
+                        "jobName": "submit_batch",
+                    },
+                    "config": {
+                        "ops": {
+                            "submit_prompts_file": {
+                                "config": {
+                                    "file_url": prompts.as_uri(),
+                                    "default_endpoint": "bytedance/seedance-2.0/fast/text-to-video",
+                                    "default_inputs": {"duration": "4", "resolution": "480p"},
+                                }
+                            }
+                        }
+                    },
+                },
+            )["launchRun"]
+            assert batch["__typename"] == "LaunchRunSuccess", batch
+            assert _wait_for_run(base, batch["run"]["runId"]) == "SUCCESS"
+            launched_rows = conn.execute(
+                "select count(*) as n from batch_items i join batches b on b.id = i.batch_id "
+                "where b.source like %s and i.state = 'submitted'",
+                ("%launchpad.csv",),
+            ).fetchone()["n"]
+            assert launched_rows == 4
+
             hooks = [f"http://127.0.0.1:{p}/webhooks/fal" for p in (hook_a, hook_b)]
             submitted = subprocess.run(
                 [sys.executable, "-c", SUBMIT_SCRIPT, json.dumps(hooks), "12"],
