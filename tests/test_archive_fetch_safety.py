@@ -23,6 +23,38 @@ from renderqueue_pipeline.archive.fetch import (
     system_resolver,
 )
 
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Proof that these tests never reach the addresses they name: any attempt to connect
+    to a non-loopback address fails the test before a packet is sent."""
+    import ipaddress
+    import socket
+
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def checked(address: object) -> None:
+        if isinstance(address, tuple) and address:
+            host = str(address[0])
+            try:
+                allowed = ipaddress.ip_address(host.split("%")[0]).is_loopback
+            except ValueError:
+                allowed = host == "localhost"
+            if not allowed:
+                raise AssertionError(f"a test tried to connect to {host}: loopback only")
+
+    def connect(self: socket.socket, address: object) -> None:
+        checked(address)
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: object) -> int:
+        checked(address)
+        return real_connect_ex(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+
+
 REFUSED = [
     "169.254.169.254",  # cloud metadata (link-local)
     "10.0.0.1",
@@ -92,8 +124,9 @@ def test_an_allowed_name_resolving_to_private_addresses_is_refused() -> None:
     calls: list[str] = []
     policy = FetchPolicy(
         loopback_hosts=parse_hosts("sim.test:8443"),
-        resolver=_resolver({"v3.fal.media": ["10.0.0.1", "169.254.169.254"],
-                            "sim.test": ["10.0.0.1"]}, calls),
+        resolver=_resolver(
+            {"v3.fal.media": ["10.0.0.1", "169.254.169.254"], "sim.test": ["10.0.0.1"]}, calls
+        ),
     )
     with pytest.raises(Refused) as refused:
         policy.checked_addresses("v3.fal.media", 443)
@@ -173,8 +206,15 @@ def test_an_allowed_name_that_resolves_to_a_refused_address_is_never_connected(
     resolver = _resolver({"v3.fal.media": ["127.0.0.2"]}, [])
     policy = FetchPolicy(loopback_hosts=parse_hosts(origin.netloc), resolver=resolver)
     direct = completed_row(conn, video(f"http://v3.fal.media:{canary.port}/secret", 100))
-    redirect = completed_row(conn, video(origin.serve("/hop2", Behaviour(
-        status=307, location=f"http://v3.fal.media:{canary.port}/secret")), 100))
+    redirect = completed_row(
+        conn,
+        video(
+            origin.serve(
+                "/hop2", Behaviour(status=307, location=f"http://v3.fal.media:{canary.port}/secret")
+            ),
+            100,
+        ),
+    )
     _archive(conn, ledger_url, tmp_path, policy)
     for rid in (direct, redirect):
         r = _assert_refused(conn, rid, "address_refused", tmp_path)
@@ -195,8 +235,10 @@ def test_loopback_needs_the_exact_host_and_port(conn, ledger_url, tmp_path, orig
 
 def test_an_object_over_the_maximum_size_is_refused(conn, ledger_url, tmp_path, origin) -> None:
     announced = completed_row(conn, video(origin.serve("/big.mp4", Behaviour(size=5000)), None))
-    chunked = completed_row(conn, video(origin.serve(
-        "/big-chunked.mp4", Behaviour(size=5000, content_length=None)), None))
+    chunked = completed_row(
+        conn,
+        video(origin.serve("/big-chunked.mp4", Behaviour(size=5000, content_length=None)), None),
+    )
     policy = FetchPolicy(loopback_hosts=parse_hosts(origin.netloc), max_bytes=4096)
     report = _archive(conn, ledger_url, tmp_path, policy)
     assert report.failures_by_reason == {"too_large": 2}
