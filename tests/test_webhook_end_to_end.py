@@ -173,7 +173,7 @@ def test_postgres_down_mid_run_then_back_lands_every_event_once(
             assert stop_embedded(home)
             wait_until(
                 lambda: any(a["status_code"] == 503 for a in fal_sim.control.webhook_attempts()),
-                timeout=10,
+                timeout=60,
             )
             assert httpx.get(f"{receiver}/healthz").status_code == 503
             embedded_url(home)  # Postgres is back
