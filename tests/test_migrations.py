@@ -12,6 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.db.migrate import MigrationError, load_migrations, migrate, sql_dir
@@ -203,3 +205,45 @@ def test_db_reset_asks_then_recreates_only_its_database(
         assert conn.execute("select to_regclass('keep_me')").fetchone()[0] == "keep_me"
     with psycopg.connect(with_database(url, "postgres")) as conn:
         assert conn.execute("select 1 from pg_database where datname = 'postgres'").fetchone()
+
+
+def test_rows_the_ledger_rewrote_get_fals_payload_back(
+    make_database: Callable[[], str], tmp_path: Path
+) -> None:
+    """080: `outputs` holds fal's payload as sent; rows completed before it get it back."""
+    from ledger_helpers import submit_row, video_payload
+
+    from renderqueue_pipeline.ledger import LedgerEvent, record_event
+
+    before_080 = tmp_path / "sql"
+    shutil.copytree(sql_dir(), before_080)
+    for later in before_080.glob("080_*.sql"):
+        later.unlink()
+    url = make_database()
+    migrate(url, before_080)
+    payload = video_payload(seed=42)
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        request_id, _ = submit_row(conn)
+        assert record_event(conn, LedgerEvent(request_id, "completed", payload)) == "applied"
+        rewritten = conn.execute(
+            "select outputs from generations where request_id = %s", (request_id,)
+        ).fetchone()["outputs"]
+        assert rewritten["video_url"] == payload["video"]["url"]  # the old flat shape
+        # a row written by the seed article's own statement, in its own shape, no event
+        theirs, _ = submit_row(conn)
+        own = {"video_url": "s3://ours/a.mp4", "original_url": payload["video"]["url"]}
+        conn.execute(
+            "update generations set status = 'completed', outputs = %s where request_id = %s",
+            (Jsonb(own), theirs),
+        )
+        conn.commit()
+
+    migrate(url)
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        rows = {
+            r["request_id"]: r
+            for r in conn.execute("select request_id, outputs, archive_status from generations")
+        }
+    assert rows[request_id]["outputs"] == payload
+    assert rows[request_id]["archive_status"] == "pending"
+    assert rows[theirs]["outputs"] == own

@@ -94,7 +94,7 @@ def assert_matches_ground_truth(
         assert got["status"] == truth["status"], request_id
         if truth["status"] == "completed":
             assert got["outputs"] is not None, request_id
-            assert _cdn_path(got["outputs"]["original_url"]) == _cdn_path(
+            assert _cdn_path(got["outputs"]["video"]["url"]) == _cdn_path(
                 truth["output"]["video"]["url"]
             )
             assert got["cost_micros"] == expected_cost(conn, INPUTS["duration"]), request_id

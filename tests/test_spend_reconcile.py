@@ -9,6 +9,7 @@ from decimal import Decimal
 import psycopg
 from spend_helpers import fal_billing, platform_server, settle, submit, window
 
+from renderqueue_pipeline.ledger import LedgerEvent, record_event
 from renderqueue_pipeline.spend import (
     apply_billed,
     load_billing_events,
@@ -192,3 +193,30 @@ def test_billed_requests_unknown_to_the_ledger_are_attributed(conn, fal_billing)
     assert other["fal_micros"] == 700_000
     start, end = window()
     assert summarize(conn, start, end).count("unknown_to_ledger") == 2
+
+
+def test_a_late_payload_keeps_fals_bill_and_puts_ours_beside_it(conn, fal_billing) -> None:
+    """The webhook carried no payload (fal's payload_error), fal's bill was applied, then
+    the reconciler fetched the result: the cost stays fal's figure, ours goes beside it."""
+    request_id = submit(conn, SEEDANCE, {"prompt": "a kite", "duration": "auto"})
+    truth = fal_billing.sim.control.wait_finished(request_id, timeout=30)
+    assert truth["status"] == "completed"
+    payloadless = LedgerEvent(request_id, "completed", None, error="payload_error")
+    assert record_event(conn, payloadless) == "applied"
+    reconcile(conn, fal_billing)
+    start, end = window()
+    assert apply_billed(conn, start, end) == 1
+    billed = conn.execute(
+        "select * from generations where request_id = %s", (request_id,)
+    ).fetchone()
+    assert billed["cost_basis"] == "billed" and billed["computed_cost_basis"] == "estimate"
+
+    fetched = LedgerEvent(request_id, "completed", truth["output"], source="reconcile")
+    assert record_event(conn, fetched) == "applied"
+    row = conn.execute("select * from generations where request_id = %s", (request_id,)).fetchone()
+    assert row["outputs"] == truth["output"]
+    assert (row["cost_basis"], row["cost_micros"]) == ("billed", billed["fal_billed_micros"])
+    # ours: Seedance documents no output duration, so "auto" is priced at its default
+    assert row["computed_cost_basis"] == "requested"
+    assert row["computed_cost_micros"] == row["billed_seconds"] * 303_400
+    assert row["cost_cents"] == (billed["fal_billed_micros"] + 5_000) // 10_000

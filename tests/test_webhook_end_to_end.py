@@ -84,14 +84,15 @@ def expected_row(truth: dict[str, Any], requested_seconds: int) -> dict[str, Any
         "status": "completed",
         "cost_basis": "requested",
         "cost_micros": requested_seconds * PRICE_720P,
-        "original_url": _without_signature(truth["output"]["video"]["url"]),
+        "video_url": _without_signature(truth["output"]["video"]["url"]),
     }
 
 
 def actual_row(row: dict[str, Any], keys: dict[str, Any]) -> dict[str, Any]:
-    out = {k: row[k] for k in keys if k != "original_url"}
-    if "original_url" in keys:
-        out["original_url"] = _without_signature((row["outputs"] or {}).get("original_url", ""))
+    out = {k: row[k] for k in keys if k != "video_url"}
+    if "video_url" in keys:  # `outputs` is fal's payload as sent: {"video": {"url": ...}}
+        video = (row["outputs"] or {}).get("video") or {}
+        out["video_url"] = _without_signature(video.get("url", ""))
     return out
 
 
