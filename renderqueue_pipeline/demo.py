@@ -243,7 +243,6 @@ def _flow(url: str, load_defs: Any, console: Console, step: Step) -> tuple[list[
         )
         step("archive_outputs", lambda: _execute(defs, instance, "archive_outputs"))
         today = dt.datetime.now(dt.UTC).date()
-        _materialize_reports(defs, instance, today, step)
         step(
             "reconcile_billing (today)",
             lambda: _execute(defs, instance, "reconcile_billing", partition_key=today.isoformat()),
@@ -257,6 +256,8 @@ def _flow(url: str, load_defs: Any, console: Console, step: Step) -> tuple[list[
                 partition_key=today.replace(day=1).isoformat(),
             ),
         )
+        # after the billing: the month's report shows ours, fal's bill and the difference
+        _materialize_reports(defs, instance, today, step)
     return batch_ids, request_ids
 
 
@@ -363,6 +364,11 @@ def print_summary(
             "where request_id = any(%s) and status = 'completed' group by 1 order by 1",
             (request_ids,),
         ).fetchall()
+        month_report = conn.execute(
+            "select computed_micros, billed_generations, fal_billed_micros, "
+            "billed_difference_micros from spend_report_months "
+            "where month = date_trunc('month', now() at time zone 'utc')::date"
+        ).fetchone()
         billing_days = conn.execute(
             "select outcome, sum(requests) as n, sum(our_micros) as ours, "
             "sum(fal_micros) as fal from billing_reconciliation_days "
@@ -403,6 +409,13 @@ def print_summary(
         for r in billing_days:
             bills.add_row(r["outcome"], str(r["n"]), dollars(r["ours"]), dollars(r["fal"]))
         console.print(bills)
+    if month_report is not None and month_report["fal_billed_micros"] is not None:
+        console.print(
+            f"month's report: ours {dollars(month_report['computed_micros'])}, fal billed "
+            f"{dollars(month_report['fal_billed_micros'])} for "
+            f"{month_report['billed_generations']} generations, difference "
+            f"{dollars(month_report['billed_difference_micros'])} (fal minus ours)"
+        )
     if truths is None:
         return True
     problems = check_against_truth(url, request_ids, truths)

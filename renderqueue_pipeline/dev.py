@@ -346,10 +346,10 @@ def run_dev(
             if batch_ids and not stop:
                 today = dt.datetime.now(dt.UTC).date()
                 month = today.replace(day=1).isoformat()
-                for job, partition in (
-                    ("spend_report", month),
+                for job, partition in (  # billing first: the report then shows fal's bill
                     ("reconcile_billing", today.isoformat()),
                     ("summarize_billing_month", month),
+                    ("spend_report", month),
                 ):
                     try:
                         launch(ui, job, partition)

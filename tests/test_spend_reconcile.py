@@ -220,3 +220,48 @@ def test_a_late_payload_keeps_fals_bill_and_puts_ours_beside_it(conn, fal_billin
     assert row["computed_cost_basis"] == "requested"
     assert row["computed_cost_micros"] == row["billed_seconds"] * 303_400
     assert row["cost_cents"] == (billed["fal_billed_micros"] + 5_000) // 10_000
+
+
+def test_monthly_reports_show_our_total_fals_bill_and_the_difference(conn, fal_billing) -> None:
+    """An "auto" clip is priced at Seedance's 15 s; fal bills the seconds it made. The
+    month's report tables show both figures and the difference, and still equal the ledger."""
+    from renderqueue_pipeline.reports.checks import report_matches_ledger
+    from renderqueue_pipeline.reports.spend import refresh_month
+
+    fixed = submit(conn, SEEDANCE, {"prompt": "a lighthouse", "duration": "5"})
+    auto = submit(conn, SEEDANCE, {"prompt": "a tide pool", "duration": "auto"})
+    settle(conn, fal_billing.sim, [fixed, auto])
+    created = conn.execute("select min(created_at) as t from generations").fetchone()["t"]
+    month = created.astimezone(dt.UTC).date().replace(day=1)
+    ours = {r["request_id"]: r["cost_micros"] for r in conn.execute(
+        "select request_id, cost_micros from generations")}
+    assert ours[auto] == 15 * 303_400  # priced at the default: fal's output has no duration
+
+    before = refresh_month(conn, month)
+    assert before.computed_micros == before.cost_micros == sum(ours.values())
+    assert before.fal_billed_micros is None and before.billed_difference_micros is None
+
+    reconcile(conn, fal_billing)
+    start, end = window()
+    assert apply_billed(conn, start, end) == 2
+    fal = {r["request_id"]: r["fal_billed_micros"] for r in conn.execute(
+        "select request_id, fal_billed_micros from generations")}
+    made = conn.execute(
+        "select output_units from fal_billing_events where request_id = %s", (auto,)
+    ).fetchone()["output_units"]
+    assert 4 <= made <= 15  # "auto": fal bills the seconds it made
+    assert fal[fixed] == ours[fixed] and fal[auto] == made * 303_400
+
+    after = refresh_month(conn, month)
+    assert after.computed_micros == sum(ours.values())
+    assert after.cost_micros == after.fal_billed_micros == sum(fal.values())
+    assert after.billed_generations == 2
+    assert after.billed_difference_micros == fal[auto] - ours[auto]
+    (by_endpoint,) = [r for r in after.by_endpoint if r["endpoint"] == SEEDANCE]
+    assert (by_endpoint["computed_micros"], by_endpoint["fal_billed_micros"],
+            by_endpoint["billed_difference_micros"]) == (
+        sum(ours.values()), sum(fal.values()), fal[auto] - ours[auto])
+    (daily,) = after.daily
+    assert daily["billed_difference_micros"] == fal[auto] - ours[auto]
+    for by in ("user", "endpoint"):
+        assert report_matches_ledger(conn, month, by).passed

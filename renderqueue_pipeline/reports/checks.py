@@ -34,7 +34,14 @@ COMPARED = (
     "billed_seconds",
     "cost_micros",
     "open_estimate_micros",
+    "computed_micros",
+    "billed_generations",
+    "fal_billed_micros",
+    "billed_difference_micros",
 )
+# Summed per key from the ledger's facts (fal_billed_micros and billed_difference_micros are
+# derived from them: null while no generation of the key was billed).
+SUMMED = (*COMPARED[:-2], "fal_billed_sum", "billed_computed_micros")
 MAX_OPEN = "24 hours"
 # Writes that began this long before a report's snapshot may still have been in flight.
 IN_FLIGHT_MARGIN = "5 minutes"
@@ -86,6 +93,14 @@ def per_second(micros: int, seconds: Decimal) -> Decimal | None:
     return (Decimal(int(micros)) / Decimal(seconds)).quantize(Decimal("0.001"), ROUND_HALF_UP)
 
 
+def add_billed_totals(row: dict, fal_billed: int, billed_computed: int) -> None:
+    """fal's total for the billed generations and its difference from our own figure for
+    the same ones; both null while none was billed (the report tables' rule)."""
+    billed = row["billed_generations"] > 0
+    row["fal_billed_micros"] = fal_billed if billed else None
+    row["billed_difference_micros"] = fal_billed - billed_computed if billed else None
+
+
 def fold_facts(facts: list[dict], by: str) -> list[dict]:
     """Ledger facts (user, endpoint, status, unpriced) folded into report-shaped rows."""
     key = KEYS[by]
@@ -93,7 +108,7 @@ def fold_facts(facts: list[dict], by: str) -> list[dict]:
     for f in facts:
         row = rows.setdefault(
             f[key],
-            {key: f[key], **dict.fromkeys(COMPARED, 0), "changed_after": False},
+            {key: f[key], **dict.fromkeys(SUMMED, 0), "changed_after": False},
         )
         n, status = f["generations"], f["status"]
         row["generations"] += n
@@ -102,6 +117,10 @@ def fold_facts(facts: list[dict], by: str) -> list[dict]:
             row["billed_seconds"] += f["billed_seconds"]
             row["cost_micros"] += int(f["cost_micros"])
             row["unpriced"] += n if f["unpriced"] else 0
+            row["computed_micros"] += int(f["computed_micros"])
+            row["billed_generations"] += int(f["billed_generations"])
+            row["fal_billed_sum"] += int(f["fal_billed_micros"])
+            row["billed_computed_micros"] += int(f["billed_computed_micros"])
         elif status in ("failed", "canceled"):
             row[status] += n
         else:
@@ -111,6 +130,7 @@ def fold_facts(facts: list[dict], by: str) -> list[dict]:
     for row in rows.values():
         row["cost_cents"] = cents(row["cost_micros"])
         row["micros_per_completed_second"] = per_second(row["cost_micros"], row["billed_seconds"])
+        add_billed_totals(row, row.pop("fal_billed_sum"), row.pop("billed_computed_micros"))
     return sorted(rows.values(), key=lambda r: (-r["cost_micros"], str(r[key])))
 
 

@@ -60,7 +60,7 @@ def report(month_text: str, by: str, fmt: str) -> None:
     for r in rows:
         table.add_row(
             *[
-                dollars(r[c]) if c.endswith("_micros") else ("-" if r[c] is None else str(r[c]))
+                "-" if r[c] is None else dollars(r[c]) if c.endswith("_micros") else str(r[c])
                 for c in shown
             ]
         )

@@ -12,6 +12,7 @@ import psycopg
 
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.reports.checks import (
+    add_billed_totals,
     cents,
     fold_facts,
     ledger_facts,
@@ -37,6 +38,10 @@ FIGURES = [
     "cost_cents",
     "micros_per_completed_second",
     "open_estimate_micros",
+    "computed_micros",
+    "billed_generations",
+    "fal_billed_micros",
+    "billed_difference_micros",
 ]
 BATCH_FIGURES = ["submit_estimate_micros", "cost_minus_estimate_micros"]
 
@@ -60,6 +65,9 @@ def month_from_ledger(conn: psycopg.Connection, month: date, by: str) -> list[di
                 )
                 row["cost_minus_estimate_micros"] = (
                     row["cost_micros"] + row["open_estimate_micros"] - row["submit_estimate_micros"]
+                )
+                add_billed_totals(
+                    row, row.pop("fal_billed_micros"), row.pop("billed_computed_micros")
                 )
             rows.sort(key=lambda r: (-r["cost_micros"], r["batch_id"] is None, r["batch_id"] or 0))
     keep = columns_for(by)

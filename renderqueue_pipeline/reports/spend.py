@@ -57,6 +57,12 @@ class MonthReport:
     by_endpoint: list[dict]
     by_batch: list[dict]
     daily: list[dict]
+    #: our own figure for the completed generations; fal's bill for those it billed and
+    #: the difference from ours for the same ones (None while none was billed)
+    computed_micros: int = 0
+    billed_generations: int = 0
+    fal_billed_micros: int | None = None
+    billed_difference_micros: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -226,6 +232,10 @@ def _refresh_in_snapshot(
         by_endpoint=conn.execute(q("monthly_by_endpoint"), {"month": month}).fetchall(),
         by_batch=conn.execute(q("monthly_by_batch"), {"month": month}).fetchall(),
         daily=conn.execute(q("daily_for_month"), {"month": month}).fetchall(),
+        computed_micros=int(summary["computed_micros"]),
+        billed_generations=int(summary["billed_generations"]),
+        fal_billed_micros=summary["fal_billed_micros"],
+        billed_difference_micros=summary["billed_difference_micros"],
         timings=timings,
     )
 

@@ -26,7 +26,15 @@ with facts as materialized (
          coalesce(sum(g.cost_micros) filter (where g.status = 'completed'), 0) as cost_micros,
          coalesce(sum(g.cost_micros) filter (where g.status in ('submitted', 'in_progress')),
                   0) as open_estimate_micros,
-         coalesce(sum(bi.estimate_micros), 0) as submit_estimate_micros
+         coalesce(sum(bi.estimate_micros), 0) as submit_estimate_micros,
+         coalesce(sum(coalesce(g.computed_cost_micros, g.cost_micros))
+                  filter (where g.status = 'completed'), 0) as computed_micros,
+         count(g.fal_billed_micros) filter (where g.status = 'completed') as billed_generations,
+         coalesce(sum(g.fal_billed_micros) filter (where g.status = 'completed'), 0)
+           as fal_billed_micros,
+         coalesce(sum(coalesce(g.computed_cost_micros, g.cost_micros))
+                  filter (where g.status = 'completed' and g.fal_billed_micros is not null), 0)
+           as billed_computed_micros
   from generations g
   -- lateral with limit: one primary-key probe per generation, never a scan of every
   -- intent ever recorded
@@ -38,19 +46,24 @@ with facts as materialized (
 by_user as (
   insert into spend_rollup_daily (day, user_id, endpoint, generations, completed, failed,
                                   canceled, open, unpriced, billed_seconds, cost_micros,
-                                  open_estimate_micros)
+                                  open_estimate_micros, computed_micros, billed_generations,
+                                  fal_billed_micros, billed_computed_micros)
   select day, user_id, endpoint, sum(generations), sum(completed), sum(failed),
          sum(canceled), sum(open), sum(unpriced), sum(billed_seconds), sum(cost_micros),
-         sum(open_estimate_micros)
+         sum(open_estimate_micros), sum(computed_micros), sum(billed_generations),
+         sum(fal_billed_micros), sum(billed_computed_micros)
   from facts group by day, user_id, endpoint
   returning 1
 )
 insert into spend_rollup_daily_batch (day, batch_id, generations, completed, failed, canceled,
                                       open, unpriced, billed_seconds, cost_micros,
-                                      open_estimate_micros, submit_estimate_micros)
+                                      open_estimate_micros, submit_estimate_micros,
+                                      computed_micros, billed_generations, fal_billed_micros,
+                                      billed_computed_micros)
 select day, batch_id, sum(generations), sum(completed), sum(failed), sum(canceled), sum(open),
        sum(unpriced), sum(billed_seconds), sum(cost_micros), sum(open_estimate_micros),
-       sum(submit_estimate_micros)
+       sum(submit_estimate_micros), sum(computed_micros), sum(billed_generations),
+       sum(fal_billed_micros), sum(billed_computed_micros)
 from facts group by day, batch_id;
 
 -- name: rollup_days_upsert
@@ -122,12 +135,17 @@ delete from spend_monthly_by_user where month = %(month)s;
 insert into spend_monthly_by_user (month, user_id, generations, completed, failed, canceled,
                                    open, unpriced, billed_seconds, cost_micros, cost_cents,
                                    micros_per_completed_second, open_estimate_micros,
-                                   computed_at)
+                                   computed_at, computed_micros, billed_generations,
+                                   fal_billed_micros, billed_difference_micros)
 select %(month)s, user_id, sum(generations), sum(completed), sum(failed), sum(canceled),
        sum(open), sum(unpriced), sum(billed_seconds), sum(cost_micros),
        rq_micros_to_cents(sum(cost_micros)::bigint),
        round(sum(cost_micros) / nullif(sum(billed_seconds), 0), 3),
-       sum(open_estimate_micros), %(computed_at)s
+       sum(open_estimate_micros), %(computed_at)s, sum(computed_micros),
+       sum(billed_generations),
+       case when sum(billed_generations) > 0 then sum(fal_billed_micros) end,
+       case when sum(billed_generations) > 0
+            then sum(fal_billed_micros) - sum(billed_computed_micros) end
 from spend_rollup_daily
 where day >= %(month)s and day < %(end_day)s
 group by user_id;
@@ -139,12 +157,17 @@ delete from spend_monthly_by_endpoint where month = %(month)s;
 insert into spend_monthly_by_endpoint (month, endpoint, generations, completed, failed,
                                        canceled, open, unpriced, billed_seconds, cost_micros,
                                        cost_cents, micros_per_completed_second,
-                                       open_estimate_micros, computed_at)
+                                       open_estimate_micros, computed_at, computed_micros, billed_generations,
+                                   fal_billed_micros, billed_difference_micros)
 select %(month)s, endpoint, sum(generations), sum(completed), sum(failed), sum(canceled),
        sum(open), sum(unpriced), sum(billed_seconds), sum(cost_micros),
        rq_micros_to_cents(sum(cost_micros)::bigint),
        round(sum(cost_micros) / nullif(sum(billed_seconds), 0), 3),
-       sum(open_estimate_micros), %(computed_at)s
+       sum(open_estimate_micros), %(computed_at)s, sum(computed_micros),
+       sum(billed_generations),
+       case when sum(billed_generations) > 0 then sum(fal_billed_micros) end,
+       case when sum(billed_generations) > 0
+            then sum(fal_billed_micros) - sum(billed_computed_micros) end
 from spend_rollup_daily
 where day >= %(month)s and day < %(end_day)s
 group by endpoint;
@@ -157,18 +180,28 @@ insert into spend_monthly_by_batch (month, batch_id, source, generations, comple
                                     canceled, open, unpriced, billed_seconds, cost_micros,
                                     cost_cents, micros_per_completed_second,
                                     open_estimate_micros, submit_estimate_micros,
-                                    cost_minus_estimate_micros, computed_at)
+                                    cost_minus_estimate_micros, computed_at, computed_micros,
+                                    billed_generations, fal_billed_micros,
+                                    billed_difference_micros)
 select %(month)s, r.batch_id, b.source, r.generations, r.completed, r.failed, r.canceled,
        r.open, r.unpriced, r.billed_seconds, r.cost_micros, rq_micros_to_cents(r.cost_micros),
        round(r.cost_micros / nullif(r.billed_seconds, 0), 3),
        r.open_estimate_micros, r.submit_estimate_micros,
-       r.cost_micros + r.open_estimate_micros - r.submit_estimate_micros, %(computed_at)s
+       r.cost_micros + r.open_estimate_micros - r.submit_estimate_micros, %(computed_at)s,
+       r.computed_micros, r.billed_generations,
+       case when r.billed_generations > 0 then r.fal_billed_micros end,
+       case when r.billed_generations > 0
+            then r.fal_billed_micros - r.billed_computed_micros end
 from (select batch_id, sum(generations)::int as generations, sum(completed)::int as completed,
              sum(failed)::int as failed, sum(canceled)::int as canceled,
              sum(open)::int as open, sum(unpriced)::int as unpriced,
              sum(billed_seconds) as billed_seconds, sum(cost_micros)::bigint as cost_micros,
              sum(open_estimate_micros)::bigint as open_estimate_micros,
-             sum(submit_estimate_micros)::bigint as submit_estimate_micros
+             sum(submit_estimate_micros)::bigint as submit_estimate_micros,
+             sum(computed_micros)::bigint as computed_micros,
+             sum(billed_generations)::int as billed_generations,
+             sum(fal_billed_micros)::bigint as fal_billed_micros,
+             sum(billed_computed_micros)::bigint as billed_computed_micros
       from spend_rollup_daily_batch
       where day >= %(month)s and day < %(end_day)s
       group by batch_id) r
@@ -180,10 +213,15 @@ delete from spend_daily where month = %(month)s;
 -- name: daily_insert
 insert into spend_daily (day, month, endpoint, generations, completed, failed, canceled, open,
                          unpriced, billed_seconds, cost_micros, cost_cents,
-                         open_estimate_micros, computed_at)
+                         open_estimate_micros, computed_at, computed_micros,
+                         billed_generations, fal_billed_micros, billed_difference_micros)
 select day, %(month)s, endpoint, sum(generations), sum(completed), sum(failed), sum(canceled),
        sum(open), sum(unpriced), sum(billed_seconds), sum(cost_micros),
-       rq_micros_to_cents(sum(cost_micros)::bigint), sum(open_estimate_micros), %(computed_at)s
+       rq_micros_to_cents(sum(cost_micros)::bigint), sum(open_estimate_micros), %(computed_at)s,
+       sum(computed_micros), sum(billed_generations),
+       case when sum(billed_generations) > 0 then sum(fal_billed_micros) end,
+       case when sum(billed_generations) > 0
+            then sum(fal_billed_micros) - sum(billed_computed_micros) end
 from spend_rollup_daily
 where day >= %(month)s and day < %(end_day)s
 group by day, endpoint;
@@ -191,11 +229,16 @@ group by day, endpoint;
 -- name: report_month_upsert
 insert into spend_report_months (month, state, computed_at, finalized_at, generations,
                                  cost_micros, open_estimate_micros, snapshot_at,
-                                 max_generation_id)
+                                 max_generation_id, computed_micros, billed_generations,
+                                 fal_billed_micros, billed_difference_micros)
 select %(month)s, %(state)s, %(computed_at)s,
        case when %(state)s = 'final' then %(computed_at)s end,
        coalesce(sum(generations), 0), coalesce(sum(cost_micros), 0),
-       coalesce(sum(open_estimate_micros), 0), %(snapshot_at)s, %(max_generation_id)s
+       coalesce(sum(open_estimate_micros), 0), %(snapshot_at)s, %(max_generation_id)s,
+       coalesce(sum(computed_micros), 0), coalesce(sum(billed_generations), 0),
+       case when sum(billed_generations) > 0 then sum(fal_billed_micros) end,
+       case when sum(billed_generations) > 0
+            then sum(fal_billed_micros) - sum(billed_computed_micros) end
 from spend_rollup_daily
 where day >= %(month)s and day < %(end_day)s
 on conflict (month) do update
@@ -203,9 +246,14 @@ on conflict (month) do update
       finalized_at = coalesce(excluded.finalized_at, spend_report_months.finalized_at),
       generations = excluded.generations, cost_micros = excluded.cost_micros,
       open_estimate_micros = excluded.open_estimate_micros,
-      snapshot_at = excluded.snapshot_at, max_generation_id = excluded.max_generation_id
+      snapshot_at = excluded.snapshot_at, max_generation_id = excluded.max_generation_id,
+      computed_micros = excluded.computed_micros,
+      billed_generations = excluded.billed_generations,
+      fal_billed_micros = excluded.fal_billed_micros,
+      billed_difference_micros = excluded.billed_difference_micros
 returning month, state, computed_at, finalized_at, generations, cost_micros,
-          open_estimate_micros;
+          open_estimate_micros, computed_micros, billed_generations, fal_billed_micros,
+          billed_difference_micros;
 
 -- name: report_month
 select month, state, computed_at, finalized_at, generations, cost_micros, open_estimate_micros,
@@ -240,6 +288,12 @@ select user_id, endpoint, status::text as status,
        count(*)::int as generations,
        coalesce(sum(billed_seconds), 0) as billed_seconds,
        coalesce(sum(cost_micros), 0)::bigint as cost_micros,
+       coalesce(sum(coalesce(computed_cost_micros, cost_micros)), 0)::bigint as computed_micros,
+       count(fal_billed_micros)::int as billed_generations,
+       coalesce(sum(fal_billed_micros), 0)::bigint as fal_billed_micros,
+       coalesce(sum(coalesce(computed_cost_micros, cost_micros))
+                filter (where fal_billed_micros is not null), 0)::bigint
+         as billed_computed_micros,
        bool_or(id > %(max_generation_id)s
                or updated_at > %(snapshot_at)s::timestamptz - %(margin)s::interval)
          as changed_after
@@ -262,7 +316,16 @@ select bi.batch_id, b.source,
          as cost_micros,
        coalesce(sum(g.cost_micros) filter (where g.status in ('submitted', 'in_progress')),
                 0)::bigint as open_estimate_micros,
-       coalesce(sum(bi.estimate_micros), 0)::bigint as submit_estimate_micros
+       coalesce(sum(bi.estimate_micros), 0)::bigint as submit_estimate_micros,
+       coalesce(sum(coalesce(g.computed_cost_micros, g.cost_micros))
+                filter (where g.status = 'completed'), 0)::bigint as computed_micros,
+       (count(g.fal_billed_micros) filter (where g.status = 'completed'))::int
+         as billed_generations,
+       coalesce(sum(g.fal_billed_micros) filter (where g.status = 'completed'), 0)::bigint
+         as fal_billed_micros,
+       coalesce(sum(coalesce(g.computed_cost_micros, g.cost_micros))
+                filter (where g.status = 'completed' and g.fal_billed_micros is not null),
+                0)::bigint as billed_computed_micros
 from generations g
 left join batch_items bi on bi.id = g.batch_item_id
 left join batches b on b.id = bi.batch_id

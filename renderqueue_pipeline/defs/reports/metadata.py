@@ -29,6 +29,13 @@ def table_metadata(report: MonthReport, table: str, rows: list[dict]) -> dict[st
         "total_spend": dollars(report.cost_micros),
         "cost_micros": report.cost_micros,
         "open_estimate_micros": report.open_estimate_micros,
+        # ours against fal's bill (spend domain): None until fal's billing is loaded
+        "computed_micros": report.computed_micros,
+        "billed_generations": report.billed_generations,
+        "fal_billed": "-" if report.fal_billed_micros is None
+        else dollars(report.fal_billed_micros),
+        "billed_difference": "-" if report.billed_difference_micros is None
+        else dollars(report.billed_difference_micros),
         "generations": report.generations,
         "completed": sum(int(r["completed"]) for r in rows),
         "failed": sum(int(r["failed"]) for r in rows),
