@@ -125,3 +125,41 @@ def ledger_env(ledger_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     get_settings.cache_clear()
     yield ledger_url
     get_settings.cache_clear()
+
+
+# -- S3: moto's server over real HTTP on loopback, one for the whole session ------------------
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def moto_s3() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_s3: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """s3fs/boto3 pointed at moto through the environment (credentials, endpoint, no
+    proxies), with no cached s3fs instance from another test; yields the endpoint."""
+    import s3fs
+
+    for name, value in {**S3_ENV, "AWS_ENDPOINT_URL": moto_s3}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return moto_s3
+

@@ -10,6 +10,7 @@ import httpx
 import pytest
 from archive_helpers import Behaviour, completed_row, media_server, media_sha256, row, video
 from click.testing import CliRunner
+from s3_helpers import s3_client
 
 from renderqueue_pipeline.archive import ArchiveOptions, ArchiveStorage, archive_pending, links
 from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
@@ -19,34 +20,12 @@ from renderqueue_pipeline.db.connect import connect
 BUCKET = "rq-archive"
 
 
-@pytest.fixture(scope="module")
-def moto_s3() -> Iterator[str]:
-    """moto's S3 server on loopback; yields its endpoint URL."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
 @pytest.fixture
-def s3_env(moto_s3: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Credentials and endpoint for s3fs in the environment, and a fresh bucket."""
-    import boto3
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3)
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    s3 = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
+def s3_env(s3_env: str) -> Iterator[str]:
+    """conftest's s3_env plus a fresh bucket, emptied and removed afterwards."""
+    s3 = s3_client(s3_env)
     s3.create_bucket(Bucket=BUCKET)
-    yield moto_s3
+    yield s3_env
     listing = s3.list_objects_v2(Bucket=BUCKET)
     for item in listing.get("Contents", []):
         s3.delete_object(Bucket=BUCKET, Key=item["Key"])
@@ -60,9 +39,7 @@ def origin():
 
 
 def _s3_keys(endpoint: str) -> list[str]:
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3 = s3_client(endpoint)
     return sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", []))
 
 

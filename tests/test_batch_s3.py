@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import dagster as dg
@@ -23,45 +22,10 @@ def instance(ledger_url: str) -> Iterator[dg.DagsterInstance]:
         yield instance
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {
-        k: os.environ.get(k)
-        for k in (
-            "AWS_ENDPOINT_URL",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION",
-        )
-    }
-    os.environ.update(
-        AWS_ENDPOINT_URL=endpoint,
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-    )
-    try:
-        yield endpoint
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.stop()
-
-
 @pytest.fixture
-def bucket(s3_endpoint: str) -> Iterator[str]:
+def bucket(s3_env: str) -> Iterator[str]:
     import s3fs
 
-    s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()
     name = "prompts-inbox"
     if not fs.exists(name):
@@ -114,7 +78,7 @@ def test_a_file_on_s3_is_listed_by_the_sensor_and_submitted(
 
 
 def test_a_prompts_url_whose_bucket_does_not_exist_says_so(
-    conn: psycopg.Connection, ledger_url: str, s3_endpoint: str, instance: dg.DagsterInstance
+    conn: psycopg.Connection, ledger_url: str, s3_env: str, instance: dg.DagsterInstance
 ) -> None:
     inbox = PromptsInbox(url="s3://no-such-bucket-here/inbox")
     with pytest.raises(PromptFileError) as caught:

@@ -27,6 +27,7 @@ from report_helpers import (
     table,
     utc,
 )
+from s3_helpers import s3_client
 
 from renderqueue_pipeline.dagster_home import dagster_storage_url
 from renderqueue_pipeline.defs.reports import assets, checks
@@ -210,31 +211,8 @@ def test_stale_rollup_fails_the_ledger_check_in_the_current_month(
     assert "rebuild: true" in evaluation.description
 
 
-@pytest.fixture(scope="module")
-def moto_s3() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
-
-
-def test_files_in_s3(
-    conn: psycopg.Connection, ledger_url: str, instance, moto_s3: str, monkeypatch
-) -> None:
-    import boto3
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_s3)
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    s3 = boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1")
+def test_files_in_s3(conn: psycopg.Connection, ledger_url: str, instance, s3_env: str) -> None:
+    s3 = s3_client(s3_env)
     s3.create_bucket(Bucket=BUCKET)
     march_ledger(conn)
     storage = f"s3://{BUCKET}/analytics"
