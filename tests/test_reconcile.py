@@ -167,7 +167,7 @@ def test_a_request_fal_does_not_know_becomes_failed_at_no_cost(
     assert (report.examined, report.not_found, report.failed) == (1, 1, 1)
 
 
-def test_a_request_open_past_the_limit_becomes_failed_at_no_cost(
+def test_a_request_open_past_the_limit_is_cancelled_at_fal_at_no_cost(
     fal_sim: RunningSimulator, conn: psycopg.Connection
 ) -> None:
     fal_sim.control.reset(seed=1, **{**FAST_TEST_OPTIONS, "queue_delay": "3600"})
@@ -176,13 +176,34 @@ def test_a_request_open_past_the_limit_becomes_failed_at_no_cost(
     age_rows(conn, [recent], "23 hours")
     report = run_reconcile(conn)
     got = row(conn, stuck)
-    assert (got["status"], got["cost_micros"]) == ("failed", 0)
-    assert "more than 24 h" in got["error"]
+    assert (got["status"], got["cost_micros"]) == ("canceled", 0)
+    assert "more than 24 h" in got["error"] and "cancel it (accepted)" in got["error"]
+    assert got["cancel_requested_at"] is not None
+    # fal was asked: the queued request left fal's queue, so fal will not run or bill it
+    truth = fal_sim.control.ground_truth(stuck)
+    assert truth["cancel_requested"] and truth["status"] == "canceled"
     assert row(conn, recent)["status"] == "submitted"  # queued at fal, within the limit
-    assert (report.examined, report.past_limit, report.still_open) == (2, 1, 1)
+    assert fal_sim.control.ground_truth(recent)["status"] == "queued"
+    assert (report.examined, report.past_limit, report.still_open, report.canceled) == (2, 1, 1, 1)
 
     report = run_reconcile(conn, max_open=__import__("datetime").timedelta(hours=2))
-    assert row(conn, recent)["status"] == "failed"  # the limit is configurable
+    assert row(conn, recent)["status"] == "canceled"  # the limit is configurable
+
+
+def test_a_request_given_up_that_fal_finishes_anyway_is_billed(
+    fal_sim: RunningSimulator, conn: psycopg.Connection
+) -> None:
+    """Cancelling a running request is only a signal: if fal completes it after we gave up,
+    the completion is applied and billed as fal bills it."""
+    fal_sim.control.reset(seed=1, **{**FAST_TEST_OPTIONS, "queue_delay": "3600"})
+    (request_id,) = submit_many(conn, 1)
+    age_rows(conn, [request_id], "25 hours")
+    run_reconcile(conn)
+    assert row(conn, request_id)["status"] == "canceled"
+    late = LedgerEvent(request_id, "completed", {"video": {"url": "https://v3b.fal.media/x.mp4"}})
+    assert record_events(conn, [late]) == ["applied"]
+    got = row(conn, request_id)
+    assert got["status"] == "completed" and got["cost_micros"] > 0
 
 
 def test_a_requeue_is_not_terminal(fal_sim: RunningSimulator, conn: psycopg.Connection) -> None:

@@ -19,8 +19,13 @@ What fal says decides, never a guessed error string:
   terminal failure; the ledger turns it into `canceled` when our cancel was accepted;
 - IN_PROGRESS moves a submitted row forward; IN_QUEUE after IN_PROGRESS is fal putting the
   request back in its queue: not terminal, the row stays open;
-- 404 (fal does not know the request) and a request still open past `max_open` become
-  failed with an error saying so, cost zero.
+- 404 (fal does not know the request) becomes failed with an error saying so, cost zero;
+- a request still open past `max_open` is given up: the reconciler asks fal to cancel it
+  (a queued request leaves fal's queue; a running one gets the signal) and, when fal
+  accepts, records the cancel, so the row becomes `canceled` at cost zero, and a
+  completion fal still sends later is billed as fal bills it. When the cancel cannot be
+  made the row becomes failed, cost zero, with the reason; when fal answers that the
+  request already finished, the next pass reads its outcome.
 A fal call that fails transiently leaves the row as it is for the next pass.
 """
 
@@ -48,6 +53,7 @@ from renderqueue_pipeline.fal_gateway import (
 from renderqueue_pipeline.ledger import (
     LedgerEvent,
     apply_waiting_events,
+    mark_cancel_requested,
     mark_unknown_outcomes,
     record_events,
 )
@@ -167,6 +173,7 @@ class _Observation:
     event: LedgerEvent | None = None
     result_fetched: bool = False
     reason: str = ""  # not_found | past_limit | requeued | fal error text
+    cancel_accepted: bool = False  # fal accepted our cancel: record it before the event
 
 
 def _interval(delta: timedelta) -> str:
@@ -230,26 +237,38 @@ async def observe(fal: FalGateway, row: _Row, options: ReconcileOptions) -> _Obs
     if row.payload_missing:  # cannot happen at fal (completed is final); leave it be
         return _Observation(row, "open")
     if row.past_limit:
-        hours = options.max_open.total_seconds() / 3600
-        return _Observation(
-            row,
-            "event",
-            _event(
-                row,
-                "failed",
-                error=(
-                    f"still {status.state.replace('_', ' ')} at fal more than {hours:g} h "
-                    "after submit; given up by the reconciler (not cancelled at fal), "
-                    "nothing billed"
-                ),
-            ),
-            reason="past_limit",
-        )
+        return await _give_up(fal, row, status.state, options)
     if status.state == "in_progress" and row.status == "submitted":
         return _Observation(row, "event", _event(row, "in_progress"))
     if status.state == "queued" and row.status == "in_progress":
         return _Observation(row, "open", reason="requeued")  # fal re-queued it: not terminal
     return _Observation(row, "open")
+
+
+async def _give_up(
+    fal: FalGateway, row: _Row, state: str, options: ReconcileOptions
+) -> _Observation:
+    """Open past `max_open`: ask fal to cancel it, then close the row at cost zero."""
+    hours = options.max_open.total_seconds() / 3600
+    still = f"still {state.replace('_', ' ')} at fal more than {hours:g} h after submit"
+    try:
+        answer = await fal.cancel(row.endpoint, row.request_id)
+    except FalError as exc:
+        error = (
+            f"{still}; given up by the reconciler, and asking fal to cancel it failed "
+            f"({exc}); nothing billed"
+        )
+        return _Observation(row, "event", _event(row, "failed", error=error), reason="past_limit")
+    if answer == "already_completed":  # it finished meanwhile: the next pass reads how
+        return _Observation(row, "open")
+    error = (
+        f"{still}; given up by the reconciler, which asked fal to cancel it (accepted); "
+        "nothing billed unless fal finishes it anyway"
+    )
+    return _Observation(
+        row, "event", _event(row, "failed", error=error), reason="past_limit",
+        cancel_accepted=True,
+    )
 
 
 async def _fetch_completed(fal: FalGateway, row: _Row) -> _Observation:
@@ -314,6 +333,12 @@ class _Writer:
         if len(self.pending) >= self.chunk:
             await self.flush()
 
+    async def mark_cancel_requested(self, request_id: str) -> None:
+        """Record fal's acceptance of our cancel before the events that follow it."""
+        await self.flush()
+        async with self._lock:
+            await asyncio.to_thread(mark_cancel_requested, self.conn, request_id)
+
     async def flush(self) -> None:
         async with self._lock:
             batch, self.pending = self.pending, []
@@ -356,6 +381,8 @@ async def reconcile_rows(
                 reasons[seen.reason] += 1
             if seen.verdict == "fal_error" and len(report.fal_error_samples) < 5:
                 report.fal_error_samples.append(seen.reason)
+            if seen.cancel_accepted:
+                await writer.mark_cancel_requested(row.request_id)
             if seen.event is not None:
                 await writer.add(seen.event)
             done += 1
