@@ -206,12 +206,13 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def test_the_ledger_reads_no_output_field_fal_does_not_document(
     conn: psycopg.Connection, extra: dict[str, Any]
 ) -> None:
-    """Undocumented fields in a completion change nothing: not the cost, not the outputs."""
+    """Undocumented fields in a completion change nothing in the money; `outputs` keeps
+    fal's payload as sent, extras included (provenance)."""
     documented = video_payload(seed=42, url="https://v3.fal.media/files/b/x/output.mp4")
     assert set(documented) == DOCUMENTED_OUTPUT_FIELDS
     assert set(documented["video"]) == DOCUMENTED_VIDEO_FIELDS
-    rows = []
-    for payload in (documented, _merge(documented, extra)):
+    rows, payloads = [], (documented, _merge(documented, extra))
+    for payload in payloads:
         request_id, _ = submit_row(
             conn, inputs={"prompt": "fox", "duration": "auto", "resolution": "720p"}
         )
@@ -223,6 +224,7 @@ def test_the_ledger_reads_no_output_field_fal_does_not_document(
                 for k in ("status", "cost_micros", "cost_basis", "billed_seconds", "outputs")
             }
         )
+    assert [row.pop("outputs") for row in rows] == list(payloads)
     assert rows[1] == rows[0]
     assert rows[0]["cost_micros"] == expected_cost((SEEDANCE, "720p", None), Decimal(15))
 
