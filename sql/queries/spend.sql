@@ -38,22 +38,27 @@ set local work_mem = '64MB';
 -- Classify every request of [start, end): the generations created in the range (matched
 -- with their billing events whenever fal stamped them, up to 31 days later) and the
 -- billing events stamped in the range that the ledger does not know at all.
--- One read-only pass (Postgres may run it in parallel), grouped so that it answers both:
--- a row per (day, outcome) for the requests that are fine ('matched', 'no_charge'), and a
--- row per request, with the detail and the reason, for every request that needs a look.
+-- It answers both: a row per (day, outcome) for the requests that are fine ('matched',
+-- 'no_charge'), and a row per request, with the detail and the reason, for every request
+-- that needs a look. Two steps, so that the pass over every request stays narrow:
+-- 1. t: one pass over the range (a hash full join of the generations with the billing
+--    events summed per request), carrying only what the outcome needs, hashed into
+--    (day, outcome, finding) groups: a few hundred groups, whatever the range's size.
+-- 2. the detail of each finding (endpoint, prices, units, reason...) is looked up by its
+--    request id afterwards; the laterals with `limit 1` / an aggregate stay index lookups
+--    per finding (the planner cannot know how few there are).
+-- The full join cannot run in parallel (its inner side is an aggregate), so `offset 0`
+-- fences k: each request's outcome is computed once, not once per use.
 -- name: spend_classify_range
 with g as (
-  select g.request_id, g.endpoint, g.status::text as status, g.created_at, g.finished_at,
-         g.billed_seconds, g.price_id, g.batch_item_id,
+  select g.request_id, g.status, g.created_at, g.finished_at,
          case when g.status = 'completed'
               then coalesce(g.computed_cost_micros, g.cost_micros) else 0 end as our_micros
   from generations g
   where g.created_at >= %(start)s and g.created_at < %(end)s
 ),
 b as (
-  select e.request_id, min(e.endpoint) as endpoint, min(e.billed_at) as billed_at,
-         sum(e.output_units) as units, max(e.unit_price) as unit_price,
-         max(e.percent_discount) as discount, sum(e.cost_nano_usd)::bigint as nanos
+  select e.request_id, min(e.billed_at) as billed_at, sum(e.cost_nano_usd)::bigint as nanos
   from fal_billing_events e
   where e.billed_at >= %(start)s and e.billed_at < %(end)s::timestamptz + interval '31 days'
   group by e.request_id
@@ -63,7 +68,6 @@ k as (
     case when g.request_id is null then (b.billed_at at time zone 'UTC')::date
          else (g.created_at at time zone 'UTC')::date end as day,
     coalesce(g.request_id, b.request_id) as request_id,
-    coalesce(g.endpoint, b.endpoint) as endpoint,
     case
       when g.request_id is null then 'unknown_to_ledger'
       when b.request_id is null then
@@ -75,53 +79,63 @@ k as (
       when abs(rq_nanos_to_micros(b.nanos) - g.our_micros) <= 1 then 'matched'
       else 'amount_differs'
     end as outcome,
-    g.status, g.our_micros, rq_nanos_to_micros(b.nanos) as fal_micros, b.nanos,
-    g.billed_seconds, b.units, p.micros_per_second,
-    b.unit_price * 1000000 as fal_micros_per_unit, b.discount, g.batch_item_id,
-    g.created_at, b.billed_at
+    g.our_micros, rq_nanos_to_micros(b.nanos) as fal_micros
   from g
   full join b on b.request_id = g.request_id
-  left join prices p on p.id = g.price_id
   where g.request_id is not null
      or (b.billed_at < %(end)s
          and not exists (select 1 from generations x where x.request_id = b.request_id))
   offset 0  -- a fence: each request's outcome is computed once, not once per use
 ),
-f as (
-  select k.*,
-         case when outcome not in ('matched', 'no_charge') then request_id end as finding
+t as (
+  select day, outcome,
+         case when outcome not in ('matched', 'no_charge') then request_id end as finding,
+         count(*) as requests,
+         coalesce(sum(our_micros), 0)::bigint as our_micros_total,
+         coalesce(sum(fal_micros), 0)::bigint as fal_micros_total
   from k
+  group by 1, 2, 3
 )
-select day, outcome, finding as request_id,
-       count(*) as requests,
-       coalesce(sum(our_micros), 0)::bigint as our_micros_total,
-       coalesce(sum(fal_micros), 0)::bigint as fal_micros_total,
-       -- a finding is a group of one: these are its values (null for the other groups)
-       min(endpoint) filter (where finding is not null) as endpoint,
-       min(case outcome
-             when 'amount_differs' then coalesce(nullif(concat_ws(', ',
-               case when units is distinct from billed_seconds then 'units' end,
-               case when fal_micros_per_unit is distinct from micros_per_second
-                    then 'price' end,
-               case when coalesce(discount, 0) <> 0 then 'discount' end), ''), 'other')
-             when 'billed_not_completed' then
-               case when status in ('submitted', 'in_progress') then 'open' else status end
-             when 'not_billed' then 'completed, no billing event after the grace period'
-           end) filter (where finding is not null) as reason,
-       min(status) filter (where finding is not null) as ledger_status,
-       min(our_micros) filter (where finding is not null) as our_micros,
-       min(fal_micros) filter (where finding is not null) as fal_micros,
-       min(nanos) filter (where finding is not null) as fal_nano_usd,
-       min(billed_seconds) filter (where finding is not null) as our_seconds,
-       min(units) filter (where finding is not null) as fal_units,
-       min(micros_per_second) filter (where finding is not null) as our_micros_per_second,
-       min(fal_micros_per_unit) filter (where finding is not null) as fal_micros_per_unit,
-       min(discount) filter (where finding is not null) as percent_discount,
-       min(batch_item_id) filter (where finding is not null) as batch_item_id,
-       min(created_at) filter (where finding is not null) as created_at,
-       min(billed_at) filter (where finding is not null) as billed_at
-from f
-group by day, outcome, finding;
+-- a finding is a group of one: these are its values (null for the other groups)
+select t.day, t.outcome, t.finding as request_id, t.requests, t.our_micros_total,
+       t.fal_micros_total,
+       coalesce(g.endpoint, e.endpoint) as endpoint,
+       case t.outcome
+         when 'amount_differs' then coalesce(nullif(concat_ws(', ',
+           case when e.units is distinct from g.billed_seconds then 'units' end,
+           case when e.unit_price * 1000000 is distinct from g.micros_per_second
+                then 'price' end,
+           case when coalesce(e.discount, 0) <> 0 then 'discount' end), ''), 'other')
+         when 'billed_not_completed' then
+           case when g.status in ('submitted', 'in_progress') then 'open'
+                else g.status::text end
+         when 'not_billed' then 'completed, no billing event after the grace period'
+       end as reason,
+       g.status::text as ledger_status, g.our_micros,
+       rq_nanos_to_micros(e.nanos) as fal_micros, e.nanos as fal_nano_usd,
+       g.billed_seconds as our_seconds, e.units as fal_units,
+       g.micros_per_second as our_micros_per_second,
+       e.unit_price * 1000000 as fal_micros_per_unit, e.discount as percent_discount,
+       g.batch_item_id, g.created_at, e.billed_at
+from t
+left join lateral (
+  select g.endpoint, g.status, g.billed_seconds, g.batch_item_id, g.created_at,
+         case when g.status = 'completed'
+              then coalesce(g.computed_cost_micros, g.cost_micros) else 0 end as our_micros,
+         p.micros_per_second
+  from generations g
+  left join prices p on p.id = g.price_id
+  where g.request_id = t.finding
+  limit 1
+) g on true
+left join lateral (
+  select min(e.endpoint) as endpoint, min(e.billed_at) as billed_at,
+         sum(e.output_units) as units, max(e.unit_price) as unit_price,
+         max(e.percent_discount) as discount, sum(e.cost_nano_usd)::bigint as nanos
+  from fal_billing_events e
+  where e.request_id = t.finding
+    and e.billed_at >= %(start)s and e.billed_at < %(end)s::timestamptz + interval '31 days'
+) e on true;
 
 -- name: spend_copy_reconciliation
 copy billing_reconciliation (day, request_id, endpoint, outcome, reason, ledger_status,
