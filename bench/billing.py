@@ -22,7 +22,6 @@ import datetime as dt
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import time
@@ -261,7 +260,10 @@ def run(console: Console) -> list[Figure]:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux carries that across
+    exec, so a child would report the peak of the bench process it was forked from."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
 def _reconcile_sql(url: str) -> dict:

@@ -251,7 +251,7 @@ class BillingEvent(NamedTuple):
         discount = "null" if self.percent_discount is None else repr(self.percent_discount)
         return (
             f'{{"request_id":{_quoted(self.request_id)},'
-            f'"endpoint_id":{_quoted(self.endpoint_id)},'
+            f'"endpoint_id":{_quoted_name(self.endpoint_id)},'
             f'"timestamp":"{iso(self.timestamp)}","output_units":{self.output_units!r},'
             f'"unit_price":{self.unit_price!r},"percent_discount":{discount},'
             f'"cost_estimate_nano_usd":{self.cost_estimate_nano_usd}}}'
@@ -276,12 +276,18 @@ def _quoted(text: str) -> str:
     return json.dumps(text)
 
 
+#: endpoint ids repeat on every event: quoted once each
+_quoted_name = functools.lru_cache(maxsize=1024)(_quoted)
+
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
 
 
 @functools.lru_cache(maxsize=4096)
-def _iso_date(day: int) -> str:
-    return dt.date.fromordinal(_EPOCH_ORDINAL + day).isoformat()
+def _iso_minute(minute: int) -> str:
+    """'YYYY-MM-DDTHH:MM:' of a minute since the epoch (events of a page share a few)."""
+    day, rest = divmod(minute, 1_440)
+    hours, minutes = divmod(rest, 60)
+    return f"{dt.date.fromordinal(_EPOCH_ORDINAL + day).isoformat()}T{hours:02d}:{minutes:02d}:"
 
 
 def iso(wall: float) -> str:
@@ -294,10 +300,8 @@ def iso(wall: float) -> str:
         seconds, micros = seconds - 1, micros + 1_000_000
     elif micros >= 1_000_000:
         seconds, micros = seconds + 1, micros - 1_000_000
-    day, rest = divmod(seconds, 86_400)
-    hours, rest = divmod(rest, 3_600)
-    minutes, secs = divmod(rest, 60)
-    return f"{_iso_date(day)}T{hours:02d}:{minutes:02d}:{secs:02d}.{micros:06d}Z"
+    minute, secs = divmod(seconds, 60)
+    return f"{_iso_minute(minute)}{secs:02d}.{micros:06d}Z"
 
 
 def discounted_nanos(nanos: int, percent_discount: float | None) -> int:
