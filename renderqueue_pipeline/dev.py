@@ -283,6 +283,30 @@ def launch(ui: str, job: str, partition: str | None = None) -> str:
     return answer["run"]["runId"]
 
 
+RUN_STATUS = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
+RUN_ENDED = ("SUCCESS", "FAILURE", "CANCELED")
+
+
+def wait_for_run(
+    ui: str, run_id: str, timeout: float = 300.0, stop: Callable[[], bool] = lambda: False
+) -> str:
+    """Poll the webserver until a run ends (or `timeout`); its last status."""
+    deadline = time.monotonic() + timeout
+    status = "?"
+    while time.monotonic() < deadline and not stop():
+        response = httpx.post(
+            f"{ui}/graphql",
+            json={"query": RUN_STATUS, "variables": {"id": run_id}},
+            timeout=60,
+        )
+        response.raise_for_status()
+        status = (response.json().get("data") or {}).get("runOrError", {}).get("status", "?")
+        if status in RUN_ENDED:
+            break
+        time.sleep(1)
+    return status
+
+
 def wait_for_sample_batch(url: str, stop: Callable[[], bool]) -> list[int]:
     """Batches of the sample file once done and every one of their rows is terminal."""
     from renderqueue_pipeline.db.connect import connect
@@ -346,14 +370,18 @@ def run_dev(
             if batch_ids and not stop:
                 today = dt.datetime.now(dt.UTC).date()
                 month = today.replace(day=1).isoformat()
-                for job, partition in (  # billing first: the report then shows fal's bill
+                # billing first, then the month's report (which then shows fal's bill);
+                # each waited for, so the summary below reads what they wrote
+                for job, partition in (
                     ("reconcile_billing", today.isoformat()),
                     ("summarize_billing_month", month),
                     ("spend_report", month),
                 ):
                     try:
-                        launch(ui, job, partition)
+                        run_id = launch(ui, job, partition)
                         console.print(f"launched {job} ({partition})")
+                        status = wait_for_run(ui, run_id, stop=lambda: stop)
+                        console.print(f"{job}: {status.lower()}")
                     except (RenderqueueError, httpx.HTTPError) as exc:
                         console.print(f"[yellow]{job} not launched: {exc}")
                 from renderqueue_pipeline.db.connect import connect

@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from rich.console import Console
 
-from renderqueue_pipeline.dev import running_stack
+from renderqueue_pipeline.dev import running_stack, wait_for_run
 
 LOCATION_QUERY = """
 { workspaceOrError { __typename ... on Workspace { locationEntries {
@@ -45,7 +45,6 @@ mutation($selector: JobOrPipelineSelector!, $config: RunConfigData) {
 }
 """
 
-RUN_STATUS = "query($id: ID!) { runOrError(runId: $id) { ... on Run { status } } }"
 
 # Submits through the real fal-client in a fresh interpreter (fal-client reads the
 # simulator's host at import), alternating the two receivers as webhook targets.
@@ -135,7 +134,7 @@ def test_separate_processes_load_launch_and_share_one_ledger(
                 },
             )["launchRun"]
             assert launched["__typename"] == "LaunchRunSuccess", launched
-            assert _wait_for_run(base, launched["run"]["runId"]) == "SUCCESS"
+            assert wait_for_run(base, launched["run"]["runId"]) == "SUCCESS"
 
             prompts = tmp_path / "launchpad.csv"
             prompts.write_text(
@@ -164,7 +163,7 @@ def test_separate_processes_load_launch_and_share_one_ledger(
                 },
             )["launchRun"]
             assert batch["__typename"] == "LaunchRunSuccess", batch
-            assert _wait_for_run(base, batch["run"]["runId"]) == "SUCCESS"
+            assert wait_for_run(base, batch["run"]["runId"]) == "SUCCESS"
             launched_rows = conn.execute(
                 "select count(*) as n from batch_items i join batches b on b.id = i.batch_id "
                 "where b.source like %s and i.state = 'submitted'",
@@ -213,17 +212,6 @@ def _wait_for_location(base: str, timeout: float = 180) -> dict:
             return entry
         assert time.monotonic() < deadline, data
         time.sleep(1)
-
-
-def _wait_for_run(base: str, run_id: str, timeout: float = 240) -> str:
-    deadline = time.monotonic() + timeout
-    status = "?"
-    while time.monotonic() < deadline:
-        status = _graphql(base, RUN_STATUS, {"id": run_id})["runOrError"]["status"]
-        if status in ("SUCCESS", "FAILURE", "CANCELED"):
-            return status
-        time.sleep(1)
-    return status
 
 
 def _wait_for_terminal(conn: psycopg.Connection, request_ids: list[str], timeout=120) -> None:
