@@ -85,6 +85,11 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
+        # whatever a leader left behind in its group (a code server the daemon started as
+        # it was shutting down) goes too: nothing outlives `renderqueue dev`
+        for _, process in self.children:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
         self.children.clear()
 
 

@@ -156,3 +156,32 @@ def test_headless_demo_on_real_services_starts_neither_simulator_nor_embedded_se
     finally:
         supervisor.stop()
         s3.stop()
+
+
+def test_stopping_the_stack_leaves_no_process_of_its_groups(tmp_path: Path) -> None:
+    """A leader that exits on SIGTERM may leave a child behind that ignores it (a code
+    server the daemon started while shutting down): stop() ends that one too."""
+    from renderqueue_pipeline.dev import Supervisor
+
+    ready = tmp_path / "child.pid"
+    child = (
+        "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"open({str(ready)!r}, 'w').write(str(os.getpid())); time.sleep(300)"
+    )
+    leader = (
+        "import subprocess, sys, time; "
+        f"subprocess.Popen([sys.executable, '-c', {child!r}]); time.sleep(300)"
+    )
+    supervisor = Supervisor(tmp_path / "logs")
+    supervisor.start("leader", [sys.executable, "-c", leader], dict(os.environ))
+    deadline = time.monotonic() + 30
+    while not (ready.exists() and ready.read_text()):
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.05)
+    orphan = int(ready.read_text())
+    supervisor.stop(timeout=5)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{orphan}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # killed; the init process reaps it
+    status = Path(f"/proc/{orphan}/status")
+    assert not status.exists() or "zombie" in status.read_text(), "the child outlived stop()"
