@@ -140,6 +140,10 @@ def test_month_materializes_checks_pass_and_files_equal_tables(
     assert users["dagster/row_count"].value == 2
     assert users["cost_micros"].value == cost
     assert users["total_spend_usd"].value == pytest.approx(cost / 1_000_000)
+    # nothing billed by fal in this ledger: ours only, fal's figures shown as not yet known
+    assert users["computed_usd"].value == pytest.approx(cost / 1_000_000)
+    assert (users["billed_generations"].value, users["fal_billed"].value) == (0, "-")
+    assert "fal_billed_usd" not in users
     assert users["generations"].value == 5
     assert users["state"].value == "final"  # March is past its grace period
     assert "| 2 |" in users["top_10"].value  # user 2 spent the most

@@ -265,3 +265,10 @@ def test_monthly_reports_show_our_total_fals_bill_and_the_difference(conn, fal_b
     assert daily["billed_difference_micros"] == fal[auto] - ours[auto]
     for by in ("user", "endpoint"):
         assert report_matches_ledger(conn, month, by).passed
+    # what the Dagster UI shows (and plots across months) for the month's tables
+    from renderqueue_pipeline.defs.reports.metadata import table_metadata
+
+    shown = table_metadata(after, "spend_monthly_by_endpoint", after.by_endpoint)
+    assert shown["fal_billed_usd"].value == sum(fal.values()) / 1_000_000
+    assert shown["billed_difference_usd"].value == (fal[auto] - ours[auto]) / 1_000_000
+    assert shown["computed_usd"].value == sum(ours.values()) / 1_000_000

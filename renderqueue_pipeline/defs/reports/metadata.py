@@ -29,8 +29,9 @@ def table_metadata(report: MonthReport, table: str, rows: list[dict]) -> dict[st
         "total_spend": dollars(report.cost_micros),
         "cost_micros": report.cost_micros,
         "open_estimate_micros": report.open_estimate_micros,
-        # ours against fal's bill (spend domain): None until fal's billing is loaded
+        # ours against fal's bill (spend domain): "-" until fal's billing is loaded
         "computed_micros": report.computed_micros,
+        "computed_usd": dg.MetadataValue.float(micros_to_usd(report.computed_micros)),
         "billed_generations": report.billed_generations,
         "fal_billed": "-" if report.fal_billed_micros is None
         else dollars(report.fal_billed_micros),
@@ -45,6 +46,11 @@ def table_metadata(report: MonthReport, table: str, rows: list[dict]) -> dict[st
         "days_reused": report.days_reused,
         "refresh_seconds": dg.MetadataValue.float(round(report.seconds, 3)),
     }
+    if report.fal_billed_micros is not None:  # numbers to plot across months, once billed
+        metadata["fal_billed_usd"] = dg.MetadataValue.float(micros_to_usd(report.fal_billed_micros))
+        metadata["billed_difference_usd"] = dg.MetadataValue.float(
+            micros_to_usd(report.billed_difference_micros or 0)
+        )
     if table in _KEYS:
         metadata["top_10"] = dg.MetadataValue.md(top_table(rows, _KEYS[table]))
     if table == "spend_daily":
