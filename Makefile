@@ -29,6 +29,7 @@ prod-local: install
 
 lint: install
 	$(BIN)/ruff check renderqueue_pipeline tests bench
+	$(BIN)/ruff format --check renderqueue_pipeline tests bench
 
 test: install lint
 	$(BIN)/dg check defs

@@ -60,8 +60,12 @@ def _baseline(job: dict[str, Any]) -> dict[str, Any]:
     """Plain httpx: stream every URL into a local file, CONCURRENCY at a time."""
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
-    client = httpx.Client(verify=job["ca_bundle"], timeout=120, trust_env=False,
-                          limits=httpx.Limits(max_connections=CONCURRENCY * 2))
+    client = httpx.Client(
+        verify=job["ca_bundle"],
+        timeout=120,
+        trust_env=False,
+        limits=httpx.Limits(max_connections=CONCURRENCY * 2),
+    )
 
     def fetch(item: tuple[int, str]) -> int:
         i, url = item
@@ -77,8 +81,12 @@ def _baseline(job: dict[str, Any]) -> dict[str, Any]:
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         total = sum(pool.map(fetch, enumerate(job["urls"])))
     seconds = time.perf_counter() - started
-    return {"bytes": total, "seconds": seconds, "peak_rss_mb": _peak_rss_mb(),
-            "cpu_seconds": _cpu_seconds()}
+    return {
+        "bytes": total,
+        "seconds": seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "cpu_seconds": _cpu_seconds(),
+    }
 
 
 def _plain_s3(job: dict[str, Any]) -> dict[str, Any]:
@@ -88,15 +96,20 @@ def _plain_s3(job: dict[str, Any]) -> dict[str, Any]:
     from renderqueue_pipeline.archive.storage import UPLOAD_BLOCK_BYTES
 
     fs = s3fs.S3FileSystem()
-    client = httpx.Client(verify=job["ca_bundle"], timeout=120, trust_env=False,
-                          limits=httpx.Limits(max_connections=CONCURRENCY * 2))
+    client = httpx.Client(
+        verify=job["ca_bundle"],
+        timeout=120,
+        trust_env=False,
+        limits=httpx.Limits(max_connections=CONCURRENCY * 2),
+    )
 
     def fetch(item: tuple[int, str]) -> int:
         i, url = item
         written = 0
-        with client.stream("GET", url) as response, fs.open(
-            f"{job['prefix']}/{i}.mp4", "wb", block_size=UPLOAD_BLOCK_BYTES
-        ) as f:
+        with (
+            client.stream("GET", url) as response,
+            fs.open(f"{job['prefix']}/{i}.mp4", "wb", block_size=UPLOAD_BLOCK_BYTES) as f,
+        ):
             response.raise_for_status()
             for chunk in response.iter_raw():
                 f.write(chunk)
@@ -107,8 +120,12 @@ def _plain_s3(job: dict[str, Any]) -> dict[str, Any]:
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         total = sum(pool.map(fetch, enumerate(job["urls"])))
     seconds = time.perf_counter() - started
-    return {"bytes": total, "seconds": seconds, "peak_rss_mb": _peak_rss_mb(),
-            "cpu_seconds": _cpu_seconds()}
+    return {
+        "bytes": total,
+        "seconds": seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "cpu_seconds": _cpu_seconds(),
+    }
 
 
 def _archive(job: dict[str, Any]) -> dict[str, Any]:
@@ -120,19 +137,28 @@ def _archive(job: dict[str, Any]) -> dict[str, Any]:
     storage = ArchiveStorage.from_url(job["storage"])
     policy = FetchPolicy(loopback_hosts=parse_hosts(job["loopback"]))
     started = time.perf_counter()
-    report = archive_pending(lambda: connect(job["ledger"]), storage, policy,
-                             ArchiveOptions(concurrency=CONCURRENCY))
+    report = archive_pending(
+        lambda: connect(job["ledger"]), storage, policy, ArchiveOptions(concurrency=CONCURRENCY)
+    )
     seconds = time.perf_counter() - started
     summary = report.as_dict()
-    return {"bytes": summary["bytes"], "seconds": seconds, "archived": summary["archived"],
-            "failures": summary["failures_by_reason"], "peak_rss_mb": _peak_rss_mb(),
-            "cpu_seconds": _cpu_seconds()}
+    return {
+        "bytes": summary["bytes"],
+        "seconds": seconds,
+        "archived": summary["archived"],
+        "failures": summary["failures_by_reason"],
+        "peak_rss_mb": _peak_rss_mb(),
+        "cpu_seconds": _cpu_seconds(),
+    }
 
 
 def _child(mode: str, job: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-m", "bench.archive", mode, json.dumps(job)],
-        capture_output=True, text=True, timeout=1800, cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        cwd=Path(__file__).resolve().parent.parent,
         env={**os.environ, **(env or {})},
     )
     if done.returncode != 0:
@@ -146,8 +172,9 @@ def _child(mode: str, job: dict[str, Any], env: dict[str, str] | None = None) ->
 class _Process:
     def __init__(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
         self.log = log.open("w")
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=self.log,
-                                     stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            cmd, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT, text=True
+        )
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -172,9 +199,19 @@ def _wait_for(predicate, timeout: float, what: str):
 def _start_simulator(home: Path) -> tuple[_Process, str, str]:
     log = home / "simulator.log"
     process = _Process(
-        [str(Path(sys.executable).parent / "renderqueue"), "simulator", "serve", "--port", "0",
-         "--queue-delay", "0", "--run-time", "0"],
-        {"RENDERQUEUE_HOME": str(home)}, log,
+        [
+            str(Path(sys.executable).parent / "renderqueue"),
+            "simulator",
+            "serve",
+            "--port",
+            "0",
+            "--queue-delay",
+            "0",
+            "--run-time",
+            "0",
+        ],
+        {"RENDERQUEUE_HOME": str(home)},
+        log,
     )
 
     def port() -> str | None:
@@ -196,8 +233,13 @@ def _ok(url: str, verify: str | bool = False) -> bool:
 
 def _outputs(host: str, bundle: str, count: int, size: int) -> list[dict[str, Any]]:
     """Submit `count` requests sized to about `size` bytes; their fal outputs."""
-    with httpx.Client(base_url=f"https://{host}", verify=bundle, timeout=60, trust_env=False,
-                      headers={"authorization": "Key bench"}) as http:
+    with httpx.Client(
+        base_url=f"https://{host}",
+        verify=bundle,
+        timeout=60,
+        trust_env=False,
+        headers={"authorization": "Key bench"},
+    ) as http:
         http.patch("/_sim/config", json={"size_scale": size / BASE_VIDEO_BYTES}).raise_for_status()
         inputs = {"prompt": "a slow pan over a harbour", "duration": "5", "resolution": "720p"}
         handles = []
@@ -207,12 +249,17 @@ def _outputs(host: str, bundle: str, count: int, size: int) -> list[dict[str, An
             handles.append(response.json())
         outputs = []
         for handle in handles:
+
             def result(url: str = handle["response_url"]):
                 r = http.get(url)
                 return r.json() if r.status_code == 200 else None
 
-            outputs.append({"request_id": handle["request_id"],
-                            "payload": _wait_for(result, 120, "simulator result")})
+            outputs.append(
+                {
+                    "request_id": handle["request_id"],
+                    "payload": _wait_for(result, 120, "simulator result"),
+                }
+            )
         return outputs
 
 
@@ -233,16 +280,21 @@ def _reset_archive(ledger: str) -> None:
 
     with connect(ledger) as conn, conn.transaction():
         conn.execute("delete from generation_files")
-        conn.execute("update generations set archive_status = 'pending', archive_url = null, "
-                     "archive_attempts = 0, archive_next_attempt_at = null")
+        conn.execute(
+            "update generations set archive_status = 'pending', archive_url = null, "
+            "archive_attempts = 0, archive_next_attempt_at = null"
+        )
 
 
 def _start_moto(home: Path) -> tuple[_Process, str]:
     from renderqueue_pipeline.simulator.server import free_port
 
     port = free_port()
-    process = _Process([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                       {}, home / "moto.log")
+    process = _Process(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        {},
+        home / "moto.log",
+    )
     endpoint = f"http://127.0.0.1:{port}"
     _wait_for(lambda: _ok(endpoint), 60, "moto S3 server")
     return process, endpoint
@@ -258,8 +310,12 @@ def run(console: Console) -> list[Figure]:
     home.mkdir(parents=True)
     simulator, host, bundle = _start_simulator(home)
     moto = None
-    s3_env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-              "AWS_DEFAULT_REGION": "us-east-1", "SSL_CERT_FILE": bundle}
+    s3_env = {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "SSL_CERT_FILE": bundle,
+    }
     try:
         console.print(f"submitting {OUTPUTS} outputs of ~{TARGET_BYTES / 1e6:.0f} MB")
         outputs = _outputs(host, bundle, OUTPUTS, TARGET_BYTES)
@@ -270,28 +326,46 @@ def run(console: Console) -> list[Figure]:
             base, local = [], []
             for round_ in range(1, FILE_ROUNDS + 1):  # alternated: drift hits both sides
                 console.print(f"round {round_}: plain httpx streaming to local files")
-                base.append(_child("baseline", {"urls": urls, "out": str(home / "baseline"),
-                                                "ca_bundle": bundle}))
+                base.append(
+                    _child(
+                        "baseline",
+                        {"urls": urls, "out": str(home / "baseline"), "ca_bundle": bundle},
+                    )
+                )
                 shutil.rmtree(home / "baseline")
                 console.print(f"round {round_}: archive into file://")
                 _reset_archive(ledger)
-                local.append(_child("archive", {**job, "storage": f"file://{home / 'store'}"},
-                                    {"SSL_CERT_FILE": bundle}))
+                local.append(
+                    _child(
+                        "archive",
+                        {**job, "storage": f"file://{home / 'store'}"},
+                        {"SSL_CERT_FILE": bundle},
+                    )
+                )
                 assert local[-1]["archived"] == OUTPUTS, local[-1]
                 shutil.rmtree(home / "store")
 
             moto, endpoint = _start_moto(home)
             import boto3
 
-            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                         aws_access_key_id="bench", aws_secret_access_key="bench",
-                         ).create_bucket(Bucket="bench")
+            boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name="us-east-1",
+                aws_access_key_id="bench",
+                aws_secret_access_key="bench",
+            ).create_bucket(Bucket="bench")
             s3_env["AWS_ENDPOINT_URL"] = endpoint
             s3_base, s3 = [], []
             for round_ in range(1, S3_ROUNDS + 1):
                 console.print(f"round {round_}: plain httpx streaming into moto's S3 server")
-                s3_base.append(_child("plain_s3", {"urls": urls, "prefix": "bench/plain",
-                                                   "ca_bundle": bundle}, s3_env))
+                s3_base.append(
+                    _child(
+                        "plain_s3",
+                        {"urls": urls, "prefix": "bench/plain", "ca_bundle": bundle},
+                        s3_env,
+                    )
+                )
                 _reset_archive(ledger)
                 console.print(f"round {round_}: archive into moto's S3 server")
                 s3.append(_child("archive", {**job, "storage": "s3://bench/archive"}, s3_env))
@@ -303,9 +377,11 @@ def run(console: Console) -> list[Figure]:
         large_outputs = _outputs(host, bundle, 1, LARGE_BYTES)
         with scratch_ledger() as ledger:
             _load_rows(ledger, large_outputs)
-            large = _child("archive", {"ledger": ledger, "loopback": host,
-                                       "storage": f"file://{home / 'large'}"},
-                           {"SSL_CERT_FILE": bundle})
+            large = _child(
+                "archive",
+                {"ledger": ledger, "loopback": host, "storage": f"file://{home / 'large'}"},
+                {"SSL_CERT_FILE": bundle},
+            )
             assert large["archived"] == 1, large
             shutil.rmtree(home / "large")
     finally:
@@ -332,19 +408,56 @@ def run(console: Console) -> list[Figure]:
     to_s3 = f"plain httpx into moto S3 via s3fs, {CONCURRENCY} at a time"
     limit = f"limit {MEMORY_LIMIT_MB:.0f} MB"
     return [
-        Figure(f"archive {OUTPUTS} x 20 MB into file://", local_mb_s, to_file, base_mb_s,
-               unit="MB/s", required=0.8),
-        Figure(f"archive {OUTPUTS} x 20 MB into moto S3", s3_mb_s, to_s3, s3_base_mb_s,
-               unit="MB/s", required=0.8),
-        Figure(f"archive {OUTPUTS} x 20 MB into moto S3 (vs local file)", s3_mb_s, to_file,
-               base_mb_s, unit="MB/s"),
-        Figure("peak RSS, 50 x 20 MB into file://", local_peak, limit,
-               MEMORY_LIMIT_MB, unit="MB", required=1.0, higher_is_better=False),
-        Figure("peak RSS, 50 x 20 MB into moto S3", s3_peak, limit, MEMORY_LIMIT_MB,
-               unit="MB", required=1.0, higher_is_better=False),
-        Figure(f"peak RSS, one {large['bytes'] / 1e9:.2f} GB output into file://",
-               large["peak_rss_mb"], limit, MEMORY_LIMIT_MB, unit="MB", required=1.0,
-               higher_is_better=False),
+        Figure(
+            f"archive {OUTPUTS} x 20 MB into file://",
+            local_mb_s,
+            to_file,
+            base_mb_s,
+            unit="MB/s",
+            required=0.8,
+        ),
+        Figure(
+            f"archive {OUTPUTS} x 20 MB into moto S3",
+            s3_mb_s,
+            to_s3,
+            s3_base_mb_s,
+            unit="MB/s",
+            required=0.8,
+        ),
+        Figure(
+            f"archive {OUTPUTS} x 20 MB into moto S3 (vs local file)",
+            s3_mb_s,
+            to_file,
+            base_mb_s,
+            unit="MB/s",
+        ),
+        Figure(
+            "peak RSS, 50 x 20 MB into file://",
+            local_peak,
+            limit,
+            MEMORY_LIMIT_MB,
+            unit="MB",
+            required=1.0,
+            higher_is_better=False,
+        ),
+        Figure(
+            "peak RSS, 50 x 20 MB into moto S3",
+            s3_peak,
+            limit,
+            MEMORY_LIMIT_MB,
+            unit="MB",
+            required=1.0,
+            higher_is_better=False,
+        ),
+        Figure(
+            f"peak RSS, one {large['bytes'] / 1e9:.2f} GB output into file://",
+            large["peak_rss_mb"],
+            limit,
+            MEMORY_LIMIT_MB,
+            unit="MB",
+            required=1.0,
+            higher_is_better=False,
+        ),
     ]
 
 

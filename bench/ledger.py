@@ -28,7 +28,7 @@ def _rows(conn, n: int) -> list[str]:
     with conn.transaction(), conn.cursor() as cur:
         cur.executemany(
             "insert into generations (request_id, user_id, endpoint, inputs) "
-            "values (%s, 1, %s, '{\"prompt\": \"p\", \"duration\": \"5\"}')",
+            'values (%s, 1, %s, \'{"prompt": "p", "duration": "5"}\')',
             [(i, ENDPOINT) for i in ids],
         )
     return ids

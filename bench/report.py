@@ -100,8 +100,14 @@ def load_month(url: str, n: int = GENERATIONS, until: datetime = OPEN_NOW) -> No
                             else (b.batch_id + i %% 2) %% %(endpoints)s end
             order by i
             """,
-            {"n": n, "users": USERS, "batches": BATCHES, "endpoints": endpoints,
-             "start": datetime(MONTH.year, MONTH.month, 1, tzinfo=UTC), "span": span},
+            {
+                "n": n,
+                "users": USERS,
+                "batches": BATCHES,
+                "endpoints": endpoints,
+                "start": datetime(MONTH.year, MONTH.month, 1, tzinfo=UTC),
+                "span": span,
+            },
         )
         conn.execute(
             """
@@ -293,9 +299,16 @@ def hour_of_traffic(url: str, now: datetime) -> None:
             record_events(
                 conn,
                 [
-                    LedgerEvent(r["request_id"], "completed",
-                                {"video": {"url": f"https://v3b.fal.media/{r['request_id']}.mp4",
-                                           "duration": 6}})
+                    LedgerEvent(
+                        r["request_id"],
+                        "completed",
+                        {
+                            "video": {
+                                "url": f"https://v3b.fal.media/{r['request_id']}.mp4",
+                                "duration": 6,
+                            }
+                        },
+                    )
                     for r in rows[i : i + 50]
                 ],
             )
@@ -333,14 +346,46 @@ def run(console: Console) -> list[Figure]:
         assert final["cost_micros"] == base["cost_micros"], (final, base)
     peak = max(open_mb, check_mb, final_mb)
     return [
-        Figure("refresh the current month (changed days)", open_s, "pandas: load and group",
-               base_s, unit="s", required=10.0, higher_is_better=False),
-        Figure("finalize: rebuild every day", final_s, "pandas: load and group", base_s,
-               unit="s", higher_is_better=False),
-        Figure("checks against the ledger (whole month)", check_s, "pandas: load and group",
-               base_s, unit="s", higher_is_better=False),
-        Figure("peak memory of the report processes", peak, f"limit {MEMORY_LIMIT_MB} MB",
-               MEMORY_LIMIT_MB, unit="MB", required=1.0, higher_is_better=False),
-        Figure("peak memory of the pandas baseline", base_mb, f"limit {MEMORY_LIMIT_MB} MB",
-               MEMORY_LIMIT_MB, unit="MB", higher_is_better=False),
+        Figure(
+            "refresh the current month (changed days)",
+            open_s,
+            "pandas: load and group",
+            base_s,
+            unit="s",
+            required=10.0,
+            higher_is_better=False,
+        ),
+        Figure(
+            "finalize: rebuild every day",
+            final_s,
+            "pandas: load and group",
+            base_s,
+            unit="s",
+            higher_is_better=False,
+        ),
+        Figure(
+            "checks against the ledger (whole month)",
+            check_s,
+            "pandas: load and group",
+            base_s,
+            unit="s",
+            higher_is_better=False,
+        ),
+        Figure(
+            "peak memory of the report processes",
+            peak,
+            f"limit {MEMORY_LIMIT_MB} MB",
+            MEMORY_LIMIT_MB,
+            unit="MB",
+            required=1.0,
+            higher_is_better=False,
+        ),
+        Figure(
+            "peak memory of the pandas baseline",
+            base_mb,
+            f"limit {MEMORY_LIMIT_MB} MB",
+            MEMORY_LIMIT_MB,
+            unit="MB",
+            higher_is_better=False,
+        ),
     ]

@@ -448,7 +448,10 @@ class FalGateway:
         """
         if not self._admin_key:
             raise FalAuthError(
-                "delete_io", request_id, 401, "no admin key: set FAL_ADMIN_KEY (or FAL_KEY)",
+                "delete_io",
+                request_id,
+                401,
+                "no admin key: set FAL_ADMIN_KEY (or FAL_KEY)",
                 operation="delete_io",
             )
         url = f"{self.rest_url}/requests/delete_io/{request_id}"

@@ -207,12 +207,16 @@ def completed_row(
     record_event(conn, LedgerEvent(request_id=request_id, kind="completed", payload=payload))
     conn.commit()
     if fal_expires_at is not None:
-        conn.execute("update generations set fal_expires_at = %s::timestamptz "
-                     "where request_id = %s", (fal_expires_at, request_id))
+        conn.execute(
+            "update generations set fal_expires_at = %s::timestamptz where request_id = %s",
+            (fal_expires_at, request_id),
+        )
         conn.commit()
     if expires_in is not None:
-        conn.execute("update generations set fal_expires_at = now() + %s::interval "
-                     "where request_id = %s", (expires_in, request_id))
+        conn.execute(
+            "update generations set fal_expires_at = now() + %s::interval where request_id = %s",
+            (expires_in, request_id),
+        )
         conn.commit()
     return request_id
 
@@ -229,8 +233,14 @@ def images(*files: tuple[str, int]) -> dict[str, Any]:
     """fal's image output shape: several files."""
     return {
         "images": [
-            {"url": url, "content_type": "image/jpeg", "file_name": "image.jpeg",
-             "file_size": size, "width": 64, "height": 64}
+            {
+                "url": url,
+                "content_type": "image/jpeg",
+                "file_name": "image.jpeg",
+                "file_size": size,
+                "width": 64,
+                "height": 64,
+            }
             for url, size in files
         ],
         "seed": 7,
@@ -238,5 +248,4 @@ def images(*files: tuple[str, int]) -> dict[str, Any]:
 
 
 def row(conn: psycopg.Connection, request_id: str) -> dict[str, Any]:
-    return conn.execute("select * from generations where request_id = %s",
-                        (request_id,)).fetchone()
+    return conn.execute("select * from generations where request_id = %s", (request_id,)).fetchone()

@@ -162,4 +162,3 @@ def s3_env(moto_s3: str, monkeypatch: pytest.MonkeyPatch) -> str:
         monkeypatch.delenv(name, raising=False)
     s3fs.S3FileSystem.clear_instance_cache()
     return moto_s3
-

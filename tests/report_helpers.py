@@ -89,8 +89,12 @@ def add_item(conn: psycopg.Connection, batch_id: int | None, estimate_micros: in
 
 def table(conn: psycopg.Connection, name: str, month: Any) -> list[dict]:
     """A report table's rows for a month, without computed_at (which changes per run)."""
-    key = {"spend_daily": "day, endpoint", "spend_monthly_by_user": "user_id",
-           "spend_monthly_by_endpoint": "endpoint", "spend_monthly_by_batch": "batch_id"}[name]
+    key = {
+        "spend_daily": "day, endpoint",
+        "spend_monthly_by_user": "user_id",
+        "spend_monthly_by_endpoint": "endpoint",
+        "spend_monthly_by_batch": "batch_id",
+    }[name]
     rows = conn.execute(
         f"select * from {name} where month = %s order by {key}", (month,)
     ).fetchall()

@@ -60,18 +60,21 @@ def test_the_sensor_launches_one_bounded_run_only_when_rows_are_due(
     assert isinstance(skipped, dg.SkipReason) and "no completed output" in skipped.skip_message
 
     completed_row(conn, video(origin.serve("/d.mp4", Behaviour(size=10)), 10))
-    result = archive_sensor(dg.build_sensor_context(instance=instance,
-                                                    resources={"ledger": ledger}))
+    result = archive_sensor(
+        dg.build_sensor_context(instance=instance, resources={"ledger": ledger})
+    )
     (request,) = result.run_requests
     assert request.run_config["ops"]["archived_outputs"]["config"]["limit"] == 7
 
     # an archive run in flight: the sensor waits for it instead of piling up runs
     definitions = load_defs()
     job = definitions.resolve_job_def("archive_outputs")
-    instance.create_run_for_job(job, run_config=request.run_config,
-                                status=dg.DagsterRunStatus.STARTED)
-    waiting = archive_sensor(dg.build_sensor_context(instance=instance,
-                                                     resources={"ledger": ledger}))
+    instance.create_run_for_job(
+        job, run_config=request.run_config, status=dg.DagsterRunStatus.STARTED
+    )
+    waiting = archive_sensor(
+        dg.build_sensor_context(instance=instance, resources={"ledger": ledger})
+    )
     assert isinstance(waiting, dg.SkipReason) and "in flight" in waiting.skip_message
 
 
@@ -80,13 +83,16 @@ def test_the_job_archives_reports_metadata_and_checks_lost_outputs(
 ) -> None:
     size = 256 * 1024
     completed_row(conn, video(origin.serve("/ok.mp4", Behaviour(size=size)), size))
-    completed_row(conn, video(origin.serve("/gone.mp4", Behaviour(status=404)), 10),
-                  expires_in="-1 hour")
-    completed_row(conn, video(origin.serve("/flaky.mp4", Behaviour(status=502)), 10),
-                  expires_in="2 hours")
+    completed_row(
+        conn, video(origin.serve("/gone.mp4", Behaviour(status=404)), 10), expires_in="-1 hour"
+    )
+    completed_row(
+        conn, video(origin.serve("/flaky.mp4", Behaviour(status=502)), 10), expires_in="2 hours"
+    )
     job = load_defs().resolve_job_def("archive_outputs")
     result = job.execute_in_process(
-        instance=instance, resources={"ledger": LedgerDatabase(url=archive_env)},
+        instance=instance,
+        resources={"ledger": LedgerDatabase(url=archive_env)},
         raise_on_error=False,
     )
     assert result.success
@@ -97,8 +103,11 @@ def test_the_job_archives_reports_metadata_and_checks_lost_outputs(
     assert metadata["failures_by_reason"] == {"gone": 1, "http_error": 1}
     assert metadata["mb_per_second"] > 0
 
-    checks = {e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data
-              for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    checks = {
+        e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
     assert checks["no_outputs_lost"].passed is False
     assert checks["no_outputs_lost"].metadata["lost"].value == 1
     assert checks["no_outputs_near_deadline"].passed is False  # the 502 row expires in 2 h
@@ -112,8 +121,10 @@ def test_the_backlog_check_alerts_when_the_oldest_row_waits_too_long(
     from renderqueue_pipeline.defs.archive.checks import archive_backlog_is_fresh
 
     rid = completed_row(conn, video(origin.url("/old.mp4"), 10))
-    conn.execute("update generations set finished_at = now() - interval '45 minutes' "
-                 "where request_id = %s", (rid,))
+    conn.execute(
+        "update generations set finished_at = now() - interval '45 minutes' where request_id = %s",
+        (rid,),
+    )
     conn.commit()
     ledger = LedgerDatabase(url=archive_env)
     result = archive_backlog_is_fresh(ledger=ledger)

@@ -48,8 +48,13 @@ def test_archive_into_s3_and_link_to_a_presigned_url(
 ) -> None:
     size = 12 * 1024 * 1024 + 5  # several multipart blocks
     rid = completed_row(conn, video(origin.serve("/s3/output.mp4", Behaviour(size=size)), size))
-    cut = completed_row(conn, video(origin.serve(
-        "/s3/cut.mp4", Behaviour(size=size, disconnect_after=9 * 1024 * 1024)), size))
+    cut = completed_row(
+        conn,
+        video(
+            origin.serve("/s3/cut.mp4", Behaviour(size=size, disconnect_after=9 * 1024 * 1024)),
+            size,
+        ),
+    )
     storage = ArchiveStorage.from_url(f"s3://{BUCKET}/prod")
     storage.fs.invalidate_cache()
     policy = FetchPolicy(loopback_hosts=parse_hosts(origin.netloc))
@@ -84,22 +89,20 @@ def test_archive_into_s3_and_link_to_a_presigned_url(
     assert httpx.get(presigned, timeout=30).status_code == 200
 
 
-def test_an_output_on_s3_is_archived_whole_or_not_at_all(
-    conn, ledger_url, origin, s3_env
-) -> None:
+def test_an_output_on_s3_is_archived_whole_or_not_at_all(conn, ledger_url, origin, s3_env) -> None:
     from archive_helpers import images
 
     a = origin.serve("/s3w/1/image.jpeg", Behaviour(size=6 * 1024 * 1024))
-    b = origin.serve("/s3w/2/image.jpeg", Behaviour(size=4000, status=503),
-                     Behaviour(size=4000))
+    b = origin.serve("/s3w/2/image.jpeg", Behaviour(size=4000, status=503), Behaviour(size=4000))
     rid = completed_row(conn, images((a, 6 * 1024 * 1024), (b, 4000)))
     storage = ArchiveStorage.from_url(f"s3://{BUCKET}/whole")
     policy = FetchPolicy(loopback_hosts=parse_hosts(origin.netloc))
     report = archive_pending(lambda: connect(ledger_url), storage, policy, ArchiveOptions())
     assert report.retrying == 1
     assert _s3_keys(s3_env) == []  # the first image's upload was never completed
-    conn.execute("update generations set archive_next_attempt_at = now() where request_id = %s",
-                 (rid,))
+    conn.execute(
+        "update generations set archive_next_attempt_at = now() where request_id = %s", (rid,)
+    )
     conn.commit()
     archive_pending(lambda: connect(ledger_url), storage, policy, ArchiveOptions())
     assert row(conn, rid)["archive_status"] == "archived"
@@ -129,8 +132,11 @@ def test_link_for_file_storage_and_for_rows_without_a_copy(
     assert path.is_file() and path.read_bytes()[:4] and path.stat().st_size == 64
     assert str(path).startswith(str(archive_root))
 
-    for rid, words in ((lost, "archive_status=lost"), (waiting, "archive_status=pending"),
-                       ("no-such-request", "no such generation")):
+    for rid, words in (
+        (lost, "archive_status=lost"),
+        (waiting, "archive_status=pending"),
+        ("no-such-request", "no such generation"),
+    ):
         result = runner.invoke(main, ["link", rid])
         assert result.exit_code == 2
         assert words in result.output and rid in result.output

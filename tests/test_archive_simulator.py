@@ -26,8 +26,9 @@ def _complete(ledger_url: str, fal_sim: RunningSimulator, lifetimes: list[float 
     async def one(lifetime: float | None) -> tuple[str, dict]:
         with connect(ledger_url) as conn:
             async with FalGateway(object_lifetime=lifetime, retry_initial=0.01) as fal:
-                rid = await asubmit_generation(conn, fal.submit, user_id=3, endpoint=ENDPOINT,
-                                               inputs=INPUTS)
+                rid = await asubmit_generation(
+                    conn, fal.submit, user_id=3, endpoint=ENDPOINT, inputs=INPUTS
+                )
                 while not (await fal.status(ENDPOINT, rid)).done:
                     await asyncio.sleep(0.02)
                 output = await fal.result(ENDPOINT, rid)
@@ -109,16 +110,19 @@ def test_fals_copy_is_deleted_after_a_safe_archive_and_failures_retried(
     assert _cdn_status(fal_sim, url) == 200
 
     fal_sim.control.set_faults(admin_key=None)
-    conn.execute("update generations set fal_delete_next_attempt_at = now() "
-                 "where request_id = %s", (rid,))
+    conn.execute(
+        "update generations set fal_delete_next_attempt_at = now() where request_id = %s", (rid,)
+    )
     conn.commit()
     second = run_archive(lambda: connect(ledger_url))
     assert second.fal_delete["fal_copies_deleted"] == 1
     r = row(conn, rid)
     assert (r["fal_delete_status"], r["fal_deleted_at"] is not None) == ("deleted", True)
-    answer = conn.execute("select fal_delete_answer from generation_files f join generations g "
-                          "on g.id = f.generation_id where g.request_id = %s",
-                          (rid,)).fetchone()
+    answer = conn.execute(
+        "select fal_delete_answer from generation_files f join generations g "
+        "on g.id = f.generation_id where g.request_id = %s",
+        (rid,),
+    ).fetchone()
     assert answer["fal_delete_answer"] == "deleted"
     assert _cdn_status(fal_sim, url) == 404
     assert Path(r["archive_url"].removeprefix("file://")).is_file()

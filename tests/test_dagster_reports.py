@@ -72,10 +72,22 @@ def march_ledger(conn: psycopg.Connection) -> int:
     ]
     price = {KLING: KLING_MICROS_PER_SECOND, VEO: VEO_MICROS_PER_SECOND}
     for user, endpoint, status, seconds, created in rows:
-        add_generation(conn, created_at=created, status=status, user_id=user,
-                       endpoint=endpoint, seconds=seconds, cost_micros=seconds * price[endpoint])
-    add_generation(conn, created_at=utc(2026, 2, 28, 23, 59, 59, 999000), status="completed",
-                   seconds=9, cost_micros=9 * KLING_MICROS_PER_SECOND)
+        add_generation(
+            conn,
+            created_at=created,
+            status=status,
+            user_id=user,
+            endpoint=endpoint,
+            seconds=seconds,
+            cost_micros=seconds * price[endpoint],
+        )
+    add_generation(
+        conn,
+        created_at=utc(2026, 2, 28, 23, 59, 59, 999000),
+        status="completed",
+        seconds=9,
+        cost_micros=9 * KLING_MICROS_PER_SECOND,
+    )
     conn.commit()
     return sum(s * price[e] for _, e, status, s, _ in rows if status == "completed")
 
@@ -110,8 +122,11 @@ def assert_files_equal_tables(conn: psycopg.Connection, storage_url: str) -> Non
     for name in REPORT_TABLES:
         rows = conn.execute(f"select * from {name} where month = %s", (MARCH,)).fetchall()
         expected = pd.DataFrame(rows)
-        key = ["day", "endpoint"] if name == "spend_daily" else [
-            c for c in ("user_id", "endpoint", "batch_id") if c in expected.columns][:1]
+        key = (
+            ["day", "endpoint"]
+            if name == "spend_daily"
+            else [c for c in ("user_id", "endpoint", "batch_id") if c in expected.columns][:1]
+        )
         expected = expected.sort_values(key).reset_index(drop=True)
         parquet = read_back(storage_url, name, "parquet").sort_values(key).reset_index(drop=True)
         assert list(parquet.columns) == list(expected.columns)
@@ -122,7 +137,8 @@ def assert_files_equal_tables(conn: psycopg.Connection, storage_url: str) -> Non
         for column in ("generations", "completed", "cost_micros", "cost_cents"):
             assert csv[column].tolist() == expected[column].tolist(), (name, column)
         assert [Decimal(str(v)) for v in csv["billed_seconds"]] == expected[
-            "billed_seconds"].tolist()
+            "billed_seconds"
+        ].tolist()
 
 
 def test_month_materializes_checks_pass_and_files_equal_tables(
@@ -134,8 +150,12 @@ def test_month_materializes_checks_pass_and_files_equal_tables(
     assert result.success
     by_user = result.asset_materializations_for_node("monthly_spend_tables")
     metadata = {m.asset_key.to_user_string(): m.metadata for m in by_user}
-    assert set(metadata) == {"monthly_spend_by_user", "monthly_spend_by_endpoint",
-                             "monthly_spend_by_batch", "daily_spend"}
+    assert set(metadata) == {
+        "monthly_spend_by_user",
+        "monthly_spend_by_endpoint",
+        "monthly_spend_by_batch",
+        "daily_spend",
+    }
     users = metadata["monthly_spend_by_user"]
     assert users["dagster/row_count"].value == 2
     assert users["cost_micros"].value == cost
@@ -169,10 +189,21 @@ def test_blocking_check_stops_the_files(
     conn: psycopg.Connection, ledger_url: str, instance, tmp_path
 ) -> None:
     march_ledger(conn)
-    rid = add_generation(conn, created_at=utc(2026, 3, 6), status="completed",
-                         endpoint="acme/unlisted-model", seconds=5, cost_basis="unpriced")
-    add_generation(conn, created_at=utc(2026, 3, 7), status="in_progress", seconds=5,
-                   cost_micros=5 * KLING_MICROS_PER_SECOND)
+    rid = add_generation(
+        conn,
+        created_at=utc(2026, 3, 6),
+        status="completed",
+        endpoint="acme/unlisted-model",
+        seconds=5,
+        cost_basis="unpriced",
+    )
+    add_generation(
+        conn,
+        created_at=utc(2026, 3, 7),
+        status="in_progress",
+        seconds=5,
+        cost_micros=5 * KLING_MICROS_PER_SECOND,
+    )
     conn.commit()
     result = run_month(instance, ledger_url, f"file://{tmp_path}/storage")
     evaluations = checks_of(result)
@@ -194,19 +225,25 @@ def test_stale_rollup_fails_the_ledger_check_in_the_current_month(
     if now.day < 3:
         pytest.skip("needs two settled days before today in the current month")
     month = date(now.year, now.month, 1)
-    add_generation(conn, created_at=datetime(now.year, now.month, 1, 10, tzinfo=UTC),
-                   status="completed", seconds=5, cost_micros=5 * KLING_MICROS_PER_SECOND)
+    add_generation(
+        conn,
+        created_at=datetime(now.year, now.month, 1, 10, tzinfo=UTC),
+        status="completed",
+        seconds=5,
+        cost_micros=5 * KLING_MICROS_PER_SECOND,
+    )
     conn.commit()
     storage = f"file://{tmp_path}/storage"
     first = run_month(instance, ledger_url, storage, partition=f"{month:%Y-%m-%d}")
     assert first.success
     assert (
-        first.asset_materializations_for_node("monthly_spend_tables")[0]
-        .metadata["state"].value == "open"
+        first.asset_materializations_for_node("monthly_spend_tables")[0].metadata["state"].value
+        == "open"
     )
     # a cached day edited behind the report's back (what a lost change would look like)
-    conn.execute("update spend_rollup_daily set cost_micros = cost_micros + 1 where day = %s",
-                 (month,))
+    conn.execute(
+        "update spend_rollup_daily set cost_micros = cost_micros + 1 where day = %s", (month,)
+    )
     conn.commit()
     second = run_month(instance, ledger_url, storage, partition=f"{month:%Y-%m-%d}")
     evaluation = checks_of(second)["report_by_user_matches_ledger"]
@@ -224,8 +261,12 @@ def test_files_in_s3(conn: psycopg.Connection, ledger_url: str, instance, s3_env
     assert result.success
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"])
     assert keys == sorted(
-        [f"analytics/reports/spend/2026-03/{t}.{k}" for t in REPORT_TABLES
-         for k in ("parquet", "csv")] + [f"analytics/reports/spend/2026-03/{CHART_NAME}"]
+        [
+            f"analytics/reports/spend/2026-03/{t}.{k}"
+            for t in REPORT_TABLES
+            for k in ("parquet", "csv")
+        ]
+        + [f"analytics/reports/spend/2026-03/{CHART_NAME}"]
     )
     files = result.asset_materializations_for_node("spend_report_files")[0].metadata
     assert files["chart"].value == f"{storage}/reports/spend/2026-03/{CHART_NAME}"
@@ -234,14 +275,16 @@ def test_files_in_s3(conn: psycopg.Connection, ledger_url: str, instance, s3_env
 
 def test_schedules_ask_for_the_right_months(instance) -> None:
     hourly = spend_report_current_month_schedule(
-        build_schedule_context(instance=instance,
-                               scheduled_execution_time=datetime(2026, 11, 29, 14, 15, tzinfo=UTC))
+        build_schedule_context(
+            instance=instance, scheduled_execution_time=datetime(2026, 11, 29, 14, 15, tzinfo=UTC)
+        )
     )
     assert hourly.partition_key == "2026-11-01"
     assert hourly.run_key == "2026-11@2026-11-29T14:15"
     on_new_year = spend_report_finalize_schedule(
-        build_schedule_context(instance=instance,
-                               scheduled_execution_time=datetime(2027, 1, 1, 6, tzinfo=UTC))
+        build_schedule_context(
+            instance=instance, scheduled_execution_time=datetime(2027, 1, 1, 6, tzinfo=UTC)
+        )
     )
     assert on_new_year.partition_key == "2026-12-01"
     assert on_new_year.run_config["ops"]["monthly_spend_tables"]["config"] == {"rebuild": True}

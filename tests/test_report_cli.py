@@ -42,9 +42,16 @@ def march(conn: psycopg.Connection) -> int:
     price = {KLING: KLING_MICROS_PER_SECOND, VEO: VEO_MICROS_PER_SECOND}
     for user, endpoint, status, seconds, created, batch_id in rows:
         item = add_item(conn, batch_id, seconds * price[endpoint])
-        add_generation(conn, created_at=created, status=status, user_id=user, endpoint=endpoint,
-                       seconds=seconds, cost_micros=seconds * price[endpoint],
-                       batch_item_id=item)
+        add_generation(
+            conn,
+            created_at=created,
+            status=status,
+            user_id=user,
+            endpoint=endpoint,
+            seconds=seconds,
+            cost_micros=seconds * price[endpoint],
+            batch_item_id=item,
+        )
     conn.commit()
     return 5 * KLING_MICROS_PER_SECOND + 8 * VEO_MICROS_PER_SECOND
 
@@ -79,8 +86,11 @@ def test_report_prints_the_same_numbers_as_the_tables(
     ledger_env, conn: psycopg.Connection, march: int, by: str
 ) -> None:
     refresh_month(conn, MARCH, now=utc(2026, 4, 2))
-    name = {"user": "spend_monthly_by_user", "endpoint": "spend_monthly_by_endpoint",
-            "batch": "spend_monthly_by_batch"}[by]
+    name = {
+        "user": "spend_monthly_by_user",
+        "endpoint": "spend_monthly_by_endpoint",
+        "batch": "spend_monthly_by_batch",
+    }[by]
     result = run("--month", "2026-03", "--by", by, "--format", "json")
     assert result.exit_code == 0, result.output
     printed = json.loads(result.output)
@@ -88,8 +98,9 @@ def test_report_prints_the_same_numbers_as_the_tables(
     key = columns[0]
     stored = sorted(_plain(table(conn, name, MARCH), columns), key=lambda r: str(r[key]))
     assert sorted(printed, key=lambda r: str(r[key])) == stored
-    as_csv = list(csv.DictReader(io.StringIO(run("--month", "2026-03", "--by", by,
-                                                 "--format", "csv").output)))
+    as_csv = list(
+        csv.DictReader(io.StringIO(run("--month", "2026-03", "--by", by, "--format", "csv").output))
+    )
     assert [r["cost_micros"] for r in as_csv] == [str(r["cost_micros"]) for r in printed]
 
 

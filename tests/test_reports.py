@@ -72,8 +72,17 @@ def expected(rows, key: int) -> dict:
     """Report figures computed here from the published prices, independently of SQL."""
     out: dict = defaultdict(
         lambda: dict.fromkeys(
-            ("generations", "completed", "failed", "canceled", "open", "cost_micros",
-             "open_estimate_micros", "billed_seconds"), 0
+            (
+                "generations",
+                "completed",
+                "failed",
+                "canceled",
+                "open",
+                "cost_micros",
+                "open_estimate_micros",
+                "billed_seconds",
+            ),
+            0,
         )
     )
     for row in rows:
@@ -97,8 +106,16 @@ def cents(micros: int) -> int:
 
 
 def figures_of(rows: list[dict], key: str) -> dict:
-    names = ("generations", "completed", "failed", "canceled", "open", "cost_micros",
-             "open_estimate_micros", "billed_seconds")
+    names = (
+        "generations",
+        "completed",
+        "failed",
+        "canceled",
+        "open",
+        "cost_micros",
+        "open_estimate_micros",
+        "billed_seconds",
+    )
     return {r[key]: {n: r[n] for n in names} for r in rows}
 
 
@@ -134,8 +151,13 @@ def test_month_totals_equal_the_hand_built_ledger(conn: psycopg.Connection) -> N
 def test_cents_are_the_micro_dollar_sum_rounded_once(conn: psycopg.Connection) -> None:
     # three half-cent generations: 1.5 cents in all, 2 rounded once; 3 if rounded per row
     for hour in (1, 2, 3):
-        add_generation(conn, created_at=utc(2026, 3, 2, hour), status="completed",
-                       seconds=Decimal("0.035714"), cost_micros=5_000)
+        add_generation(
+            conn,
+            created_at=utc(2026, 3, 2, hour),
+            status="completed",
+            seconds=Decimal("0.035714"),
+            cost_micros=5_000,
+        )
     conn.commit()
     refresh_month(conn, MARCH, now=AFTER_MARCH)
     (row,) = table(conn, "spend_monthly_by_user", MARCH)
@@ -150,12 +172,23 @@ def test_by_batch_shows_source_and_estimate_against_cost(conn: psycopg.Connectio
     estimate = 5 * KLING_MICROS_PER_SECOND
     for seconds, status in ((5, "completed"), (6, "completed"), (5, "failed")):
         item = add_item(conn, batch, estimate)
-        add_generation(conn, created_at=utc(2026, 3, 3, seconds), status=status,
-                       seconds=seconds, cost_micros=seconds * KLING_MICROS_PER_SECOND,
-                       batch_item_id=item)
+        add_generation(
+            conn,
+            created_at=utc(2026, 3, 3, seconds),
+            status=status,
+            seconds=seconds,
+            cost_micros=seconds * KLING_MICROS_PER_SECOND,
+            batch_item_id=item,
+        )
     single = add_item(conn, None, estimate)
-    add_generation(conn, created_at=utc(2026, 3, 4), status="completed", seconds=5,
-                   cost_micros=5 * KLING_MICROS_PER_SECOND, batch_item_id=single)
+    add_generation(
+        conn,
+        created_at=utc(2026, 3, 4),
+        status="completed",
+        seconds=5,
+        cost_micros=5 * KLING_MICROS_PER_SECOND,
+        batch_item_id=single,
+    )
     conn.commit()
     refresh_month(conn, MARCH, now=AFTER_MARCH)
     rows = {r["batch_id"]: r for r in table(conn, "spend_monthly_by_batch", MARCH)}
@@ -181,8 +214,10 @@ def raised_price(conn: psycopg.Connection):
     conn.commit()
     yield new_price
     conn.rollback()
-    conn.execute("delete from generations where price_id in "
-                 "(select id from prices where price_version = 'test-raise')")
+    conn.execute(
+        "delete from generations where price_id in "
+        "(select id from prices where price_version = 'test-raise')"
+    )
     conn.execute("delete from prices where price_version = 'test-raise'")
     conn.commit()
 
@@ -191,39 +226,63 @@ def test_price_change_mid_month(conn: psycopg.Connection, raised_price: int) -> 
     """Completions are priced by the ledger at the price in force at created_at (for
     this endpoint: the requested 5 s, as fal's output documents no duration)."""
     new_price = raised_price
-    before = add_generation(conn, created_at=utc(2026, 3, 10), status="submitted", seconds=5,
-                            cost_micros=5 * KLING_MICROS_PER_SECOND)
-    after = add_generation(conn, created_at=utc(2026, 3, 20), status="submitted", seconds=5,
-                           cost_micros=5 * new_price)
+    before = add_generation(
+        conn,
+        created_at=utc(2026, 3, 10),
+        status="submitted",
+        seconds=5,
+        cost_micros=5 * KLING_MICROS_PER_SECOND,
+    )
+    after = add_generation(
+        conn, created_at=utc(2026, 3, 20), status="submitted", seconds=5, cost_micros=5 * new_price
+    )
     conn.commit()
-    record_events(conn, [
-        LedgerEvent(rid, "completed", {"video": {"url": f"https://v3b.fal.media/{rid}.mp4"}})
-        for rid in (before, after)
-    ])
+    record_events(
+        conn,
+        [
+            LedgerEvent(rid, "completed", {"video": {"url": f"https://v3b.fal.media/{rid}.mp4"}})
+            for rid in (before, after)
+        ],
+    )
     report = refresh_month(conn, MARCH, now=AFTER_MARCH)
     assert report.cost_micros == 5 * KLING_MICROS_PER_SECOND + 5 * new_price
     daily = {r["day"]: r["cost_micros"] for r in table(conn, "spend_daily", MARCH)}
-    assert daily == {date(2026, 3, 10): 5 * KLING_MICROS_PER_SECOND,
-                     date(2026, 3, 20): 5 * new_price}
+    assert daily == {
+        date(2026, 3, 10): 5 * KLING_MICROS_PER_SECOND,
+        date(2026, 3, 20): 5 * new_price,
+    }
 
 
 def test_late_completion_moves_the_previous_month_before_finalization(
     conn: psycopg.Connection,
 ) -> None:
     # Kling's output documents no duration: the ledger bills the requested 7 s
-    late = add_generation(conn, created_at=utc(2026, 3, 31, 23, 50), status="in_progress",
-                          seconds=7, cost_micros=7 * KLING_MICROS_PER_SECOND)
-    add_generation(conn, created_at=utc(2026, 3, 12), status="completed", seconds=4,
-                   cost_micros=4 * KLING_MICROS_PER_SECOND)
+    late = add_generation(
+        conn,
+        created_at=utc(2026, 3, 31, 23, 50),
+        status="in_progress",
+        seconds=7,
+        cost_micros=7 * KLING_MICROS_PER_SECOND,
+    )
+    add_generation(
+        conn,
+        created_at=utc(2026, 3, 12),
+        status="completed",
+        seconds=4,
+        cost_micros=4 * KLING_MICROS_PER_SECOND,
+    )
     conn.commit()
     evening = refresh_month(conn, MARCH, now=utc(2026, 3, 31, 23, 55))
     assert evening.state == "open"
     assert (evening.cost_micros, evening.open_estimate_micros) == (
-        4 * KLING_MICROS_PER_SECOND, 7 * KLING_MICROS_PER_SECOND)
+        4 * KLING_MICROS_PER_SECOND,
+        7 * KLING_MICROS_PER_SECOND,
+    )
 
     # fal finishes it after midnight UTC: still March's money (created_at decides)
-    record_events(conn, [LedgerEvent(late, "completed", {
-        "video": {"url": "https://v3b.fal.media/late.mp4"}})])
+    record_events(
+        conn, [LedgerEvent(late, "completed", {"video": {"url": "https://v3b.fal.media/late.mp4"}})]
+    )
     night = refresh_month(conn, MARCH, now=utc(2026, 4, 1, 3))
     assert night.state == "open"  # before 06:00 UTC on the 1st: not final yet
     assert night.cost_micros == 11 * KLING_MICROS_PER_SECOND
@@ -240,8 +299,12 @@ def test_late_completion_moves_the_previous_month_before_finalization(
 
 def test_rematerializing_gives_the_same_rows(conn: psycopg.Connection) -> None:
     build(conn, MARCH_ROWS + OUTSIDE_ROWS)
-    names = ("spend_monthly_by_user", "spend_monthly_by_endpoint", "spend_monthly_by_batch",
-             "spend_daily")
+    names = (
+        "spend_monthly_by_user",
+        "spend_monthly_by_endpoint",
+        "spend_monthly_by_batch",
+        "spend_daily",
+    )
     refresh_month(conn, MARCH, now=AFTER_MARCH)
     first = {n: table(conn, n, MARCH) for n in names}
     refresh_month(conn, MARCH, now=AFTER_MARCH + timedelta(days=3))
@@ -263,12 +326,18 @@ def test_open_month_reads_only_changed_days(conn: psycopg.Connection) -> None:
     assert second.days_recomputed == 1  # today only
     assert second.days_reused == 30
     # reused days were seen unchanged up to this refresh: the next one looks after it only
-    marks = conn.execute("select distinct max_generation_id, snapshot_at "
-                         "from spend_rollup_days").fetchall()
+    marks = conn.execute(
+        "select distinct max_generation_id, snapshot_at from spend_rollup_days"
+    ).fetchall()
     assert len(marks) == 1
     # a late row for a settled day is a new id: that day is read again
-    add_generation(conn, created_at=utc(2026, 3, 3, 4), status="completed", seconds=2,
-                   cost_micros=2 * KLING_MICROS_PER_SECOND)
+    add_generation(
+        conn,
+        created_at=utc(2026, 3, 3, 4),
+        status="completed",
+        seconds=2,
+        cost_micros=2 * KLING_MICROS_PER_SECOND,
+    )
     conn.commit()
     third = refresh_month(conn, MARCH, now=now + timedelta(minutes=10))
     assert third.days_recomputed == 2
@@ -284,8 +353,10 @@ def test_report_check_fails_on_a_stale_day_and_passes_after_rebuild(
     now = utc(2026, 3, 31, 23, 30)
     refresh_month(conn, MARCH, now=now)
     # a raw UPDATE outside record_events: no event, no new id; the settled day is reused
-    conn.execute("update generations set cost_micros = cost_micros + 1 "
-                 "where created_at = %s", (utc(2026, 3, 15, 12),))
+    conn.execute(
+        "update generations set cost_micros = cost_micros + 1 where created_at = %s",
+        (utc(2026, 3, 15, 12),),
+    )
     conn.commit()
     refresh_month(conn, MARCH, now=now + timedelta(minutes=5))
     finding = report_matches_ledger(conn, MARCH, "user", margin="0 seconds")
@@ -300,8 +371,10 @@ def test_report_check_fails_on_a_stale_day_and_passes_after_rebuild(
     refresh_month(conn, MARCH, now=now + timedelta(minutes=10))
     assert report_matches_ledger(conn, MARCH, "user", margin="0 seconds").passed
     # and a rebuild always reads everything
-    conn.execute("update spend_rollup_daily set cost_micros = cost_micros + 7 where day = %s",
-                 (date(2026, 3, 5),))
+    conn.execute(
+        "update spend_rollup_daily set cost_micros = cost_micros + 7 where day = %s",
+        (date(2026, 3, 5),),
+    )
     conn.commit()
     refresh_month(conn, MARCH, now=now + timedelta(minutes=15))
     assert not report_matches_ledger(conn, MARCH, "endpoint", margin="0 seconds").passed
@@ -330,10 +403,15 @@ def test_days_rebilled_by_the_spend_reconciliation_are_read_again(
     refresh_month(conn, MARCH, now=now)
     # what the spend domain does when fal's bill for 5 March is in: fal's figure replaces
     # ours on the day's generations, and the day's reconciliation is rewritten
-    conn.execute("update generations set cost_micros = cost_micros - 100, cost_basis = 'billed'"
-                 " where created_at = %s", (utc(2026, 3, 5, 14),))
-    conn.execute("insert into billing_reconciliation_days (day, outcome, requests, our_micros,"
-                 " fal_micros) values ('2026-03-05', 'amount_differs', 1, 0, 0)")
+    conn.execute(
+        "update generations set cost_micros = cost_micros - 100, cost_basis = 'billed'"
+        " where created_at = %s",
+        (utc(2026, 3, 5, 14),),
+    )
+    conn.execute(
+        "insert into billing_reconciliation_days (day, outcome, requests, our_micros,"
+        " fal_micros) values ('2026-03-05', 'amount_differs', 1, 0, 0)"
+    )
     conn.commit()
     again = refresh_month(conn, MARCH, now=now + timedelta(minutes=5))
     assert again.days_recomputed == 2  # today, and the rebilled day
@@ -344,8 +422,14 @@ def test_report_check_skips_keys_changed_after_the_report(conn: psycopg.Connecti
     build(conn, MARCH_ROWS)
     refresh_month(conn, MARCH, now=AFTER_MARCH)
     assert report_matches_ledger(conn, MARCH, "user").passed
-    add_generation(conn, created_at=utc(2026, 3, 9), status="completed", user_id=9,
-                   seconds=5, cost_micros=5 * KLING_MICROS_PER_SECOND)
+    add_generation(
+        conn,
+        created_at=utc(2026, 3, 9),
+        status="completed",
+        user_id=9,
+        seconds=5,
+        cost_micros=5 * KLING_MICROS_PER_SECOND,
+    )
     conn.commit()
     finding = report_matches_ledger(conn, MARCH, "user")
     assert finding.passed
@@ -363,8 +447,14 @@ def test_unpriced_completion_fails_the_price_check(conn: psycopg.Connection) -> 
     build(conn, MARCH_ROWS)
     refresh_month(conn, MARCH, now=AFTER_MARCH)
     assert completed_generations_are_priced(conn, MARCH).passed
-    rid = add_generation(conn, created_at=utc(2026, 3, 7), status="completed",
-                         endpoint="acme/new-model", seconds=5, cost_basis="unpriced")
+    rid = add_generation(
+        conn,
+        created_at=utc(2026, 3, 7),
+        status="completed",
+        endpoint="acme/new-model",
+        seconds=5,
+        cost_basis="unpriced",
+    )
     conn.commit()
     refresh_month(conn, MARCH, now=AFTER_MARCH)
     finding = completed_generations_are_priced(conn, MARCH)
@@ -375,8 +465,13 @@ def test_unpriced_completion_fails_the_price_check(conn: psycopg.Connection) -> 
 
 
 def test_open_over_24h_fails_the_open_check(conn: psycopg.Connection) -> None:
-    rid = add_generation(conn, created_at=utc(2026, 3, 30, 9), status="submitted", seconds=5,
-                         cost_micros=5 * KLING_MICROS_PER_SECOND)
+    rid = add_generation(
+        conn,
+        created_at=utc(2026, 3, 30, 9),
+        status="submitted",
+        seconds=5,
+        cost_micros=5 * KLING_MICROS_PER_SECOND,
+    )
     conn.commit()
     assert no_generation_open_too_long(conn, MARCH, utc(2026, 3, 31, 8)).passed
     finding = no_generation_open_too_long(conn, MARCH, utc(2026, 3, 31, 10))
@@ -388,10 +483,17 @@ def test_open_over_24h_fails_the_open_check(conn: psycopg.Connection) -> None:
 def test_archive_failures_fail_the_archive_check(conn: psycopg.Connection) -> None:
     build(conn, MARCH_ROWS)
     assert no_archive_failures(conn, MARCH).passed
-    rid = add_generation(conn, created_at=utc(2026, 3, 8), status="completed", seconds=5,
-                         cost_micros=5 * KLING_MICROS_PER_SECOND, archive_status="failed")
-    conn.execute("update generations set archive_error = 'gone (404)' where request_id = %s",
-                 (rid,))
+    rid = add_generation(
+        conn,
+        created_at=utc(2026, 3, 8),
+        status="completed",
+        seconds=5,
+        cost_micros=5 * KLING_MICROS_PER_SECOND,
+        archive_status="failed",
+    )
+    conn.execute(
+        "update generations set archive_error = 'gone (404)' where request_id = %s", (rid,)
+    )
     conn.commit()
     finding = no_archive_failures(conn, MARCH)
     assert not finding.passed

@@ -297,10 +297,12 @@ def test_invalid_inputs_are_422(
 @pytest.mark.parametrize(
     ("endpoint", "inputs", "field"),
     [
-        ("bytedance/seedance-2.0/fast/text-to-video", {"prompt": "p", "resolution": "1080p"},
-         "resolution"),  # fast: 480p/720p only
-        ("bytedance/seedance-2.0/text-to-video", {"prompt": "p", "resolution": "4k"},
-         "resolution"),
+        (
+            "bytedance/seedance-2.0/fast/text-to-video",
+            {"prompt": "p", "resolution": "1080p"},
+            "resolution",
+        ),  # fast: 480p/720p only
+        ("bytedance/seedance-2.0/text-to-video", {"prompt": "p", "resolution": "4k"}, "resolution"),
     ],
 )
 def test_inputs_are_rules_per_endpoint(

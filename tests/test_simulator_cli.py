@@ -108,8 +108,16 @@ def test_serve_prints_env_at_once_and_runs_readme_examples(tmp_path: Path) -> No
         assert Path(client["SSL_CERT_FILE"]).is_relative_to(tmp_path / "home" / "simulator")
 
         printed = subprocess.run(
-            [*RENDERQUEUE, "simulator", "serve", "--port", str(port),
-             "--platform-port", str(platform_port), "--print-env"],
+            [
+                *RENDERQUEUE,
+                "simulator",
+                "serve",
+                "--port",
+                str(port),
+                "--platform-port",
+                str(platform_port),
+                "--print-env",
+            ],
             capture_output=True,
             text=True,
             env=env,

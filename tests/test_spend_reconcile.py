@@ -233,8 +233,10 @@ def test_monthly_reports_show_our_total_fals_bill_and_the_difference(conn, fal_b
     settle(conn, fal_billing.sim, [fixed, auto])
     created = conn.execute("select min(created_at) as t from generations").fetchone()["t"]
     month = created.astimezone(dt.UTC).date().replace(day=1)
-    ours = {r["request_id"]: r["cost_micros"] for r in conn.execute(
-        "select request_id, cost_micros from generations")}
+    ours = {
+        r["request_id"]: r["cost_micros"]
+        for r in conn.execute("select request_id, cost_micros from generations")
+    }
     assert ours[auto] == 15 * 303_400  # priced at the default: fal's output has no duration
 
     before = refresh_month(conn, month)
@@ -244,8 +246,10 @@ def test_monthly_reports_show_our_total_fals_bill_and_the_difference(conn, fal_b
     reconcile(conn, fal_billing)
     start, end = window()
     assert apply_billed(conn, start, end) == 2
-    fal = {r["request_id"]: r["fal_billed_micros"] for r in conn.execute(
-        "select request_id, fal_billed_micros from generations")}
+    fal = {
+        r["request_id"]: r["fal_billed_micros"]
+        for r in conn.execute("select request_id, fal_billed_micros from generations")
+    }
     made = conn.execute(
         "select output_units from fal_billing_events where request_id = %s", (auto,)
     ).fetchone()["output_units"]
@@ -258,9 +262,11 @@ def test_monthly_reports_show_our_total_fals_bill_and_the_difference(conn, fal_b
     assert after.billed_generations == 2
     assert after.billed_difference_micros == fal[auto] - ours[auto]
     (by_endpoint,) = [r for r in after.by_endpoint if r["endpoint"] == SEEDANCE]
-    assert (by_endpoint["computed_micros"], by_endpoint["fal_billed_micros"],
-            by_endpoint["billed_difference_micros"]) == (
-        sum(ours.values()), sum(fal.values()), fal[auto] - ours[auto])
+    assert (
+        by_endpoint["computed_micros"],
+        by_endpoint["fal_billed_micros"],
+        by_endpoint["billed_difference_micros"],
+    ) == (sum(ours.values()), sum(fal.values()), fal[auto] - ours[auto])
     (daily,) = after.daily
     assert daily["billed_difference_micros"] == fal[auto] - ours[auto]
     for by in ("user", "endpoint"):

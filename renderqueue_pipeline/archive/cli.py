@@ -6,8 +6,12 @@ import click
 
 
 @click.command("archive")
-@click.option("--limit", type=click.IntRange(min=1), default=None,
-              help="Rows to take at most (default RENDERQUEUE_ARCHIVE_BATCH_ROWS, 500).")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Rows to take at most (default RENDERQUEUE_ARCHIVE_BATCH_ROWS, 500).",
+)
 def archive(limit: int | None) -> None:
     """Copy completed outputs into RENDERQUEUE_STORAGE_URL, nearest deadline first."""
     from rich.console import Console
@@ -21,8 +25,11 @@ def archive(limit: int | None) -> None:
 
     def progress(outcome) -> None:
         detail = f" ({outcome.reason}: {outcome.error})" if outcome.reason else ""
-        console.print(f"{outcome.status:>8} {outcome.request_id} {outcome.bytes} B{detail}",
-                      highlight=False, soft_wrap=True)
+        console.print(
+            f"{outcome.status:>8} {outcome.request_id} {outcome.bytes} B{detail}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     report = run_archive(lambda: connect(url), limit=limit, progress=progress)
     summary = report.as_dict()
@@ -37,8 +44,13 @@ def archive(limit: int | None) -> None:
 
 @click.command("link")
 @click.argument("request_id")
-@click.option("--expires", type=click.IntRange(min=1, max=7 * 24 * 3600), default=3600,
-              show_default=True, help="Lifetime of a presigned S3 URL, in seconds.")
+@click.option(
+    "--expires",
+    type=click.IntRange(min=1, max=7 * 24 * 3600),
+    default=3600,
+    show_default=True,
+    help="Lifetime of a presigned S3 URL, in seconds.",
+)
 def link(request_id: str, expires: int) -> None:
     """Print a link to our copy of REQUEST_ID's output (one line per file)."""
     from renderqueue_pipeline.archive import ArchiveStorage, links

@@ -117,8 +117,10 @@ class ArchiveReport:
 
 def _stored_names(files: list[dict[str, Any]], url_name: Callable[[str], str]) -> list[str]:
     """One safe, distinct name per file; clashing names get their ordinal in front."""
-    names = [safe_file_name(f.get("file_name") or url_name(f["url"]), f"file-{f['ordinal']}")
-             for f in files]
+    names = [
+        safe_file_name(f.get("file_name") or url_name(f["url"]), f"file-{f['ordinal']}")
+        for f in files
+    ]
     clashes = {n for n in names if names.count(n) > 1}
     return [f"{f['ordinal']}-{n}" if n in clashes else n for f, n in zip(files, names, strict=True)]
 
@@ -143,10 +145,15 @@ def copy_file(
     """
     with contextlib.ExitStack() as stack:
         download = open_download(client, url, policy, stack)
-        if (download.content_length is not None and expected_size is not None
-                and download.content_length != expected_size):
-            raise LengthMismatch(f"{url}: Content-Length {download.content_length} but fal's "
-                                 f"file_size is {expected_size}")
+        if (
+            download.content_length is not None
+            and expected_size is not None
+            and download.content_length != expected_size
+        ):
+            raise LengthMismatch(
+                f"{url}: Content-Length {download.content_length} but fal's "
+                f"file_size is {expected_size}"
+            )
         digest = hashlib.sha256()
         received = 0
         upload = storage.begin(request_id, final)
@@ -155,11 +162,14 @@ def copy_file(
                 digest.update(chunk)
                 upload.write(chunk)
                 received += len(chunk)
-            for announced, what in ((download.content_length, "Content-Length"),
-                                    (expected_size, "fal's file_size")):
+            for announced, what in (
+                (download.content_length, "Content-Length"),
+                (expected_size, "fal's file_size"),
+            ):
                 if announced is not None and received != announced:
-                    raise LengthMismatch(f"{url}: received {received} bytes, {what} says "
-                                         f"{announced}")
+                    raise LengthMismatch(
+                        f"{url}: received {received} bytes, {what} says {announced}"
+                    )
             upload.seal(received)
         except BaseException:
             upload.abort()
@@ -182,12 +192,21 @@ def copy_row(
     try:
         for file, name in zip(files, names, strict=True):
             final = storage.final_path(row["created_at"], request_id, name)
-            size, sha, upload = copy_file(client, policy, storage, file["url"], request_id,
-                                          final, file.get("file_size"))
+            size, sha, upload = copy_file(
+                client, policy, storage, file["url"], request_id, final, file.get("file_size")
+            )
             uploads.append(upload)
-            archived.append(ArchivedFile(file["ordinal"], file["url"], name,
-                                         file.get("content_type"), size, sha,
-                                         storage.url_of(final)))
+            archived.append(
+                ArchivedFile(
+                    file["ordinal"],
+                    file["url"],
+                    name,
+                    file.get("content_type"),
+                    size,
+                    sha,
+                    storage.url_of(final),
+                )
+            )
         for upload in uploads:
             upload.commit()
             committed.append(upload)
@@ -202,15 +221,15 @@ def copy_row(
             return RowOutcome(request_id, status, exc.reason, str(exc))
         log.warning("archive of %s failed: %s", request_id, exc, exc_info=True)
         return RowOutcome(request_id, "failed", "storage", f"{type(exc).__name__}: {exc}")
-    return RowOutcome(request_id, "archived", bytes=sum(a.bytes for a in archived),
-                      files=archived)
+    return RowOutcome(request_id, "archived", bytes=sum(a.bytes for a in archived), files=archived)
 
 
 # ----- recording ---------------------------------------------------------------------------------
 
 #: Reasons no retry can fix: the row fails at once (lost rows are separate: `gone`).
-PERMANENT_REASONS = frozenset({"host_not_allowed", "address_refused", "too_large", "bad_url",
-                               "no_media"})
+PERMANENT_REASONS = frozenset(
+    {"host_not_allowed", "address_refused", "too_large", "bad_url", "no_media"}
+)
 
 
 def record_outcome(
@@ -220,30 +239,48 @@ def record_outcome(
     with conn.transaction():
         if outcome.status == "archived":
             main = outcome.files[0]
-            done = conn.execute(q("archive_record_success"), {
-                "id": row["id"], "archive_url": main.archive_url, "bytes": outcome.bytes,
-                "sha256": main.sha256 if len(outcome.files) == 1 else _combined(outcome.files),
-                "delete_fal_copy": options.delete_fal_copy,
-            }).fetchone()
+            done = conn.execute(
+                q("archive_record_success"),
+                {
+                    "id": row["id"],
+                    "archive_url": main.archive_url,
+                    "bytes": outcome.bytes,
+                    "sha256": main.sha256 if len(outcome.files) == 1 else _combined(outcome.files),
+                    "delete_fal_copy": options.delete_fal_copy,
+                },
+            ).fetchone()
             if done is None:
                 outcome.status = "skipped"
                 return outcome
             for f in outcome.files:
-                conn.execute(q("archive_record_file"), {
-                    "generation_id": row["id"], "ordinal": f.ordinal, "source_url": f.source_url,
-                    "file_name": f.file_name, "content_type": f.content_type, "bytes": f.bytes,
-                    "sha256": f.sha256, "archive_url": f.archive_url,
-                })
+                conn.execute(
+                    q("archive_record_file"),
+                    {
+                        "generation_id": row["id"],
+                        "ordinal": f.ordinal,
+                        "source_url": f.source_url,
+                        "file_name": f.file_name,
+                        "content_type": f.content_type,
+                        "bytes": f.bytes,
+                        "sha256": f.sha256,
+                        "archive_url": f.archive_url,
+                    },
+                )
             return outcome
-        result = conn.execute(q("archive_record_failure"), {
-            "id": row["id"], "error": (outcome.error or "")[:2000], "reason": outcome.reason,
-            "lost": outcome.status == "lost",
-            "permanent": outcome.reason in PERMANENT_REASONS,
-            "max_attempts": options.max_attempts,
-            "backoff_seconds": options.backoff_seconds,
-            "max_backoff_seconds": options.max_backoff_seconds,
-            "min_backoff_seconds": options.min_backoff_seconds,
-        }).fetchone()
+        result = conn.execute(
+            q("archive_record_failure"),
+            {
+                "id": row["id"],
+                "error": (outcome.error or "")[:2000],
+                "reason": outcome.reason,
+                "lost": outcome.status == "lost",
+                "permanent": outcome.reason in PERMANENT_REASONS,
+                "max_attempts": options.max_attempts,
+                "backoff_seconds": options.backoff_seconds,
+                "max_backoff_seconds": options.max_backoff_seconds,
+                "min_backoff_seconds": options.min_backoff_seconds,
+            },
+        ).fetchone()
     if result is None:
         outcome.status = "skipped"
     elif result["archive_status"] == "pending":
@@ -278,20 +315,31 @@ def archive_pending(
     report = ArchiveReport()
     started = time.monotonic()
     claimed = 0
-    with connect() as conn, make_client(policy, concurrency=options.concurrency) as client, \
-            ThreadPoolExecutor(options.concurrency, thread_name_prefix="archive") as pool:
+    with (
+        connect() as conn,
+        make_client(policy, concurrency=options.concurrency) as client,
+        ThreadPoolExecutor(options.concurrency, thread_name_prefix="archive") as pool,
+    ):
         running: dict[Future, dict[str, Any]] = {}
         exhausted = False
         while True:
             room = options.concurrency * 2 - len(running)
             if not exhausted and room > 0 and claimed < options.limit:
                 with conn.transaction():
-                    rows = conn.execute(q("archive_claim"), {
-                        "limit": min(room, options.limit - claimed),
-                        "lease_seconds": options.lease_seconds,
-                    }).fetchall()
-                rows.sort(key=lambda r: (r["fal_expires_at"] is None, r["fal_expires_at"],
-                                         r["finished_at"]))
+                    rows = conn.execute(
+                        q("archive_claim"),
+                        {
+                            "limit": min(room, options.limit - claimed),
+                            "lease_seconds": options.lease_seconds,
+                        },
+                    ).fetchall()
+                rows.sort(
+                    key=lambda r: (
+                        r["fal_expires_at"] is None,
+                        r["fal_expires_at"],
+                        r["finished_at"],
+                    )
+                )
                 claimed += len(rows)
                 exhausted = not rows
                 for row in rows:
@@ -332,14 +380,13 @@ def archive_due_count(conn: psycopg.Connection, *, cap: int = 500) -> int:
     return int(conn.execute(q("archive_due_count"), {"cap": cap}).fetchone()["due"])
 
 
-def archive_health(
-    conn: psycopg.Connection, *, deadline_hours: float = 24.0
-) -> dict[str, Any]:
+def archive_health(conn: psycopg.Connection, *, deadline_hours: float = 24.0) -> dict[str, Any]:
     """Lost outputs, failures by reason, the backlog's oldest row, rows near their deadline."""
     health = dict(conn.execute(q("archive_health"), {"deadline_hours": deadline_hours}).fetchone())
     oldest = health["oldest_pending_finished_at"]
     health["oldest_pending_age_seconds"] = (
-        (health["checked_at"] - oldest).total_seconds() if oldest is not None else 0.0)
+        (health["checked_at"] - oldest).total_seconds() if oldest is not None else 0.0
+    )
     health["failures_by_reason"] = {
         f"{r['archive_status']}:{r['reason']}": r["rows"]
         for r in conn.execute(q("archive_failures_by_reason")).fetchall()

@@ -36,8 +36,11 @@ class DeleteReport:
     errors: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"fal_copies_deleted": self.deleted, "fal_deletes_retrying": self.retrying,
-                "fal_deletes_failed": self.failed}
+        return {
+            "fal_copies_deleted": self.deleted,
+            "fal_deletes_retrying": self.retrying,
+            "fal_deletes_failed": self.failed,
+        }
 
 
 async def adelete_fal_copies(
@@ -53,8 +56,9 @@ async def adelete_fal_copies(
     report = DeleteReport()
     with connect() as conn:
         with conn.transaction():
-            rows = conn.execute(q("fal_delete_claim"),
-                                {"limit": limit, "lease_seconds": 600}).fetchall()
+            rows = conn.execute(
+                q("fal_delete_claim"), {"limit": limit, "lease_seconds": 600}
+            ).fetchall()
         for row in rows:
             error: str | None = None
             try:
@@ -64,10 +68,14 @@ async def adelete_fal_copies(
                 answers = []
             with conn.transaction():
                 for answer in answers:
-                    conn.execute(q("fal_delete_record_answer"), {
-                        "generation_id": row["id"], "link": answer.link,
-                        "answer": "deleted" if answer.error is None else answer.error[:2000],
-                    })
+                    conn.execute(
+                        q("fal_delete_record_answer"),
+                        {
+                            "generation_id": row["id"],
+                            "link": answer.link,
+                            "answer": "deleted" if answer.error is None else answer.error[:2000],
+                        },
+                    )
                 refused = [a for a in answers if a.error is not None]
                 if error is None and refused:
                     error = "; ".join(f"{a.link}: {a.error}" for a in refused)[:2000]
@@ -75,11 +83,16 @@ async def adelete_fal_copies(
                     conn.execute(q("fal_delete_record_done"), {"id": row["id"]})
                     report.deleted += 1
                     continue
-                conn.execute(q("fal_delete_record_failure"), {
-                    "id": row["id"], "error": error, "max_attempts": max_attempts,
-                    "backoff_seconds": backoff_seconds,
-                    "max_backoff_seconds": max_backoff_seconds,
-                })
+                conn.execute(
+                    q("fal_delete_record_failure"),
+                    {
+                        "id": row["id"],
+                        "error": error,
+                        "max_attempts": max_attempts,
+                        "backoff_seconds": backoff_seconds,
+                        "max_backoff_seconds": max_backoff_seconds,
+                    },
+                )
             final = row["fal_delete_attempts"] + 1 >= max_attempts
             report.failed += final
             report.retrying += not final

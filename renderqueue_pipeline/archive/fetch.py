@@ -169,8 +169,10 @@ class FetchPolicy:
         if not url.host:
             raise Refused(f"no host in {url}", "bad_url")
         port = url.port or (443 if url.scheme == "https" else 80)
-        if not (_matches(self.allowed_hosts, url.host, port)
-                or _matches(self.loopback_hosts, url.host, port)):
+        if not (
+            _matches(self.allowed_hosts, url.host, port)
+            or _matches(self.loopback_hosts, url.host, port)
+        ):
             raise Refused(f"host {url.host}:{port} is not on the allow list", "host_not_allowed")
         return url
 
@@ -213,7 +215,10 @@ class _CheckedBackend(httpcore.NetworkBackend):
         for address in self._policy.checked_addresses(host, port):
             try:
                 return self._backend.connect_tcp(
-                    address, port, timeout=timeout, local_address=local_address,
+                    address,
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
                     socket_options=socket_options,
                 )
             except httpcore.ConnectError as exc:
@@ -286,9 +291,7 @@ def _body(response: httpx.Response, url: str, max_bytes: int) -> Iterator[bytes]
         raise FetchError(f"{url}: transfer broke after {received} bytes: {exc}") from exc
 
 
-def open_download(
-    client: httpx.Client, url: str, policy: FetchPolicy, stack
-) -> Download:
+def open_download(client: httpx.Client, url: str, policy: FetchPolicy, stack) -> Download:
     """Follow redirects (each one re-checked) up to a 200, and return its unread body.
 
     `stack` is a contextlib.ExitStack that owns the open response.
@@ -308,8 +311,10 @@ def open_download(
             current = urljoin(str(current), location)
             continue
         if response.status_code in (404, 410):
-            raise Gone(f"fal's CDN answered {response.status_code} for {current}: the file "
-                       "expired or was deleted")
+            raise Gone(
+                f"fal's CDN answered {response.status_code} for {current}: the file "
+                "expired or was deleted"
+            )
         if response.status_code != 200:
             raise FetchError(f"{current}: HTTP {response.status_code}", "http_error")
         encoding = response.headers.get("content-encoding", "identity").lower()
@@ -321,8 +326,15 @@ def open_download(
         except ValueError:
             raise FetchError(f"{current}: bad Content-Length {length!r}", "http_error") from None
         if content_length is not None and content_length > policy.max_bytes:
-            raise Refused(f"{current} announces {content_length} bytes, more than the maximum "
-                          f"of {policy.max_bytes}", "too_large")
-        return Download(str(current), content_length, response.headers.get("content-type"),
-                        _body(response, str(current), policy.max_bytes))
+            raise Refused(
+                f"{current} announces {content_length} bytes, more than the maximum "
+                f"of {policy.max_bytes}",
+                "too_large",
+            )
+        return Download(
+            str(current),
+            content_length,
+            response.headers.get("content-type"),
+            _body(response, str(current), policy.max_bytes),
+        )
     raise FetchError(f"{url}: more than {policy.max_redirects} redirects", "http_error")

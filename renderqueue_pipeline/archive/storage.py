@@ -49,8 +49,10 @@ class ArchiveStorage:
         return "file" in _protocols(self.fs)
 
     def final_path(self, created_at: datetime, request_id: str, file_name: str) -> str:
-        return (f"{self.root}/generations/{created_at:%Y}/{created_at:%m}/"
-                f"{safe_file_name(request_id, 'request')}/{file_name}")
+        return (
+            f"{self.root}/generations/{created_at:%Y}/{created_at:%m}/"
+            f"{safe_file_name(request_id, 'request')}/{file_name}"
+        )
 
     def staging_path(self, request_id: str, file_name: str) -> str:
         token = f"{safe_file_name(request_id, 'request')}.{uuid.uuid4().hex[:12]}"

@@ -266,7 +266,10 @@ async def _give_up(
         "nothing billed unless fal finishes it anyway"
     )
     return _Observation(
-        row, "event", _event(row, "failed", error=error), reason="past_limit",
+        row,
+        "event",
+        _event(row, "failed", error=error),
+        reason="past_limit",
         cancel_accepted=True,
     )
 

@@ -160,9 +160,7 @@ def _norm(value: Any) -> Any:
     return Decimal(value).normalize() if isinstance(value, Decimal) else value
 
 
-def compare_rows(
-    report: list[dict], ledger: list[dict], key: str
-) -> tuple[list[Difference], set]:
+def compare_rows(report: list[dict], ledger: list[dict], key: str) -> tuple[list[Difference], set]:
     """Differences between report and ledger rows for keys that did not change since the
     report, and the set of keys that did (not compared)."""
     by_key_report = {r[key]: r for r in report}

@@ -24,7 +24,10 @@ def _plain(value):
     "--by", type=click.Choice(["user", "endpoint", "batch"]), default="endpoint", show_default=True
 )
 @click.option(
-    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
     show_default=True,
 )
 def report(month_text: str, by: str, fmt: str) -> None:

@@ -117,9 +117,7 @@ def _write_tables(conn: psycopg.Connection, month: date, computed_at: datetime) 
         conn.execute(q(f"{table}_insert"), params)
 
 
-def _mark_days(
-    conn: psycopg.Connection, days: list[date], now: datetime, high_water: dict
-) -> None:
+def _mark_days(conn: psycopg.Connection, days: list[date], now: datetime, high_water: dict) -> None:
     conn.execute(
         q("rollup_days_upsert"),
         {

@@ -40,8 +40,12 @@ def read_table(conn: psycopg.Connection, table: str, month: date) -> pd.DataFram
     """One month of a report table as a DataFrame, columns in table order, sorted stably."""
     if table not in REPORT_TABLES:
         raise ValueError(f"not a report table: {table}")
-    order = {"spend_daily": "day, endpoint", "spend_monthly_by_user": "user_id",
-             "spend_monthly_by_endpoint": "endpoint", "spend_monthly_by_batch": "batch_id"}
+    order = {
+        "spend_daily": "day, endpoint",
+        "spend_monthly_by_user": "user_id",
+        "spend_monthly_by_endpoint": "endpoint",
+        "spend_monthly_by_batch": "batch_id",
+    }
     with conn.cursor() as cur:
         # the table name comes from REPORT_TABLES above, never from input
         cur.execute(

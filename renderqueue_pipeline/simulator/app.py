@@ -177,9 +177,7 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
 
     async def submit(request: Request, endpoint: str, app_path: str) -> Response:
         engine.submits_in_flight += 1
-        engine.submits_in_flight_peak = max(
-            engine.submits_in_flight_peak, engine.submits_in_flight
-        )
+        engine.submits_in_flight_peak = max(engine.submits_in_flight_peak, engine.submits_in_flight)
         try:
             return await enqueue(request, endpoint, app_path)
         finally:

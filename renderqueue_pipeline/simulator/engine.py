@@ -684,9 +684,7 @@ class Engine:
         timestamp = self._timestamp()
         outcome = await self._attempt(req, copy=0, attempt=1, timestamp=timestamp)
         if outcome == "retry":
-            self._spawn(
-                self._deliver(req, copy=0, delay=0.0, first_attempt=2, timestamp=timestamp)
-            )
+            self._spawn(self._deliver(req, copy=0, delay=0.0, first_attempt=2, timestamp=timestamp))
         if req.decisions.duplicate:
             self._spawn(self._deliver(req, copy=1, delay=req.decisions.duplicate_delay))
         return outcome == "delivered"

@@ -1,6 +1,5 @@
 """Our copies of fal's outputs, as one asset: each materialization is one archive run."""
 
-
 import dagster as dg
 
 from renderqueue_pipeline.archive import run_archive

@@ -1,6 +1,5 @@
 """What an operator watches: nothing lost, the backlog fresh, nothing about to expire."""
 
-
 import dagster as dg
 
 from renderqueue_pipeline.archive import archive_health
@@ -14,8 +13,10 @@ def _health(ledger: LedgerDatabase) -> dict:
         return archive_health(conn, deadline_hours=get_settings().archive_deadline_hours)
 
 
-@dg.asset_check(asset=archived_outputs, description="Outputs lost (fal's copy expired before "
-                "ours was made): the target is zero.")
+@dg.asset_check(
+    asset=archived_outputs,
+    description="Outputs lost (fal's copy expired before ours was made): the target is zero.",
+)
 def no_outputs_lost(ledger: LedgerDatabase) -> dg.AssetCheckResult:
     health = _health(ledger)
     return dg.AssetCheckResult(
@@ -24,15 +25,21 @@ def no_outputs_lost(ledger: LedgerDatabase) -> dg.AssetCheckResult:
             "lost": health["lost"],
             "failed": health["failed"],
             "failures_by_reason": dg.MetadataValue.json(health["failures_by_reason"]),
-            "latest_lost": dg.MetadataValue.md("\n".join(
-                f"- `{r['request_id']}`: {r['archive_error']}" for r in health["lost_sample"]
-            ) or "none"),
+            "latest_lost": dg.MetadataValue.md(
+                "\n".join(
+                    f"- `{r['request_id']}`: {r['archive_error']}" for r in health["lost_sample"]
+                )
+                or "none"
+            ),
         },
     )
 
 
-@dg.asset_check(asset=archived_outputs, description="The oldest completed-but-unarchived row "
-                "is younger than RENDERQUEUE_ARCHIVE_ALERT_MINUTES (default 30).")
+@dg.asset_check(
+    asset=archived_outputs,
+    description="The oldest completed-but-unarchived row "
+    "is younger than RENDERQUEUE_ARCHIVE_ALERT_MINUTES (default 30).",
+)
 def archive_backlog_is_fresh(ledger: LedgerDatabase) -> dg.AssetCheckResult:
     health = _health(ledger)
     limit_minutes = get_settings().archive_alert_minutes
@@ -48,8 +55,11 @@ def archive_backlog_is_fresh(ledger: LedgerDatabase) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset=archived_outputs, description="No unarchived output is within "
-                "RENDERQUEUE_ARCHIVE_DEADLINE_HOURS (default 24) of fal's expiry.")
+@dg.asset_check(
+    asset=archived_outputs,
+    description="No unarchived output is within "
+    "RENDERQUEUE_ARCHIVE_DEADLINE_HOURS (default 24) of fal's expiry.",
+)
 def no_outputs_near_deadline(ledger: LedgerDatabase) -> dg.AssetCheckResult:
     health = _health(ledger)
     nearest = health["nearest_deadline"]

@@ -1,6 +1,5 @@
 """archive_outputs: one archive run (the sensor launches it; the launchpad can too)."""
 
-
 import dagster as dg
 
 from renderqueue_pipeline.dagster_home import DOMAIN_TAG

@@ -1,6 +1,5 @@
 """archive_sensor: launch an archive run when rows are due and none is in flight."""
 
-
 import dagster as dg
 
 from renderqueue_pipeline.archive import archive_due_count
@@ -24,9 +23,7 @@ IN_FLIGHT = [
     description="Finds completed outputs not yet archived (through the backlog index) and "
     "launches one archive_outputs run at a time, each taking a bounded number of rows.",
 )
-def archive_sensor(
-    context: dg.SensorEvaluationContext, ledger: LedgerDatabase
-):
+def archive_sensor(context: dg.SensorEvaluationContext, ledger: LedgerDatabase):
     in_flight = context.instance.get_run_records(
         dg.RunsFilter(job_name=archive_outputs.name, statuses=IN_FLIGHT), limit=1
     )

@@ -3,7 +3,6 @@
 Thin: each asset reads its resources and calls one function of renderqueue_pipeline.reports.
 """
 
-
 import dagster as dg
 
 from renderqueue_pipeline.defs.reports.metadata import files_metadata, table_metadata

@@ -4,7 +4,6 @@ Blocking where a wrong report would mislead (figures that differ from the ledger
 understated by a missing price): the files are not written then.
 """
 
-
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -24,8 +23,11 @@ def _result(finding: checks.Finding, month_key: str, *, blocking: bool) -> dg.As
         passed=finding.passed,
         severity=dg.AssetCheckSeverity.ERROR if blocking else dg.AssetCheckSeverity.WARN,
         description=finding.summary,
-        metadata={"month": parse_month(month_key).strftime("%Y-%m"), "found": finding.summary,
-                  **metadata},
+        metadata={
+            "month": parse_month(month_key).strftime("%Y-%m"),
+            "found": finding.summary,
+            **metadata,
+        },
     )
 
 
@@ -53,9 +55,7 @@ def report_by_endpoint_matches_ledger(
     context: dg.AssetCheckExecutionContext, ledger: LedgerDatabase
 ) -> dg.AssetCheckResult:
     with ledger.connect() as conn:
-        finding = checks.report_matches_ledger(
-            conn, parse_month(context.partition_key), "endpoint"
-        )
+        finding = checks.report_matches_ledger(conn, parse_month(context.partition_key), "endpoint")
     return _result(finding, context.partition_key, blocking=True)
 
 

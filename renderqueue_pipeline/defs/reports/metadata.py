@@ -33,9 +33,11 @@ def table_metadata(report: MonthReport, table: str, rows: list[dict]) -> dict[st
         "computed_micros": report.computed_micros,
         "computed_usd": dg.MetadataValue.float(micros_to_usd(report.computed_micros)),
         "billed_generations": report.billed_generations,
-        "fal_billed": "-" if report.fal_billed_micros is None
+        "fal_billed": "-"
+        if report.fal_billed_micros is None
         else dollars(report.fal_billed_micros),
-        "billed_difference": "-" if report.billed_difference_micros is None
+        "billed_difference": "-"
+        if report.billed_difference_micros is None
         else dollars(report.billed_difference_micros),
         "generations": report.generations,
         "completed": sum(int(r["completed"]) for r in rows),

@@ -1,6 +1,5 @@
 """Where report files go: RENDERQUEUE_STORAGE_URL (any fsspec URL) unless configured."""
 
-
 import dagster as dg
 
 from renderqueue_pipeline.settings import get_settings
