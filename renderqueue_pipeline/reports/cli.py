@@ -11,6 +11,25 @@ import click
 
 from renderqueue_pipeline.reports.months import month_label, parse_month
 
+# The terminal view: two tables (counts, then money) of the columns a reader scans, with
+# short headers, so that each fits a terminal; CSV and JSON carry every column by name.
+KEY_HEADERS = {"user_id": "user", "endpoint": "endpoint", "batch_id": "batch", "source": "source"}
+COUNT_HEADERS = {
+    "generations": "gens",
+    "completed": "done",
+    "failed": "failed",
+    "canceled": "canceled",
+    "open": "open",
+    "billed_seconds": "seconds",
+    "open_estimate_micros": "open est.",
+}
+MONEY_HEADERS = {
+    "cost_micros": "cost",
+    "computed_micros": "ours",
+    "fal_billed_micros": "fal billed",
+    "billed_difference_micros": "fal − ours",
+}
+
 
 def _plain(value):
     if isinstance(value, Decimal):
@@ -56,17 +75,34 @@ def report(month_text: str, by: str, fmt: str) -> None:
     from rich.table import Table
 
     total = sum(int(r["cost_micros"]) for r in rows)
-    table = Table(title=f"spend {month_label(month)} by {by} (UTC): {dollars(total)}")
-    shown = [c for c in columns if c not in ("cost_cents", "micros_per_completed_second")]
-    for column in shown:
-        table.add_column(column, justify="left" if column in ("endpoint", "source") else "right")
-    for r in rows:
-        table.add_row(
-            *[
-                "-" if r[c] is None else dollars(r[c]) if c.endswith("_micros") else str(r[c])
-                for c in shown
-            ]
-        )
-    Console().print(table)
+    console = Console()
+    title = f"spend {month_label(month)} by {by} (UTC): {dollars(total)}"
+    for heading, group in (
+        (title, COUNT_HEADERS),
+        (
+            "money: cost = the ledger's (fal's figure once billed), ours = what the ledger "
+            "priced, fal − ours = for the generations fal billed",
+            MONEY_HEADERS,
+        ),
+    ):
+        table = Table(title=heading)
+        shown = [c for c in columns if c in KEY_HEADERS or c in group]
+        for column in shown:
+            text = column in ("endpoint", "source")
+            table.add_column(
+                KEY_HEADERS.get(column) or group[column],
+                justify="left" if text else "right",
+                overflow="fold",
+                no_wrap=not text,
+            )
+        for r in rows:
+            table.add_row(
+                *[
+                    "-" if r[c] is None else dollars(r[c]) if c.endswith("_micros") else str(r[c])
+                    for c in shown
+                ]
+            )
+        console.print(table)
+    console.print("every column, exact: --format csv or --format json")
     if not rows:
         click.echo(f"no generations in {month_label(month)}")
