@@ -68,17 +68,20 @@ k as (
     case when g.request_id is null then (b.billed_at at time zone 'UTC')::date
          else (g.created_at at time zone 'UTC')::date end as day,
     coalesce(g.request_id, b.request_id) as request_id,
+    -- the outcome as a number while millions of rows are grouped (named in t below):
+    -- 1 matched, 2 no_charge (the two that are fine), 3 billed_not_completed,
+    -- 4 not_billed, 5 awaiting_billing, 6 unknown_to_ledger, 7 amount_differs
     case
-      when g.request_id is null then 'unknown_to_ledger'
+      when g.request_id is null then 6
       when b.request_id is null then
-        case when g.status <> 'completed' then 'no_charge'
+        case when g.status <> 'completed' then 2
              when coalesce(g.finished_at, g.created_at)
-                  < %(now)s::timestamptz - %(grace)s::interval then 'not_billed'
-             else 'awaiting_billing' end
-      when g.status <> 'completed' then 'billed_not_completed'
-      when abs(rq_nanos_to_micros(b.nanos) - g.our_micros) <= 1 then 'matched'
-      else 'amount_differs'
-    end as outcome,
+                  < %(now)s::timestamptz - %(grace)s::interval then 4
+             else 5 end
+      when g.status <> 'completed' then 3
+      when abs(rq_nanos_to_micros(b.nanos) - g.our_micros) <= 1 then 1
+      else 7
+    end as code,
     g.our_micros, rq_nanos_to_micros(b.nanos) as fal_micros
   from g
   full join b on b.request_id = g.request_id
@@ -88,13 +91,15 @@ k as (
   offset 0  -- a fence: each request's outcome is computed once, not once per use
 ),
 t as (
-  select day, outcome,
-         case when outcome not in ('matched', 'no_charge') then request_id end as finding,
+  select day,
+         (array['matched', 'no_charge', 'billed_not_completed', 'not_billed',
+                'awaiting_billing', 'unknown_to_ledger', 'amount_differs'])[code] as outcome,
+         case when code > 2 then request_id end as finding,
          count(*) as requests,
          coalesce(sum(our_micros), 0)::bigint as our_micros_total,
          coalesce(sum(fal_micros), 0)::bigint as fal_micros_total
   from k
-  group by 1, 2, 3
+  group by day, code, finding
 )
 -- a finding is a group of one: these are its values (null for the other groups)
 select t.day, t.outcome, t.finding as request_id, t.requests, t.our_micros_total,
