@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -162,3 +164,53 @@ def s3_env(moto_s3: str, monkeypatch: pytest.MonkeyPatch) -> str:
         monkeypatch.delenv(name, raising=False)
     s3fs.S3FileSystem.clear_instance_cache()
     return moto_s3
+
+
+# -- loopback only ------------------------------------------------------------------------------
+
+
+def _is_loopback(host: object) -> bool:
+    text = str(host).split("%")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(text).is_loopback
+    except ValueError:
+        return text == "localhost" or text.endswith(".localhost")
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test may contact 127.0.0.0/8 and ::1 only: connecting or sending to any other
+    address, or asking DNS for any other name, fails the test before a packet leaves (the
+    private and public addresses some tests name are only checked, never contacted).
+    Covers this process; the servers the tests start are ours and listen on loopback."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_sendto, real_getaddrinfo = socket.socket.sendto, socket.getaddrinfo
+
+    def check(address: object) -> None:
+        if isinstance(address, tuple) and address and not _is_loopback(address[0]):
+            raise AssertionError(f"a test tried to reach {address[0]}: loopback only")
+
+    def connect(self: socket.socket, address: object) -> None:
+        check(address)
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: object) -> int:
+        check(address)
+        return real_connect_ex(self, address)
+
+    def sendto(self: socket.socket, data: bytes, *args: object) -> int:
+        check(args[-1])
+        return real_sendto(self, data, *args)
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> list:
+        if host is not None and not _is_loopback(host):
+            try:
+                ipaddress.ip_address(str(host).split("%")[0].strip("[]"))
+            except ValueError:  # a name: resolving it could send a DNS query
+                raise AssertionError(f"a test tried to resolve {host!r}: loopback only") from None
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket.socket, "sendto", sendto)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)

@@ -2,7 +2,10 @@
 
 Nothing here sends a packet anywhere but loopback: the address rules are tested on
 their own (no connection), and the refusal path end to end only with loopback servers
-that are NOT on the allow list, a canary on 127.0.0.2 that must see no connection.
+that are NOT on the allow list, a canary on 127.0.0.2 that must see no connection. The
+private and public addresses named below are only ever checked, never contacted:
+conftest's `loopback_only` guard fails any test that tries to connect to, send to or
+resolve anything but loopback.
 """
 
 from __future__ import annotations
@@ -22,38 +25,6 @@ from renderqueue_pipeline.archive.fetch import (
     parse_hosts,
     system_resolver,
 )
-
-
-@pytest.fixture(autouse=True)
-def loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Proof that these tests never reach the addresses they name: any attempt to connect
-    to a non-loopback address fails the test before a packet is sent."""
-    import ipaddress
-    import socket
-
-    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
-
-    def checked(address: object) -> None:
-        if isinstance(address, tuple) and address:
-            host = str(address[0])
-            try:
-                allowed = ipaddress.ip_address(host.split("%")[0]).is_loopback
-            except ValueError:
-                allowed = host == "localhost"
-            if not allowed:
-                raise AssertionError(f"a test tried to connect to {host}: loopback only")
-
-    def connect(self: socket.socket, address: object) -> None:
-        checked(address)
-        return real_connect(self, address)
-
-    def connect_ex(self: socket.socket, address: object) -> int:
-        checked(address)
-        return real_connect_ex(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
-
 
 REFUSED = [
     "169.254.169.254",  # cloud metadata (link-local)
