@@ -23,6 +23,7 @@ from rich.table import Table
 
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.ledger.report import dollars
 from renderqueue_pipeline.settings import get_settings, redact_url
@@ -365,9 +366,7 @@ def print_summary(
             (request_ids,),
         ).fetchall()
         month_report = conn.execute(
-            "select computed_micros, billed_generations, fal_billed_micros, "
-            "billed_difference_micros from spend_report_months "
-            "where month = date_trunc('month', now() at time zone 'utc')::date"
+            q("report_month"), {"month": dt.datetime.now(dt.UTC).date().replace(day=1)}
         ).fetchone()
         billing_days = conn.execute(
             "select outcome, sum(requests) as n, sum(our_micros) as ours, "

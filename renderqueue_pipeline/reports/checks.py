@@ -39,9 +39,14 @@ COMPARED = (
     "fal_billed_micros",
     "billed_difference_micros",
 )
-# Summed per key from the ledger's facts (fal_billed_micros and billed_difference_micros are
-# derived from them: null while no generation of the key was billed).
-SUMMED = (*COMPARED[:-2], "fal_billed_sum", "billed_computed_micros")
+# fal_billed_micros and billed_difference_micros are derived from two sums (null while no
+# generation of the key was billed); every other compared figure is summed as it is.
+DERIVED = ("fal_billed_micros", "billed_difference_micros")
+SUMMED = (
+    *(c for c in COMPARED if c not in DERIVED),
+    "fal_billed_sum",
+    "billed_computed_micros",
+)
 MAX_OPEN = "24 hours"
 # Writes that began this long before a report's snapshot may still have been in flight.
 IN_FLIGHT_MARGIN = "5 minutes"

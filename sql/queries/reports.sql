@@ -257,7 +257,8 @@ returning month, state, computed_at, finalized_at, generations, cost_micros,
 
 -- name: report_month
 select month, state, computed_at, finalized_at, generations, cost_micros, open_estimate_micros,
-       snapshot_at, max_generation_id
+       snapshot_at, max_generation_id, computed_micros, billed_generations, fal_billed_micros,
+       billed_difference_micros
 from spend_report_months where month = %(month)s;
 
 -- name: mark_days_unsettled
