@@ -75,6 +75,7 @@ declare
   v_now timestamptz := rq_now();
   v_month date := date_trunc('month', v_now at time zone 'utc')::date;
   v_user bigint;
+  v_uncapped bigint[] := '{}';
   v_fig record;
   v_limit bigint;
   v_in_flight bigint;
@@ -86,21 +87,15 @@ begin
     select distinct i.user_id from batch_items i where i.id = any(p_item_ids) order by 1
   loop
     perform pg_advisory_xact_lock(hashtextextended('renderqueue:budget:' || v_user::text, 0));
-    v_fig := rq_budget_figures(v_user, v_month);
-    v_limit := coalesce(v_fig.limit_micros, p_default_limit);
-    if v_limit is null then
-      return query
-        update batch_items i
-        set sent_at = v_now, claimed_by = p_claimer, lease_until = v_now + p_lease,
-            updated_at = v_now
-        where i.id = any(p_item_ids) and i.user_id = v_user and i.state = 'pending'
-          and i.sent_at is null
-          and (i.claimed_by is null or i.claimed_by = p_claimer or i.lease_until < v_now)
-        returning i.id, true, null::text;
+    select u.limit_micros into v_limit from user_budgets u
+    where u.user_id = v_user and u.month = v_month;
+    v_where := case when v_limit is not null then 'monthly budget' else 'default budget' end;
+    v_limit := coalesce(v_limit, p_default_limit);
+    if v_limit is null then  -- no cap: admitted without reading any figures
+      v_uncapped := v_uncapped || v_user;
       continue;
     end if;
-    v_where := case when v_fig.limit_micros is not null then 'monthly budget'
-                    else 'default budget' end;
+    v_fig := rq_budget_figures(v_user, v_month);
     v_in_flight := v_fig.in_flight_micros;
     for v_item in
       select i.id, coalesce(i.estimate_micros, 0) as estimate
@@ -135,5 +130,14 @@ begin
       return next;
     end loop;
   end loop;
+  -- every uncapped item in one statement (the hot path: no budgets, many users)
+  return query
+    update batch_items i
+    set sent_at = v_now, claimed_by = p_claimer, lease_until = v_now + p_lease,
+        updated_at = v_now
+    where i.id = any(p_item_ids) and i.user_id = any(v_uncapped) and i.state = 'pending'
+      and i.sent_at is null
+      and (i.claimed_by is null or i.claimed_by = p_claimer or i.lease_until < v_now)
+    returning i.id, true, null::text;
 end
 $$;

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -43,6 +44,13 @@ from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 ROW = seedance_720p_micros(5)  # every request here: Seedance 720p, 5 s ($1.517)
 INPUTS = {"prompt": "a red fox in fresh snow", "duration": "5"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings() -> Iterator[None]:
+    """Settings a test changes through the environment do not outlive it."""
+    yield
+    get_settings.cache_clear()
 
 
 def at(url: str, moment: datetime | str) -> str:
@@ -131,8 +139,10 @@ def test_a_second_submit_of_a_key_in_flight_exits_with_its_own_code_and_sends_no
 
 
 def test_an_item_left_pending_by_a_crash_is_never_resent_by_submit(
-    fal_sim: RunningSimulator, ledger_url: str
+    fal_sim: RunningSimulator, ledger_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("RENDERQUEUE_SUBMIT_WAIT_SECONDS", "0.2")
+    get_settings.cache_clear()
     key = f"order-{uuid.uuid4().hex}"
     # a caller claimed the key, and its process died before fal answered (or before it
     # called fal: nobody can tell which)
@@ -141,7 +151,7 @@ def test_an_item_left_pending_by_a_crash_is_never_resent_by_submit(
     with pytest.raises(SubmissionInProgress, match="another caller"):
         submit_prompt(
             7, SEEDANCE, INPUTS["prompt"], {"duration": "5"}, idempotency_key=key,
-            ledger_url=ledger_url, wait_seconds=0.2,
+            ledger_url=ledger_url,
         )  # fmt: skip
     # long after, its lease expired: still not resent, the reconciler settles it
     with pytest.raises(SubmissionInProgress, match="sender that stopped"):
