@@ -12,12 +12,11 @@
 alter table batch_items
   add column claimed_by text,
   add column lease_until timestamptz;
--- a run's heartbeat refreshes the leases of its pending items
-create index batch_items_claimed_pending_idx on batch_items (claimed_by)
-  where state = 'pending';
--- in flight for a user-month: items admitted (sent_at) with no generation row yet
-create index batch_items_user_sent_open_idx on batch_items (user_id, sent_at)
-  where state in ('pending', 'unknown') and sent_at is not null;
+-- A run's heartbeat finds its pending items through batch_items_pending_idx (sql/002:
+-- pending items only, few); no index of its own, so an intent costs no extra index write.
+-- In flight for a user-month reads the user's pending and unknown items through
+-- batch_items_user_open_idx (sql/020; few rows per user). No index on sent_at: it would
+-- turn the claim's UPDATE of sent_at from a HOT update into one more index write per item.
 
 -- Dollars for people, as Python's `usd()`: at least cents, at most micro-dollars.
 create function rq_usd(p_micros bigint) returns text
@@ -74,33 +73,31 @@ as $$
 declare
   v_now timestamptz := rq_now();
   v_month date := date_trunc('month', v_now at time zone 'utc')::date;
-  v_user bigint;
-  v_uncapped bigint[] := '{}';
+  v_user record;
   v_fig record;
-  v_limit bigint;
   v_in_flight bigint;
   v_total bigint;
-  v_where text;
   v_item record;
 begin
+  -- users with a cap this month, in user order (the lock order): decided item by item
   for v_user in
-    select distinct i.user_id from batch_items i where i.id = any(p_item_ids) order by 1
+    select s.user_id, coalesce(b.limit_micros, p_default_limit) as cap,
+           case when b.limit_micros is not null then 'monthly budget'
+                else 'default budget' end as kind
+    from (select distinct i.user_id from batch_items i where i.id = any(p_item_ids)) s
+    left join user_budgets b on b.user_id = s.user_id and b.month = v_month
+    where coalesce(b.limit_micros, p_default_limit) is not null
+    order by s.user_id
   loop
-    perform pg_advisory_xact_lock(hashtextextended('renderqueue:budget:' || v_user::text, 0));
-    select u.limit_micros into v_limit from user_budgets u
-    where u.user_id = v_user and u.month = v_month;
-    v_where := case when v_limit is not null then 'monthly budget' else 'default budget' end;
-    v_limit := coalesce(v_limit, p_default_limit);
-    if v_limit is null then  -- no cap: admitted without reading any figures
-      v_uncapped := v_uncapped || v_user;
-      continue;
-    end if;
-    v_fig := rq_budget_figures(v_user, v_month);
+    perform pg_advisory_xact_lock(
+      hashtextextended('renderqueue:budget:' || v_user.user_id::text, 0));
+    v_fig := rq_budget_figures(v_user.user_id, v_month);  -- read under the lock
+    v_user.cap := coalesce(v_fig.limit_micros, p_default_limit);
     v_in_flight := v_fig.in_flight_micros;
     for v_item in
       select i.id, coalesce(i.estimate_micros, 0) as estimate
       from batch_items i
-      where i.id = any(p_item_ids) and i.user_id = v_user and i.state = 'pending'
+      where i.id = any(p_item_ids) and i.user_id = v_user.user_id and i.state = 'pending'
         and i.sent_at is null
         and (i.claimed_by is null or i.claimed_by = p_claimer or i.lease_until < v_now)
       order by i.id
@@ -108,7 +105,7 @@ begin
     loop
       v_total := v_fig.actual_micros + v_in_flight + v_item.estimate;
       item_id := v_item.id;
-      if v_total <= v_limit then
+      if v_total <= v_user.cap then
         v_in_flight := v_in_flight + v_item.estimate;
         update batch_items
         set sent_at = v_now, claimed_by = p_claimer, lease_until = v_now + p_lease,
@@ -119,9 +116,9 @@ begin
       else
         admitted := false;
         reason := format('user %s over the %s %s for %s: spent %s + in flight %s + this row '
-                         '%s = %s', v_user, v_where, rq_usd(v_limit), to_char(v_month, 'YYYY-MM'),
-                         rq_usd(v_fig.actual_micros), rq_usd(v_in_flight),
-                         rq_usd(v_item.estimate), rq_usd(v_total));
+                         '%s = %s', v_user.user_id, v_user.kind, rq_usd(v_user.cap),
+                         to_char(v_month, 'YYYY-MM'), rq_usd(v_fig.actual_micros),
+                         rq_usd(v_in_flight), rq_usd(v_item.estimate), rq_usd(v_total));
         update batch_items
         set state = 'rejected', reason = rq_claim_for_send.reason, reject_kind = 'over_budget',
             reject_field = 'budget', updated_at = v_now
@@ -130,14 +127,18 @@ begin
       return next;
     end loop;
   end loop;
-  -- every uncapped item in one statement (the hot path: no budgets, many users)
-  return query
-    update batch_items i
-    set sent_at = v_now, claimed_by = p_claimer, lease_until = v_now + p_lease,
-        updated_at = v_now
-    where i.id = any(p_item_ids) and i.user_id = any(v_uncapped) and i.state = 'pending'
-      and i.sent_at is null
-      and (i.claimed_by is null or i.claimed_by = p_claimer or i.lease_until < v_now)
-    returning i.id, true, null::text;
+  -- users without a cap: every item admitted in one statement, no figures read (the hot
+  -- path: no budgets, many users)
+  if p_default_limit is null then
+    return query
+      update batch_items i
+      set sent_at = v_now, claimed_by = p_claimer, lease_until = v_now + p_lease,
+          updated_at = v_now
+      where i.id = any(p_item_ids) and i.state = 'pending' and i.sent_at is null
+        and (i.claimed_by is null or i.claimed_by = p_claimer or i.lease_until < v_now)
+        and not exists (select 1 from user_budgets b
+                        where b.user_id = i.user_id and b.month = v_month)
+      returning i.id, true, null::text;
+  end if;
 end
 $$;
