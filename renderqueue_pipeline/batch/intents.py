@@ -1,4 +1,4 @@
-"""From a checked row to a committed intent: price it, check budgets, record it.
+"""From a checked row to a committed intent: price it, check the batch cap, record it.
 
 One function decides every row of a batch inside the caller's transaction, so a row is
 either an intent (pending, claimed by the run, to be sent to fal) or a rejection stored
