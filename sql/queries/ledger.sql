@@ -73,13 +73,14 @@ where id = %(item_id)s and state in ('pending', 'unknown')
 
 -- name: mark_unknown_outcomes
 -- only what a sender that stopped left behind: its lease expired (a live run refreshes
--- it, also while fal throttles it)
+-- it, also while fal throttles it) after it sent the item (an intent never sent is not at
+-- fal: the batch's next run sends it). Items from before leases (no lease) count as sent.
 update batch_items
 set state = 'unknown',
     reason = 'submit started but no request id was recorded: fal may or may not have the request',
     updated_at = rq_now()
 where state = 'pending' and created_at < rq_now() - %(older_than)s::interval
-  and (lease_until is null or lease_until < rq_now())
+  and (lease_until is null or (lease_until < rq_now() and sent_at is not null))
 returning id, batch_id, line_no, user_id, endpoint;
 
 -- name: record_events_batch
