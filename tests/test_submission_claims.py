@@ -37,6 +37,7 @@ from renderqueue_pipeline.ledger import (
     mark_cancel_requested,
     mark_unknown_outcomes,
     record_event,
+    record_intent,
     record_submitted,
 )
 from renderqueue_pipeline.settings import get_settings
@@ -69,6 +70,13 @@ def generations_of(url: str, item_id: int) -> list[dict]:
         return c.execute(
             "select * from generations where batch_item_id = %s order by id", (item_id,)
         ).fetchall()
+
+
+def state_of(url: str, item_id: int) -> str:
+    with connect(url, autocommit=True) as c:
+        return c.execute("select state from batch_items where id = %s", (item_id,)).fetchone()[
+            "state"
+        ]
 
 
 def later(hours: float = 1) -> datetime:
@@ -290,10 +298,15 @@ def test_last_months_spend_does_not_count_against_this_month(ledger_url: str) ->
 def test_only_items_whose_senders_lease_expired_are_marked_unknown(ledger_url: str) -> None:
     with connect(ledger_url, autocommit=True) as conn:
         intent = begin_submission(conn, user_id=7, endpoint=SEEDANCE, inputs=INPUTS)
+        with conn.transaction():  # a run's intent, recorded but never sent
+            unsent = record_intent(
+                conn, user_id=7, endpoint=SEEDANCE, inputs=INPUTS, claimer="run:gone"
+            )
         assert mark_unknown_outcomes(conn, "0 seconds") == []  # its sender may be alive
     with connect(at(ledger_url, later()), autocommit=True) as conn:
         marked = mark_unknown_outcomes(conn, "10 minutes")
-    assert [m["id"] for m in marked] == [intent.item_id]
+    assert [m["id"] for m in marked] == [intent.item_id]  # the unsent one is not at fal
+    assert state_of(ledger_url, unsent.item_id) == "pending"
 
 
 def test_the_reconciler_leaves_a_live_runs_items_alone_while_fal_throttles_it(
