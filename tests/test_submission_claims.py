@@ -88,8 +88,10 @@ def later(hours: float = 1) -> datetime:
 
 
 def test_one_idempotency_key_reaches_fal_once_when_two_calls_race(
-    fal_sim: RunningSimulator, ledger_url: str
+    fal_sim: RunningSimulator, ledger_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("RENDERQUEUE_SUBMIT_WAIT_SECONDS", "60")  # however slow the machine
+    get_settings.cache_clear()
     fal_sim.control.set_faults(submit_latency=2.5)
     key = f"order-{uuid.uuid4().hex}"
     answers: dict[str, object] = {}
@@ -123,7 +125,7 @@ def test_one_idempotency_key_reaches_fal_once_when_two_calls_race(
 def test_a_second_submit_of_a_key_in_flight_exits_with_its_own_code_and_sends_nothing(
     fal_sim: RunningSimulator, ledger_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    fal_sim.control.set_faults(submit_latency=2.5)
+    fal_sim.control.set_faults(submit_latency=4)
     monkeypatch.setenv("RENDERQUEUE_SUBMIT_WAIT_SECONDS", "0.2")
     get_settings.cache_clear()
     key = f"order-{uuid.uuid4().hex}"
@@ -315,7 +317,7 @@ def test_the_reconciler_leaves_a_live_runs_items_alone_while_fal_throttles_it(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("RENDERQUEUE_SUBMIT_LEASE_SECONDS", "2")  # refreshed every 0.5 s
+    monkeypatch.setenv("RENDERQUEUE_SUBMIT_LEASE_SECONDS", "4")  # refreshed every second
     get_settings.cache_clear()
     fal_sim.control.set_faults(api_429_rate=1.0)
     path = write_csv(tmp_path / "throttled.csv", prompts(4))
@@ -333,7 +335,7 @@ def test_the_reconciler_leaves_a_live_runs_items_alone_while_fal_throttles_it(
     marked: list[dict] = []
     with connect(ledger_url, autocommit=True) as conn:
         started = time.monotonic()
-        while time.monotonic() - started < 4:  # twice the lease, throttled all along
+        while time.monotonic() - started < 6:  # past the first lease, throttled all along
             marked += mark_unknown_outcomes(conn, "0 seconds")
             time.sleep(0.25)
         fal_sim.control.set_faults(api_429_rate=0.0)
