@@ -41,6 +41,7 @@ from renderqueue_pipeline.batch.source import FileFacts, PromptFileError, Prompt
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.fal_gateway import RequestIdentity
 from renderqueue_pipeline.ledger import Intent, finish_submission
 
 MAX_CONCURRENCY = 256
@@ -583,7 +584,11 @@ class _Run:
                 await self.limit.release()
                 raise
             try:
-                submitted = await gateway.submit(intent.endpoint, dict(intent.inputs))
+                submitted = await gateway.submit(
+                    intent.endpoint,
+                    dict(intent.inputs),
+                    identity=RequestIdentity(intent.item_id, intent.user_id, self.batch_id),
+                )
             except Exception as exc:
                 limited = _is_rate_limited(exc)
                 await self.limit.release(rate_limited=limited)
