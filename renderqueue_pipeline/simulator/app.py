@@ -355,7 +355,9 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
         if errors:
             return _json({"detail": errors}, 422)
         base = str(request.base_url).rstrip("/")
-        req = engine.create(endpoint, split[0], inputs, None, base, lifecycle=lifecycle, sync=True)
+        req = engine.create(
+            endpoint, split[0], inputs, None, base, lifecycle=lifecycle, sync=True, tags=tags
+        )
         await req.done.wait()
         if req.state != "completed":
             return await result(req)
