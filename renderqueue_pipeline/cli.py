@@ -13,6 +13,7 @@ from renderqueue_pipeline.batch.cli import batch, budget, submit
 from renderqueue_pipeline.db.reset import db_reset
 from renderqueue_pipeline.ledger.cli import events
 from renderqueue_pipeline.reconcile.cli import reconcile_command
+from renderqueue_pipeline.reconcile.orphans_cli import orphans
 from renderqueue_pipeline.reports.cli import report
 from renderqueue_pipeline.settings import ConfigError
 from renderqueue_pipeline.simulator.cli import simulator
@@ -139,6 +140,7 @@ main.add_command(budget)
 main.add_command(submit)
 main.add_command(spend)
 main.add_command(reconcile_command)
+main.add_command(orphans)
 main.add_command(archive)
 main.add_command(link)
 main.add_command(report)
