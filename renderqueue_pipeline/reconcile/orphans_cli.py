@@ -12,10 +12,6 @@ def orphans(ctx: click.Context, limit: int) -> None:
     """List unexplained requests at fal; exit 1 while there is any (a check for cron/CI)."""
     if ctx.invoked_subcommand is not None:
         return
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
     from renderqueue_pipeline.db.connect import connect
     from renderqueue_pipeline.reconcile.adopt import unexplained_orphan_count, unexplained_orphans
 
@@ -25,15 +21,11 @@ def orphans(ctx: click.Context, limit: int) -> None:
     if not total:
         click.echo("no unexplained requests at fal")
         return
-    table = Table("request id", "endpoint", "first seen", "why", title="unexplained at fal")
+    # one line each, tab-separated: whole request ids, easy to grep and to copy
+    click.echo("request_id\tendpoint\tfirst_seen_at\twhy")
     for o in found:
-        table.add_row(
-            escape(o["request_id"]),
-            escape(o["endpoint"]),
-            o["first_seen_at"].isoformat(timespec="seconds"),
-            escape(o["reason"]),
-        )
-    Console().print(table)
+        seen = o["first_seen_at"].isoformat(timespec="seconds")
+        click.echo(f"{o['request_id']}\t{o['endpoint']}\t{seen}\t{o['reason']}")
     click.echo(
         f"{total} request(s) at fal that no item explains; once accounted for: "
         "renderqueue orphans explain REQUEST_ID --reason '...'",

@@ -8,7 +8,7 @@ from renderqueue_pipeline.reconcile.adopt import unexplained_orphans
 
 
 @dg.asset_check(
-    asset=fal_orphan_requests,
+    asset=fal_orphan_requests.key,
     description="No request at fal on our endpoints is unexplained: each is adopted by an "
     "item or explained with `renderqueue orphans explain` (fal may bill it).",
 )
