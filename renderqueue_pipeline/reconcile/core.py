@@ -483,7 +483,10 @@ def adopt_step(
     from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
     from renderqueue_pipeline.settings import get_settings
 
-    skipped = None if platform_factory is not None else _adoption_wanted(options)
+    if options.adopt == "off" or platform_factory is None:
+        skipped = _adoption_wanted(options)
+    else:
+        skipped = None  # a client given explicitly: read its list
     if skipped is not None:
         return AdoptReport(skipped=skipped)
     try:
