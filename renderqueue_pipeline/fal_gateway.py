@@ -19,8 +19,9 @@ and transport errors, up to 10 attempts):
   "unknown outcome" row for the reconciler instead. Note that fal-client itself
   retries a submit on a read timeout and on the edge's 5xx, with no idempotency key;
   that residual risk is why ledger rule 1 (intent row first) exists, and why every
-  submit is tagged: the reconciler finds the second request in fal's request list. Definite rejections (4xx) raise `FalRejected` /
-  `FalRequestError`: nothing was enqueued and nothing is owed.
+  submit is tagged: the reconciler finds the second request in fal's request list.
+  Definite rejections (4xx) raise `FalRejected` / `FalRequestError`: nothing was
+  enqueued and nothing is owed.
 
 Every submit carries `X-Fal-Object-Lifecycle-Preference` (how long fal keeps the
 outputs; 7 days unless configured) and, when configured for the endpoint,
