@@ -219,15 +219,21 @@ def test_requests_a_killed_batch_left_at_fal_are_adopted_and_never_resent(
     ledger_url: str,
     tmp_path: Path,
 ) -> None:
-    path = write_csv(tmp_path / "a.csv", prompts(12))
-    _kill_batch_after(fal_sim, path, ledger_url, tmp_path / "home", at_fal=4)
+    """The issue's scenario: 120 rows, killed -9 once 30 requests reached fal, run again,
+    then the reconciler: every request at fal is named, none was sent twice."""
+    path = write_csv(tmp_path / "a.csv", prompts(120))
+    _kill_batch_after(fal_sim, path, ledger_url, tmp_path / "home", at_fal=30)
     assert conn.execute("select count(*) as n from generations").fetchone()["n"] == 0
     conn.commit()
 
+    rerun, _ = _submit(path, ledger_url, concurrency=8)
+    counts = rerun.report.counts
+    assert (counts["submitted"], counts["unknown"]) == (90, 30)
     report = _adopt(conn, fal_billing)
-    assert report.adoption.adopted == 4 and report.adoption.orphans == 0
+    assert report.adoption.adopted == 30 and report.adoption.orphans == 0
 
     truth = {t["request_id"]: t for t in fal_sim.control.ground_truth()}
+    assert len(truth) == 120
     rows = {
         g["request_id"]: g
         for g in conn.execute(
@@ -240,18 +246,20 @@ def test_requests_a_killed_batch_left_at_fal_are_adopted_and_never_resent(
         assert row["item_prompt"] == truth[request_id]["inputs"]["prompt"]
         assert row["item_state"] == "submitted" and row["duplicate_of"] is None
         assert row["user_id"] == 7 and row["cost_micros"] > 0
+    sent = sorted(t["inputs"]["prompt"] for t in truth.values())
+    assert sent == sorted(r["prompt"] for r in prompts(120))  # none sent twice
+    states = {i["state"] for i in items(conn)}
+    assert states == {"submitted"}
     orphans = conn.execute("select count(*) as n from fal_orphan_requests").fetchone()["n"]
     assert orphans == 0
 
-    # the batch's rerun sends what fal never had, nothing twice (unknown ones only after
-    # fal's list said it never got them)
-    result, _ = _submit(path, ledger_url, fal_billing, resubmit_unknown=True)
-    assert result.report.counts["submitted"] == 12
-    sent = [t["inputs"]["prompt"] for t in fal_sim.control.ground_truth()]
-    assert sorted(sent) == sorted(r["prompt"] for r in prompts(12))  # each exactly once
+    # a second pass re-reads its lookback: all known, nothing recorded twice; without a
+    # lookback it reads only what fal got since the last pass ended (nothing)
     second = _adopt(conn, fal_billing)
+    assert (second.adoption.listed, second.adoption.known) == (120, 120)
     assert (second.adoption.adopted, second.adoption.duplicates) == (0, 0)
     assert second.adoption.orphans == 0
+    assert _adopt(conn, fal_billing, adopt_lookback=timedelta(0)).adoption.listed == 0
 
 
 def test_a_submit_retried_after_its_answer_was_lost_is_found_and_cancelled(
