@@ -45,7 +45,7 @@ class AdoptReport:
 
     endpoints: int = 0
     listed: int = 0
-    known: int = 0
+    known: int = 0  # already named (a generations row, or a recorded orphan)
     adopted: int = 0
     duplicates: int = 0
     duplicates_cancel_requested: int = 0
@@ -109,25 +109,59 @@ def adopt_entries(
     *,
     object_lifetime: float | None = None,
 ) -> int:
-    """Adopt every entry; count outcomes into `report`; return how many were listed."""
+    """Adopt every entry; count outcomes into `report`; return how many were listed.
+
+    Entries the ledger already names (a generations row or an orphan) are skipped a page
+    at a time with one query, so re-reading the lookback costs little.
+    """
     seen = 0
-    for entry in entries:
-        seen += 1
-        found = adopt_entry(conn, entry, endpoint, object_lifetime=object_lifetime)
-        outcome = found["outcome"]
-        if outcome == "adopted":
-            report.adopted += 1
-            report.adopted_items.append(found["item_id"])
-            log.info("adopted fal request %s for item %s", entry["request_id"], found["item_id"])
-        elif outcome == "duplicate":
-            report.duplicates += 1
-            log.warning("fal request %s: %s", entry["request_id"], found["reason"])
-        elif outcome == "orphan":
-            report.orphans += found["reason"] is not None  # None: recorded by an earlier pass
-        else:
-            report.known += 1
+    for page in _pages(entries, PAGE):
+        seen += len(page)
+        with conn.transaction():
+            ids = [str(e["request_id"]) for e in page]
+            named = {r["request_id"] for r in conn.execute(q("named_requests"), {"ids": ids})}
+        report.known += sum(1 for i in ids if i in named)
+        for entry in page:
+            if str(entry["request_id"]) not in named:
+                _adopt_one(conn, entry, endpoint, report, object_lifetime)
     report.listed += seen
     return seen
+
+
+PAGE = 100
+
+
+def _pages(entries: Iterable[dict[str, Any]], size: int) -> Iterable[list[dict[str, Any]]]:
+    page: list[dict[str, Any]] = []
+    for entry in entries:
+        page.append(entry)
+        if len(page) >= size:
+            yield page
+            page = []
+    if page:
+        yield page
+
+
+def _adopt_one(
+    conn: psycopg.Connection,
+    entry: dict[str, Any],
+    endpoint: str,
+    report: AdoptReport,
+    object_lifetime: float | None,
+) -> None:
+    found = adopt_entry(conn, entry, endpoint, object_lifetime=object_lifetime)
+    outcome = found["outcome"]
+    if outcome == "adopted":
+        report.adopted += 1
+        report.adopted_items.append(found["item_id"])
+        log.info("adopted fal request %s for item %s", entry["request_id"], found["item_id"])
+    elif outcome == "duplicate":
+        report.duplicates += 1
+        log.warning("fal request %s: %s", entry["request_id"], found["reason"])
+    elif outcome == "orphan" and found["reason"] is not None:  # None: recorded before
+        report.orphans += 1
+    else:
+        report.known += 1
 
 
 def adopt_fal_requests(

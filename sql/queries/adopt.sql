@@ -59,3 +59,9 @@ select id, line_no, endpoint, sent_at, created_at
 from batch_items
 where batch_id = %(batch_id)s and state = 'unknown'
 order by line_no;
+
+-- name: named_requests
+-- which of these request ids the ledger already names (a row, or a recorded orphan)
+select request_id from generations where request_id = any(%(ids)s)
+union all
+select request_id from fal_orphan_requests where request_id = any(%(ids)s);
