@@ -34,6 +34,7 @@ from renderqueue_pipeline.fal_gateway import (
     encode_tags,
 )
 from renderqueue_pipeline.fal_platform import FalPlatformError
+from renderqueue_pipeline.ledger import LedgerEvent, record_events
 from renderqueue_pipeline.reconcile import ReconcileOptions, reconcile
 from renderqueue_pipeline.simulator.engine import lost_answer_draw
 from renderqueue_pipeline.simulator.testing import RunningSimulator, wait_until
@@ -229,6 +230,10 @@ def test_requests_a_killed_batch_left_at_fal_are_adopted_and_never_resent(
     rerun, _ = _submit(path, ledger_url, concurrency=8)
     counts = rerun.report.counts
     assert (counts["submitted"], counts["unknown"]) == (90, 30)
+    # a webhook that came for one of fal's requests while no row named it waits stored
+    early = next(t for t in fal_sim.control.ground_truth() if t["index"] == 0)
+    early = fal_sim.control.wait_finished(early["request_id"])
+    record_events(conn, [LedgerEvent(early["request_id"], "completed", early["output"])])
     report = _adopt(conn, fal_billing)
     assert report.adoption.adopted == 30 and report.adoption.orphans == 0
 
@@ -260,6 +265,19 @@ def test_requests_a_killed_batch_left_at_fal_are_adopted_and_never_resent(
     assert (second.adoption.adopted, second.adoption.duplicates) == (0, 0)
     assert second.adoption.orphans == 0
     assert _adopt(conn, fal_billing, adopt_lookback=timedelta(0)).adoption.listed == 0
+
+    # the waiting webhook applied as its row appeared; the usual status path finishes the rest
+    row = conn.execute(
+        "select status::text, outputs from generations where request_id = %s",
+        [early["request_id"]],
+    ).fetchone()
+    assert row["status"] == "completed" and row["outputs"] == early["output"]
+    for request_id in truth:
+        fal_sim.control.wait_finished(request_id)
+    _adopt(conn, fal_billing)
+    finished = dict.fromkeys(truth, "completed")
+    got = conn.execute("select request_id, status::text as status from generations").fetchall()
+    assert {r["request_id"]: r["status"] for r in got} == finished
 
 
 def test_a_submit_retried_after_its_answer_was_lost_is_found_and_cancelled(
