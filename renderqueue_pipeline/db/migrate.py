@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg.rows import tuple_row
 
 from renderqueue_pipeline.db.server import psycopg_url
 from renderqueue_pipeline.errors import RenderqueueError
@@ -78,11 +79,33 @@ def load_migrations(folder: Path | None = None) -> list[Migration]:
     return found
 
 
+def missing_migrations(conn: psycopg.Connection, migrations: list[Migration]) -> list[str]:
+    """Names of the migrations not recorded (or recorded with other text) in this database.
+
+    Read-only (no lock, no DDL), so any role that may read `schema_migrations` can ask: the
+    receiver checks it at start, `migrate` uses it to do nothing as a role that cannot
+    migrate. A database that also holds newer migrations than these files is current.
+    """
+    cursor = conn.cursor(row_factory=tuple_row)  # whatever the connection's row factory
+    (exists,) = cursor.execute("select to_regclass('schema_migrations') is not null").fetchone()
+    if not exists:
+        return [m.name for m in migrations]
+    recorded = dict(cursor.execute("select version, checksum from schema_migrations").fetchall())
+    return [m.name for m in migrations if recorded.get(m.version) != m.checksum]
+
+
 def migrate(url: str, folder: Path | None = None) -> list[str]:
-    """Apply what is missing; return the names applied (empty when already up to date)."""
+    """Apply what is missing; return the names applied (empty when already up to date).
+
+    An up-to-date database is only read (no advisory lock, no DDL), so the pipeline's and
+    the CLI's roles, which may not migrate, can call this before their work. After a run
+    that applied anything, the role grants are re-applied (`rq_grant_roles()`, sql/190).
+    """
     migrations = load_migrations(folder)
     applied: list[str] = []
     with psycopg.connect(psycopg_url(url), autocommit=True) as conn:
+        if not missing_migrations(conn, migrations):
+            return applied
         conn.execute("select pg_advisory_lock(%s)", (MIGRATION_LOCK_ID,))
         try:
             conn.execute(
@@ -117,9 +140,23 @@ def migrate(url: str, folder: Path | None = None) -> list[str]:
                 except psycopg.Error as exc:
                     raise MigrationError(f"{migration.name}.sql failed: {exc}") from exc
                 applied.append(migration.name)
+            if applied:
+                _grant_roles(conn)
         finally:
             conn.execute("select pg_advisory_unlock(%s)", (MIGRATION_LOCK_ID,))
     return applied
+
+
+def _grant_roles(conn: psycopg.Connection) -> None:
+    """Re-apply the role grants after migrations ran (a migration numbered below 190 that
+    lands later, or a CREATE OR REPLACE that reset a function's SECURITY DEFINER)."""
+    (exists,) = conn.execute("select to_regprocedure('rq_grant_roles()') is not null").fetchone()
+    if exists:
+        try:
+            with conn.transaction():
+                conn.execute("call rq_grant_roles()")
+        except psycopg.Error as exc:
+            raise MigrationError(f"re-applying the role grants failed: {exc}") from exc
 
 
 def _refuse_other_lineage(
