@@ -69,7 +69,8 @@ TABLE = [
     (
         "receiver",
         "cannot write events directly",
-        "insert into generation_events (request_id, source, kind) values ('r', 'webhook', 'completed')",
+        "insert into generation_events (request_id, source, kind) "
+        "values ('r', 'webhook', 'completed')",
         False,
     ),
     ("receiver", "cannot change a generation", "update generations set cost_micros = 0", False),
