@@ -7,14 +7,19 @@ a real statement run as a real login against the migrated ledger.
 
 from __future__ import annotations
 
+import shutil
+import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
 
+from renderqueue_pipeline.db.migrate import MigrationError, migrate, sql_dir
 from renderqueue_pipeline.db.roles import GrantError, check_password, grant_login, login_url
+from renderqueue_pipeline.simulator.testing import wait_until
 
 PASSWORD = "correct horse battery staple"
 
@@ -195,3 +200,103 @@ def test_password_from_a_mounted_secret_is_trimmed_and_never_echoed() -> None:
         check_password("s3c\x1bret", "RENDERQUEUE_DB_PASSWORD")
     assert "RENDERQUEUE_DB_PASSWORD" in str(refused.value)
     assert "s3c" not in str(refused.value)
+
+
+# -- migrations: the owner's step; later migrations get the rule; roles across databases ------
+
+
+def test_the_pipeline_login_migrates_nothing_and_is_told_who_may(
+    ledger_url: str, logins: dict[str, str], make_database, tmp_path: Path
+) -> None:
+    assert migrate(logins["pipeline"]) == []  # up to date: only read, no lock, no DDL
+    behind = tmp_path / "sql"
+    behind.mkdir()
+    for path in sorted(sql_dir().glob("*.sql")):
+        shutil.copy(path, behind)
+    (behind / "999_later.sql").write_text("create table rq_test_later (id int);\n")
+    with pytest.raises(MigrationError, match="run `renderqueue db migrate` as the database owner"):
+        migrate(logins["pipeline"], behind)
+
+
+def test_a_later_migration_gets_the_grants_and_keeps_the_receivers_entry_point(
+    make_database, tmp_path: Path
+) -> None:
+    url = make_database()
+    migrate(url)
+    later = tmp_path / "sql"
+    later.mkdir()
+    for path in sorted(sql_dir().glob("*.sql")):
+        shutil.copy(path, later)
+    # what an engineer might write: redefine the entry point (CREATE OR REPLACE resets
+    # SECURITY DEFINER and its search_path), add a table and a function
+    (later / "999_later.sql").write_text(
+        "do $$ begin execute replace(replace(pg_get_functiondef("
+        "'rq_record_events(jsonb)'::regprocedure), ' SECURITY DEFINER', ''),"
+        " ' SET search_path TO ''public'', ''pg_temp''', ''); end $$;\n"
+        "create table rq_test_later (id bigserial primary key, note text);\n"
+        "create function rq_test_later_fn() returns int language sql as 'select 1';\n"
+    )
+    assert migrate(url, later) == ["999_later"]
+    with psycopg.connect(url) as conn:
+        definer, config = conn.execute(
+            "select prosecdef, proconfig from pg_proc where proname = 'rq_record_events'"
+        ).fetchone()
+        assert definer and config == ["search_path=public, pg_temp"]
+        checks = conn.execute(
+            "select has_table_privilege('renderqueue_pipeline', 'rq_test_later', 'insert'),"
+            " has_sequence_privilege('renderqueue_pipeline', 'rq_test_later_id_seq', 'usage'),"
+            " has_table_privilege('renderqueue_receiver', 'rq_test_later', 'select'),"
+            " has_table_privilege('renderqueue_analyst', 'rq_test_later', 'select'),"
+            " has_function_privilege('renderqueue_pipeline', 'rq_test_later_fn()', 'execute'),"
+            " has_function_privilege('renderqueue_analyst', 'rq_test_later_fn()', 'execute'),"
+            " has_function_privilege('renderqueue_receiver', 'rq_test_later_fn()', 'execute')"
+        ).fetchone()
+    assert checks == (True, True, False, False, True, False, False)
+
+
+def _create_roles_block() -> str:
+    """The migration's role-creating DO block, as the file has it."""
+    text = (sql_dir() / "190_least_privilege_roles.sql").read_text()
+    start = text.index("do $$")
+    return text[start : text.index("$$;", start) + 3]
+
+
+def test_two_databases_creating_the_roles_at_the_same_moment_both_succeed(
+    make_database,
+) -> None:
+    """Roles are cluster-wide and the migration lock is per database: the second creator
+    waits on the first's uncommitted role, then finds it made, and goes on."""
+    suffix = uuid.uuid4().hex[:6]
+    block = _create_roles_block()
+    for role in ("receiver", "pipeline", "analyst"):
+        block = block.replace(f"'renderqueue_{role}'", f"'rq_race_{role}_{suffix}'")
+    assert block.count(f"_{suffix}'") == 3
+    first, second = make_database(), make_database()
+    outcome: list[BaseException | None] = []
+    with psycopg.connect(first) as a, psycopg.connect(second, autocommit=True) as b:
+        a.execute(block)  # created, not committed yet
+        pid = b.info.backend_pid
+
+        def run_second() -> None:
+            try:
+                b.execute(block)
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 (reported below)
+                outcome.append(exc)
+
+        thread = threading.Thread(target=run_second)
+        thread.start()
+        wait_until(
+            lambda: a.execute(
+                "select wait_event_type = 'Lock' from pg_stat_activity where pid = %s", (pid,)
+            ).fetchone()[0],
+            timeout=10,
+        )
+        a.commit()
+        thread.join(10)
+    try:
+        assert outcome == [None]
+    finally:
+        with psycopg.connect(first, autocommit=True) as conn:
+            for role in ("receiver", "pipeline", "analyst"):
+                conn.execute(f"drop role if exists rq_race_{role}_{suffix}")

@@ -102,48 +102,66 @@ def migrate(url: str, folder: Path | None = None) -> list[str]:
     that applied anything, the role grants are re-applied (`rq_grant_roles()`, sql/190).
     """
     migrations = load_migrations(folder)
-    applied: list[str] = []
     with psycopg.connect(psycopg_url(url), autocommit=True) as conn:
         if not missing_migrations(conn, migrations):
-            return applied
-        conn.execute("select pg_advisory_lock(%s)", (MIGRATION_LOCK_ID,))
+            return []
         try:
-            conn.execute(
-                """create table if not exists schema_migrations (
-                     version text primary key,
-                     name text not null,
-                     checksum text not null,
-                     applied_at timestamptz not null default now())"""
-            )
-            recorded_rows = conn.execute(
-                "select version, name, checksum from schema_migrations order by version"
-            ).fetchall()
-            _refuse_other_lineage(recorded_rows, migrations)
-            done = {version: checksum for version, _, checksum in recorded_rows}
-            for migration in migrations:
-                recorded = done.get(migration.version)
-                if recorded is not None:
-                    if recorded != migration.checksum:
-                        raise MigrationError(
-                            f"{migration.name}.sql was changed after it was applied; "
-                            "add a new migration instead of editing an applied one"
-                        )
-                    continue
-                try:
-                    with conn.transaction():
-                        conn.execute(migration.sql)
-                        conn.execute(
-                            "insert into schema_migrations (version, name, checksum) "
-                            "values (%s, %s, %s)",
-                            (migration.version, migration.name, migration.checksum),
-                        )
-                except psycopg.Error as exc:
-                    raise MigrationError(f"{migration.name}.sql failed: {exc}") from exc
-                applied.append(migration.name)
-            if applied:
-                _grant_roles(conn)
-        finally:
-            conn.execute("select pg_advisory_unlock(%s)", (MIGRATION_LOCK_ID,))
+            return _migrate_locked(conn, migrations)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise MigrationError(
+                "this login may not migrate (permission denied: "
+                f"{exc.diag.message_primary}); run `renderqueue db migrate` as the database "
+                "owner (see docs/security.md)"
+            ) from None
+        except MigrationError as exc:
+            if isinstance(exc.__cause__, psycopg.errors.InsufficientPrivilege):
+                raise MigrationError(
+                    f"{exc}; run `renderqueue db migrate` as the database owner"
+                ) from None
+            raise
+
+
+def _migrate_locked(conn: psycopg.Connection, migrations: list[Migration]) -> list[str]:
+    """Apply the missing migrations under the advisory lock (one database at a time)."""
+    applied: list[str] = []
+    conn.execute("select pg_advisory_lock(%s)", (MIGRATION_LOCK_ID,))
+    try:
+        conn.execute(
+            """create table if not exists schema_migrations (
+                 version text primary key,
+                 name text not null,
+                 checksum text not null,
+                 applied_at timestamptz not null default now())"""
+        )
+        recorded_rows = conn.execute(
+            "select version, name, checksum from schema_migrations order by version"
+        ).fetchall()
+        _refuse_other_lineage(recorded_rows, migrations)
+        done = {version: checksum for version, _, checksum in recorded_rows}
+        for migration in migrations:
+            recorded = done.get(migration.version)
+            if recorded is not None:
+                if recorded != migration.checksum:
+                    raise MigrationError(
+                        f"{migration.name}.sql was changed after it was applied; "
+                        "add a new migration instead of editing an applied one"
+                    )
+                continue
+            try:
+                with conn.transaction():
+                    conn.execute(migration.sql)
+                    conn.execute(
+                        "insert into schema_migrations (version, name, checksum) "
+                        "values (%s, %s, %s)",
+                        (migration.version, migration.name, migration.checksum),
+                    )
+            except psycopg.Error as exc:
+                raise MigrationError(f"{migration.name}.sql failed: {exc}") from exc
+            applied.append(migration.name)
+        if applied:
+            _grant_roles(conn)
+    finally:
+        conn.execute("select pg_advisory_unlock(%s)", (MIGRATION_LOCK_ID,))
     return applied
 
 
