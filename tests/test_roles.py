@@ -7,6 +7,7 @@ a real statement run as a real login against the migrated ledger.
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import uuid
@@ -300,3 +301,12 @@ def test_two_databases_creating_the_roles_at_the_same_moment_both_succeed(
         with psycopg.connect(first, autocommit=True) as conn:
             for role in ("receiver", "pipeline", "analyst"):
                 conn.execute(f"drop role if exists rq_race_{role}_{suffix}")
+
+
+def test_the_readmes_analyst_queries_run_as_an_analyst(logins: dict[str, str]) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    queries = re.findall(r"```sql\n(.*?)```", readme, flags=re.S)
+    assert queries
+    with psycopg.connect(logins["analyst"]) as conn:
+        for query in queries:
+            conn.execute(query).fetchall()
