@@ -80,7 +80,7 @@ def load_migrations(folder: Path | None = None) -> list[Migration]:
 
 
 def missing_migrations(conn: psycopg.Connection, migrations: list[Migration]) -> list[str]:
-    """Names of the migrations not recorded (or recorded with other text) in this database.
+    """Names of the migrations not recorded (or recorded under another name or text) here.
 
     Read-only (no lock, no DDL), so any role that may read `schema_migrations` can ask: the
     receiver checks it at start, `migrate` uses it to do nothing as a role that cannot
@@ -90,8 +90,13 @@ def missing_migrations(conn: psycopg.Connection, migrations: list[Migration]) ->
     (exists,) = cursor.execute("select to_regclass('schema_migrations') is not null").fetchone()
     if not exists:
         return [m.name for m in migrations]
-    recorded = dict(cursor.execute("select version, checksum from schema_migrations").fetchall())
-    return [m.name for m in migrations if recorded.get(m.version) != m.checksum]
+    recorded = {
+        version: (name, checksum)
+        for version, name, checksum in cursor.execute(
+            "select version, name, checksum from schema_migrations"
+        ).fetchall()
+    }
+    return [m.name for m in migrations if recorded.get(m.version) != (m.name, m.checksum)]
 
 
 def migrate(url: str, folder: Path | None = None) -> list[str]:
