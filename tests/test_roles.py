@@ -310,3 +310,34 @@ def test_the_readmes_analyst_queries_run_as_an_analyst(logins: dict[str, str]) -
     with psycopg.connect(logins["analyst"]) as conn:
         for query in queries:
             conn.execute(query).fetchall()
+
+
+def test_db_grant_reads_the_password_from_the_environment_and_never_prints_it(
+    ledger_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from renderqueue_pipeline.cli import main
+
+    name, secret = f"rq_test_cli_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
+    monkeypatch.setenv("RENDERQUEUE_DB_PASSWORD", secret + "\n")  # a mounted secret's newline
+    try:
+        made = CliRunner().invoke(main, ["db", "grant", "analyst", name])
+        assert made.exit_code == 0, made.output
+        assert f"created login {name} in renderqueue_analyst" in made.output
+        assert secret not in made.output
+        with psycopg.connect(login_url(ledger_env, name, secret)) as conn:
+            assert conn.execute("select current_user").fetchone() == (name,)
+        monkeypatch.delenv("RENDERQUEUE_DB_PASSWORD")
+        refused = CliRunner().invoke(main, ["db", "grant", "analyst", name], input="")
+        assert refused.exit_code == 2
+        assert "RENDERQUEUE_DB_PASSWORD is not set and there is no terminal" in refused.output
+    finally:
+        with psycopg.connect(ledger_env, autocommit=True) as conn:
+            database = conn.execute("select current_database()").fetchone()[0]
+            conn.execute(
+                sql.SQL("revoke connect on database {} from {}").format(
+                    sql.Identifier(database), sql.Identifier(name)
+                )
+            )
+            conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(name)))
