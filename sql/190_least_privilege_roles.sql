@@ -69,6 +69,8 @@ begin
   -- by the receiver for its entry points below.
   execute format('revoke execute on all functions in schema %I from public', s);
   execute format('grant execute on all functions in schema %I to renderqueue_pipeline', s);
+  -- (that includes procedures: this one is the owner's alone)
+  revoke execute on procedure rq_grant_roles() from renderqueue_pipeline;
 
   -- Pipeline: rows, not structure.
   execute format(
