@@ -408,8 +408,9 @@ class _SchemaGated:
         if self.gate.ready or await self.gate.check():
             await self.endpoint(scope, receive, send)
             return
-        self.endpoint._count("schema_not_current", time.perf_counter())
-        headers, body = json_answer(503, {"outcome": "schema_not_current"})
+        outcome = self.gate.outcome()
+        self.endpoint._count(outcome, time.perf_counter())
+        headers, body = json_answer(503, {"outcome": outcome})
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -530,6 +531,7 @@ def create_app(config: ReceiverConfig | None = None) -> Starlette:
             await committer.stop()
             await verifier.aclose()
             await asyncio.to_thread(probe.close)
+            await asyncio.to_thread(schema.close)
 
     app = ReceiverApp(
         routes=[

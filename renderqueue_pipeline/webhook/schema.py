@@ -10,6 +10,7 @@ first, during a rolling deploy) is current. Once current, it is never asked agai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -21,24 +22,22 @@ from renderqueue_pipeline.webhook.committer import describe, open_connection
 
 log = logging.getLogger("renderqueue.webhook")
 
-#: seconds between two checks while the schema is behind (whatever the delivery rate)
-CHECK_INTERVAL = 1.0
-
 
 class SchemaGate:
-    """The schema check: at start, then at most once per `interval` until current."""
+    """The schema check: at start, then for each delivery until current.
 
-    def __init__(
-        self,
-        url: str,
-        migrations: list[Migration] | None = None,
-        interval: float = CHECK_INTERVAL,
-    ) -> None:
+    While behind, a delivery is answered from a check that finished after it arrived, so
+    the first delivery after `renderqueue db migrate` is accepted; deliveries arriving
+    while a check runs share the next one (one connection, one check in flight, however
+    many deliveries wait). Once current, the database is never asked again.
+    """
+
+    def __init__(self, url: str, migrations: list[Migration] | None = None) -> None:
         self._url = url
         self._migrations = load_migrations() if migrations is None else migrations
-        self._interval = interval
         self._lock = asyncio.Lock()
-        self._at = float("-inf")
+        self._checked_at = float("-inf")
+        self._conn: psycopg.Connection | None = None
         self.ready = False
         #: why not ready, for /healthz: "database_unavailable" or "migrations_missing"
         self.reason: str | None = "not_checked"
@@ -49,19 +48,23 @@ class SchemaGate:
         """True once the schema is current (then without touching the database again)."""
         if self.ready:
             return True
+        arrived = time.monotonic()
         async with self._lock:
-            if not self.ready and time.monotonic() - self._at >= self._interval:
+            if not self.ready and self._checked_at <= arrived:
                 await asyncio.to_thread(self._read)
-                self._at = time.monotonic()
+                self._checked_at = time.monotonic()
         return self.ready
 
     def _read(self) -> None:
         self.checks += 1
         try:
-            with open_connection(self._url, statement_timeout=2.0) as conn:
-                missing = missing_migrations(conn, self._migrations)
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._conn = open_connection(self._url, statement_timeout=2.0)
+            missing = missing_migrations(self._conn, self._migrations)
         except (psycopg.Error, DatabaseUnavailable) as exc:
-            log.error("schema check failed: %s", describe(exc))
+            if self.reason != "database_unavailable":
+                log.error("schema check failed: %s", describe(exc))
+            self.close()
             self.reason, self.missing = "database_unavailable", []
             return
         if missing:
@@ -76,7 +79,20 @@ class SchemaGate:
             return
         if self.reason == "migrations_missing":
             log.info("the ledger database is migrated: accepting deliveries")
+        self.close()
         self.ready, self.reason, self.missing = True, None, []
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    def outcome(self) -> str:
+        """The 503's outcome while not ready: the schema, or (unreadable) the database."""
+        if self.reason == "migrations_missing":
+            return "schema_not_current"
+        return "database_unavailable"
 
     def health(self) -> dict[str, object]:
         """What /healthz says while not ready (migration names are ours: no database text)."""
