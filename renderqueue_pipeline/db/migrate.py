@@ -108,9 +108,9 @@ def migrate(url: str, folder: Path | None = None) -> list[str]:
     """
     migrations = load_migrations(folder)
     with psycopg.connect(psycopg_url(url), autocommit=True) as conn:
-        if not missing_migrations(conn, migrations):
-            return []
         try:
+            if not missing_migrations(conn, migrations):
+                return []
             return _migrate_locked(conn, migrations)
         except psycopg.errors.InsufficientPrivilege as exc:
             raise MigrationError(
