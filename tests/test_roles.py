@@ -21,6 +21,7 @@ from psycopg import sql
 
 from renderqueue_pipeline.db.migrate import MigrationError, migrate, sql_dir
 from renderqueue_pipeline.db.roles import GrantError, check_password, grant_login, login_url
+from renderqueue_pipeline.db.server import with_database
 from renderqueue_pipeline.simulator.testing import wait_until
 
 PASSWORD = "correct horse battery staple"
@@ -346,3 +347,49 @@ def test_db_grant_reads_the_password_from_the_environment_and_never_prints_it(
                 )
             )
             conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(name)))
+
+
+def test_a_managed_postgres_admin_without_superuser_migrates_and_grants(
+    admin_url: str, ledger_url: str
+) -> None:
+    """What a managed Postgres gives you: an admin login with CREATEROLE that owns the
+    ledger's database, not a superuser. The roles already exist (another database made
+    them), so the admin is first given ADMIN OPTION on them, as docs/security.md says."""
+    suffix = uuid.uuid4().hex[:8]
+    admin, database, login = f"rq_test_admin_{suffix}", f"rq_test_managed_{suffix}", None
+    password = uuid.uuid4().hex
+    with psycopg.connect(admin_url, autocommit=True) as su:
+        su.execute(
+            sql.SQL("create role {} login createrole password {}").format(
+                sql.Identifier(admin), sql.Literal(password)
+            )
+        )
+        su.execute(
+            sql.SQL("create database {} owner {}").format(
+                sql.Identifier(database), sql.Identifier(admin)
+            )
+        )
+        su.execute(
+            sql.SQL(
+                "grant renderqueue_receiver, renderqueue_pipeline, renderqueue_analyst "
+                "to {} with admin option"
+            ).format(sql.Identifier(admin))
+        )
+    url = login_url(with_database(admin_url, database), admin, password)
+    try:
+        assert migrate(url)[-1] == "190_least_privilege_roles"
+        login = f"rq_test_managed_hook_{suffix}"
+        grant_login(url, "receiver", login, PASSWORD)
+        with psycopg.connect(login_url(url, login, PASSWORD)) as conn:
+            outcomes = conn.execute(EVENT).fetchall()
+            assert [row[2] for row in outcomes] == ["waiting"]
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("select * from user_budgets")
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as su:
+            su.execute(
+                sql.SQL("drop database if exists {} with (force)").format(sql.Identifier(database))
+            )
+            for role in (login, admin):
+                if role:
+                    su.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
