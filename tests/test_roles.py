@@ -20,7 +20,14 @@ import pytest
 from psycopg import sql
 
 from renderqueue_pipeline.db.migrate import MigrationError, migrate, sql_dir
-from renderqueue_pipeline.db.roles import GrantError, check_password, grant_login, login_url
+from renderqueue_pipeline.db.roles import (
+    DEV_LOGINS,
+    GrantError,
+    check_password,
+    dev_logins,
+    grant_login,
+    login_url,
+)
 from renderqueue_pipeline.db.server import with_database
 from renderqueue_pipeline.simulator.testing import wait_until
 
@@ -393,3 +400,20 @@ def test_a_managed_postgres_admin_without_superuser_migrates_and_grants(
             for role in (login, admin):
                 if role:
                     su.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
+
+
+def test_dev_logins_get_fresh_passwords_at_every_start(ledger_url: str) -> None:
+    """`renderqueue dev` runs the receiver and Dagster as rq_receiver and rq_pipeline; each
+    start sets new passwords (written nowhere), so an old URL stops working."""
+    first = dev_logins(ledger_url)
+    second = dev_logins(ledger_url)
+    for part, login in DEV_LOGINS.items():
+        with psycopg.connect(second[part]) as conn:
+            assert conn.execute("select current_user").fetchone() == (login,)
+            member = conn.execute(
+                "select pg_has_role(current_user, %s, 'member')", (f"renderqueue_{part}",)
+            ).fetchone()
+            assert member == (True,)
+        if not os.environ.get("DATABASE_URL"):
+            with pytest.raises(psycopg.OperationalError, match="password authentication"):
+                psycopg.connect(first[part]).close()
