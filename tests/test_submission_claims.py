@@ -3,6 +3,10 @@ reconciler marks `unknown` only what a stopped sender left (issue 18: 1, 2 and 9
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -41,7 +45,7 @@ from renderqueue_pipeline.ledger import (
     record_submitted,
 )
 from renderqueue_pipeline.settings import get_settings
-from renderqueue_pipeline.simulator.testing import RunningSimulator
+from renderqueue_pipeline.simulator.testing import RunningSimulator, wait_until
 
 ROW = seedance_720p_micros(5)  # every request here: Seedance 720p, 5 s ($1.517)
 INPUTS = {"prompt": "a red fox in fresh snow", "duration": "5"}
@@ -196,14 +200,36 @@ def test_unknown_items_of_last_month_resubmitted_now_are_admitted_against_this_m
     fal_sim: RunningSimulator, conn: psycopg.Connection, ledger_url: str, tmp_path: Path
 ) -> None:
     path = write_csv(tmp_path / "three.csv", prompts(3))
-    options = {"default_endpoint": SEEDANCE, "concurrency": 1}
-    # 2027-01-31 23:58: fal answers 500 to every submit (and enqueues it anyway)
-    fal_sim.control.set_faults(api_500_rate=1.0)
-    first = submit_batch_file(
-        path.as_uri(), BatchOptions(**options), ledger_url=at(ledger_url, "2027-01-31T23:58:00Z")
+    options = {"default_endpoint": SEEDANCE, "concurrency": 3}
+    # 2027-01-31 23:58: a real `renderqueue batch submit` sends three rows while fal's edge
+    # answers 503 (fal-client keeps retrying: nothing reaches fal), and is killed
+    fal_sim.control.set_faults(api_503_rate=1.0)
+    env = {
+        **os.environ,
+        "DATABASE_URL": at(ledger_url, "2027-01-31T23:58:00Z"),
+        "RENDERQUEUE_HOME": str(tmp_path / "home"),
+    }
+    command = [sys.executable, "-m", "renderqueue_pipeline.cli", "batch", "submit", str(path)]
+    process = subprocess.Popen(
+        [*command, "--endpoint", SEEDANCE, "--concurrency", "3"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
-    assert first.report.counts["unknown"] == 3
-    fal_sim.control.set_faults(api_500_rate=0.0)
+
+    def all_sent() -> bool:
+        with connect(ledger_url, autocommit=True) as c:
+            row = c.execute("select count(sent_at) as n from batch_items").fetchone()
+        return row["n"] == 3
+
+    try:
+        wait_until(all_sent, timeout=60, interval=0.1)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert fal_sim.control.ground_truth() == []
+    fal_sim.control.set_faults(api_503_rate=0.0)
     set_budget(conn, 7, 2_000_000, date(2027, 2, 1))
     conn.commit()
 
@@ -221,7 +247,10 @@ def test_unknown_items_of_last_month_resubmitted_now_are_admitted_against_this_m
     )
     february = month_figures(conn, 7, date(2027, 2, 1))
     assert february.committed_micros == ROW and february.remaining_micros >= 0
-    assert len(fal_sim.control.ground_truth()) == 3 + 1
+    # the three were marked unknown by this run (their sender is gone); fal's request list
+    # showed none of them, so they were resent, each admitted in February: one fits
+    assert again.stats.orphaned == 3 and again.stats.resubmitted_unknown == 3
+    assert len(fal_sim.control.ground_truth()) == 1
     sent = conn.execute("select created_at from generations where user_id = 7").fetchall()
     assert [g["created_at"] for g in sent] == [datetime(2027, 2, 1, 0, 0, 30, tzinfo=UTC)]
 
