@@ -27,14 +27,13 @@ generations), so the webhook figures are unaffected.
 
 from __future__ import annotations
 
-import multiprocessing
-import resource
 import time
 from datetime import UTC, date, datetime, timedelta
 
 from rich.console import Console
 
 from bench.common import Figure, scratch_ledger
+from bench.memory import measured
 from renderqueue_pipeline.db.connect import connect
 
 GENERATIONS = 5_000_000
@@ -257,30 +256,6 @@ def checks(url: str, now: datetime) -> dict:
         "priced": findings[2].passed,
         "timings": timings,
     }
-
-
-def _child(target, args, queue) -> None:
-    started = time.perf_counter()
-    result = target(*args)
-    elapsed = time.perf_counter() - started
-    queue.put((elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, result))
-
-
-def measured(target, *args) -> tuple[float, float, dict]:
-    """Run target(*args) in a fresh process: (seconds, peak RSS in MB, its result)."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_child, args=(target, args, queue))
-    process.start()
-    while True:
-        try:
-            result = queue.get(timeout=5)
-            break
-        except Exception:  # queue.Empty: still working, unless it died
-            if not process.is_alive():
-                raise RuntimeError(f"{target.__name__} died (exit {process.exitcode})") from None
-    process.join()
-    return result
 
 
 def hour_of_traffic(url: str, now: datetime) -> None:

@@ -6,7 +6,7 @@ submit one prompt, insert its row, then the next (200 prompts). The measured run
 `submit_batch_file` (what the `submit_batch` job and `renderqueue batch submit` run) on a
 5,000-row CSV at concurrency 32: validation, budgets, intents, the fan-out and the ledger
 writes all included. Its bound is concurrency / latency = 320 submits/s. Peak memory
-(max RSS of the process) is measured on a run over a 100,000-row file (simulator latency
+(the process's own peak RSS, VmHWM) is measured on a run over a 100,000-row file (simulator latency
 0, concurrency 64). Each part runs in a fresh process.
 """
 
@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 from rich.console import Console
 
 from bench.common import BENCH_HOME, Figure, scratch_ledger
+from bench.memory import peak_rss_mb
 from renderqueue_pipeline.simulator.server import client_env, free_port
 
 ENDPOINT = "bytedance/seedance-2.0/text-to-video"
@@ -86,13 +86,12 @@ def _child_batch(ledger_url: str, path: str, concurrency: int) -> dict:
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     elapsed = time.perf_counter() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {
         "rows": result.report.counts["read"],
         "submitted": result.report.counts["submitted"],
         "rejected": result.report.counts["rejected"] + result.report.counts["over_budget"],
         "seconds": elapsed,
-        "peak_mb": peak_kib / 1024,
+        "peak_mb": peak_rss_mb(),
         "rate_limited": result.stats.rate_limited,
     }
 
