@@ -28,12 +28,12 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-from bench.common import BENCH_HOME, Figure, scratch_ledger
+from bench.common import BENCH_HOME, Figure, scaled, scratch_ledger
 from bench.memory import peak_rss_mb
 
-OUTPUTS = 50
+OUTPUTS = scaled(50, 8)
 TARGET_BYTES = 20_000_000
-LARGE_BYTES = 1_000_000_000
+LARGE_BYTES = scaled(1_000_000_000, 50_000_000)
 CONCURRENCY = 4
 FILE_ROUNDS = 3
 S3_ROUNDS = 2

@@ -32,11 +32,11 @@ import httpx
 import psycopg
 from rich.console import Console
 
-from bench.common import BENCH_HOME, Figure, scratch_ledger
+from bench.common import BENCH_HOME, Figure, scaled, scratch_ledger
 from bench.memory import peak_rss_mb
 from renderqueue_pipeline.db.connect import connect
 
-EVENTS = int(os.environ.get("BENCH_BILLING_EVENTS", "1000000"))
+EVENTS = int(os.environ.get("BENCH_BILLING_EVENTS", scaled(1_000_000, 20_000)))
 GENERATIONS = EVENTS * 5
 START = dt.datetime(2026, 10, 1, tzinfo=dt.UTC)
 END = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
