@@ -347,7 +347,11 @@ def replay(wrk: str, base: str, requests: Path, deliveries: int, work: Path) -> 
                 proc.kill()
                 break
             time.sleep(0.002)
-        returncode = proc.wait(30)
+        try:
+            returncode = proc.wait(30)
+        except subprocess.TimeoutExpired:  # interrupted but still draining: stop it
+            proc.kill()
+            returncode = proc.wait()
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
