@@ -274,7 +274,8 @@ def run(console: Console) -> list[Figure]:
     bound = CONCURRENCY / LATENCY_S
     console.print(
         f"  baseline {baseline_rate:,.1f}/s; fan-out {rate:,.1f}/s over {fanout['seconds']:.1f} s; "
-        f"100k rows in {memory['seconds']:.0f} s, peak {memory['peak_mb']:.0f} MB"
+        f"100k rows in {memory['seconds']:.0f} s, peak {memory['peak_mb']:.0f} MB; "
+        f"client CPU {fanout['cpu_seconds'] / fanout['submitted'] * 1000:.2f} ms a submit"
     )
     return [
         Figure(
