@@ -263,7 +263,7 @@ def test_files_in_s3(conn: psycopg.Connection, ledger_url: str, instance, s3_env
     assert keys == sorted(
         [
             f"analytics/reports/spend/2026-03/{t}.{k}"
-            for t in REPORT_TABLES
+            for t in (*REPORT_TABLES, "focus")
             for k in ("parquet", "csv")
         ]
         + [f"analytics/reports/spend/2026-03/{CHART_NAME}"]

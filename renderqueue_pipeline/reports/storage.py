@@ -1,4 +1,4 @@
-"""Report files: Parquet and CSV of each report table, and a chart of daily spend.
+"""Report files: Parquet and CSV of each report table and of the FOCUS export, and a chart.
 
 Written under any fsspec URL (RENDERQUEUE_STORAGE_URL: file:// by default, s3:// through
 s3fs) at reports/spend/YYYY-MM/. Each file is built in memory (a month's report tables are
@@ -17,9 +17,11 @@ import psycopg
 
 from renderqueue_pipeline.reports.chart import daily_spend_chart
 from renderqueue_pipeline.reports.checks import snapshot
+from renderqueue_pipeline.reports.focus import focus_csv, focus_parquet, focus_records
 from renderqueue_pipeline.reports.spend import REPORT_TABLES
 
 CHART_NAME = "daily_spend_by_endpoint.png"
+FOCUS = "focus"  # the FinOps FOCUS export: one cost row per completed generation
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,11 @@ def _csv(frame: pd.DataFrame) -> bytes:
 
 
 def export_month(conn: psycopg.Connection, month: date, storage_url: str) -> list[WrittenFile]:
-    """Write the month's four report tables (Parquet and CSV) and its chart; list them."""
-    with snapshot(conn):
+    """Write the month's four report tables and its FOCUS export (Parquet and CSV each) and
+    its chart; list them."""
+    with snapshot(conn):  # the tables and the FOCUS rows from one view of the ledger
         frames = {table: read_table(conn, table, month) for table in REPORT_TABLES}
+        focus = focus_records(conn, month)
     # a fresh filesystem: credentials and endpoint are read now, not from a cached client
     fs, root = fsspec.core.url_to_fs(month_folder(storage_url, month), skip_instance_cache=True)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -85,6 +89,8 @@ def export_month(conn: psycopg.Connection, month: date, storage_url: str) -> lis
     for table, frame in frames.items():
         put(table, "parquet", f"{table}.parquet", _parquet(frame), len(frame))
         put(table, "csv", f"{table}.csv", _csv(frame), len(frame))
+    put(FOCUS, "parquet", f"{FOCUS}.parquet", focus_parquet(focus), len(focus))
+    put(FOCUS, "csv", f"{FOCUS}.csv", focus_csv(focus), len(focus))
     chart = daily_spend_chart(frames["spend_daily"], month)
     put("spend_daily", "chart", CHART_NAME, chart, len(frames["spend_daily"]))
     return written

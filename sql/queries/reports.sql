@@ -373,3 +373,17 @@ select count(*) filter (where archive_status = 'failed')::int as failed,
 from generations
 where created_at >= %(start)s and created_at < %(end)s
   and archive_status in ('failed', 'lost');
+
+-- name: focus_rows_for_month
+-- One FOCUS cost row per completed generation of the month (the generations the report
+-- tables' cost_micros sums): the ledger's cost (fal's figure once billed), our list figure,
+-- the seconds it was priced for, and who asked (user, batch) for the Tags column.
+select g.request_id, g.endpoint, g.user_id, bi.batch_id, g.created_at, g.finished_at,
+       g.cost_micros, g.cost_basis, coalesce(g.computed_cost_micros, g.cost_micros)
+         as list_micros,
+       g.billed_seconds, g.fal_billed_micros
+from generations g
+left join lateral (select b.batch_id from batch_items b where b.id = g.batch_item_id limit 1)
+  bi on true
+where g.created_at >= %(start)s and g.created_at < %(end)s and g.status = 'completed'
+order by g.created_at, g.id;
