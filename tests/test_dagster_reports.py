@@ -129,9 +129,16 @@ def assert_files_equal_tables(conn: psycopg.Connection, storage_url: str) -> Non
         )
         expected = expected.sort_values(key).reset_index(drop=True)
         parquet = read_back(storage_url, name, "parquet").sort_values(key).reset_index(drop=True)
-        assert list(parquet.columns) == list(expected.columns)
+        columns = list(expected.columns)
+        columns.insert(columns.index("cost_micros") + 1, "cost_usd")  # dollars beside micros
+        assert list(parquet.columns) == columns
         for column in expected.columns:
-            assert parquet[column].tolist() == expected[column].tolist(), (name, column)
+            assert [same_value(v) for v in parquet[column]] == [
+                same_value(v) for v in expected[column]
+            ], (name, column)
+        assert (parquet["cost_usd"] * 1_000_000).round().astype(int).tolist() == expected[
+            "cost_micros"
+        ].tolist()
         csv = read_back(storage_url, name, "csv").sort_values(key).reset_index(drop=True)
         assert len(csv) == len(expected)
         for column in ("generations", "completed", "cost_micros", "cost_cents"):
@@ -139,6 +146,38 @@ def assert_files_equal_tables(conn: psycopg.Connection, storage_url: str) -> Non
         assert [Decimal(str(v)) for v in csv["billed_seconds"]] == expected[
             "billed_seconds"
         ].tolist()
+
+
+def same_value(value: object) -> object:
+    """A cell as compared across Postgres and Parquet: numbers as exact decimals, null as None."""
+    if value is None or (isinstance(value, float) and value != value) or value is pd.NA:
+        return None
+    if isinstance(value, pd.Timestamp) and value.tzinfo is None:  # a month or a day
+        return value.date()
+    if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+        return Decimal(str(value)).normalize()
+    return value
+
+
+def test_report_parquet_files_read_with_analyst_types(
+    conn: psycopg.Connection, ledger_url: str, instance, tmp_path
+) -> None:
+    """pandas reads every column but text as a number or a time: seconds are floats, money
+    is integer micro-dollars and cents with `cost_usd` beside them, nothing is `Decimal`."""
+    march_ledger(conn)
+    storage = tmp_path.as_uri()
+    assert run_month(instance, ledger_url, storage).success
+    for name in REPORT_TABLES:
+        frame = read_back(storage, name, "parquet")
+        assert len(frame) > 0, name
+        for column in frame.columns:
+            if frame[column].dtype == object:
+                assert all(isinstance(v, str) for v in frame[column].dropna()), (name, column)
+        assert frame["billed_seconds"].dtype == "float64", name
+        assert frame["cost_micros"].dtype == "int64", name
+        assert frame["cost_usd"].dtype == "float64", name
+        if "micros_per_completed_second" in frame.columns:  # not in spend_daily
+            assert frame["micros_per_completed_second"].dtype == "float64", name
 
 
 def test_month_materializes_checks_pass_and_files_equal_tables(
