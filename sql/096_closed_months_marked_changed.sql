@@ -9,14 +9,14 @@
 -- the seed article's raw statements, a DELETE, and a batch item whose estimate or batch
 -- changes under a generation (the by-batch report reads both).
 --
--- `changes` counts the writing statements; `rebuilt_changes` is the count the last full
+-- `changes` counts the changed rows; `rebuilt_changes` is the count the last full
 -- rebuild of the month saw in its snapshot. The month is changed (dirty) while
 -- changes > rebuilt_changes: a write that commits after a rebuild's snapshot has a
 -- higher count, so it is never lost. The reports' sensor rebuilds dirty months
 -- (defs/reports/sensors.py); report_matches_ledger fails while the report differs.
 --
 -- Only months that have ended are recorded: the current month's hot path (webhooks,
--- submits) pays one read of the statement's own rows and nothing else.
+-- submits) pays one comparison per row (the triggers' WHEN clause) and nothing else.
 
 create table spend_report_changes (
   month date primary key check (extract(day from month) = 1),
@@ -48,24 +48,24 @@ create function rq_month_of(p_at timestamptz) returns date
 language sql immutable parallel safe
 as $$ select date_trunc('month', p_at at time zone 'UTC')::date $$;
 
+-- Whether a moment's UTC month has ended, by the ledger's clock.
+create function rq_month_closed(p_at timestamptz) returns boolean
+language sql stable parallel safe
+as $$ select rq_month_of(p_at) < rq_month_of(rq_now()) $$;
+
+-- Row triggers whose WHEN clause filters first: a write to the current month evaluates
+-- one comparison and runs nothing (no transition tables, no function call per statement).
 create function rq_generations_mark_months() returns trigger
 language plpgsql
 as $$
-declare
-  v_months date[];
 begin
   if tg_op = 'INSERT' then
-    v_months := array(select distinct rq_month_of(n.created_at) from new_rows n);
+    perform rq_mark_months_changed(array[rq_month_of(new.created_at)]);
   elsif tg_op = 'DELETE' then
-    v_months := array(select distinct rq_month_of(o.created_at) from old_rows o);
+    perform rq_mark_months_changed(array[rq_month_of(old.created_at)]);
   else
-    v_months := array(select rq_month_of(n.created_at) from new_rows n
-                      union
-                      select rq_month_of(o.created_at) from old_rows o);
-  end if;
-  if exists (select 1 from unnest(v_months) m
-             where m < date_trunc('month', rq_now() at time zone 'UTC')::date) then
-    perform rq_mark_months_changed(v_months);
+    perform rq_mark_months_changed(array[rq_month_of(old.created_at),
+                                         rq_month_of(new.created_at)]);
   end if;
   return null;
 end
@@ -73,16 +73,16 @@ $$;
 
 create trigger generations_mark_months_insert
   after insert on generations
-  referencing new table as new_rows
-  for each statement execute function rq_generations_mark_months();
+  for each row when (rq_month_closed(new.created_at))
+  execute function rq_generations_mark_months();
 create trigger generations_mark_months_update
   after update on generations
-  referencing old table as old_rows new table as new_rows
-  for each statement execute function rq_generations_mark_months();
+  for each row when (rq_month_closed(old.created_at) or rq_month_closed(new.created_at))
+  execute function rq_generations_mark_months();
 create trigger generations_mark_months_delete
   after delete on generations
-  referencing old table as old_rows
-  for each statement execute function rq_generations_mark_months();
+  for each row when (rq_month_closed(old.created_at))
+  execute function rq_generations_mark_months();
 
 -- A batch item's estimate or batch feeds the by-batch report of its generation's month
 -- (found through the item's request id: the unique index, never a scan).

@@ -696,3 +696,52 @@ def test_archive_failures_fail_the_archive_check(conn: psycopg.Connection) -> No
 def test_bad_month_is_one_clear_error(text: str) -> None:
     with pytest.raises(ReportInputError, match="--month"):
         parse_month(text)
+
+
+def test_every_writer_marks_a_closed_month_changed_in_its_own_transaction(
+    conn: psycopg.Connection,
+) -> None:
+    item = add_item(conn, add_batch(conn, "late.csv"), 700_000)
+    conn.execute("update batch_items set request_id = 'late-item' where id = %s", (item,))
+    request = add_generation(
+        conn,
+        created_at=utc(2026, 3, 9),
+        status="completed",
+        seconds=5,
+        cost_micros=700_000,
+        batch_item_id=item,
+        request_id="late-item",
+    )
+    conn.commit()
+    base = month_changes(conn, MARCH)["changes"]
+    # a raw UPDATE, seen in its own transaction and gone with its rollback
+    conn.execute("update generations set error = 'x' where request_id = %s", (request,))
+    assert month_changes(conn, MARCH)["changes"] == base + 1
+    conn.rollback()
+    assert month_changes(conn, MARCH)["changes"] == base
+    # a batch item's estimate (the by-batch report reads it), then a DELETE
+    conn.execute("update batch_items set estimate_micros = 1 where id = %s", (item,))
+    conn.execute("update batch_items set state = state where id = %s", (item,))  # no money
+    assert month_changes(conn, MARCH)["changes"] == base + 1
+    conn.execute("delete from generations where request_id = %s", (request,))
+    conn.commit()
+    assert month_changes(conn, MARCH)["changes"] == base + 2
+    # the current month (by the ledger's clock) is never recorded: its hot path stays bare
+    this_month = conn.execute("select rq_month_of(rq_now()) as m").fetchone()["m"]
+    add_generation(
+        conn, created_at=conn.execute("select rq_now() as t").fetchone()["t"], status="submitted"
+    )
+    conn.commit()
+    assert month_changes(conn, this_month) is None
+    # ...until the clock says it has ended
+    conn.execute(
+        "select set_config('renderqueue.now', %s, false)",
+        (str(utc(this_month.year + this_month.month // 12, this_month.month % 12 + 1, 1)),),
+    )
+    conn.execute(
+        "update generations set error = 'y' where created_at >= %s",
+        (utc(this_month.year, this_month.month, 1),),
+    )
+    assert month_changes(conn, this_month)["changes"] == 1
+    conn.rollback()
+    conn.execute("select set_config('renderqueue.now', '', false)")
