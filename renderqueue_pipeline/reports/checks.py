@@ -171,7 +171,7 @@ def compare_rows(report: list[dict], ledger: list[dict], key: str) -> tuple[list
     by_key_report = {r[key]: r for r in report}
     by_key_ledger = {r[key]: r for r in ledger}
     changed = {k for k, r in by_key_ledger.items() if r.get("changed_after")}
-    zero = dict.fromkeys(COMPARED, 0)
+    zero = {**dict.fromkeys(COMPARED, 0), **dict.fromkeys(DERIVED)}  # a key one side lacks
     differences = []
     for k in sorted(set(by_key_report) | set(by_key_ledger), key=str):
         mine, theirs = by_key_report.get(k, zero), by_key_ledger.get(k, zero)
