@@ -171,7 +171,9 @@ def refresh_month(
         with conn.transaction():
             report = _refresh_in_snapshot(conn, month, now, final, rebuild)
         if report.rebuilt and report.changes_seen:
-            # after the commit: a change committed since the snapshot counts higher
+            # after the commit, read committed (a writer may hold the row): a change
+            # committed since the snapshot counts higher and keeps the month changed
+            conn.isolation_level = previous_isolation
             conn.execute(
                 q("report_month_rebuilt"),
                 {"month": month, "changes": report.changes_seen, "rebuilt_at": now},
