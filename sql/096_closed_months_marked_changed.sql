@@ -27,9 +27,13 @@ create table spend_report_changes (
   rebuilt_at timestamptz
 );
 
--- Record a change to each ended month among `p_months` (UTC months, any order).
+-- Record a change to each ended month among `p_months` (UTC months, any order). Runs as
+-- the table's owner, so a writer whose role may change generations but not this table
+-- (a narrow database role) still records its change rather than failing its write.
 create function rq_mark_months_changed(p_months date[]) returns void
 language sql
+security definer
+set search_path from current
 as $$
   insert into spend_report_changes as c (month, changes, first_changed_at, last_changed_at)
   select m, 1, rq_now(), rq_now()
