@@ -1,0 +1,182 @@
+"""How the receiver's HTTP server refuses to be held open: no lock-out without a secret.
+
+uvicorn bounds connections (`limit_concurrency`: beyond it every request, `/healthz`
+included, gets 503) but gives a connection that never finishes its request head all the
+time it wants, and its httptools parser accepts a head of any size. So anyone who can
+open sockets could fill the limit with half-sent heads. This protocol adds, per server:
+
+- a head deadline: a request head must be complete `HEADER_TIMEOUT` s after the
+  connection opened or its previous answer was sent, or the connection is closed;
+- a head size cap: more than `MAX_HEADER_BYTES` of request line and headers gets 431
+  and the connection is closed;
+- a cap on connections waiting for a head (idle keep-alive ones included): beyond
+  `MAX_HEADS_WAITING` the OLDEST is closed, never the newcomer, so a genuine request
+  (whose head arrives in milliseconds) always gets in, and those connections alone can
+  never reach `limit_concurrency`;
+- an answer sent before its request's body was read (a refusal before the body, a slow
+  body cut off) closes the connection, so the rest of that body cannot hold it open.
+
+The body itself is bounded in the app (`app.py`: a deadline, a minimum rate, and the
+oldest reader cut off when too many are being read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger("renderqueue.webhook")
+
+#: a request head must be complete this long after the connection opened (or the last answer)
+HEADER_TIMEOUT = 10.0
+#: request line and headers, in all (fal sends well under 2 KiB)
+MAX_HEADER_BYTES = 32 * 1024
+#: connections waiting for a request head at once; beyond it the oldest is closed
+MAX_HEADS_WAITING = 512
+#: idle time between requests on a kept-alive connection (uvicorn's default)
+KEEP_ALIVE_SECONDS = 5
+#: connections and requests at once per worker (uvicorn answers 503 beyond it)
+DEFAULT_LIMIT_CONCURRENCY = 1024
+
+_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-type: text/plain; charset=utf-8\r\ncontent-length: 32\r\n"
+    b"connection: close\r\n\r\nrequest headers over the limit\r\n"
+)
+
+
+async def _headers_too_large(scope: Any, receive: Any, send: Any) -> None:
+    """The answer to a complete head over the size cap (the request's fault: 431)."""
+    body = b"request headers over the limit\r\n"
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 431,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a head deadline, a head size cap and eviction."""
+
+    header_timeout: float = HEADER_TIMEOUT
+    max_header_bytes: int = MAX_HEADER_BYTES
+    max_heads_waiting: int = MAX_HEADS_WAITING
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # raw bytes received while waiting for this head
+        self._head_size = 0  # request line and headers parsed so far
+        super().connection_made(transport)
+        self._await_head()
+
+    def _waiting(self) -> OrderedDict[GuardedHttpToolsProtocol, None]:
+        """This server's connections waiting for a head, oldest first."""
+        waiting = getattr(self.server_state, "renderqueue_heads_waiting", None)
+        if waiting is None:
+            waiting = OrderedDict()
+            self.server_state.renderqueue_heads_waiting = waiting  # type: ignore[attr-defined]
+        return waiting
+
+    def _await_head(self) -> None:
+        """Start waiting for a request head: the deadline starts, the oldest may be evicted."""
+        self._head_bytes = self._head_size = 0
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+        waiting = self._waiting()
+        waiting[self] = None
+        while len(waiting) > self.max_heads_waiting:
+            oldest, _ = waiting.popitem(last=False)
+            oldest._close("too many connections waiting for a request head: closed the oldest")
+
+    def _head_done(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self._waiting().pop(self, None)
+
+    def _close(self, why: str) -> None:
+        self._head_done()
+        log.debug("%s (client %s)", why, self.client)
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        self._close("no complete request head within the deadline: closed")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_done()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        heading = self._head_timer is not None
+        if heading:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if heading and self._head_timer is not None and self._head_bytes > self.max_header_bytes:
+            self._head_done()  # still no complete head, and already over the cap
+            if not self.transport.is_closing():
+                self.transport.write(_TOO_LARGE)
+                self.transport.close()
+
+    def on_url(self, url: bytes) -> None:
+        self._head_size += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_done()
+        if self._head_size <= self.max_header_bytes:
+            super().on_headers_complete()
+        else:
+            app, self.app = self.app, _headers_too_large
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+        cycle = self.cycle
+        if cycle is None or cycle.scope is not self.scope:
+            return  # an upgrade, not a request cycle
+        send = cycle.send
+
+        async def send_closing_if_unread(message: Any) -> None:
+            """An answer that starts before its body was read says `connection: close`."""
+            if message["type"] == "http.response.start" and cycle.more_body:
+                headers = [*message.get("headers", ()), (b"connection", b"close")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        cycle.send = send_closing_if_unread  # type: ignore[method-assign]
+
+    def on_response_complete(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not self.transport.is_closing():
+            # answered before its body was read: the rest of it must not hold the connection
+            self.transport.close()
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:
+            self._await_head()
+
+
+def server_options(*, limit_concurrency: int = DEFAULT_LIMIT_CONCURRENCY) -> dict[str, Any]:
+    """uvicorn.Config options for the receiver (the CLI, tests and benchmarks use these)."""
+    return {
+        "http": GuardedHttpToolsProtocol,
+        "limit_concurrency": limit_concurrency,
+        "timeout_keep_alive": KEEP_ALIVE_SECONDS,
+    }
