@@ -40,13 +40,15 @@ class Receiver:
 
 @contextlib.contextmanager
 def running_receiver(database_url: str, **options) -> Iterator[Receiver]:
-    """A receiver over real HTTP with its own JWKS server; `options` go to ReceiverConfig."""
+    """A receiver over real HTTP with its own JWKS server; `options` go to ReceiverConfig,
+    `server` (a dict) to uvicorn.Config over the receiver's own server options."""
     key = Ed25519PrivateKey.generate()
     jwks = JwksServer(key)
+    server = options.pop("server", {})
     options = {"jwks_min_refresh": 0.5, "insecure_jwks": True, **options}
     app = create_app(ReceiverConfig(database_url, jwks.url, **options))
     try:
-        with serving(app) as url, httpx.Client(timeout=30) as client:
+        with serving(app, **server) as url, httpx.Client(timeout=30) as client:
             yield Receiver(url, client, key, jwks, app)
     finally:
         jwks.stop()

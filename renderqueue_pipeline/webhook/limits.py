@@ -37,6 +37,8 @@ HEADER_TIMEOUT = 10.0
 MAX_HEADER_BYTES = 32 * 1024
 #: connections waiting for a request head at once; beyond it the oldest is closed
 MAX_HEADS_WAITING = 512
+#: how long the rest of a refused head is read and dropped before the connection closes
+DRAIN_SECONDS = 2.0
 #: idle time between requests on a kept-alive connection (uvicorn's default)
 KEEP_ALIVE_SECONDS = 5
 #: connections and requests at once per worker (uvicorn answers 503 beyond it)
@@ -77,6 +79,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0  # raw bytes received while waiting for this head
         self._head_size = 0  # request line and headers parsed so far
+        self._draining = False  # a refused head: input is dropped until the connection closes
         super().connection_made(transport)
         self._await_head()
 
@@ -121,6 +124,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._draining:
+            return  # the rest of a refused head: read and dropped until we close
         heading = self._head_timer is not None
         if heading:
             self._head_bytes += len(data)
@@ -128,8 +133,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if heading and self._head_timer is not None and self._head_bytes > self.max_header_bytes:
             self._head_done()  # still no complete head, and already over the cap
             if not self.transport.is_closing():
-                self.transport.write(_TOO_LARGE)
-                self.transport.close()
+                self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        """431, then our side closed; what the client still sends is drained for a moment,
+        so that closing does not reset the connection before it reads the answer."""
+        self._draining = True
+        self.transport.write(_TOO_LARGE)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(DRAIN_SECONDS, self.transport.close)
 
     def on_url(self, url: bytes) -> None:
         self._head_size += len(url)
