@@ -108,7 +108,8 @@ def main() -> None:
     key = Ed25519PrivateKey.generate()
     jwks = JwksServer(key)
     port = free_port()
-    cmd = [sys.executable, "-m", "renderqueue_pipeline.cli", "webhook", "serve"]
+    # -P: with --checkout, its PYTHONPATH wins over the working directory
+    cmd = [sys.executable, "-P", "-m", "renderqueue_pipeline.cli", "webhook", "serve"]
     cmd += ["--port", str(port), "--insecure-jwks", "--log-level", "warning"]
     try:
         with scratch_ledger() as url, tempfile.TemporaryDirectory() as home:
