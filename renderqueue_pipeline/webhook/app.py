@@ -84,6 +84,8 @@ DEFAULT_MAX_READING = 256
 DEFAULT_BODY_MIN_RATE = 32 * 1024
 DEFAULT_BODY_GRACE = 2.0
 DEFAULT_BODY_TIMEOUT = 10.0
+#: how often the bodies being read are checked against their rate and deadline
+RATE_CHECK_INTERVAL = 0.25
 #: deeper JSON is refused (422 too_deep): fal's bodies nest a few levels; Python's parser
 #: and the ledger's walks of the payload recurse
 MAX_JSON_DEPTH = 64
@@ -105,13 +107,12 @@ class CutOff(Exception):
 class _Reader:
     """One body being read: when it started, how much came, and why it was cut off."""
 
-    __slots__ = ("started", "deadline", "received", "timer", "cut")
+    __slots__ = ("started", "deadline", "received", "cut")
 
     def __init__(self, started: float, deadline: float) -> None:
         self.started = started
         self.deadline = deadline
         self.received = 0
-        self.timer: asyncio.TimerHandle | None = None
         self.cut: str | None = None  # "busy" or "slow_body" once cut off
 
 
@@ -257,6 +258,9 @@ class DatabaseProbe:
                 conn.close()
 
 
+#: outcomes that can be answered before the body was read in full (the connection closes)
+_MAYBE_UNREAD = frozenset(("bad_signature", "foreign_user", "too_large", "busy", "slow_body"))
+
 _SIGNATURE_HEADERS = frozenset(
     (b"content-length", b"x-fal-webhook-request-id", b"x-fal-webhook-user-id")
     + (b"x-fal-webhook-timestamp", b"x-fal-webhook-signature")
@@ -328,6 +332,7 @@ class _FalEndpoint:
         self.committer = committer
         #: bodies being read now, oldest first (the task reading each)
         self._readers: dict[asyncio.Task, _Reader] = {}
+        self._sweeper: asyncio.TimerHandle | None = None  # runs while bodies are being read
         self._outcomes: dict[str, Counter] = {}
 
     @property
@@ -339,23 +344,21 @@ class _FalEndpoint:
         """Stop reading a body: its task gets a 503 `why` and its connection is closed."""
         reader.cut = why
         self._readers.pop(task, None)
-        if reader.timer is not None:
-            reader.timer.cancel()
         task.cancel()
 
-    def _check_rate(self, task: asyncio.Task) -> None:
-        """Cut a body off once it is behind the minimum rate or past its deadline."""
-        reader = self._readers.get(task)
-        if reader is None:
+    def _sweep(self) -> None:
+        """Every RATE_CHECK_INTERVAL while bodies are being read: cut off each one that is
+        behind the minimum rate or past its deadline (one timer for all, not one each)."""
+        self._sweeper = None
+        if not self._readers:
             return
         loop = asyncio.get_running_loop()
-        behind_at = reader.started + self.config.body_grace
-        behind_at += reader.received / self.config.body_min_rate
-        due = min(behind_at, reader.deadline)
-        if loop.time() >= due:
-            self._cut(task, reader, "slow_body")
-        else:
-            reader.timer = loop.call_at(due, self._check_rate, task)
+        now, rate, grace = loop.time(), self.config.body_min_rate, self.config.body_grace
+        for task, reader in list(self._readers.items()):
+            if now >= min(reader.started + grace + reader.received / rate, reader.deadline):
+                self._cut(task, reader, "slow_body")
+        if self._readers:
+            self._sweeper = loop.call_later(RATE_CHECK_INTERVAL, self._sweep)
 
     async def _read(self, headers: dict[str, str], receive: Receive, deadline: float) -> bytes:
         """The body, within its deadline and minimum rate; CancelledError if it was cut off.
@@ -373,7 +376,8 @@ class _FalEndpoint:
         now = loop.time()
         reader = _Reader(now, min(deadline, now + self.config.body_timeout))
         self._readers[task] = reader
-        self._check_rate(task)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(RATE_CHECK_INTERVAL, self._sweep)
         try:
             return await read_body(headers, receive, self.config.max_body, reader)
         except asyncio.CancelledError:
@@ -382,8 +386,6 @@ class _FalEndpoint:
             raise CutOff(reader.cut) from None
         finally:
             self._readers.pop(task, None)
-            if reader.timer is not None:
-                reader.timer.cancel()
 
     def _count(self, outcome: str, started: float) -> None:
         counter = self._outcomes.get(outcome)
@@ -401,6 +403,8 @@ class _FalEndpoint:
         status, content = answer
         self._count(content["outcome"], started)
         headers, body = json_answer(status, content)
+        if content["outcome"] in _MAYBE_UNREAD:
+            headers.append((b"connection", b"close"))  # the rest of its body is not read
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -16,6 +16,9 @@ open sockets could fill the limit with half-sent heads. This protocol adds, per 
 - an answer sent before its request's body was read (a refusal before the body, a slow
   body cut off) closes the connection, so the rest of that body cannot hold it open.
 
+Deadlines are checked by one timer per server every HEAD_CHECK_INTERVAL, not one per
+connection: per request the guard costs a dict insert and delete.
+
 The body itself is bounded in the app (`app.py`: a deadline, a minimum rate, and the
 oldest reader cut off when too many are being read).
 """
@@ -37,6 +40,8 @@ HEADER_TIMEOUT = 10.0
 MAX_HEADER_BYTES = 32 * 1024
 #: connections waiting for a request head at once; beyond it the oldest is closed
 MAX_HEADS_WAITING = 512
+#: how often the connections waiting for a head are checked against the deadline
+HEAD_CHECK_INTERVAL = 0.5
 #: how long the rest of a refused head is read and dropped before the connection closes
 DRAIN_SECONDS = 2.0
 #: idle time between requests on a kept-alive connection (uvicorn's default)
@@ -68,6 +73,37 @@ async def _headers_too_large(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class _HeadsWaiting:
+    """One server's connections waiting for a request head, oldest first, and one timer
+    that closes those past the head deadline (not a timer per connection)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.since: OrderedDict[GuardedHttpToolsProtocol, float] = OrderedDict()
+        self.sweeper: asyncio.TimerHandle | None = None
+
+    def add(self, protocol: GuardedHttpToolsProtocol) -> None:
+        self.since.pop(protocol, None)  # kept in order of arrival: the sweep relies on it
+        self.since[protocol] = self.loop.time()
+        while len(self.since) > protocol.max_heads_waiting:
+            oldest, _ = self.since.popitem(last=False)
+            oldest.close_waiting("too many connections waiting for a request head: oldest closed")
+        if self.sweeper is None:
+            self.sweeper = self.loop.call_later(HEAD_CHECK_INTERVAL, self.sweep)
+
+    def sweep(self) -> None:
+        self.sweeper = None
+        now = self.loop.time()
+        while self.since:
+            protocol, since = next(iter(self.since.items()))
+            if now - since < protocol.header_timeout:
+                break
+            del self.since[protocol]
+            protocol.close_waiting("no complete request head within the deadline: closed")
+        if self.since:
+            self.sweeper = self.loop.call_later(HEAD_CHECK_INTERVAL, self.sweep)
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a head deadline, a head size cap and eviction."""
 
@@ -76,48 +112,35 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     max_heads_waiting: int = MAX_HEADS_WAITING
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._heading = False  # waiting for a request head
         self._head_bytes = 0  # raw bytes received while waiting for this head
         self._head_size = 0  # request line and headers parsed so far
         self._draining = False  # a refused head: input is dropped until the connection closes
+        waiting = getattr(self.server_state, "renderqueue_heads_waiting", None)
+        if waiting is None:
+            waiting = _HeadsWaiting(self.loop)
+            self.server_state.renderqueue_heads_waiting = waiting  # type: ignore[attr-defined]
+        self._waiting: _HeadsWaiting = waiting
         super().connection_made(transport)
         self._await_head()
 
-    def _waiting(self) -> OrderedDict[GuardedHttpToolsProtocol, None]:
-        """This server's connections waiting for a head, oldest first."""
-        waiting = getattr(self.server_state, "renderqueue_heads_waiting", None)
-        if waiting is None:
-            waiting = OrderedDict()
-            self.server_state.renderqueue_heads_waiting = waiting  # type: ignore[attr-defined]
-        return waiting
-
     def _await_head(self) -> None:
-        """Start waiting for a request head: the deadline starts, the oldest may be evicted."""
+        """Start waiting for a request head: the deadline starts, the oldest may be closed."""
         self._head_bytes = self._head_size = 0
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-        self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
-        waiting = self._waiting()
-        waiting[self] = None
-        while len(waiting) > self.max_heads_waiting:
-            oldest, _ = waiting.popitem(last=False)
-            oldest._close("too many connections waiting for a request head: closed the oldest")
+        self._heading = True
+        self._waiting.add(self)
 
     def _head_done(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        self._waiting().pop(self, None)
+        if self._heading:
+            self._heading = False
+            self._waiting.since.pop(self, None)
 
-    def _close(self, why: str) -> None:
-        self._head_done()
+    def close_waiting(self, why: str) -> None:
+        """Closed while waiting for a head (deadline passed, or the oldest of too many)."""
+        self._heading = False
         log.debug("%s (client %s)", why, self.client)
         if not self.transport.is_closing():
             self.transport.close()
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        self._close("no complete request head within the deadline: closed")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
@@ -126,11 +149,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._draining:
             return  # the rest of a refused head: read and dropped until we close
-        heading = self._head_timer is not None
+        heading = self._heading
         if heading:
             self._head_bytes += len(data)
         super().data_received(data)
-        if heading and self._head_timer is not None and self._head_bytes > self.max_header_bytes:
+        if heading and self._heading and self._head_bytes > self.max_header_bytes:
             self._head_done()  # still no complete head, and already over the cap
             if not self.transport.is_closing():
                 self._refuse_head()
@@ -156,30 +179,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_done()
         if self._head_size <= self.max_header_bytes:
             super().on_headers_complete()
-        else:
-            app, self.app = self.app, _headers_too_large
-            try:
-                super().on_headers_complete()
-            finally:
-                self.app = app
-        cycle = self.cycle
-        if cycle is None or cycle.scope is not self.scope:
-            return  # an upgrade, not a request cycle
-        send = cycle.send
-
-        async def send_closing_if_unread(message: Any) -> None:
-            """An answer that starts before its body was read says `connection: close`."""
-            if message["type"] == "http.response.start" and cycle.more_body:
-                headers = [*message.get("headers", ()), (b"connection", b"close")]
-                message = {**message, "headers": headers}
-            await send(message)
-
-        cycle.send = send_closing_if_unread  # type: ignore[method-assign]
+            return
+        app, self.app = self.app, _headers_too_large
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
 
     def on_response_complete(self) -> None:
         cycle = self.cycle
         if cycle is not None and cycle.more_body and not self.transport.is_closing():
             # answered before its body was read: the rest of it must not hold the connection
+            # (the receiver's own early answers say `connection: close`)
             self.transport.close()
         super().on_response_complete()
         if not self.transport.is_closing() and not self.pipeline:
