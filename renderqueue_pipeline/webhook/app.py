@@ -361,7 +361,7 @@ class _FalEndpoint:
             self._sweeper = loop.call_later(RATE_CHECK_INTERVAL, self._sweep)
 
     async def _read(self, headers: dict[str, str], receive: Receive, deadline: float) -> bytes:
-        """The body, within its deadline and minimum rate; CancelledError if it was cut off.
+        """The body, within its deadline and minimum rate; CutOff if it was cut off.
 
         With `max_reading` bodies already being read, the OLDEST is cut off (503 busy), not
         the newcomer: a genuine delivery's body arrives in milliseconds, so a crowd of slow
