@@ -114,7 +114,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._heading = False  # waiting for a request head
         self._head_bytes = 0  # raw bytes received while waiting for this head
-        self._head_size = 0  # request line and headers parsed so far
         self._draining = False  # a refused head: input is dropped until the connection closes
         waiting = getattr(self.server_state, "renderqueue_heads_waiting", None)
         if waiting is None:
@@ -126,7 +125,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _await_head(self) -> None:
         """Start waiting for a request head: the deadline starts, the oldest may be closed."""
-        self._head_bytes = self._head_size = 0
+        self._head_bytes = 0
         self._heading = True
         self._waiting.add(self)
 
@@ -167,17 +166,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.write_eof()
         self.loop.call_later(DRAIN_SECONDS, self.transport.close)
 
-    def on_url(self, url: bytes) -> None:
-        self._head_size += len(url)
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self._head_done()
-        if self._head_size <= self.max_header_bytes:
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size <= self.max_header_bytes:
             super().on_headers_complete()
             return
         app, self.app = self.app, _headers_too_large
