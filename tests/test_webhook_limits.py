@@ -118,3 +118,30 @@ def test_slow_bodies_and_half_sent_heads_cannot_lock_out_fal_or_healthz(
         assert 'renderqueue_webhook_deliveries_total{outcome="slow_body"}' in metrics
     for request_id in request_ids:
         assert generation(conn, request_id)["status"] == "completed"
+
+
+def test_a_body_behind_the_minimum_rate_is_503_slow_body_and_closed(
+    ledger_url: str, conn: psycopg.Connection
+) -> None:
+    """A body behind the minimum rate after the grace: cut off (503, fal would retry), the
+    connection closed."""
+    options = {"body_grace": 0.5, "body_min_rate": 1000.0}
+    with running_receiver(ledger_url, **options) as receiver:
+        request_id, _ = submit_row(conn)
+        body = fal_body(request_id)
+        head = signed_headers(receiver.key, body, request_id)
+        lines = ["POST /webhooks/fal HTTP/1.1", "Host: 127.0.0.1", f"Content-Length: {len(body)}"]
+        lines += [f"{k}: {v}" for k, v in head.items()]
+        with socket.create_connection(_address(receiver.url), timeout=10) as sock:
+            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body[:1])
+            started = time.monotonic()
+            answer = b""  # one byte, then nothing: behind 1,000 bytes/s once the grace ends
+            while chunk := sock.recv(65536):
+                answer += chunk
+            assert time.monotonic() - started < 5
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b'"outcome":"slow_body"' in answer
+        assert b"connection: close" in answer.lower() and b"retry-after: 5" in answer.lower()
+        assert generation(conn, request_id)["status"] == "submitted"
+        # sent at full speed, the same delivery lands
+        assert receiver.deliver(body, request_id).status_code == 200
