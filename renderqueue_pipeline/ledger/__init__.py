@@ -7,6 +7,7 @@ goes through the same state machine.
 """
 
 from renderqueue_pipeline.ledger.core import (
+    CancelIntent,
     Estimate,
     EventOutcome,
     Intent,
@@ -22,6 +23,7 @@ from renderqueue_pipeline.ledger.core import (
     finish_submission,
     mark_cancel_requested,
     mark_unknown_outcomes,
+    record_cancel_intent,
     record_event,
     record_events,
     record_intent,
@@ -30,9 +32,11 @@ from renderqueue_pipeline.ledger.core import (
     submit_generation,
     validate_request,
     waiting_events,
+    withdraw_cancel_intent,
 )
 
 __all__ = [
+    "CancelIntent",
     "Estimate",
     "EventOutcome",
     "Intent",
@@ -49,6 +53,7 @@ __all__ = [
     "mark_cancel_requested",
     "mark_unknown_outcomes",
     "record_event",
+    "record_cancel_intent",
     "record_events",
     "record_intent",
     "record_rejected",
@@ -56,4 +61,5 @@ __all__ = [
     "submit_generation",
     "validate_request",
     "waiting_events",
+    "withdraw_cancel_intent",
 ]

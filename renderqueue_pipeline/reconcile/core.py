@@ -23,9 +23,12 @@ What fal says decides, never a guessed error string:
 - a request still open past `max_open` is given up: the reconciler asks fal to cancel it
   (a queued request leaves fal's queue; a running one gets the signal) and, when fal
   accepts, records the cancel, so the row becomes `canceled` at cost zero, and a
-  completion fal still sends later is billed as fal bills it. When the cancel cannot be
-  made the row becomes failed, cost zero, with the reason; when fal answers that the
-  request already finished, the next pass reads its outcome.
+  completion fal still sends later is billed as fal bills it. Only a definite answer
+  ends the row: fal not knowing the request (404) makes it failed, cost zero; a cancel
+  that gets no answer (fal unreachable, 5xx after retries) or any other error leaves the
+  row open for the next pass (a $0 failure that fal later completes and bills would be a
+  conflict); when fal answers that the request already finished, the next pass reads its
+  outcome.
 A fal call that fails transiently leaves the row as it is for the next pass.
 """
 
@@ -253,12 +256,14 @@ async def _give_up(
     still = f"still {state.replace('_', ' ')} at fal more than {hours:g} h after submit"
     try:
         answer = await fal.cancel(row.endpoint, row.request_id)
-    except FalError as exc:
+    except FalNotFound as exc:  # a definite answer: fal does not know it, nothing to bill
         error = (
-            f"{still}; given up by the reconciler, and asking fal to cancel it failed "
-            f"({exc}); nothing billed"
+            f"{still}; given up by the reconciler, and fal does not know it when asked to "
+            f"cancel ({exc}); nothing billed"
         )
         return _Observation(row, "event", _event(row, "failed", error=error), reason="past_limit")
+    except FalError as exc:  # no definite answer (unreachable, 5xx, refused): ask next pass
+        return _Observation(row, "fal_error", reason=str(exc))
     if answer == "already_completed":  # it finished meanwhile: the next pass reads how
         return _Observation(row, "open")
     error = (

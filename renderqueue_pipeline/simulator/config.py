@@ -122,6 +122,10 @@ class SimConfig(BaseModel):
     api_500_rate: float = _RATE
     api_502_rate: float = _RATE
     api_504_rate: float = _RATE
+    # fal out of reach: every queue API call loses its connection before an answer
+    api_unreachable: bool = False
+    # every cancel (PUT .../cancel) fails this way, whatever the rates above say
+    cancel_fault: Literal["none", "unreachable", "500", "503"] = "none"
     # CDN and results
     cdn_mode: Literal["public", "signed"] = "public"
     cdn_default_lifetime: float | None = Field(default=7 * 86400.0, gt=0.0)

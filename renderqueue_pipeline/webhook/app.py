@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -106,6 +107,9 @@ class ReceiverConfig:
     max_pending: int = DEFAULT_MAX_PENDING  # deliveries waiting for a commit
     max_reading: int = DEFAULT_MAX_READING  # requests whose body is being read at once
     delivery_deadline: float = DEFAULT_DELIVERY_DEADLINE  # wait + commit, per delivery
+    #: unix seconds now: the signed timestamp's ±300 s window and late retries are measured
+    #: against it (tests pin the window's edges with a fixed clock)
+    clock: Callable[[], float] = time.time
 
 
 class Metrics:
@@ -443,7 +447,10 @@ def create_app(config: ReceiverConfig | None = None) -> Starlette:
         config = config_from_settings()
     try:
         verifier = JwksVerifier(
-            config.jwks_url, min_refresh=config.jwks_min_refresh, allow_http=config.insecure_jwks
+            config.jwks_url,
+            clock=config.clock,
+            min_refresh=config.jwks_min_refresh,
+            allow_http=config.insecure_jwks,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
