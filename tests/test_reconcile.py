@@ -190,6 +190,28 @@ def test_a_request_open_past_the_limit_is_cancelled_at_fal_at_no_cost(
     assert row(conn, recent)["status"] == "canceled"  # the limit is configurable
 
 
+def test_requests_given_up_end_canceled_even_when_fals_error_webhook_comes_first(
+    fal_sim: RunningSimulator, conn: psycopg.Connection, ledger_url: str
+) -> None:
+    """fal sends the ERROR of a cancelled queued request at once, often before its 202
+    reaches the reconciler: the intent recorded first makes every one `canceled`."""
+    fal_sim.control.reset(seed=2, **{**FAST_TEST_OPTIONS, "queue_delay": "3600"})
+    with serving(create_app(ReceiverConfig(ledger_url, fal_sim.jwks_url))) as receiver:
+        stuck = submit_many(conn, 12, webhook_url=f"{receiver}/webhooks/fal")
+        age_rows(conn, stuck, "25 hours")
+        run_reconcile(conn)
+        delivered = lambda: {  # noqa: E731
+            a["request_id"]
+            for a in fal_sim.control.webhook_attempts()
+            if a["outcome"] == "delivered"
+        }
+        wait_until(lambda: delivered() >= set(stuck), timeout=30)
+    got = [row(conn, r) for r in stuck]
+    conn.commit()
+    assert [(g["status"], g["cost_micros"]) for g in got] == [("canceled", 0)] * len(stuck)
+    assert all(t["status"] == "canceled" for t in fal_sim.control.ground_truth())
+
+
 def test_a_request_given_up_that_fal_finishes_anyway_is_billed(
     fal_sim: RunningSimulator, conn: psycopg.Connection
 ) -> None:
