@@ -79,6 +79,15 @@ def make_database(admin_url: str) -> Iterator[Callable[[], str]]:
             conn.execute(f'drop database if exists "{name}" with (force)')
 
 
+@pytest.fixture
+def dagster_storage(make_database: Callable[[], str]) -> str:
+    """A Dagster instance's storage URL: a database of its own on the test server, dropped
+    at the end, so no test sees another's runs (never the fixed `dagster` database)."""
+    from renderqueue_pipeline.db.server import sqlalchemy_url
+
+    return sqlalchemy_url(make_database(), driver="psycopg2")
+
+
 @pytest.fixture(scope="session")
 def ledger_url(make_database: Callable[[], str]) -> str:
     """One migrated ledger database for the session (tables are emptied after each test)."""

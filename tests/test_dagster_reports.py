@@ -29,7 +29,6 @@ from report_helpers import (
 )
 from s3_helpers import s3_client
 
-from renderqueue_pipeline.dagster_home import dagster_storage_url
 from renderqueue_pipeline.defs.reports import assets, checks
 from renderqueue_pipeline.defs.reports.resources import ReportStorage
 from renderqueue_pipeline.defs.reports.schedules import (
@@ -54,8 +53,8 @@ BUCKET = "rq-reports"
 
 
 @pytest.fixture
-def instance(ledger_url: str) -> Iterator[DagsterInstance]:
-    storage = dagster_storage_url(ledger_url)
+def instance(dagster_storage: str) -> Iterator[DagsterInstance]:
+    storage = dagster_storage
     with instance_for_test(overrides={"storage": {"postgres": {"postgres_url": storage}}}) as inst:
         assert type(inst.run_storage).__name__ == "PostgresRunStorage"
         yield inst

@@ -56,7 +56,10 @@ def test_headless_demo_runs_the_whole_flow_and_matches_ground_truth(
         text=True,
         timeout=360,
     )
-    # the same sample file again adds nothing twice
+    # a second run succeeds too (same promise: exit 0 only on a ledger equal to fal's
+    # truth), and the same sample file again adds nothing twice
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "ledger matches the simulator's ground truth" in again.stdout
     count = conn.execute("select count(*) as n from batch_items").fetchone()["n"]
     assert count == len(items), again.stdout[-3000:]
 
