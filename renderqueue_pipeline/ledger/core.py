@@ -440,6 +440,12 @@ def mark_cancel_requested(conn: psycopg.Connection, request_id: str) -> bool:
     return found is not None
 
 
+def ledger_now(conn: psycopg.Connection) -> dt.datetime:
+    """The ledger's clock, `rq_now()`: what decides a month, also for Python callers (a
+    session may pin it with `renderqueue.now`, as tests that cross month ends do)."""
+    return _first(conn.execute(q("ledger_now")).fetchone())
+
+
 @dataclass(frozen=True)
 class CancelIntent:
     """Our cancel of one request, recorded before fal is asked.

@@ -108,6 +108,10 @@ set cancel_requested_at = coalesce(cancel_requested_at, rq_now())
 where request_id = %(request_id)s
 returning cancel_requested_at;
 
+-- name: ledger_now
+-- The ledger's clock (sql/085): now(), unless the session set renderqueue.now.
+select rq_now() as now;
+
 -- name: record_cancel_intent
 -- Our cancel, written before fal is asked (fal's ERROR for a cancelled queued request can
 -- land before its 202 does). The first moment is kept; `newly_recorded` says this call
