@@ -152,22 +152,29 @@ def running_stack(
 ) -> Iterator[dict[str, str]]:
     """Start every process of the product; yield the environment they share.
 
-    With `code_server_port`, the code location runs as its own gRPC code server and the
-    webserver and daemon reach it through a workspace file (the production shape);
+    Migrates as the owner (`DATABASE_URL` or the embedded server's admin), then runs the
+    receivers as login `rq_receiver` and Dagster as `rq_pipeline` (fresh passwords at every
+    start, docs/security.md). With `code_server_port`, the code location runs as its own
+    gRPC code server and the webserver and daemon reach it through a workspace file (the
+    production shape);
     several `webhook_ports` start one receiver each on the same database.
     """
     from renderqueue_pipeline.dagster_home import ensure_dagster_home
     from renderqueue_pipeline.db.migrate import migrate
+    from renderqueue_pipeline.db.roles import dev_logins
     from renderqueue_pipeline.db.server import database_url, stop_embedded
     from renderqueue_pipeline.settings import get_settings
 
     settings = get_settings()
     started_embedded = settings.database_url is None
-    url = database_url()
+    url = database_url()  # the owner's: it migrates and makes the logins, nothing else
     migrate(url)
+    logins = dev_logins(url)
     env = dict(os.environ)
     env["RENDERQUEUE_HOME"] = str(home)
-    env["DATABASE_URL"] = url
+    # Dagster, the CLI and whatever `renderqueue dev` runs next: the pipeline's login
+    env["DATABASE_URL"] = logins["pipeline"]
+    console.print("ledger logins   rq_pipeline (Dagster), rq_receiver (webhook receivers)")
     supervisor = Supervisor(home / "logs")
     try:
         if settings.fal_key is None:
@@ -180,12 +187,15 @@ def running_stack(
             env.update(read_exports(sim, sim_log))
             console.print(f"fal simulator   https://{env['FAL_QUEUE_RUN_HOST']}")
         receivers = []
+        receiver_env = {**env, "DATABASE_URL": logins["receiver"]}
         supervisor.log_dir.mkdir(parents=True, exist_ok=True)
         for n, port in enumerate(webhook_ports):  # port 0: any free port, read back
             name = f"webhook-{n + 1}"
             (supervisor.log_dir / f"{name}.log").write_text("")  # no earlier run's port
             process = supervisor.start(
-                name, [_bin("renderqueue"), "webhook", "serve", "--port", str(port)], env
+                name,
+                [_bin("renderqueue"), "webhook", "serve", "--port", str(port)],
+                receiver_env,
             )
             receivers.append(read_receiver_url(process, supervisor.log_dir / f"{name}.log"))
         for base in receivers:

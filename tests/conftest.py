@@ -35,6 +35,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 LEDGER_TABLES = (
+    "fal_orphan_requests",
+    "fal_request_scans",
     "generation_events",
     "generations",
     "batch_items",
@@ -48,6 +50,7 @@ LEDGER_TABLES = (
     "spend_rollup_daily_batch",
     "spend_rollup_days",
     "spend_report_months",
+    "spend_report_changes",
 )
 
 
