@@ -36,9 +36,9 @@ test: install lint
 	$(BIN)/dg check defs
 	$(BIN)/pytest -q
 
-# tests/test_money_invariants.py: `make test` runs 4 examples; this runs 10x as many
+# tests/test_money_invariants.py: `make test` runs 8 examples; this runs 10x as many
 invariants: install
-	RENDERQUEUE_INVARIANT_EXAMPLES=40 $(BIN)/pytest -q tests/test_money_invariants.py
+	RENDERQUEUE_INVARIANT_EXAMPLES=80 $(BIN)/pytest -q tests/test_money_invariants.py
 
 bench: install
 	$(BIN)/python -m bench; status=$$?; \

@@ -15,7 +15,7 @@ billing, the webhook receiver's ASGI app fed the simulator's signed deliveries.
 
 The six invariants are written once, below, one function each; docs/ledger.md ("Money
 invariants") lists them with where each is enforced. Examples: RENDERQUEUE_INVARIANT_EXAMPLES
-(default 4, `make test`; `make invariants` runs 40), steps per example:
+(default 8, `make test`; `make invariants` runs 80), steps per example:
 RENDERQUEUE_INVARIANT_STEPS (default 14). RENDERQUEUE_INVARIANTS=1,3 checks only those
 (to see each invariant's own minimal failing example).
 """
@@ -59,7 +59,7 @@ from renderqueue_pipeline.simulator.testing import RunningSimulator, WebhookSink
 from renderqueue_pipeline.simulator.testing import webhook_sink as running_webhook_sink
 from renderqueue_pipeline.webhook.app import FAL_PATH, ReceiverConfig, create_app
 
-EXAMPLES = int(os.environ.get("RENDERQUEUE_INVARIANT_EXAMPLES", "4"))
+EXAMPLES = int(os.environ.get("RENDERQUEUE_INVARIANT_EXAMPLES", "8"))
 STEPS = int(os.environ.get("RENDERQUEUE_INVARIANT_STEPS", "14"))
 VERBOSE = bool(os.environ.get("RENDERQUEUE_INVARIANT_VERBOSE"))
 CHECKED = {int(n) for n in os.environ.get("RENDERQUEUE_INVARIANTS", "1,2,3,4,5,6").split(",") if n}
