@@ -374,6 +374,7 @@ class MoneyMachine(RuleBasedStateMachine):
         self.batches: list[int] = []
         self.reconciled_at: list[dt.datetime] = []
         self.billing_checks: list[dict[str, Any]] = []
+        self.billed: set[str] = set()  # fal bills a request once (in one or two events)
         self.forwarded: set[int] = set()  # indexes into sink.received already delivered
         self.receiver: TestClient | None = None
         self.gateways = 0
@@ -651,12 +652,16 @@ class MoneyMachine(RuleBasedStateMachine):
         split=st.booleans(),
     )
     def fal_bills_a_request(self, pick: int, offset: int, split: bool) -> None:
-        """fal bills one completed request at its price, stamped `offset` seconds from when
+        """fal bills one completed request (once) at its price, stamped `offset` seconds from when
         it reached fal (a minute before: across midnight when sent just after it), whole or
         split in two events two days apart."""
         self.settle()
         done = sorted(
-            (r for r in self.env.sim.control.ground_truth() if r["status"] == "completed"),
+            (
+                r
+                for r in self.env.sim.control.ground_truth()
+                if r["status"] == "completed" and r["request_id"] not in self.billed
+            ),
             key=lambda r: r["request_id"],
         )
         if not done:
@@ -685,6 +690,7 @@ class MoneyMachine(RuleBasedStateMachine):
         self.env.billing.post(
             "/_sim/billing/events", json={"billing_events": events}
         ).raise_for_status()
+        self.billed.add(request["request_id"])
         _note(f"fal bills {request['request_id'][:8]}: {[e['timestamp'] for e in events]}")
 
     @rule(which=st.sampled_from(["this", "last"]), cuts=st.sets(st.integers(2, 28), max_size=4))
