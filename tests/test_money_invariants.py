@@ -642,6 +642,9 @@ class MoneyMachine(RuleBasedStateMachine):
 
     @rule()
     def reconcile_pass(self) -> None:
+        self.reconcile()
+
+    def reconcile(self) -> None:
         from renderqueue_pipeline.reconcile.core import ReconcileOptions, reconcile
 
         with self.connect() as conn:
@@ -652,8 +655,21 @@ class MoneyMachine(RuleBasedStateMachine):
 
     @rule(step=st.sampled_from(sorted(CLOCK_STEPS)))
     def clock_moves(self, step: str) -> None:
-        self.set_clock(self.clock + CLOCK_STEPS[step])
+        """Time passes with the schedules running: a reconcile pass (every 5 minutes), the
+        hourly refresh of this month, and last month's finalization (a rebuild) once its
+        grace period ended during the step."""
+        from renderqueue_pipeline.reports.months import finalizes_at
+
+        before = self.clock
+        self.set_clock(before + CLOCK_STEPS[step])
         _note(f"clock +{step} -> {iso(self.clock)}")
+        if CLOCK_STEPS[step] >= dt.timedelta(minutes=5):
+            self.reconcile()
+        if CLOCK_STEPS[step] >= dt.timedelta(hours=1):
+            self.refresh(month_of(self.clock), rebuild=False)
+        last = month_of(month_start(month_of(self.clock)) - dt.timedelta(days=1))
+        if before < finalizes_at(last) <= self.clock:
+            self.refresh(last, rebuild=True)
 
     @rule(
         pick=st.integers(0, 50),
@@ -759,11 +775,15 @@ class MoneyMachine(RuleBasedStateMachine):
     def refresh_or_finalize_report(self, which: str, rebuild: bool) -> None:
         """The hourly refresh (this month) or the finalization (last month, from 06:00 on
         the 1st: a rebuild), as the reports' schedules run them."""
-        from renderqueue_pipeline.reports.spend import refresh_month
 
         month = month_of(self.clock)
         if which == "last":
             month = month_of(month_start(month) - dt.timedelta(days=1))
+        self.refresh(month, rebuild)
+
+    def refresh(self, month: dt.date, rebuild: bool) -> None:
+        from renderqueue_pipeline.reports.spend import refresh_month
+
         with self.connect() as conn:
             try:
                 report = refresh_month(conn, month, now=self.clock, rebuild=rebuild)
