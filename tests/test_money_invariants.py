@@ -378,6 +378,7 @@ class MoneyMachine(RuleBasedStateMachine):
         self.reconciled_at: list[dt.datetime] = []
         self.billing_checks: list[dict[str, Any]] = []
         self.billed: set[str] = set()  # fal bills a request once (in one or two events)
+        self.billed_months: set[dt.date] = set()
         self.forwarded: set[int] = set()  # indexes into sink.received already delivered
         self.receiver: TestClient | None = None
         self.gateways = 0
@@ -716,19 +717,19 @@ class MoneyMachine(RuleBasedStateMachine):
             "/_sim/billing/events", json={"billing_events": events}
         ).raise_for_status()
         self.billed.add(request["request_id"])
+        self.billed_months |= {month_of(dt.datetime.fromisoformat(e["timestamp"])) for e in events}
         _note(f"fal bills {request['request_id'][:8]}: {[e['timestamp'] for e in events]}")
 
-    @rule(which=st.sampled_from(["this", "last"]), cuts=st.sets(st.integers(2, 28), max_size=4))
-    def ingest_and_reconcile_billing(self, which: str, cuts: set[int]) -> None:
-        """Load fal's billing events around a month, apply fal's figures, and reconcile the
-        month whole and split at the given days."""
+    @rule(which=st.integers(0, 5), cuts=st.sets(st.integers(2, 28), max_size=4))
+    def ingest_and_reconcile_billing(self, which: int, cuts: set[int]) -> None:
+        """Load fal's billing events around a month (this one, or one fal billed in), apply
+        fal's figures, and reconcile the month whole and split at the given days."""
         from renderqueue_pipeline.fal_platform import FalPlatform
         from renderqueue_pipeline.spend.billing import load_billing_events
         from renderqueue_pipeline.spend.reconcile import apply_billed, reconcile_range, summarize
 
-        month = month_of(self.clock)
-        if which == "last":
-            month = month_of(month_start(month) - dt.timedelta(days=1))
+        months = sorted(self.billed_months | {month_of(self.clock)})
+        month = months[which % len(months)]
         start, end = month_start(month), month_start(next_month(month))
         platform = FalPlatform(ADMIN_KEY, base_url=self.env.platform.api_url, retry_initial=0.01)
         with platform, self.connect() as conn:
