@@ -54,7 +54,7 @@ from spend_helpers import ADMIN_KEY, SPEND_TABLES, platform_server  # noqa: F401
 from starlette.testclient import TestClient
 
 from renderqueue_pipeline.db.migrate import migrate
-from renderqueue_pipeline.simulator.platform import BillingConfig, PlatformServer
+from renderqueue_pipeline.simulator.platform import BillingConfig, PlatformServer, attach
 from renderqueue_pipeline.simulator.testing import RunningSimulator, WebhookSink, wait_until
 from renderqueue_pipeline.simulator.testing import webhook_sink as running_webhook_sink
 from renderqueue_pipeline.webhook.app import FAL_PATH, ReceiverConfig, create_app
@@ -328,10 +328,11 @@ def env(
     migrate(url)
     database = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
     engine = fal_simulator.server.app.state.engine
-    listeners = list(engine.finish_listeners)
+    listeners = list(engine.finish_listeners), list(engine.submit_listeners)
+    attach(engine, platform_server.book)  # fal's request list lists what the queue accepts
     # fal bills what the test says, on the day it says (not on completion, by wall clock)
     engine.finish_listeners[:] = [
-        f for f in listeners if getattr(f, "__self__", None) is not platform_server.book
+        f for f in listeners[0] if getattr(f, "__self__", None) is not platform_server.book
     ]
     billing = httpx.Client(base_url=platform_server.base_url, verify=str(fal_simulator.ca_bundle))
     from renderqueue_pipeline.settings import get_settings
@@ -358,7 +359,7 @@ def env(
         finally:
             get_settings.cache_clear()
             billing.close()
-            engine.finish_listeners[:] = listeners
+            engine.finish_listeners[:], engine.submit_listeners[:] = listeners
 
 
 ENV: Env | None = None
@@ -427,6 +428,12 @@ class MoneyMachine(RuleBasedStateMachine):
         )
         self.receiver = TestClient(create_app(config))
         self.receiver.__enter__()
+
+    def platform(self) -> Any:
+        """fal's Platform API client (billing events, the request list)."""
+        from renderqueue_pipeline.fal_platform import FalPlatform
+
+        return FalPlatform(ADMIN_KEY, base_url=self.env.platform.api_url, retry_initial=0.01)
 
     def connect(self) -> psycopg.Connection:
         return psycopg.connect(self.env.url, autocommit=True, row_factory=dict_row)
@@ -649,7 +656,9 @@ class MoneyMachine(RuleBasedStateMachine):
         from renderqueue_pipeline.reconcile.core import ReconcileOptions, reconcile
 
         with self.connect() as conn:
-            report = reconcile(conn, ReconcileOptions(concurrency=4))
+            report = reconcile(
+                conn, ReconcileOptions(concurrency=4, adopt="on"), platform_factory=self.platform
+            )
         self.reconciled_at.append(self.clock)
         figures = {k: v for k, v in report.figures().items() if v and k != "seconds"}
         _note(f"reconcile at {iso(self.clock)}: {figures}")
@@ -726,15 +735,13 @@ class MoneyMachine(RuleBasedStateMachine):
     def ingest_and_reconcile_billing(self, which: int, cuts: set[int]) -> None:
         """Load fal's billing events around a month (this one, or one fal billed in), apply
         fal's figures, and reconcile the month whole and split at the given days."""
-        from renderqueue_pipeline.fal_platform import FalPlatform
         from renderqueue_pipeline.spend.billing import load_billing_events
         from renderqueue_pipeline.spend.reconcile import apply_billed, reconcile_range, summarize
 
         months = sorted(self.billed_months | {month_of(self.clock)})
         month = months[which % len(months)]
         start, end = month_start(month), month_start(next_month(month))
-        platform = FalPlatform(ADMIN_KEY, base_url=self.env.platform.api_url, retry_initial=0.01)
-        with platform, self.connect() as conn:
+        with self.platform() as platform, self.connect() as conn:
             load_billing_events(
                 conn, platform, start - dt.timedelta(days=3), end + dt.timedelta(days=34)
             )
@@ -856,6 +863,8 @@ def _note(text: str) -> None:
         print(text, flush=True)
 
 
+# a failing run shrinks its counterexample for minutes: more than the suite's 300 s default
+@pytest.mark.timeout(max(900, 30 * EXAMPLES))
 def test_money_invariants_hold_under_any_order_of_operations_across_month_ends(
     env: Env,
 ) -> None:
