@@ -245,8 +245,9 @@ def closed_month_report_equals_ledger_or_is_marked_changed(
     world: World, conn: psycopg.Connection, check: Callable[[dt.date], list[Any]]
 ) -> None:
     """4. A finalized month's report equals the ledger's sums, key by key; if the ledger
-    changed since, the month is marked changed (`spend_report_months.changed_at`, assumed
-    name) and its blocking checks fail. A check never passes on a differing report."""
+    changed since, the month is marked changed (`spend_report_changes`: more changes than
+    its last rebuild saw, sql/096) and its blocking checks fail. A check never passes on a
+    differing report."""
     for report in world.reports:
         if report["state"] != "final":
             continue
@@ -262,10 +263,14 @@ def closed_month_report_equals_ledger_or_is_marked_changed(
             continue
         findings = check(month)
         passed = [f.name for f in findings if f.passed]
-        changed_at = report.get("changed_at")
-        assert changed_at is not None and not passed, (
+        marked = conn.execute(
+            "select changes > rebuilt_changes as dirty from spend_report_changes where month = %s",
+            (month,),
+        ).fetchone()
+        changed = bool(marked and marked["dirty"])
+        assert changed and not passed, (
             f"final report of {month:%Y-%m} differs from the ledger (report {reported}, "
-            f"ledger {ledger}); marked changed: {changed_at}; checks that passed: {passed}"
+            f"ledger {ledger}); marked changed: {changed}; checks that passed: {passed}"
         )
 
 
