@@ -49,7 +49,12 @@ def _plain(value):
     default="table",
     show_default=True,
 )
-def report(month_text: str, by: str, fmt: str) -> None:
+@click.option(
+    "--forecast",
+    is_flag=True,
+    help="The month-end forecast by user (with budgets) and endpoint, as of now.",
+)
+def report(month_text: str, by: str, fmt: str, forecast: bool) -> None:
     """Spend for one UTC month, straight from the ledger (no materialization needed).
 
     Same figures as the report tables: counts by status, billed seconds and cost of
@@ -60,6 +65,11 @@ def report(month_text: str, by: str, fmt: str) -> None:
     from renderqueue_pipeline.reports.ledger_view import columns_for, month_from_ledger
 
     month = parse_month(month_text)
+    if forecast:
+        from renderqueue_pipeline.reports.forecast_cli import print_forecast
+
+        print_forecast(month, fmt)
+        return
     with connect() as conn:
         rows = month_from_ledger(conn, month, by)
     columns = columns_for(by)
