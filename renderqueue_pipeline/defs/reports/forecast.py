@@ -7,11 +7,11 @@ so the UI plots each user's forecast and budget over the month.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 import dagster as dg
 
+from renderqueue_pipeline.defs.freshness.policies import current_month_policy
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.reports.forecast import Forecast, forecast_month, markdown
 from renderqueue_pipeline.reports.summary import dollars, micros_to_usd
@@ -82,7 +82,7 @@ def budget_check(forecast: Forecast) -> dg.AssetCheckResult:
             description="No user's month-end forecast passes their budget (a warning).",
         )
     ],
-    freshness_policy=dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=2)),
+    freshness_policy=current_month_policy,
 )
 def spend_forecast(ledger: LedgerDatabase) -> dg.MaterializeResult:
     """The current UTC month: month-to-date spend plus the last 7 days' daily rate for the
