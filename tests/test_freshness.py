@@ -140,3 +140,62 @@ def test_billing_loaded_by_0800_utc_is_fresh_until_the_next_days_deadline(
         assert "billing_reconciliation" in sensor_requests(instance)
         late = run_freshness_checks(instance)["billing_reconciliation"]
     assert not late.passed
+
+
+FRESHNESS_QUERY = """
+query Freshness($assetKeys: [AssetKeyInput!], $assetKey: AssetKeyInput!) {
+  assetNodes(assetKeys: $assetKeys) {
+    assetKey { path }
+    freshnessStatusInfo { freshnessStatus }
+  }
+  assetCheckExecutions(assetKey: $assetKey, checkName: "freshness_check", limit: 1) {
+    status
+  }
+}
+"""
+
+
+def test_the_ui_graphql_shows_spend_forecast_fresh_then_late(
+    instance: dg.DagsterInstance, ledger_env: str
+) -> None:
+    """What the UI reads: the asset's freshness status (policy, evaluated by the freshness
+    daemon) and its freshness check's last execution, for the project's code location."""
+    from dagster._core.remote_origin import InProcessCodeLocationOrigin
+    from dagster._core.test_utils import InProcessTestWorkspaceLoadTarget
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+    from dagster._core.workspace.context import WorkspaceProcessContext
+    from dagster._daemon.freshness import FreshnessDaemon
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    origin = InProcessCodeLocationOrigin(
+        LoadableTargetOrigin(module_name="renderqueue_pipeline.definitions", attribute="defs")
+    )
+    key = {"path": ["spend_forecast"]}
+
+    def ui_state(workspace: WorkspaceProcessContext) -> tuple[str, str | None]:
+        list(FreshnessDaemon().run_iteration(workspace))  # one daemon tick
+        result = execute_dagster_graphql(
+            workspace.create_request_context(),
+            FRESHNESS_QUERY,
+            {"assetKeys": [key], "assetKey": key},
+        )
+        assert not result.errors, result.errors
+        (node,) = result.data["assetNodes"]
+        checks = result.data["assetCheckExecutions"]
+        return node["freshnessStatusInfo"]["freshnessStatus"], (
+            checks[0]["status"] if checks else None
+        )
+
+    with WorkspaceProcessContext(instance, InProcessTestWorkspaceLoadTarget(origin)) as workspace:
+        with freeze_time(T0):
+            done = dg.materialize(
+                [spend_forecast],
+                instance=instance,
+                resources={"ledger": LedgerDatabase(url=ledger_env)},
+            )
+            assert done.success
+            run_freshness_checks(instance)
+            assert ui_state(workspace) == ("HEALTHY", "SUCCEEDED")
+        with freeze_time(T0 + timedelta(hours=2, minutes=1)):
+            run_freshness_checks(instance)
+            assert ui_state(workspace) == ("DEGRADED", "FAILED")
