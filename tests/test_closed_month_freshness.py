@@ -85,7 +85,7 @@ def test_a_late_generation_in_a_finalized_month_asks_for_one_refresh_of_that_mon
     assert run.tags["renderqueue/late_days"] == "20"
     assert run.run_key.startswith("late:2026-03@")
 
-    refresh_month(conn, MARCH, now=APRIL_10)  # what the requested run does
+    assert refresh_month(conn, MARCH, now=APRIL_10).state == "final"  # the requested run
     (row,) = table(conn, "spend_monthly_by_user", MARCH)
     assert row["cost_micros"] == 20 * KLING_MICROS_PER_SECOND
     assert late_changes(conn, APRIL_10) == []
