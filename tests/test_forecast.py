@@ -179,6 +179,13 @@ def test_report_forecast_prints_the_month_end_forecast(
     plain = CliRunner().invoke(main, ["report", "--month", "2026-04", "--format", "json"])
     assert plain.exit_code == 0 and "user_id" not in plain.output  # by endpoint, unchanged
     assert {r["endpoint"] for r in json.loads(plain.output)} == {KLING, VEO}
+    focus = CliRunner().invoke(main, ["report", "--month", "2026-04", "--format", "focus"])
+    assert focus.exit_code == 0, focus.output
+    assert focus.output.startswith("BilledCost") or "BilledCost" in focus.output.splitlines()[0]
+    both = CliRunner().invoke(
+        main, ["report", "--month", "2026-04", "--forecast", "--format", "focus"]
+    )
+    assert both.exit_code == 2 and "not focus" in both.output
 
 
 def test_spend_forecast_asset_warns_about_users_forecast_past_their_budget(

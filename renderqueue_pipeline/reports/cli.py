@@ -45,9 +45,10 @@ def _plain(value):
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "csv", "json"]),
+    type=click.Choice(["table", "csv", "json", "focus"]),
     default="table",
     show_default=True,
+    help="focus: one FinOps FOCUS cost row per completed generation, as CSV (--by is ignored).",
 )
 @click.option(
     "--forecast",
@@ -66,9 +67,17 @@ def report(month_text: str, by: str, fmt: str, forecast: bool) -> None:
 
     month = parse_month(month_text)
     if forecast:
+        if fmt == "focus":
+            raise click.UsageError("--forecast prints table, csv or json, not focus")
         from renderqueue_pipeline.reports.forecast_cli import print_forecast
 
         print_forecast(month, fmt)
+        return
+    if fmt == "focus":  # the same CSV as the month's focus.csv report file
+        from renderqueue_pipeline.reports.focus import focus_csv, focus_records
+
+        with connect() as conn:
+            sys.stdout.write(focus_csv(focus_records(conn, month)).decode())
         return
     with connect() as conn:
         rows = month_from_ledger(conn, month, by)
