@@ -125,8 +125,6 @@ def _start_simulator(console: Console) -> tuple[subprocess.Popen, dict[str, str]
             "0",
             "--platform-port",
             "0",
-            "--admin-key",
-            "bench-admin-key",
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -194,7 +192,7 @@ def run(console: Console) -> list[Figure]:
         os.environ["SSL_CERT_FILE"] = exports["SSL_CERT_FILE"]
         with scratch_ledger() as url, connect(url) as conn:
             _make_generations(conn, console)
-            with FalPlatform("bench-admin-key", base_url=exports["RENDERQUEUE_FAL_API_URL"]) as api:
+            with FalPlatform(exports["FAL_ADMIN_KEY"], base_url=exports["RENDERQUEUE_FAL_API_URL"]) as api:
                 # baseline: one INSERT per event, for the first BASELINE_EVENTS of the month
                 span = (END - START) * (BASELINE_EVENTS / EVENTS)
                 started = time.perf_counter()

@@ -39,12 +39,24 @@ from renderqueue_pipeline.simulator.testing import (
 from renderqueue_pipeline.simulator.testing import webhook_sink as running_webhook_sink
 
 
+def _session_env(home: Path, port: int) -> dict[str, str]:
+    """The simulator's printed env (its generated FAL_KEY), without FAL_ADMIN_KEY.
+
+    The session has no Platform API server, and to the reconciler an admin key in the
+    environment means "read fal's request list" (at fal's real address, by default); a
+    test that makes admin calls from the settings sets FAL_ADMIN_KEY to `fal_sim.admin_key`.
+    """
+    env = client_env(home, "127.0.0.1", port)
+    env.pop("FAL_ADMIN_KEY")
+    return env
+
+
 def _export_env_now() -> tuple[Path, socket.socket, int]:
     """Bind the port and export the env at plugin import: as early as a plugin can run."""
     home = Path(tempfile.mkdtemp(prefix="renderqueue-falsim-"))
     sock = bind_socket("127.0.0.1", 0)  # held from now on: nobody else can take the port
     port = sock.getsockname()[1]
-    env = client_env(home, "127.0.0.1", port)
+    env = _session_env(home, port)
     if "fal_client" not in sys.modules:
         os.environ.update(env)
     return home, sock, port
@@ -65,7 +77,7 @@ def pytest_configure(config: pytest.Config) -> None:
                 f"(it points at {FAL_QUEUE_RUN_HOST!r}); load the plugin earlier "
                 "(-p fal_sim_plugin) or do not import fal_client at conftest module level"
             )
-    os.environ.update(client_env(_HOME, "127.0.0.1", _PORT))
+    os.environ.update(_session_env(_HOME, _PORT))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -97,6 +97,7 @@ def test_fals_copy_is_deleted_after_a_safe_archive_and_failures_retried(
     from renderqueue_pipeline.settings import get_settings
 
     monkeypatch.setenv("RENDERQUEUE_DELETE_FAL_COPY", "1")
+    monkeypatch.setenv("FAL_ADMIN_KEY", fal_sim.admin_key)  # delete_io refuses the plain key
     get_settings.cache_clear()
     [(rid, output)] = _complete(ledger_url, fal_sim, [3600.0])
     url = output["video"]["url"]

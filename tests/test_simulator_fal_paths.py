@@ -219,7 +219,9 @@ def test_delete_io_deletes_payloads_and_output_files(fal_sim: RunningSimulator) 
     url = handle.get()["video"]["url"]
     endpoint = f"{fal_sim.base_url}/requests/delete_io/{handle.request_id}"
     with http(fal_sim) as client:
-        assert client.put(endpoint, headers={"Authorization": "Key wrong"}).status_code == 403
+        assert client.put(endpoint, headers={"Authorization": "Key wrong"}).status_code == 401
+        plain = {"Authorization": f"Key {fal_sim.fal_key}"}
+        assert client.put(endpoint, headers=plain).status_code == 403
         answer = client.put(endpoint, headers={"Authorization": "Key admin-secret"})
         assert answer.status_code == 200
         assert answer.json() == {"CDN_DELETE_RESULTS": [{"link": url, "exception": None}]}

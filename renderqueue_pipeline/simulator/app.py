@@ -25,7 +25,7 @@ from starlette.routing import Mount, Route
 
 from renderqueue_pipeline.simulator.config import SimConfig
 from renderqueue_pipeline.simulator.engine import TERMINAL, Engine, Lifecycle, SimRequest
-from renderqueue_pipeline.simulator.keys import UrlSigner, WebhookSigner
+from renderqueue_pipeline.simulator.keys import ApiKeys, UrlSigner, WebhookSigner, key_refusal
 from renderqueue_pipeline.simulator.models import OutputFile, file_chunks, validate_inputs
 
 NAMESPACES = ("workflows", "comfy")
@@ -178,6 +178,7 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
     sim_dir = home / "simulator"
     signer = WebhookSigner.load_or_create(sim_dir)
     url_signer = UrlSigner.load_or_create(sim_dir)
+    api_keys = ApiKeys.load_or_create(sim_dir)  # config.fal_key / admin_key override them
     engine = Engine(config, signer, url_signer)
 
     def authorized(request: Request, *, admin: bool = False) -> JSONResponse | None:
@@ -185,10 +186,16 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
         scheme, _, key = header.partition(" ")
         if scheme != "Key" or not key.strip():
             return _json({"detail": "No credentials: send 'Authorization: Key <FAL_KEY>'"}, 401)
-        wanted = engine.config.admin_key if admin else engine.config.fal_key
-        if wanted and key.strip() != wanted:
-            detail = "This call needs an admin key" if admin else "Invalid credentials"
-            return _json({"detail": detail}, 403 if admin else 401)
+        refusal = key_refusal(
+            key.strip(),
+            plain=engine.config.fal_key or api_keys.fal_key,
+            admin=engine.config.admin_key or api_keys.admin_key,
+            admin_needed=admin,
+        )
+        if refusal == 403:
+            return _json({"detail": "This call needs an admin key (FAL_ADMIN_KEY)"}, 403)
+        if refusal is not None:
+            return _json({"detail": "Invalid credentials"}, 401)
         return None
 
     def fault_response(fault: str, request_id: str | None = None) -> Response:

@@ -65,8 +65,10 @@ _HELP = {
     "result_ttl": "Seconds a result stays fetchable after completion with X-Fal-Store-IO: 0.",
     "payload_ttl": "Seconds a result stays fetchable when payloads are stored (the default).",
     "size_scale": "Multiplier on output file sizes.",
-    "fal_key": "Accept only this key (default: any 'Authorization: Key ...').",
-    "admin_key": "Accept only this key for admin calls (delete_io); default: any key.",
+    "fal_key": "The account's plain key (default: the one generated at first start under "
+    "$RENDERQUEUE_HOME/simulator/api_keys.json); any other key is refused (401).",
+    "admin_key": "The account's admin key for delete_io and the Platform API (default: the "
+    "generated one); the plain key is refused there (403), any other key 401.",
     "seed": "Seed of every random decision.",
 }
 
@@ -177,7 +179,7 @@ def serve(
         if port == 0 or platform_port == 0:
             raise click.BadParameter("--print-env needs a fixed --port", param_hint="--port")
         env = {
-            **client_env(home, host, port, config.fal_key),
+            **client_env(home, host, port, config.fal_key, config.admin_key),
             **platform.platform_env(host, platform_port),
         }
         click.echo(export_lines(env), nl=False)
@@ -214,14 +216,15 @@ def serve(
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
 @click.option("--fal-key", default=None, help="The key the simulator was started with.")
-def env(host: str, port: int, fal_key: str | None) -> None:
+@click.option("--admin-key", default=None, help="The admin key the simulator was started with.")
+def env(host: str, port: int, fal_key: str | None, admin_key: str | None) -> None:
     """Print the export lines for a simulator on HOST:PORT (same as serve --print-env)."""
     from renderqueue_pipeline.settings import get_settings
     from renderqueue_pipeline.simulator.platform import platform_env
     from renderqueue_pipeline.simulator.server import client_env, export_lines
 
     env = {
-        **client_env(get_settings().home_dir, host, port, fal_key),
+        **client_env(get_settings().home_dir, host, port, fal_key, admin_key),
         **platform_env(host, port + 1),
     }
     click.echo(export_lines(env), nl=False)

@@ -2,7 +2,8 @@
 
 Everything is created once and reused: the TLS certificate (so a client's
 SSL_CERT_FILE stays valid across restarts), the Ed25519 webhook key (so a
-receiver's cached JWKS stays valid) and the CDN URL signing secret.
+receiver's cached JWKS stays valid), the CDN URL signing secret and the
+account's API keys (a plain key and an admin key, as fal has).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import datetime as dt
 import hashlib
 import hmac
 import ipaddress
+import json
 import os
 import secrets
 from dataclasses import dataclass
@@ -194,3 +196,52 @@ class UrlSigner:
 
     def verify(self, path: str, expires: int, signature: str) -> bool:
         return hmac.compare_digest(self.signature(path, expires), signature)
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    """The simulated fal account's two keys: a plain API key and an admin key.
+
+    Made once per home (`api_keys.json`, owner-only) so the export lines a shell or a
+    deployment took stay valid across restarts. fal refuses a wrong key (401) and a
+    plain key where an admin key is needed (Platform APIs, delete_io: 403); with a key
+    generated here, not a fixed default, a product that sends the wrong one fails its tests.
+    """
+
+    fal_key: str
+    admin_key: str
+
+    FILE = "api_keys.json"
+
+    @classmethod
+    def load_or_create(cls, directory: Path) -> ApiKeys:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / cls.FILE
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+                keys = cls(str(data["fal_key"]), str(data["admin_key"]))
+            except (ValueError, KeyError, TypeError):
+                keys = None
+            if keys is not None and keys.fal_key and keys.admin_key != keys.fal_key:
+                return keys
+        keys = cls(_new_key("sim"), _new_key("sim-admin"))
+        _write_private(
+            path, json.dumps({"fal_key": keys.fal_key, "admin_key": keys.admin_key}).encode()
+        )
+        return keys
+
+
+def _new_key(prefix: str) -> str:
+    """`<key id>:<secret>`, the shape of a fal key."""
+    return f"{prefix}-{secrets.token_hex(8)}:{secrets.token_hex(24)}"
+
+
+def key_refusal(presented: str, *, plain: str, admin: str, admin_needed: bool) -> int | None:
+    """None when `presented` may make the call, else fal's status: 401 for a key the
+    account does not have, 403 for its plain key on an admin-only call."""
+    if hmac.compare_digest(presented.encode(), admin.encode()):
+        return None
+    if hmac.compare_digest(presented.encode(), plain.encode()):
+        return 403 if admin_needed else None
+    return 401

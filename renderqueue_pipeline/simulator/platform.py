@@ -44,6 +44,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from renderqueue_pipeline.simulator.models import is_image_endpoint
+from renderqueue_pipeline.simulator.keys import ApiKeys, key_refusal
 
 if TYPE_CHECKING:
     from renderqueue_pipeline.simulator.engine import Engine, SimRequest
@@ -371,7 +372,7 @@ class BillingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     seed: int = 0
-    admin_key: str | None = None  # None: any 'Authorization: Key ...' is accepted
+    admin_key: str | None = None  # None: the simulator home's admin key (ApiKeys)
     billing_delay: float = Field(default=0.0, ge=0.0)  # seconds before an event appears
     units_mismatch_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     units_mismatch_seconds: float = 1.0  # extra seconds billed for those requests
@@ -645,8 +646,12 @@ def time_range(request: Request, now: float) -> tuple[float, float]:
     return start, end
 
 
-def build_platform_app(book: BillingBook) -> Starlette:
-    """fal's Platform API routes plus a control API under /_sim/billing."""
+def build_platform_app(book: BillingBook, keys: ApiKeys | None = None) -> Starlette:
+    """fal's Platform API routes plus a control API under /_sim/billing.
+
+    `keys`: the account's keys (the simulator home's); `book.config.admin_key` overrides
+    the admin key. Without `keys` and without a configured admin key any key is accepted.
+    """
 
     def authorize(request: Request) -> None:
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
@@ -654,7 +659,15 @@ def build_platform_app(book: BillingBook) -> Starlette:
             raise ApiError(
                 401, "authorization_error", "No credentials: send 'Authorization: Key <admin key>'"
             )
-        if book.config.admin_key and key.strip() != book.config.admin_key:
+        admin = book.config.admin_key or (keys.admin_key if keys else None)
+        if admin is None:
+            return
+        refusal = key_refusal(
+            key.strip(), plain=keys.fal_key if keys else "", admin=admin, admin_needed=True
+        )
+        if refusal == 403:
+            raise ApiError(403, "authorization_error", "This API needs an admin key")
+        if refusal is not None:
             raise ApiError(401, "authorization_error", "Invalid admin key")
 
     def api(handler: Any) -> Any:
@@ -1004,7 +1017,8 @@ class PlatformServer:
         self.cert, self.key, self.bundle = ensure_ca_bundle(self.home)
         self.sock = bind_socket(host, port)
         self.port: int = self.sock.getsockname()[1]
-        self.app = build_platform_app(book)
+        self.keys = ApiKeys.load_or_create(self.home / "simulator")
+        self.app = build_platform_app(book, self.keys)
         self._uvicorn = uvicorn.Server(
             uvicorn.Config(
                 self.app,

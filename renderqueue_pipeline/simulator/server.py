@@ -19,10 +19,9 @@ import uvicorn
 
 from renderqueue_pipeline.simulator.app import build_app
 from renderqueue_pipeline.simulator.config import SimConfig
-from renderqueue_pipeline.simulator.keys import ensure_tls_cert
+from renderqueue_pipeline.simulator.keys import ApiKeys, ensure_tls_cert
 
 DEFAULT_PORT = 8765
-DEFAULT_CLIENT_KEY = "simulator-key"
 
 
 def simulator_dir(home: Path) -> Path:
@@ -51,15 +50,32 @@ def client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def client_env(home: Path, host: str, port: int, fal_key: str | None = None) -> dict[str, str]:
-    """The environment fal-client (and our webhook receiver) needs to talk to the simulator."""
+def api_keys(home: Path) -> ApiKeys:
+    """The simulated account's plain and admin keys (made at first use, kept under home)."""
+    return ApiKeys.load_or_create(simulator_dir(home))
+
+
+def client_env(
+    home: Path,
+    host: str,
+    port: int,
+    fal_key: str | None = None,
+    admin_key: str | None = None,
+) -> dict[str, str]:
+    """The environment fal-client (and our webhook receiver) needs to talk to the simulator.
+
+    FAL_KEY / FAL_ADMIN_KEY: the home's generated keys unless a simulator was started with
+    explicit ones (`fal_key`, `admin_key`).
+    """
     _, _, bundle = ensure_ca_bundle(home)
+    keys = api_keys(home)
     hostport = f"{client_host(host)}:{port}"
     return {
         "FAL_QUEUE_RUN_HOST": hostport,
         "FAL_RUN_HOST": f"{hostport}/_run",
         "SSL_CERT_FILE": str(bundle),
-        "FAL_KEY": fal_key or DEFAULT_CLIENT_KEY,
+        "FAL_KEY": fal_key or keys.fal_key,
+        "FAL_ADMIN_KEY": admin_key or keys.admin_key,
         "FAL_JWKS_URL": f"https://{hostport}/.well-known/jwks.json",
         # fal's REST API (delete_io) lives on the same server here
         "RENDERQUEUE_FAL_REST_URL": f"https://{hostport}",
@@ -131,7 +147,9 @@ class SimulatorServer:
         return f"https://{client_host(self.host)}:{self.port}"
 
     def env(self) -> dict[str, str]:
-        return client_env(self.home, self.host, self.port, self.config.fal_key)
+        return client_env(
+            self.home, self.host, self.port, self.config.fal_key, self.config.admin_key
+        )
 
     def run(self) -> None:
         """Serve in the foreground until SIGINT/SIGTERM."""

@@ -158,8 +158,20 @@ class RunningSimulator:
 
     @property
     def env(self) -> dict[str, str]:
-        """FAL_QUEUE_RUN_HOST, FAL_RUN_HOST, SSL_CERT_FILE, FAL_KEY, FAL_JWKS_URL."""
-        return client_env(self.home, self.host, self.port, self.config.fal_key)
+        """FAL_QUEUE_RUN_HOST, FAL_RUN_HOST, SSL_CERT_FILE, FAL_KEY, FAL_ADMIN_KEY, FAL_JWKS_URL."""
+        return client_env(
+            self.home, self.host, self.port, self.config.fal_key, self.config.admin_key
+        )
+
+    @property
+    def fal_key(self) -> str:
+        """The plain key the queue accepts (the home's generated one unless configured)."""
+        return self.env["FAL_KEY"]
+
+    @property
+    def admin_key(self) -> str:
+        """The admin key delete_io and the Platform API accept."""
+        return self.env["FAL_ADMIN_KEY"]
 
     @property
     def jwks_url(self) -> str:
