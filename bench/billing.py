@@ -192,7 +192,9 @@ def run(console: Console) -> list[Figure]:
         os.environ["SSL_CERT_FILE"] = exports["SSL_CERT_FILE"]
         with scratch_ledger() as url, connect(url) as conn:
             _make_generations(conn, console)
-            with FalPlatform(exports["FAL_ADMIN_KEY"], base_url=exports["RENDERQUEUE_FAL_API_URL"]) as api:
+            with FalPlatform(
+                exports["FAL_ADMIN_KEY"], base_url=exports["RENDERQUEUE_FAL_API_URL"]
+            ) as api:
                 # baseline: one INSERT per event, for the first BASELINE_EVENTS of the month
                 span = (END - START) * (BASELINE_EVENTS / EVENTS)
                 started = time.perf_counter()

@@ -43,8 +43,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from renderqueue_pipeline.simulator.models import is_image_endpoint
 from renderqueue_pipeline.simulator.keys import ApiKeys, key_refusal
+from renderqueue_pipeline.simulator.models import is_image_endpoint
 
 if TYPE_CHECKING:
     from renderqueue_pipeline.simulator.engine import Engine, SimRequest
