@@ -192,7 +192,8 @@ def _wait_for(predicate, timeout: float, what: str):
     raise TimeoutError(f"{what} not ready after {timeout} s")
 
 
-def _start_simulator(home: Path) -> tuple[_Process, str, str]:
+def _start_simulator(home: Path) -> tuple[_Process, str, str, str]:
+    """The simulator as its own process: (process, host, CA bundle, its printed FAL_KEY)."""
     log = home / "simulator.log"
     process = _Process(
         [
@@ -217,7 +218,9 @@ def _start_simulator(home: Path) -> tuple[_Process, str, str]:
     host = _wait_for(port, 60, "fal simulator")
     bundle = str(home / "simulator" / "ca-bundle.pem")
     _wait_for(lambda: _ok(f"https://{host}/_sim/health", bundle), 60, "fal simulator")
-    return process, host, bundle
+    fal_key = re.search(r"FAL_KEY='([^']+)'", log.read_text())
+    assert fal_key, "the simulator printed no FAL_KEY"
+    return process, host, bundle, fal_key.group(1)
 
 
 def _ok(url: str, verify: str | bool = False) -> bool:
@@ -227,14 +230,14 @@ def _ok(url: str, verify: str | bool = False) -> bool:
         return False
 
 
-def _outputs(host: str, bundle: str, count: int, size: int) -> list[dict[str, Any]]:
+def _outputs(host: str, bundle: str, key: str, count: int, size: int) -> list[dict[str, Any]]:
     """Submit `count` requests sized to about `size` bytes; their fal outputs."""
     with httpx.Client(
         base_url=f"https://{host}",
         verify=bundle,
         timeout=60,
         trust_env=False,
-        headers={"authorization": "Key bench"},
+        headers={"authorization": f"Key {key}"},
     ) as http:
         http.patch("/_sim/config", json={"size_scale": size / BASE_VIDEO_BYTES}).raise_for_status()
         inputs = {"prompt": "a slow pan over a harbour", "duration": "5", "resolution": "720p"}
@@ -304,7 +307,7 @@ def run(console: Console) -> list[Figure]:
     home = BENCH_HOME / "archive"
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir(parents=True)
-    simulator, host, bundle = _start_simulator(home)
+    simulator, host, bundle, fal_key = _start_simulator(home)
     moto = None
     s3_env = {
         "AWS_ACCESS_KEY_ID": "bench",
@@ -314,7 +317,7 @@ def run(console: Console) -> list[Figure]:
     }
     try:
         console.print(f"submitting {OUTPUTS} outputs of ~{TARGET_BYTES / 1e6:.0f} MB")
-        outputs = _outputs(host, bundle, OUTPUTS, TARGET_BYTES)
+        outputs = _outputs(host, bundle, fal_key, OUTPUTS, TARGET_BYTES)
         urls = [o["payload"]["video"]["url"] for o in outputs]
         with scratch_ledger() as ledger:
             _load_rows(ledger, outputs)
@@ -370,7 +373,7 @@ def run(console: Console) -> list[Figure]:
             moto = None
 
         console.print(f"one output of ~{LARGE_BYTES / 1e9:.0f} GB into file://")
-        large_outputs = _outputs(host, bundle, 1, LARGE_BYTES)
+        large_outputs = _outputs(host, bundle, fal_key, 1, LARGE_BYTES)
         with scratch_ledger() as ledger:
             _load_rows(ledger, large_outputs)
             large = _child(

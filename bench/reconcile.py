@@ -183,7 +183,10 @@ def run(console: Console) -> list[Figure]:
         try:
             context = multiprocessing.get_context("spawn")
             results = context.Queue()
-            child = context.Process(target=_child, args=(url, server.env(), results))
+            # no Platform API here: without FAL_ADMIN_KEY the reconciler does not read
+            # fal's request list (it would go to fal's real address)
+            env = {k: v for k, v in server.env().items() if k != "FAL_ADMIN_KEY"}
+            child = context.Process(target=_child, args=(url, env, results))
             console.print(
                 f"  submitting {STUCK:,} requests through fal-client, then one reconcile pass "
                 f"at concurrency {CONCURRENCY}..."

@@ -74,7 +74,11 @@ def test_status_without_logs_has_null_logs(fal_sim: RunningSimulator) -> None:
     assert isinstance(status, fal_client.Completed)
     assert status.logs is None
     with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
-        raw = http.get(handle.status_url, headers={"Authorization": "Key k"}, params={"logs": 1})
+        raw = http.get(
+            handle.status_url,
+            headers={"Authorization": f"Key {fal_sim.fal_key}"},
+            params={"logs": 1},
+        )
     assert raw.status_code == 200
     assert raw.json()["status"] == "COMPLETED"
     assert isinstance(raw.json()["logs"], list)
@@ -87,9 +91,11 @@ def test_in_progress_status_is_202_with_logs(fal_sim: RunningSimulator) -> None:
         raw = wait_until(
             lambda: (
                 r
-                if (r := http.get(handle.status_url, headers={"Authorization": "Key k"})).json()[
-                    "status"
-                ]
+                if (
+                    r := http.get(
+                        handle.status_url, headers={"Authorization": f"Key {fal_sim.fal_key}"}
+                    )
+                ).json()["status"]
                 == "IN_PROGRESS"
                 else None
             ),
@@ -238,7 +244,7 @@ def test_status_urls_use_owner_and_app_only(fal_sim: RunningSimulator) -> None:
         fal_client.status(ENDPOINT, handle.request_id), fal_client.Queued | fal_client.InProgress
     )
     with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
-        auth = {"Authorization": "Key k"}
+        auth = {"Authorization": f"Key {fal_sim.fal_key}"}
         wrong = http.get(f"{fal_sim.base_url}/{ENDPOINT}/requests/{handle.request_id}/status")
         assert wrong.status_code == 401  # auth is checked first
         wrong = http.get(
