@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -140,3 +141,26 @@ def test_simulator_env_and_print_env_print_the_generated_keys(tmp_path: Path) ->
         with _http(sim) as http:
             answer = http.post(f"/{ENDPOINT}", json=INPUTS, headers=_key(printed["FAL_KEY"]))
         assert answer.status_code == 200
+
+
+def test_processes_starting_at_once_on_a_new_home_agree_on_the_keys(tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    code = (  # every child imports first, then all start together when `go` appears
+        "import os, sys; from pathlib import Path;"
+        "from renderqueue_pipeline.simulator.keys import ApiKeys\n"
+        "while not os.path.exists(sys.argv[2]): pass\n"
+        "k = ApiKeys.load_or_create(Path(sys.argv[1])); print(k.fal_key, k.admin_key)"
+    )
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path / "simulator"), str(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    time.sleep(1)  # not a race in the test: only makes a real race between them likely
+    go.write_text("")
+    printed = {child.communicate(timeout=60)[0].strip() for child in children}
+    assert len(printed) == 1 and all(child.returncode == 0 for child in children)
+    assert sorted((tmp_path / "simulator").iterdir()) == [tmp_path / "simulator" / "api_keys.json"]

@@ -217,19 +217,33 @@ class ApiKeys:
     def load_or_create(cls, directory: Path) -> ApiKeys:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / cls.FILE
-        if path.exists():
-            try:
-                data = json.loads(path.read_text())
-                keys = cls(str(data["fal_key"]), str(data["admin_key"]))
-            except (ValueError, KeyError, TypeError):
-                keys = None
-            if keys is not None and keys.fal_key and keys.admin_key != keys.fal_key:
-                return keys
+        if (found := cls._read(path)) is not None:
+            return found
         keys = cls(_new_key("sim"), _new_key("sim-admin"))
-        _write_private(
-            path, json.dumps({"fal_key": keys.fal_key, "admin_key": keys.admin_key}).encode()
-        )
+        data = json.dumps({"fal_key": keys.fal_key, "admin_key": keys.admin_key}).encode()
+        if path.exists():  # unreadable: replace it
+            _write_private(path, data)
+            return keys
+        # first start: two processes (a server and `simulator env`) may race; the first
+        # file wins, so every process ends up with the same keys
+        tmp = path.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.new")
+        _write_private(tmp, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            keys = cls._read(path) or keys
+        finally:
+            tmp.unlink(missing_ok=True)
         return keys
+
+    @classmethod
+    def _read(cls, path: Path) -> ApiKeys | None:
+        try:
+            data = json.loads(path.read_text())
+            keys = cls(str(data["fal_key"]), str(data["admin_key"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return keys if keys.fal_key and keys.admin_key and keys.fal_key != keys.admin_key else None
 
 
 def _new_key(prefix: str) -> str:
