@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from renderqueue_pipeline.db.connect import connect
@@ -156,8 +157,8 @@ def real_fal(console: Console) -> Iterator[None]:
             "running webhook receiver (renderqueue webhook serve)"
         )
     host = os.environ.get("FAL_QUEUE_RUN_HOST", "queue.fal.run")
-    console.print(f"fal: {host} (FAL_KEY set; no simulator started)")
-    console.print(f"webhook receiver: {settings.webhook_url} (already running)")
+    console.print(f"fal: {escape(host)} (FAL_KEY set; no simulator started)")
+    console.print(f"webhook receiver: {escape(str(settings.webhook_url))} (already running)")
     yield
 
 
@@ -175,7 +176,7 @@ def run_headless(console: Console | None = None) -> bool:
     home = get_settings().home_dir
     home.mkdir(parents=True, exist_ok=True)
     url = database_url()
-    console.print(f"ledger database: {redact_url(url)}")
+    console.print(f"ledger database: {escape(redact_url(url))}")
     migrate(url)
     truths: dict[str, dict[str, Any]] | None = None
     if get_settings().fal_key is not None:
@@ -209,7 +210,7 @@ def _flow(url: str, load_defs: Any, console: Console, step: Step) -> tuple[list[
 
     prepare_demo_ledger(url)
     target = drop_sample_prompts(get_settings().prompts)
-    console.print(f"sample prompts: {target}")
+    console.print(f"sample prompts: {escape(str(target))}")
     ensure_dagster_home(url)
     defs = load_defs()
     with DagsterInstance.get() as instance:
@@ -384,7 +385,7 @@ def print_summary(
         bad.add_column("line")
         bad.add_column("why")
         for r in rejected:
-            bad.add_row(str(r["line_no"]), r["reason"])
+            bad.add_row(str(r["line_no"]), escape(r["reason"]))
         console.print(bad)
     users = Table(title="spend by user")
     for column in ("user", "generations", "cost"):
@@ -394,10 +395,10 @@ def print_summary(
     console.print(users)
     console.print(
         f"archived: {archived['n']} outputs, {archived['b']:,} bytes under "
-        f"{settings.storage}/generations/"
+        f"{escape(settings.storage)}/generations/"
     )
     month = dt.datetime.now(dt.UTC).strftime("%Y-%m")
-    console.print(f"spend reports: {settings.storage}/reports/spend/{month}/")
+    console.print(f"spend reports: {escape(settings.storage)}/reports/spend/{month}/")
     console.print(
         "cost basis of completed rows: " + ", ".join(f"{r['cost_basis']} {r['n']}" for r in billing)
     )
@@ -421,7 +422,7 @@ def print_summary(
     if problems:
         console.print(f"[red]the ledger differs from fal's ground truth in {len(problems)} rows:")
         for line in problems[:20]:
-            console.print(f"  {line}")
+            console.print(f"  {escape(line)}")
         return False
     console.print(
         f"[green]ledger matches the simulator's ground truth for all {len(request_ids)} "

@@ -23,8 +23,10 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.redact import redact
 
 SAMPLE_PROMPTS = "prompts-demo.csv"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -361,13 +363,13 @@ def run_dev(
             prepare_demo_ledger(url)
             target = drop_sample_prompts(settings.prompts)
             ui = f"http://127.0.0.1:{ui_port}"
-            console.print(f"sample prompts  {target}", soft_wrap=True)
+            console.print(f"sample prompts  {escape(str(target))}", soft_wrap=True)
             console.print(
                 "\n[bold]Open[/bold] (the sensors pick the file up within a minute)\n"
                 f"  {ui}/runs         the submit_batch run: counts and rejected rows\n"
                 f"  {ui}/automation   sensors and schedules, all running\n"
                 f"  {ui}/assets       archive, monthly spend (checks, chart), billing\n"
-                f"logs of every process: {home / 'logs'}\n"
+                f"logs of every process: {escape(str(home / 'logs'))}\n"
                 "Ctrl-C stops everything.\n",
                 soft_wrap=True,
             )
@@ -388,7 +390,7 @@ def run_dev(
                         status = wait_for_run(ui, run_id, stop=lambda: stop)
                         console.print(f"{job}: {status.lower()}")
                     except (RenderqueueError, httpx.HTTPError) as exc:
-                        console.print(f"[yellow]{job} not launched: {exc}")
+                        console.print(f"[yellow]{job} not launched: {escape(redact(exc))}")
                 from renderqueue_pipeline.db.connect import connect
 
                 with connect(url) as conn:

@@ -37,6 +37,11 @@ def parse_start_timeouts(value: str) -> dict[str, float]:
     return result
 
 
+CONTROL_CHARACTER_MESSAGE = "contains a control character (a newline or tab inside the value)"
+#: Settings whose value is never shown, not even in an error about it.
+SECRET_FIELDS = frozenset({"fal_key", "fal_admin_key"})
+
+
 class ConfigError(Exception):
     """A setting has a value we cannot use; the message names the variable."""
 
@@ -55,6 +60,9 @@ class Settings(BaseSettings):
     webhook_flushers: int = Field(default=1, ge=1, le=32, alias="RENDERQUEUE_WEBHOOK_FLUSHERS")
     storage_url: str | None = Field(default=None, alias="RENDERQUEUE_STORAGE_URL")
     prompts_url: str | None = Field(default=None, alias="RENDERQUEUE_PROMPTS_URL")
+    # URL prefixes (folders), comma-separated, a prompts file may come from besides the
+    # inbox (docs/batch.md "Where prompt files may come from")
+    prompt_sources: str = Field(default="", alias="RENDERQUEUE_PROMPT_SOURCES")
     # -- fal gateway (issue 9) --
     fal_admin_key: SecretStr | None = Field(default=None, alias="FAL_ADMIN_KEY")
     fal_rest_url: str = Field(default=DEFAULT_FAL_REST_URL, alias="RENDERQUEUE_FAL_REST_URL")
@@ -128,6 +136,20 @@ class Settings(BaseSettings):
     reports_start_month: str = Field(
         default="2026-01", pattern=r"^\d{4}-(0[1-9]|1[0-2])$", alias="RENDERQUEUE_REPORTS_START"
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _clean_text(cls, value: object) -> object:
+        """Strip surrounding whitespace (a mounted secret's newline); refuse control
+        characters inside (httpx would quote the value in its error)."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            raise ValueError(CONTROL_CHARACTER_MESSAGE)
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -268,6 +290,8 @@ def load_settings() -> Settings:
         env = _FIELD_TO_ENV.get(field, field)
         message = first["msg"].removeprefix("Value error, ")
         got = first.get("input")
+        if field in SECRET_FIELDS or message == CONTROL_CHARACTER_MESSAGE:
+            raise ConfigError(f"{env}: {message} (value not shown)") from None
         if (field in _URL_FIELDS or env in _URL_ENVS) and isinstance(got, str):
             got = redact_url(got)  # a bad DATABASE_URL may still carry a real password
         raise ConfigError(f"{env}: {message} (got {got!r})") from None

@@ -21,6 +21,7 @@ import psycopg
 from renderqueue_pipeline.batch.report import BatchNotFound
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.redact import redact
 
 
 @dataclass(frozen=True)
@@ -89,12 +90,12 @@ async def _cancel_all(
                 except FalNotFound:
                     outcome = stored = "not_found"
                 except FalError as exc:
-                    outcome, stored = "error", f"error: {exc}"
+                    outcome, stored = "error", redact(f"error: {exc}")
                     errors.append(
                         {
                             "line_no": row["line_no"],
                             "request_id": row["request_id"],
-                            "error": str(exc),
+                            "error": redact(exc),
                         }
                     )
                 async with lock:

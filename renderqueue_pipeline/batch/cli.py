@@ -22,7 +22,9 @@ def _require_fal() -> None:
 
 
 def _file_url(file: str) -> str:
-    return file if "://" in file else Path(file).expanduser().resolve().as_uri()
+    """A local path as `file://` + the path itself: `Path.as_uri()` percent-encodes spaces
+    and brackets, and fsspec does not decode them ("no such file")."""
+    return file if "://" in file else "file://" + str(Path(file).expanduser().resolve())
 
 
 def _ledger_url() -> str:

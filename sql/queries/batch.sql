@@ -65,6 +65,11 @@ order by line_no;
 update batch_items set sent_at = now()
 where id = any(%(item_ids)s) and state = 'pending';
 
+-- name: unmark_item_sent
+-- fal refused our key: the call enqueued nothing, the item is unsent again
+update batch_items set sent_at = null
+where id = %(item_id)s and state = 'pending';
+
 -- name: batch_line_numbers
 select line_no from batch_items where batch_id = %(batch_id)s;
 

@@ -18,6 +18,7 @@ from renderqueue_pipeline.batch import (
 from renderqueue_pipeline.dagster_home import DOMAIN_TAG
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.redact import redact
 
 #: Run tag the Dagster instance limits (dagster_home.tag_concurrency_limits) so the
 #: inbox cannot flood the run queue.
@@ -28,9 +29,10 @@ class SubmitBatchConfig(dg.Config):
     """One prompts file to submit as a batch (launchpad or the inbox sensor)."""
 
     file_url: str = Field(
-        description="fsspec URL of a CSV, JSONL or Parquet prompts file "
-        "(file:///data/prompts.csv, s3://bucket/inbox/prompts.parquet). Columns: prompt "
-        "(required), user_id, endpoint, and any model input (duration, resolution, ...)."
+        description="fsspec URL of a CSV, JSONL or Parquet prompts file in the prompts inbox "
+        "or under a RENDERQUEUE_PROMPT_SOURCES prefix (s3://bucket/inbox/prompts.parquet). "
+        "Columns: prompt (required), user_id, endpoint, and any model input (duration, "
+        "resolution, ...)."
     )
     content_version: str = Field(
         default="",
@@ -86,7 +88,7 @@ def result_metadata(result: BatchResult) -> dict[str, dg.MetadataValue]:
         "batch_id": dg.MetadataValue.int(report.batch_id),
         "status": dg.MetadataValue.text(report.status),
         "duplicate": dg.MetadataValue.bool(result.duplicate),
-        "source": dg.MetadataValue.text(report.source),
+        "source": dg.MetadataValue.text(redact(report.source)),
         "sha256": dg.MetadataValue.text(report.sha256 or ""),
         "read": dg.MetadataValue.int(counts["read"]),
         "submitted": dg.MetadataValue.int(counts["submitted"]),
@@ -97,8 +99,8 @@ def result_metadata(result: BatchResult) -> dict[str, dg.MetadataValue]:
         "submits_per_second": dg.MetadataValue.float(round(result.submit_rate, 1)),
         "rate_limited_calls": dg.MetadataValue.int(stats.rate_limited),
         "seconds": dg.MetadataValue.float(round(stats.elapsed, 2)),
-        "rejections": dg.MetadataValue.md(report.rejections_markdown()),
-        "unknown_outcomes": dg.MetadataValue.md(report.unknown_markdown()),
+        "rejections": dg.MetadataValue.md(redact(report.rejections_markdown())),
+        "unknown_outcomes": dg.MetadataValue.md(redact(report.unknown_markdown())),
     }
 
 
@@ -113,13 +115,16 @@ def submit_prompts_file(
             _options(config),
             ledger_url=ledger.resolved_url(),
             log=context.log.info,
+            allow_local=False,  # the launchpad may name only the inbox and allowed prefixes
         )
     except PromptFileError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from None
+        raise dg.Failure(description=redact(exc), allow_retries=False) from None
     except RenderqueueError as exc:
-        raise dg.Failure(description=str(exc)) from None
+        raise dg.Failure(description=redact(exc)) from None
+    except Exception as exc:  # the traceback would carry the text unredacted
+        raise dg.Failure(description=redact(f"{type(exc).__name__}: {exc}")) from None
     context.add_output_metadata(result_metadata(result))
-    context.log.info(result.report.summary())
+    context.log.info(redact(result.report.summary()))
     return result.batch_id
 
 
@@ -148,7 +153,7 @@ def cancel_batch_requests(
             config.batch_id, ledger_url=ledger.resolved_url(), log=context.log.info
         )
     except RenderqueueError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from None
+        raise dg.Failure(description=redact(exc), allow_retries=False) from None
     errors = "\n".join(
         f"| {e['line_no']} | {e['request_id']} | {e['error']} |" for e in result.errors
     )
@@ -158,7 +163,9 @@ def cancel_batch_requests(
             "asked": dg.MetadataValue.int(result.asked),
             "outcomes": dg.MetadataValue.json(dict(result.outcomes)),
             "errors": dg.MetadataValue.md(
-                "| line | request | error |\n|---:|---|---|\n" + errors if errors else "none"
+                redact(f"| line | request | error |\n|---:|---|---|\n{errors}")
+                if errors
+                else "none"
             ),
         }
     )
