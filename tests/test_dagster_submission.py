@@ -57,7 +57,10 @@ class Inbox:
         return submit_batch.execute_in_process(
             run_config=config,
             instance=self.instance,
-            resources={"ledger": LedgerDatabase(url=self.ledger_url)},
+            resources={
+                "ledger": LedgerDatabase(url=self.ledger_url),
+                "prompts_inbox": PromptsInbox(url=self.folder.as_uri()),
+            },
             tags=request.tags,
             raise_on_error=False,
         )
@@ -150,7 +153,12 @@ def test_submit_batch_from_the_launchpad_with_defaults_and_a_cap(
         }
     }
     result = submit_batch.execute_in_process(
-        run_config=config, instance=instance, resources={"ledger": LedgerDatabase(url=ledger_url)}
+        run_config=config,
+        instance=instance,
+        resources={
+            "ledger": LedgerDatabase(url=ledger_url),
+            "prompts_inbox": PromptsInbox(url=tmp_path.as_uri()),
+        },
     )
     assert result.success
     meta = metadata(result)
@@ -195,7 +203,10 @@ def test_a_bad_setting_fails_the_run_with_its_name(
                 }
             },
             instance=instance,
-            resources={"ledger": LedgerDatabase(url=ledger_url)},
+            resources={
+                "ledger": LedgerDatabase(url=ledger_url),
+                "prompts_inbox": PromptsInbox(url=tmp_path.as_uri()),
+            },
             raise_on_error=False,
         )
         assert not result.success
@@ -212,7 +223,10 @@ def test_cancel_batch_cancels_queued_requests_at_fal(
 ) -> None:
     fal_sim.control.set_faults(queue_delay="30")  # everything waits in fal's queue
     path = write_csv(tmp_path / "a.csv", prompts(4))
-    resources = {"ledger": LedgerDatabase(url=ledger_url)}
+    resources = {
+        "ledger": LedgerDatabase(url=ledger_url),
+        "prompts_inbox": PromptsInbox(url=tmp_path.as_uri()),
+    }
     submitted = submit_batch.execute_in_process(
         run_config={
             "ops": {

@@ -27,7 +27,7 @@ import contextlib
 import random
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -749,11 +749,13 @@ def submit_batch_file(
     log: Log = lambda line: None,
     gateway_factory: Callable[[int], Any] | None = None,
     allow_local: bool = True,
+    allowed_prefixes: Sequence[str] = (),
 ) -> BatchResult:
     """Submit every good row of the prompts file at `url` (an allowed fsspec URL) as one batch.
 
-    `url` must lie in the prompts inbox or under a RENDERQUEUE_PROMPT_SOURCES prefix; a
-    local path is also allowed when `allow_local` (the CLI; never the launchpad). The file
+    `url` must lie in the prompts inbox, under a RENDERQUEUE_PROMPT_SOURCES prefix or under
+    one of `allowed_prefixes`; a local path is also allowed when `allow_local` (the CLI;
+    never the launchpad). The file
     is fetched once into a local copy that is hashed, parsed and then read, so what is
     submitted is what was hashed.
 
@@ -772,7 +774,7 @@ def submit_batch_file(
 
     options = (options or BatchOptions()).checked()
     settings = get_settings()
-    allowed = [settings.prompts, *parse_prefixes(settings.prompt_sources)]
+    allowed = [settings.prompts, *parse_prefixes(settings.prompt_sources), *allowed_prefixes]
     check_source(url, allowed, allow_local=allow_local)
     ledger_url = ledger_url or database_url()
     with tempfile.TemporaryFile(prefix="renderqueue-prompts-") as copy:

@@ -17,6 +17,7 @@ from renderqueue_pipeline.batch import (
 )
 from renderqueue_pipeline.dagster_home import DOMAIN_TAG
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.submission.resources import PromptsInbox
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.redact import redact
 
@@ -106,7 +107,10 @@ def result_metadata(result: BatchResult) -> dict[str, dg.MetadataValue]:
 
 @dg.op(pool="fal_api", tags=SUBMISSION_TAGS)
 def submit_prompts_file(
-    context: dg.OpExecutionContext, config: SubmitBatchConfig, ledger: LedgerDatabase
+    context: dg.OpExecutionContext,
+    config: SubmitBatchConfig,
+    ledger: LedgerDatabase,
+    prompts_inbox: PromptsInbox,
 ) -> int:
     """Submit the file's good rows to fal; rejected rows are recorded with their reasons."""
     try:
@@ -116,6 +120,7 @@ def submit_prompts_file(
             ledger_url=ledger.resolved_url(),
             log=context.log.info,
             allow_local=False,  # the launchpad may name only the inbox and allowed prefixes
+            allowed_prefixes=[prompts_inbox.resolved_url()],
         )
     except PromptFileError as exc:
         raise dg.Failure(description=redact(exc), allow_retries=False) from None
