@@ -16,7 +16,7 @@ from batch_helpers import SEEDANCE, dagster_instance, ledger_counts, prompts, wr
 from click.testing import CliRunner
 
 from renderqueue_pipeline.batch import PromptFileError
-from renderqueue_pipeline.batch.source import check_source, file_format
+from renderqueue_pipeline.batch.source import file_format
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.submission.jobs import submit_batch
@@ -85,6 +85,8 @@ def test_the_cli_refuses_urls_outside_the_allow_list_before_fetching_anything(
 def test_a_listed_prefix_is_no_licence_for_its_neighbours(
     ledger_env: str, canary: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from renderqueue_pipeline.batch.source import check_source
+
     base, seen = canary
     monkeypatch.setenv("RENDERQUEUE_PROMPT_SOURCES", f"{base}/prompts, s3://team-bucket/in/")
     get_settings.cache_clear()

@@ -28,7 +28,6 @@ from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.submission.jobs import submit_batch
 from renderqueue_pipeline.defs.submission.resources import PromptsInbox
-from renderqueue_pipeline.redact import RedactingFilter, redact
 from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
@@ -93,6 +92,8 @@ def test_a_control_character_inside_a_secret_is_refused_naming_the_variable_not_
 def test_redact_removes_every_configured_secret_and_its_parts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from renderqueue_pipeline.redact import RedactingFilter, redact
+
     monkeypatch.setenv("FAL_KEY", CANARY_KEY + "\n")
     monkeypatch.setenv("FAL_ADMIN_KEY", ADMIN_CANARY)
     monkeypatch.setenv("DATABASE_URL", f"postgresql://rq:{DB_PASSWORD}@127.0.0.1:5432/rq")
