@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from batch_helpers import SEEDANCE, dagster_instance, prompts, write_csv
 from click.testing import CliRunner
+from spend_helpers import ADMIN_KEY, fal_billing, platform_server  # noqa: F401 - fixtures
 
 from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 from renderqueue_pipeline.cli import main
@@ -237,3 +238,17 @@ def test_a_canary_key_appears_in_no_output_log_ledger_row_or_dagster_storage(
     assert [n for n in needles if n in text] == []
     assert _hits_in_database(ledger_url, needles) == []
     assert dagster_hits == []
+
+
+def test_an_admin_key_with_a_trailing_newline_works_for_spend_prices_and_is_never_printed(
+    ledger_env: str,
+    fal_billing: Any,  # noqa: F811 - the fixture imported from spend_helpers
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FAL_ADMIN_KEY", ADMIN_KEY + "\n")
+    monkeypatch.setenv("RENDERQUEUE_FAL_API_URL", fal_billing.api_url)
+    get_settings.cache_clear()
+    code, out, err = cli("spend", "prices")
+    assert code == 0, err
+    assert "checked" in out
+    assert ADMIN_KEY not in out + err

@@ -19,6 +19,7 @@ from psycopg.types.json import Jsonb
 
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import LedgerInputError
+from renderqueue_pipeline.redact import redact
 
 EventKind = Literal["in_progress", "completed", "failed", "canceled"]
 EventSource = Literal["webhook", "reconcile", "api"]
@@ -213,7 +214,7 @@ def record_submitted(
 def record_rejected(conn: psycopg.Connection, intent: Intent, reason: str) -> None:
     """fal refused the request for certain (nothing was queued): say why on the item."""
     with conn.transaction():
-        conn.execute(q("mark_item_rejected"), {"item_id": intent.item_id, "reason": reason})
+        conn.execute(q("mark_item_rejected"), {"item_id": intent.item_id, "reason": redact(reason)})
 
 
 def mark_unknown_outcomes(conn: psycopg.Connection, older_than: str = "10 minutes") -> list[dict]:
