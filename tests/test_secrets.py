@@ -252,3 +252,54 @@ def test_an_admin_key_with_a_trailing_newline_works_for_spend_prices_and_is_neve
     assert code == 0, err
     assert "checked" in out
     assert ADMIN_KEY not in out + err
+
+
+@pytest.mark.timeout(400)
+def test_the_headless_demo_with_a_canary_key_leaves_it_nowhere(
+    fal_sim: RunningSimulator,
+    fal_billing: Any,  # noqa: F811 - the fixture imported from spend_helpers
+    ledger_url: str,
+    conn: psycopg.Connection,
+    tmp_path: Path,
+) -> None:
+    """`renderqueue demo --headless` with FAL_KEY set (fal = the simulator, receiver here):
+    submit, webhooks, reconcile, archive, reports and billing, keys with a newline."""
+    import os
+    import subprocess
+    import sys
+
+    from webhook_helpers import serving
+
+    from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
+
+    home = tmp_path / "home"
+    with serving(create_app(ReceiverConfig(ledger_url, fal_sim.jwks_url))) as receiver:
+        env = {
+            **os.environ,
+            **fal_sim.env,
+            "FAL_KEY": CANARY_KEY + "\n",
+            "FAL_ADMIN_KEY": ADMIN_KEY + "\n",
+            "RENDERQUEUE_FAL_API_URL": fal_billing.api_url,
+            "RENDERQUEUE_WEBHOOK_URL": f"{receiver}/webhooks/fal",
+            "DATABASE_URL": ledger_url,
+            "RENDERQUEUE_HOME": str(home),
+        }
+        env.pop("RENDERQUEUE_STORAGE_URL", None)
+        run = subprocess.run(
+            [sys.executable, "-m", "renderqueue_pipeline.cli", "demo", "--headless"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=360,
+        )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "generations ended; outputs archived" in run.stdout
+    needles = (CANARY_ID, CANARY_SECRET, ADMIN_KEY)
+    text = run.stdout + run.stderr
+    for file in home.rglob("*"):
+        if file.is_file() and file.suffix in (".log", ".txt", ".yaml", ".json", ".csv"):
+            text += file.read_text(errors="replace")
+    assert [n for n in needles if n in text] == []
+    assert _hits_in_database(ledger_url, needles) == []
+    storage = dagster_storage_url(ledger_url).replace("postgresql+psycopg2", "postgresql")
+    assert _hits_in_database(storage, needles) == []
