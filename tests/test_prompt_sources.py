@@ -159,3 +159,16 @@ def test_the_launchpad_may_name_only_the_inbox_or_an_allowed_prefix(
         assert run(inside.as_uri()).success
     assert seen == []
     assert len(fal_sim.control.ground_truth()) == 2
+
+
+def test_a_symlink_in_the_inbox_to_a_file_elsewhere_is_refused(tmp_path: Path) -> None:
+    from renderqueue_pipeline.batch.source import check_source
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    secret = write_csv(tmp_path / "private.csv", [{"prompt": "internal"}])
+    (inbox / "link.csv").symlink_to(secret)
+    (inbox / "real.csv").write_text("prompt\nok\n")
+    check_source((inbox / "real.csv").as_uri(), [inbox.as_uri()], allow_local=False)
+    with pytest.raises(PromptFileError, match="not an allowed prompt source"):
+        check_source((inbox / "link.csv").as_uri(), [inbox.as_uri()], allow_local=False)

@@ -105,7 +105,8 @@ def _normal(url: str) -> tuple[str, str, str]:
             path = os.path.abspath(os.path.expanduser(path))
         if ".." in PurePosixPath(path).parts:
             raise PromptFileError(url, "a source path must not contain '..'")
-        return "file", "", os.path.normpath(path)
+        # symlinks resolved: a link in the inbox must not reach a file outside it
+        return "file", "", os.path.realpath(path)
     parts = urlsplit(url)
     if parts.query or parts.fragment or "#" in url or "?" in url:
         raise PromptFileError(url, "a source URL must not have a query or a fragment")
