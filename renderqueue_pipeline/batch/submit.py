@@ -47,7 +47,7 @@ from renderqueue_pipeline.batch.source import (
 )
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
-from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.errors import DatabaseUnavailable, RenderqueueError
 from renderqueue_pipeline.ledger import Intent, finish_submission
 from renderqueue_pipeline.redact import redact, redact_error
 
@@ -755,9 +755,8 @@ def submit_batch_file(
 
     `url` must lie in the prompts inbox, under a RENDERQUEUE_PROMPT_SOURCES prefix or under
     one of `allowed_prefixes`; a local path is also allowed when `allow_local` (the CLI;
-    never the launchpad). The file
-    is fetched once into a local copy that is hashed, parsed and then read, so what is
-    submitted is what was hashed.
+    never the launchpad). The file is fetched once into a local copy that is hashed,
+    parsed and then read, so what is submitted is what was hashed.
 
     Raises PromptFileError when the source is not allowed or the file as a whole cannot
     be used (nothing written), BatchConfigError for a bad option, BatchStopped when fal
@@ -789,24 +788,22 @@ def submit_batch_file(
 
 
 def _mark_failed(conn: psycopg.Connection, ledger_url: str, batch_id: int, reason: str) -> None:
-    """Best effort: the batch is `failed` with `reason` (the next run reopens it anyway)."""
-    for attempt in range(2):
-        try:
-            if attempt == 0:
-                with conn.transaction():
-                    conn.execute(
-                        q("finish_batch"),
-                        {"batch_id": batch_id, "status": "failed", "error": redact(reason)},
-                    )
-            else:
-                with connect(ledger_url, autocommit=True) as fresh, fresh.transaction():
-                    fresh.execute(
-                        q("finish_batch"),
-                        {"batch_id": batch_id, "status": "failed", "error": redact(reason)},
-                    )
-            return
-        except psycopg.Error:
-            continue
+    """Best effort: the batch is `failed` with `reason` (the next run reopens it anyway).
+
+    The run's own connection may be what died, so a fresh one is tried second.
+    """
+    params = {"batch_id": batch_id, "status": "failed", "error": redact(reason)}
+    try:
+        with conn.transaction():
+            conn.execute(q("finish_batch"), params)
+        return
+    except psycopg.Error:
+        pass
+    with (
+        contextlib.suppress(psycopg.Error, DatabaseUnavailable),
+        connect(ledger_url, autocommit=True) as fresh,
+    ):
+        fresh.execute(q("finish_batch"), params)
 
 
 def _submit_copy(
