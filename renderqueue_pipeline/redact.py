@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import lru_cache
 from urllib.parse import unquote, urlparse
 
 #: Variables whose whole value is a secret.
@@ -34,15 +35,20 @@ def _url_password(url: str) -> str | None:
         return None
 
 
-def configured_secrets() -> list[str]:
+def configured_secrets() -> tuple[str, ...]:
     """Every secret value in the environment, longest first (raw, stripped, and parts).
 
     A fal key `id:secret` also yields its secret half; a URL's password also yields its
-    percent-decoded form.
+    percent-decoded form. Cached per set of values (a log filter calls this per record).
     """
+    return _secrets(tuple(os.environ.get(name) or "" for name in SECRET_ENVS + URL_ENVS))
+
+
+@lru_cache(maxsize=8)
+def _secrets(values: tuple[str, ...]) -> tuple[str, ...]:
     found: set[str] = set()
-    for name in SECRET_ENVS:
-        value = os.environ.get(name)
+    plain, urls = values[: len(SECRET_ENVS)], values[len(SECRET_ENVS) :]
+    for value in plain:
         if not value:
             continue
         for candidate in (value, value.strip()):
@@ -50,11 +56,12 @@ def configured_secrets() -> list[str]:
             _, sep, tail = candidate.partition(":")
             if sep:
                 found.add(tail)
-    for name in URL_ENVS:
-        password = _url_password(os.environ.get(name) or "")
+    for url in urls:
+        password = _url_password(url)
         if password:
             found.update((password, unquote(password)))
-    return sorted((s for s in found if len(s.strip()) >= MIN_SECRET_CHARS), key=len, reverse=True)
+    kept = (s for s in found if len(s.strip()) >= MIN_SECRET_CHARS)
+    return tuple(sorted(kept, key=len, reverse=True))
 
 
 def redact(text: object) -> str:
