@@ -303,3 +303,82 @@ def test_the_headless_demo_with_a_canary_key_leaves_it_nowhere(
     assert _hits_in_database(ledger_url, needles) == []
     storage = dagster_storage_url(ledger_url).replace("postgresql+psycopg2", "postgresql")
     assert _hits_in_database(storage, needles) == []
+
+
+@pytest.mark.timeout(600)
+def test_the_production_shape_stack_with_a_canary_key_leaves_it_nowhere(
+    fal_sim: RunningSimulator,
+    ledger_url: str,
+    conn: psycopg.Connection,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Code server, webserver, daemon and two receivers as separate processes, FAL_KEY a
+    newline-terminated canary: a launchpad run that submits, one that meets fal's 401;
+    then every log file of every process, the ledger and Dagster's storage are searched."""
+    from rich.console import Console
+    from test_production_shape import LAUNCH, _free_ports, _graphql, _wait_for_location
+
+    from renderqueue_pipeline.dev import running_stack, wait_for_run
+
+    home = tmp_path / "home"
+    approved = tmp_path / "approved"
+    approved.mkdir()
+    for name, value in fal_sim.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("FAL_KEY", CANARY_KEY + "\n")
+    monkeypatch.setenv("DATABASE_URL", ledger_url)
+    monkeypatch.setenv("RENDERQUEUE_HOME", str(home))
+    monkeypatch.setenv("RENDERQUEUE_PROMPT_SOURCES", approved.as_uri())
+    monkeypatch.delenv("RENDERQUEUE_WEBHOOK_URL", raising=False)
+    get_settings.cache_clear()
+    ui, code, hook_a, hook_b = _free_ports(4)
+    with running_stack(
+        home,
+        console=Console(quiet=True),
+        ui_port=ui,
+        webhook_ports=(hook_a, hook_b),
+        code_server_port=code,
+    ):
+        base = f"http://127.0.0.1:{ui}"
+        repo = _wait_for_location(base)["locationOrLoadError"]["repositories"][0]
+
+        def launch(name: str) -> str:
+            file = write_csv(approved / name, prompts(3, tag=name))
+            launched = _graphql(
+                base,
+                LAUNCH,
+                {
+                    "selector": {
+                        "repositoryLocationName": "renderqueue",
+                        "repositoryName": repo["name"],
+                        "jobName": "submit_batch",
+                    },
+                    "config": {
+                        "ops": {
+                            "submit_prompts_file": {
+                                "config": {"file_url": file.as_uri(), "default_endpoint": SEEDANCE}
+                            }
+                        }
+                    },
+                },
+            )["launchRun"]
+            assert launched["__typename"] == "LaunchRunSuccess", launched
+            return wait_for_run(base, launched["run"]["runId"])
+
+        assert launch("ok.csv") == "SUCCESS"
+        fal_sim.control.set_faults(fal_key="not-the-canary-key")
+        assert launch("unauthorized.csv") == "FAILURE"
+    needles = (CANARY_ID, CANARY_SECRET)
+    text = ""
+    for file in home.rglob("*"):
+        if file.is_file() and file.suffix in (".log", ".txt", ".yaml", ".json", ".out", ".err"):
+            text += file.read_text(errors="replace")
+    logs = {file.name for file in (home / "logs").glob("*.log")}
+    assert {"code-server.log", "dagster-daemon.log", "webhook-1.log", "webhook-2.log"} <= logs
+    assert [n for n in needles if n in text] == []
+    assert _hits_in_database(ledger_url, needles) == []
+    storage = dagster_storage_url(ledger_url).replace("postgresql+psycopg2", "postgresql")
+    assert _hits_in_database(storage, needles) == []
+    batch = conn.execute("select error from batches where source like '%unauthorized.csv'")
+    assert "FAL_KEY" in batch.fetchone()["error"]
