@@ -13,6 +13,7 @@ from renderqueue_pipeline.batch.cli import batch, budget, submit
 from renderqueue_pipeline.db.reset import db_reset
 from renderqueue_pipeline.ledger.cli import events
 from renderqueue_pipeline.reconcile.cli import reconcile_command
+from renderqueue_pipeline.reconcile.orphans_cli import orphans
 from renderqueue_pipeline.reports.cli import report
 from renderqueue_pipeline.settings import ConfigError
 from renderqueue_pipeline.simulator.cli import simulator
@@ -72,6 +73,38 @@ def db_migrate() -> None:
             click.echo(f"applied {version}")
     else:
         click.echo("database is up to date")
+
+
+@db.command("grant")
+@click.argument("part", type=click.Choice(["receiver", "pipeline", "analyst"]))
+@click.argument("name")
+@click.option(
+    "--password-env",
+    default="RENDERQUEUE_DB_PASSWORD",
+    show_default=True,
+    help="Environment variable holding the password (unset: asked on the terminal).",
+)
+def db_grant(part: str, name: str, password_env: str) -> None:
+    """Create (or update) LOGIN NAME as a member of the receiver, pipeline or analyst role.
+
+    Run it as the database owner (the DATABASE_URL that migrates). The password comes from
+    the environment variable or is asked for; it is never printed or sent in clear text.
+    """
+    from renderqueue_pipeline.db.roles import GrantError, check_password, grant_login
+    from renderqueue_pipeline.db.server import database_url
+
+    value = os.environ.get(password_env)
+    source = password_env
+    if value is None:
+        if not sys.stdin.isatty():
+            raise GrantError(f"{password_env} is not set and there is no terminal to ask on")
+        value = click.prompt(f"password for {name}", hide_input=True, confirmation_prompt=True)
+        source = "the password typed"
+    granted = grant_login(database_url(), part, name, check_password(value, source))
+    verb = "created" if granted.created else "updated"
+    click.echo(
+        f"{verb} login {name} in {granted.role} on database {granted.database} (password not shown)"
+    )
 
 
 @db.command("psql", context_settings={"ignore_unknown_options": True})
@@ -148,6 +181,7 @@ main.add_command(budget)
 main.add_command(submit)
 main.add_command(spend)
 main.add_command(reconcile_command)
+main.add_command(orphans)
 main.add_command(archive)
 main.add_command(link)
 main.add_command(report)

@@ -137,22 +137,29 @@ def running_stack(
 ) -> Iterator[dict[str, str]]:
     """Start every process of the product; yield the environment they share.
 
-    With `code_server_port`, the code location runs as its own gRPC code server and the
-    webserver and daemon reach it through a workspace file (the production shape);
+    Migrates as the owner (`DATABASE_URL` or the embedded server's admin), then runs the
+    receivers as login `rq_receiver` and Dagster as `rq_pipeline` (fresh passwords at every
+    start, docs/security.md). With `code_server_port`, the code location runs as its own
+    gRPC code server and the webserver and daemon reach it through a workspace file (the
+    production shape);
     several `webhook_ports` start one receiver each on the same database.
     """
     from renderqueue_pipeline.dagster_home import ensure_dagster_home
     from renderqueue_pipeline.db.migrate import migrate
+    from renderqueue_pipeline.db.roles import dev_logins
     from renderqueue_pipeline.db.server import database_url, stop_embedded
     from renderqueue_pipeline.settings import get_settings
 
     settings = get_settings()
     started_embedded = settings.database_url is None
-    url = database_url()
+    url = database_url()  # the owner's: it migrates and makes the logins, nothing else
     migrate(url)
+    logins = dev_logins(url)
     env = dict(os.environ)
     env["RENDERQUEUE_HOME"] = str(home)
-    env["DATABASE_URL"] = url
+    # Dagster, the CLI and whatever `renderqueue dev` runs next: the pipeline's login
+    env["DATABASE_URL"] = logins["pipeline"]
+    console.print("ledger logins   rq_pipeline (Dagster), rq_receiver (webhook receivers)")
     supervisor = Supervisor(home / "logs")
     try:
         if settings.fal_key is None:
@@ -167,11 +174,12 @@ def running_stack(
         env.setdefault(
             "RENDERQUEUE_WEBHOOK_URL", f"http://127.0.0.1:{webhook_ports[0]}/webhooks/fal"
         )
+        receiver_env = {**env, "DATABASE_URL": logins["receiver"]}
         for n, port in enumerate(webhook_ports):
             supervisor.start(
                 f"webhook-{n + 1}",
                 [_bin("renderqueue"), "webhook", "serve", "--port", str(port)],
-                env,
+                receiver_env,
             )
         for port in webhook_ports:
             wait_for_http(f"http://127.0.0.1:{port}/healthz", supervisor)

@@ -17,15 +17,25 @@ and transport errors, up to 10 attempts):
   video twice. Such failures raise `FalSubmitOutcomeUnknown` (carrying the
   request id when fal's response named one) so the ledger records an
   "unknown outcome" row for the reconciler instead. Note that fal-client itself
-  retries a submit on a read timeout; that residual risk is why ledger rule 1
-  (intent row first) exists. Definite rejections (4xx) raise `FalRejected` /
-  `FalRequestError`: nothing was enqueued and nothing is owed.
+  retries a submit on a read timeout and on the edge's 5xx, with no idempotency key;
+  that residual risk is why ledger rule 1 (intent row first) exists, and why every
+  submit is tagged: the reconciler finds the second request in fal's request list.
+  Definite rejections (4xx) raise `FalRejected` / `FalRequestError`: nothing was
+  enqueued and nothing is owed.
 
 Every submit carries `X-Fal-Object-Lifecycle-Preference` (how long fal keeps the
 outputs; 7 days unless configured) and, when configured for the endpoint,
 `start_timeout` (fal ends a request not started in time with a 504 marked
 `X-Fal-Request-Timeout-Type: user`: `FalRequestTimedOut`, terminal, never retried).
 The expiry asked for is returned as `SubmitResult.fal_expires_at` for the ledger.
+
+Every submit made for a ledger item also carries our identity in `X-Fal-Tags`
+(`rq_item=<batch item id>,rq_user=<user>[,rq_batch=<batch>]`), built here and nowhere
+else (`encode_tags`): fal's request list shows the tags, so the reconciler can name every
+request fal has, even one whose answer we never recorded. Values are percent-encoded
+(UTF-8, RFC 3986 unreserved characters kept), so a comma, `=`, `%` or non-ASCII in a value
+cannot break the header; tags over fal's limits (10 pairs, keys 64, values 256, 1 KB, no
+`fal.` prefix) raise `FalTagError` before anything is sent.
 A request fal puts back in its queue (runner lost) is simply `queued` again: not
 terminal.
 """
@@ -36,9 +46,11 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from urllib.parse import quote, unquote
 
 import httpx
 from tenacity import (
@@ -61,6 +73,14 @@ T = TypeVar("T")
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
 TIMEOUT_TYPE_HEADER = "x-fal-request-timeout-type"
 LIFECYCLE_HEADER = "X-Fal-Object-Lifecycle-Preference"
+TAGS_HEADER = "X-Fal-Tags"
+#: fal's documented limits of X-Fal-Tags
+MAX_TAGS = 10
+MAX_TAG_KEY = 64
+MAX_TAG_VALUE = 256
+MAX_TAGS_BYTES = 1024
+RESERVED_TAG_PREFIX = "fal."
+_TAG_KEY = re.compile(r"[A-Za-z0-9_.:-]+")
 DEFAULT_OBJECT_LIFETIME = 7 * 86400.0
 _UNSET: Any = object()
 
@@ -158,6 +178,77 @@ class FalNotReady(FalError):
 def _short(detail: Any, limit: int = 300) -> str:
     text = detail if isinstance(detail, str) else repr(detail)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class FalTagError(RenderqueueError, ValueError):
+    """Tags that fal would refuse or that would not fit its limits; nothing was sent."""
+
+
+# ----- tags (our identity on every request) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestIdentity:
+    """Who a request is for: the ledger item (intent), its user and its batch, if any."""
+
+    item_id: int
+    user_id: int | str
+    batch_id: int | None = None
+
+    def tags(self) -> dict[str, str]:
+        tags = {"rq_item": str(self.item_id), "rq_user": str(self.user_id)}
+        if self.batch_id is not None:
+            tags["rq_batch"] = str(self.batch_id)
+        return tags
+
+
+def encode_tags(tags: Mapping[str, str]) -> str:
+    """The X-Fal-Tags value `k=v,k=v`: values percent-encoded, fal's limits checked.
+
+    Raises FalTagError (naming the tag) for a reserved or malformed key, or for tags
+    beyond fal's limits: better refuse than send a request fal cannot attribute.
+    """
+    if len(tags) > MAX_TAGS:
+        raise FalTagError(f"{TAGS_HEADER}: {len(tags)} tags; fal allows at most {MAX_TAGS}")
+    pairs = []
+    for key, value in tags.items():
+        if not isinstance(key, str) or not _TAG_KEY.fullmatch(key):
+            raise FalTagError(f"{TAGS_HEADER}: tag key {key!r} must be letters, digits or _.:-")
+        if key.lower().startswith(RESERVED_TAG_PREFIX):
+            raise FalTagError(f"{TAGS_HEADER}: tag key {key!r}: the 'fal.' prefix is reserved")
+        if len(key) > MAX_TAG_KEY:
+            raise FalTagError(f"{TAGS_HEADER}: tag key {key[:20]!r}... over {MAX_TAG_KEY} chars")
+        encoded = quote(str(value), safe="")
+        if len(encoded) > MAX_TAG_VALUE:
+            raise FalTagError(
+                f"{TAGS_HEADER}: tag {key!r} is {len(encoded)} characters once encoded; "
+                f"fal allows {MAX_TAG_VALUE}"
+            )
+        pairs.append(f"{key}={encoded}")
+    header = ",".join(pairs)
+    if len(header.encode()) > MAX_TAGS_BYTES:
+        raise FalTagError(
+            f"{TAGS_HEADER}: {len(header.encode())} bytes; fal allows {MAX_TAGS_BYTES} in all"
+        )
+    return header
+
+
+def decode_tags(tags: Any) -> dict[str, str]:
+    """Our tags as sent, from fal's view of them (a `k=v,...` string or a mapping)."""
+    if isinstance(tags, Mapping):
+        items = [(str(k), str(v)) for k, v in tags.items()]
+    elif isinstance(tags, str):
+        items = [tuple(p.split("=", 1)) for p in tags.split(",") if "=" in p]  # type: ignore[misc]
+    elif isinstance(tags, list):
+        items = []
+        for entry in tags:
+            if isinstance(entry, Mapping) and "key" in entry:
+                items.append((str(entry["key"]), str(entry.get("value", ""))))
+            elif isinstance(entry, str) and "=" in entry:
+                items.append(tuple(entry.split("=", 1)))  # type: ignore[arg-type]
+    else:
+        items = []
+    return {key.strip(): unquote(value.strip()) for key, value in items}
 
 
 # ----- results ---------------------------------------------------------------------------------
@@ -385,15 +476,22 @@ class FalGateway:
         webhook_url: str | None = None,
         hint: str | None = None,
         priority: Literal["normal", "low"] | None = None,
+        identity: RequestIdentity | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> SubmitResult:
         """Enqueue one request (with a webhook). Never retried by us: see the module doc.
 
-        Sends the object lifecycle and the endpoint's start_timeout (if configured).
+        Sends the object lifecycle, the endpoint's start_timeout (if configured) and, with
+        `identity` (the ledger item it is for), our tags; `tags` adds others. FalTagError
+        is raised before the call when the tags cannot be sent.
         """
         webhook = webhook_url or self.default_webhook_url
         start_timeout = self.start_timeouts.get(endpoint)
         lifetime = self.object_lifetime
         headers = {LIFECYCLE_HEADER: json.dumps({"expiration_duration_seconds": lifetime})}
+        all_tags = {**(identity.tags() if identity else {}), **dict(tags or {})}
+        if all_tags:
+            headers[TAGS_HEADER] = encode_tags(all_tags)
         asked_at = dt.datetime.now(dt.UTC)  # before the call: fal's clock starts later
         try:
             handle = await self._bounded(

@@ -1,4 +1,5 @@
-"""The gateway's second door: fal's Platform APIs (pricing, billing events, usage).
+"""The gateway's second door: fal's Platform APIs (pricing, billing events, usage, the
+request list).
 
 Queue calls go through `fal_gateway.FalGateway` (fal-client); the Platform APIs are plain
 REST under `https://api.fal.ai/v1` (RENDERQUEUE_FAL_API_URL) with an admin key
@@ -29,6 +30,9 @@ log = logging.getLogger("renderqueue.fal.platform")
 DEFAULT_API_URL = "https://api.fal.ai/v1"
 MAX_PAGE = 10_000
 MAX_IDS = 50
+#: the request list pages at most 100 entries
+MAX_REQUEST_PAGE = 100
+REQUEST_STATUSES = frozenset({"success", "error", "user_error"})
 MAX_RANGE = dt.timedelta(days=90)
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -260,3 +264,53 @@ class FalPlatform:
                 params.append(("endpoint_id", ",".join(chunk)))
             summary += self._get("/models/usage", params).get("summary", [])
         return summary
+
+    def requests_by_endpoint(
+        self,
+        endpoint_id: str,
+        start: dt.datetime,
+        end: dt.datetime,
+        *,
+        statuses: Sequence[str] = (),
+        request_ids: Sequence[str] = (),
+        payloads: bool = False,
+        page_size: int = MAX_REQUEST_PAGE,
+    ) -> Iterator[dict[str, Any]]:
+        """fal's requests of one endpoint sent in [start, end), every page, in fal's order.
+
+        `GET /models/requests/by-endpoint`: each entry names the request (`request_id`), its
+        outcome (`status`: success, error, user_error; none while open) and the
+        `X-Fal-Tags` it carried (`tags`). Ranges over 90 days are split into windows,
+        more than 50 request ids into chunks.
+        """
+        if not 1 <= page_size <= MAX_REQUEST_PAGE:
+            raise ValueError(f"page_size must be 1..{MAX_REQUEST_PAGE}")
+        if unknown := set(statuses) - REQUEST_STATUSES:
+            raise ValueError(f"statuses: expected success|error|user_error, got {sorted(unknown)}")
+        id_chunks: list[list[str]] = list(_chunks(list(request_ids), MAX_IDS)) or [[]]
+        window_start = start
+        while window_start < end:
+            window_end = min(end, window_start + MAX_RANGE)
+            for chunk in id_chunks:
+                cursor: str | None = None
+                while True:
+                    params = [
+                        ("endpoint_id", endpoint_id),
+                        ("start", _iso(window_start)),
+                        ("end", _iso(window_end)),
+                        ("limit", str(page_size)),
+                    ]
+                    if statuses:
+                        params.append(("status", ",".join(sorted(statuses))))
+                    if chunk:
+                        params.append(("request_id", ",".join(chunk)))
+                    if payloads:
+                        params.append(("expand", "payloads"))
+                    if cursor:
+                        params.append(("cursor", cursor))
+                    body = self._get("/models/requests/by-endpoint", params)
+                    yield from body.get("items", [])
+                    cursor = body.get("next_cursor")
+                    if not body.get("has_more") or not cursor:
+                        break
+            window_start = window_end

@@ -20,6 +20,8 @@ SECRET_ENVS = (
     "FAL_ADMIN_KEY",
     "AWS_SECRET_ACCESS_KEY",
     "AWS_SESSION_TOKEN",
+    "RENDERQUEUE_DB_PASSWORD",  # `renderqueue db grant`'s new login
+    "DAGSTER_PG_PASSWORD",  # Dagster's own storage login (deploy/dagster.yaml)
 )
 #: Variables holding URLs whose password is a secret.
 URL_ENVS = ("DATABASE_URL", "RENDERQUEUE_STORAGE_URL", "RENDERQUEUE_PROMPTS_URL")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse, urlunparse
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -97,6 +98,15 @@ class Settings(BaseSettings):
     )
     reconcile_result_window_minutes: float = Field(
         default=60, gt=0, alias="RENDERQUEUE_RECONCILE_RESULT_WINDOW_MINUTES"
+    )
+    reconcile_adopt: Literal["auto", "on", "off"] = Field(
+        default="auto", alias="RENDERQUEUE_RECONCILE_ADOPT"
+    )
+    reconcile_adopt_lookback_minutes: float = Field(
+        default=60, ge=0, le=90 * 24 * 60, alias="RENDERQUEUE_RECONCILE_ADOPT_LOOKBACK_MINUTES"
+    )
+    reconcile_adopt_window_hours: float = Field(
+        default=24, gt=0, le=90 * 24, alias="RENDERQUEUE_RECONCILE_ADOPT_WINDOW_HOURS"
     )
     # --- ledger (renderqueue_pipeline/ledger/, docs/ledger.md) ---
     event_retention_days: float = Field(

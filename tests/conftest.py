@@ -35,6 +35,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 LEDGER_TABLES = (
+    "fal_orphan_requests",
+    "fal_request_scans",
     "generation_events",
     "generations",
     "batch_items",

@@ -22,6 +22,7 @@ from batch_helpers import (
     write_jsonl,
     write_parquet,
 )
+from spend_helpers import FalBilling, fal_billing, platform_server  # noqa: F401
 
 from renderqueue_pipeline.batch import BatchOptions, BatchResult, submit_batch_file
 from renderqueue_pipeline.batch.source import PromptFileError
@@ -39,7 +40,7 @@ class Submitted:
         return getattr(self.result, name)
 
 
-def submit(path: Path | str, ledger_url: str, **options) -> Submitted:
+def submit(path: Path | str, ledger_url: str, platform_factory=None, **options) -> Submitted:
     options.setdefault("default_endpoint", SEEDANCE)
     options.setdefault("concurrency", 8)
     log: list[str] = []
@@ -48,6 +49,7 @@ def submit(path: Path | str, ledger_url: str, **options) -> Submitted:
         BatchOptions(**options),
         ledger_url=ledger_url,
         log=log.append,
+        platform_factory=platform_factory,
     )
     return Submitted(result, log)
 
@@ -172,6 +174,7 @@ def test_progress_is_logged_with_rate_and_eta(
 
 def test_a_crash_between_intent_and_answer_is_unknown_and_never_sent_twice(
     fal_sim: RunningSimulator,
+    fal_billing: FalBilling,  # noqa: F811
     conn: psycopg.Connection,
     ledger_url: str,
     tmp_path: Path,
@@ -221,13 +224,17 @@ def test_a_crash_between_intent_and_answer_is_unknown_and_never_sent_twice(
     sent = fal_prompts(fal_sim)
     assert len(sent) == len(set(sent)) == 12
 
-    # a third run does nothing; resubmit_unknown sends the unknown ones (and says so)
+    # a third run does nothing; resubmit_unknown reads fal's request list first: fal has
+    # all four, so they are adopted (and it says so), and none is sent again
     assert submit(path, ledger_url).duplicate
-    resubmitted = submit(path, ledger_url, resubmit_unknown=True)
+    resubmitted = submit(
+        path, ledger_url, resubmit_unknown=True, platform_factory=fal_billing.platform
+    )
     assert resubmitted.report.counts["submitted"] == 12
     assert resubmitted.report.counts["unknown"] == 0
-    assert any("resubmitting 4 items" in line for line in resubmitted.log)
-    assert len(fal_sim.control.ground_truth()) == 12 + 4
+    assert any("4 unknown items were at fal after all" in line for line in resubmitted.log)
+    assert not any("resubmitting" in line for line in resubmitted.log)
+    assert len(fal_sim.control.ground_truth()) == 12
 
 
 def test_a_file_error_writes_nothing(

@@ -71,6 +71,7 @@ def test_headless_demo_on_real_services_starts_neither_simulator_nor_embedded_se
     import boto3
     from moto.server import ThreadedMotoServer
 
+    from renderqueue_pipeline.db.migrate import migrate
     from renderqueue_pipeline.dev import Supervisor, _bin, read_exports, wait_for_http
 
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -94,6 +95,7 @@ def test_headless_demo_on_real_services_starts_neither_simulator_nor_embedded_se
         ).create_bucket(Bucket="renderqueue-demo")
         base = {k: v for k, v in os.environ.items() if not k.startswith(("FAL_", "RENDERQUEUE_"))}
         ledger = make_database()
+        migrate(ledger)  # its own step: the receiver checks the schema, never migrates
         # "fal": the simulator as its own process, known to the demo only through its env
         sim_env = {**base, "RENDERQUEUE_HOME": str(tmp_path / "fal-side")}
         (tmp_path / "logs").mkdir()

@@ -196,6 +196,14 @@ def test_separate_processes_load_launch_and_share_one_ledger(
             ).fetchall()
             assert len(stored) == len(request_ids)
             assert all(row["n"] == 1 for row in stored), stored
+            # the receivers and Dagster connect as their logins, never as the owner
+            assert psycopg.conninfo.conninfo_to_dict(env["DATABASE_URL"])["user"] == "rq_pipeline"
+            others = conn.execute(
+                "select distinct usename from pg_stat_activity "
+                "where datname = current_database() and pid <> pg_backend_pid()"
+            ).fetchall()
+            users = {row["usename"] for row in others}
+            assert "rq_receiver" in users and users <= {"rq_receiver", "rq_pipeline"}, users
     finally:
         get_settings.cache_clear()
     leftover = subprocess.run(

@@ -83,10 +83,9 @@ def unprivileged(make_database, admin_url: str) -> Iterator[Fault]:
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f"create role {role} login password '{password}'")
 
-    def fix() -> None:
+    def fix() -> None:  # what `renderqueue db grant receiver` gives a login
         with psycopg.connect(url, autocommit=True) as owner:
-            owner.execute(f"grant select, insert, update on all tables in schema public to {role}")
-            owner.execute(f"grant usage on all sequences in schema public to {role}")
+            owner.execute(f"grant renderqueue_receiver to {role}")
 
     try:
         yield Fault(url, _as_role(url, role, password), True, fix)

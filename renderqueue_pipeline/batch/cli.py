@@ -87,7 +87,8 @@ def batch() -> None:
 @click.option(
     "--resubmit-unknown",
     is_flag=True,
-    help="Resubmit items whose outcome is unknown after a crash (may pay twice).",
+    help="Resend unknown items after a crash, only those fal's request list shows it never "
+    "received (the others are adopted); needs the Platform API (FAL_ADMIN_KEY).",
 )
 def batch_submit(
     file: str,

@@ -90,7 +90,7 @@ async def asubmit_prompt(
 ) -> str:
     """`submit_prompt` for async callers; pass a long-lived `FalGateway` to reuse it."""
     from renderqueue_pipeline.db.server import database_url
-    from renderqueue_pipeline.fal_gateway import FalGateway
+    from renderqueue_pipeline.fal_gateway import FalGateway, RequestIdentity
 
     url = ledger_url or database_url()
     intent = await asyncio.to_thread(
@@ -98,12 +98,15 @@ async def asubmit_prompt(
     )
     if intent.request_id:  # the same idempotency key was submitted before
         return intent.request_id
+    identity = RequestIdentity(intent.item_id, intent.user_id)
     try:
         if gateway is None:
             async with FalGateway.from_settings(max_concurrency=1) as own:
-                outcome: Any = await own.submit(intent.endpoint, dict(intent.inputs))
+                outcome: Any = await own.submit(
+                    intent.endpoint, dict(intent.inputs), identity=identity
+                )
         else:
-            outcome = await gateway.submit(intent.endpoint, dict(intent.inputs))
+            outcome = await gateway.submit(intent.endpoint, dict(intent.inputs), identity=identity)
     except Exception as exc:
         outcome = exc
 

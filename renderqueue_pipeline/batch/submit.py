@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import random
 import tempfile
 import time
@@ -48,6 +49,7 @@ from renderqueue_pipeline.batch.source import (
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import DatabaseUnavailable, RenderqueueError
+from renderqueue_pipeline.fal_gateway import RequestIdentity
 from renderqueue_pipeline.ledger import Intent, finish_submission
 from renderqueue_pipeline.redact import redact, redact_error
 
@@ -350,6 +352,8 @@ class _Run:
         self.fatal: BaseException | None = None
         self.marks: SendMarks
         self.total_hint = facts.rows_estimate
+        #: unknown items fal's request list shows it never received (resubmit_unknown)
+        self.resend_unknown: set[int] = set()
 
     # -- producer: rows -> intents (in a worker thread, its own connection) ----------
 
@@ -496,7 +500,11 @@ class _Run:
             self.log(f"sending {len(unsent)} items a stopped run recorded but never sent")
         if self.options.resubmit_unknown:
             unknown = await asyncio.to_thread(
-                self._load_intents, conn, q("unknown_items_to_resubmit"), reopen=True
+                self._load_intents,
+                conn,
+                q("unknown_items_to_resubmit"),
+                reopen=True,
+                only=self.resend_unknown,
             )
             self.stats.resubmitted_unknown = len(unknown)
             if unknown:
@@ -524,12 +532,24 @@ class _Run:
             ):
                 await queue.put(intent)
 
-    def _load_intents(self, conn: psycopg.Connection, sql: str, *, reopen: bool) -> list[Intent]:
-        """Stored items as intents to send (priced again: the estimate is not stored whole)."""
+    def _load_intents(
+        self,
+        conn: psycopg.Connection,
+        sql: str,
+        *,
+        reopen: bool,
+        only: set[int] | None = None,
+    ) -> list[Intent]:
+        """Stored items as intents to send (priced again: the estimate is not stored whole).
+
+        `only`: the item ids that may be sent (None: all).
+        """
         from renderqueue_pipeline.ledger import validate_request
 
         intents = []
         for item in conn.execute(sql, {"batch_id": self.batch_id}).fetchall():
+            if only is not None and item["id"] not in only:
+                continue
             with conn.transaction():
                 if (
                     reopen
@@ -600,7 +620,11 @@ class _Run:
                 await self.limit.release()
                 raise
             try:
-                submitted = await gateway.submit(intent.endpoint, dict(intent.inputs))
+                submitted = await gateway.submit(
+                    intent.endpoint,
+                    dict(intent.inputs),
+                    identity=RequestIdentity(intent.item_id, intent.user_id, self.batch_id),
+                )
             except Exception as exc:
                 limited = _is_rate_limited(exc)
                 await self.limit.release(rate_limited=limited)
@@ -717,6 +741,68 @@ def _default_gateway(concurrency: int) -> Any:
     return FalGateway.from_settings(max_concurrency=concurrency)
 
 
+#: fal's clock and ours may differ: fal's list is read from this long before the first send
+CLOCK_MARGIN = dt.timedelta(minutes=5)
+
+
+def unknown_items_fal_never_had(
+    conn: psycopg.Connection,
+    batch_id: int,
+    platform_factory: Callable[[], Any] | None,
+    log: Log,
+    *,
+    now: dt.datetime | None = None,
+) -> set[int]:
+    """The unknown items of the batch that fal's request list shows it never received.
+
+    Reads fal's list (`RENDERQUEUE_RECONCILE_ADOPT_WINDOW_HOURS` back at most) for the
+    items' endpoints and adopts what it finds there (those items become `submitted`);
+    an item sent before that window stays unknown: the list cannot prove fal never got
+    it. Raises BatchConfigError when the list cannot be read: resending blind could pay
+    for a video twice.
+    """
+    from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
+    from renderqueue_pipeline.reconcile.adopt import AdoptReport, adopt_entries
+    from renderqueue_pipeline.settings import get_settings
+
+    def unknown() -> list[dict[str, Any]]:
+        with conn.transaction():
+            return conn.execute(q("unknown_items_sent_since"), {"batch_id": batch_id}).fetchall()
+
+    items = unknown()
+    if not items:
+        return set()
+    settings = get_settings()
+    now = now or dt.datetime.now(dt.UTC)
+    horizon = now - dt.timedelta(hours=settings.reconcile_adopt_window_hours)
+    report = AdoptReport()
+    try:
+        with (platform_factory or FalPlatform.from_settings)() as platform:
+            for endpoint in sorted({i["endpoint"] for i in items}):
+                sent = [i["sent_at"] or i["created_at"] for i in items if i["endpoint"] == endpoint]
+                start = max(min(sent) - CLOCK_MARGIN, horizon)
+                entries = platform.requests_by_endpoint(endpoint, start, now)
+                adopt_entries(
+                    conn, entries, endpoint, report, object_lifetime=settings.fal_object_lifetime
+                )
+    except FalPlatformError as exc:
+        raise BatchConfigError(
+            "resubmit_unknown",
+            f"fal's request list could not be read ({exc}); nothing resent: an item fal "
+            "already has would be paid for twice",
+        ) from None
+    if report.adopted:
+        log(f"{report.adopted} unknown items were at fal after all: adopted, not resent")
+    left = unknown()
+    resend = {i["id"] for i in left if (i["sent_at"] or i["created_at"]) >= horizon}
+    if len(resend) < len(left):
+        log(
+            f"{len(left) - len(resend)} unknown items were sent before fal's request list "
+            "window: it cannot show fal never got them; left unknown"
+        )
+    return resend
+
+
 def _open_batch(
     conn: psycopg.Connection, facts: FileFacts, options: BatchOptions, source: str
 ) -> tuple[dict[str, Any], bool]:
@@ -750,6 +836,7 @@ def submit_batch_file(
     gateway_factory: Callable[[int], Any] | None = None,
     allow_local: bool = True,
     allowed_prefixes: Sequence[str] = (),
+    platform_factory: Callable[[], Any] | None = None,
 ) -> BatchResult:
     """Submit every good row of the prompts file at `url` (an allowed fsspec URL) as one batch.
 
@@ -759,11 +846,13 @@ def submit_batch_file(
     parsed and then read, so what is submitted is what was hashed.
 
     Raises PromptFileError when the source is not allowed or the file as a whole cannot
-    be used (nothing written), BatchConfigError for a bad option, BatchStopped when fal
-    refused the key. The same content ingested before (under any name), or being
-    submitted by another run right now, submits nothing: the result says `duplicate`.
-    Rejected rows are recorded and reported, never raised. A run that dies leaves its
-    batch `failed` with the reason (redacted), never `open`.
+    be used (nothing written), BatchConfigError for a bad option (and for
+    `resubmit_unknown` when fal's request list cannot be read: `platform_factory` makes
+    its client, by default from the settings), BatchStopped when fal refused the key. The
+    same content ingested before (under any name), or being submitted by another run
+    right now, submits nothing: the result says `duplicate`. Rejected rows are recorded
+    and reported, never raised. A run that dies leaves its batch `failed` with the reason
+    (redacted), never `open`.
     """
     from renderqueue_pipeline.db.server import database_url
     from renderqueue_pipeline.settings import get_settings
@@ -783,7 +872,14 @@ def submit_batch_file(
             + (f", about {facts.rows_estimate:,} rows" if facts.rows_estimate is not None else "")
         )
         return _submit_copy(
-            url, copy, facts, options, ledger_url, safe_log, gateway_factory or _default_gateway
+            url,
+            copy,
+            facts,
+            options,
+            ledger_url,
+            safe_log,
+            gateway_factory or _default_gateway,
+            platform_factory,
         )
 
 
@@ -814,6 +910,7 @@ def _submit_copy(
     ledger_url: str,
     log: Log,
     gateway_factory: Callable[[int], Any],
+    platform_factory: Callable[[], Any] | None,
 ) -> BatchResult:
     """The rest of `submit_batch_file`, reading the rows from the local copy."""
     with (
@@ -839,6 +936,10 @@ def _submit_copy(
                 orphaned = conn.execute(
                     q("orphaned_items_to_unknown"), {"batch_id": batch_id}
                 ).fetchall()
+            resend: set[int] = set()
+            if options.resubmit_unknown:  # before anything changes: it may refuse
+                resend = unknown_items_fal_never_had(conn, batch_id, platform_factory, log)
+            with conn.transaction():
                 if not created:
                     conn.execute(q("reopen_batch"), {"batch_id": batch_id})
             if orphaned:
@@ -857,6 +958,7 @@ def _submit_copy(
                 gateway_factory,
             )
             run.stats.orphaned = len(orphaned)
+            run.resend_unknown = resend
             failure: BaseException | None = None
             try:
                 asyncio.run(run.run(reader))

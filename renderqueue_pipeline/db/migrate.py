@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg.rows import tuple_row
 
 from renderqueue_pipeline.db.server import psycopg_url
 from renderqueue_pipeline.errors import RenderqueueError
@@ -78,48 +79,110 @@ def load_migrations(folder: Path | None = None) -> list[Migration]:
     return found
 
 
+def missing_migrations(conn: psycopg.Connection, migrations: list[Migration]) -> list[str]:
+    """Names of the migrations not recorded (or recorded under another name or text) here.
+
+    Read-only (no lock, no DDL), so any role that may read `schema_migrations` can ask: the
+    receiver checks it at start, `migrate` uses it to do nothing as a role that cannot
+    migrate. A database that also holds newer migrations than these files is current.
+    """
+    cursor = conn.cursor(row_factory=tuple_row)  # whatever the connection's row factory
+    (exists,) = cursor.execute("select to_regclass('schema_migrations') is not null").fetchone()
+    if not exists:
+        return [m.name for m in migrations]
+    recorded = {
+        version: (name, checksum)
+        for version, name, checksum in cursor.execute(
+            "select version, name, checksum from schema_migrations"
+        ).fetchall()
+    }
+    return [m.name for m in migrations if recorded.get(m.version) != (m.name, m.checksum)]
+
+
 def migrate(url: str, folder: Path | None = None) -> list[str]:
-    """Apply what is missing; return the names applied (empty when already up to date)."""
+    """Apply what is missing; return the names applied (empty when already up to date).
+
+    An up-to-date database is only read (no advisory lock, no DDL), so the pipeline's and
+    the CLI's roles, which may not migrate, can call this before their work. After a run
+    that applied anything, the role grants are re-applied (`rq_grant_roles()`, sql/190).
+    """
     migrations = load_migrations(folder)
-    applied: list[str] = []
     with psycopg.connect(psycopg_url(url), autocommit=True) as conn:
-        conn.execute("select pg_advisory_lock(%s)", (MIGRATION_LOCK_ID,))
         try:
-            conn.execute(
-                """create table if not exists schema_migrations (
-                     version text primary key,
-                     name text not null,
-                     checksum text not null,
-                     applied_at timestamptz not null default now())"""
-            )
-            recorded_rows = conn.execute(
-                "select version, name, checksum from schema_migrations order by version"
-            ).fetchall()
-            _refuse_other_lineage(recorded_rows, migrations)
-            done = {version: checksum for version, _, checksum in recorded_rows}
-            for migration in migrations:
-                recorded = done.get(migration.version)
-                if recorded is not None:
-                    if recorded != migration.checksum:
-                        raise MigrationError(
-                            f"{migration.name}.sql was changed after it was applied; "
-                            "add a new migration instead of editing an applied one"
-                        )
-                    continue
-                try:
-                    with conn.transaction():
-                        conn.execute(migration.sql)
-                        conn.execute(
-                            "insert into schema_migrations (version, name, checksum) "
-                            "values (%s, %s, %s)",
-                            (migration.version, migration.name, migration.checksum),
-                        )
-                except psycopg.Error as exc:
-                    raise MigrationError(f"{migration.name}.sql failed: {exc}") from exc
-                applied.append(migration.name)
-        finally:
-            conn.execute("select pg_advisory_unlock(%s)", (MIGRATION_LOCK_ID,))
+            if not missing_migrations(conn, migrations):
+                return []
+            return _migrate_locked(conn, migrations)
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise MigrationError(
+                "this login may not migrate (permission denied: "
+                f"{exc.diag.message_primary}); run `renderqueue db migrate` as the database "
+                "owner (see docs/security.md)"
+            ) from None
+        except MigrationError as exc:
+            if isinstance(exc.__cause__, psycopg.errors.InsufficientPrivilege):
+                raise MigrationError(
+                    f"{exc}; run `renderqueue db migrate` as the database owner"
+                ) from None
+            raise
+
+
+def _migrate_locked(conn: psycopg.Connection, migrations: list[Migration]) -> list[str]:
+    """Apply the missing migrations under the advisory lock (one database at a time)."""
+    applied: list[str] = []
+    ran: list[Migration] = []
+    conn.execute("select pg_advisory_lock(%s)", (MIGRATION_LOCK_ID,))
+    try:
+        conn.execute(
+            """create table if not exists schema_migrations (
+                 version text primary key,
+                 name text not null,
+                 checksum text not null,
+                 applied_at timestamptz not null default now())"""
+        )
+        recorded_rows = conn.execute(
+            "select version, name, checksum from schema_migrations order by version"
+        ).fetchall()
+        _refuse_other_lineage(recorded_rows, migrations)
+        done = {version: checksum for version, _, checksum in recorded_rows}
+        for migration in migrations:
+            recorded = done.get(migration.version)
+            if recorded is not None:
+                if recorded != migration.checksum:
+                    raise MigrationError(
+                        f"{migration.name}.sql was changed after it was applied; "
+                        "add a new migration instead of editing an applied one"
+                    )
+                continue
+            try:
+                with conn.transaction():
+                    conn.execute(migration.sql)
+                    conn.execute(
+                        "insert into schema_migrations (version, name, checksum) "
+                        "values (%s, %s, %s)",
+                        (migration.version, migration.name, migration.checksum),
+                    )
+            except psycopg.Error as exc:
+                raise MigrationError(f"{migration.name}.sql failed: {exc}") from exc
+            applied.append(migration.name)
+            ran.append(migration)
+        # once more unless the last file applied ended by doing it itself (sql/190 does)
+        if applied and "call rq_grant_roles()" not in ran[-1].sql:
+            _grant_roles(conn)
+    finally:
+        conn.execute("select pg_advisory_unlock(%s)", (MIGRATION_LOCK_ID,))
     return applied
+
+
+def _grant_roles(conn: psycopg.Connection) -> None:
+    """Re-apply the role grants after migrations ran (a migration numbered below 190 that
+    lands later, or a CREATE OR REPLACE that reset a function's SECURITY DEFINER)."""
+    (exists,) = conn.execute("select to_regprocedure('rq_grant_roles()') is not null").fetchone()
+    if exists:
+        try:
+            with conn.transaction():
+                conn.execute("call rq_grant_roles()")
+        except psycopg.Error as exc:
+            raise MigrationError(f"re-applying the role grants failed: {exc}") from exc
 
 
 def _refuse_other_lineage(

@@ -67,8 +67,50 @@ def embedded_url(home: Path | None = None, database: str = LEDGER_DATABASE) -> s
     home = home or get_settings().home_dir
     server = _embedded_server(home)
     admin_url = server.get_uri("postgres")
+    require_passwords(pgdata_dir(home).resolve(), admin_url)
     _ensure_database(admin_url, database)
     return server.get_uri(database)
+
+
+#: pgserver's initdb trusts every local login; ours asks every login but the admin for its
+#: password (docs/security.md, "Roles": what this does and does not protect)
+PG_HBA = """\
+# Written by renderqueue (renderqueue_pipeline/db/server.py); edits are replaced.
+# The server listens on a unix socket only. Its admin `postgres` keeps trust, as
+# pgserver set it up (renderqueue db migrate/reset/grant need no password on this
+# machine); every other login (renderqueue db grant, renderqueue dev's rq_receiver and
+# rq_pipeline) must give its password.
+local all postgres trust
+local all all scram-sha-256
+"""
+
+
+def require_passwords(pgdata: Path, admin_url: str) -> bool:
+    """Make the embedded server check passwords of every login but its admin; True when
+    pg_hba.conf was changed (then the server reloads it)."""
+    import os
+
+    import psycopg
+
+    hba = pgdata / "pg_hba.conf"
+    try:
+        if hba.read_text() == PG_HBA:
+            return False
+        # a new file renamed into place: a concurrent reload never reads a half-written one
+        partial = pgdata / f".pg_hba.conf.{os.getpid()}"
+        partial.write_text(PG_HBA)
+        owner = pgdata.stat()
+        os.chmod(partial, 0o600)
+        if _is_root():
+            os.chown(partial, owner.st_uid, owner.st_gid)
+        os.replace(partial, hba)
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute("select pg_reload_conf()")
+    except (OSError, psycopg.Error) as exc:
+        raise DatabaseUnavailable(
+            f"could not set the embedded server's authentication ({hba}): {exc}"
+        ) from exc
+    return True
 
 
 def ensure_database(url: str, database: str) -> str:

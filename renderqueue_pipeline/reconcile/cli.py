@@ -64,3 +64,5 @@ def reconcile_command(
     Console().print(table)
     for sample in report.fal_error_samples:
         click.echo(f"fal error: {sample}", err=True)
+    if report.adoption.skipped:
+        click.echo(f"fal's request list not read: {report.adoption.skipped}", err=True)

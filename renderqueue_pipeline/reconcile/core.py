@@ -3,8 +3,10 @@
 One pass (`reconcile`):
 
 1. applies stored events whose generation row appeared after them;
-2. marks batch items stuck `pending` as unknown outcome (fal may hold a request we have
-   no row for; never resubmitted silently);
+2. reads fal's request list and adopts every request whose tags name an item of ours
+   that has no request yet; records second requests (and asks fal to cancel them) and
+   orphans (reconcile/adopt.py); then marks batch items still stuck `pending` as unknown
+   outcome (never resubmitted silently);
 3. picks open rows older than `min_age` (through the partial index generations_open_idx)
    and completed rows whose webhook carried no payload (fal keeps a result about an hour,
    so these are fetched on the first pass, whatever their age);
@@ -57,6 +59,11 @@ from renderqueue_pipeline.ledger import (
     mark_unknown_outcomes,
     record_events,
 )
+from renderqueue_pipeline.reconcile.adopt import (
+    AdoptReport,
+    adopt_fal_requests,
+    duplicates_to_cancel,
+)
 
 log = logging.getLogger("renderqueue.reconcile")
 
@@ -73,6 +80,11 @@ class ReconcileOptions:
     concurrency: int = 16
     max_rows: int = 20_000
     chunk: int = 500
+    #: read fal's request list and adopt what it has: "auto" (when an admin key or a
+    #: Platform API URL is configured), "on" or "off"
+    adopt: str = "auto"
+    adopt_lookback: timedelta = timedelta(hours=1)
+    adopt_first_window: timedelta = timedelta(hours=24)
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -92,6 +104,9 @@ class ReconcileOptions:
             result_window=timedelta(minutes=s.reconcile_result_window_minutes),
             concurrency=s.reconcile_concurrency,
             max_rows=s.reconcile_max_rows,
+            adopt=s.reconcile_adopt,
+            adopt_lookback=timedelta(minutes=s.reconcile_adopt_lookback_minutes),
+            adopt_first_window=timedelta(hours=s.reconcile_adopt_window_hours),
         )
         return replace(options, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -116,6 +131,7 @@ class ReconcileReport:
     waiting_events_applied: int = 0
     events_expired: int = 0
     unknown_outcomes: int = 0
+    adoption: AdoptReport = field(default_factory=AdoptReport)
     seconds: float = 0.0
     ledger_write_seconds: float = 0.0
     fal_error_samples: list[str] = field(default_factory=list)
@@ -143,6 +159,7 @@ class ReconcileReport:
             "waiting_events_applied": self.waiting_events_applied,
             "events_expired": self.events_expired,
             "unknown_outcomes": self.unknown_outcomes,
+            **self.adoption.figures(),
             "seconds": round(self.seconds, 3),
             "ledger_write_seconds": round(self.ledger_write_seconds, 3),
             "rows_per_second": round(self.rows_per_second, 1),
@@ -440,14 +457,82 @@ def _count_outcomes(
     )
 
 
+def _adoption_wanted(options: ReconcileOptions) -> str | None:
+    """None when fal's request list should be read; otherwise why not."""
+    if options.adopt == "off":
+        return "RENDERQUEUE_RECONCILE_ADOPT=off"
+    if options.adopt == "on":
+        return None
+    from renderqueue_pipeline.fal_platform import DEFAULT_API_URL
+    from renderqueue_pipeline.settings import get_settings
+
+    settings = get_settings()
+    if settings.fal_admin_key is None and settings.fal_api_url.rstrip("/") == DEFAULT_API_URL:
+        return "no FAL_ADMIN_KEY and no RENDERQUEUE_FAL_API_URL: fal's request list not read"
+    return None
+
+
+def adopt_step(
+    conn: psycopg.Connection,
+    options: ReconcileOptions,
+    platform_factory: Callable[[], Any] | None = None,
+    *,
+    now: Any = None,
+) -> AdoptReport:
+    """Read fal's request list and adopt (step 2 of a pass); never fails the pass."""
+    from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
+    from renderqueue_pipeline.settings import get_settings
+
+    if options.adopt == "off" or platform_factory is None:
+        skipped = _adoption_wanted(options)
+    else:
+        skipped = None  # a client given explicitly: read its list
+    if skipped is not None:
+        return AdoptReport(skipped=skipped)
+    try:
+        with (platform_factory or FalPlatform.from_settings)() as platform:
+            return adopt_fal_requests(
+                conn,
+                platform,
+                lookback=options.adopt_lookback,
+                first_window=options.adopt_first_window,
+                now=now,
+                object_lifetime=get_settings().fal_object_lifetime,
+            )
+    except FalPlatformError as exc:
+        log.warning("reconcile: fal's request list could not be read: %s", exc)
+        return AdoptReport(skipped=f"fal's request list could not be read: {exc}")
+
+
+async def cancel_duplicates(conn: psycopg.Connection, fal: FalGateway, report: AdoptReport) -> None:
+    """Ask fal to cancel second requests of an item that are still open (fal may bill
+    them; a queued one leaves the queue). Accepted: recorded on the row, so its ERROR
+    outcome becomes `canceled` at cost zero; a completion is billed as usual."""
+    rows = await asyncio.to_thread(duplicates_to_cancel, conn)
+    for row in rows:
+        try:
+            answer = await fal.cancel(row["endpoint"], row["request_id"])
+        except FalError as exc:
+            log.warning("cancel of duplicate %s failed: %s", row["request_id"], exc)
+            continue
+        if answer == "cancellation_requested":
+            await asyncio.to_thread(mark_cancel_requested, conn, row["request_id"])
+            report.duplicates_cancel_requested += 1
+
+
 def reconcile(
     conn: psycopg.Connection,
     options: ReconcileOptions | None = None,
     *,
     gateway_factory: Callable[[int], FalGateway] | None = None,
+    platform_factory: Callable[[], Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> ReconcileReport:
-    """One reconcile pass on `conn`; returns what it did (see the module doc)."""
+    """One reconcile pass on `conn`; returns what it did (see the module doc).
+
+    `platform_factory` makes the Platform API client whose request list is read (by
+    default `FalPlatform.from_settings`, when adoption is wanted: see `options.adopt`).
+    """
     options = options or ReconcileOptions.from_settings()
     report = ReconcileReport()
     started = time.monotonic()
@@ -457,16 +542,21 @@ def reconcile(
         n for outcome, n in applied.items() if outcome not in ("waiting", "expired", "error")
     )
     report.events_expired = applied["expired"]
+    report.adoption = adopt_step(conn, options, platform_factory)
     report.unknown_outcomes = len(mark_unknown_outcomes(conn, _interval(options.min_age)))
 
     rows = pick_rows(conn, options)
     report.examined = len(rows)
-    if rows:
+    cancel = report.adoption.skipped is None
+    if rows or cancel:
         factory = gateway_factory or (lambda n: FalGateway.from_settings(max_concurrency=n))
 
         async def run() -> None:
             async with factory(options.concurrency) as fal:
-                await reconcile_rows(conn, fal, rows, options, report, progress)
+                if cancel:
+                    await cancel_duplicates(conn, fal, report.adoption)
+                if rows:
+                    await reconcile_rows(conn, fal, rows, options, report, progress)
 
         asyncio.run(run())
     report.seconds = time.monotonic() - started

@@ -46,6 +46,9 @@ TIMEOUT_HEADER = "x-fal-request-timeout"
 PRIORITY_HEADER = "x-fal-queue-priority"
 HINT_HEADER = "x-fal-runner-hint"
 STORE_IO_HEADER = "x-fal-store-io"
+TAGS_HEADER = "x-fal-tags"
+#: fal's documented limits of X-Fal-Tags
+MAX_TAGS, MAX_TAG_KEY, MAX_TAG_VALUE, MAX_TAGS_BYTES = 10, 64, 256, 1024
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
@@ -104,6 +107,29 @@ def parse_lifecycle(headers: Any, config: SimConfig) -> Lifecycle:
         raise BadHeader("X-Fal-Queue-Priority: expected 'normal' or 'low'")
     store_io = headers.get(STORE_IO_HEADER, "1").strip() != "0"
     return Lifecycle(lifetime, start_timeout, priority, headers.get(HINT_HEADER), store_io)
+
+
+def parse_tags(headers: Any) -> dict[str, str]:
+    """X-Fal-Tags `k=v,k=v` as sent (values kept exactly), within fal's documented limits."""
+    raw = headers.get(TAGS_HEADER)
+    if raw is None or not raw.strip():
+        return {}
+    if len(raw.encode()) > MAX_TAGS_BYTES:
+        raise BadHeader(f"X-Fal-Tags: more than {MAX_TAGS_BYTES} bytes")
+    tags: dict[str, str] = {}
+    for pair in raw.split(","):
+        key, sep, value = pair.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise BadHeader("X-Fal-Tags: expected key=value pairs separated by commas")
+        if key.lower().startswith("fal."):
+            raise BadHeader(f"X-Fal-Tags: the 'fal.' prefix is reserved ({key!r})")
+        if len(key) > MAX_TAG_KEY or len(value) > MAX_TAG_VALUE:
+            raise BadHeader(f"X-Fal-Tags: key {MAX_TAG_KEY} / value {MAX_TAG_VALUE} chars at most")
+        tags[key] = value
+    if len(tags) > MAX_TAGS:
+        raise BadHeader(f"X-Fal-Tags: at most {MAX_TAGS} tags")
+    return tags
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
@@ -189,6 +215,7 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
             return fault_response(fault)
         try:
             lifecycle = parse_lifecycle(request.headers, engine.config)
+            tags = parse_tags(request.headers)
         except BadHeader as exc:
             return _json({"detail": str(exc)}, 422)
         inputs = await read_inputs(request)
@@ -198,12 +225,18 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
                 return _json({"detail": errors}, 422)
         webhook_url = request.query_params.get("fal_webhook") or None
         base = str(request.base_url).rstrip("/")
-        req = engine.create(endpoint, app_path, inputs, webhook_url, base, lifecycle=lifecycle)
+        req = engine.create(
+            endpoint, app_path, inputs, webhook_url, base, lifecycle=lifecycle, tags=tags
+        )
         if req.decisions.early and webhook_url:
             engine.refresh(req)
             await engine.deliver_now(req)
         if req.decisions.submit_latency > 0:
             await asyncio.sleep(req.decisions.submit_latency)
+        if engine.answer_lost(req):
+            # enqueued, but the answer never reaches the caller: the edge times out (504),
+            # which fal-client retries, so the same submit reaches fal again
+            return fault_response("504")
         if fault == "500":
             # the worst case on purpose: fal accepted the request but the caller sees an error
             return fault_response(fault, req.request_id)
@@ -314,6 +347,7 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
             return fault_response(fault)
         try:
             lifecycle = parse_lifecycle(request.headers, engine.config)
+            tags = parse_tags(request.headers)
         except BadHeader as exc:
             return _json({"detail": str(exc)}, 422)
         inputs = await read_inputs(request)
@@ -321,7 +355,9 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
         if errors:
             return _json({"detail": errors}, 422)
         base = str(request.base_url).rstrip("/")
-        req = engine.create(endpoint, split[0], inputs, None, base, lifecycle=lifecycle, sync=True)
+        req = engine.create(
+            endpoint, split[0], inputs, None, base, lifecycle=lifecycle, sync=True, tags=tags
+        )
         await req.done.wait()
         if req.state != "completed":
             return await result(req)

@@ -122,6 +122,9 @@ class SimConfig(BaseModel):
     api_500_rate: float = _RATE
     api_502_rate: float = _RATE
     api_504_rate: float = _RATE
+    # a submit fal enqueues whose answer is then lost (the edge answers 504): fal-client
+    # retries it, so one submit becomes two requests at fal (drawn per request)
+    submit_lost_answer_rate: float = _RATE
     # CDN and results
     cdn_mode: Literal["public", "signed"] = "public"
     cdn_default_lifetime: float | None = Field(default=7 * 86400.0, gt=0.0)

@@ -154,6 +154,8 @@ class SimRequest:
     cdn_path: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     webhook_bytes: bytes | None = None
+    #: X-Fal-Tags as sent (values exactly as on the wire)
+    tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def start_mono(self) -> float:
@@ -227,6 +229,8 @@ class Engine:
         self.submits_in_flight_peak = 0  # most submit calls being answered at one moment
         # called with each request as it finishes (the Platform API simulator bills from it)
         self.finish_listeners: list[Callable[[SimRequest], None]] = []
+        # called with each request as it is created (the Platform API's request list)
+        self.submit_listeners: list[Callable[[SimRequest], None]] = []
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -315,6 +319,7 @@ class Engine:
         *,
         lifecycle: Lifecycle | None = None,
         sync: bool = False,
+        tags: dict[str, str] | None = None,
     ) -> SimRequest:
         """Register a request and draw all its decisions (fixed draw order: keep it stable)."""
         cfg = self.config
@@ -390,12 +395,29 @@ class Engine:
             end_mono=end_mono,
             sync=sync,
             timeout_mono=timeout_mono,
+            tags=dict(tags or {}),
         )
         if not sync and self.validation_stage(endpoint) == "run":
             req.validation_errors = validate_inputs(endpoint, inputs)
         self.requests[request_id] = req
+        for listener in self.submit_listeners:
+            try:
+                listener(req)
+            except Exception:  # a listener must never break the queue
+                log.exception("submit listener failed for %s", req.request_id)
         self._spawn(self._lifecycle(req))
         return req
+
+    def answer_lost(self, req: SimRequest) -> bool:
+        """Whether this submit's answer is lost after fal enqueued it (a draw of its own
+        per request, so the other knobs keep their stories)."""
+        rate = self.config.submit_lost_answer_rate
+        if not rate:
+            return False
+        lost = lost_answer_draw(self.config.seed, req.index) < rate
+        if lost:
+            self.api_faults["lost_answer"] += 1
+        return lost
 
     async def _lifecycle(self, req: SimRequest) -> None:
         while req.state not in TERMINAL:
@@ -620,6 +642,7 @@ class Engine:
             "started_at": req.started_wall,
             "finished_at": req.finished_wall,
             "decisions": dict(req.decisions.__dict__),
+            "tags": dict(req.tags),
         }
 
     # ----- webhooks --------------------------------------------------------------------------
@@ -778,5 +801,10 @@ def retry_schedule(config: SimConfig) -> list[float]:
     ]
 
 
+def lost_answer_draw(seed: int, index: int) -> float:
+    """The draw that decides whether request `index`'s submit answer is lost."""
+    return random.Random(f"{seed}:lost-answer:{index}").random()
+
+
 def _no_faults() -> dict[str, int]:
-    return {"429": 0, "503": 0, "500": 0, "502": 0, "504": 0}
+    return {"429": 0, "503": 0, "500": 0, "502": 0, "504": 0, "lost_answer": 0}

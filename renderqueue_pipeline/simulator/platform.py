@@ -10,6 +10,10 @@ appear, a share of requests billed with different units) so reconciliation can b
 Shapes follow shared/fal-wire.md "Platform APIs": `Authorization: Key <admin key>`,
 1-50 endpoint (or request) ids, cursor pagination (`next_cursor`, `has_more`), `limit`
 up to 10,000, `end` exclusive, a range of at most 90 days.
+
+The request list (`GET /v1/models/requests/by-endpoint`) shows every request the queue
+engine accepted, with the `X-Fal-Tags` it carried: fed by the engine's submit listener
+(`attach`), read from this server's thread under the book's lock.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ MAX_LIMIT = 10_000
 DEFAULT_LIMIT = 1_000
 MAX_IDS = 50
 MAX_RANGE = dt.timedelta(days=90)
+#: the request list: at most 100 a page, a 24 h default window (90 days with request ids)
+MAX_REQUEST_PAGE = 100
+DEFAULT_REQUEST_WINDOW = 86_400.0
+REQUEST_STATUSES = ("success", "error", "user_error")
 NANOS_PER_MICRO = 1_000
 #: fal's pricing unit for per-second video endpoints.
 SECOND = "second"
@@ -391,6 +399,8 @@ class BillingBook:
         self._keys: list[tuple[float, str]] = []
         self._synthetic: list[SyntheticBilling] = []
         self._counter = 0
+        self._requests: list[SimRequest] = []  # in submit order (the request list)
+        self.engine: Engine | None = None  # set by `attach` (outputs of expand=payloads)
 
     def reset(self, config: BillingConfig | None = None) -> None:
         with self._lock:
@@ -400,6 +410,50 @@ class BillingBook:
             self._keys.clear()
             self._synthetic.clear()
             self._counter = 0
+            self._requests.clear()
+
+    # -- the request list
+
+    def record_request(self, req: SimRequest) -> None:
+        """The engine's submit listener: every accepted request shows in the request list."""
+        if req.sync:
+            return
+        with self._lock:
+            self._requests.append(req)
+
+    def request_page(
+        self,
+        endpoint_ids: list[str],
+        start: float,
+        end: float,
+        *,
+        statuses: set[str],
+        request_ids: list[str],
+        limit: int,
+        cursor: tuple[float, str] | None,
+        payloads: bool,
+    ) -> tuple[list[dict[str, Any]], tuple[float, str] | None]:
+        """One page of the request list in (sent_at, request_id) order, and the next key."""
+        wanted_ids = set(request_ids)
+        with self._lock:
+            candidates = list(self._requests)
+        matching = []
+        for req in candidates:
+            key = (req.submitted_wall, req.request_id)
+            if req.endpoint not in endpoint_ids or not start <= req.submitted_wall < end:
+                continue
+            if cursor is not None and key <= cursor:
+                continue
+            if wanted_ids and req.request_id not in wanted_ids:
+                continue
+            status = request_status(req)
+            if statuses and status not in statuses:
+                continue
+            matching.append((key, req))
+        matching.sort(key=lambda pair: pair[0])
+        page = matching[: limit + 1]
+        after = page[limit - 1][0] if len(page) > limit else None
+        return [request_entry(req, payloads, self.engine) for _, req in page[:limit]], after
 
     # -- writers
 
@@ -693,6 +747,57 @@ def build_platform_app(book: BillingBook) -> Starlette:
             body["time_series"] = [{"bucket": b, "results": r} for b, r in series.items()]
         return JSONResponse(body)
 
+    async def requests_by_endpoint(request: Request) -> Response:
+        now = time.time()
+        endpoint_ids = id_list(request, "endpoint_id", required=True)
+        request_ids = id_list(request, "request_id", required=False)
+        default_window = MAX_RANGE.total_seconds() if request_ids else DEFAULT_REQUEST_WINDOW
+        start = parse_time("start", request.query_params.get("start"), now - default_window)
+        end = parse_time("end", request.query_params.get("end"), now)
+        if end <= start:
+            raise ApiError(422, "validation_error", "end must be after start (end is exclusive)")
+        if end - start > MAX_RANGE.total_seconds():
+            raise ApiError(422, "validation_error", "the date range is capped at 90 days")
+        statuses = {
+            part.strip()
+            for value in request.query_params.getlist("status")
+            for part in value.split(",")
+            if part.strip()
+        }
+        if unknown := statuses - set(REQUEST_STATUSES):
+            message = f"status: expected {'|'.join(REQUEST_STATUSES)}, got {sorted(unknown)}"
+            raise ApiError(422, "validation_error", message)
+        raw = request.query_params.get("limit")
+        try:
+            limit = int(raw) if raw else MAX_REQUEST_PAGE
+        except ValueError:
+            raise ApiError(422, "validation_error", f"limit: not an integer: {raw!r}") from None
+        if not 1 <= limit <= MAX_REQUEST_PAGE:
+            message = f"limit: 1 to {MAX_REQUEST_PAGE} (got {limit})"
+            raise ApiError(422, "validation_error", message)
+        expand = {
+            part.strip()
+            for value in request.query_params.getlist("expand")
+            for part in value.split(",")
+        }
+        items, after = book.request_page(
+            endpoint_ids,
+            start,
+            end,
+            statuses=statuses,
+            request_ids=request_ids,
+            limit=limit,
+            cursor=decode_cursor(request.query_params.get("cursor")),
+            payloads="payloads" in expand,
+        )
+        return JSONResponse(
+            {
+                "items": items,
+                "next_cursor": encode_cursor(after) if after else None,
+                "has_more": after is not None,
+            }
+        )
+
     # -- control API (tests, operators, benchmarks; no fal equivalent)
 
     async def control(handler: Any, request: Request) -> Response:
@@ -766,6 +871,7 @@ def build_platform_app(book: BillingBook) -> Starlette:
             Route("/v1/models/pricing", api(pricing)),
             Route("/v1/models/billing-events", api(billing_events)),
             Route("/v1/models/usage", api(usage)),
+            Route("/v1/models/requests/by-endpoint", api(requests_by_endpoint)),
             Route("/_sim/billing/config", get_config, methods=["GET"]),
             Route("/_sim/billing/config", patch_config, methods=["PATCH", "PUT"]),
             Route("/_sim/billing/reset", reset, methods=["POST"]),
@@ -821,9 +927,54 @@ def event_from_json(item: dict[str, Any]) -> BillingEvent:
 # ----- serving -----------------------------------------------------------------------------------
 
 
+def request_status(req: SimRequest) -> str | None:
+    """The request list's status: success, user_error (the request's own fault: a model's
+    422), error (timed out before starting, cancelled); None while queued or running."""
+    if req.ending is None:
+        return None
+    if req.ending == "ok":
+        return "success"
+    return "user_error" if req.ending == "model_error" else "error"
+
+
+def request_entry(req: SimRequest, payloads: bool, engine: Engine | None) -> dict[str, Any]:
+    """One entry of the request list (field names: see docs/simulator.md; unverified)."""
+    if req.ending is not None:
+        state = "COMPLETED"
+    elif req.attempts and time.monotonic() >= req.start_mono:
+        state = "IN_PROGRESS"
+    else:
+        state = "IN_QUEUE"
+    entry: dict[str, Any] = {
+        "request_id": req.request_id,
+        "endpoint_id": req.endpoint,
+        "status": request_status(req),
+        "state": state,
+        "status_code": req.http_status if req.ending is not None else None,
+        "sent_at": iso(req.submitted_wall),
+        "started_at": iso(req.started_wall) if req.started_wall is not None else None,
+        "ended_at": iso(req.finished_wall) if req.finished_wall is not None else None,
+        "tags": dict(req.tags),
+    }
+    if payloads:
+        entry["json_input"] = req.inputs
+        if req.ending == "ok" and engine is not None:
+            entry["json_output"] = engine.output(req)
+        elif req.ending is not None:
+            entry["json_output"] = req.error_body()
+        else:
+            entry["json_output"] = None
+    return entry
+
+
 def attach(engine: Engine, book: BillingBook) -> None:
-    """Bill every request the queue engine completes from now on."""
-    engine.finish_listeners.append(book.record_completion)
+    """Bill every request the queue engine completes from now on, and list every request
+    it accepts (the request list)."""
+    book.engine = engine
+    if book.record_completion not in engine.finish_listeners:
+        engine.finish_listeners.append(book.record_completion)
+    if book.record_request not in engine.submit_listeners:
+        engine.submit_listeners.append(book.record_request)
 
 
 def platform_env(host: str, port: int) -> dict[str, str]:

@@ -10,7 +10,8 @@ Answers (docs/webhook.md has the table, with what fal does with each):
   403  signed by fal for a fal user not in FAL_WEBHOOK_USER_IDS (nothing stored)
   413  body over the size limit
   422  Postgres refused the event's content (SQLSTATE class 22)
-  503  anything that is our fault: database unreachable, read-only, not migrated, missing
+  503  anything that is our fault: database unreachable, read-only, not migrated (checked
+       at start and until it is: `schema_not_current`; the receiver never migrates), missing
        privilege, lock/statement timeout, too many deliveries queued or being read, the
        delivery's deadline passed, no usable JWKS or a key we could not refresh yet.
        fal retries later (Retry-After)
@@ -57,6 +58,7 @@ from renderqueue_pipeline.webhook.committer import (
     open_connection,
 )
 from renderqueue_pipeline.webhook.payload import jsonb_safe, needs_escaping
+from renderqueue_pipeline.webhook.schema import SchemaGate
 from renderqueue_pipeline.webhook.signature import (
     MAX_CLOCK_SKEW_SECONDS,
     JwksUnavailable,
@@ -394,6 +396,25 @@ class _FalEndpoint:
         return status, {"outcome": outcome, "request_id": event.request_id}
 
 
+class _SchemaGated:
+    """The fal endpoint behind the schema check: 503 (fal retries) until the database holds
+    this release's migrations; the receiver never migrates (webhook/schema.py)."""
+
+    def __init__(self, endpoint: _FalEndpoint, gate: SchemaGate) -> None:
+        self.endpoint = endpoint
+        self.gate = gate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.gate.ready or await self.gate.check():
+            await self.endpoint(scope, receive, send)
+            return
+        outcome = self.gate.outcome()
+        self.endpoint._count(outcome, time.perf_counter())
+        headers, body = json_answer(503, {"outcome": outcome})
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
 class ReceiverApp(Starlette):
     """Starlette, with `POST /webhooks/fal` taken before the router and middleware."""
 
@@ -460,6 +481,7 @@ def create_app(config: ReceiverConfig | None = None) -> Starlette:
     )
     probe = DatabaseProbe(config.database_url)
     endpoint = _FalEndpoint(config, metrics, verifier, committer)
+    schema = SchemaGate(config.database_url)
 
     async def database_ok() -> bool:
         """The flushers' last word if it is recent and good; else the cached probe."""
@@ -470,6 +492,12 @@ def create_app(config: ReceiverConfig | None = None) -> Starlette:
         return (await probe.read()).ok
 
     async def healthz(request: Request) -> Response:
+        if not await schema.check():
+            return JSONResponse(
+                {"ok": False, **schema.health()},
+                status_code=503,
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
+            )
         if not await database_ok():
             return JSONResponse(
                 {"ok": False, "database": "unavailable"},
@@ -496,12 +524,14 @@ def create_app(config: ReceiverConfig | None = None) -> Starlette:
                 "fal account; set it to your fal user id(s)"
             )
         await committer.start()
+        await schema.check()  # logs at start when the database is behind this release
         try:
             yield
         finally:
             await committer.stop()
             await verifier.aclose()
             await asyncio.to_thread(probe.close)
+            await asyncio.to_thread(schema.close)
 
     app = ReceiverApp(
         routes=[
@@ -516,6 +546,7 @@ def create_app(config: ReceiverConfig | None = None) -> Starlette:
     app.state.metrics = metrics
     app.state.probe = probe
     app.state.endpoint = endpoint
+    app.state.schema = schema
     # what Starlette's own stack would do with an exception: a plain 500, then re-raise
-    app.fal_endpoint = ServerErrorMiddleware(endpoint)
+    app.fal_endpoint = ServerErrorMiddleware(_SchemaGated(endpoint, schema))
     return app

@@ -39,7 +39,6 @@ def serve(
 
     import uvicorn
 
-    from renderqueue_pipeline.db.migrate import migrate
     from renderqueue_pipeline.db.server import database_url
     from renderqueue_pipeline.settings import ConfigError, get_settings
     from renderqueue_pipeline.webhook.signature import check_jwks_url
@@ -52,7 +51,10 @@ def serve(
         check_jwks_url(settings.fal_jwks_url, allow_http=insecure_jwks)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    migrate(database_url())  # also starts the embedded server before workers fork
+    # Starts the embedded server before workers fork. No migration here: the receiver runs
+    # as a role that may not; `renderqueue db migrate` is its own step, and until it has
+    # run the receiver answers 503 (fal retries) and /healthz says why.
+    database_url()
     factory = "create_insecure_jwks_app" if insecure_jwks else "create_app"
     uvicorn.run(
         f"renderqueue_pipeline.webhook.app:{factory}",

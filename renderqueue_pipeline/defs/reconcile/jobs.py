@@ -68,6 +68,8 @@ def reconcile_open_rows(
         metadata["fal_error_samples"] = dg.MetadataValue.md(
             "\n".join(f"- {sample}" for sample in report.fal_error_samples)
         )
+    if report.adoption.skipped:
+        metadata["adoption_skipped"] = report.adoption.skipped
     context.add_output_metadata(metadata)
     return figures
 

@@ -60,8 +60,8 @@ class SubmitBatchConfig(dg.Config):
     concurrency: int = Field(default=16, description="Requests in flight to fal (1-256).")
     resubmit_unknown: bool = Field(
         default=False,
-        description="Resubmit items whose outcome is unknown after a crash (fal may already "
-        "have them: this can pay twice).",
+        description="Resend items whose outcome is unknown after a crash, only those fal's "
+        "request list shows it never received (the others are adopted, not resent).",
     )
 
 
