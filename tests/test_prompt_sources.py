@@ -120,13 +120,14 @@ def test_the_launchpad_may_name_only_the_inbox_or_an_allowed_prefix(
     ledger_url: str,
     tmp_path: Path,
     canary: tuple[str, list[str]],
+    dagster_storage: str,
 ) -> None:
     base, seen = canary
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     outside = write_csv(tmp_path / "outside.csv", prompts(2))
     inside = write_csv(inbox / "inside.csv", prompts(2))
-    with dagster_instance(ledger_url) as instance:
+    with dagster_instance(dagster_storage) as instance:
 
         def run(url: str) -> dg.ExecuteInProcessResult:
             return submit_batch.execute_in_process(

@@ -158,6 +158,7 @@ def test_a_canary_key_appears_in_no_output_log_ledger_row_or_dagster_storage(
     canary_env: None,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    dagster_storage: str,
 ) -> None:
     caplog.set_level(logging.DEBUG)
     printed: list[str] = []
@@ -174,7 +175,7 @@ def test_a_canary_key_appears_in_no_output_log_ledger_row_or_dagster_storage(
     assert code == 0, err
     assert "submitted   3" in out
 
-    with dagster_instance(ledger_url) as instance:
+    with dagster_instance(dagster_storage) as instance:
 
         def run(name: str) -> dg.ExecuteInProcessResult:
             file = write_csv(inbox / name, prompts(2, tag=name))
@@ -222,7 +223,7 @@ def test_a_canary_key_appears_in_no_output_log_ledger_row_or_dagster_storage(
             log=printed.append,
             gateway_factory=_KeyEchoingGateway,
         )
-        storage = dagster_storage_url(ledger_url).replace("postgresql+psycopg2", "postgresql")
+        storage = dagster_storage.replace("postgresql+psycopg2", "postgresql")
         dagster_hits = _hits_in_database(storage, (CANARY_SECRET, ADMIN_CANARY))
 
     reasons = conn.execute(
