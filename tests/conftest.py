@@ -42,6 +42,7 @@ LEDGER_TABLES = (
     "batch_items",
     "batches",
     "user_budgets",
+    "budget_alerts",
     "spend_monthly_by_user",
     "spend_monthly_by_endpoint",
     "spend_monthly_by_batch",
