@@ -322,7 +322,7 @@ def load_settings() -> Settings:
         env = _FIELD_TO_ENV.get(field, field)
         message = first["msg"].removeprefix("Value error, ")
         got = first.get("input")
-        if field == "alert_webhook_url":
+        if "RENDERQUEUE_ALERT_WEBHOOK_URL" in (field, env):
             got = "<redacted>"  # its token is in the path: never echo it
         elif (field in _URL_FIELDS or env in _URL_ENVS) and isinstance(got, str):
             got = redact_url(got)  # a bad DATABASE_URL may still carry a real password

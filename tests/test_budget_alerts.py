@@ -126,7 +126,6 @@ def test_a_failed_delivery_is_retried_with_backoff_and_delivered_later(
         assert row["attempts"] == 3 and row["delivered_at"] is None
         assert row["last_error"] == f"{receiver.url.split('/services')[0]}/… answered HTTP 500"
         assert (row["next_attempt_at"] - utc(2026, 11, 15, 12)).total_seconds() == 60
-        assert "retry" not in first.summary() or True
         assert "not delivered user 7 50% after 3 attempts" in first.summary()
 
         # not due yet: a second tick a moment later leaves it alone
@@ -211,7 +210,8 @@ def test_the_cli_sets_alert_percents_and_prints_what_it_sent(
     spend(ledger, 7, 6 * USD)
     runner = CliRunner()
     result = runner.invoke(main, ["budget", "set", "--user-id", "7", "--alerts", "50,90"])
-    assert result.exit_code == 1 and "has no budget for this month" in result.output
+    assert result.exit_code != 0, result.output
+    assert "has no budget for 2026-11" in result.output, result.output
     result = runner.invoke(
         main, ["budget", "set", "--user-id", "7", "--usd", "10", "--alerts", "50,90"]
     )
@@ -266,9 +266,7 @@ def test_the_budget_alert_sensor_sends_once_on_a_real_instance(
         monkeypatch.setenv("RENDERQUEUE_ALERT_WEBHOOK_URL", receiver.url)
         get_settings.cache_clear()
         resources = {"ledger": LedgerDatabase(url=ledger_env)}
-        first = budget_alert_sensor(
-            dg.build_sensor_context(instance=instance, resources=resources)
-        )
+        first = budget_alert_sensor(dg.build_sensor_context(instance=instance, resources=resources))
         second = budget_alert_sensor(
             dg.build_sensor_context(instance=instance, resources=resources)
         )

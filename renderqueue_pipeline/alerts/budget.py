@@ -77,8 +77,7 @@ class AlertRun:
         parts = [f"{self.month:%Y-%m}: {self.users_checked} users with a budget checked"]
         if self.sent:
             parts.append(
-                "sent "
-                + "; ".join(f"user {o.user_id} {o.threshold_percent}%" for o in self.sent)
+                "sent " + "; ".join(f"user {o.user_id} {o.threshold_percent}%" for o in self.sent)
             )
         if self.failed:
             parts.append(

@@ -21,9 +21,7 @@ def run_failure_body(
         "attachments": [
             {
                 "color": "danger",
-                "fields": [
-                    {"title": t, "value": v, "short": t != "Run page"} for t, v in fields
-                ],
+                "fields": [{"title": t, "value": v, "short": t != "Run page"} for t, v in fields],
             }
         ],
     }

@@ -202,6 +202,7 @@ def budget_set(user_id: int, amount: str | None, month: str | None, alerts: str 
     from renderqueue_pipeline.batch import parse_month, parse_usd, set_budget, usd
     from renderqueue_pipeline.batch.rows import parse_user_id
     from renderqueue_pipeline.db.connect import connect
+    from renderqueue_pipeline.db.queries import q
     from renderqueue_pipeline.settings import parse_alert_percents
 
     try:
@@ -218,14 +219,18 @@ def budget_set(user_id: int, amount: str | None, month: str | None, alerts: str 
             raise click.BadParameter(str(exc), param_hint="--alerts") from None
     micros = None if amount is None else parse_usd(amount, "--usd")
     with connect(_ledger_url()) as conn:
+        # one month for both (the ledger clock's, rq_now, unless --month says)
+        target = parse_month(month) or conn.execute(q("alert_clock")).fetchone()["month"]
         if micros is not None:
-            row = set_budget(conn, user_id, micros, parse_month(month))
-            click.echo(f"user {row['user_id']}: {usd(row['limit_micros'])} for {row['month']:%Y-%m}")
+            row = set_budget(conn, user_id, micros, target)
+            click.echo(
+                f"user {row['user_id']}: {usd(row['limit_micros'])} for {row['month']:%Y-%m}"
+            )
         if alerts is not None:
-            row = set_alert_percents(conn, user_id, parse_month(month), percents)
+            row = set_alert_percents(conn, user_id, target, percents)
             if row is None:
                 raise RenderqueueError(
-                    f"user {user_id} has no budget for {month or 'this month'}: "
+                    f"user {user_id} has no budget for {target:%Y-%m}: "
                     "set one with --usd first (alerts are stored with the budget)"
                 )
             shown = ",".join(map(str, row["alert_percents"] or [])) or "default"
