@@ -208,7 +208,6 @@ def run_headless(console: Console | None = None) -> bool:
     url = database_url()
     console.print(f"ledger database: {redact_url(url)}")
     migrate(url)
-    truths: dict[str, dict[str, Any]] | None = None
     with demo_alert_webhook(console) as alert_receiver:
         if get_settings().fal_key is not None:
             with real_fal(console):
