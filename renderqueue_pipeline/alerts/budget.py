@@ -18,6 +18,7 @@ alert again on the next evaluation (at least once, never twice otherwise).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
@@ -193,11 +194,18 @@ def deliver_due(
     attempts_per_round: int = 3,
     wait_s: float = 1.0,
     limit: int = 50,
+    budget_s: float = 30.0,
 ) -> list[AlertOutcome]:
-    """Step 2: deliver every due, undelivered alert once (one transaction per alert)."""
+    """Step 2: deliver due, undelivered alerts once each (one transaction per alert).
+
+    Stops at the first failed delivery (the receiver is likely down: the rest stay due
+    for the next evaluation, after the failed one) or after `budget_s` seconds, so that a
+    sensor tick stays well within Dagster's evaluation timeout.
+    """
     outcomes: list[AlertOutcome] = []
     tried: list[int] = []
-    while len(tried) < limit:
+    started = time.monotonic()
+    while len(tried) < limit and time.monotonic() - started < budget_s:
         with conn.transaction():
             row = conn.execute(q("claim_due_budget_alert"), {"skip_ids": tried}).fetchone()
             if row is None:
@@ -231,7 +239,7 @@ def deliver_due(
                         next_attempt_at=failed["next_attempt_at"],
                     )
                 )
-                continue
+                break
             conn.execute(q("mark_budget_alert_delivered"), {"id": row["id"], "attempts": made})
             outcomes.append(
                 AlertOutcome(
