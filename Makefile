@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo demo-headless prod-local test lint bench clean stop
+.PHONY: install demo demo-headless prod-local test lint bench bench-quick clean stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: install lint
 
 bench: install
 	$(BIN)/python -m bench; status=$$?; \
+	RENDERQUEUE_HOME=.renderqueue/bench $(BIN)/renderqueue db stop >/dev/null; exit $$status
+
+# Every benchmark at a tenth of its size (a developer's check before a commit; writes no docs).
+bench-quick: install
+	BENCH_SCALE=0.1 $(BIN)/python -m bench --no-write; status=$$?; \
 	RENDERQUEUE_HOME=.renderqueue/bench $(BIN)/renderqueue db stop >/dev/null; exit $$status
 
 stop:

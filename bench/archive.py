@@ -28,11 +28,12 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-from bench.common import BENCH_HOME, Figure, scratch_ledger
+from bench.common import BENCH_HOME, Figure, scaled, scratch_ledger
+from bench.memory import peak_rss_mb
 
-OUTPUTS = 50
+OUTPUTS = scaled(50, 8)
 TARGET_BYTES = 20_000_000
-LARGE_BYTES = 1_000_000_000
+LARGE_BYTES = scaled(1_000_000_000, 50_000_000)
 CONCURRENCY = 4
 FILE_ROUNDS = 3
 S3_ROUNDS = 2
@@ -46,11 +47,6 @@ def _cpu_seconds() -> float:
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def _peak_rss_mb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
 
 # ----- child processes -----------------------------------------------------------------------
@@ -84,7 +80,7 @@ def _baseline(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "bytes": total,
         "seconds": seconds,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "cpu_seconds": _cpu_seconds(),
     }
 
@@ -123,7 +119,7 @@ def _plain_s3(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "bytes": total,
         "seconds": seconds,
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "cpu_seconds": _cpu_seconds(),
     }
 
@@ -147,7 +143,7 @@ def _archive(job: dict[str, Any]) -> dict[str, Any]:
         "seconds": seconds,
         "archived": summary["archived"],
         "failures": summary["failures_by_reason"],
-        "peak_rss_mb": _peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "cpu_seconds": _cpu_seconds(),
     }
 

@@ -32,10 +32,11 @@ import httpx
 import psycopg
 from rich.console import Console
 
-from bench.common import BENCH_HOME, Figure, scratch_ledger
+from bench.common import BENCH_HOME, Figure, scaled, scratch_ledger
+from bench.memory import peak_rss_mb
 from renderqueue_pipeline.db.connect import connect
 
-EVENTS = int(os.environ.get("BENCH_BILLING_EVENTS", "1000000"))
+EVENTS = int(os.environ.get("BENCH_BILLING_EVENTS", scaled(1_000_000, 20_000)))
 GENERATIONS = EVENTS * 5
 START = dt.datetime(2026, 10, 1, tzinfo=dt.UTC)
 END = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
@@ -265,13 +266,6 @@ def run(console: Console) -> list[Figure]:
 # ----- the two reconciliations, each run in a child process ---------------------------------
 
 
-def _peak_mb() -> float:
-    """This process's own peak RSS (VmHWM). Not ru_maxrss: Linux carries that across
-    exec, so a child would report the peak of the bench process it was forked from."""
-    status = Path("/proc/self/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
-
-
 def _reconcile_sql(url: str) -> dict:
     from renderqueue_pipeline.spend import reconcile_range
 
@@ -281,7 +275,7 @@ def _reconcile_sql(url: str) -> dict:
         result = reconcile_range(conn, START, END, now=now)
         seconds = time.perf_counter() - started
     outcomes = {k: v.requests for k, v in result.outcomes.items()}
-    return {"seconds": seconds, "peak_mb": _peak_mb(), "outcomes": outcomes}
+    return {"seconds": seconds, "peak_mb": peak_rss_mb(), "outcomes": outcomes}
 
 
 def _reconcile_pandas(url: str) -> dict:
@@ -371,7 +365,7 @@ def _reconcile_pandas(url: str) -> dict:
     seconds = time.perf_counter() - started
     return {
         "seconds": seconds,
-        "peak_mb": _peak_mb(),
+        "peak_mb": peak_rss_mb(),
         "outcomes": {str(k): int(v) for k, v in counts.items()},
     }
 

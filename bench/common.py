@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,13 @@ from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.server import embedded_url, psycopg_url, with_database
 
 BENCH_HOME = Path(__file__).resolve().parent.parent / ".renderqueue" / "bench"
+#: `make bench-quick` sets BENCH_SCALE=0.1: every benchmark at a tenth of its size.
+SCALE = float(os.environ.get("BENCH_SCALE", "1"))
+
+
+def scaled(size: int, minimum: int = 1) -> int:
+    """A benchmark's size at the run's scale (never below `minimum`)."""
+    return max(minimum, round(size * SCALE))
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,7 @@ class Figure:
     required: float | None = None
     higher_is_better: bool = True
     max_value: float | None = None  # an absolute ceiling on `value` (e.g. peak memory)
+    moonshot: float | None = None  # a ratio worth reaching, shown but not enforced
 
     @property
     def ratio(self) -> float:
@@ -48,19 +57,26 @@ class Figure:
             parts.append(f"≤ {self.max_value:,.0f} {self.unit}")
         return ", ".join(parts) or "-"
 
+    @property
+    def moonshot_text(self) -> str:
+        if self.moonshot is None:
+            return "-"
+        return f"≥ {self.moonshot:.2f}x ({'met' if self.ratio >= self.moonshot else 'not yet'})"
+
+
+def bench_server_url() -> str:
+    """The `postgres` database of the server the benchmarks use (DATABASE_URL's, or embedded)."""
+    configured = os.environ.get("DATABASE_URL")
+    if configured:
+        return with_database(psycopg_url(configured), "postgres")
+    BENCH_HOME.mkdir(parents=True, exist_ok=True)
+    return embedded_url(BENCH_HOME, "postgres")
+
 
 @contextmanager
 def scratch_ledger(server_url: str | None = None) -> Iterator[str]:
     """A freshly migrated ledger database on the embedded server, dropped afterwards."""
-    import os
-
-    if server_url is None:
-        configured = os.environ.get("DATABASE_URL")
-        if configured:
-            server_url = with_database(psycopg_url(configured), "postgres")
-        else:
-            BENCH_HOME.mkdir(parents=True, exist_ok=True)
-            server_url = embedded_url(BENCH_HOME, "postgres")
+    server_url = server_url or bench_server_url()
     name = f"rq_bench_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(f'create database "{name}"')

@@ -14,11 +14,11 @@ import uuid
 from rich.console import Console
 from rich.progress import track
 
-from bench.common import Figure, scratch_ledger
+from bench.common import Figure, scaled, scratch_ledger
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.ledger import LedgerEvent, record_event, record_events
 
-EVENTS = 4000
+EVENTS = scaled(4000, 200)
 GROUP = 64
 ENDPOINT = "bytedance/seedance-2.0/text-to-video"
 

@@ -226,11 +226,12 @@ def _headless_local(
     from renderqueue_pipeline.simulator.testing import SimControl
     from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
     from renderqueue_pipeline.webhook.background import serve_in_thread
+    from renderqueue_pipeline.webhook.limits import server_options
 
     with local_fal(home) as fal:
         console.print(f"fal simulator: {fal.base_url} (no fal account, nothing billed)")
         receiver_app = create_app(ReceiverConfig(url, os.environ["FAL_JWKS_URL"]))
-        with serve_in_thread(receiver_app) as receiver:
+        with serve_in_thread(receiver_app, **server_options()) as receiver:
             os.environ["RENDERQUEUE_WEBHOOK_URL"] = f"{receiver}/webhooks/fal"
             get_settings.cache_clear()
             console.print(f"webhook receiver: {receiver}/webhooks/fal")

@@ -85,6 +85,42 @@ DEFAULT_OBJECT_LIFETIME = 7 * 86400.0
 _UNSET: Any = object()
 
 
+def pooled_fal_client(
+    key: str | None, *, timeout: float, connections: int
+) -> fal_client.AsyncClient:
+    """fal-client's AsyncClient, keeping one live connection for each request in flight.
+
+    fal-client builds its httpx client with httpx's default pool, which keeps at most 20
+    idle connections: at a fan-out of 32 or 64, every request past the 20th closes its
+    connection afterwards and the next one pays a new TCP and TLS handshake. This is the
+    one place that reaches into fal-client's internals (its cached `_client` property and
+    `AsyncBackupDomainTransport`, fal-client 1.0.x); `test_fal_gateway` pins what we rely
+    on: a second burst of submits reuses the first burst's connections.
+    """
+    import fal_client as _fal_client  # lazily: it freezes FAL_QUEUE_RUN_HOST on import
+    from asyncstdlib import cached_property as async_cached_property
+    from fal_client.client import USER_AGENT, AsyncBackupDomainTransport
+
+    limits = httpx.Limits(
+        max_connections=None,  # the gateway's semaphore bounds what is in flight
+        max_keepalive_connections=max(connections, 20),
+        keepalive_expiry=30.0,
+    )
+
+    class PooledAsyncClient(_fal_client.AsyncClient):
+        @async_cached_property(asyncio.Lock)
+        async def _client(self) -> httpx.AsyncClient:
+            auth = await self._auth
+            transport = httpx.AsyncHTTPTransport(limits=limits)
+            return httpx.AsyncClient(
+                transport=AsyncBackupDomainTransport(transport=transport),
+                headers={"Authorization": auth.header_value, "User-Agent": USER_AGENT},
+                timeout=self.default_timeout,
+            )
+
+    return PooledAsyncClient(key=key, default_timeout=timeout)
+
+
 # ----- our small exception set -----------------------------------------------------------------
 
 
@@ -360,8 +396,8 @@ class FalGateway:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         self._fal = _fal_client
-        self._client: fal_client.AsyncClient = _fal_client.AsyncClient(
-            key=key, default_timeout=timeout
+        self._client: fal_client.AsyncClient = pooled_fal_client(
+            key, timeout=timeout, connections=max_concurrency
         )
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self.max_concurrency = max_concurrency
@@ -371,6 +407,7 @@ class FalGateway:
         self.default_webhook_url = default_webhook_url
         self.start_timeouts = dict(start_timeouts or {})
         self.object_lifetime = object_lifetime
+        self._lifecycle_header = json.dumps({"expiration_duration_seconds": object_lifetime})
         self.rest_url = rest_url.rstrip("/")
         self._admin_key = key if admin_key is _UNSET else admin_key
         self._timeout = timeout
@@ -488,7 +525,7 @@ class FalGateway:
         webhook = webhook_url or self.default_webhook_url
         start_timeout = self.start_timeouts.get(endpoint)
         lifetime = self.object_lifetime
-        headers = {LIFECYCLE_HEADER: json.dumps({"expiration_duration_seconds": lifetime})}
+        headers = {LIFECYCLE_HEADER: self._lifecycle_header}
         all_tags = {**(identity.tags() if identity else {}), **dict(tags or {})}
         if all_tags:
             headers[TAGS_HEADER] = encode_tags(all_tags)

@@ -141,6 +141,14 @@ class Settings(BaseSettings):
     )
     archive_loopback_hosts: str = Field(default="", alias="RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS")
     archive_max_bytes: int = Field(default=2 * 1024**3, ge=1, alias="RENDERQUEUE_ARCHIVE_MAX_BYTES")
+    # a download's deadline: 60 s + its size at this rate (bytes/s), never past the lease
+    archive_min_rate: float = Field(
+        default=256 * 1024, gt=0, alias="RENDERQUEUE_ARCHIVE_MIN_BYTES_PER_SECOND"
+    )
+    # no byte for this long: the transfer is broken (the row is retried)
+    archive_stall_seconds: float = Field(
+        default=30.0, gt=0, le=600, alias="RENDERQUEUE_ARCHIVE_STALL_SECONDS"
+    )
     archive_batch_rows: int = Field(default=500, ge=1, alias="RENDERQUEUE_ARCHIVE_BATCH_ROWS")
     archive_concurrency: int = Field(
         default=4, ge=1, le=64, alias="RENDERQUEUE_ARCHIVE_CONCURRENCY"

@@ -13,6 +13,7 @@ import hashlib
 import random
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,6 +54,10 @@ class Behaviour:
     disconnect_after: int | None = None  # close the socket after this many body bytes
     location: str | None = None  # redirect target (status 30x)
     content_type: str = "video/mp4"
+    drip_every: float = 0.0  # seconds between body pieces of `drip_bytes` (a slow server)
+    drip_bytes: int = 1
+    stall_after: int | None = None  # after this many body bytes, send nothing for `stall_for`
+    stall_for: float = 0.0
 
 
 class _Server(ThreadingHTTPServer):
@@ -113,6 +118,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if head_only:
             return
+        if behaviour.drip_every or behaviour.stall_after is not None:
+            self._trickle(path, behaviour, chunked)
+            return
         sent = 0
         for block in media_bytes(path, behaviour.size):
             if behaviour.disconnect_after is not None and sent + len(block) > (
@@ -131,6 +139,25 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"0\r\n\r\n")
         if length is not None and length != behaviour.size:
             self.close_connection = True
+
+    def _trickle(self, path: str, behaviour: Behaviour, chunked: bool) -> None:
+        """The body slowly: `drip_bytes` every `drip_every` s, or a stall after some bytes."""
+        body = b"".join(media_bytes(path, behaviour.size))
+        step = behaviour.drip_bytes if behaviour.drip_every else len(body)
+        stall_at = behaviour.stall_after
+        sent = 0
+        while sent < len(body):
+            if stall_at is not None and sent >= stall_at:
+                time.sleep(behaviour.stall_for)
+                stall_at = None
+            end = min(sent + step, len(body), len(body) if stall_at is None else stall_at)
+            self._write(body[sent:end], chunked)
+            self.wfile.flush()
+            sent = end
+            if behaviour.drip_every:
+                time.sleep(behaviour.drip_every)
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
     def _write(self, block: bytes, chunked: bool) -> None:
         if not block:

@@ -51,6 +51,7 @@ LEDGER_TABLES = (
     "spend_rollup_daily_batch",
     "spend_rollup_days",
     "spend_report_months",
+    "spend_report_changes",
 )
 
 

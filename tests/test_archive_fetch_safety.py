@@ -10,6 +10,8 @@ resolve anything but loopback.
 
 from __future__ import annotations
 
+import ipaddress
+import time
 from pathlib import Path
 
 import psycopg
@@ -43,12 +45,42 @@ REFUSED = [
     "224.0.0.1",
     "240.0.0.1",
     "2002:0a00:0001::1",  # 6to4 wrapping 10.0.0.1
+    "fec0::1",  # deprecated site-local (Python calls it global)
+    "feff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",  # the last site-local address
+    "64:ff9b::a00:1",  # NAT64 wrapping 10.0.0.1 (inside ::/8, reserved)
 ]
 
 
 @pytest.mark.parametrize("address", REFUSED)
 def test_private_and_special_addresses_are_refused(address: str) -> None:
     assert address_refusal(address) is not None
+
+
+def _special_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Every special-purpose range Python's ipaddress module knows, v4 and v6."""
+    found = []
+    for constants in (ipaddress._IPv4Constants, ipaddress._IPv6Constants):
+        for name, value in vars(constants).items():
+            if not name.startswith("_") or name.startswith("__"):
+                continue
+            for item in value if isinstance(value, list) else [value]:
+                found.append(ipaddress.ip_network(item))
+    return found
+
+
+def test_every_range_python_knows_as_not_global_is_refused() -> None:
+    """First, last and a middle address of each range: refused unless Python calls it global."""
+    networks = _special_networks()
+    assert len(networks) > 20  # the module's lists were found
+    missed = []
+    for network in networks:
+        first, last = network.network_address, network.broadcast_address
+        middle = ipaddress.ip_address(int(first) + (int(last) - int(first)) // 2)
+        for ip in (first, middle, last):
+            special = not ip.is_global or (ip.version == 6 and ip.is_site_local)
+            if special and address_refusal(ip) is None:
+                missed.append(f"{ip} (in {network})")
+    assert missed == []
 
 
 @pytest.mark.parametrize("address", ["93.184.215.14", "2606:4700:4700::1111"])
@@ -60,6 +92,16 @@ def test_public_addresses_pass_the_address_check(address: str) -> None:
     "spelling", ["2130706433", "0177.0.0.1", "0x7f.0.0.1", "0x7f000001", "127.1", "017700000001"]
 )
 def test_numeric_spellings_of_loopback_are_read_without_dns_and_refused(spelling: str) -> None:
+    assert str(literal_address(spelling)) == "127.0.0.1"
+    assert system_resolver(spelling, 80) == ["127.0.0.1"]
+    assert "loopback" in address_refusal(system_resolver(spelling, 80)[0])
+
+
+@pytest.mark.parametrize("spelling", ["127.0.0.1.", "2130706433.", "127.1.", "0x7f.0.0.1."])
+def test_a_literal_with_a_trailing_dot_is_read_as_the_address_never_sent_to_dns(
+    spelling: str,
+) -> None:
+    """`127.0.0.1.` is the same address: conftest's guard fails any DNS lookup of it."""
     assert str(literal_address(spelling)) == "127.0.0.1"
     assert system_resolver(spelling, 80) == ["127.0.0.1"]
     assert "loopback" in address_refusal(system_resolver(spelling, 80)[0])
@@ -216,3 +258,81 @@ def test_an_object_over_the_maximum_size_is_refused(conn, ledger_url, tmp_path, 
     for rid in (announced, chunked):
         _assert_refused(conn, rid, "too_large", tmp_path)
     assert not list((tmp_path / "archive").rglob("*big*"))
+
+
+def test_a_trailing_dot_loopback_host_not_allowed_loopback_never_reaches_it(
+    conn, ledger_url, tmp_path, canary
+) -> None:
+    """`127.0.0.2.` on the host list, but not a loopback entry: refused, the canary sees nothing."""
+    rid = completed_row(conn, video(f"http://127.0.0.2.:{canary.port}/secret", 100))
+    policy = FetchPolicy(allowed_hosts=parse_hosts(f"127.0.0.2:{canary.port}"))
+    _archive(conn, ledger_url, tmp_path, policy)
+    r = _assert_refused(conn, rid, "address_refused", tmp_path)
+    assert "loopback address 127.0.0.2" in r["archive_error"]
+    assert canary.connections == 0
+
+
+def test_an_allowed_loopback_host_spelled_with_a_trailing_dot_is_fetched(
+    conn, ledger_url, tmp_path, origin
+) -> None:
+    origin.serve("/dot.mp4", Behaviour(size=300))
+    rid = completed_row(conn, video(f"http://127.0.0.1.:{origin.port}/dot.mp4", 300))
+    _archive(conn, ledger_url, tmp_path, FetchPolicy(loopback_hosts=parse_hosts(origin.netloc)))
+    assert row(conn, rid)["archive_status"] == "archived"
+
+
+# ----- deadlines: a slow server cannot hold a copy slot ------------------------------------------
+
+
+def _archive_with(conn, ledger_url, tmp_path, policy: FetchPolicy, options: ArchiveOptions):
+    from renderqueue_pipeline.db.connect import connect
+
+    storage = ArchiveStorage.from_url(f"file://{tmp_path / 'archive'}")
+    started = time.monotonic()
+    report = archive_pending(lambda: connect(ledger_url), storage, policy, options)
+    return report, time.monotonic() - started
+
+
+def test_a_server_dripping_bytes_is_cut_off_at_the_download_deadline(
+    conn, ledger_url, tmp_path, origin
+) -> None:
+    """200 bytes at 20 bytes/s would take 10 s; the deadline (0.5 s + 200 B at 1 kB/s) is 0.7 s."""
+    url = origin.serve("/drip.mp4", Behaviour(size=200, drip_every=0.05))
+    rid = completed_row(conn, video(url, 200))
+    policy = FetchPolicy(
+        loopback_hosts=parse_hosts(origin.netloc),
+        min_bytes_per_second=1000,
+        deadline_grace_seconds=0.5,
+    )
+    report, seconds = _archive_with(conn, ledger_url, tmp_path, policy, ArchiveOptions())
+    assert report.failures_by_reason == {"too_slow": 1}
+    assert seconds < 5, seconds
+    r = row(conn, rid)
+    assert (r["archive_status"], r["archive_failure"]) == ("pending", "too_slow")  # retried later
+    assert r["archive_next_attempt_at"] is not None
+    assert not list((tmp_path / "archive").rglob("*.mp4"))
+
+
+def test_a_download_of_unknown_size_never_outlasts_the_rows_lease(
+    conn, ledger_url, tmp_path, origin
+) -> None:
+    """No file_size, no Content-Length: the deadline is the lease less a minute (1.5 s here)."""
+    url = origin.serve("/drip.mp4", Behaviour(size=200, content_length=None, drip_every=0.05))
+    completed_row(conn, video(url, None))
+    policy = FetchPolicy(loopback_hosts=parse_hosts(origin.netloc))
+    options = ArchiveOptions(lease_seconds=61.5)
+    report, seconds = _archive_with(conn, ledger_url, tmp_path, policy, options)
+    assert report.failures_by_reason == {"too_slow": 1}
+    assert 1.4 < seconds < 6, seconds
+
+
+def test_a_stalled_transfer_fails_after_the_stall_timeout(
+    conn, ledger_url, tmp_path, origin
+) -> None:
+    url = origin.serve("/stall.mp4", Behaviour(size=1000, stall_after=100, stall_for=10))
+    rid = completed_row(conn, video(url, 1000))
+    policy = FetchPolicy(loopback_hosts=parse_hosts(origin.netloc), stall_seconds=0.5)
+    report, seconds = _archive_with(conn, ledger_url, tmp_path, policy, ArchiveOptions())
+    assert report.failures_by_reason == {"network": 1}
+    assert seconds < 5, seconds
+    assert row(conn, rid)["archive_status"] == "pending"

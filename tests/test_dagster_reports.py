@@ -4,6 +4,7 @@ in S3 (moto's S3 server); the schedules' run requests."""
 from __future__ import annotations
 
 import io
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -14,7 +15,10 @@ import pytest
 from dagster import (
     AssetKey,
     DagsterInstance,
+    DagsterRun,
+    DagsterRunStatus,
     build_schedule_context,
+    build_sensor_context,
     instance_for_test,
     materialize,
 )
@@ -36,7 +40,9 @@ from renderqueue_pipeline.defs.reports.schedules import (
     spend_report_current_month_schedule,
     spend_report_finalize_schedule,
 )
+from renderqueue_pipeline.defs.reports.sensors import spend_report_changed_months_sensor
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.reports.checks import report_matches_ledger
 from renderqueue_pipeline.reports.spend import REPORT_TABLES
 from renderqueue_pipeline.reports.storage import CHART_NAME
 
@@ -129,9 +135,16 @@ def assert_files_equal_tables(conn: psycopg.Connection, storage_url: str) -> Non
         )
         expected = expected.sort_values(key).reset_index(drop=True)
         parquet = read_back(storage_url, name, "parquet").sort_values(key).reset_index(drop=True)
-        assert list(parquet.columns) == list(expected.columns)
+        columns = list(expected.columns)
+        columns.insert(columns.index("cost_micros") + 1, "cost_usd")  # dollars beside micros
+        assert list(parquet.columns) == columns
         for column in expected.columns:
-            assert parquet[column].tolist() == expected[column].tolist(), (name, column)
+            assert [same_value(v) for v in parquet[column]] == [
+                same_value(v) for v in expected[column]
+            ], (name, column)
+        assert (parquet["cost_usd"] * 1_000_000).round().astype(int).tolist() == expected[
+            "cost_micros"
+        ].tolist()
         csv = read_back(storage_url, name, "csv").sort_values(key).reset_index(drop=True)
         assert len(csv) == len(expected)
         for column in ("generations", "completed", "cost_micros", "cost_cents"):
@@ -139,6 +152,38 @@ def assert_files_equal_tables(conn: psycopg.Connection, storage_url: str) -> Non
         assert [Decimal(str(v)) for v in csv["billed_seconds"]] == expected[
             "billed_seconds"
         ].tolist()
+
+
+def same_value(value: object) -> object:
+    """A cell as compared across Postgres and Parquet: numbers as exact decimals, null as None."""
+    if value is None or (isinstance(value, float) and value != value) or value is pd.NA:
+        return None
+    if isinstance(value, pd.Timestamp) and value.tzinfo is None:  # a month or a day
+        return value.date()
+    if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
+        return Decimal(str(value)).normalize()
+    return value
+
+
+def test_report_parquet_files_read_with_analyst_types(
+    conn: psycopg.Connection, ledger_url: str, instance, tmp_path
+) -> None:
+    """pandas reads every column but text as a number or a time: seconds are floats, money
+    is integer micro-dollars and cents with `cost_usd` beside them, nothing is `Decimal`."""
+    march_ledger(conn)
+    storage = tmp_path.as_uri()
+    assert run_month(instance, ledger_url, storage).success
+    for name in REPORT_TABLES:
+        frame = read_back(storage, name, "parquet")
+        assert len(frame) > 0, name
+        for column in frame.columns:
+            if frame[column].dtype == object:
+                assert all(isinstance(v, str) for v in frame[column].dropna()), (name, column)
+        assert frame["billed_seconds"].dtype == "float64", name
+        assert frame["cost_micros"].dtype == "int64", name
+        assert frame["cost_usd"].dtype == "float64", name
+        if "micros_per_completed_second" in frame.columns:  # not in spend_daily
+            assert frame["micros_per_completed_second"].dtype == "float64", name
 
 
 def test_month_materializes_checks_pass_and_files_equal_tables(
@@ -263,7 +308,7 @@ def test_files_in_s3(conn: psycopg.Connection, ledger_url: str, instance, s3_env
     assert keys == sorted(
         [
             f"analytics/reports/spend/2026-03/{t}.{k}"
-            for t in REPORT_TABLES
+            for t in (*REPORT_TABLES, "focus")
             for k in ("parquet", "csv")
         ]
         + [f"analytics/reports/spend/2026-03/{CHART_NAME}"]
@@ -291,3 +336,78 @@ def test_schedules_ask_for_the_right_months(instance) -> None:
     assert spend_report_finalize_schedule.cron_schedule == "0 6 1 * *"
     for schedule in (spend_report_current_month_schedule, spend_report_finalize_schedule):
         assert schedule.default_status.value == "RUNNING"
+
+
+def sensor_tick(instance, ledger_url: str):
+    return spend_report_changed_months_sensor(
+        build_sensor_context(
+            instance=instance, resources={"ledger": LedgerDatabase(url=ledger_url)}
+        )
+    )
+
+
+def test_a_final_month_changed_later_is_rebuilt_by_the_sensor_one_run_at_a_time(
+    conn: psycopg.Connection, ledger_url: str, instance, tmp_path
+) -> None:
+    cost = march_ledger(conn)
+    storage = f"file://{tmp_path}/storage"
+    first = run_month(instance, ledger_url, storage)  # March is long final: finalized now
+    assert first.success
+    quiet = sensor_tick(instance, ledger_url)
+    assert not quiet.run_requests
+    assert quiet.skip_reason.skip_message == "no month changed since its last rebuild"
+
+    # a late change to the final month, by raw SQL: the check fails, the sensor sees it
+    conn.execute(
+        "update generations set cost_micros = cost_micros + 5"
+        " where created_at = '2026-03-01T00:00:00Z'"
+    )
+    conn.commit()
+    assert not report_matches_ledger(conn, MARCH, "user").passed
+    (request,) = sensor_tick(instance, ledger_url).run_requests
+    assert request.partition_key == "2026-03-01"
+    assert request.job_name in (None, "spend_report")
+    assert request.run_config["ops"]["monthly_spend_tables"]["config"] == {"rebuild": True}
+    assert request.tags["renderqueue/report_mode"] == "rebuild"
+
+    # while a run of that partition is in flight, no second one is asked for
+    running = DagsterRun(
+        job_name="spend_report",
+        run_id=str(uuid.uuid4()),
+        status=DagsterRunStatus.STARTED,
+        tags={"dagster/partition": "2026-03-01"},
+    )
+    instance.add_run(running)
+    waiting = sensor_tick(instance, ledger_url)
+    assert not waiting.run_requests
+    assert waiting.skip_reason.skip_message == (
+        f"2026-03: rebuild run {running.run_id[:8]} in flight"
+    )
+    instance.delete_run(running.run_id)
+
+    (request,) = sensor_tick(instance, ledger_url).run_requests
+    rebuilt = materialize(
+        EVERYTHING,
+        partition_key=request.partition_key,
+        instance=instance,
+        run_config=request.run_config,
+        tags=request.tags,
+        resources={
+            "ledger": LedgerDatabase(url=ledger_url),
+            "report_storage": ReportStorage(url=storage),
+        },
+    )
+    assert rebuilt.success
+    assert all(e.passed for e in rebuilt.get_asset_check_evaluations())
+    metadata = rebuilt.asset_materializations_for_node("monthly_spend_tables")[0].metadata
+    assert metadata["cost_micros"].value == cost + 5
+    assert metadata["changed_after_finalization"].value == "yes"
+    assert metadata["last_changed_at"].value != "-"
+    assert metadata["rebuilt"].value is True
+    assert (
+        table(conn, "spend_monthly_by_user", MARCH)[0]["cost_micros"]
+        == cost - (8 * VEO_MICROS_PER_SECOND) + 5
+    )
+    after = sensor_tick(instance, ledger_url)
+    assert not after.run_requests and "no month changed" in after.skip_reason.skip_message
+    assert spend_report_changed_months_sensor.default_status.value == "RUNNING"

@@ -7,6 +7,7 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+import psutil
 import pytest
 
 from renderqueue_pipeline.errors import RenderqueueError
@@ -224,6 +225,38 @@ def test_concurrency_is_bounded(fal_sim: RunningSimulator, limit: int) -> None:
 
     run(main())
     assert fal_sim.control.health()["submits_in_flight_peak"] == limit
+
+
+def test_a_second_burst_of_submits_reuses_the_first_bursts_connections(
+    fal_sim: RunningSimulator,
+) -> None:
+    """One live connection per request in flight: no new TLS handshake per submit.
+
+    httpx's default pool (which fal-client uses) keeps 20 idle connections, so at a fan-out
+    of 32 the second burst would open 12 new ones.
+    """
+    fal_sim.control.set_faults(submit_latency="0.5")  # all 32 of a burst in flight at once
+
+    def open_ports() -> set[int]:
+        return {
+            c.laddr.port
+            for c in psutil.Process().net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == fal_sim.port and c.status == psutil.CONN_ESTABLISHED
+        }
+
+    async def main() -> tuple[set[int], set[int]]:
+        async with gateway(max_concurrency=32) as fal:
+            await asyncio.gather(*(fal.submit(ENDPOINT, INPUTS) for _ in range(32)))
+            first = open_ports()
+            await asyncio.gather(*(fal.submit(ENDPOINT, INPUTS) for _ in range(32)))
+            return first, open_ports()
+
+    theirs = open_ports()  # the test's own control client keeps a connection too
+    first, second = run(main())
+    first, second = first - theirs, second - theirs
+    assert len(first) == 32
+    assert second == first
+    assert len(fal_sim.control.ground_truth()) == 64
 
 
 def test_repr_and_errors_keep_the_key_secret(fal_sim: RunningSimulator) -> None:

@@ -28,8 +28,14 @@ from renderqueue_pipeline.reports.checks import (
     no_generation_open_too_long,
     report_matches_ledger,
 )
-from renderqueue_pipeline.reports.months import ReportInputError, finalizes_at, parse_month
+from renderqueue_pipeline.reports.months import (
+    ReportInputError,
+    finalizes_at,
+    month_range,
+    parse_month,
+)
 from renderqueue_pipeline.reports.spend import mark_days_unsettled, refresh_month
+from renderqueue_pipeline.spend.reconcile import apply_billed
 
 MARCH = date(2026, 3, 1)
 PRICE = {KLING: KLING_MICROS_PER_SECOND, VEO: VEO_MICROS_PER_SECOND}
@@ -418,7 +424,7 @@ def test_days_rebilled_by_the_spend_reconciliation_are_read_again(
     assert report_matches_ledger(conn, MARCH, "user", margin="0 seconds").passed
 
 
-def test_report_check_skips_keys_changed_after_the_report(conn: psycopg.Connection) -> None:
+def test_report_check_fails_on_keys_changed_after_the_report(conn: psycopg.Connection) -> None:
     build(conn, MARCH_ROWS)
     refresh_month(conn, MARCH, now=AFTER_MARCH)
     assert report_matches_ledger(conn, MARCH, "user").passed
@@ -431,10 +437,195 @@ def test_report_check_skips_keys_changed_after_the_report(conn: psycopg.Connecti
         cost_micros=5 * KLING_MICROS_PER_SECOND,
     )
     conn.commit()
+    # every key is compared: a row the report has not seen fails the check, named
     finding = report_matches_ledger(conn, MARCH, "user")
-    assert finding.passed
+    assert not finding.passed
     assert finding.metadata["keys_changed_since_report"] == 1
     assert finding.metadata["changed_since_report"] == ["9"]
+    assert finding.metadata["difference_micros"] == -5 * KLING_MICROS_PER_SECOND
+    assert finding.metadata["month_changed_since_rebuild"] is True
+
+
+def month_changes(conn: psycopg.Connection, month: date) -> dict | None:
+    return conn.execute(
+        "select changes, rebuilt_changes, last_changed_at from spend_report_changes"
+        " where month = %s",
+        (month,),
+    ).fetchone()
+
+
+@pytest.fixture
+def billing_events(conn: psycopg.Connection):
+    """The spend domain's table (not emptied by the shared fixture): cleaned here."""
+    yield
+    conn.rollback()
+    conn.execute("delete from fal_billing_events")
+    conn.commit()
+
+
+def test_a_final_month_changed_later_fails_its_check_until_rebuilt(
+    conn: psycopg.Connection, billing_events: None
+) -> None:
+    """The review's case: a final report with one open row; the row later completes and
+    fal bills it. The check fails until the month is rebuilt, then equals the ledger."""
+    add_generation(
+        conn,
+        created_at=utc(2026, 3, 12),
+        status="completed",
+        seconds=5,
+        cost_micros=5 * KLING_MICROS_PER_SECOND,
+    )
+    late = add_generation(
+        conn,
+        created_at=utc(2026, 3, 31, 23, 50),
+        status="in_progress",
+        seconds=4,
+        cost_micros=4 * KLING_MICROS_PER_SECOND,
+    )
+    conn.commit()
+    final = refresh_month(conn, MARCH, now=finalizes_at(MARCH))
+    assert (final.state, final.cost_micros, final.open_estimate_micros) == (
+        "final",
+        700_000,
+        560_000,
+    )
+    assert report_matches_ledger(conn, MARCH, "user").passed
+    before = month_changes(conn, MARCH)
+
+    # the reconciler settles it the next day, and fal's bill is applied the morning after
+    record_events(
+        conn,
+        [LedgerEvent(late, "completed", {"video": {"url": "https://v3b.fal.media/l.mp4"}})],
+    )
+    conn.execute(
+        "insert into fal_billing_events (request_id, endpoint, billed_at, output_units,"
+        " unit_price, cost_nano_usd) values (%s, %s, %s, 4, 0.14, 560000000)",
+        (late, KLING, utc(2026, 3, 31, 23, 59)),
+    )
+    conn.commit()
+    assert apply_billed(conn, *month_range(MARCH)) == 1
+    ledger = conn.execute(
+        "select sum(cost_micros) as cost, count(*) filter (where status = 'in_progress')"
+        " as open, sum(fal_billed_micros) as billed from generations"
+    ).fetchone()
+    assert (ledger["cost"], ledger["open"], ledger["billed"]) == (1_260_000, 0, 560_000)
+
+    # each writing transaction marked the closed month changed, in the same transaction
+    after = month_changes(conn, MARCH)
+    assert after["changes"] >= (before["changes"] if before else 0) + 2
+    assert after["changes"] > after["rebuilt_changes"]
+    for by in ("user", "endpoint"):
+        stale = report_matches_ledger(conn, MARCH, by)
+        assert not stale.passed, stale.summary
+        assert stale.metadata["month_changed_since_rebuild"] is True
+        assert stale.metadata["report_cost_micros"] == 700_000
+        assert stale.metadata["ledger_cost_micros"] == 1_260_000
+        assert "changed at" in stale.summary
+    assert [r["month"] for r in spend.changed_months(conn)] == [MARCH]
+
+    # the rebuild (what the sensor asks for) reads every day and records what it saw
+    rebuilt = refresh_month(conn, MARCH, now=utc(2026, 4, 3, 9), rebuild=True)
+    assert (rebuilt.state, rebuilt.cost_micros, rebuilt.open_estimate_micros) == (
+        "final",
+        1_260_000,
+        0,
+    )
+    assert rebuilt.fal_billed_micros == 560_000
+    assert rebuilt.last_changed_at == after["last_changed_at"]
+    assert rebuilt.finalized_at == finalizes_at(MARCH)  # finalized once, rebuilt since
+    for by in ("user", "endpoint"):
+        check = report_matches_ledger(conn, MARCH, by)
+        assert check.passed, check.metadata
+        assert check.metadata["month_changed_since_rebuild"] is False
+    assert spend.changed_months(conn) == []
+    assert figures_of(table(conn, "spend_monthly_by_user", MARCH), "user_id")[1] == {
+        "generations": 2,
+        "completed": 2,
+        "failed": 0,
+        "canceled": 0,
+        "open": 0,
+        "cost_micros": 1_260_000,
+        "open_estimate_micros": 0,
+        "billed_seconds": 9,
+    }
+
+
+def test_a_plain_refresh_of_a_changed_final_month_is_a_rebuild(
+    conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spend, "ID_OVERLAP", 0)  # the raw UPDATE leaves no new id or event
+    build(conn, MARCH_ROWS[:6])
+    refresh_month(conn, MARCH, now=finalizes_at(MARCH))
+    conn.execute(
+        "update generations set cost_micros = cost_micros + 1 where created_at = %s",
+        (utc(2026, 3, 15, 12),),
+    )
+    conn.commit()
+    again = refresh_month(conn, MARCH, now=utc(2026, 4, 2))
+    assert again.rebuilt and again.days_recomputed == 31
+    assert report_matches_ledger(conn, MARCH, "user").passed
+    assert spend.changed_months(conn) == []
+
+
+def test_a_change_after_the_rebuild_snapshot_keeps_the_month_changed(
+    conn: psycopg.Connection, ledger_url: str
+) -> None:
+    build(conn, MARCH_ROWS[:3])
+    refresh_month(conn, MARCH, now=finalizes_at(MARCH))
+    conn.execute(
+        "update generations set error = 'late note' where created_at = %s", (utc(2026, 3, 1),)
+    )
+    conn.commit()
+    seen = month_changes(conn, MARCH)["changes"]
+    # a writer commits while the rebuild runs: after its snapshot, before it records
+    with psycopg.connect(ledger_url, autocommit=True) as other:
+        original = spend._write_tables
+
+        def write_then_change(c, month, computed_at):
+            original(c, month, computed_at)
+            other.execute(
+                "update generations set cost_micros = cost_micros + 3 where created_at = %s",
+                (utc(2026, 3, 15, 12),),
+            )
+
+        spend._write_tables = write_then_change
+        try:
+            refresh_month(conn, MARCH, now=utc(2026, 4, 2), rebuild=True)
+        finally:
+            spend._write_tables = original
+    changes = month_changes(conn, MARCH)
+    assert changes["rebuilt_changes"] == seen
+    assert changes["changes"] == seen + 1
+    assert not report_matches_ledger(conn, MARCH, "user").passed
+    assert [r["month"] for r in spend.changed_months(conn)] == [MARCH]
+
+
+def test_a_month_of_ten_billion_dollars_reports_in_bigint_cents(
+    conn: psycopg.Connection,
+) -> None:
+    # 500 generations of $20,000,000 (each within a row's integer cents): $10^10, one user,
+    # one endpoint, one batch (null), one day: every report table sums it in one group
+    conn.execute(
+        """insert into generations (request_id, user_id, endpoint, inputs, status,
+                                    cost_micros, cost_basis, billed_seconds, created_at,
+                                    finished_at, updated_at)
+           select 'big-' || i, 1, %s, '{"prompt": "x"}', 'completed', 20000000000000,
+                  'computed', 1000, %s, %s, %s
+           from generate_series(1, 500) i""",
+        (KLING, utc(2026, 3, 7), utc(2026, 3, 7), utc(2026, 3, 7)),
+    )
+    conn.commit()
+    report = refresh_month(conn, MARCH, now=AFTER_MARCH)
+    total = 10**10 * 1_000_000
+    assert report.cost_micros == total
+    for name in ("spend_monthly_by_user", "spend_monthly_by_endpoint", "spend_monthly_by_batch"):
+        (row,) = table(conn, name, MARCH)
+        assert (row["cost_micros"], row["cost_cents"]) == (total, 10**12), name
+    (day,) = table(conn, "spend_daily", MARCH)
+    assert day["cost_cents"] == 10**12
+    assert report_matches_ledger(conn, MARCH, "user").passed
+    assert report_matches_ledger(conn, MARCH, "endpoint").passed
+    assert conn.execute("select rq_micros_to_cents(%s) as c", (total,)).fetchone()["c"] == 10**12
 
 
 def test_report_check_without_a_report(conn: psycopg.Connection) -> None:
@@ -505,3 +696,52 @@ def test_archive_failures_fail_the_archive_check(conn: psycopg.Connection) -> No
 def test_bad_month_is_one_clear_error(text: str) -> None:
     with pytest.raises(ReportInputError, match="--month"):
         parse_month(text)
+
+
+def test_every_writer_marks_a_closed_month_changed_in_its_own_transaction(
+    conn: psycopg.Connection,
+) -> None:
+    item = add_item(conn, add_batch(conn, "late.csv"), 700_000)
+    conn.execute("update batch_items set request_id = 'late-item' where id = %s", (item,))
+    request = add_generation(
+        conn,
+        created_at=utc(2026, 3, 9),
+        status="completed",
+        seconds=5,
+        cost_micros=700_000,
+        batch_item_id=item,
+        request_id="late-item",
+    )
+    conn.commit()
+    base = month_changes(conn, MARCH)["changes"]
+    # a raw UPDATE, seen in its own transaction and gone with its rollback
+    conn.execute("update generations set error = 'x' where request_id = %s", (request,))
+    assert month_changes(conn, MARCH)["changes"] == base + 1
+    conn.rollback()
+    assert month_changes(conn, MARCH)["changes"] == base
+    # a batch item's estimate (the by-batch report reads it), then a DELETE
+    conn.execute("update batch_items set estimate_micros = 1 where id = %s", (item,))
+    conn.execute("update batch_items set state = state where id = %s", (item,))  # no money
+    assert month_changes(conn, MARCH)["changes"] == base + 1
+    conn.execute("delete from generations where request_id = %s", (request,))
+    conn.commit()
+    assert month_changes(conn, MARCH)["changes"] == base + 2
+    # the current month (by the ledger's clock) is never recorded: its hot path stays bare
+    this_month = conn.execute("select rq_month_of(rq_now()) as m").fetchone()["m"]
+    add_generation(
+        conn, created_at=conn.execute("select rq_now() as t").fetchone()["t"], status="submitted"
+    )
+    conn.commit()
+    assert month_changes(conn, this_month) is None
+    # ...until the clock says it has ended
+    conn.execute(
+        "select set_config('renderqueue.now', %s, false)",
+        (str(utc(this_month.year + this_month.month // 12, this_month.month % 12 + 1, 1)),),
+    )
+    conn.execute(
+        "update generations set error = 'y' where created_at >= %s",
+        (utc(this_month.year, this_month.month, 1),),
+    )
+    assert month_changes(conn, this_month)["changes"] == 1
+    conn.rollback()
+    conn.execute("select set_config('renderqueue.now', '', false)")

@@ -426,3 +426,32 @@ def test_dev_logins_get_fresh_passwords_at_every_start(ledger_url: str) -> None:
         if not os.environ.get("DATABASE_URL"):
             with pytest.raises(psycopg.OperationalError, match="password authentication"):
                 psycopg.connect(first[part]).close()
+
+
+def test_late_writes_to_a_closed_month_are_recorded_whichever_role_writes(
+    ledger_url: str, logins: dict[str, str]
+) -> None:
+    """The receiver (through its entry point) and the pipeline (a direct UPDATE) both mark
+    the closed month changed for the reports' rebuild, in their own transactions."""
+    with psycopg.connect(ledger_url, autocommit=True) as admin:
+        admin.execute(
+            "insert into generations (request_id, user_id, endpoint, inputs, status,"
+            " created_at) values ('req-late-role', 7, 'fal-ai/veo3.1', '{}', 'in_progress',"
+            " '2026-02-27T10:00:00Z')"
+        )
+        before = admin.execute(
+            "select coalesce(max(changes), 0) from spend_report_changes where month = '2026-02-01'"
+        ).fetchone()[0]
+    with psycopg.connect(logins["receiver"]) as receiver:
+        receiver.execute(EVENT.replace("req-roles-1", "req-late-role"))
+        receiver.commit()
+    with psycopg.connect(logins["pipeline"]) as pipeline:
+        pipeline.execute("update generations set error = 'note' where request_id = 'req-late-role'")
+        pipeline.commit()
+    with psycopg.connect(ledger_url, autocommit=True) as admin:
+        after = admin.execute(
+            "select changes from spend_report_changes where month = '2026-02-01'"
+        ).fetchone()[0]
+        admin.execute("delete from generation_events where request_id = 'req-late-role'")
+        admin.execute("delete from generations where request_id = 'req-late-role'")
+    assert after == before + 2

@@ -81,3 +81,40 @@ def test_prompt_containment_search_uses_the_gin_index(conn: psycopg.Connection) 
     )
     assert "generations_inputs_gin_idx" in plan
     conn.rollback()
+
+
+def test_a_raw_completion_of_a_row_with_no_cost_is_priced(conn: psycopg.Connection) -> None:
+    """The article's own webhook statement, verbatim, on rows inserted with no estimate:
+    the guard prices the completion as the state machine would (1080p at $0.6804/s, the
+    requested 5 s; "auto" at the endpoint's default 720p and 15 s)."""
+    five = json.dumps({"prompt": "a horse", "resolution": "1080p", "duration": 5})
+    auto = json.dumps({"prompt": "a horse", "duration": "auto"})
+    conn.execute(SUBMIT, ("req-5s", 42, ENDPOINT, five, 0))
+    conn.execute(SUBMIT, ("req-auto", 42, ENDPOINT, auto, 0))
+    conn.execute(SUBMIT, ("req-failed", 42, ENDPOINT, five, 0))
+    conn.commit()
+    assert generation(conn, "req-5s")["cost_basis"] == "none"
+    outputs = json.dumps(
+        {"video_url": "s3://ours/a.mp4", "original_url": "https://x/a.mp4", "duration": 5}
+    )
+    conn.execute(WEBHOOK, ("completed", outputs, None, "req-5s"))
+    conn.execute(WEBHOOK, ("completed", outputs, None, "req-auto"))
+    conn.execute(WEBHOOK, ("failed", None, "boom", "req-failed"))
+    conn.commit()
+    five_s, auto_s, failed = (generation(conn, r) for r in ("req-5s", "req-auto", "req-failed"))
+    assert (five_s["cost_micros"], five_s["cost_cents"], five_s["cost_basis"]) == (
+        5 * 680_400,
+        340,
+        "requested",
+    )
+    assert five_s["billed_seconds"] == 5 and five_s["price_id"] is not None
+    assert (auto_s["cost_micros"], auto_s["cost_basis"], auto_s["billed_seconds"]) == (
+        15 * 303_400,
+        "requested",
+        15,
+    )
+    assert (failed["cost_micros"], failed["cost_basis"]) == (0, "none")
+    # a retried delivery of the same statement changes nothing
+    conn.execute(WEBHOOK, ("completed", outputs, None, "req-5s"))
+    conn.commit()
+    assert generation(conn, "req-5s")["cost_micros"] == 5 * 680_400

@@ -40,13 +40,15 @@ class Receiver:
 
 @contextlib.contextmanager
 def running_receiver(database_url: str, **options) -> Iterator[Receiver]:
-    """A receiver over real HTTP with its own JWKS server; `options` go to ReceiverConfig."""
+    """A receiver over real HTTP with its own JWKS server; `options` go to ReceiverConfig,
+    `server` (a dict) to uvicorn.Config over the receiver's own server options."""
     key = Ed25519PrivateKey.generate()
     jwks = JwksServer(key)
+    server = options.pop("server", {})
     options = {"jwks_min_refresh": 0.5, "insecure_jwks": True, **options}
     app = create_app(ReceiverConfig(database_url, jwks.url, **options))
     try:
-        with serving(app) as url, httpx.Client(timeout=30) as client:
+        with serving(app, **server) as url, httpx.Client(timeout=30) as client:
             yield Receiver(url, client, key, jwks, app)
     finally:
         jwks.stop()
@@ -521,25 +523,36 @@ def test_bad_headers_are_refused_before_the_body_is_read(
         assert answer.startswith(f"HTTP/1.1 {status} ".encode()), answer
 
 
-def test_requests_being_read_at_once_are_bounded(ledger_url: str, conn: psycopg.Connection) -> None:
+def _send_head(url: str, head: dict[str, str], length: int, body: bytes = b"") -> socket.socket:
+    """A connection that has sent a POST head (Content-Length `length`) and `body`."""
+    host, port = url.removeprefix("http://").split(":")
+    lines = ["POST /webhooks/fal HTTP/1.1", f"Host: {host}", f"Content-Length: {length}"]
+    lines += [f"{k}: {v}" for k, v in head.items()]
+    sock = socket.create_connection((host, int(port)), timeout=20)
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    return sock
+
+
+def test_with_too_many_bodies_being_read_the_oldest_is_cut_off_not_the_newcomer(
+    ledger_url: str, conn: psycopg.Connection
+) -> None:
+    """Bodies read at once stay bounded, and a crowd of slow senders cannot keep fal out."""
     with running_receiver(ledger_url, max_reading=1) as receiver:
         slow_id, _ = submit_row(conn)
         other_id, _ = submit_row(conn)
         body = fal_body(slow_id)
-        host, port = receiver.url.removeprefix("http://").split(":")
         head = signed_headers(receiver.key, body, slow_id)
-        lines = ["POST /webhooks/fal HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
-        lines += [f"{k}: {v}" for k, v in head.items()]
         endpoint = receiver.app.state.endpoint
-        with socket.create_connection((host, int(port)), timeout=20) as slow:
-            slow.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body[:10])
+        with _send_head(receiver.url, head, len(body), body[:10]) as slow:
             wait_until(lambda: endpoint.reading == 1, timeout=20)
-            busy = receiver.deliver(fal_body(other_id), other_id)
-            assert (busy.status_code, busy.json()["outcome"]) == (503, "busy")
-            assert busy.headers["retry-after"]
-            slow.sendall(body[10:])
-            assert slow.recv(4096).startswith(b"HTTP/1.1 200 ")
-        assert receiver.deliver(fal_body(other_id), other_id).status_code == 200
+            assert receiver.deliver(fal_body(other_id), other_id).status_code == 200
+            answer = slow.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert b'"outcome":"busy"' in answer and b"retry-after: 5" in answer.lower()
+            assert endpoint.reading == 0
+        # fal's retry of the delivery that was cut off lands
+        assert receiver.deliver(body, slow_id).status_code == 200
+        assert generation(conn, slow_id)["status"] == "completed"
 
 
 def test_a_body_streamed_without_content_length_is_cut_at_the_limit(

@@ -66,7 +66,8 @@ def simulator_media_host() -> str | None:
 
 
 def policy_from_settings(settings: Settings | None = None, **overrides: Any) -> FetchPolicy:
-    """The fetch policy of RENDERQUEUE_ARCHIVE_HOSTS / _LOOPBACK_HOSTS / _MAX_BYTES.
+    """The fetch policy of RENDERQUEUE_ARCHIVE_HOSTS / _LOOPBACK_HOSTS / _MAX_BYTES /
+    _MIN_BYTES_PER_SECOND / _STALL_SECONDS.
 
     Loopback is allowed only for RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS entries and for the
     local simulator's own host:port while it is in use.
@@ -80,6 +81,8 @@ def policy_from_settings(settings: Settings | None = None, **overrides: Any) -> 
         "allowed_hosts": parse_hosts(settings.archive_hosts),
         "loopback_hosts": frozenset(loopback),
         "max_bytes": settings.archive_max_bytes,
+        "min_bytes_per_second": settings.archive_min_rate,
+        "stall_seconds": settings.archive_stall_seconds,
         "resolver": system_resolver,
     }
     values.update(overrides)

@@ -9,6 +9,7 @@ and records the result: all files or none, size and sha256, failures with their 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import time
@@ -27,6 +28,7 @@ from renderqueue_pipeline.archive.fetch import (
     FetchPolicy,
     Gone,
     LengthMismatch,
+    download_deadline,
     make_client,
     open_download,
 )
@@ -141,10 +143,16 @@ def copy_file(
     """Stream one URL into an upload nobody sees yet; (bytes, sha256, upload) once checked.
 
     A Content-Length or fal file_size that disagrees with the bytes received is a
-    LengthMismatch; any failure aborts the upload.
+    LengthMismatch; any failure aborts the upload. The download must finish within the
+    policy's deadline for its size (fal's file_size, then the Content-Length): TooSlow.
     """
-    with contextlib.ExitStack() as stack:
+    with (
+        download_deadline(policy.download_seconds(expected_size)) as tighten,
+        contextlib.ExitStack() as stack,
+    ):
         download = open_download(client, url, policy, stack)
+        if download.content_length is not None:
+            tighten(policy.download_seconds(download.content_length))
         if (
             download.content_length is not None
             and expected_size is not None
@@ -315,6 +323,10 @@ def archive_pending(
     report = ArchiveReport()
     started = time.monotonic()
     claimed = 0
+    # a copy still running when its row's lease ends could be taken by another run
+    longest = max(1.0, options.lease_seconds - 60.0)
+    if policy.max_download_seconds > longest:
+        policy = dataclasses.replace(policy, max_download_seconds=longest)
     with (
         connect() as conn,
         make_client(policy, concurrency=options.concurrency) as client,

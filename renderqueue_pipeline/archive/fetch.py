@@ -11,16 +11,22 @@ The rules, in the order a fetch meets them:
    allowed it explicitly (the local simulator, test servers).
 3. A body larger than the maximum (default 2 GiB) is refused, by its announced size
    and again while streaming.
+4. A download has a total deadline derived from its expected size and a minimum rate
+   (never past the row's lease), and a stall timeout (no byte for that long): a server
+   that drips bytes cannot hold a copy slot.
 
 Anything refused raises `Refused` with a reason code and a sentence saying why.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ipaddress
 import os
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urljoin
@@ -32,6 +38,14 @@ import httpx
 #: fal's media hosts (outputs are public URLs on its CDN).
 DEFAULT_ALLOWED_HOSTS = ("v3.fal.media", "v3b.fal.media", "fal.media")
 DEFAULT_MAX_BYTES = 2 * 1024**3
+#: the slowest transfer a download may average before its deadline (256 KiB/s = 2 Mbit/s)
+DEFAULT_MIN_BYTES_PER_SECOND = 256 * 1024
+#: added to every download's deadline: connecting, TLS, the CDN's first byte
+DEFAULT_DEADLINE_GRACE_SECONDS = 60.0
+#: the longest any download may take: under the archive's 30-minute lease
+DEFAULT_MAX_DOWNLOAD_SECONDS = 1800.0 - 60.0
+#: no byte for this long: the transfer is broken (retried later)
+DEFAULT_STALL_SECONDS = 30.0
 
 Resolver = Callable[[str, int], list[str]]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -58,6 +72,12 @@ class Gone(FetchError):
     reason = "gone"
 
 
+class TooSlow(FetchError):
+    """The download did not finish by its deadline (size / minimum rate): retried later."""
+
+    reason = "too_slow"
+
+
 class LengthMismatch(FetchError):
     """The bytes received disagree with Content-Length or with fal's file_size."""
 
@@ -71,7 +91,9 @@ def address_refusal(address: str | IPAddress) -> str | None:
     """Why this IP address may not be fetched from (None: a public address).
 
     IPv4-mapped (::ffff:a.b.c.d), 6to4 and Teredo IPv6 addresses are judged by the IPv4
-    address inside them.
+    address inside them (NAT64's 64:ff9b::/96 is inside ::/8, reserved: refused). Site-local
+    fec0::/10 (deprecated, still routed inside some networks) is refused although Python
+    calls it global.
     """
     ip = ipaddress.ip_address(address) if isinstance(address, str) else address
     if isinstance(ip, ipaddress.IPv6Address):
@@ -85,6 +107,7 @@ def address_refusal(address: str | IPAddress) -> str | None:
         (ip.is_link_local, "link-local"),
         (ip.is_multicast, "multicast"),
         (ip in _SHARED_V4, "shared (carrier-grade NAT)"),
+        (isinstance(ip, ipaddress.IPv6Address) and ip.is_site_local, "site-local"),
         (ip.is_private, "private"),
         (ip.is_reserved, "reserved"),
         (not ip.is_global, "non-global"),
@@ -101,9 +124,13 @@ _SHARED_V4 = ipaddress.ip_network("100.64.0.0/10")
 def literal_address(host: str) -> IPAddress | None:
     """The address a host name spells without DNS, in every form the C library accepts.
 
-    `2130706433`, `0177.0.0.1`, `0x7f.1` and `127.1` all mean 127.0.0.1 to inet_aton.
+    `2130706433`, `0177.0.0.1`, `0x7f.1` and `127.1` all mean 127.0.0.1 to inet_aton. A
+    trailing dot (`127.0.0.1.`, the fully qualified spelling) is dropped first: the
+    resolver would read the same address, so the literal must never reach DNS.
     """
     bare = host.strip("[]")
+    if bare.endswith(".") and not bare.endswith(".."):
+        bare = bare[:-1]
     try:
         return ipaddress.ip_address(bare)
     except ValueError:
@@ -156,6 +183,22 @@ class FetchPolicy:
     max_bytes: int = DEFAULT_MAX_BYTES
     max_redirects: int = 5
     resolver: Resolver = field(default=system_resolver, compare=False)
+    #: a download must average at least this many bytes/s (plus the grace) to finish
+    min_bytes_per_second: float = DEFAULT_MIN_BYTES_PER_SECOND
+    deadline_grace_seconds: float = DEFAULT_DEADLINE_GRACE_SECONDS
+    #: the longest any download may take, whatever its size (under the row's lease)
+    max_download_seconds: float = DEFAULT_MAX_DOWNLOAD_SECONDS
+    #: no byte received (or sent) for this long: the transfer is broken
+    stall_seconds: float = DEFAULT_STALL_SECONDS
+
+    def download_seconds(self, size: int | None) -> float:
+        """How long a download of `size` bytes may take (unknown size: the longest allowed)."""
+        if size is None:
+            return self.max_download_seconds
+        return min(
+            self.max_download_seconds,
+            self.deadline_grace_seconds + size / self.min_bytes_per_second,
+        )
 
     def check_url(self, url: httpx.URL | str) -> httpx.URL:
         """The parsed URL, or Refused if its scheme or host is not allowed (before any DNS)."""
@@ -200,7 +243,76 @@ class FetchPolicy:
         return allowed
 
 
-# ----- the connection: to the address that was checked -------------------------------------------
+# ----- the connection: to the address that was checked, within the download's deadline -----------
+
+#: the monotonic moment the current thread's download must be done by (None: no deadline)
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "renderqueue_archive_deadline", default=None
+)
+
+
+@contextlib.contextmanager
+def download_deadline(seconds: float) -> Iterator[Callable[[float], None]]:
+    """Every socket read and write in this thread must finish within `seconds`.
+
+    Yields a function that moves the deadline to `seconds` from the start (once the
+    response's Content-Length is known). Enforced per socket operation, so a server that
+    drips a byte at a time (headers or body) is cut off at the deadline, not after it.
+    """
+    started = time.monotonic()
+    token = _deadline.set(started + seconds)
+
+    def tighten(seconds: float) -> None:
+        current = _deadline.get()
+        _deadline.set(min(current, started + seconds) if current is not None else None)
+
+    try:
+        yield tighten
+    finally:
+        _deadline.reset(token)
+
+
+def deadline_passed() -> bool:
+    """True when this thread's download deadline has passed."""
+    deadline = _deadline.get()
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _bounded(timeout: float | None, operation: str) -> float | None:
+    deadline = _deadline.get()
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        error = {"read": httpcore.ReadTimeout, "connect": httpcore.ConnectTimeout}.get(
+            operation, httpcore.WriteTimeout
+        )
+        raise error("the download's deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A socket stream whose reads and writes never outlast the download's deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _bounded(timeout, "read"))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _bounded(timeout, "write"))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None) -> httpcore.NetworkStream:
+        return _DeadlineStream(
+            self._stream.start_tls(ssl_context, server_hostname, _bounded(timeout, "write"))
+        )
+
+    def get_extra_info(self, info: str):
+        return self._stream.get_extra_info(info)
 
 
 class _CheckedBackend(httpcore.NetworkBackend):
@@ -214,12 +326,14 @@ class _CheckedBackend(httpcore.NetworkBackend):
         last: Exception | None = None
         for address in self._policy.checked_addresses(host, port):
             try:
-                return self._backend.connect_tcp(
-                    address,
-                    port,
-                    timeout=timeout,
-                    local_address=local_address,
-                    socket_options=socket_options,
+                return _DeadlineStream(
+                    self._backend.connect_tcp(
+                        address,
+                        port,
+                        timeout=_bounded(timeout, "connect"),
+                        local_address=local_address,
+                        socket_options=socket_options,
+                    )
                 )
             except httpcore.ConnectError as exc:
                 last = exc
@@ -253,15 +367,16 @@ class CheckedTransport(httpx.HTTPTransport):
         )
 
 
-def make_client(
-    policy: FetchPolicy, *, concurrency: int = 4, timeout: float = 60.0
-) -> httpx.Client:
-    """A client for fetch_stream: no proxies from the environment, no automatic redirects."""
+def make_client(policy: FetchPolicy, *, concurrency: int = 4) -> httpx.Client:
+    """A client for fetch_stream: no proxies from the environment, no automatic redirects.
+
+    Its read/write timeout is the policy's stall timeout (no byte for that long).
+    """
     return httpx.Client(
         transport=CheckedTransport(policy, max_connections=max(4, concurrency * 2)),
         follow_redirects=False,
         trust_env=False,
-        timeout=httpx.Timeout(timeout, connect=10.0),
+        timeout=httpx.Timeout(policy.stall_seconds, connect=min(10.0, policy.stall_seconds)),
         headers={"accept-encoding": "identity", "user-agent": "renderqueue-archive"},
     )
 
@@ -288,6 +403,8 @@ def _body(response: httpx.Response, url: str, max_bytes: int) -> Iterator[bytes]
                 raise Refused(f"{url} is larger than the maximum of {max_bytes} bytes", "too_large")
             yield chunk
     except httpx.TransportError as exc:
+        if deadline_passed():
+            raise TooSlow(f"{url}: not finished by its deadline ({received} bytes)") from exc
         raise FetchError(f"{url}: transfer broke after {received} bytes: {exc}") from exc
 
 
@@ -302,6 +419,8 @@ def open_download(client: httpx.Client, url: str, policy: FetchPolicy, stack) ->
         try:
             response = stack.enter_context(client.stream("GET", current))
         except httpx.TransportError as exc:
+            if deadline_passed():
+                raise TooSlow(f"{current}: no answer by the download's deadline") from exc
             raise FetchError(f"{current}: {type(exc).__name__}: {exc}") from exc
         if response.is_redirect:
             location = response.headers.get("location")

@@ -1,11 +1,11 @@
 """What the report checks find: each returns a Finding whose metadata says what was seen.
 
 `report_matches_ledger` reads the report and the ledger in one snapshot and compares them
-key by key (user or endpoint), exactly. A live ledger keeps moving after a refresh, so a
-key with a row written after the report's snapshot (a new generation, or one updated since
-a little before the snapshot began) is listed as "changed since the report" rather than
-compared; every other key must match to the micro-dollar. A finalized month is quiet:
-every key is compared.
+key by key (user or endpoint), exactly: EVERY key, whenever its rows were written. A check
+never passes on a report that differs from the ledger. Keys with a row written after the
+report's snapshot are named ("changed since the report": refresh the month), and a month
+whose ledger changed after it ended says when and whether a rebuild is pending (the
+reports' sensor rebuilds it).
 """
 
 from __future__ import annotations
@@ -166,16 +166,14 @@ def _norm(value: Any) -> Any:
 
 
 def compare_rows(report: list[dict], ledger: list[dict], key: str) -> tuple[list[Difference], set]:
-    """Differences between report and ledger rows for keys that did not change since the
-    report, and the set of keys that did (not compared)."""
+    """Differences between report and ledger rows, every key compared, and the set of keys
+    with a row written after the report's snapshot (why they may differ)."""
     by_key_report = {r[key]: r for r in report}
     by_key_ledger = {r[key]: r for r in ledger}
     changed = {k for k, r in by_key_ledger.items() if r.get("changed_after")}
-    zero = dict.fromkeys(COMPARED, 0)
+    zero = {**dict.fromkeys(COMPARED, 0), **dict.fromkeys(DERIVED)}  # a key one side lacks
     differences = []
     for k in sorted(set(by_key_report) | set(by_key_ledger), key=str):
-        if k in changed:
-            continue
         mine, theirs = by_key_report.get(k, zero), by_key_ledger.get(k, zero)
         for column in COMPARED:
             if _norm(mine[column]) != _norm(theirs[column]):
@@ -202,6 +200,7 @@ def report_matches_ledger(
         state = conn.execute(q("report_month"), {"month": month}).fetchone()
         if state is None:
             return Finding(name, False, f"no report for {month:%Y-%m} yet", {"month_state": ""})
+        changes = conn.execute(q("report_month_changes"), {"month": month}).fetchone()
         report = conn.execute(q(f"monthly_by_{by}"), {"month": month}).fetchall()
         facts = ledger_facts(
             conn,
@@ -212,36 +211,44 @@ def report_matches_ledger(
         )
     ledger = fold_facts(facts, by)
     differences, changed = compare_rows(report, ledger, key)
-    quiet_ledger = [r for r in ledger if r[key] not in changed]
-    quiet_report = [r for r in report if r[key] not in changed]
-    report_cost = sum(int(r["cost_micros"]) for r in quiet_report)
-    ledger_cost = sum(int(r["cost_micros"]) for r in quiet_ledger)
+    report_cost = sum(int(r["cost_micros"]) for r in report)
+    ledger_cost = sum(int(r["cost_micros"]) for r in ledger)
+    month_changed = bool(changes and changes["changed"])
     metadata: dict[str, Any] = {
         "month_state": state["state"],
         "report_computed_at": state["computed_at"].isoformat(),
-        "keys_compared": len({r[key] for r in quiet_report} | {r[key] for r in quiet_ledger}),
+        "keys_compared": len({r[key] for r in report} | {r[key] for r in ledger}),
         "keys_changed_since_report": len(changed),
         "keys_differing": len({d.key for d in differences}),
         "report_cost_micros": report_cost,
         "ledger_cost_micros": ledger_cost,
         "difference_micros": report_cost - ledger_cost,
-        "report_generations": sum(int(r["generations"]) for r in quiet_report),
-        "ledger_generations": sum(int(r["generations"]) for r in quiet_ledger),
+        "report_generations": sum(int(r["generations"]) for r in report),
+        "ledger_generations": sum(int(r["generations"]) for r in ledger),
+        "month_changed_since_rebuild": month_changed,
+        "month_last_changed_at": changes["last_changed_at"].isoformat() if changes else "",
     }
     if changed:
         metadata["changed_since_report"] = [str(k) for k in sorted(changed, key=str)[:SAMPLE]]
     if differences:
         metadata["differences"] = _differences_table(differences, key)
+        why = (
+            f"the month's ledger changed at {changes['last_changed_at']:%Y-%m-%d %H:%M:%S} UTC, "
+            "after the report; the reports' sensor rebuilds it"
+            if month_changed
+            else f"{len(changed)} {by}(s) written since the report"
+            if changed
+            else "the report's tables differ"
+        )
         summary = (
             f"{metadata['keys_differing']} {by}(s) differ from the ledger "
-            f"(cost off by {report_cost - ledger_cost} micro-dollars); refresh the month "
-            "with rebuild: true"
+            f"(cost off by {report_cost - ledger_cost} micro-dollars): {why}; refresh the "
+            "month with rebuild: true"
         )
     else:
         summary = (
             f"{metadata['keys_compared']} {by}(s) match the ledger to the micro-dollar "
             f"({ledger_cost} micro-dollars)"
-            + (f"; {len(changed)} changed since the report, not compared" if changed else "")
         )
     return Finding(name, not differences, summary, metadata)
 

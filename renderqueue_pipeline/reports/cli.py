@@ -45,9 +45,10 @@ def _plain(value):
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "csv", "json"]),
+    type=click.Choice(["table", "csv", "json", "focus"]),
     default="table",
     show_default=True,
+    help="focus: one FinOps FOCUS cost row per completed generation, as CSV (--by is ignored).",
 )
 def report(month_text: str, by: str, fmt: str) -> None:
     """Spend for one UTC month, straight from the ledger (no materialization needed).
@@ -60,6 +61,12 @@ def report(month_text: str, by: str, fmt: str) -> None:
     from renderqueue_pipeline.reports.ledger_view import columns_for, month_from_ledger
 
     month = parse_month(month_text)
+    if fmt == "focus":  # the same CSV as the month's focus.csv report file
+        from renderqueue_pipeline.reports.focus import focus_csv, focus_records
+
+        with connect() as conn:
+            sys.stdout.write(focus_csv(focus_records(conn, month)).decode())
+        return
     with connect() as conn:
         rows = month_from_ledger(conn, month, by)
     columns = columns_for(by)

@@ -6,7 +6,13 @@ reads from the ledger only the days that can still change: days not yet settled,
 whose generations were inserted or received an event since they were computed. A month past
 its grace period (06:00 UTC on the 1st) is final; the finalizing run (schedules.py) is a
 rebuild: every day read again from the ledger, whatever wrote to it.
-The checks (checks.py) compare the tables with the ledger afterwards.
+
+A month that has ended keeps changing (late webhooks, the reconciler, fal's billing,
+raw SQL): triggers record every such change in `spend_report_changes` in the writer's own
+transaction (096_closed_months_marked_changed.sql). Refreshing a changed final month is
+always a rebuild, and a rebuild records the changes its snapshot saw; the reports' sensor
+(defs/reports/sensors.py) rebuilds changed months. The checks (checks.py) compare the
+tables with the ledger afterwards, every key.
 """
 
 from __future__ import annotations
@@ -63,6 +69,12 @@ class MonthReport:
     billed_generations: int = 0
     fal_billed_micros: int | None = None
     billed_difference_micros: int | None = None
+    #: when the month's ledger last changed after it ended (None: never), and whether a
+    #: change committed after this refresh's snapshot is still waiting for a rebuild
+    last_changed_at: datetime | None = None
+    finalized_at: datetime | None = None
+    rebuilt: bool = False
+    changes_seen: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -158,6 +170,15 @@ def refresh_month(
     try:
         with conn.transaction():
             report = _refresh_in_snapshot(conn, month, now, final, rebuild)
+        if report.rebuilt and report.changes_seen:
+            # after the commit, read committed (a writer may hold the row): a change
+            # committed since the snapshot counts higher and keeps the month changed
+            conn.isolation_level = previous_isolation
+            conn.execute(
+                q("report_month_rebuilt"),
+                {"month": month, "changes": report.changes_seen, "rebuilt_at": now},
+            )
+            conn.commit()
     finally:
         conn.isolation_level = previous_isolation
         conn.execute("select pg_advisory_unlock(hashtextextended(%s, 0))", lock)
@@ -182,6 +203,9 @@ def _refresh_in_snapshot(
         clock = time.perf_counter()
 
     high_water = conn.execute(q("ledger_high_water")).fetchone()
+    changes = conn.execute(q("report_month_changes"), {"month": month}).fetchone()
+    # a final month whose ledger changed after it ended is rebuilt, never patched day by day
+    rebuild = rebuild or (final and bool(changes and changes["changed"]))
     all_days = days_until(month, now)
     reused: list[date] = []
     if rebuild or not all_days:
@@ -234,8 +258,19 @@ def _refresh_in_snapshot(
         billed_generations=int(summary["billed_generations"]),
         fal_billed_micros=summary["fal_billed_micros"],
         billed_difference_micros=summary["billed_difference_micros"],
+        last_changed_at=changes["last_changed_at"] if changes else None,
+        finalized_at=summary["finalized_at"],
+        rebuilt=rebuild,
+        changes_seen=int(changes["changes"]) if changes else 0,
         timings=timings,
     )
+
+
+def changed_months(conn: psycopg.Connection) -> list[dict]:
+    """Months with a report whose ledger changed since their last rebuild (oldest first):
+    what the reports' sensor rebuilds."""
+    with conn.transaction():
+        return conn.execute(q("report_months_changed")).fetchall()
 
 
 def mark_days_unsettled(conn: psycopg.Connection, days: Iterable[date]) -> None:

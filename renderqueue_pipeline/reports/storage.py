@@ -1,4 +1,4 @@
-"""Report files: Parquet and CSV of each report table, and a chart of daily spend.
+"""Report files: Parquet and CSV of each report table and of the FOCUS export, and a chart.
 
 Written under any fsspec URL (RENDERQUEUE_STORAGE_URL: file:// by default, s3:// through
 s3fs) at reports/spend/YYYY-MM/. Each file is built in memory (a month's report tables are
@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from datetime import date
+from decimal import Decimal
 
 import fsspec
 import pandas as pd
@@ -17,9 +18,11 @@ import psycopg
 
 from renderqueue_pipeline.reports.chart import daily_spend_chart
 from renderqueue_pipeline.reports.checks import snapshot
+from renderqueue_pipeline.reports.focus import focus_csv, focus_parquet, focus_records
 from renderqueue_pipeline.reports.spend import REPORT_TABLES
 
 CHART_NAME = "daily_spend_by_endpoint.png"
+FOCUS = "focus"  # the FinOps FOCUS export: one cost row per completed generation
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,38 @@ def read_table(conn: psycopg.Connection, table: str, month: date) -> pd.DataFram
         return pd.DataFrame(cur.fetchall(), columns=columns)
 
 
+def for_analysts(frame: pd.DataFrame) -> pd.DataFrame:
+    """The table with types an analyst uses directly: no column but text reads as `object`.
+
+    Postgres `numeric` (seconds, micro-dollars per second) arrives as Python `Decimal`,
+    which pandas keeps as `object`: those become float64; dates (month, day) become
+    datetime64. Integer columns that may be
+    null (fal's billed figures before fal bills) become pandas' nullable Int64, so they
+    stay integers. `cost_usd` (dollars, 6 places) sits beside the exact `cost_micros`.
+    """
+    out = frame.copy()
+    for column in out.columns:
+        values = out[column].dropna()
+        if (
+            out[column].dtype == object
+            and len(values)
+            and all(isinstance(v, Decimal) for v in values)
+        ):
+            out[column] = out[column].astype("float64")
+        elif column.endswith(("_micros", "_cents", "generations")) and out[column].isna().any():
+            out[column] = out[column].astype("Int64")
+        elif (
+            out[column].dtype == object and len(values) and all(isinstance(v, date) for v in values)
+        ):  # a month or a day: a datetime64 column, not Python dates
+            out[column] = pd.to_datetime(out[column])
+        elif out[column].dtype == object and not len(values) and column.endswith("_seconds"):
+            out[column] = out[column].astype("float64")
+    if "cost_micros" in out.columns:
+        position = list(out.columns).index("cost_micros") + 1
+        out.insert(position, "cost_usd", (out["cost_micros"].astype("float64") / 1e6).round(6))
+    return out
+
+
 def _parquet(frame: pd.DataFrame) -> bytes:
     buffer = io.BytesIO()
     frame.to_parquet(buffer, index=False)
@@ -67,9 +102,11 @@ def _csv(frame: pd.DataFrame) -> bytes:
 
 
 def export_month(conn: psycopg.Connection, month: date, storage_url: str) -> list[WrittenFile]:
-    """Write the month's four report tables (Parquet and CSV) and its chart; list them."""
-    with snapshot(conn):
+    """Write the month's four report tables and its FOCUS export (Parquet and CSV each) and
+    its chart; list them."""
+    with snapshot(conn):  # the tables and the FOCUS rows from one view of the ledger
         frames = {table: read_table(conn, table, month) for table in REPORT_TABLES}
+        focus = focus_records(conn, month)
     # a fresh filesystem: credentials and endpoint are read now, not from a cached client
     fs, root = fsspec.core.url_to_fs(month_folder(storage_url, month), skip_instance_cache=True)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
@@ -83,8 +120,11 @@ def export_month(conn: psycopg.Connection, month: date, storage_url: str) -> lis
         written.append(WrittenFile(table, kind, name, url, rows, len(data)))
 
     for table, frame in frames.items():
-        put(table, "parquet", f"{table}.parquet", _parquet(frame), len(frame))
-        put(table, "csv", f"{table}.csv", _csv(frame), len(frame))
+        typed = for_analysts(frame)
+        put(table, "parquet", f"{table}.parquet", _parquet(typed), len(frame))
+        put(table, "csv", f"{table}.csv", _csv(typed), len(frame))
+    put(FOCUS, "parquet", f"{FOCUS}.parquet", focus_parquet(focus), len(focus))
+    put(FOCUS, "csv", f"{FOCUS}.csv", focus_csv(focus), len(focus))
     chart = daily_spend_chart(frames["spend_daily"], month)
     put("spend_daily", "chart", CHART_NAME, chart, len(frames["spend_daily"]))
     return written

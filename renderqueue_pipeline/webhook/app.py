@@ -9,12 +9,15 @@ Answers (docs/webhook.md has the table, with what fal does with each):
        fetched after the delivery arrived
   403  signed by fal for a fal user not in FAL_WEBHOOK_USER_IDS (nothing stored)
   413  body over the size limit
-  422  Postgres refused the event's content (SQLSTATE class 22)
+  422  Postgres refused the event's content (SQLSTATE class 22), or JSON nested deeper
+       than MAX_JSON_DEPTH (no fal delivery is)
+  431  request headers over the size cap (limits.py, before the app)
   503  anything that is our fault: database unreachable, read-only, not migrated (checked
        at start and until it is: `schema_not_current`; the receiver never migrates), missing
-       privilege, lock/statement timeout, too many deliveries queued or being read, the
-       delivery's deadline passed, no usable JWKS or a key we could not refresh yet.
-       fal retries later (Retry-After)
+       privilege, lock/statement timeout, too many deliveries queued, the delivery's
+       deadline passed, no usable JWKS or a key we could not refresh yet; and a body that
+       arrives too slowly, or the oldest of too many bodies being read (cut off so that a
+       trickle cannot lock genuine deliveries out). fal retries later (Retry-After)
 Never 2xx for an event that is not durably committed. No answer body carries database
 error text, host, user or database name: those are logged with the request id.
 
@@ -78,6 +81,16 @@ DEFAULT_DELIVERY_DEADLINE = 12.0
 #: late retry (fal retries over about 2 hours): accepted for a request id we know
 LATE_RETRY_MAX_AGE = 3 * 3600
 DEFAULT_MAX_READING = 256
+#: a body must arrive at this rate on average (bytes/s) after a grace period, and whole
+#: within the body timeout: a trickle cannot hold a reading slot
+DEFAULT_BODY_MIN_RATE = 32 * 1024
+DEFAULT_BODY_GRACE = 2.0
+DEFAULT_BODY_TIMEOUT = 10.0
+#: how often the bodies being read are checked against their rate and deadline
+RATE_CHECK_INTERVAL = 0.25
+#: deeper JSON is refused (422 too_deep): fal's bodies nest a few levels; Python's parser
+#: and the ledger's walks of the payload recurse
+MAX_JSON_DEPTH = 64
 PROBE_INTERVAL = 1.0
 
 
@@ -87,6 +100,45 @@ class BodyTooLarge(Exception):
 
 class ClientGone(Exception):
     """The client disconnected before sending its whole body."""
+
+
+class CutOff(Exception):
+    """The body was cut off: too slow (`slow_body`) or the oldest of too many (`busy`)."""
+
+
+class _Reader:
+    """One body being read: when it started, how much came, and why it was cut off."""
+
+    __slots__ = ("started", "deadline", "received", "cut")
+
+    def __init__(self, started: float, deadline: float) -> None:
+        self.started = started
+        self.deadline = deadline
+        self.received = 0
+        self.cut: str | None = None  # "busy" or "slow_body" once cut off
+
+
+def json_depth(document: object) -> int:
+    """How deeply arrays and objects nest in a parsed JSON document (iterative)."""
+    deepest, stack = 0, [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def too_deep(body: bytes, document: object, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when the document nests deeper than `limit` (counting brackets first: cheap)."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    return json_depth(document) > limit
 
 
 @dataclass
@@ -106,8 +158,11 @@ class ReceiverConfig:
     #: plain-http JWKS URL allowed (tests only: `webhook serve --insecure-jwks`)
     insecure_jwks: bool = False
     max_pending: int = DEFAULT_MAX_PENDING  # deliveries waiting for a commit
-    max_reading: int = DEFAULT_MAX_READING  # requests whose body is being read at once
-    delivery_deadline: float = DEFAULT_DELIVERY_DEADLINE  # wait + commit, per delivery
+    max_reading: int = DEFAULT_MAX_READING  # bodies read at once (beyond: oldest cut off)
+    delivery_deadline: float = DEFAULT_DELIVERY_DEADLINE  # body + wait + commit, per delivery
+    body_min_rate: float = DEFAULT_BODY_MIN_RATE  # bytes/s a body must average after the grace
+    body_grace: float = DEFAULT_BODY_GRACE
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # a whole body, however fast
 
 
 class Metrics:
@@ -205,6 +260,9 @@ class DatabaseProbe:
                 conn.close()
 
 
+#: outcomes that can be answered before the body was read in full (the connection closes)
+_MAYBE_UNREAD = frozenset(("bad_signature", "foreign_user", "too_large", "busy", "slow_body"))
+
 _SIGNATURE_HEADERS = frozenset(
     (b"content-length", b"x-fal-webhook-request-id", b"x-fal-webhook-user-id")
     + (b"x-fal-webhook-timestamp", b"x-fal-webhook-signature")
@@ -222,8 +280,13 @@ def request_headers(scope: Scope) -> dict[str, str]:
     return found
 
 
-async def read_body(headers: dict[str, str], receive: Receive, limit: int) -> bytes:
-    """The raw body, refusing more than `limit` bytes without reading them all."""
+async def read_body(
+    headers: dict[str, str], receive: Receive, limit: int, progress: _Reader | None = None
+) -> bytes:
+    """The raw body, refusing more than `limit` bytes without reading them all.
+
+    `progress.received` follows the bytes read (the endpoint's minimum-rate check).
+    """
     declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
@@ -233,6 +296,8 @@ async def read_body(headers: dict[str, str], receive: Receive, limit: int) -> by
         if message["type"] == "http.request":
             chunk = message.get("body", b"")
             size += len(chunk)
+            if progress is not None:
+                progress.received = size
             if size > limit:
                 raise BodyTooLarge
             chunks.append(chunk)
@@ -267,8 +332,62 @@ class _FalEndpoint:
         self.metrics = metrics
         self.verifier = verifier
         self.committer = committer
-        self.reading = 0  # requests whose body is being read now
+        #: bodies being read now, oldest first (the task reading each)
+        self._readers: dict[asyncio.Task, _Reader] = {}
+        self._sweeper: asyncio.TimerHandle | None = None  # runs while bodies are being read
         self._outcomes: dict[str, Counter] = {}
+
+    @property
+    def reading(self) -> int:
+        """Requests whose body is being read now."""
+        return len(self._readers)
+
+    def _cut(self, task: asyncio.Task, reader: _Reader, why: str) -> None:
+        """Stop reading a body: its task gets a 503 `why` and its connection is closed."""
+        reader.cut = why
+        self._readers.pop(task, None)
+        task.cancel()
+
+    def _sweep(self) -> None:
+        """Every RATE_CHECK_INTERVAL while bodies are being read: cut off each one that is
+        behind the minimum rate or past its deadline (one timer for all, not one each)."""
+        self._sweeper = None
+        if not self._readers:
+            return
+        loop = asyncio.get_running_loop()
+        now, rate, grace = loop.time(), self.config.body_min_rate, self.config.body_grace
+        for task, reader in list(self._readers.items()):
+            if now >= min(reader.started + grace + reader.received / rate, reader.deadline):
+                self._cut(task, reader, "slow_body")
+        if self._readers:
+            self._sweeper = loop.call_later(RATE_CHECK_INTERVAL, self._sweep)
+
+    async def _read(self, headers: dict[str, str], receive: Receive, deadline: float) -> bytes:
+        """The body, within its deadline and minimum rate; CutOff if it was cut off.
+
+        With `max_reading` bodies already being read, the OLDEST is cut off (503 busy), not
+        the newcomer: a genuine delivery's body arrives in milliseconds, so a crowd of slow
+        senders cannot keep it out.
+        """
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        while len(self._readers) >= self.config.max_reading:
+            oldest_task, oldest = next(iter(self._readers.items()))
+            self._cut(oldest_task, oldest, "busy")
+        now = loop.time()
+        reader = _Reader(now, min(deadline, now + self.config.body_timeout))
+        self._readers[task] = reader
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(RATE_CHECK_INTERVAL, self._sweep)
+        try:
+            return await read_body(headers, receive, self.config.max_body, reader)
+        except asyncio.CancelledError:
+            if reader.cut is None or task.uncancel() > 0:
+                raise  # not ours (the server is stopping)
+            raise CutOff(reader.cut) from None
+        finally:
+            self._readers.pop(task, None)
 
     def _count(self, outcome: str, started: float) -> None:
         counter = self._outcomes.get(outcome)
@@ -286,6 +405,8 @@ class _FalEndpoint:
         status, content = answer
         self._count(content["outcome"], started)
         headers, body = json_answer(status, content)
+        if content["outcome"] in _MAYBE_UNREAD:
+            headers.append((b"connection", b"close"))  # the rest of its body is not read
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
@@ -329,21 +450,16 @@ class _FalEndpoint:
         if isinstance(checked[0], int):
             return checked  # type: ignore[return-value]
         signed, late = checked
-        if self.reading >= config.max_reading:
-            log.warning(
-                "busy: %d requests already being read; 503 for %s", self.reading, signed.request_id
-            )
-            return 503, {"outcome": "busy"}
-        self.reading += 1
         try:
-            body = await read_body(headers, receive, config.max_body)
+            body = await self._read(headers, receive, deadline)
         except BodyTooLarge:
             return 413, {"outcome": "too_large", "limit": config.max_body}
         except ClientGone:
             log.info("webhook %s: client disconnected mid-body", signed.request_id)
             return None
-        finally:
-            self.reading -= 1
+        except CutOff as cut:
+            log.info("webhook %s: body cut off (%s); 503, fal retries", signed.request_id, cut)
+            return 503, {"outcome": str(cut)}
         try:
             await verifier.verify_signed(signed, body, arrived=arrived)
         except SignatureRejected as exc:
@@ -354,9 +470,17 @@ class _FalEndpoint:
             return 503, {"outcome": "jwks_unavailable"}
         try:
             document = json.loads(body)
+            if too_deep(body, document):
+                raise RecursionError
             if needs_escaping(body):
                 document = jsonb_safe(document)
             event = event_from_fal_webhook(document)
+        except RecursionError:
+            log.warning("rejected webhook %s: JSON nested too deeply", signed.request_id)
+            return 422, {
+                "outcome": "too_deep",
+                "error": f"JSON nested deeper than {MAX_JSON_DEPTH} levels",
+            }
         except (ValueError, LedgerInputError) as exc:
             reason = str(exc) if isinstance(exc, LedgerInputError) else "body is not JSON"
             return 400, {"outcome": "bad_body", "error": reason}
@@ -411,6 +535,7 @@ class _SchemaGated:
         outcome = self.gate.outcome()
         self.endpoint._count(outcome, time.perf_counter())
         headers, body = json_answer(503, {"outcome": outcome})
+        headers.append((b"connection", b"close"))  # answered before its body was read
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

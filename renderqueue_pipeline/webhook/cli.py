@@ -20,7 +20,8 @@ def webhook() -> None:
     default=1024,
     show_default=True,
     type=click.IntRange(min=1),
-    help="Connections and requests served at once per worker; beyond it uvicorn answers 503.",
+    help="Connections and requests served at once per worker; beyond it uvicorn answers 503 "
+    "(connections still sending a request head are capped at 512 first: oldest closed).",
 )
 @click.option(
     "--insecure-jwks",
@@ -41,6 +42,7 @@ def serve(
 
     from renderqueue_pipeline.db.server import database_url
     from renderqueue_pipeline.settings import ConfigError, get_settings
+    from renderqueue_pipeline.webhook.limits import server_options
     from renderqueue_pipeline.webhook.signature import check_jwks_url
 
     logging.basicConfig(
@@ -64,5 +66,5 @@ def serve(
         workers=workers,
         log_level=log_level,
         access_log=False,
-        limit_concurrency=limit_concurrency,
+        **server_options(limit_concurrency=limit_concurrency),
     )

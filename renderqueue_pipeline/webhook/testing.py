@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -114,3 +115,109 @@ def signed_headers(
         "x-fal-webhook-timestamp": ts,
         "x-fal-webhook-signature": key.sign(message).hex(),
     }
+
+
+class SlowSenders:
+    """Connections that never finish a request, for lock-out tests and the benchmark.
+
+    `count` sockets to a loopback receiver, each sending either a well-formed, signed-shape
+    POST head and then its body a byte per `interval` (`mode="body"`: no secret needed,
+    the signature is only checked once the body is in), or a request head a header line
+    per `interval` (`mode="head"`). A connection the server answers or closes is
+    reopened at once, so the crowd stays `count` strong for as long as it runs.
+    """
+
+    def __init__(
+        self, host: str, port: int, count: int, *, mode: str = "body", interval: float = 1.0
+    ) -> None:
+        assert mode in ("body", "head")
+        self.address = (host, port)
+        self.count = count
+        self.mode = mode
+        self.interval = interval
+        self.opened = 0
+        self.cut = 0  # connections the server answered or closed
+        self._sockets: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"slow-{mode}", daemon=True)
+
+    def _head(self) -> bytes:
+        lines = ["POST /webhooks/fal HTTP/1.1", f"Host: {self.address[0]}"]
+        if self.mode == "body":
+            request_id = f"slow-{self.opened}"
+            lines += [
+                "Content-Length: 100000",
+                "Content-Type: application/json",
+                f"X-Fal-Webhook-Request-Id: {request_id}",
+                "X-Fal-Webhook-User-Id: user-1",
+                f"X-Fal-Webhook-Timestamp: {int(time.time())}",
+                f"X-Fal-Webhook-Signature: {'ab' * 64}",
+            ]
+            return ("\r\n".join(lines) + "\r\n\r\n{").encode()
+        return ("\r\n".join(lines) + "\r\n").encode()
+
+    def _open(self) -> socket.socket | None:
+        try:
+            sock = socket.create_connection(self.address, timeout=5)
+            sock.sendall(self._head())
+        except OSError:
+            return None
+        sock.setblocking(False)
+        self.opened += 1
+        return sock
+
+    def _alive(self, sock: socket.socket) -> bool:
+        """Still held: nothing answered, not closed; else closed here and counted."""
+        try:
+            if sock.recv(65536, socket.MSG_DONTWAIT) == b"":
+                raise ConnectionResetError
+        except BlockingIOError:
+            try:
+                sock.send(b" " if self.mode == "body" else b"X-Slow: 1\r\n")
+                return True
+            except OSError:
+                pass
+        except OSError:
+            pass
+        self.cut += 1
+        sock.close()
+        return False
+
+    def _run(self) -> None:
+        while len(self._sockets) < self.count and not self._stop.is_set():
+            sock = self._open()
+            if sock is not None:
+                self._sockets.append(sock)
+        while not self._stop.wait(self.interval):
+            held = [s for s in self._sockets if self._alive(s)]
+            while len(held) < self.count and not self._stop.is_set():
+                sock = self._open()
+                if sock is None:
+                    break
+                held.append(sock)
+            self._sockets = held
+
+    @property
+    def held(self) -> int:
+        return len(self._sockets)
+
+    def start(self, timeout: float = 60) -> SlowSenders:
+        """Open all `count` connections (returns once they are open) and keep them busy."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while len(self._sockets) < self.count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+
+    def __enter__(self) -> SlowSenders:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

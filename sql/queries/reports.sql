@@ -243,7 +243,8 @@ from spend_rollup_daily
 where day >= %(month)s and day < %(end_day)s
 on conflict (month) do update
   set state = excluded.state, computed_at = excluded.computed_at,
-      finalized_at = coalesce(excluded.finalized_at, spend_report_months.finalized_at),
+      -- finalized once: a rebuild of a final month keeps when it was first finalized
+      finalized_at = coalesce(spend_report_months.finalized_at, excluded.finalized_at),
       generations = excluded.generations, cost_micros = excluded.cost_micros,
       open_estimate_micros = excluded.open_estimate_micros,
       snapshot_at = excluded.snapshot_at, max_generation_id = excluded.max_generation_id,
@@ -373,3 +374,39 @@ select count(*) filter (where archive_status = 'failed')::int as failed,
 from generations
 where created_at >= %(start)s and created_at < %(end)s
   and archive_status in ('failed', 'lost');
+
+-- name: report_month_changes
+-- What the triggers of 096_closed_months_marked_changed.sql recorded for a month that has
+-- ended: how many writing statements changed it, when, and how many the last rebuild saw.
+select month, changes, first_changed_at, last_changed_at, rebuilt_changes, rebuilt_at,
+       changes > rebuilt_changes as changed
+from spend_report_changes where month = %(month)s;
+
+-- name: report_month_rebuilt
+-- A rebuild saw every change up to %(changes)s (counted in its snapshot); a change
+-- committed after that snapshot counts higher and keeps the month changed.
+update spend_report_changes
+   set rebuilt_changes = greatest(rebuilt_changes, %(changes)s), rebuilt_at = %(rebuilt_at)s
+ where month = %(month)s;
+
+-- name: report_months_changed
+-- Months with a report whose ledger changed since their last rebuild, oldest first.
+select c.month, c.changes, c.first_changed_at, c.last_changed_at, m.state, m.finalized_at
+from spend_report_changes c
+join spend_report_months m on m.month = c.month
+where c.changes > c.rebuilt_changes
+order by c.month;
+
+-- name: focus_rows_for_month
+-- One FOCUS cost row per completed generation of the month (the generations the report
+-- tables' cost_micros sums): the ledger's cost (fal's figure once billed), our list figure,
+-- the seconds it was priced for, and who asked (user, batch) for the Tags column.
+select g.request_id, g.endpoint, g.user_id, bi.batch_id, g.created_at, g.finished_at,
+       g.cost_micros, g.cost_basis, coalesce(g.computed_cost_micros, g.cost_micros)
+         as list_micros,
+       g.billed_seconds, g.fal_billed_micros
+from generations g
+left join lateral (select b.batch_id from batch_items b where b.id = g.batch_item_id limit 1)
+  bi on true
+where g.created_at >= %(start)s and g.created_at < %(end)s and g.status = 'completed'
+order by g.created_at, g.id;

@@ -35,18 +35,25 @@ where day >= %(start_day)s and day < %(end_day)s;
 -- name: spend_reconcile_work_mem
 set local work_mem = '64MB';
 
--- Classify every request of [start, end): the generations created in the range (matched
--- with their billing events whenever fal stamped them, up to 31 days later) and the
--- billing events stamped in the range that the ledger does not know at all.
+-- Classify every request of [start, end): the generations created in the range, each
+-- matched with its billing events BY REQUEST ID (whenever fal stamped them, up to 31 days
+-- either side of the range: a bill may precede our row, e.g. fal finished at 23:59:59.97
+-- and the row was written at 00:00:00.02), and the billing events stamped in the range
+-- for requests the ledger does not know at all.
+-- A request the ledger does not know is counted on each UTC day fal billed it, with the
+-- events of that day only: however a month is split into ranges, each billing event is
+-- counted once (a request billed on the 10th and the 12th is two findings, one a day).
 -- It answers both: a row per (day, outcome) for the requests that are fine ('matched',
--- 'no_charge'), and a row per request, with the detail and the reason, for every request
--- that needs a look. Two steps, so that the pass over every request stays narrow:
+-- 'no_charge'), and a row per request (and day), with the detail and the reason, for
+-- every request that needs a look. Two steps, so that the pass over every request stays
+-- narrow:
 -- 1. t: one pass over the range (a hash full join of the generations with the billing
 --    events summed per request), carrying only what the outcome needs, hashed into
 --    (day, outcome, finding) groups: a few hundred groups, whatever the range's size.
 -- 2. the detail of each finding (endpoint, prices, units, reason...) is looked up by its
---    request id afterwards; the laterals with `limit 1` / an aggregate stay index lookups
---    per finding (the planner cannot know how few there are).
+--    request id afterwards (an unknown request's events summed per billing day: d); the
+--    laterals with `limit 1` / an aggregate stay index lookups per finding (the planner
+--    cannot know how few there are).
 -- The full join cannot run in parallel (its inner side is an aggregate), so `offset 0`
 -- fences k: each request's outcome is computed once, not once per use.
 -- name: spend_classify_range
@@ -58,15 +65,17 @@ with g as (
   where g.created_at >= %(start)s and g.created_at < %(end)s
 ),
 b as (
-  select e.request_id, min(e.billed_at) as billed_at, sum(e.cost_nano_usd)::bigint as nanos
+  select e.request_id, min(e.billed_at) as billed_at, sum(e.cost_nano_usd)::bigint as nanos,
+         bool_or(e.billed_at >= %(start)s and e.billed_at < %(end)s) as in_range
   from fal_billing_events e
-  where e.billed_at >= %(start)s and e.billed_at < %(end)s::timestamptz + interval '31 days'
+  where e.billed_at >= %(start)s::timestamptz - interval '31 days'
+    and e.billed_at < %(end)s::timestamptz + interval '31 days'
   group by e.request_id
 ),
 k as (
   select
-    case when g.request_id is null then (b.billed_at at time zone 'UTC')::date
-         else (g.created_at at time zone 'UTC')::date end as day,
+    -- an unknown request's days are its billing days in the range (d, below)
+    (g.created_at at time zone 'UTC')::date as day,
     coalesce(g.request_id, b.request_id) as request_id,
     -- the outcome as a number while millions of rows are grouped (named in t below):
     -- 1 matched, 2 no_charge (the two that are fine), 3 billed_not_completed,
@@ -86,7 +95,7 @@ k as (
   from g
   full join b on b.request_id = g.request_id
   where g.request_id is not null
-     or (b.billed_at < %(end)s
+     or (b.in_range
          and not exists (select 1 from generations x where x.request_id = b.request_id))
   offset 0  -- a fence: each request's outcome is computed once, not once per use
 ),
@@ -102,8 +111,8 @@ t as (
   group by day, code, finding
 )
 -- a finding is a group of one: these are its values (null for the other groups)
-select t.day, t.outcome, t.finding as request_id, t.requests, t.our_micros_total,
-       t.fal_micros_total,
+select coalesce(d.day, t.day) as day, t.outcome, t.finding as request_id, t.requests,
+       t.our_micros_total, coalesce(d.fal_micros, t.fal_micros_total) as fal_micros_total,
        coalesce(g.endpoint, e.endpoint) as endpoint,
        case t.outcome
          when 'amount_differs' then coalesce(nullif(concat_ws(', ',
@@ -124,6 +133,15 @@ select t.day, t.outcome, t.finding as request_id, t.requests, t.our_micros_total
        g.batch_item_id, g.created_at, e.billed_at
 from t
 left join lateral (
+  -- a request the ledger does not know: one row per UTC day fal billed it in the range
+  select (e.billed_at at time zone 'UTC')::date as day,
+         rq_nanos_to_micros(sum(e.cost_nano_usd)::bigint) as fal_micros
+  from fal_billing_events e
+  where t.outcome = 'unknown_to_ledger' and e.request_id = t.finding
+    and e.billed_at >= %(start)s and e.billed_at < %(end)s
+  group by 1
+) d on true
+left join lateral (
   select g.endpoint, g.status, g.billed_seconds, g.batch_item_id, g.created_at,
          case when g.status = 'completed'
               then coalesce(g.computed_cost_micros, g.cost_micros) else 0 end as our_micros,
@@ -134,12 +152,17 @@ left join lateral (
   limit 1
 ) g on true
 left join lateral (
+  -- a known request: its events across the matching window; an unknown one: that day's
   select min(e.endpoint) as endpoint, min(e.billed_at) as billed_at,
          sum(e.output_units) as units, max(e.unit_price) as unit_price,
          max(e.percent_discount) as discount, sum(e.cost_nano_usd)::bigint as nanos
   from fal_billing_events e
   where e.request_id = t.finding
-    and e.billed_at >= %(start)s and e.billed_at < %(end)s::timestamptz + interval '31 days'
+    and case when d.day is not null
+             then e.billed_at >= d.day::timestamp at time zone 'UTC'
+                  and e.billed_at < (d.day + 1)::timestamp at time zone 'UTC'
+             else e.billed_at >= %(start)s::timestamptz - interval '31 days'
+                  and e.billed_at < %(end)s::timestamptz + interval '31 days' end
 ) e on true;
 
 -- name: spend_copy_reconciliation
@@ -190,12 +213,14 @@ update billing_reconciliation
 -- fal's figure becomes the cost of each billed, completed generation made in the range
 -- (cost_basis 'billed'); our own figure and its basis are kept once, in
 -- computed_cost_micros / computed_cost_basis. Reads the billing events themselves, so it
--- holds for matched and differing requests alike.
+-- holds for matched and differing requests alike; matched by request id over the same
+-- window as spend_classify_range (a bill stamped before our row's creation counts).
 -- name: spend_apply_billed
 with b as (
   select e.request_id, min(e.billed_at) as billed_at, sum(e.cost_nano_usd)::bigint as nanos
   from fal_billing_events e
-  where e.billed_at >= %(start)s and e.billed_at < %(end)s::timestamptz + interval '31 days'
+  where e.billed_at >= %(start)s::timestamptz - interval '31 days'
+    and e.billed_at < %(end)s::timestamptz + interval '31 days'
   group by e.request_id
 )
 update generations g

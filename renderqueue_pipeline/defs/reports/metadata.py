@@ -44,6 +44,17 @@ def table_metadata(report: MonthReport, table: str, rows: list[dict]) -> dict[st
         "failed": sum(int(r["failed"]) for r in rows),
         "canceled": sum(int(r["canceled"]) for r in rows),
         "open": sum(int(r["open"]) for r in rows),
+        # when the month's ledger last changed after it ended ("-": never); "yes" when that
+        # was after the month was finalized (the rebuild sensor's work)
+        "last_changed_at": "-"
+        if report.last_changed_at is None
+        else report.last_changed_at.isoformat(),
+        "changed_after_finalization": "yes"
+        if report.finalized_at is not None
+        and report.last_changed_at is not None
+        and report.last_changed_at > report.finalized_at
+        else "no",
+        "rebuilt": report.rebuilt,
         "days_recomputed": report.days_recomputed,
         "days_reused": report.days_reused,
         "refresh_seconds": dg.MetadataValue.float(round(report.seconds, 3)),
