@@ -18,3 +18,23 @@ class LedgerInputError(RenderqueueError, ValueError):
 
 class DatabaseUnavailable(RenderqueueError):
     """Postgres could not be reached or started."""
+
+
+class BudgetExceeded(RenderqueueError):
+    """The request would take the user past their monthly budget; nothing was sent."""
+
+    def __init__(self, user_id: int, reason: str) -> None:
+        self.user_id = user_id
+        super().__init__(reason)
+
+
+class SubmissionInProgress(RenderqueueError):
+    """Another caller holds this idempotency key's item and has no outcome yet.
+
+    Nothing was sent by this caller: the key reaches fal at most once. Retry later for the
+    request id; an item whose sender stopped is settled by the reconciler, never resent.
+    """
+
+    def __init__(self, item_id: int, reason: str) -> None:
+        self.item_id = item_id
+        super().__init__(f"idempotency_key: item {item_id} {reason}")

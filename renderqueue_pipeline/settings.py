@@ -85,6 +85,14 @@ class Settings(BaseSettings):
     default_monthly_budget_usd: Decimal | None = Field(
         default=None, ge=0, allow_inf_nan=False, alias="RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD"
     )
+    # a sender's claim on its items; refreshed every quarter of it while the sender lives
+    submit_lease_seconds: float = Field(
+        default=120, gt=0, le=86_400, alias="RENDERQUEUE_SUBMIT_LEASE_SECONDS"
+    )
+    # how long a second caller of an idempotency key waits for the first caller's outcome
+    submit_wait_seconds: float = Field(
+        default=5, ge=0, le=600, alias="RENDERQUEUE_SUBMIT_WAIT_SECONDS"
+    )
     # --- alerts (renderqueue_pipeline/alerts/, docs/alerts.md) ---
     # a secret: Slack's incoming-webhook URLs carry their token in the path
     alert_webhook_url: SecretStr | None = Field(default=None, alias="RENDERQUEUE_ALERT_WEBHOOK_URL")

@@ -111,13 +111,12 @@ def test_a_process_dying_inside_the_submit_leaves_an_unknown_outcome(
     assert (died.returncode, died.stdout) == (17, "calling fal\n"), died.stderr
     pending = item(conn, key)  # this connection is not the dead process's
     assert (pending["state"], pending["request_id"]) == ("pending", None)
+    # eleven minutes later (the ledger's clock): the dead process's lease has expired
     conn.execute(
-        "update batch_items set created_at = now() - interval '11 minutes' "
-        "where idempotency_key = %s",
-        (key,),
+        "select set_config('renderqueue.now', (now() + interval '11 minutes')::text, false)"
     )
-    conn.commit()
     unknown = mark_unknown_outcomes(conn)
+    conn.execute("select set_config('renderqueue.now', '', false)")
     assert [u["id"] for u in unknown] == [pending["id"]]
     assert item(conn, key)["state"] == "unknown"
 

@@ -16,7 +16,12 @@ from renderqueue_pipeline.batch.budget import (
 from renderqueue_pipeline.batch.cancel import CancelResult, cancel_batch
 from renderqueue_pipeline.batch.inbox import InboxFile, list_inbox, plan_tick
 from renderqueue_pipeline.batch.report import BatchNotFound, BatchReport, batch_report
-from renderqueue_pipeline.batch.single import BudgetExceeded, asubmit_prompt, submit_prompt
+from renderqueue_pipeline.batch.single import (
+    BudgetExceeded,
+    SubmissionInProgress,
+    asubmit_prompt,
+    submit_prompt,
+)
 from renderqueue_pipeline.batch.source import PromptFileError
 from renderqueue_pipeline.batch.submit import (
     BatchConfigError,
@@ -38,6 +43,7 @@ __all__ = [
     "CancelResult",
     "InboxFile",
     "PromptFileError",
+    "SubmissionInProgress",
     "asubmit_prompt",
     "batch_report",
     "budget_overview",

@@ -2,10 +2,10 @@
 
 A user's budget for a month (UTC) is their `user_budgets` row, else
 RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD (unset: no cap). A request fits when
-month-to-date actual spend + in-flight estimates + its own estimate stay within it.
-Decisions for one user are serialised by a transaction-scoped advisory lock taken in the
-same transaction that writes the intent, so two batches (or a batch and the product
-backend) running at once cannot overspend together.
+spent + in flight + its own estimate stay within the budget of the UTC month in which it
+reaches fal. The decision is made once, when the request is sent, by the SQL function
+rq_claim_for_send (sql/090; `ledger.claim_for_send`) under the user's transaction lock,
+on every path to fal; this module reads the same figures (rq_budget_figures) for people.
 """
 
 from __future__ import annotations
@@ -125,54 +125,6 @@ def default_limit_micros() -> int | None:
 
     value = get_settings().default_monthly_budget_usd
     return None if value is None else parse_usd(value, "RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD")
-
-
-class BudgetBook:
-    """Budget decisions inside ONE intent transaction.
-
-    `admit` takes the user's lock the first time it sees the user (locks in the order
-    users appear; callers that hold several users at once sort them first with `lock`),
-    reads the month's figures once, then keeps a running total of what this transaction
-    adds. Commit the transaction soon: the locks are held until then.
-    """
-
-    def __init__(self, conn: psycopg.Connection, default_limit: int | None) -> None:
-        self.conn = conn
-        self.default_limit = default_limit
-        self._figures: dict[int, MonthFigures] = {}
-        self._added: dict[int, int] = {}
-
-    def lock(self, user_ids: list[int]) -> None:
-        """Take the budget locks of these users now, in a deadlock-free (sorted) order."""
-        for user_id in sorted(set(user_ids) - set(self._figures)):
-            self._load(user_id)
-
-    def _load(self, user_id: int) -> MonthFigures:
-        figures = self._figures.get(user_id)
-        if figures is None:
-            self.conn.execute(q("lock_user_budget"), {"user_id": user_id})
-            figures = month_figures(self.conn, user_id, None, self.default_limit)
-            self._figures[user_id] = figures
-            self._added[user_id] = 0
-        return figures
-
-    def admit(self, user_id: int, estimate_micros: int) -> str | None:
-        """None if the estimate fits the user's budget (and count it), else the reason."""
-        figures = self._load(user_id)
-        if figures.limit_micros is None:
-            self._added[user_id] += estimate_micros
-            return None
-        in_flight = figures.in_flight_micros + self._added[user_id]
-        total = figures.actual_micros + in_flight + estimate_micros
-        if total <= figures.limit_micros:
-            self._added[user_id] += estimate_micros
-            return None
-        where = "monthly budget" if figures.limit_source == "user_budgets" else "default budget"
-        return (
-            f"user {user_id} over the {where} {usd(figures.limit_micros)} for "
-            f"{figures.month:%Y-%m}: spent {usd(figures.actual_micros)} + in flight "
-            f"{usd(in_flight)} + this row {usd(estimate_micros)} = {usd(total)}"
-        )
 
 
 def set_budget(

@@ -286,7 +286,20 @@ def budget_show(user_id: int | None, month: str | None) -> None:
         )
 
 
-@click.command("submit")
+#: `renderqueue submit`: another call with the same idempotency key holds it (EX_TEMPFAIL)
+SUBMISSION_IN_PROGRESS_EXIT = 75
+
+
+@click.command(
+    "submit",
+    epilog=(
+        f"Exit codes: 0 printed the request id; {SUBMISSION_IN_PROGRESS_EXIT} the "
+        "idempotency key is being submitted by another call with no outcome yet, or its "
+        "sender stopped before fal answered (nothing was sent by this call; retry later, "
+        "the reconciler settles a stopped one); 2 any other error (bad input, over budget, "
+        "fal refused it, outcome unknown)."
+    ),
+)
 @click.option("--user-id", type=int, required=True)
 @click.option("--endpoint", required=True, help="fal endpoint id.")
 @click.option("--prompt", required=True)
@@ -296,12 +309,12 @@ def submit(
     user_id: int, endpoint: str, prompt: str, inputs: tuple[str, ...], idempotency_key: str | None
 ) -> None:
     """Submit one generation (budget checked, ledger first) and print its request id."""
-    from renderqueue_pipeline.batch import submit_prompt
+    from renderqueue_pipeline.batch import SubmissionInProgress, submit_prompt
 
     values = _key_values(inputs)
     _require_fal()
-    click.echo(
-        submit_prompt(
+    try:
+        request_id = submit_prompt(
             user_id,
             endpoint,
             prompt,
@@ -309,4 +322,7 @@ def submit(
             idempotency_key=idempotency_key,
             ledger_url=_ledger_url(),
         )
-    )
+    except SubmissionInProgress as exc:
+        click.echo(f"renderqueue: {exc}", err=True)
+        sys.exit(SUBMISSION_IN_PROGRESS_EXIT)
+    click.echo(request_id)

@@ -1,8 +1,9 @@
-"""From a checked row to a committed intent: price it, check budgets, record it.
+"""From a checked row to a committed intent: price it, check the batch cap, record it.
 
-One function decides every row, for batches and for single submissions alike, inside
-the caller's transaction (which holds the users' budget locks), so a row is either an
-intent (pending, to be sent to fal) or a rejection stored with its field and reason.
+One function decides every row of a batch inside the caller's transaction, so a row is
+either an intent (pending, claimed by the run, to be sent to fal) or a rejection stored
+with its field and reason. The user's monthly budget is not decided here: it is decided
+once, when the item is sent (`claim_for_send`, the same admission on every path to fal).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from renderqueue_pipeline.batch.budget import BudgetBook, usd
+from renderqueue_pipeline.batch.budget import usd
 from renderqueue_pipeline.batch.rows import PromptRow, Rejection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import LedgerInputError
@@ -52,20 +53,20 @@ def item_key(batch_id: int, line_no: int) -> str:
 def decide_row(
     conn: psycopg.Connection,
     row: PromptRow,
-    book: BudgetBook,
     *,
     batch_id: int | None = None,
     cap: BatchCap | None = None,
     idempotency_key: str | None = None,
+    claimer: str | None = None,
+    lease_seconds: float | None = None,
 ) -> Intent | Rejection:
-    """Record the row's intent (the ledger validates and prices it), then check the
-    batch cap and the user's budget; a row that does not fit has its item rejected.
+    """Record the row's intent (the ledger validates and prices it, and `claimer` claims
+    it), then check the batch cap; a row that does not fit has its item rejected.
 
-    Runs inside the caller's transaction (which holds the budget locks), so nobody sees
-    an intent that is then rejected; returns the rejection instead of raising. A stored
-    rejection is marked `stored` (nothing left to write).
+    Runs inside the caller's transaction, so nobody sees an intent that is then
+    rejected; returns the rejection instead of raising. A stored rejection is marked
+    `stored` (nothing left to write).
     """
-    book.lock([row.user_id])  # figures read before this row's intent exists
     try:
         intent = record_intent(
             conn,
@@ -76,6 +77,8 @@ def decide_row(
             or (item_key(batch_id, row.line_no) if batch_id is not None else None),
             batch_id=batch_id,
             line_no=row.line_no if batch_id is not None else None,
+            claimer=claimer,
+            lease_seconds=lease_seconds,
         )
     except LedgerInputError as exc:
         return Rejection(
@@ -91,8 +94,6 @@ def decide_row(
         return intent  # an earlier submission with this key: the caller decides
     estimate = intent.estimate.cost_micros
     field, reason = "max_cost_usd", cap.reason(estimate) if cap else None
-    if reason is None:
-        field, reason = "budget", book.admit(row.user_id, estimate)
     if reason is not None:
         conn.execute(
             q("reject_pending_item"),

@@ -11,31 +11,32 @@
     )
 
 Raises `LedgerInputError` (bad input; `.field` names it), `BudgetExceeded` (the user's
-monthly budget would be exceeded; the message has the figures), `FalRejected` /
-`FalRequestError` (fal refused it: nothing owed) or `FalSubmitOutcomeUnknown` (fal may
-have it: the intent stays visible as an unknown outcome, never resubmitted silently).
+monthly budget would be exceeded; the message has the figures), `SubmissionInProgress`
+(another call with the same idempotency key is being sent and gave no outcome within
+RENDERQUEUE_SUBMIT_WAIT_SECONDS, or its sender stopped before fal answered: the
+reconciler settles that one; this call sent nothing), `FalRejected` / `FalRequestError`
+(fal refused it: nothing owed) or `FalSubmitOutcomeUnknown` (fal may have it: the intent
+stays visible as an unknown outcome, never resubmitted silently).
+
+An idempotency key reaches fal at most once: the first call claims the key's item (and is
+admitted against the budget) in one transaction; a second call while the first is in
+flight waits for its outcome and returns the same request id, never calling fal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-from renderqueue_pipeline.batch.budget import BudgetBook, default_limit_micros
-from renderqueue_pipeline.batch.intents import decide_row
+from renderqueue_pipeline.batch.budget import default_limit_micros
 from renderqueue_pipeline.batch.rows import PromptRow, RowDefaults, validate_row
 from renderqueue_pipeline.db.connect import connect
-from renderqueue_pipeline.errors import LedgerInputError, RenderqueueError
-from renderqueue_pipeline.ledger import Intent, finish_submission
+from renderqueue_pipeline.errors import BudgetExceeded, LedgerInputError, SubmissionInProgress
+from renderqueue_pipeline.ledger import Intent, begin_submission, finish_submission, refresh_leases
 
-
-class BudgetExceeded(RenderqueueError):
-    """The request would take the user past their monthly budget; nothing was sent."""
-
-    def __init__(self, user_id: int, reason: str) -> None:
-        self.user_id = user_id
-        super().__init__(reason)
+__all__ = ["BudgetExceeded", "SubmissionInProgress", "asubmit_prompt", "submit_prompt"]
 
 
 def _definite(exc: BaseException) -> bool:
@@ -51,31 +52,38 @@ def _record_intent(
     prompt: Any,
     inputs: Mapping[str, Any] | None,
     idempotency_key: str | None,
+    wait_seconds: float | None,
 ) -> Intent:
     raw = {**dict(inputs or {}), "prompt": prompt, "user_id": user_id, "endpoint": endpoint}
     checked = validate_row(0, raw, RowDefaults())
     if not isinstance(checked, PromptRow):
         raise LedgerInputError(checked.field, checked.reason)
-    default_limit = default_limit_micros()
-    with connect(ledger_url, autocommit=True) as conn, conn.transaction():
-        book = BudgetBook(conn, default_limit)
-        decided = decide_row(
+    with connect(ledger_url, autocommit=True) as conn:
+        return begin_submission(
             conn,
-            PromptRow(0, checked.user_id, checked.endpoint, checked.inputs),
-            book,
+            user_id=checked.user_id,
+            endpoint=checked.endpoint,
+            inputs=checked.inputs,
             idempotency_key=idempotency_key,
+            default_limit_micros=default_limit_micros(),
+            wait_seconds=wait_seconds,
         )
-        # raised inside the transaction: a refused request leaves no item behind, so the
-        # same idempotency key can be tried again once the budget allows it
-        if not isinstance(decided, Intent):
-            if decided.kind == "over_budget":
-                raise BudgetExceeded(checked.user_id, decided.reason)
-            raise LedgerInputError(decided.field, decided.reason)
-    if decided.state not in ("pending", "submitted"):
-        raise LedgerInputError(
-            "idempotency_key", f"item {decided.item_id} is {decided.state}; not submitting again"
-        )
-    return decided
+
+
+async def _keep_lease(ledger_url: str, claimer: str) -> None:
+    """Refresh the claim's lease while fal is being called (a slow call stays ours)."""
+    from renderqueue_pipeline.ledger import lease_interval
+
+    every = lease_interval().total_seconds() / 4
+    while True:
+        await asyncio.sleep(every)
+
+        def refresh() -> None:
+            with connect(ledger_url, autocommit=True) as conn:
+                refresh_leases(conn, claimer)
+
+        with contextlib.suppress(Exception):  # a missed beat only shortens the lease
+            await asyncio.to_thread(refresh)
 
 
 async def asubmit_prompt(
@@ -87,6 +95,7 @@ async def asubmit_prompt(
     idempotency_key: str | None = None,
     ledger_url: str | None = None,
     gateway: Any = None,
+    wait_seconds: float | None = None,
 ) -> str:
     """`submit_prompt` for async callers; pass a long-lived `FalGateway` to reuse it."""
     from renderqueue_pipeline.db.server import database_url
@@ -94,10 +103,11 @@ async def asubmit_prompt(
 
     url = ledger_url or database_url()
     intent = await asyncio.to_thread(
-        _record_intent, url, user_id, endpoint, prompt, inputs, idempotency_key
+        _record_intent, url, user_id, endpoint, prompt, inputs, idempotency_key, wait_seconds
     )
     if intent.request_id:  # the same idempotency key was submitted before
         return intent.request_id
+    lease = asyncio.create_task(_keep_lease(url, intent.claimer or ""))
     identity = RequestIdentity(intent.item_id, intent.user_id)
     try:
         if gateway is None:
@@ -109,6 +119,10 @@ async def asubmit_prompt(
             outcome = await gateway.submit(intent.endpoint, dict(intent.inputs), identity=identity)
     except Exception as exc:
         outcome = exc
+    finally:
+        lease.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await lease
 
     def finish() -> str:
         with connect(url, autocommit=True) as conn:
@@ -125,6 +139,7 @@ def submit_prompt(
     *,
     idempotency_key: str | None = None,
     ledger_url: str | None = None,
+    wait_seconds: float | None = None,
 ) -> str:
     """Submit one generation for `user_id` and return fal's request id (see module doc)."""
     return asyncio.run(
@@ -135,5 +150,6 @@ def submit_prompt(
             inputs,
             idempotency_key=idempotency_key,
             ledger_url=ledger_url,
+            wait_seconds=wait_seconds,
         )
     )

@@ -9,11 +9,14 @@ The run, step by step:
 3. hold the batch's session lock for the whole run (one submitting run per batch);
    intents a dead earlier run left pending become `unknown` (listed, resubmitted only
    with `resubmit_unknown`);
-4. read rows in chunks; each chunk is one transaction that takes the users' budget
-   locks, prices each row, and records it as an intent or a rejection;
+4. read rows in chunks; each chunk is one transaction that prices each row and records
+   it as an intent claimed by this run (with a lease the run keeps refreshing) or a
+   rejection;
 5. `concurrency` workers send intents to fal through the gateway (ledger rule 1: the
-   intent is committed before the call); a 429 halves the fan-out and backs off instead
-   of failing the row; fal's answers are written by `finish_submission`;
+   intent is committed before the call); each item is admitted against its user's
+   budget of the month it is sent in, many per statement, just before its call (the one
+   admission: `claim_for_send`); a 429 halves the fan-out and backs off instead of
+   failing the row; fal's answers are written by `finish_submission`;
 6. progress goes to `log` every few seconds; the batch is `done` at the end.
 
 Nothing is ever sent twice: a row whose item exists (submitted, rejected, unknown) is
@@ -27,6 +30,7 @@ import contextlib
 import datetime as dt
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +38,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from renderqueue_pipeline.batch.budget import BudgetBook, default_limit_micros
+from renderqueue_pipeline.batch.budget import default_limit_micros
 from renderqueue_pipeline.batch.intents import BatchCap, decide_row, store_rejection
 from renderqueue_pipeline.batch.report import BatchReport, batch_report
 from renderqueue_pipeline.batch.rows import PromptRow, Rejection, RowDefaults, validate_row
@@ -43,7 +47,13 @@ from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.fal_gateway import RequestIdentity
-from renderqueue_pipeline.ledger import Intent, finish_submission
+from renderqueue_pipeline.ledger import (
+    Intent,
+    claim_for_send,
+    finish_submission,
+    lease_interval,
+    refresh_leases,
+)
 
 MAX_CONCURRENCY = 256
 #: Calls in flight per gateway (each has its own HTTP connection pool): see `shard_sizes`.
@@ -229,38 +239,59 @@ def shard_sizes(concurrency: int) -> list[int]:
     return [len(range(i, concurrency, shards)) for i in range(shards)]
 
 
-class SendMarks:
-    """Marks items sent just before their calls, many per statement (group commit).
+Claim = tuple[bool, str | None] | None
 
-    A worker awaits `mark(item_id)`; marks that arrive while one statement runs go in
-    the next, so the cost is one round trip per burst, not per request.
+
+class SendMarks:
+    """Admits and marks items sent just before their calls, many per statement.
+
+    A worker awaits `mark(item_id)`: (True, None) when admitted (send it), (False, reason)
+    when over budget (rejected, do not send), None when the item was not this run's to
+    send. Marks that arrive while one statement runs go in the next, so the cost is one
+    round trip per burst, not per request (the admission is `ledger.claim_for_send`).
     """
 
-    def __init__(self, conn: psycopg.Connection) -> None:
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        claimer: str,
+        lease_seconds: float,
+        default_limit: int | None,
+    ) -> None:
         self.conn = conn
-        self._waiting: list[tuple[int, asyncio.Future[None]]] = []
+        self.claimer = claimer
+        self.lease_seconds = lease_seconds
+        self.default_limit = default_limit
+        self._waiting: list[tuple[int, asyncio.Future[Claim]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def mark(self, item_id: int) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def mark(self, item_id: int) -> Claim:
+        future: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
         self._waiting.append((item_id, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        await future
+        return await future
+
+    def _claim(self, item_ids: list[int]) -> dict[int, tuple[bool, str | None]]:
+        return claim_for_send(
+            self.conn,
+            item_ids,
+            self.claimer,
+            lease_seconds=self.lease_seconds,
+            default_limit_micros=self.default_limit,
+        )
 
     async def _flush(self) -> None:
         while self._waiting:
             group, self._waiting = self._waiting, []
             try:
-                await asyncio.to_thread(
-                    self.conn.execute, q("mark_items_sent"), {"item_ids": [i for i, _ in group]}
-                )
+                claimed = await asyncio.to_thread(self._claim, [i for i, _ in group])
             except Exception as exc:
                 for _, future in group:
                     future.set_exception(exc)
             else:
-                for _, future in group:
-                    future.set_result(None)
+                for item_id, future in group:
+                    future.set_result(claimed.get(item_id))
 
 
 def _is_rate_limited(exc: BaseException) -> bool:
@@ -306,6 +337,13 @@ def _fal_reason(exc: BaseException) -> str:
 Log = Callable[[str], None]
 
 
+@dataclass(frozen=True)
+class _NotSent:
+    """An item the admission did not let through: over budget (reason), or not ours (None)."""
+
+    reason: str | None
+
+
 def _eta(seconds: float) -> str:
     if seconds != seconds or seconds == float("inf"):
         return "?"
@@ -340,6 +378,9 @@ class _Run:
         self.fatal: BaseException | None = None
         self.marks: SendMarks
         self.total_hint = facts.rows_estimate
+        # this run's identity on the items it claims; its lease is refreshed while it runs
+        self.claimer = f"run:{batch_id}:{uuid.uuid4().hex[:16]}"
+        self.lease_seconds = lease_interval().total_seconds()
         #: unknown items fal's request list shows it never received (resubmit_unknown)
         self.resend_unknown: set[int] = set()
 
@@ -365,7 +406,6 @@ class _Run:
         conn: psycopg.Connection,
         rows: list[tuple[int, dict[str, Any]]],
         cap: BatchCap,
-        default_limit: int | None,
     ) -> list[Intent]:
         defaults = RowDefaults(
             self.options.default_user_id,
@@ -374,19 +414,18 @@ class _Run:
         )
         checked = [validate_row(line_no, raw, defaults) for line_no, raw in rows]
         try:
-            return self._record(conn, checked, cap, default_limit, careful=False)
+            return self._record(conn, checked, cap, careful=False)
         except psycopg.errors.OperationalError:
             raise
         except psycopg.Error:
             # a row the database refused: redo the chunk row by row, each in a savepoint
-            return self._record(conn, checked, cap, default_limit, careful=True)
+            return self._record(conn, checked, cap, careful=True)
 
     def _record(
         self,
         conn: psycopg.Connection,
         checked: list[PromptRow | Rejection],
         cap: BatchCap,
-        default_limit: int | None,
         *,
         careful: bool,
     ) -> list[Intent]:
@@ -395,17 +434,13 @@ class _Run:
         counts = {"rejected": 0, "over_budget": 0}
         try:
             with conn.transaction():
-                book = BudgetBook(conn, default_limit)
-                book.lock([r.user_id for r in checked if isinstance(r, PromptRow)])
                 for row in checked:
                     if isinstance(row, Rejection):
                         decided: Intent | Rejection = row
                     elif careful:
                         try:
                             with conn.transaction():
-                                decided = decide_row(
-                                    conn, row, book, batch_id=self.batch_id, cap=cap
-                                )
+                                decided = self._decide(conn, row, cap)
                         except psycopg.errors.OperationalError:
                             raise
                         except psycopg.Error as exc:
@@ -418,7 +453,7 @@ class _Run:
                                 row.endpoint,
                             )
                     else:
-                        decided = decide_row(conn, row, book, batch_id=self.batch_id, cap=cap)
+                        decided = self._decide(conn, row, cap)
                     if isinstance(decided, Rejection):
                         store_rejection(conn, self.batch_id, decided)
                         counts["over_budget" if decided.kind == "over_budget" else "rejected"] += 1
@@ -432,6 +467,18 @@ class _Run:
         self.stats.over_budget += counts["over_budget"]
         return intents
 
+    def _decide(
+        self, conn: psycopg.Connection, row: PromptRow, cap: BatchCap
+    ) -> Intent | Rejection:
+        return decide_row(
+            conn,
+            row,
+            batch_id=self.batch_id,
+            cap=cap,
+            claimer=self.claimer,
+            lease_seconds=self.lease_seconds,
+        )
+
     # -- the run ----------------------------------------------------------------------
 
     async def run(self, reader: PromptReader) -> None:
@@ -440,7 +487,8 @@ class _Run:
         intents_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
         results_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
         marks_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
-        self.marks = SendMarks(marks_conn)
+        default_limit = await asyncio.to_thread(default_limit_micros)
+        self.marks = SendMarks(marks_conn, self.claimer, self.lease_seconds, default_limit)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 sizes = shard_sizes(self.options.concurrency)
@@ -453,6 +501,7 @@ class _Run:
                 ]
                 recorder = asyncio.create_task(self._recorder(results_conn, results))
                 ticker = asyncio.create_task(self._ticker())
+                heartbeat = asyncio.create_task(self._heartbeat(marks_conn))
                 try:
                     await self._produce(intents_conn, reader, queue)
                 finally:
@@ -461,9 +510,10 @@ class _Run:
                     await asyncio.gather(*workers)
                     await results.put(None)
                     await recorder
-                    ticker.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await ticker
+                    for task in (ticker, heartbeat):
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
                     if self.unsent:
                         await asyncio.to_thread(self._forget_unsent, intents_conn)
             if self.fatal is not None:
@@ -502,7 +552,6 @@ class _Run:
             self.total_hint += len(unsent)
         for intent in unsent:
             await queue.put(intent)
-        default_limit = await asyncio.to_thread(default_limit_micros)
         cap_row = await asyncio.to_thread(
             lambda: conn.execute(q("batch_cost_so_far"), {"batch_id": self.batch_id}).fetchone()
         )
@@ -515,9 +564,7 @@ class _Run:
             if await asyncio.to_thread(_batch_status, conn, self.batch_id) == "canceled":
                 self.stop_reason = "the batch was canceled"
                 return
-            for intent in await asyncio.to_thread(
-                self._write_chunk, conn, chunk, cap, default_limit
-            ):
+            for intent in await asyncio.to_thread(self._write_chunk, conn, chunk, cap):
                 await queue.put(intent)
 
     def _load_intents(
@@ -528,13 +575,16 @@ class _Run:
         reopen: bool,
         only: set[int] | None = None,
     ) -> list[Intent]:
-        """Stored items as intents to send (priced again: the estimate is not stored whole).
+        """Stored items as intents to send, claimed by this run and priced again.
 
-        `only`: the item ids that may be sent (None: all).
+        `only`: the item ids that may be sent (None: all). Like every intent, each is
+        admitted against its user's budget only when it is sent (`claim_for_send`): a
+        re-run or a resubmit never sends anything unadmitted.
         """
         from renderqueue_pipeline.ledger import validate_request
 
         intents = []
+        claim = {"claimer": self.claimer, "lease": lease_interval(self.lease_seconds)}
         for item in conn.execute(sql, {"batch_id": self.batch_id}).fetchall():
             if only is not None and item["id"] not in only:
                 continue
@@ -542,13 +592,18 @@ class _Run:
                 if (
                     reopen
                     and not conn.execute(
-                        q("reopen_unknown_item"), {"item_id": item["id"]}
+                        q("reopen_unknown_item"), {"item_id": item["id"], **claim}
                     ).fetchone()
                 ):
                     continue
                 estimate = validate_request(
                     conn, item["endpoint"], item["inputs"], item["user_id"], row=item["line_no"]
                 )
+                if not conn.execute(
+                    q("claim_unsent_item"),
+                    {"item_id": item["id"], "estimate_micros": estimate.cost_micros, **claim},
+                ).fetchone():
+                    continue
             intents.append(
                 Intent(
                     item_id=item["id"],
@@ -558,9 +613,19 @@ class _Run:
                     endpoint=item["endpoint"],
                     inputs=item["inputs"],
                     estimate=estimate,
+                    claimer=self.claimer,
                 )
             )
         return intents
+
+    async def _heartbeat(self, conn: psycopg.Connection) -> None:
+        """Keep this run's claims alive (also while fal throttles it with 429s)."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 4)
+            try:
+                await asyncio.to_thread(refresh_leases, conn, self.claimer, self.lease_seconds)
+            except psycopg.Error as exc:  # a missed beat only shortens the lease
+                self.log(f"could not refresh this run's lease: {exc}")
 
     async def _worker(self, gateway: Any, queue: asyncio.Queue, results: asyncio.Queue) -> None:
         from renderqueue_pipeline.fal_gateway import FalAuthError
@@ -580,6 +645,12 @@ class _Run:
                     self.log(f"stopping: {self.stop_reason}")
                 self.unsent.append(intent.item_id)
                 continue
+            if isinstance(outcome, _NotSent):
+                if outcome.reason is not None:
+                    self.stats.over_budget += 1
+                else:
+                    self.log(f"item {intent.item_id} is no longer this run's to send; skipped")
+                continue
             if isinstance(outcome, FalAuthError) and self.stop_reason is None:
                 self.stop_reason = f"fal refused the key: {outcome}"
                 self.log(f"stopping: {self.stop_reason}")
@@ -597,7 +668,10 @@ class _Run:
             await self.limit.acquire()
             try:
                 if not marked:
-                    await self.marks.mark(intent.item_id)
+                    claim = await self.marks.mark(intent.item_id)
+                    if claim is None or not claim[0]:
+                        await self.limit.release()
+                        return _NotSent(None if claim is None else claim[1])
                     marked = True
             except BaseException:
                 await self.limit.release()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any, Literal, Protocol
@@ -18,7 +19,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from renderqueue_pipeline.db.queries import q
-from renderqueue_pipeline.errors import LedgerInputError
+from renderqueue_pipeline.errors import BudgetExceeded, LedgerInputError, SubmissionInProgress
 
 EventKind = Literal["in_progress", "completed", "failed", "canceled"]
 EventSource = Literal["webhook", "reconcile", "api"]
@@ -49,6 +50,8 @@ class Intent:
     endpoint: str
     inputs: dict[str, Any]
     estimate: Estimate
+    #: who claimed the item (may send it, and record its outcome); see `claim_for_send`
+    claimer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -147,14 +150,20 @@ def record_intent(
     idempotency_key: str | None = None,
     batch_id: int | None = None,
     line_no: int | None = None,
+    claimer: str | None = None,
+    lease_seconds: float | None = None,
 ) -> Intent:
     """Validate and write the intent record; an existing key returns the existing item.
 
-    The caller commits before calling fal, so a crash after fal accepted the request leaves
-    a `pending` item behind, which `mark_unknown_outcomes` turns into a visible 'unknown'.
+    A new item is claimed by `claimer` with a lease (`lease_seconds`, default the setting);
+    it is sent only once `claim_for_send` admits it. The caller commits before calling
+    fal, so a crash after fal accepted the request leaves a `pending` item behind, which
+    `mark_unknown_outcomes` turns into a visible 'unknown' once the lease expired.
     """
     estimate = validate_request(conn, endpoint, inputs, user_id, row=line_no)
     params = {
+        "claimer": claimer,
+        "lease": lease_interval(lease_seconds),
         "batch_id": batch_id,
         "line_no": line_no,
         "idempotency_key": idempotency_key or f"api:{uuid.uuid4()}",
@@ -174,7 +183,55 @@ def record_intent(
         endpoint=endpoint,
         inputs=dict(inputs),
         estimate=estimate,
+        claimer=found["claimed_by"],
     )
+
+
+def lease_interval(seconds: float | None = None) -> timedelta:
+    """A sender's lease (default RENDERQUEUE_SUBMIT_LEASE_SECONDS) as an interval."""
+    if seconds is None:
+        from renderqueue_pipeline.settings import get_settings
+
+        seconds = get_settings().submit_lease_seconds
+    return timedelta(seconds=seconds)
+
+
+def claim_for_send(
+    conn: psycopg.Connection,
+    item_ids: list[int],
+    claimer: str,
+    *,
+    lease_seconds: float | None = None,
+    default_limit_micros: int | None = None,
+) -> dict[int, tuple[bool, str | None]]:
+    """THE admission, just before fal is called: {item: (admitted, reason if not)}.
+
+    One statement (rq_claim_for_send, sql/090) for many items: under each user's budget
+    lock it admits the items that fit the budget of the current UTC month (the month the
+    request reaches fal) and claims them for `claimer`; the others are rejected as over
+    budget with the figures. Items it leaves out were not claimable (another live
+    claimer holds them, or they moved on): do not send those.
+    """
+    rows = conn.execute(
+        q("claim_for_send"),
+        {
+            "item_ids": item_ids,
+            "claimer": claimer,
+            "lease": lease_interval(lease_seconds),
+            "default_limit": default_limit_micros,
+        },
+    ).fetchall()
+    return {r["item_id"]: (r["admitted"], r["reason"]) for r in rows}
+
+
+def refresh_leases(
+    conn: psycopg.Connection, claimer: str, lease_seconds: float | None = None
+) -> int:
+    """A sender's heartbeat: extend the lease of its pending items; how many."""
+    cursor = conn.execute(
+        q("refresh_leases"), {"claimer": claimer, "lease": lease_interval(lease_seconds)}
+    )
+    return cursor.rowcount
 
 
 def record_submitted(
@@ -191,7 +248,7 @@ def record_submitted(
     if not request_id:
         raise LedgerInputError("request_id", "fal returned an empty request id")
     with conn.transaction():
-        conn.execute(
+        inserted = conn.execute(
             q("insert_generation"),
             {
                 "request_id": request_id,
@@ -203,8 +260,19 @@ def record_submitted(
                 "seconds": intent.estimate.seconds,
                 "batch_item_id": intent.item_id,
                 "fal_expires_at": fal_expires_at,
+                "claimer": intent.claimer,
             },
-        )
+        ).fetchone()
+        if inserted is None:
+            item = conn.execute(q("batch_item_state"), {"item_id": intent.item_id}).fetchone()
+            if item is not None and item["request_id"] == request_id:
+                return  # recorded before: a repeat is a no-op
+            state = "missing" if item is None else item["state"]
+            raise LedgerInputError(
+                "batch_item_id",
+                f"item {intent.item_id} is {state}, not the pending item claimed by "
+                f"{intent.claimer}: request {request_id} is not recorded on it",
+            )
         conn.execute(
             q("mark_item_submitted"), {"request_id": request_id, "item_id": intent.item_id}
         )
@@ -213,11 +281,18 @@ def record_submitted(
 def record_rejected(conn: psycopg.Connection, intent: Intent, reason: str) -> None:
     """fal refused the request for certain (nothing was queued): say why on the item."""
     with conn.transaction():
-        conn.execute(q("mark_item_rejected"), {"item_id": intent.item_id, "reason": reason})
+        conn.execute(
+            q("mark_item_rejected"),
+            {"item_id": intent.item_id, "reason": reason, "claimer": intent.claimer},
+        )
 
 
 def mark_unknown_outcomes(conn: psycopg.Connection, older_than: str = "10 minutes") -> list[dict]:
-    """Intents still pending after `older_than`: fal may hold a request we have no row for."""
+    """Intents still pending after `older_than` whose sender's lease expired.
+
+    fal may hold a request we have no row for. A live sender (refreshing its lease, also
+    while throttled) keeps its items; a later definite outcome still wins over `unknown`.
+    """
     with conn.transaction():
         return conn.execute(q("mark_unknown_outcomes"), {"older_than": older_than}).fetchall()
 
@@ -229,21 +304,83 @@ def begin_submission(
     endpoint: str,
     inputs: Mapping[str, Any],
     idempotency_key: str | None = None,
+    default_limit_micros: int | None = None,
+    wait_seconds: float | None = None,
+    lease_seconds: float | None = None,
 ) -> Intent:
-    """Rule 1, step one: validate and commit the intent before fal is called.
+    """Rule 1, step one: validate, commit the intent and claim it (admitted) before fal.
 
-    An intent already `submitted` (same idempotency key) carries its request_id: the caller
-    must not call fal again. One that is `rejected` or `unknown` raises LedgerInputError.
+    A key is claimed once: the first caller records and claims the item in one
+    transaction, admitted against the user's budget (`default_limit_micros`: the budget
+    of users without a `user_budgets` row; over it raises BudgetExceeded and leaves no
+    item). A later caller of the same key never calls fal: it gets the recorded request
+    id (the returned intent carries it), waits up to `wait_seconds` (default
+    RENDERQUEUE_SUBMIT_WAIT_SECONDS) for an in-flight first caller's outcome, or raises
+    SubmissionInProgress; an item left pending by a sender that stopped is the
+    reconciler's, never resent. A `rejected` or `unknown` item raises LedgerInputError.
     """
+    from renderqueue_pipeline.settings import get_settings
+
+    if wait_seconds is None:
+        wait_seconds = get_settings().submit_wait_seconds
+    deadline = time.monotonic() + wait_seconds
+    claimer = f"api:{uuid.uuid4()}"
     with conn.transaction():
         intent = record_intent(
-            conn, user_id=user_id, endpoint=endpoint, inputs=inputs, idempotency_key=idempotency_key
+            conn,
+            user_id=user_id,
+            endpoint=endpoint,
+            inputs=inputs,
+            idempotency_key=idempotency_key,
+            claimer=claimer,
+            lease_seconds=lease_seconds,
         )
-    if intent.state not in ("pending", "submitted"):
-        raise LedgerInputError(
-            "idempotency_key", f"item {intent.item_id} is {intent.state}; not submitting again"
-        )
-    return intent
+        if intent.state == "pending" and intent.request_id is None:
+            claimed = claim_for_send(
+                conn,
+                [intent.item_id],
+                claimer,
+                lease_seconds=lease_seconds,
+                default_limit_micros=default_limit_micros,
+            )
+            if intent.item_id in claimed:
+                admitted, reason = claimed[intent.item_id]
+                if not admitted:  # raised inside: the refused request leaves no item
+                    raise BudgetExceeded(user_id, reason or "over budget")
+                return replace(intent, claimer=claimer)
+    return await_outcome(conn, intent, deadline)
+
+
+def await_outcome(conn: psycopg.Connection, intent: Intent, deadline: float) -> Intent:
+    """Another caller holds the key's item: its outcome, or SubmissionInProgress by `deadline`.
+
+    Returns the intent with the recorded request id; never calls fal.
+    """
+    while True:
+        with conn.transaction():
+            item = conn.execute(q("batch_item_outcome"), {"item_id": intent.item_id}).fetchone()
+        state = item["state"]
+        if state == "submitted":
+            return replace(intent, state=state, request_id=item["request_id"])
+        if state in ("rejected", "unknown"):
+            because = f": {item['reason']}" if item["reason"] else ""
+            raise LedgerInputError(
+                "idempotency_key",
+                f"item {intent.item_id} is {state}; not submitting again{because}",
+            )
+        if item["lease_expired"]:
+            raise SubmissionInProgress(
+                intent.item_id,
+                "was left pending by a sender that stopped before fal answered; the "
+                "reconciler settles it (it is never resent blindly)",
+            )
+        if time.monotonic() >= deadline:
+            raise SubmissionInProgress(
+                intent.item_id,
+                f"is being submitted by another caller ({item['claimed_by']}) with no "
+                "outcome yet: try again later for its request id",
+            )
+        time.sleep(0.05)
 
 
 class Submitted(Protocol):
@@ -286,14 +423,20 @@ def submit_generation(
     inputs: Mapping[str, Any],
     idempotency_key: str | None = None,
     is_definite_rejection: Callable[[BaseException], bool] = lambda exc: False,
+    default_limit_micros: int | None = None,
 ) -> str:
     """Submit one generation following rule 1 with a blocking `submit(endpoint, inputs)`.
 
     Re-running with the same idempotency key returns the recorded request_id without
-    calling fal again.
+    calling fal again (see `begin_submission`).
     """
     intent = begin_submission(
-        conn, user_id=user_id, endpoint=endpoint, inputs=inputs, idempotency_key=idempotency_key
+        conn,
+        user_id=user_id,
+        endpoint=endpoint,
+        inputs=inputs,
+        idempotency_key=idempotency_key,
+        default_limit_micros=default_limit_micros,
     )
     if intent.request_id:
         return intent.request_id
@@ -313,6 +456,7 @@ async def asubmit_generation(
     inputs: Mapping[str, Any],
     idempotency_key: str | None = None,
     is_definite_rejection: Callable[[BaseException], bool] = lambda exc: False,
+    default_limit_micros: int | None = None,
 ) -> str:
     """`submit_generation` for an async `submit` (e.g. the fal gateway).
 
@@ -326,6 +470,7 @@ async def asubmit_generation(
         endpoint=endpoint,
         inputs=inputs,
         idempotency_key=idempotency_key,
+        default_limit_micros=default_limit_micros,
     )
     if intent.request_id:
         return intent.request_id

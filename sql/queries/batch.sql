@@ -60,10 +60,26 @@ from batch_items
 where batch_id = %(batch_id)s and state = 'pending' and sent_at is null
 order by line_no;
 
--- name: mark_items_sent
--- just before the calls to fal: these items may be at fal from now on
-update batch_items set sent_at = now()
-where id = any(%(item_ids)s) and state = 'pending';
+-- name: claim_for_send
+-- just before the calls to fal: THE admission (rq_claim_for_send, sql/090). Admitted items
+-- may be at fal from now on; items over budget are rejected with the figures
+select item_id, admitted, reason
+from rq_claim_for_send(%(item_ids)s::bigint[], %(claimer)s, %(lease)s::interval,
+                       %(default_limit)s::bigint);
+
+-- name: refresh_leases
+-- a sender's heartbeat: its pending items stay its own (the reconciler leaves them alone)
+update batch_items set lease_until = rq_now() + %(lease)s::interval
+where claimed_by = %(claimer)s and state = 'pending';
+
+-- name: claim_unsent_item
+-- a re-run takes over an intent its stopped predecessor recorded but never sent (the
+-- batch lock proves that run is gone), priced again; it is admitted when it is sent
+update batch_items
+set claimed_by = %(claimer)s, lease_until = rq_now() + %(lease)s::interval,
+    estimate_micros = %(estimate_micros)s, updated_at = rq_now()
+where id = %(item_id)s and state = 'pending' and sent_at is null
+returning id;
 
 -- name: batch_line_numbers
 select line_no from batch_items where batch_id = %(batch_id)s;
@@ -80,8 +96,10 @@ where batch_id = %(batch_id)s and state = 'unknown'
 order by line_no;
 
 -- name: reopen_unknown_item
+-- --resubmit-unknown: the item is sent again only once admitted again (claim_for_send)
 update batch_items
-set state = 'pending', reason = null, sent_at = null, updated_at = now()
+set state = 'pending', reason = null, sent_at = null, claimed_by = %(claimer)s,
+    lease_until = rq_now() + %(lease)s::interval, updated_at = rq_now()
 where id = %(item_id)s and state = 'unknown'
 returning id;
 
@@ -176,10 +194,6 @@ returning id;
 update batch_items set cancel_outcome = %(outcome)s, cancel_at = now(), updated_at = now()
 where id = %(item_id)s;
 
--- name: lock_user_budget
--- serialises budget decisions of one user across runs and processes (transaction lock)
-select pg_advisory_xact_lock(hashtextextended('renderqueue:budget:' || %(user_id)s::text, 0));
-
 -- name: upsert_user_budget
 insert into user_budgets (user_id, month, limit_micros)
 values (%(user_id)s, %(month)s, %(limit_micros)s)
@@ -189,7 +203,7 @@ returning user_id, month, limit_micros;
 -- name: budget_users_for_month
 -- users with a budget row for the month or any spend in it (null month: the current one)
 with m as (
-  select coalesce(%(month)s::date, date_trunc('month', now() at time zone 'utc')::date)
+  select coalesce(%(month)s::date, date_trunc('month', rq_now() at time zone 'utc')::date)
          as month
 )
 select user_id from user_budgets where month = (select month from m)
@@ -200,30 +214,14 @@ where created_at >= (select month from m)::timestamp at time zone 'utc'
 order by user_id;
 
 -- name: user_month_figures
--- one user's month (UTC; null month: the current one): the budget row in force and what
--- counts against it. actual: finished generations (failed and canceled cost 0); in
--- flight: open generations' estimates plus intents not yet answered (pending, unknown).
+-- one user's month (UTC; null month: the current one): the figures every budget decision
+-- reads (rq_budget_figures, sql/090)
 with m as (
-  select coalesce(%(month)s::date, date_trunc('month', now() at time zone 'utc')::date)
+  select coalesce(%(month)s::date, date_trunc('month', rq_now() at time zone 'utc')::date)
          as month
-), bounds as (
-  select month, month::timestamp at time zone 'utc' as start,
-         (month::timestamp + interval '1 month') at time zone 'utc' as stop
-  from m
 )
-select b.month,
-       (select u.limit_micros from user_budgets u
-        where u.user_id = %(user_id)s and u.month = b.month) as limit_micros,
-       (select coalesce(sum(g.cost_micros), 0) from generations g
-        where g.user_id = %(user_id)s and g.created_at >= b.start and g.created_at < b.stop
-          and g.status not in ('submitted', 'in_progress')) as actual_micros,
-       (select coalesce(sum(g.cost_micros), 0) from generations g
-        where g.user_id = %(user_id)s and g.created_at >= b.start and g.created_at < b.stop
-          and g.status in ('submitted', 'in_progress'))
-       + (select coalesce(sum(i.estimate_micros), 0) from batch_items i
-          where i.user_id = %(user_id)s and i.created_at >= b.start and i.created_at < b.stop
-            and i.state in ('pending', 'unknown')) as in_flight_micros
-from bounds b;
+select m.month, f.limit_micros, f.actual_micros, f.in_flight_micros
+from m, rq_budget_figures(%(user_id)s, m.month) f;
 
 -- name: current_utc_month
-select date_trunc('month', now() at time zone 'utc')::date as month;
+select date_trunc('month', rq_now() at time zone 'utc')::date as month;

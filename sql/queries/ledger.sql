@@ -7,7 +7,7 @@
 -- price columns are null when no price row matches
 select d.problem as duration_problem, e.price_id, e.seconds, e.cost_micros, e.price_version
 from rq_parse_duration(%(inputs)s::jsonb -> 'duration') d
-left join rq_estimate(%(endpoint)s, %(inputs)s, coalesce(%(at)s::timestamptz, now())) e
+left join rq_estimate(%(endpoint)s, %(inputs)s, coalesce(%(at)s::timestamptz, rq_now())) e
   on true;
 
 -- name: parse_duration
@@ -23,40 +23,64 @@ order by resolution nulls first, with_audio nulls first;
 select distinct endpoint from prices order by endpoint;
 
 -- name: insert_batch_item
+-- the key's first caller claims the item (claimed_by, lease) in the same statement
 insert into batch_items (batch_id, line_no, idempotency_key, user_id, endpoint, inputs,
-                         estimate_micros)
+                         estimate_micros, claimed_by, lease_until, created_at, updated_at)
 values (%(batch_id)s, %(line_no)s, %(idempotency_key)s, %(user_id)s, %(endpoint)s,
-        %(inputs)s, %(estimate_micros)s)
+        %(inputs)s, %(estimate_micros)s, %(claimer)s, rq_now() + %(lease)s::interval,
+        rq_now(), rq_now())
 on conflict (idempotency_key) do nothing
-returning id, state, request_id;
+returning id, state, request_id, claimed_by, reason, sent_at;
 
 -- name: batch_item_by_key
-select id, state, request_id from batch_items where idempotency_key = %(idempotency_key)s;
+select id, state, request_id, claimed_by, reason, sent_at
+from batch_items where idempotency_key = %(idempotency_key)s;
+
+-- name: batch_item_outcome
+-- what a second caller of a key waits for: the first caller's outcome, or its lease ending
+select id, state, request_id, reason, claimed_by,
+       lease_until is not null and lease_until < rq_now() as lease_expired
+from batch_items where id = %(item_id)s;
 
 -- name: insert_generation
+-- only on the item the caller claimed, still waiting for its request id (pending, or
+-- `unknown` when the reconciler gave up on it: a definite outcome wins); the row's
+-- created_at is the moment the item was sent (and admitted): one month for both
 insert into generations (request_id, user_id, endpoint, inputs, cost_micros, cost_basis,
-                         price_id, billed_seconds, batch_item_id, fal_expires_at)
-values (%(request_id)s, %(user_id)s, %(endpoint)s, %(inputs)s, %(cost_micros)s, 'estimate',
-        %(price_id)s, %(seconds)s, %(batch_item_id)s, %(fal_expires_at)s)
+                         price_id, billed_seconds, batch_item_id, fal_expires_at, created_at)
+select %(request_id)s, %(user_id)s, %(endpoint)s, %(inputs)s, %(cost_micros)s, 'estimate',
+       %(price_id)s, %(seconds)s, i.id, %(fal_expires_at)s, coalesce(i.sent_at, rq_now())
+from batch_items i
+where i.id = %(batch_item_id)s and i.state in ('pending', 'unknown') and i.request_id is null
+  and i.claimed_by is not distinct from %(claimer)s
 on conflict (request_id) do nothing
 returning id;
 
+-- name: batch_item_state
+select id, state, request_id, claimed_by from batch_items where id = %(item_id)s;
+
 -- name: mark_item_submitted
 update batch_items
-set state = 'submitted', request_id = %(request_id)s, updated_at = now()
+set state = 'submitted', request_id = %(request_id)s, updated_at = rq_now()
 where id = %(item_id)s and state in ('pending', 'unknown');
 
 -- name: mark_item_rejected
+-- fal's definite refusal wins over `unknown` too (the item stops holding budget)
 update batch_items
-set state = 'rejected', reason = %(reason)s, updated_at = now()
-where id = %(item_id)s and state = 'pending';
+set state = 'rejected', reason = %(reason)s, updated_at = rq_now()
+where id = %(item_id)s and state in ('pending', 'unknown')
+  and claimed_by is not distinct from %(claimer)s;
 
 -- name: mark_unknown_outcomes
+-- only what a sender that stopped left behind: its lease expired (a live run refreshes
+-- it, also while fal throttles it) after it sent the item (an intent never sent is not at
+-- fal: the batch's next run sends it). Items from before leases (no lease) count as sent.
 update batch_items
 set state = 'unknown',
     reason = 'submit started but no request id was recorded: fal may or may not have the request',
-    updated_at = now()
-where state = 'pending' and created_at < now() - %(older_than)s::interval
+    updated_at = rq_now()
+where state = 'pending' and created_at < rq_now() - %(older_than)s::interval
+  and (lease_until is null or (lease_until < rq_now() and sent_at is not null))
 returning id, batch_id, line_no, user_id, endpoint;
 
 -- name: record_events_batch
