@@ -59,8 +59,10 @@ class RunLimits:
 
 
 def dagster_storage_url(ledger_url: str | None = None) -> str:
-    """A psycopg2 SQLAlchemy URL for Dagster's database (created if missing)."""
-    url = ensure_database(ledger_url or database_url(), DAGSTER_DATABASE)
+    """A psycopg2 SQLAlchemy URL for Dagster's database (created if missing); its name is
+    RENDERQUEUE_DAGSTER_DATABASE (default `dagster`), so tests each get their own."""
+    name = get_settings().dagster_database or DAGSTER_DATABASE
+    url = ensure_database(ledger_url or database_url(), name)
     return sqlalchemy_url(url, driver="psycopg2")
 
 

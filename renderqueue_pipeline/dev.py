@@ -123,6 +123,23 @@ def read_exports(process: subprocess.Popen, log: Path, timeout: float = 60.0) ->
     raise RenderqueueError("fal simulator did not start within 60 s")
 
 
+RECEIVER_SERVING = "# webhook receiver serving on "
+
+
+def read_receiver_url(process: subprocess.Popen, log: Path, timeout: float = 60.0) -> str:
+    """The base URL `webhook serve` prints once bound (with `--port 0`, the port it got)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text() if log.exists() else ""
+        for line in text.splitlines():
+            if line.startswith(RECEIVER_SERVING):
+                return line.removeprefix(RECEIVER_SERVING).strip()
+        if process.poll() is not None:
+            raise RenderqueueError(f"webhook receiver exited: {text[-2000:]}")
+        time.sleep(0.1)
+    raise RenderqueueError(f"webhook receiver did not start within {timeout:.0f} s")
+
+
 @contextlib.contextmanager
 def running_stack(
     home: Path,
@@ -169,19 +186,22 @@ def running_stack(
             )
             env.update(read_exports(sim, sim_log))
             console.print(f"fal simulator   https://{env['FAL_QUEUE_RUN_HOST']}")
-        env.setdefault(
-            "RENDERQUEUE_WEBHOOK_URL", f"http://127.0.0.1:{webhook_ports[0]}/webhooks/fal"
-        )
+        receivers = []
         receiver_env = {**env, "DATABASE_URL": logins["receiver"]}
-        for n, port in enumerate(webhook_ports):
-            supervisor.start(
-                f"webhook-{n + 1}",
+        supervisor.log_dir.mkdir(parents=True, exist_ok=True)
+        for n, port in enumerate(webhook_ports):  # port 0: any free port, read back
+            name = f"webhook-{n + 1}"
+            (supervisor.log_dir / f"{name}.log").write_text("")  # no earlier run's port
+            process = supervisor.start(
+                name,
                 [_bin("renderqueue"), "webhook", "serve", "--port", str(port)],
                 receiver_env,
             )
-        for port in webhook_ports:
-            wait_for_http(f"http://127.0.0.1:{port}/healthz", supervisor)
-            console.print(f"webhook receiver http://127.0.0.1:{port}/webhooks/fal")
+            receivers.append(read_receiver_url(process, supervisor.log_dir / f"{name}.log"))
+        for base in receivers:
+            wait_for_http(f"{base}/healthz", supervisor)
+            console.print(f"webhook receiver {base}/webhooks/fal")
+        env.setdefault("RENDERQUEUE_WEBHOOK_URL", f"{receivers[0]}/webhooks/fal")
         dagster_home = ensure_dagster_home(url)
         env["DAGSTER_HOME"] = str(dagster_home)
         workspace = str(REPO_ROOT / "workspace.yaml")
@@ -213,7 +233,8 @@ def running_stack(
             )
             wait_for_http(f"http://127.0.0.1:{ui_port}/server_info", supervisor)
             console.print(f"Dagster UI      http://127.0.0.1:{ui_port}")
-        yield env
+        # the receivers' base URLs, for callers that asked for port 0 (children never see it)
+        yield {**env, "RECEIVER_URLS": " ".join(receivers)}
     finally:
         supervisor.stop()
         if started_embedded:

@@ -104,6 +104,14 @@ class Settings(BaseSettings):
     dagster_max_concurrent_runs: int = Field(
         default=8, ge=1, le=1000, alias="RENDERQUEUE_DAGSTER_MAX_RUNS"
     )
+    #: Dagster's own storage: a database of this name on the ledger's server
+    dagster_database: str = Field(
+        default="dagster",
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z_][a-z0-9_]*$",
+        alias="RENDERQUEUE_DAGSTER_DATABASE",
+    )
     fal_api_pool_limit: int = Field(default=4, ge=1, le=1000, alias="RENDERQUEUE_FAL_API_POOL")
     reconcile_min_age_minutes: float = Field(
         default=10, ge=0, alias="RENDERQUEUE_RECONCILE_MIN_AGE_MINUTES"

@@ -79,11 +79,9 @@ def ledger_counts(conn: psycopg.Connection) -> tuple[int, int, int]:
 
 
 @contextmanager
-def dagster_instance(ledger_url: str) -> Iterator[dg.DagsterInstance]:
-    """A Dagster instance whose storage is the test server's Postgres (never SQLite)."""
-    from renderqueue_pipeline.dagster_home import dagster_storage_url
-
-    overrides = {"storage": {"postgres": {"postgres_url": dagster_storage_url(ledger_url)}}}
+def dagster_instance(storage_url: str) -> Iterator[dg.DagsterInstance]:
+    """A Dagster instance on its own Postgres database (the `dagster_storage` fixture)."""
+    overrides = {"storage": {"postgres": {"postgres_url": storage_url}}}
     with dg.instance_for_test(overrides=overrides) as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         yield instance

@@ -79,8 +79,34 @@ def make_database(admin_url: str) -> Iterator[Callable[[], str]]:
 
     yield make
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        for name in created:
+        dagster_homes = conn.execute(
+            "select datname from pg_database where datname like %s",
+            (DAGSTER_DATABASE_PREFIX.replace("_", r"\_") + "%",),
+        ).fetchall()
+        for name in created + [row[0] for row in dagster_homes]:
             conn.execute(f'drop database if exists "{name}" with (force)')
+
+
+#: Dagster homes written by tests (ensure_dagster_home, the demo) name their storage database
+#: from RENDERQUEUE_DAGSTER_DATABASE: one per test under this session's prefix, dropped with
+#: the test databases, never the fixed `dagster` database every test would share.
+DAGSTER_DATABASE_PREFIX = f"dagster_t{uuid.uuid4().hex[:8]}_"
+
+
+@pytest.fixture(autouse=True)
+def _own_dagster_database(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "RENDERQUEUE_DAGSTER_DATABASE", DAGSTER_DATABASE_PREFIX + uuid.uuid4().hex[:8]
+    )
+
+
+@pytest.fixture
+def dagster_storage(make_database: Callable[[], str]) -> str:
+    """A Dagster instance's storage URL: a database of its own on the test server, dropped
+    at the end, so no test sees another's runs (never the fixed `dagster` database)."""
+    from renderqueue_pipeline.db.server import sqlalchemy_url
+
+    return sqlalchemy_url(make_database(), driver="psycopg2")
 
 
 @pytest.fixture(scope="session")

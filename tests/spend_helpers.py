@@ -143,6 +143,18 @@ def settle(conn: psycopg.Connection, sim: RunningSimulator, request_ids: list[st
     conn.commit()
 
 
+def billed_month(fal_billing: FalBilling, request_ids: list[str]) -> str:
+    """The UTC month ("YYYY-MM") fal billed these requests in, read from its bill rather
+    than the clock (a run may cross a month end between the submits and the check)."""
+    months = {
+        dt.datetime.fromtimestamp(e.timestamp, dt.UTC).strftime("%Y-%m")
+        for e in fal_billing.book.events()
+        if e.request_id in request_ids
+    }
+    assert len(months) == 1, f"billed in {sorted(months)}: submitted across a month end"
+    return months.pop()
+
+
 def window() -> tuple[dt.datetime, dt.datetime]:
     """Yesterday, today and tomorrow (UTC days): a test near midnight stays inside."""
     today = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)

@@ -388,3 +388,29 @@ def test_resubmit_unknown_resends_only_what_fal_never_received(
     assert any(f"resubmitting {8 - len(at_fal)} items" in line for line in log)
     sent = [t["inputs"]["prompt"] for t in fal_sim.control.ground_truth()]
     assert sorted(sent) == sorted(r["prompt"] for r in prompts(8))  # each exactly once
+
+
+def test_a_request_adopted_after_midnight_stays_in_the_month_it_was_sent(
+    conn: psycopg.Connection,
+) -> None:
+    """One month definition: the item was claimed for sending at 23:59 on January 31st and
+    adopted at 00:05 on February 1st: its generation (and its spend) is January's."""
+    sent = dt.datetime(2027, 1, 31, 23, 59, tzinfo=dt.UTC)
+    item = conn.execute(
+        "insert into batch_items (idempotency_key, user_id, endpoint, inputs, state,"
+        " estimate_micros, sent_at) values ('late-adopt', 7, %s,"
+        ' \'{"prompt": "a fox", "duration": "5", "resolution": "720p"}\','
+        " 'pending', 1517000, %s) returning id",
+        (SEEDANCE, sent),
+    ).fetchone()["id"]
+    conn.execute("select set_config('renderqueue.now', '2027-02-01T00:05:00Z', false)")
+    outcome = conn.execute(
+        "select * from rq_adopt_fal_request(%s, %s, %s::jsonb)",
+        ("req-late", SEEDANCE, f'{{"rq_item": "{item}", "rq_user": "7"}}'),
+    ).fetchone()
+    assert outcome["outcome"] == "adopted"
+    row = conn.execute(
+        "select created_at, cost_micros from generations where request_id = 'req-late'"
+    ).fetchone()
+    assert row["created_at"] == sent
+    assert row["cost_micros"] == 1517000

@@ -40,18 +40,21 @@ CASES = [
     ids=[case[0] for case in CASES],
 )
 def test_rejected_with_its_field_and_nothing_written(
-    conn: psycopg.Connection, user_id, endpoint, inputs, field: str, says: str
+    conn: psycopg.Connection, ledger_url: str, user_id, endpoint, inputs, field: str, says: str
 ) -> None:
     with pytest.raises(LedgerInputError) as caught:
         record_intent(conn, user_id=user_id, endpoint=endpoint, inputs=inputs, line_no=12)
-    conn.rollback()
     assert caught.value.field == field
     assert says in str(caught.value)
     assert str(caught.value).startswith(f"row 12: {field}: ")
-    counts = conn.execute(
-        "select (select count(*) from batch_items) + (select count(*) from generations) as n"
-    ).fetchone()
-    assert counts["n"] == 0
+    # the caller carries on and commits: still nothing of the rejected row lands (read from
+    # another session, not after a rollback of our own that would hide any write)
+    conn.commit()
+    with psycopg.connect(ledger_url) as other:
+        counts = other.execute(
+            "select (select count(*) from batch_items) + (select count(*) from generations)"
+        ).fetchone()
+    assert counts[0] == 0
 
 
 def test_unknown_endpoint_lists_the_priced_ones(conn: psycopg.Connection) -> None:

@@ -6,15 +6,16 @@ import psycopg
 from dagster import instance_for_test
 from ledger_helpers import submit_row
 
-from renderqueue_pipeline.dagster_home import dagster_storage_url
 from renderqueue_pipeline.defs.ledger.jobs import ledger_status_job
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 
 
-def test_ledger_status_job_reports_the_ledger(conn: psycopg.Connection, ledger_url: str) -> None:
+def test_ledger_status_job_reports_the_ledger(
+    conn: psycopg.Connection, ledger_url: str, dagster_storage: str
+) -> None:
     submit_row(conn)
     submit_row(conn)
-    storage = dagster_storage_url(ledger_url)
+    storage = dagster_storage
     assert storage.startswith("postgresql+psycopg2://")
     overrides = {"storage": {"postgres": {"postgres_url": storage}}}
     with instance_for_test(overrides=overrides) as instance:

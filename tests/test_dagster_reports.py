@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from urllib.parse import quote
 
 import pandas as pd
 import psycopg
@@ -33,7 +34,6 @@ from report_helpers import (
 )
 from s3_helpers import s3_client
 
-from renderqueue_pipeline.dagster_home import dagster_storage_url
 from renderqueue_pipeline.defs.reports import assets, checks
 from renderqueue_pipeline.defs.reports.resources import ReportStorage
 from renderqueue_pipeline.defs.reports.schedules import (
@@ -60,8 +60,8 @@ BUCKET = "rq-reports"
 
 
 @pytest.fixture
-def instance(ledger_url: str) -> Iterator[DagsterInstance]:
-    storage = dagster_storage_url(ledger_url)
+def instance(dagster_storage: str) -> Iterator[DagsterInstance]:
+    storage = dagster_storage
     with instance_for_test(overrides={"storage": {"postgres": {"postgres_url": storage}}}) as inst:
         assert type(inst.run_storage).__name__ == "PostgresRunStorage"
         yield inst
@@ -266,10 +266,11 @@ def test_blocking_check_stops_the_files(
 def test_stale_rollup_fails_the_ledger_check_in_the_current_month(
     conn: psycopg.Connection, ledger_url: str, instance, tmp_path
 ) -> None:
-    now = datetime.now(UTC)
-    if now.day < 3:
-        pytest.skip("needs two settled days before today in the current month")
+    """The ledger's clock pinned to the 20th: the month is open with settled days before
+    today, whatever the real date (no skip on the 1st and 2nd, no midnight race)."""
+    now = datetime(2026, 3, 20, 12, tzinfo=UTC)
     month = date(now.year, now.month, 1)
+    pinned_url = f"{ledger_url}&options=" + quote(f"-c renderqueue.now={now.isoformat()}")
     add_generation(
         conn,
         created_at=datetime(now.year, now.month, 1, 10, tzinfo=UTC),
@@ -279,7 +280,7 @@ def test_stale_rollup_fails_the_ledger_check_in_the_current_month(
     )
     conn.commit()
     storage = f"file://{tmp_path}/storage"
-    first = run_month(instance, ledger_url, storage, partition=f"{month:%Y-%m-%d}")
+    first = run_month(instance, pinned_url, storage, partition=f"{month:%Y-%m-%d}")
     assert first.success
     assert (
         first.asset_materializations_for_node("monthly_spend_tables")[0].metadata["state"].value
@@ -290,7 +291,7 @@ def test_stale_rollup_fails_the_ledger_check_in_the_current_month(
         "update spend_rollup_daily set cost_micros = cost_micros + 1 where day = %s", (month,)
     )
     conn.commit()
-    second = run_month(instance, ledger_url, storage, partition=f"{month:%Y-%m-%d}")
+    second = run_month(instance, pinned_url, storage, partition=f"{month:%Y-%m-%d}")
     evaluation = checks_of(second)["report_by_user_matches_ledger"]
     assert not evaluation.passed
     assert evaluation.metadata["difference_micros"].value == 1

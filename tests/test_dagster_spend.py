@@ -8,7 +8,6 @@ import datetime as dt
 import dagster as dg
 from spend_helpers import ADMIN_KEY, fal_billing, platform_server, settle, submit
 
-from renderqueue_pipeline.dagster_home import dagster_storage_url
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.spend.assets import (
     billing_reconciliation,
@@ -25,15 +24,22 @@ from renderqueue_pipeline.defs.spend.schedules import (
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
 
 
-def test_a_day_is_loaded_reconciled_and_checked_monthly(conn, ledger_url, fal_billing) -> None:
+def test_a_day_is_loaded_reconciled_and_checked_monthly(
+    conn, ledger_url, fal_billing, dagster_storage
+) -> None:
     ids = [submit(conn, SEEDANCE, {"prompt": f"scene {n}", "duration": "6"}) for n in range(3)]
     settle(conn, fal_billing.sim, ids)
+    # the day under test is the day fal billed our requests (read from its bill, not from
+    # the clock: a run may cross 00:00 UTC between the submits and here)
+    billed = [e.timestamp for e in fal_billing.book.events() if e.request_id in ids]
+    assert len(billed) == 3
+    moment = dt.datetime.fromtimestamp(min(billed), dt.UTC)
     fal_billing.add_events(
         [
             {
                 "request_id": "not-ours",
                 "endpoint_id": SEEDANCE,
-                "timestamp": dt.datetime.now(dt.UTC).isoformat(),
+                "timestamp": moment.isoformat(),
                 "output_units": 4,
                 "unit_price": 0.3034,
             }
@@ -43,8 +49,11 @@ def test_a_day_is_loaded_reconciled_and_checked_monthly(conn, ledger_url, fal_bi
         "ledger": LedgerDatabase(url=ledger_url),
         "fal_platform": FalPlatformResource(admin_key=ADMIN_KEY, api_url=fal_billing.api_url),
     }
-    day = dt.datetime.now(dt.UTC).date()
-    storage = {"storage": {"postgres": {"postgres_url": dagster_storage_url(ledger_url)}}}
+    day = moment.date()
+    assert {dt.datetime.fromtimestamp(t, dt.UTC).date() for t in billed} == {day}, (
+        "fal billed the three requests on two days (submitted across 00:00 UTC)"
+    )
+    storage = {"storage": {"postgres": {"postgres_url": dagster_storage}}}
     with dg.instance_for_test(overrides=storage) as instance:
         daily = dg.materialize(
             [fal_billing_events, billing_reconciliation],
@@ -78,9 +87,9 @@ def test_a_day_is_loaded_reconciled_and_checked_monthly(conn, ledger_url, fal_bi
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
 
 
-def test_schedules_ask_for_the_last_days_and_their_months(ledger_url) -> None:
+def test_schedules_ask_for_the_last_days_and_their_months(dagster_storage) -> None:
     when = dt.datetime(2026, 12, 2, 5, 30, tzinfo=dt.UTC)
-    storage = {"storage": {"postgres": {"postgres_url": dagster_storage_url(ledger_url)}}}
+    storage = {"storage": {"postgres": {"postgres_url": dagster_storage}}}
     with dg.instance_for_test(overrides=storage) as instance:
         context = dg.build_schedule_context(instance=instance, scheduled_execution_time=when)
         days = reconcile_billing_schedule(context)

@@ -26,8 +26,8 @@ from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 
 @pytest.fixture
-def instance(ledger_url: str) -> Iterator[dg.DagsterInstance]:
-    with dagster_instance(ledger_url) as instance:
+def instance(dagster_storage: str) -> Iterator[dg.DagsterInstance]:
+    with dagster_instance(dagster_storage) as instance:
         yield instance
 
 

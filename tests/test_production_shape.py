@@ -106,13 +106,13 @@ def test_separate_processes_load_launch_and_share_one_ledger(
     monkeypatch.setenv("RENDERQUEUE_HOME", str(home))
     monkeypatch.delenv("FAL_KEY", raising=False)
     get_settings.cache_clear()
-    ui, code, hook_a, hook_b = _free_ports(4)
+    ui, code = _free_ports(2)  # dagster-webserver and the code server cannot say theirs
     try:
         with running_stack(
             home,
             console=Console(quiet=True),
             ui_port=ui,
-            webhook_ports=(hook_a, hook_b),
+            webhook_ports=(0, 0),  # each receiver binds a free port and says which
             code_server_port=code,
         ) as env:
             base = f"http://127.0.0.1:{ui}"
@@ -171,7 +171,9 @@ def test_separate_processes_load_launch_and_share_one_ledger(
             ).fetchone()["n"]
             assert launched_rows == 4
 
-            hooks = [f"http://127.0.0.1:{p}/webhooks/fal" for p in (hook_a, hook_b)]
+            receivers = env["RECEIVER_URLS"].split()
+            assert len(receivers) == 2
+            hooks = [f"{url}/webhooks/fal" for url in receivers]
             submitted = subprocess.run(
                 [sys.executable, "-c", SUBMIT_SCRIPT, json.dumps(hooks), "12"],
                 env=env,
@@ -182,9 +184,7 @@ def test_separate_processes_load_launch_and_share_one_ledger(
             assert submitted.returncode == 0, submitted.stderr
             request_ids = json.loads(submitted.stdout.strip().splitlines()[-1])
             _wait_for_terminal(conn, request_ids)
-            received = {
-                port: _metric(f"http://127.0.0.1:{port}/metrics") for port in (hook_a, hook_b)
-            }
+            received = {url: _metric(f"{url}/metrics") for url in receivers}
             assert all(count > 0 for count in received.values()), received
             stored = conn.execute(
                 "select request_id, count(*) as n from generation_events "

@@ -190,6 +190,28 @@ def test_a_request_open_past_the_limit_is_cancelled_at_fal_at_no_cost(
     assert row(conn, recent)["status"] == "canceled"  # the limit is configurable
 
 
+def test_requests_given_up_end_canceled_even_when_fals_error_webhook_comes_first(
+    fal_sim: RunningSimulator, conn: psycopg.Connection, ledger_url: str
+) -> None:
+    """fal sends the ERROR of a cancelled queued request at once, often before its 202
+    reaches the reconciler: the intent recorded first makes every one `canceled`."""
+    fal_sim.control.reset(seed=2, **{**FAST_TEST_OPTIONS, "queue_delay": "3600"})
+    with serving(create_app(ReceiverConfig(ledger_url, fal_sim.jwks_url))) as receiver:
+        stuck = submit_many(conn, 12, webhook_url=f"{receiver}/webhooks/fal")
+        age_rows(conn, stuck, "25 hours")
+        run_reconcile(conn)
+        delivered = lambda: {  # noqa: E731
+            a["request_id"]
+            for a in fal_sim.control.webhook_attempts()
+            if a["outcome"] == "delivered"
+        }
+        wait_until(lambda: delivered() >= set(stuck), timeout=30)
+    got = [row(conn, r) for r in stuck]
+    conn.commit()
+    assert [(g["status"], g["cost_micros"]) for g in got] == [("canceled", 0)] * len(stuck)
+    assert all(t["status"] == "canceled" for t in fal_sim.control.ground_truth())
+
+
 def test_a_request_given_up_that_fal_finishes_anyway_is_billed(
     fal_sim: RunningSimulator, conn: psycopg.Connection
 ) -> None:
@@ -244,23 +266,73 @@ def test_young_rows_are_left_alone_and_the_age_is_configurable(
     assert report.examined == 1 and row(conn, request_id)["status"] == "completed"
 
 
+def one_try(n: int) -> FalGateway:
+    """A gateway that asks once (no backoff between tries: the test needs no waiting)."""
+    return FalGateway(max_concurrency=n, retry_attempts=1)
+
+
 def test_fal_unreachable_leaves_rows_open_for_the_next_pass(
-    fal_sim: RunningSimulator, conn: psycopg.Connection
+    fal_sim: RunningSimulator, conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import fal_client
+
+    monkeypatch.setattr(fal_client.client, "MAX_ATTEMPTS", 1)  # fal-client's own retries
     request_id, _ = submit_row(conn, inputs={"prompt": "fal is down", **INPUTS})
     age_rows(conn, [request_id], "15 minutes")
-    fal_sim.stop()
-    try:
-        report = reconcile(
-            conn,
-            ReconcileOptions(concurrency=2),
-            gateway_factory=lambda n: FalGateway(max_concurrency=n, retry_attempts=1),
-        )
-    finally:
-        fal_sim.start()
+    fal_sim.control.set_faults(api_unreachable=True)  # the socket stays bound: no port race
+    report = reconcile(conn, ReconcileOptions(concurrency=2), gateway_factory=one_try)
     assert row(conn, request_id)["status"] == "submitted"
     assert (report.examined, report.fal_errors, report.still_open) == (1, 1, 1)
     assert report.fal_error_samples and "unreachable" in report.fal_error_samples[0]
+
+
+@pytest.mark.parametrize("fault", ["unreachable", "500", "503"])
+def test_a_give_up_whose_cancel_gets_no_answer_stays_open_until_fal_answers(
+    fal_sim: RunningSimulator,
+    conn: psycopg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: str,
+) -> None:
+    """Past the limit, a cancel fal never answered ends nothing: the next pass asks again."""
+    import fal_client
+
+    monkeypatch.setattr(fal_client.client, "MAX_ATTEMPTS", 1)  # fal-client's own retries
+    fal_sim.control.reset(
+        seed=1, **{**FAST_TEST_OPTIONS, "queue_delay": "3600", "cancel_fault": fault}
+    )
+    (request_id,) = submit_many(conn, 1)
+    age_rows(conn, [request_id], "25 hours")
+    estimate = row(conn, request_id)["cost_micros"]
+
+    report = reconcile(conn, ReconcileOptions(concurrency=2), gateway_factory=one_try)
+
+    got = row(conn, request_id)
+    assert (got["status"], got["cost_micros"], got["error"]) == ("submitted", estimate, None)
+    assert (report.fal_errors, report.still_open, report.failed, report.canceled) == (1, 1, 0, 0)
+    assert "cancel" in report.fal_error_samples[0]
+    assert not fal_sim.control.ground_truth(request_id)["cancel_requested"]
+
+    fal_sim.control.set_faults(cancel_fault="none")  # fal answers again
+    report = run_reconcile(conn)
+    assert row(conn, request_id)["status"] == "canceled"
+    assert fal_sim.control.ground_truth(request_id)["status"] == "canceled"
+
+
+def test_a_give_up_fal_did_not_answer_is_billed_without_conflict_when_fal_finishes_it(
+    fal_sim: RunningSimulator, conn: psycopg.Connection
+) -> None:
+    """The review's case: the row must not be a $0 failure that fal's completion contradicts."""
+    fal_sim.control.reset(
+        seed=1, **{**FAST_TEST_OPTIONS, "queue_delay": "3600", "cancel_fault": "500"}
+    )
+    (request_id,) = submit_many(conn, 1)
+    age_rows(conn, [request_id], "25 hours")
+    reconcile(conn, ReconcileOptions(concurrency=2), gateway_factory=one_try)
+    done = LedgerEvent(request_id, "completed", {"video": {"url": "https://v3b.fal.media/x.mp4"}})
+    assert record_events(conn, [done]) == ["applied"]
+    got = row(conn, request_id)
+    assert (got["status"], got["conflict"]) == ("completed", False)
+    assert got["cost_micros"] == expected_cost(conn, INPUTS["duration"])
 
 
 @pytest.mark.parametrize("field", ["concurrency", "max_rows", "chunk"])

@@ -10,7 +10,15 @@ import sys
 
 import httpx
 import pytest
-from spend_helpers import ADMIN_KEY, fal_billing, platform_server, settle, submit, window
+from spend_helpers import (
+    ADMIN_KEY,
+    billed_month,
+    fal_billing,
+    platform_server,
+    settle,
+    submit,
+    window,
+)
 
 from renderqueue_pipeline.db.migrate import sql_dir
 from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformAuthError
@@ -230,7 +238,7 @@ def test_the_cli_prints_the_month(ledger_env, conn, fal_billing) -> None:
         "FAL_ADMIN_KEY": ADMIN_KEY,
         "PATH": "/usr/bin:/bin",
     }
-    month = dt.datetime.now(dt.UTC).strftime("%Y-%m")
+    month = billed_month(fal_billing, [request_id, other])
     done = subprocess.run(
         [sys.executable, "-m", "renderqueue_pipeline.cli", "spend", "reconcile", "--month", month],
         env=env,

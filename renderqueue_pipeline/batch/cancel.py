@@ -2,10 +2,14 @@
 
 The batch is marked `canceled` first, so a run still submitting it stops at its next
 chunk. Then each of its generations still `submitted` or `in_progress` gets a cancel
-through the gateway. fal's 202 only means "cancellation requested": the ledger records
-that (`mark_cancel_requested`) and the row becomes `canceled` when fal confirms it (a
-running request may still finish, and is then billed). Every outcome is stored on the
-batch item (`cancel_outcome`).
+through the gateway. The intent is recorded before fal is asked (`record_cancel_intent`,
+as a submit records its intent first): fal's ERROR for a cancelled queued request can
+land before its 202 reaches us, and the ledger turns an ERROR on a row with a recorded
+cancel into `canceled`. fal's 202 only means "cancellation requested": a running request
+may still finish, and is then billed. A definite refusal (already completed, not found,
+any other 4xx) withdraws the intent, so a later ERROR stays a failure; an unanswered
+cancel (fal unreachable, 5xx) keeps it, since fal may have received it. Every outcome is
+stored on the batch item (`cancel_outcome`).
 """
 
 from __future__ import annotations
@@ -15,8 +19,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-import psycopg
 
 from renderqueue_pipeline.batch.report import BatchNotFound
 from renderqueue_pipeline.db.connect import connect
@@ -39,12 +41,6 @@ class CancelResult:
         )
 
 
-def _mark_cancel_requested(conn: psycopg.Connection, request_id: str) -> None:
-    from renderqueue_pipeline.ledger import mark_cancel_requested
-
-    mark_cancel_requested(conn, request_id)
-
-
 async def _cancel_all(
     ledger_url: str,
     batch_id: int,
@@ -52,7 +48,12 @@ async def _cancel_all(
     gateway_factory: Callable[[int], Any],
     log: Callable[[str], None],
 ) -> CancelResult:
-    from renderqueue_pipeline.fal_gateway import FalError, FalNotFound
+    from renderqueue_pipeline.fal_gateway import FalError, FalNotFound, FalRequestError
+    from renderqueue_pipeline.ledger import (
+        CancelIntent,
+        record_cancel_intent,
+        withdraw_cancel_intent,
+    )
 
     def open_requests() -> list[dict[str, Any]]:
         with connect(ledger_url, autocommit=True) as conn:
@@ -70,10 +71,10 @@ async def _cancel_all(
     errors: list[dict[str, Any]] = []
     conn = await asyncio.to_thread(connect, ledger_url, autocommit=True)
 
-    def record(row: dict[str, Any], outcome: str) -> None:
+    def record(row: dict[str, Any], outcome: str, withdraw: CancelIntent | None) -> None:
+        if withdraw is not None:
+            withdraw_cancel_intent(conn, withdraw)
         with conn.transaction():
-            if outcome == "cancellation_requested":
-                _mark_cancel_requested(conn, row["request_id"])
             conn.execute(
                 q("record_cancel_outcome"), {"item_id": row["item_id"], "outcome": outcome}
             )
@@ -84,12 +85,18 @@ async def _cancel_all(
 
             async def one(row: dict[str, Any]) -> None:
                 stored: str
+                async with lock:  # the intent first: fal's ERROR may beat its 202
+                    intent = await asyncio.to_thread(record_cancel_intent, conn, row["request_id"])
+                refused = False
                 try:
                     outcome = stored = await gateway.cancel(row["endpoint"], row["request_id"])
+                    refused = outcome == "already_completed"
                 except FalNotFound:
                     outcome = stored = "not_found"
+                    refused = True
                 except FalError as exc:
                     outcome, stored = "error", f"error: {exc}"
+                    refused = isinstance(exc, FalRequestError)  # fal answered: not accepted
                     errors.append(
                         {
                             "line_no": row["line_no"],
@@ -98,7 +105,7 @@ async def _cancel_all(
                         }
                     )
                 async with lock:
-                    await asyncio.to_thread(record, row, stored)
+                    await asyncio.to_thread(record, row, stored, intent if refused else None)
                 outcomes[outcome] += 1
 
             await asyncio.gather(*(one(row) for row in rows))

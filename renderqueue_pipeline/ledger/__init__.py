@@ -7,6 +7,7 @@ goes through the same state machine.
 """
 
 from renderqueue_pipeline.ledger.core import (
+    CancelIntent,
     Estimate,
     EventOutcome,
     Intent,
@@ -23,8 +24,10 @@ from renderqueue_pipeline.ledger.core import (
     expired_event_count,
     finish_submission,
     lease_interval,
+    ledger_now,
     mark_cancel_requested,
     mark_unknown_outcomes,
+    record_cancel_intent,
     record_event,
     record_events,
     record_intent,
@@ -34,9 +37,11 @@ from renderqueue_pipeline.ledger.core import (
     submit_generation,
     validate_request,
     waiting_events,
+    withdraw_cancel_intent,
 )
 
 __all__ = [
+    "CancelIntent",
     "Estimate",
     "EventOutcome",
     "Intent",
@@ -53,9 +58,11 @@ __all__ = [
     "expired_event_count",
     "finish_submission",
     "lease_interval",
+    "ledger_now",
     "mark_cancel_requested",
     "mark_unknown_outcomes",
     "record_event",
+    "record_cancel_intent",
     "record_events",
     "record_intent",
     "record_rejected",
@@ -64,4 +71,5 @@ __all__ = [
     "submit_generation",
     "validate_request",
     "waiting_events",
+    "withdraw_cancel_intent",
 ]

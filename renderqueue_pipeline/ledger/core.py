@@ -585,6 +585,56 @@ def mark_cancel_requested(conn: psycopg.Connection, request_id: str) -> bool:
     return found is not None
 
 
+def ledger_now(conn: psycopg.Connection) -> dt.datetime:
+    """The ledger's clock, `rq_now()`: what decides a month, also for Python callers (a
+    session may pin it with `renderqueue.now`, as tests that cross month ends do)."""
+    return _first(conn.execute(q("ledger_now")).fetchone())
+
+
+@dataclass(frozen=True)
+class CancelIntent:
+    """Our cancel of one request, recorded before fal is asked.
+
+    `newly_recorded`: this call wrote it (an earlier cancel's moment is kept), so only then
+    may a definite refusal from fal withdraw it.
+    """
+
+    request_id: str
+    recorded_at: dt.datetime
+    newly_recorded: bool
+
+
+def record_cancel_intent(conn: psycopg.Connection, request_id: str) -> CancelIntent | None:
+    """Record that we are about to ask fal to cancel `request_id`; commit.
+
+    Written first, as a submit writes its intent first: fal's ERROR for a cancelled queued
+    request can land before fal's 202 reaches us, and the ledger maps an ERROR on a row with
+    a recorded cancel to `canceled`. None when there is no row for the request.
+    """
+    with conn.transaction():
+        cursor = conn.cursor(row_factory=dict_row)
+        row = cursor.execute(q("record_cancel_intent"), {"request_id": request_id}).fetchone()
+    if row is None:
+        return None
+    return CancelIntent(request_id, row["cancel_requested_at"], bool(row["newly_recorded"]))
+
+
+def withdraw_cancel_intent(conn: psycopg.Connection, intent: CancelIntent) -> bool:
+    """fal refused the cancel definitively: withdraw the intent this caller recorded; commit.
+
+    Only a refusal withdraws (already completed, not found); an unanswered cancel keeps the
+    intent (fal may have received it). An intent recorded by an earlier cancel is kept.
+    """
+    if not intent.newly_recorded:
+        return False
+    with conn.transaction():
+        found = conn.execute(
+            q("withdraw_cancel_intent"),
+            {"request_id": intent.request_id, "recorded_at": intent.recorded_at},
+        ).fetchone()
+    return found is not None
+
+
 def expire_waiting_events(conn: psycopg.Connection, retention: timedelta | None = None) -> int:
     """Mark events that waited longer than `retention` for a row that never came; commit.
 

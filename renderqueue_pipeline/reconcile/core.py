@@ -25,9 +25,12 @@ What fal says decides, never a guessed error string:
 - a request still open past `max_open` is given up: the reconciler asks fal to cancel it
   (a queued request leaves fal's queue; a running one gets the signal) and, when fal
   accepts, records the cancel, so the row becomes `canceled` at cost zero, and a
-  completion fal still sends later is billed as fal bills it. When the cancel cannot be
-  made the row becomes failed, cost zero, with the reason; when fal answers that the
-  request already finished, the next pass reads its outcome.
+  completion fal still sends later is billed as fal bills it. Only a definite answer
+  ends the row: fal not knowing the request (404) makes it failed, cost zero; a cancel
+  that gets no answer (fal unreachable, 5xx after retries) or any other error leaves the
+  row open for the next pass (a $0 failure that fal later completes and bills would be a
+  conflict); when fal answers that the request already finished, the next pass reads its
+  outcome.
 A fal call that fails transiently leaves the row as it is for the next pass.
 """
 
@@ -53,11 +56,14 @@ from renderqueue_pipeline.fal_gateway import (
     FalUnavailable,
 )
 from renderqueue_pipeline.ledger import (
+    CancelIntent,
     LedgerEvent,
     apply_waiting_events,
     mark_cancel_requested,
     mark_unknown_outcomes,
+    record_cancel_intent,
     record_events,
+    withdraw_cancel_intent,
 )
 from renderqueue_pipeline.reconcile.adopt import (
     AdoptReport,
@@ -225,8 +231,13 @@ def _event(row: _Row, kind: str, payload: Any = None, error: str | None = None) 
     return LedgerEvent(row.request_id, kind, payload, error, "reconcile")  # type: ignore[arg-type]
 
 
-async def observe(fal: FalGateway, row: _Row, options: ReconcileOptions) -> _Observation:
-    """Ask fal about one row and say what it means for the ledger (no writes)."""
+async def observe(
+    fal: FalGateway, row: _Row, options: ReconcileOptions, writer: _Writer | None = None
+) -> _Observation:
+    """Ask fal about one row and say what it means for the ledger.
+
+    The only write is a give-up's cancel intent, through `writer`, before fal is asked.
+    """
     try:
         status = await fal.status(row.endpoint, row.request_id)
     except FalNotFound:
@@ -254,7 +265,7 @@ async def observe(fal: FalGateway, row: _Row, options: ReconcileOptions) -> _Obs
     if row.payload_missing:  # cannot happen at fal (completed is final); leave it be
         return _Observation(row, "open")
     if row.past_limit:
-        return await _give_up(fal, row, status.state, options)
+        return await _give_up(fal, row, status.state, options, writer)
     if status.state == "in_progress" and row.status == "submitted":
         return _Observation(row, "event", _event(row, "in_progress"))
     if status.state == "queued" and row.status == "in_progress":
@@ -263,20 +274,37 @@ async def observe(fal: FalGateway, row: _Row, options: ReconcileOptions) -> _Obs
 
 
 async def _give_up(
-    fal: FalGateway, row: _Row, state: str, options: ReconcileOptions
+    fal: FalGateway,
+    row: _Row,
+    state: str,
+    options: ReconcileOptions,
+    writer: _Writer | None = None,
 ) -> _Observation:
-    """Open past `max_open`: ask fal to cancel it, then close the row at cost zero."""
+    """Open past `max_open`: ask fal to cancel it, then close the row at cost zero.
+
+    The cancel intent is recorded first (fal's ERROR for the cancelled request can reach
+    the receiver before fal's 202 reaches us); a definite refusal withdraws it.
+    """
     hours = options.max_open.total_seconds() / 3600
     still = f"still {state.replace('_', ' ')} at fal more than {hours:g} h after submit"
+    intent = await writer.record_cancel_intent(row.request_id) if writer else None
     try:
         answer = await fal.cancel(row.endpoint, row.request_id)
-    except FalError as exc:
+    except FalNotFound as exc:  # a definite answer: fal does not know it, nothing to bill
+        if writer and intent:
+            await writer.withdraw_cancel_intent(intent)
         error = (
-            f"{still}; given up by the reconciler, and asking fal to cancel it failed "
-            f"({exc}); nothing billed"
+            f"{still}; given up by the reconciler, and fal does not know it when asked to "
+            f"cancel ({exc}); nothing billed"
         )
         return _Observation(row, "event", _event(row, "failed", error=error), reason="past_limit")
+    except FalError as exc:  # no definite answer (unreachable, 5xx, refused): ask next pass
+        if writer and intent and isinstance(exc, FalRequestError):  # fal said no
+            await writer.withdraw_cancel_intent(intent)
+        return _Observation(row, "fal_error", reason=str(exc))
     if answer == "already_completed":  # it finished meanwhile: the next pass reads how
+        if writer and intent:
+            await writer.withdraw_cancel_intent(intent)
         return _Observation(row, "open")
     error = (
         f"{still}; given up by the reconciler, which asked fal to cancel it (accepted); "
@@ -353,6 +381,16 @@ class _Writer:
         if len(self.pending) >= self.chunk:
             await self.flush()
 
+    async def record_cancel_intent(self, request_id: str) -> CancelIntent | None:
+        """Our cancel, recorded before fal is asked (the events that follow may beat it)."""
+        async with self._lock:
+            return await asyncio.to_thread(record_cancel_intent, self.conn, request_id)
+
+    async def withdraw_cancel_intent(self, intent: CancelIntent) -> None:
+        """fal refused the cancel definitively: a later ERROR is a failure again."""
+        async with self._lock:
+            await asyncio.to_thread(withdraw_cancel_intent, self.conn, intent)
+
     async def mark_cancel_requested(self, request_id: str) -> None:
         """Record fal's acceptance of our cancel before the events that follow it."""
         await self.flush()
@@ -394,7 +432,7 @@ async def reconcile_rows(
                 row = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
-            seen = await observe(fal, row, options)
+            seen = await observe(fal, row, options, writer)
             verdicts[seen.verdict] += 1
             report.results_fetched += seen.result_fetched
             if seen.reason in ("not_found", "past_limit", "requeued"):

@@ -26,6 +26,7 @@ import psycopg
 from psycopg import IsolationLevel
 
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.ledger import ledger_now
 from renderqueue_pipeline.reports.months import (
     SETTLE_AFTER,
     days_until,
@@ -157,7 +158,7 @@ def refresh_month(
     same rows.
     """
     started = time.perf_counter()
-    now = (now or datetime.now(UTC)).astimezone(UTC)
+    now = (now or ledger_now(conn)).astimezone(UTC)  # the ledger's clock decides the state
     final = now >= finalizes_at(month)
     lock = (f"spend_report:{month:%Y-%m}",)
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:

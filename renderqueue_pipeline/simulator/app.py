@@ -52,6 +52,27 @@ MAX_TAGS, MAX_TAG_KEY, MAX_TAG_VALUE, MAX_TAGS_BYTES = 10, 64, 256, 1024
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
+class _Unreachable(Response):
+    """fal out of reach: headers promise a body that never comes, then the connection closes.
+
+    The client sees a transport error (httpx RemoteProtocolError), as when fal cannot be
+    reached, without the test closing and rebinding the simulator's socket.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-length", b"1"), (b"connection", b"close")],
+            }
+        )
+        # returning without the promised byte: uvicorn closes the connection
+
+
 def _json(
     body: Any, status: int = 200, request_id: str | None = None, **headers: str
 ) -> JSONResponse:
@@ -171,6 +192,8 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
         return None
 
     def fault_response(fault: str, request_id: str | None = None) -> Response:
+        if fault == "unreachable":
+            return _Unreachable()
         if fault == "429":
             return _json({"detail": "Too many requests; slow down"}, 429)
         if fault in ("502", "503", "504"):  # the edge (nginx): fal-client retries these
@@ -210,6 +233,8 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
             engine.submits_in_flight -= 1
 
     async def enqueue(request: Request, endpoint: str, app_path: str) -> Response:
+        if engine.config.api_unreachable:
+            return _Unreachable()
         fault = engine.api_fault()
         if fault and fault != "500":
             return fault_response(fault)
@@ -318,11 +343,15 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
             )
             return _json({"detail": detail}, 404)
         request_id, action = rest[1], (rest[2] if len(rest) == 3 else "")
+        if engine.config.api_unreachable:
+            return _Unreachable()
         fault = engine.api_fault()
         if fault:
             return fault_response(fault, request_id)
         req = find(app_path, request_id)
         if request.method == "PUT" and action == "cancel":
+            if engine.config.cancel_fault != "none":
+                return fault_response(engine.config.cancel_fault, request_id)
             if req is None:
                 return _json({"status": "NOT_FOUND"}, 404)
             outcome = engine.cancel(req)

@@ -53,6 +53,10 @@ _HELP = {
     "retried by fal-client; on submit the request is enqueued anyway).",
     "api_502_rate": "Share of API calls answered by the edge's nginx 502 (fal-client retries).",
     "api_504_rate": "Share of API calls answered by the edge's nginx 504 (fal-client retries).",
+    "api_unreachable": "Every queue API call loses its connection before an answer (fal "
+    "unreachable; fal-client retries transport errors).",
+    "cancel_fault": "Every cancel (PUT .../cancel) fails this way: 'unreachable' (connection "
+    "lost before an answer), '500' (fal's JSON 500) or '503' (the edge's nginx 503).",
     "cdn_mode": "'public': stable URLs that expire with the request's lifecycle (fal); "
     "'signed': signed URLs re-signed on every result fetch (not fal).",
     "cdn_default_lifetime": "Seconds an output file lives when the request sent no "

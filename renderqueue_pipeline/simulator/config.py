@@ -122,6 +122,10 @@ class SimConfig(BaseModel):
     api_500_rate: float = _RATE
     api_502_rate: float = _RATE
     api_504_rate: float = _RATE
+    # fal out of reach: every queue API call loses its connection before an answer
+    api_unreachable: bool = False
+    # every cancel (PUT .../cancel) fails this way, whatever the rates above say
+    cancel_fault: Literal["none", "unreachable", "500", "503"] = "none"
     # a submit fal enqueues whose answer is then lost (the edge answers 504): fal-client
     # retries it, so one submit becomes two requests at fal (drawn per request)
     submit_lost_answer_rate: float = _RATE

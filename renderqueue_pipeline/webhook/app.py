@@ -35,6 +35,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -163,6 +164,9 @@ class ReceiverConfig:
     body_min_rate: float = DEFAULT_BODY_MIN_RATE  # bytes/s a body must average after the grace
     body_grace: float = DEFAULT_BODY_GRACE
     body_timeout: float = DEFAULT_BODY_TIMEOUT  # a whole body, however fast
+    #: unix seconds now: the signed timestamp's ±300 s window and late retries are measured
+    #: against it (tests pin the window's edges with a fixed clock)
+    clock: Callable[[], float] = time.time
 
 
 class Metrics:
@@ -589,7 +593,10 @@ def create_app(config: ReceiverConfig | None = None) -> Starlette:
         config = config_from_settings()
     try:
         verifier = JwksVerifier(
-            config.jwks_url, min_refresh=config.jwks_min_refresh, allow_http=config.insecure_jwks
+            config.jwks_url,
+            clock=config.clock,
+            min_refresh=config.jwks_min_refresh,
+            allow_http=config.insecure_jwks,
         )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None

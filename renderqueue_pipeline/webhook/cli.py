@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 
@@ -58,7 +60,7 @@ def serve(
     # run the receiver answers 503 (fal retries) and /healthz says why.
     database_url()
     factory = "create_insecure_jwks_app" if insecure_jwks else "create_app"
-    uvicorn.run(
+    config = uvicorn.Config(
         f"renderqueue_pipeline.webhook.app:{factory}",
         factory=True,
         host=host,
@@ -68,3 +70,18 @@ def serve(
         access_log=False,
         **server_options(limit_concurrency=limit_concurrency),
     )
+    # bound here, before workers fork, so `--port 0` can say which port it got: a caller
+    # reads it back instead of guessing a free port (which another process may take first)
+    sock = config.bind_socket()
+    click.echo(f"# webhook receiver serving on http://{host}:{sock.getsockname()[1]}")
+    sys.stdout.flush()
+    if workers > 1:
+        from uvicorn.supervisors import Multiprocess
+
+        Multiprocess(config, sockets=[sock]).run()
+    else:
+        config.load_app()
+        server = uvicorn.Server(config)
+        server.run(sockets=[sock])
+        if not server.started:
+            sys.exit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits

@@ -128,9 +128,42 @@ limit %(limit)s;
 
 -- name: mark_cancel_requested
 update generations
-set cancel_requested_at = coalesce(cancel_requested_at, now())
+set cancel_requested_at = coalesce(cancel_requested_at, rq_now())
 where request_id = %(request_id)s
 returning cancel_requested_at;
+
+-- name: ledger_now
+-- The ledger's clock (sql/085): now(), unless the session set renderqueue.now.
+select rq_now() as now;
+
+-- name: record_cancel_intent
+-- Our cancel, written before fal is asked (fal's ERROR for a cancelled queued request can
+-- land before its 202 does). The first moment is kept; `newly_recorded` says this call
+-- wrote it, so only this call may withdraw it should fal refuse.
+with prior as (
+  select id, cancel_requested_at
+  from generations
+  where request_id = %(request_id)s
+  for update
+), marked as (
+  update generations g
+  set cancel_requested_at = rq_now()
+  from prior
+  where g.id = prior.id and prior.cancel_requested_at is null
+  returning g.cancel_requested_at
+)
+select coalesce((select cancel_requested_at from marked), prior.cancel_requested_at)
+         as cancel_requested_at,
+       exists (select 1 from marked) as newly_recorded
+from prior;
+
+-- name: withdraw_cancel_intent
+-- fal refused the cancel definitively (already finished, unknown): the intent this call
+-- recorded is withdrawn, so a later ERROR is a failure, not a cancellation.
+update generations
+set cancel_requested_at = null
+where request_id = %(request_id)s and cancel_requested_at = %(recorded_at)s
+returning id;
 
 -- name: generation_by_request_id
 select * from generations where request_id = %(request_id)s;

@@ -4,12 +4,11 @@ Blocking where a wrong report would mislead (figures that differ from the ledger
 understated by a missing price): the files are not written then.
 """
 
-from datetime import UTC, datetime
-
 import dagster as dg
 
 from renderqueue_pipeline.defs.reports.partitions import monthly_partitions
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.ledger import ledger_now
 from renderqueue_pipeline.reports import checks
 from renderqueue_pipeline.reports.months import parse_month
 
@@ -83,7 +82,7 @@ def no_generation_open_over_24h(
 ) -> dg.AssetCheckResult:
     with ledger.connect() as conn:
         finding = checks.no_generation_open_too_long(
-            conn, parse_month(context.partition_key), datetime.now(UTC)
+            conn, parse_month(context.partition_key), ledger_now(conn)
         )
     return _result(finding, context.partition_key, blocking=False)
 
