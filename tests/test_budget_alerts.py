@@ -254,7 +254,10 @@ def test_a_bad_alert_webhook_url_is_named_without_echoing_it(
 
 
 def test_the_budget_alert_sensor_sends_once_on_a_real_instance(
-    ledger: psycopg.Connection, ledger_env: str, monkeypatch: pytest.MonkeyPatch
+    ledger: psycopg.Connection,
+    ledger_env: str,
+    dagster_storage: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from batch_helpers import dagster_instance
 
@@ -264,7 +267,7 @@ def test_the_budget_alert_sensor_sends_once_on_a_real_instance(
     monkeypatch.setenv("PGOPTIONS", f"-c renderqueue.now={NOW}")
     set_budget(ledger, 7, 10 * USD, MONTH)
     spend(ledger, 7, 5 * USD)
-    with alert_receiver() as receiver, dagster_instance(ledger_env) as instance:
+    with alert_receiver() as receiver, dagster_instance(dagster_storage) as instance:
         monkeypatch.setenv("RENDERQUEUE_ALERT_WEBHOOK_URL", receiver.url)
         get_settings.cache_clear()
         resources = {"ledger": LedgerDatabase(url=ledger_env)}
@@ -280,7 +283,7 @@ def test_the_budget_alert_sensor_sends_once_on_a_real_instance(
 
 
 def test_a_failed_run_of_our_job_is_posted_to_the_alert_webhook(
-    ledger_env: str, monkeypatch: pytest.MonkeyPatch
+    ledger_env: str, dagster_storage: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from batch_helpers import dagster_instance
 
@@ -291,7 +294,7 @@ def test_a_failed_run_of_our_job_is_posted_to_the_alert_webhook(
     with socket.socket() as probe:  # a database nobody serves: the run fails for real
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with alert_receiver() as receiver, dagster_instance(ledger_env) as instance:
+    with alert_receiver() as receiver, dagster_instance(dagster_storage) as instance:
         monkeypatch.setenv("RENDERQUEUE_ALERT_WEBHOOK_URL", receiver.url)
         get_settings.cache_clear()
         result = ledger_status_job.execute_in_process(
