@@ -204,8 +204,11 @@ class Moto:
         self.server: Any = None
 
     def start(self) -> None:
+        import logging
+
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 call
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.server.start()
         self.port = self.server._server.server_port
@@ -341,6 +344,9 @@ def run_chaos(
                 "AWS_SECRET_ACCESS_KEY": "chaos",
                 "AWS_DEFAULT_REGION": "us-east-1",
                 "AWS_ENDPOINT_URL": moto.endpoint,
+                # botocore's own retries (5 by default, with backoff) against a refused port
+                # only slow the outage down; the archive's backoff is what absorbs it
+                "AWS_MAX_ATTEMPTS": "1",
                 "RENDERQUEUE_STORAGE_URL": f"s3://{BUCKET}/outputs",
                 "RENDERQUEUE_ARCHIVE_HOSTS": host,
                 "RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS": host,
@@ -516,7 +522,9 @@ def _audit(
     nanos: Counter[str] = Counter()
     # the Platform API client verifies TLS against SSL_CERT_FILE: the simulator's bundle
     os.environ["SSL_CERT_FILE"] = bundle
-    start = min(dt.datetime.fromisoformat(str(t["submitted_at"])) for t in truth.values())
+    start = dt.datetime.fromtimestamp(
+        min(float(t["submitted_at"]) for t in truth.values()), dt.UTC
+    )
     with FalPlatform(
         env["FAL_ADMIN_KEY"] if "FAL_ADMIN_KEY" in env else env["FAL_KEY"],
         base_url=env["RENDERQUEUE_FAL_API_URL"],
