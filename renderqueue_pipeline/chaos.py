@@ -234,6 +234,15 @@ class Moto:
         )
 
 
+def _empty_bucket(s3: Any) -> None:
+    """The run's bucket, created or emptied (moto keeps state per process)."""
+    try:
+        s3.create_bucket(Bucket=BUCKET)
+    except s3.exceptions.BucketAlreadyOwnedByYou:
+        for item in s3.list_objects_v2(Bucket=BUCKET).get("Contents", []):
+            s3.delete_object(Bucket=BUCKET, Key=item["Key"])
+
+
 def write_prompts(path: Path, rows: int, seed: int) -> Path:
     """A batch file of `rows` prompts: three users, durations 4..8 s, 480p."""
     rng = random.Random(seed)
@@ -352,7 +361,7 @@ def run_chaos(
                 "RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS": host,
                 "RENDERQUEUE_RECONCILE_ADOPT": "on",
             }
-            moto.client().create_bucket(Bucket=BUCKET)
+            _empty_bucket(moto.client())
             control = SimControl(f"https://{host}", Path(env["SSL_CERT_FILE"]))
             say(f"fal simulator https://{host} (seed {config.seed}); S3 {moto.endpoint}")
             receiver = ReceiverLoop(env, run.log_dir).start()
@@ -431,7 +440,7 @@ def _drive(
     _wait(lambda: receiver.restarts >= 1 and _healthy(f"{receiver.url}/healthz"), 60, "restart")
 
     # 3. Postgres stopped while webhooks are still coming, then started again
-    if own_server:
+    if own_server and config.restart_postgres:
         stop_embedded(run.home)
         run.counts["postgres_stopped"] += 1
         say("Postgres stopped")
@@ -492,6 +501,21 @@ def _drive(
     say("archive complete")
 
 
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables of this process for the block only (a test shares it)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _failed_deliveries(control: Any) -> int:
     return sum(1 for a in control.webhook_attempts() if a["outcome"] == "failed")
 
@@ -520,15 +544,13 @@ def _audit(
     bundle = env["SSL_CERT_FILE"]
 
     nanos: Counter[str] = Counter()
-    # the Platform API client verifies TLS against SSL_CERT_FILE: the simulator's bundle
-    os.environ["SSL_CERT_FILE"] = bundle
-    start = dt.datetime.fromtimestamp(
-        min(float(t["submitted_at"]) for t in truth.values()), dt.UTC
-    )
-    with FalPlatform(
-        env["FAL_ADMIN_KEY"] if "FAL_ADMIN_KEY" in env else env["FAL_KEY"],
-        base_url=env["RENDERQUEUE_FAL_API_URL"],
-    ) as platform:
+    start = dt.datetime.fromtimestamp(min(float(t["submitted_at"]) for t in truth.values()), dt.UTC)
+    with (
+        _environ(SSL_CERT_FILE=bundle),  # the client trusts the simulator's bundle
+        FalPlatform(
+            env.get("FAL_ADMIN_KEY") or env["FAL_KEY"], base_url=env["RENDERQUEUE_FAL_API_URL"]
+        ) as platform,
+    ):
         window = (start - dt.timedelta(hours=1), dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
         for page in platform.billing_event_pages(*window, endpoint_ids=[ENDPOINT]):
             for event in page:
@@ -712,9 +734,7 @@ def _audit(
         "objects_in_s3": len(stored),
         "webhook_attempts": len(attempts),
     }
-    return ChaosResult(
-        rows_table, mismatches, len(truth), time.monotonic() - run.started, figures
-    )
+    return ChaosResult(rows_table, mismatches, len(truth), time.monotonic() - run.started, figures)
 
 
 def render(result: ChaosResult) -> Any:
