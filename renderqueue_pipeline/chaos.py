@@ -77,6 +77,8 @@ class ChaosConfig:
     concurrency: int = 8
     #: stop and start the embedded Postgres (needs the run's own embedded server)
     restart_postgres: bool = True
+    #: kill -9 a Dagster run worker mid-pass (timing-dependent: `make chaos` only)
+    kill_dagster_worker: bool = True
     #: seconds the whole run may take before it gives up (a mismatch, not a hang)
     timeout: float = 540.0
     faults: dict[str, Any] = field(default_factory=lambda: dict(FAULTS))
@@ -451,7 +453,11 @@ def _drive(
         embedded_url(run.home)
         say("Postgres started again")
 
-    # 4. the reconciler until nothing is open at fal or in the ledger
+    # 4. a Dagster run worker (the reconcile job) killed -9 while its fal calls are in flight
+    if config.kill_dagster_worker:
+        _kill_dagster_run_worker(run, env, control)
+
+    # 5. the reconciler until nothing is open at fal or in the ledger
     def settled() -> bool:
         run.cli(env, "reconcile", "--min-age-minutes", "0")
         run.counts["reconcile_passes"] += 1
@@ -471,7 +477,7 @@ def _drive(
     _wait(settled, run.remaining(), "ledger settled", interval=2.0)
     say(f"ledger settled after {run.counts['reconcile_passes']} reconcile passes")
 
-    # 5. the archive with S3 down, then up
+    # 6. the archive with S3 down, then up
     moto.stop()
     run.counts["s3_down_runs"] += 1
     down = run.cli(env, "archive")
@@ -499,6 +505,57 @@ def _drive(
 
     _wait(archived, run.remaining(), "every output archived", interval=1.0)
     say("archive complete")
+
+
+RECONCILE_RUN_CONFIG = "ops:\n  reconcile_open_rows:\n    config:\n      min_age_minutes: 0\n"
+
+
+def _kill_dagster_run_worker(run: Run, env: dict[str, str], control: Any) -> None:
+    """`dagster job execute` of `reconcile_ledger` (the process that executes the run, as
+    the daemon's run launcher would start it), SIGKILLed once fal has answered some of its
+    status calls; fal's status calls are slowed so the pass is still running then."""
+    home = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from renderqueue_pipeline.dagster_home import ensure_dagster_home as e; print(e())",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=run.remaining(),
+    ).stdout.strip()
+    config = run.home / "reconcile-run.yaml"
+    config.write_text(RECONCILE_RUN_CONFIG)
+    log = run.log_dir / "dagster-run-worker.log"
+    control.set_faults(status_latency=0.5)
+    calls = control.health()["api_calls"]
+    argv = [_bin("dagster"), "job", "execute", "-m", "renderqueue_pipeline.definitions"]
+    argv += ["-j", "reconcile_ledger", "-c", str(config)]
+    worker = subprocess.Popen(
+        argv,
+        env={**env, "DAGSTER_HOME": home},
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait(
+            lambda: control.health()["api_calls"] >= calls + 4 or worker.poll() is not None,
+            run.remaining(),
+            "the Dagster run worker's first fal calls",
+        )
+        if worker.poll() is None:
+            run.counts["dagster_worker_killed"] += 1
+            run.say("Dagster run worker (reconcile_ledger) killed -9 mid-pass")
+        else:
+            run.say(f"Dagster run worker ended ({worker.returncode}) before it could be killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+        control.set_faults(status_latency=0)
 
 
 @contextlib.contextmanager
@@ -719,6 +776,11 @@ def _audit(
             "webhook deliveries refused (503 / no answer)",
             delivered["failed"],
             "fal retried them",
+        ),
+        FaultRow(
+            "Dagster run worker killed -9 (reconcile_ledger)",
+            run.counts["dagster_worker_killed"],
+            "its writes are per row; the next pass finished the work",
         ),
         FaultRow(
             "archive run with S3 down",
