@@ -729,7 +729,7 @@ def _audit(
         FaultRow(
             "out-of-order webhooks",
             sum(1 for d in decisions if d["out_of_order"]),
-            "state machine keeps the latest",
+            "the ledger's state machine (one ending)",
         ),
         FaultRow(
             "early webhooks (before submit answered)",
@@ -750,12 +750,12 @@ def _audit(
         FaultRow(
             "fal JSON 500 (submit enqueued anyway)",
             int(faults.get("500", 0)),
-            "unknown outcome, adopted",
+            "outcome unknown; fal's request id or adoption names it",
         ),
         FaultRow(
             "lost submit answers (one submit, two requests)",
             int(faults.get("lost_answer", 0)),
-            f"duplicate recorded ({adopted} rows), cancelled",
+            f"{adopted} rows recorded as duplicate_of, cancel asked",
         ),
         FaultRow(
             "batch process killed -9, rerun",
