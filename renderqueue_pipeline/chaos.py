@@ -723,7 +723,7 @@ def _audit(
         ),
         FaultRow(
             "duplicate webhooks",
-            sum(1 for a in attempts if a.get("copy") == 1),
+            len({a["request_id"] for a in attempts if a.get("copy") == 1}),
             "event dedupe key",
         ),
         FaultRow(
@@ -795,6 +795,13 @@ def _audit(
         "archive_runs": run.counts["archive_runs"],
         "objects_in_s3": len(stored),
         "webhook_attempts": len(attempts),
+        "refused_deliveries_by_answer": dict(
+            Counter(
+                str(a.get("status_code") or (a.get("error") or "")[:40])
+                for a in attempts
+                if a["outcome"] == "failed"
+            )
+        ),
     }
     return ChaosResult(rows_table, mismatches, len(truth), time.monotonic() - run.started, figures)
 
