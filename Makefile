@@ -1,12 +1,14 @@
 # Two commands set everything up on a fresh machine with Python 3.11+ and pip:
 #   make demo   install, then run the whole product locally in the Dagster UI
 #   make test   install with test extras and run the whole suite
+#   make invariants   the money invariants' stateful test with 10x the examples of make test
+#   make chaos        every fault at once, then the ledger audited against fal's truth (docs/reliability.md)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo demo-headless prod-local test lint bench bench-quick chaos clean stop
+.PHONY: install demo demo-headless prod-local test invariants lint bench bench-quick chaos clean stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +36,10 @@ lint: install
 test: install lint
 	$(BIN)/dg check defs
 	$(BIN)/pytest -q
+
+# tests/test_money_invariants.py: `make test` runs 8 examples; this runs 10x as many
+invariants: install
+	RENDERQUEUE_INVARIANT_EXAMPLES=80 $(BIN)/pytest -q tests/test_money_invariants.py
 
 bench: install
 	$(BIN)/python -m bench; status=$$?; \

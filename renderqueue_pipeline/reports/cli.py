@@ -50,7 +50,12 @@ def _plain(value):
     show_default=True,
     help="focus: one FinOps FOCUS cost row per completed generation, as CSV (--by is ignored).",
 )
-def report(month_text: str, by: str, fmt: str) -> None:
+@click.option(
+    "--forecast",
+    is_flag=True,
+    help="The month-end forecast by user (with budgets) and endpoint, as of now.",
+)
+def report(month_text: str, by: str, fmt: str, forecast: bool) -> None:
     """Spend for one UTC month, straight from the ledger (no materialization needed).
 
     Same figures as the report tables: counts by status, billed seconds and cost of
@@ -61,6 +66,13 @@ def report(month_text: str, by: str, fmt: str) -> None:
     from renderqueue_pipeline.reports.ledger_view import columns_for, month_from_ledger
 
     month = parse_month(month_text)
+    if forecast:
+        if fmt == "focus":
+            raise click.UsageError("--forecast prints table, csv or json, not focus")
+        from renderqueue_pipeline.reports.forecast_cli import print_forecast
+
+        print_forecast(month, fmt)
+        return
     if fmt == "focus":  # the same CSV as the month's focus.csv report file
         from renderqueue_pipeline.reports.focus import focus_csv, focus_records
 

@@ -5,6 +5,7 @@ Thin: each asset reads its resources and calls one function of renderqueue_pipel
 
 import dagster as dg
 
+from renderqueue_pipeline.defs.freshness.policies import current_month_policy
 from renderqueue_pipeline.defs.reports.metadata import files_metadata, table_metadata
 from renderqueue_pipeline.defs.reports.partitions import monthly_partitions
 from renderqueue_pipeline.defs.reports.resources import ReportStorage
@@ -36,6 +37,7 @@ class SpendReportConfig(dg.Config):
             kinds={"postgres"},
             description=f"Postgres table `{table}`: one month per partition (docs/reports.md).",
             metadata={"table": table},
+            freshness_policy=current_month_policy,
         )
         for name, (table, _) in TABLE_ASSETS.items()
     ],
@@ -65,6 +67,7 @@ def monthly_spend_tables(
     group_name=GROUP,
     kinds={"parquet", "csv"},
     deps=list(TABLE_ASSETS),
+    freshness_policy=current_month_policy,
 )
 def spend_report_files(
     context: dg.AssetExecutionContext, ledger: LedgerDatabase, report_storage: ReportStorage

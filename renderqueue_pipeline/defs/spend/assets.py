@@ -5,6 +5,7 @@ import datetime as dt
 
 import dagster as dg
 
+from renderqueue_pipeline.defs.freshness.policies import daily_billing_policy
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.spend.resources import FalPlatformResource
 from renderqueue_pipeline.ledger.report import dollars
@@ -71,6 +72,7 @@ def fal_prices(ledger: LedgerDatabase, fal_platform: FalPlatformResource) -> dg.
     kinds={"postgres"},
     pool="fal_api",
     partitions_def=spend_daily_partition,
+    freshness_policy=daily_billing_policy,
 )
 def fal_billing_events(
     context: dg.AssetExecutionContext, ledger: LedgerDatabase, fal_platform: FalPlatformResource
@@ -95,6 +97,7 @@ def fal_billing_events(
     kinds={"postgres"},
     partitions_def=spend_daily_partition,
     deps=[fal_billing_events],
+    freshness_policy=daily_billing_policy,
 )
 def billing_reconciliation(
     context: dg.AssetExecutionContext, config: ReconcileConfig, ledger: LedgerDatabase
