@@ -31,6 +31,7 @@ def pytest_configure(config: pytest.Config) -> None:
     Postgres (its own system user when run as root) out of folders of a run in progress.
     """
     if not config.option.basetemp:
+        TEST_HOME.mkdir(parents=True, exist_ok=True)  # a fresh checkout has none yet
         config.option.basetemp = str(TEST_HOME / "tmp")
 
 
