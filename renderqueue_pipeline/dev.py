@@ -369,7 +369,13 @@ def run_dev(
     """Start everything, drop the sample prompts, print where to look; Ctrl-C stops all."""
     import datetime as dt
 
-    from renderqueue_pipeline.demo import prepare_demo_ledger, print_summary
+    from renderqueue_pipeline.alerts import evaluate_budget_alerts
+    from renderqueue_pipeline.demo import (
+        demo_alert_webhook,
+        prepare_demo_ledger,
+        print_received_alerts,
+        print_summary,
+    )
     from renderqueue_pipeline.settings import get_settings
 
     console = console or Console()
@@ -387,7 +393,10 @@ def run_dev(
         {"code_server_port": 4000, "webhook_ports": (8787, 8788)} if production_shape else {}
     )
     try:
-        with running_stack(home, console=console, ui_port=ui_port, **shape) as env:
+        with (
+            demo_alert_webhook(console) as alert_receiver,
+            running_stack(home, console=console, ui_port=ui_port, **shape) as env,
+        ):
             url = env["DATABASE_URL"]
             prepare_demo_ledger(url)
             target = drop_sample_prompts(settings.prompts)
@@ -442,6 +451,10 @@ def run_dev(
                         if left == 0:
                             break
                         time.sleep(2)
+                # the daemon's budget_alert_sensor may have sent them already: once each
+                with connect(url) as conn:
+                    evaluate_budget_alerts(conn)
+                print_received_alerts(alert_receiver, console)
                 print_summary(url, batch_ids, request_ids, None, console)
             while not stop:
                 time.sleep(0.5)

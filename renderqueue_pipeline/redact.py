@@ -22,6 +22,7 @@ SECRET_ENVS = (
     "AWS_SESSION_TOKEN",
     "RENDERQUEUE_DB_PASSWORD",  # `renderqueue db grant`'s new login
     "DAGSTER_PG_PASSWORD",  # Dagster's own storage login (deploy/dagster.yaml)
+    "RENDERQUEUE_ALERT_WEBHOOK_URL",  # its token is in the path
 )
 #: Variables holding URLs whose password is a secret.
 URL_ENVS = ("DATABASE_URL", "RENDERQUEUE_STORAGE_URL", "RENDERQUEUE_PROMPTS_URL")

@@ -43,6 +43,21 @@ CONTROL_CHARACTER_MESSAGE = "contains a control character (a newline or tab insi
 SECRET_FIELDS = frozenset({"fal_key", "fal_admin_key"})
 
 
+def parse_alert_percents(value: str) -> tuple[int, ...]:
+    """`50,80,100` -> (50, 80, 100): whole percents of a budget, 1..1000, at most 10."""
+    parts = [part.strip().removesuffix("%") for part in value.split(",") if part.strip()]
+    if not parts:
+        raise ValueError("expected whole percents separated by commas, like 50,80,100")
+    percents: set[int] = set()
+    for part in parts:
+        if not part.isdigit() or not 1 <= int(part) <= 1000:
+            raise ValueError(f"expected whole percents from 1 to 1000, at {part!r}")
+        percents.add(int(part))
+    if len(percents) > 10:
+        raise ValueError("at most 10 thresholds")
+    return tuple(sorted(percents))
+
+
 class ConfigError(Exception):
     """A setting has a value we cannot use; the message names the variable."""
 
@@ -85,6 +100,12 @@ class Settings(BaseSettings):
     # how long a second caller of an idempotency key waits for the first caller's outcome
     submit_wait_seconds: float = Field(
         default=5, ge=0, le=600, alias="RENDERQUEUE_SUBMIT_WAIT_SECONDS"
+    )
+    # --- alerts (renderqueue_pipeline/alerts/, docs/alerts.md) ---
+    # a secret: Slack's incoming-webhook URLs carry their token in the path
+    alert_webhook_url: SecretStr | None = Field(default=None, alias="RENDERQUEUE_ALERT_WEBHOOK_URL")
+    budget_alert_percents_spec: str = Field(
+        default="50,80,100", alias="RENDERQUEUE_BUDGET_ALERT_PERCENTS"
     )
 
     # -- Dagster instance and reconciler (renderqueue_pipeline/dagster_home.py, reconcile/)
@@ -229,6 +250,29 @@ class Settings(BaseSettings):
             return value or None
         return value
 
+    @field_validator("alert_webhook_url", mode="before")
+    @classmethod
+    def _alert_url(cls, value: object) -> object:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if value in (None, ""):
+            return None
+        parsed = urlparse(str(value))
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError("expected an http(s):// URL")
+        return value
+
+    @field_validator("budget_alert_percents_spec")
+    @classmethod
+    def _alert_percents(cls, value: str) -> str:
+        parse_alert_percents(value)
+        return value
+
+    @property
+    def budget_alert_percents(self) -> tuple[int, ...]:
+        """RENDERQUEUE_BUDGET_ALERT_PERCENTS as sorted distinct percents of the budget."""
+        return parse_alert_percents(self.budget_alert_percents_spec)
+
     @field_validator("fal_jwks_url")
     @classmethod
     def _jwks_url(cls, value: str) -> str:
@@ -326,7 +370,9 @@ def load_settings() -> Settings:
         got = first.get("input")
         if field in SECRET_FIELDS or message == CONTROL_CHARACTER_MESSAGE:
             raise ConfigError(f"{env}: {message} (value not shown)") from None
-        if (field in _URL_FIELDS or env in _URL_ENVS) and isinstance(got, str):
+        if "RENDERQUEUE_ALERT_WEBHOOK_URL" in (field, env):
+            got = "<redacted>"  # its token is in the path: never echo it
+        elif (field in _URL_FIELDS or env in _URL_ENVS) and isinstance(got, str):
             got = redact_url(got)  # a bad DATABASE_URL may still carry a real password
         raise ConfigError(f"{env}: {message} (got {got!r})") from None
 
