@@ -15,6 +15,7 @@ from renderqueue_pipeline.batch import (
 from renderqueue_pipeline.batch import (
     cancel_batch as cancel_batch_now,
 )
+from renderqueue_pipeline.batch.inbox import in_inbox
 from renderqueue_pipeline.dagster_home import DOMAIN_TAG
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.submission.resources import PromptsInbox
@@ -30,8 +31,9 @@ class SubmitBatchConfig(dg.Config):
     """One prompts file to submit as a batch (launchpad or the inbox sensor)."""
 
     file_url: str = Field(
-        description="fsspec URL of a CSV, JSONL or Parquet prompts file in the prompts inbox "
-        "or under a RENDERQUEUE_PROMPT_SOURCES prefix (s3://bucket/inbox/prompts.parquet). "
+        description="A file name in the prompts inbox (prompts-2026-12.csv), or the fsspec "
+        "URL of a CSV, JSONL or Parquet prompts file in the prompts inbox or under a "
+        "RENDERQUEUE_PROMPT_SOURCES prefix (s3://bucket/inbox/prompts.parquet). "
         "Columns: prompt (required), user_id, endpoint, and any model input (duration, "
         "resolution, ...)."
     )
@@ -100,7 +102,7 @@ def result_metadata(result: BatchResult) -> dict[str, dg.MetadataValue]:
         "submits_per_second": dg.MetadataValue.float(round(result.submit_rate, 1)),
         "rate_limited_calls": dg.MetadataValue.int(stats.rate_limited),
         "seconds": dg.MetadataValue.float(round(stats.elapsed, 2)),
-        "rejections": dg.MetadataValue.md(redact(report.rejections_markdown())),
+        "rejections": dg.MetadataValue.md(redact(report.rejections_markdown(link_lines=True))),
         "unknown_outcomes": dg.MetadataValue.md(redact(report.unknown_markdown())),
     }
 
@@ -115,7 +117,7 @@ def submit_prompts_file(
     """Submit the file's good rows to fal; rejected rows are recorded with their reasons."""
     try:
         result = submit_batch_file(
-            config.file_url,
+            in_inbox(config.file_url, prompts_inbox.resolved_url()),
             _options(config),
             ledger_url=ledger.resolved_url(),
             log=context.log.info,
@@ -133,10 +135,24 @@ def submit_prompts_file(
     return result.batch_id
 
 
+SUBMIT_BATCH_EXAMPLE = """\
+ops:
+  submit_prompts_file:
+    config:
+      file_url: prompts-2026-12.csv      # a file in the prompts inbox
+      default_user_id: 42                # for rows without user_id
+      default_endpoint: bytedance/seedance-2.0/text-to-video
+      default_inputs: {duration: "5", resolution: "720p"}
+      max_cost_usd: 50.0                 # cap on the batch's estimated cost
+      concurrency: 16
+"""
+
+
 @dg.job(
     tags=SUBMISSION_TAGS,
     description="Submit one prompts file (CSV, JSONL, Parquet) to fal as a batch: rows "
-    "validated one by one, budgets enforced, bounded fan-out, nothing submitted twice.",
+    "validated one by one, budgets enforced, bounded fan-out, nothing submitted twice. "
+    "Launchpad example (only file_url is required):\n\n```yaml\n" + SUBMIT_BATCH_EXAMPLE + "```",
 )
 def submit_batch() -> None:
     submit_prompts_file()
