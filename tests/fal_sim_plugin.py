@@ -98,6 +98,11 @@ def fal_sim(fal_simulator: RunningSimulator) -> RunningSimulator:
     if not fal_simulator.running:  # a previous test stopped it
         fal_simulator.start()
     fal_simulator.control.reset(seed=0, **_fast_defaults())
+    # settings cached by an earlier test may hold a key it set: read FAL_KEY afresh, since
+    # the simulator accepts only its own key
+    from renderqueue_pipeline.settings import get_settings
+
+    get_settings.cache_clear()
     return fal_simulator
 
 

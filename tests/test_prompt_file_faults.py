@@ -174,10 +174,12 @@ def test_a_wrong_fal_key_stops_the_batch_and_leaves_its_rows_unsent(
     ledger_env: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     fal_sim.control.set_faults(fal_key="the-right-key")
     monkeypatch.setenv("FAL_KEY", "a-wrong-key-1234")
     get_settings.cache_clear()
+    request.addfinalizer(get_settings.cache_clear)  # later tests: the simulator's own key
     path = write_csv(tmp_path / "a.csv", prompts(12))
     with pytest.raises(BatchStopped) as caught:
         submit(path, ledger_env, concurrency=8)

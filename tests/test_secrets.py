@@ -161,6 +161,7 @@ def test_a_canary_key_appears_in_no_output_log_ledger_row_or_dagster_storage(
     dagster_storage: str,
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    fal_sim.control.set_faults(fal_key=CANARY_KEY, admin_key=ADMIN_CANARY)  # the canary account
     printed: list[str] = []
     inbox = tmp_path / "inbox"
     inbox.mkdir()
@@ -207,7 +208,7 @@ def test_a_canary_key_appears_in_no_output_log_ledger_row_or_dagster_storage(
         assert code == 2 and "FAL_KEY" in err
         assert not run("dagster-401.csv").success
         # fal's 500 after accepting: the items' outcome is unknown, with the error stored
-        fal_sim.control.set_faults(fal_key=None, api_500_rate=1.0)
+        fal_sim.control.set_faults(fal_key=CANARY_KEY, api_500_rate=1.0)
         path = write_csv(tmp_path / "c.csv", prompts(2, tag="five-hundred"))
         code, out, err = cli("batch", "submit", str(path), "--endpoint", SEEDANCE)
         printed += [out, err]
@@ -274,6 +275,7 @@ def test_the_headless_demo_with_a_canary_key_leaves_it_nowhere(
     from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
 
     home = tmp_path / "home"
+    fal_sim.control.set_faults(fal_key=CANARY_KEY, admin_key=ADMIN_KEY)  # the canary account
     with serving(create_app(ReceiverConfig(ledger_url, fal_sim.jwks_url))) as receiver:
         env = {
             **os.environ,
@@ -313,6 +315,7 @@ def test_the_production_shape_stack_with_a_canary_key_leaves_it_nowhere(
     conn: psycopg.Connection,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
     """Code server, webserver, daemon and two receivers as separate processes, FAL_KEY a
     newline-terminated canary: a launchpad run that submits, one that meets fal's 401;
@@ -327,6 +330,9 @@ def test_the_production_shape_stack_with_a_canary_key_leaves_it_nowhere(
     approved.mkdir()
     for name, value in fal_sim.env.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.delenv("FAL_ADMIN_KEY")  # no Platform API here: fal's request list not read
+    request.addfinalizer(get_settings.cache_clear)  # later tests: the simulator's own key
+    fal_sim.control.set_faults(fal_key=CANARY_KEY)  # the canary account
     monkeypatch.setenv("FAL_KEY", CANARY_KEY + "\n")
     monkeypatch.setenv("DATABASE_URL", ledger_url)
     monkeypatch.setenv("RENDERQUEUE_HOME", str(home))
