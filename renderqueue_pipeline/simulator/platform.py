@@ -941,7 +941,7 @@ def request_entry(req: SimRequest, payloads: bool, engine: Engine | None) -> dic
     """One entry of the request list (field names: see docs/simulator.md; unverified)."""
     if req.ending is not None:
         state = "COMPLETED"
-    elif req.attempts and time.monotonic() >= req.start_mono:
+    elif req.attempts and not req.awaiting_slot and time.monotonic() >= req.start_mono:
         state = "IN_PROGRESS"
     else:
         state = "IN_QUEUE"
