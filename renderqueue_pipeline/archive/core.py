@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -32,6 +33,7 @@ from renderqueue_pipeline.archive.fetch import (
     make_client,
     open_download,
 )
+from renderqueue_pipeline.archive.mp4 import Mp4Duration, is_video
 from renderqueue_pipeline.archive.storage import ArchiveStorage, Upload, safe_file_name
 from renderqueue_pipeline.db.queries import q
 
@@ -61,6 +63,9 @@ class ArchivedFile:
     bytes: int
     sha256: str
     archive_url: str
+    measured: bool = False  # a video whose header was read for its length
+    seconds: Decimal | None = None  # the length its header states
+    seconds_problem: str | None = None  # why it could not be read
 
 
 @dataclass
@@ -73,6 +78,8 @@ class RowOutcome:
     error: str | None = None
     bytes: int = 0
     files: list[ArchivedFile] = field(default_factory=list)
+    #: what the measured length did to the ledger (rq_apply_measured_seconds), if measured
+    priced: str | None = None
 
 
 @dataclass
@@ -139,8 +146,12 @@ def copy_file(
     request_id: str,
     final: str,
     expected_size: int | None,
+    measure: Mp4Duration | None = None,
 ) -> tuple[int, str, Upload]:
     """Stream one URL into an upload nobody sees yet; (bytes, sha256, upload) once checked.
+
+    `measure`, if given, sees every byte as it streams past (a video's length from its
+    header: no second read of the file).
 
     A Content-Length or fal file_size that disagrees with the bytes received is a
     LengthMismatch; any failure aborts the upload. The download must finish within the
@@ -168,6 +179,8 @@ def copy_file(
         try:
             for chunk in download.chunks:
                 digest.update(chunk)
+                if measure is not None and not measure.done:
+                    measure.feed(chunk)
                 upload.write(chunk)
                 received += len(chunk)
             for announced, what in (
@@ -200,10 +213,19 @@ def copy_row(
     try:
         for file, name in zip(files, names, strict=True):
             final = storage.final_path(row["created_at"], request_id, name)
+            measure = Mp4Duration() if is_video(file.get("content_type"), name) else None
             size, sha, upload = copy_file(
-                client, policy, storage, file["url"], request_id, final, file.get("file_size")
+                client,
+                policy,
+                storage,
+                file["url"],
+                request_id,
+                final,
+                file.get("file_size"),
+                measure,
             )
             uploads.append(upload)
+            seconds = measure.finish() if measure is not None else None
             archived.append(
                 ArchivedFile(
                     file["ordinal"],
@@ -213,6 +235,9 @@ def copy_row(
                     size,
                     sha,
                     storage.url_of(final),
+                    measure is not None,
+                    seconds,
+                    measure.problem if measure is not None else None,
                 )
             )
         for upload in uploads:
@@ -274,6 +299,11 @@ def record_outcome(
                         "archive_url": f.archive_url,
                     },
                 )
+            if main.measured:  # the clip's length from its own header prices the row
+                outcome.priced = conn.execute(
+                    q("archive_apply_measured_seconds"),
+                    {"id": row["id"], "seconds": main.seconds, "problem": main.seconds_problem},
+                ).fetchone()["applied"]
             return outcome
         result = conn.execute(
             q("archive_record_failure"),
