@@ -93,5 +93,7 @@ def test_the_simulators_clips_state_their_produced_length_even_at_a_gigabyte() -
         head = mp4_head(file)
         mdat_at = head.index(b"mdat") - 4
         (small,) = struct.unpack(">I", head[mdat_at : mdat_at + 4])
-        mdat_size = small if small != 1 else struct.unpack(">Q", head[mdat_at + 8 : mdat_at + 16])[0]
+        mdat_size = (
+            small if small != 1 else struct.unpack(">Q", head[mdat_at + 8 : mdat_at + 16])[0]
+        )
         assert mdat_at + mdat_size == size

@@ -85,21 +85,22 @@ class Mp4Duration:
         self._header.clear()
         name = kind.decode("latin-1")
         if not set(kind) <= _PRINTABLE:
-            self.problem = f"not an MP4 file: box type {kind!r} at byte {self.position - header_size}"
+            self.problem = (
+                f"not an MP4 file: box type {kind!r} at byte {self.position - header_size}"
+            )
             return
         if size != 0 and size < header_size:
             self.problem = f"box {name!r} at byte {self.position - header_size} has size {size}"
             return
         body = None if size == 0 else size - header_size
-        if self._moov_end is not None and body is not None:
-            if self.position + body > self._moov_end:
-                self.problem = f"box {name!r} runs past the end of moov"
-                return
-        if kind == b"moov" and self._moov_end is None:
+        inside = self._moov_end is not None
+        if inside and body is not None and self.position + body > self._moov_end:
+            self.problem = f"box {name!r} runs past the end of moov"
+            return
+        if kind == b"moov" and not inside:
             self._seen_moov = True
-            self._moov_end = None if body is None else self.position + body
-            if body is None:
-                self._moov_end = 2**63  # to the end of the file
+            # its children follow; size 0: moov runs to the end of the file
+            self._moov_end = 2**63 if body is None else self.position + body
             return
         if kind == b"mvhd" and self._moov_end is not None:
             if body is None or body > _MVHD_MAX or body < 20:
@@ -162,4 +163,3 @@ def is_video(content_type: str | None, file_name: str) -> bool:
             "video/x-m4v",
         )
     return file_name.lower().endswith((".mp4", ".mov", ".m4v"))
-
