@@ -301,10 +301,7 @@ def record_outcome(
                     },
                 )
             if main.measured:  # the clip's length from its own header prices the row
-                outcome.priced = conn.execute(
-                    q("archive_apply_measured_seconds"),
-                    {"id": row["id"], "seconds": main.seconds, "problem": main.seconds_problem},
-                ).fetchone()["applied"]
+                outcome.priced = _apply_measured_seconds(conn, row, main)
             return outcome
         result = conn.execute(
             q("archive_record_failure"),
@@ -327,6 +324,21 @@ def record_outcome(
     else:
         outcome.status = result["archive_status"]
     return outcome
+
+
+def _apply_measured_seconds(
+    conn: psycopg.Connection, row: dict[str, Any], main: ArchivedFile
+) -> str | None:
+    """Price the row from its clip's measured length; a failure here never undoes the copy."""
+    try:
+        with conn.transaction():  # a savepoint inside the record's transaction
+            return conn.execute(
+                q("archive_apply_measured_seconds"),
+                {"id": row["id"], "seconds": main.seconds, "problem": main.seconds_problem},
+            ).fetchone()["applied"]
+    except psycopg.Error as exc:
+        log.warning("pricing %s from its measured length failed: %s", row["request_id"], exc)
+        return "error"
 
 
 def _combined(files: list[ArchivedFile]) -> str:
