@@ -187,3 +187,9 @@ def test_the_monthly_asset_checks_fals_usage_by_tag(
         failed = check()
         assert not failed.passed
         assert failed.metadata["tag_values_differing"].value == 2
+        # usage by tag not enabled for the account: the month is still summarized, the
+        # check fails and says why
+        fal_billing.configure(usage_by_tag=False)
+        refused = check()
+        assert not refused.passed
+        assert "not enabled" in refused.metadata["fal_usage_by_tag_error"].value
