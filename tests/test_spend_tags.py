@@ -4,7 +4,8 @@ per-batch totals: the simulator's usage API, the Platform client, the monthly as
 # ruff: noqa: F401, F811  (pytest fixtures imported from spend_helpers)
 from __future__ import annotations
 
-import datetime as dt
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -193,3 +194,37 @@ def test_the_monthly_asset_checks_fals_usage_by_tag(
         refused = check()
         assert not refused.passed
         assert "not enabled" in refused.metadata["fal_usage_by_tag_error"].value
+
+
+def test_the_cli_lists_the_users_whose_totals_differ_from_fals(
+    ledger_env, conn, ledger_url, fal_billing, tmp_path
+) -> None:
+    _, _, ids = _clean_run(conn, ledger_url, fal_billing, tmp_path)
+    moved = conn.execute(
+        "select request_id from generations where user_id = 7 order by id limit 1"
+    ).fetchone()["request_id"]
+    conn.execute("update generations set user_id = 9 where request_id = %s", (moved,))
+    conn.commit()
+    month = billed_month(fal_billing, ids)
+    env = {
+        **fal_billing.sim.env,
+        "DATABASE_URL": ledger_env,
+        "RENDERQUEUE_FAL_API_URL": fal_billing.api_url,
+        "FAL_ADMIN_KEY": ADMIN_KEY,
+        "PATH": "/usr/bin:/bin",
+    }
+    command = [sys.executable, "-m", "renderqueue_pipeline.cli", "spend", "reconcile"]
+    done = subprocess.run(
+        [*command, "--month", month, "--by-tag"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "fal's usage by tag: " in out and ", 2 differ" in out
+    # one 5 s Seedance request ($1.517000): fal has it under user 7, the ledger under 9
+    assert "rq_user=7: ours $1.517000 (1 requests), fal $3.034000 (2 requests)" in out
+    assert "rq_user=9: ours $1.517000 (1 requests), fal $0.000000 (0 requests)" in out
+    assert ADMIN_KEY not in out + done.stderr
