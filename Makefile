@@ -2,12 +2,13 @@
 #   make demo   install, then run the whole product locally in the Dagster UI
 #   make test   install with test extras and run the whole suite
 #   make invariants   the money invariants' stateful test with 10x the examples of make test
+#   make chaos        every fault at once, then the ledger audited against fal's truth (docs/reliability.md)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo demo-headless prod-local test invariants lint bench bench-quick clean stop
+.PHONY: install demo demo-headless prod-local test invariants lint bench bench-quick chaos clean stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,10 +50,17 @@ bench-quick: install
 	BENCH_SCALE=0.1 $(BIN)/python -m bench --no-write; status=$$?; \
 	RENDERQUEUE_HOME=.renderqueue/bench $(BIN)/renderqueue db stop >/dev/null; exit $$status
 
+# Every fault at once against its own embedded Postgres (.renderqueue/chaos); exit 1 on any
+# difference between the ledger and the simulator's ground truth (docs/reliability.md).
+chaos: install
+	$(BIN)/python -m renderqueue_pipeline.chaos; status=$$?; \
+	RENDERQUEUE_HOME=.renderqueue/chaos $(BIN)/renderqueue db stop >/dev/null; exit $$status
+
 stop:
 	-$(BIN)/renderqueue db stop
 	-RENDERQUEUE_HOME=.renderqueue/test $(BIN)/renderqueue db stop
 	-RENDERQUEUE_HOME=.renderqueue/bench $(BIN)/renderqueue db stop
+	-RENDERQUEUE_HOME=.renderqueue/chaos $(BIN)/renderqueue db stop
 
 clean: stop
 	rm -rf $(VENV) .renderqueue .pytest_cache .ruff_cache .hypothesis

@@ -26,12 +26,21 @@ class _FriendlyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         from renderqueue_pipeline.errors import RenderqueueError
+        from renderqueue_pipeline.redact import install_log_redaction, redact
 
+        install_log_redaction()
         try:
             return super().invoke(ctx)
         except (ConfigError, RenderqueueError) as exc:
-            click.echo(f"renderqueue: {exc}", err=True)
+            click.echo(f"renderqueue: {redact(exc)}", err=True)
             sys.exit(2)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except Exception:  # a bug: keep the traceback, without any secret in it
+            import traceback
+
+            click.echo(redact(traceback.format_exc()), err=True, nl=False)
+            sys.exit(1)
 
 
 @click.group(cls=_FriendlyGroup)

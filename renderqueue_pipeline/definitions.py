@@ -14,6 +14,9 @@ from renderqueue_pipeline.defs.resources import default_resources
 
 @dg.definitions
 def defs() -> dg.Definitions:
+    from renderqueue_pipeline.redact import install_log_redaction
+
+    install_log_redaction()  # our loggers never print a configured secret
     return dg.Definitions.merge(
         dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
         dg.Definitions(resources=default_resources()),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from renderqueue_pipeline.db.connect import connect
@@ -70,6 +71,40 @@ def prepare_demo_ledger(url: str) -> None:
         ).fetchone()
         if not exists:
             set_budget(conn, OVER_BUDGET_USER, parse_usd(OVER_BUDGET_USD, "budget"), month)
+
+
+@contextmanager
+def demo_alert_webhook(console: Console) -> Iterator[Any]:
+    """RENDERQUEUE_ALERT_WEBHOOK_URL as configured, else a local receiver for the demo.
+
+    Yields the local receiver (None when a URL was configured: alerts go there).
+    """
+    from renderqueue_pipeline.alerts import url_label
+    from renderqueue_pipeline.alerts.receiver import local_alert_receiver
+
+    configured = get_settings().alert_webhook_url
+    if configured is not None:
+        console.print(f"alert webhook: {url_label(configured.get_secret_value())} (configured)")
+        yield None
+        return
+    with local_alert_receiver() as receiver:
+        os.environ["RENDERQUEUE_ALERT_WEBHOOK_URL"] = receiver.url
+        get_settings.cache_clear()
+        console.print(f"alert receiver: {receiver.url} (local, records what it is sent)")
+        try:
+            yield receiver
+        finally:
+            os.environ.pop("RENDERQUEUE_ALERT_WEBHOOK_URL", None)
+            get_settings.cache_clear()
+
+
+def print_received_alerts(receiver: Any, console: Console) -> None:
+    """What the demo's local alert receiver was sent (nothing when a URL was configured)."""
+    if receiver is None:
+        return
+    console.print(f"alert receiver got {len(receiver.bodies)} posts:")
+    for body in receiver.bodies:
+        console.print(f"  {body.get('text', body)}", soft_wrap=True)
 
 
 class Step:
@@ -156,8 +191,8 @@ def real_fal(console: Console) -> Iterator[None]:
             "running webhook receiver (renderqueue webhook serve)"
         )
     host = os.environ.get("FAL_QUEUE_RUN_HOST", "queue.fal.run")
-    console.print(f"fal: {host} (FAL_KEY set; no simulator started)")
-    console.print(f"webhook receiver: {settings.webhook_url} (already running)")
+    console.print(f"fal: {escape(host)} (FAL_KEY set; no simulator started)")
+    console.print(f"webhook receiver: {escape(str(settings.webhook_url))} (already running)")
     yield
 
 
@@ -166,25 +201,34 @@ def run_headless(console: Console | None = None) -> bool:
     (with FAL_KEY set: when every generation ended and every output was archived)."""
 
     from renderqueue_pipeline.definitions import defs as defs_loader
-    from renderqueue_pipeline.simulator.testing import SimControl
-    from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
-    from renderqueue_pipeline.webhook.background import serve_in_thread
-    from renderqueue_pipeline.webhook.limits import server_options
 
     console = console or Console()
     step = Step(console)
     home = get_settings().home_dir
     home.mkdir(parents=True, exist_ok=True)
     url = database_url()
-    console.print(f"ledger database: {redact_url(url)}")
+    console.print(f"ledger database: {escape(redact_url(url))}")
     migrate(url)
-    truths: dict[str, dict[str, Any]] | None = None
-    if get_settings().fal_key is not None:
-        with real_fal(console):
-            batch_ids, request_ids = _flow(url, defs_loader, console, step)
-        return print_summary(url, batch_ids, request_ids, None, console) and _all_done(
-            url, request_ids, console
-        )
+    with demo_alert_webhook(console) as alert_receiver:
+        if get_settings().fal_key is not None:
+            with real_fal(console):
+                batch_ids, request_ids = _flow(url, defs_loader, console, step)
+            print_received_alerts(alert_receiver, console)
+            return print_summary(url, batch_ids, request_ids, None, console) and _all_done(
+                url, request_ids, console
+            )
+        return _headless_local(url, home, defs_loader, console, step, alert_receiver)
+
+
+def _headless_local(
+    url: str, home: Path, defs_loader: Any, console: Console, step: Step, alert_receiver: Any
+) -> bool:
+    """The flow against the local fal simulator, checked against its ground truth."""
+    from renderqueue_pipeline.simulator.testing import SimControl
+    from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
+    from renderqueue_pipeline.webhook.background import serve_in_thread
+    from renderqueue_pipeline.webhook.limits import server_options
+
     started = _ledger_now(url)
     with local_fal(home) as fal:
         console.print(f"fal simulator: {fal.base_url} (no fal account, nothing billed)")
@@ -199,6 +243,7 @@ def run_headless(console: Console | None = None) -> bool:
             truths = {t["request_id"]: t for t in truth.ground_truth()}
         finally:
             truth.close()
+    print_received_alerts(alert_receiver, console)
     return print_summary(url, batch_ids, request_ids, truths, console, started)
 
 
@@ -211,7 +256,7 @@ def _flow(url: str, load_defs: Any, console: Console, step: Step) -> tuple[list[
 
     prepare_demo_ledger(url)
     target = drop_sample_prompts(get_settings().prompts)
-    console.print(f"sample prompts: {target}")
+    console.print(f"sample prompts: {escape(str(target))}")
     ensure_dagster_home(url)
     defs = load_defs()
     with DagsterInstance.get() as instance:
@@ -261,7 +306,22 @@ def _flow(url: str, load_defs: Any, console: Console, step: Step) -> tuple[list[
         )
         # after the billing: the month's report shows ours, fal's bill and the difference
         _materialize_reports(defs, instance, today, step)
+        step("budget_alert_sensor", lambda: _tick_budget_alerts(defs, instance, console))
     return batch_ids, request_ids
+
+
+def _tick_budget_alerts(defs: Any, instance: Any, console: Console) -> None:
+    """One tick of the budget alert sensor (the daemon's, run here): thresholds crossed."""
+    import dagster as dg
+
+    from renderqueue_pipeline.defs.resources import LedgerDatabase
+
+    sensor = defs.resolve_sensor_def("budget_alert_sensor")
+    with dg.build_sensor_context(
+        instance=instance, resources={"ledger": LedgerDatabase()}
+    ) as context:
+        result = sensor(context)
+    console.print(f"  {getattr(result, 'skip_message', result)}", soft_wrap=True)
 
 
 def _all_done(url: str, request_ids: list[str], console: Console) -> bool:
@@ -356,6 +416,8 @@ def print_summary(
     started: dt.datetime | None = None,
 ) -> bool:
     """The one-screen summary; True when the ledger matches the ground truth (if given)."""
+    from renderqueue_pipeline.alerts import alerts_for_month
+
     settings = get_settings()
     with connect(url) as conn:
         by_status = conn.execute(
@@ -386,6 +448,7 @@ def print_summary(
         month_report = conn.execute(
             q("report_month"), {"month": dt.datetime.now(dt.UTC).date().replace(day=1)}
         ).fetchone()
+        alerts = alerts_for_month(conn)
         billing_days = conn.execute(
             "select outcome, sum(requests) as n, sum(our_micros) as ours, "
             "sum(fal_micros) as fal from billing_reconciliation_days "
@@ -402,7 +465,7 @@ def print_summary(
         bad.add_column("line")
         bad.add_column("why")
         for r in rejected:
-            bad.add_row(str(r["line_no"]), r["reason"])
+            bad.add_row(str(r["line_no"]), escape(r["reason"]))
         console.print(bad)
     users = Table(title="spend by user")
     for column in ("user", "generations", "cost"):
@@ -412,10 +475,10 @@ def print_summary(
     console.print(users)
     console.print(
         f"archived: {archived['n']} outputs, {archived['b']:,} bytes under "
-        f"{settings.storage}/generations/"
+        f"{escape(settings.storage)}/generations/"
     )
     month = dt.datetime.now(dt.UTC).strftime("%Y-%m")
-    console.print(f"spend reports: {settings.storage}/reports/spend/{month}/")
+    console.print(f"spend reports: {escape(settings.storage)}/reports/spend/{month}/")
     console.print(
         "cost basis of completed rows: " + ", ".join(f"{r['cost_basis']} {r['n']}" for r in billing)
     )
@@ -433,6 +496,24 @@ def print_summary(
             f"{month_report['billed_generations']} generations, difference "
             f"{dollars(month_report['billed_difference_micros'])} (fal minus ours)"
         )
+    if alerts:
+        sent = Table(title=f"budget alerts ({alerts[0]['month']:%Y-%m}, once per threshold)")
+        for column in ("user", "threshold", "spent + in flight", "budget", "delivered"):
+            sent.add_column(column)
+        for a in alerts:
+            delivered = (
+                f"{a['delivered_at']:%H:%M:%S} UTC"
+                if a["delivered_at"]
+                else f"no ({a['attempts']} attempts: {a['last_error']})"
+            )
+            sent.add_row(
+                str(a["user_id"]),
+                f"{a['threshold_percent']}%",
+                dollars(a["actual_micros"] + a["in_flight_micros"]),
+                dollars(a["limit_micros"]),
+                delivered,
+            )
+        console.print(sent)
     if truths is None:
         return True
     # This run's simulator saw only this run's requests: rows an earlier run submitted (the
@@ -443,7 +524,7 @@ def print_summary(
     if problems:
         console.print(f"[red]the ledger differs from fal's ground truth in {len(problems)} rows:")
         for line in problems[:20]:
-            console.print(f"  {line}")
+            console.print(f"  {escape(line)}")
         return False
     if earlier:
         console.print(

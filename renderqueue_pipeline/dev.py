@@ -23,8 +23,10 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.redact import redact
 
 SAMPLE_PROMPTS = "prompts-demo.csv"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -367,7 +369,13 @@ def run_dev(
     """Start everything, drop the sample prompts, print where to look; Ctrl-C stops all."""
     import datetime as dt
 
-    from renderqueue_pipeline.demo import prepare_demo_ledger, print_summary
+    from renderqueue_pipeline.alerts import evaluate_budget_alerts
+    from renderqueue_pipeline.demo import (
+        demo_alert_webhook,
+        prepare_demo_ledger,
+        print_received_alerts,
+        print_summary,
+    )
     from renderqueue_pipeline.settings import get_settings
 
     console = console or Console()
@@ -385,18 +393,21 @@ def run_dev(
         {"code_server_port": 4000, "webhook_ports": (8787, 8788)} if production_shape else {}
     )
     try:
-        with running_stack(home, console=console, ui_port=ui_port, **shape) as env:
+        with (
+            demo_alert_webhook(console) as alert_receiver,
+            running_stack(home, console=console, ui_port=ui_port, **shape) as env,
+        ):
             url = env["DATABASE_URL"]
             prepare_demo_ledger(url)
             target = drop_sample_prompts(settings.prompts)
             ui = f"http://127.0.0.1:{ui_port}"
-            console.print(f"sample prompts  {target}", soft_wrap=True)
+            console.print(f"sample prompts  {escape(str(target))}", soft_wrap=True)
             console.print(
                 "\n[bold]Open[/bold] (the sensors pick the file up within a minute)\n"
                 f"  {ui}/runs         the submit_batch run: counts and rejected rows\n"
                 f"  {ui}/automation   sensors and schedules, all running\n"
                 f"  {ui}/assets       archive, monthly spend (checks, chart), billing\n"
-                f"logs of every process: {home / 'logs'}\n"
+                f"logs of every process: {escape(str(home / 'logs'))}\n"
                 "Ctrl-C stops everything.\n",
                 soft_wrap=True,
             )
@@ -417,7 +428,7 @@ def run_dev(
                         status = wait_for_run(ui, run_id, stop=lambda: stop)
                         console.print(f"{job}: {status.lower()}")
                     except (RenderqueueError, httpx.HTTPError) as exc:
-                        console.print(f"[yellow]{job} not launched: {exc}")
+                        console.print(f"[yellow]{job} not launched: {escape(redact(exc))}")
                 from renderqueue_pipeline.db.connect import connect
 
                 with connect(url) as conn:
@@ -440,6 +451,10 @@ def run_dev(
                         if left == 0:
                             break
                         time.sleep(2)
+                # the daemon's budget_alert_sensor may have sent them already: once each
+                with connect(url) as conn:
+                    evaluate_budget_alerts(conn)
+                print_received_alerts(alert_receiver, console)
                 print_summary(url, batch_ids, request_ids, None, console)
             while not stop:
                 time.sleep(0.5)

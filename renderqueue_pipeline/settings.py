@@ -38,6 +38,26 @@ def parse_start_timeouts(value: str) -> dict[str, float]:
     return result
 
 
+CONTROL_CHARACTER_MESSAGE = "contains a control character (a newline or tab inside the value)"
+#: Settings whose value is never shown, not even in an error about it.
+SECRET_FIELDS = frozenset({"fal_key", "fal_admin_key"})
+
+
+def parse_alert_percents(value: str) -> tuple[int, ...]:
+    """`50,80,100` -> (50, 80, 100): whole percents of a budget, 1..1000, at most 10."""
+    parts = [part.strip().removesuffix("%") for part in value.split(",") if part.strip()]
+    if not parts:
+        raise ValueError("expected whole percents separated by commas, like 50,80,100")
+    percents: set[int] = set()
+    for part in parts:
+        if not part.isdigit() or not 1 <= int(part) <= 1000:
+            raise ValueError(f"expected whole percents from 1 to 1000, at {part!r}")
+        percents.add(int(part))
+    if len(percents) > 10:
+        raise ValueError("at most 10 thresholds")
+    return tuple(sorted(percents))
+
+
 class ConfigError(Exception):
     """A setting has a value we cannot use; the message names the variable."""
 
@@ -56,6 +76,9 @@ class Settings(BaseSettings):
     webhook_flushers: int = Field(default=1, ge=1, le=32, alias="RENDERQUEUE_WEBHOOK_FLUSHERS")
     storage_url: str | None = Field(default=None, alias="RENDERQUEUE_STORAGE_URL")
     prompts_url: str | None = Field(default=None, alias="RENDERQUEUE_PROMPTS_URL")
+    # URL prefixes (folders), comma-separated, a prompts file may come from besides the
+    # inbox (docs/batch.md "Where prompt files may come from")
+    prompt_sources: str = Field(default="", alias="RENDERQUEUE_PROMPT_SOURCES")
     # -- fal gateway (issue 9) --
     fal_admin_key: SecretStr | None = Field(default=None, alias="FAL_ADMIN_KEY")
     fal_rest_url: str = Field(default=DEFAULT_FAL_REST_URL, alias="RENDERQUEUE_FAL_REST_URL")
@@ -77,6 +100,12 @@ class Settings(BaseSettings):
     # how long a second caller of an idempotency key waits for the first caller's outcome
     submit_wait_seconds: float = Field(
         default=5, ge=0, le=600, alias="RENDERQUEUE_SUBMIT_WAIT_SECONDS"
+    )
+    # --- alerts (renderqueue_pipeline/alerts/, docs/alerts.md) ---
+    # a secret: Slack's incoming-webhook URLs carry their token in the path
+    alert_webhook_url: SecretStr | None = Field(default=None, alias="RENDERQUEUE_ALERT_WEBHOOK_URL")
+    budget_alert_percents_spec: str = Field(
+        default="50,80,100", alias="RENDERQUEUE_BUDGET_ALERT_PERCENTS"
     )
 
     # -- Dagster instance and reconciler (renderqueue_pipeline/dagster_home.py, reconcile/)
@@ -163,6 +192,20 @@ class Settings(BaseSettings):
         default="2026-01", pattern=r"^\d{4}-(0[1-9]|1[0-2])$", alias="RENDERQUEUE_REPORTS_START"
     )
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _clean_text(cls, value: object) -> object:
+        """Strip surrounding whitespace (a mounted secret's newline); refuse control
+        characters inside (httpx would quote the value in its error)."""
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            raise ValueError(CONTROL_CHARACTER_MESSAGE)
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _postgres_url(cls, value: str | None) -> str | None:
@@ -206,6 +249,29 @@ class Settings(BaseSettings):
             value = value.strip().removeprefix("$")
             return value or None
         return value
+
+    @field_validator("alert_webhook_url", mode="before")
+    @classmethod
+    def _alert_url(cls, value: object) -> object:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if value in (None, ""):
+            return None
+        parsed = urlparse(str(value))
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError("expected an http(s):// URL")
+        return value
+
+    @field_validator("budget_alert_percents_spec")
+    @classmethod
+    def _alert_percents(cls, value: str) -> str:
+        parse_alert_percents(value)
+        return value
+
+    @property
+    def budget_alert_percents(self) -> tuple[int, ...]:
+        """RENDERQUEUE_BUDGET_ALERT_PERCENTS as sorted distinct percents of the budget."""
+        return parse_alert_percents(self.budget_alert_percents_spec)
 
     @field_validator("fal_jwks_url")
     @classmethod
@@ -302,7 +368,11 @@ def load_settings() -> Settings:
         env = _FIELD_TO_ENV.get(field, field)
         message = first["msg"].removeprefix("Value error, ")
         got = first.get("input")
-        if (field in _URL_FIELDS or env in _URL_ENVS) and isinstance(got, str):
+        if field in SECRET_FIELDS or message == CONTROL_CHARACTER_MESSAGE:
+            raise ConfigError(f"{env}: {message} (value not shown)") from None
+        if "RENDERQUEUE_ALERT_WEBHOOK_URL" in (field, env):
+            got = "<redacted>"  # its token is in the path: never echo it
+        elif (field in _URL_FIELDS or env in _URL_ENVS) and isinstance(got, str):
             got = redact_url(got)  # a bad DATABASE_URL may still carry a real password
         raise ConfigError(f"{env}: {message} (got {got!r})") from None
 

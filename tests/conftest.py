@@ -31,6 +31,7 @@ def pytest_configure(config: pytest.Config) -> None:
     Postgres (its own system user when run as root) out of folders of a run in progress.
     """
     if not config.option.basetemp:
+        TEST_HOME.mkdir(parents=True, exist_ok=True)  # a fresh checkout has none yet
         config.option.basetemp = str(TEST_HOME / "tmp")
 
 
@@ -42,6 +43,7 @@ LEDGER_TABLES = (
     "batch_items",
     "batches",
     "user_budgets",
+    "budget_alerts",
     "spend_monthly_by_user",
     "spend_monthly_by_endpoint",
     "spend_monthly_by_batch",

@@ -66,12 +66,18 @@ def test_a_file_on_s3_is_listed_by_the_sensor_and_submitted(
         request.run_key == f"{bucket}/inbox/week48.csv@{fs.info(file_url)['ETag'].strip(chr(34))}"
     )
 
-    result = submit_batch_file(file_url, BatchOptions(), ledger_url=ledger_url)
+    allowed = [inbox.resolved_url()]  # the inbox is an allowed prompt source
+    result = submit_batch_file(
+        file_url, BatchOptions(), ledger_url=ledger_url, allowed_prefixes=allowed
+    )
     assert result.report.counts["submitted"] == 3
     # the same bytes uploaded under another key: recognised, nothing sent
     fs.copy(file_url, f"{bucket}/inbox/week48-again.csv")
     again = submit_batch_file(
-        f"s3://{bucket}/inbox/week48-again.csv", BatchOptions(), ledger_url=ledger_url
+        f"s3://{bucket}/inbox/week48-again.csv",
+        BatchOptions(),
+        ledger_url=ledger_url,
+        allowed_prefixes=allowed,
     )
     assert again.duplicate and again.batch_id == result.batch_id
     assert len(fal_sim.control.ground_truth()) == 3
@@ -90,5 +96,9 @@ def test_a_prompts_url_whose_bucket_does_not_exist_says_so(
         "(or is not visible with these credentials)"
     )
     with pytest.raises(PromptFileError, match="bucket 'no-such-bucket-here' does not exist"):
-        submit_batch_file("s3://no-such-bucket-here/inbox/a.csv", ledger_url=ledger_url)
+        submit_batch_file(
+            "s3://no-such-bucket-here/inbox/a.csv",
+            ledger_url=ledger_url,
+            allowed_prefixes=["s3://no-such-bucket-here/inbox"],
+        )
     assert ledger_counts(conn) == (0, 0, 0)

@@ -16,10 +16,16 @@ from pathlib import Path
 import dagster as dg
 import psycopg
 import pytest
+import yaml
 from batch_helpers import SEEDANCE, dagster_instance, ledger_counts, prompts, write_csv
 
 from renderqueue_pipeline.defs.resources import LedgerDatabase
-from renderqueue_pipeline.defs.submission.jobs import SUBMISSION_TAGS, cancel_batch, submit_batch
+from renderqueue_pipeline.defs.submission.jobs import (
+    SUBMISSION_TAGS,
+    SUBMIT_BATCH_EXAMPLE,
+    cancel_batch,
+    submit_batch,
+)
 from renderqueue_pipeline.defs.submission.resources import PromptsInbox
 from renderqueue_pipeline.defs.submission.sensors import prompts_inbox_sensor
 from renderqueue_pipeline.simulator.testing import RunningSimulator
@@ -57,7 +63,10 @@ class Inbox:
         return submit_batch.execute_in_process(
             run_config=config,
             instance=self.instance,
-            resources={"ledger": LedgerDatabase(url=self.ledger_url)},
+            resources={
+                "ledger": LedgerDatabase(url=self.ledger_url),
+                "prompts_inbox": PromptsInbox(url=self.folder.as_uri()),
+            },
             tags=request.tags,
             raise_on_error=False,
         )
@@ -96,7 +105,8 @@ def test_inbox_sensor_new_unchanged_renamed_partial_and_bad_files(
     meta = metadata(first)
     assert (meta["read"], meta["submitted"], meta["rejected"], meta["over_budget"]) == (5, 4, 1, 0)
     assert meta["unknown"] == 0 and meta["duplicate"] is False
-    assert "| 4 | user_id | expected an integer, got 'x' |" in meta["rejections"]
+    line_4 = f"[4]({(folder / 'week48.csv').as_uri()}#L4)"
+    assert f"| {line_4} | user_id | expected an integer, got 'x' |" in meta["rejections"]
     assert len(fal_sim.control.ground_truth()) == 4
 
     assert inbox.tick() == []  # nothing changed: nothing requested
@@ -150,7 +160,12 @@ def test_submit_batch_from_the_launchpad_with_defaults_and_a_cap(
         }
     }
     result = submit_batch.execute_in_process(
-        run_config=config, instance=instance, resources={"ledger": LedgerDatabase(url=ledger_url)}
+        run_config=config,
+        instance=instance,
+        resources={
+            "ledger": LedgerDatabase(url=ledger_url),
+            "prompts_inbox": PromptsInbox(url=tmp_path.as_uri()),
+        },
     )
     assert result.success
     meta = metadata(result)
@@ -161,6 +176,42 @@ def test_submit_batch_from_the_launchpad_with_defaults_and_a_cap(
     assert "max_cost_usd" in meta["rejections"]
     assert {g["user_id"] for g in conn.execute("select user_id from generations")} == {5}
     assert instance.get_run_by_id(result.run_id).tags["renderqueue/domain"] == "submission"
+
+
+def test_the_documented_launchpad_example_runs_with_a_file_name_in_the_inbox(
+    fal_sim: RunningSimulator,
+    conn: psycopg.Connection,
+    ledger_url: str,
+    instance: dg.DagsterInstance,
+    tmp_path: Path,
+) -> None:
+    """The job's description shows a config a person can paste; `file_url` is a bare file
+    name in the prompts inbox; each rejected row in the run's metadata links to its line."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    write_csv(
+        inbox / "prompts-2026-12.csv",
+        [{"prompt": "a fox"}, {"prompt": ""}, {"prompt": "a heron", "duration": "99"}],
+    )
+    assert SUBMIT_BATCH_EXAMPLE in (submit_batch.description or "")
+    config = yaml.safe_load(SUBMIT_BATCH_EXAMPLE)
+    assert config["ops"]["submit_prompts_file"]["config"]["file_url"] == "prompts-2026-12.csv"
+    result = submit_batch.execute_in_process(
+        run_config=config,
+        instance=instance,
+        resources={
+            "ledger": LedgerDatabase(url=ledger_url),
+            "prompts_inbox": PromptsInbox(url=inbox.as_uri()),
+        },
+    )
+    assert result.success
+    meta = metadata(result)
+    assert (meta["submitted"], meta["rejected"]) == (1, 2)
+    source = (inbox / "prompts-2026-12.csv").as_uri()
+    assert meta["source"] == source
+    assert f"| [3]({source}#L3) | prompt |" in meta["rejections"]
+    assert f"[4]({source}#L4)" in meta["rejections"]
+    assert {g["user_id"] for g in conn.execute("select user_id from generations")} == {42}
 
 
 @pytest.mark.parametrize(
@@ -195,7 +246,10 @@ def test_a_bad_setting_fails_the_run_with_its_name(
                 }
             },
             instance=instance,
-            resources={"ledger": LedgerDatabase(url=ledger_url)},
+            resources={
+                "ledger": LedgerDatabase(url=ledger_url),
+                "prompts_inbox": PromptsInbox(url=tmp_path.as_uri()),
+            },
             raise_on_error=False,
         )
         assert not result.success
@@ -212,7 +266,10 @@ def test_cancel_batch_cancels_queued_requests_at_fal(
 ) -> None:
     fal_sim.control.set_faults(queue_delay="30")  # everything waits in fal's queue
     path = write_csv(tmp_path / "a.csv", prompts(4))
-    resources = {"ledger": LedgerDatabase(url=ledger_url)}
+    resources = {
+        "ledger": LedgerDatabase(url=ledger_url),
+        "prompts_inbox": PromptsInbox(url=tmp_path.as_uri()),
+    }
     submitted = submit_batch.execute_in_process(
         run_config={
             "ops": {

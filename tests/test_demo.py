@@ -18,7 +18,13 @@ def test_headless_demo_runs_the_whole_flow_and_matches_ground_truth(
 ) -> None:
     home = tmp_path / "home"
     env = {**os.environ, "DATABASE_URL": ledger_url, "RENDERQUEUE_HOME": str(home)}
-    for name in ("FAL_KEY", "RENDERQUEUE_WEBHOOK_URL", "RENDERQUEUE_STORAGE_URL"):
+    for name in (
+        "FAL_KEY",
+        "RENDERQUEUE_WEBHOOK_URL",
+        "RENDERQUEUE_STORAGE_URL",
+        "RENDERQUEUE_ALERT_WEBHOOK_URL",
+        "RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD",
+    ):
         env.pop(name, None)
     started = time.monotonic()
     run = subprocess.run(
@@ -47,6 +53,15 @@ def test_headless_demo_runs_the_whole_flow_and_matches_ground_truth(
     assert completed and all(r["archive_status"] == "archived" for r in completed)
     assert all(Path(r["archive_url"].removeprefix("file://")).is_file() for r in completed)
     assert (home / "dagster" / "dagster.yaml").read_text().count("postgres") >= 1
+    # the over-budget user's thresholds went to the demo's local receiver, shown in the summary
+    alerts = conn.execute(
+        "select user_id, threshold_percent, delivered_at from budget_alerts"
+    ).fetchall()
+    assert alerts and {a["user_id"] for a in alerts} == {106}
+    assert all(a["delivered_at"] is not None for a in alerts)
+    assert f"alert receiver got {len(alerts)} posts:" in run.stdout
+    assert "Budget alert: user 106 reached 50% of the" in run.stdout
+    assert "budget alerts (" in run.stdout
 
     again = subprocess.run(
         [sys.executable, "-m", "renderqueue_pipeline.cli", "demo", "--headless"],
@@ -61,6 +76,9 @@ def test_headless_demo_runs_the_whole_flow_and_matches_ground_truth(
     assert "ledger matches the simulator's ground truth" in again.stdout
     count = conn.execute("select count(*) as n from batch_items").fetchone()["n"]
     assert count == len(items), again.stdout[-3000:]
+    # and sends no alert twice
+    assert "alert receiver got 0 posts:" in again.stdout, again.stdout[-3000:]
+    assert conn.execute("select count(*) as n from budget_alerts").fetchone()["n"] == len(alerts)
 
 
 @pytest.mark.timeout(400)

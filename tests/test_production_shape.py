@@ -105,6 +105,9 @@ def test_separate_processes_load_launch_and_share_one_ledger(
     monkeypatch.setenv("DATABASE_URL", ledger_url)
     monkeypatch.setenv("RENDERQUEUE_HOME", str(home))
     monkeypatch.delenv("FAL_KEY", raising=False)
+    approved = tmp_path / "approved"  # the launchpad may name files under this prefix
+    approved.mkdir()
+    monkeypatch.setenv("RENDERQUEUE_PROMPT_SOURCES", approved.as_uri())
     get_settings.cache_clear()
     ui, code = _free_ports(2)  # dagster-webserver and the code server cannot say theirs
     try:
@@ -136,7 +139,7 @@ def test_separate_processes_load_launch_and_share_one_ledger(
             assert launched["__typename"] == "LaunchRunSuccess", launched
             assert wait_for_run(base, launched["run"]["runId"]) == "SUCCESS"
 
-            prompts = tmp_path / "launchpad.csv"
+            prompts = approved / "launchpad.csv"
             prompts.write_text(
                 "prompt,user_id\n" + "".join(f"launchpad shot {n},{700 + n}\n" for n in range(4))
             )

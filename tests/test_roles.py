@@ -71,6 +71,7 @@ TABLE = [
     ),
     ("receiver", "reads the schema version", "select version from schema_migrations", True),
     ("receiver", "cannot read whole generation rows", "select inputs from generations", False),
+    ("receiver", "cannot read budget alerts", "select * from budget_alerts", False),
     ("receiver", "cannot drop a table", "drop table generations", False),
     ("receiver", "cannot create a table", "create table x (id int)", False),
     ("receiver", "cannot change a budget", "update user_budgets set limit_micros = 0", False),
@@ -113,6 +114,14 @@ TABLE = [
         "pipeline",
         "sets a budget",
         "insert into user_budgets (user_id, month, limit_micros) values (1, '2026-12-01', 5)",
+        True,
+    ),
+    (
+        "pipeline",
+        "records and delivers a budget alert",
+        "insert into budget_alerts (user_id, month, threshold_percent, limit_micros, "
+        "limit_source, actual_micros, in_flight_micros) "
+        "values (1, '2026-12-01', 50, 5, 'default', 3, 0) returning id",
         True,
     ),
     ("pipeline", "records events", EVENT, True),

@@ -30,6 +30,7 @@ from renderqueue_pipeline.archive.delete import delete_fal_copies
 from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts, system_resolver
 from renderqueue_pipeline.archive.links import links
 from renderqueue_pipeline.archive.storage import ArchiveStorage
+from renderqueue_pipeline.redact import redact
 from renderqueue_pipeline.settings import Settings, get_settings
 
 log = logging.getLogger("renderqueue.archive")
@@ -125,5 +126,5 @@ def run_archive(
             ).as_dict()
         except Exception as exc:  # never blocks the archive: recorded, retried next run
             log.warning("deleting fal's copies failed: %s", exc)
-            report.fal_delete = {"fal_delete_error": f"{type(exc).__name__}: {exc}"}
+            report.fal_delete = {"fal_delete_error": redact(f"{type(exc).__name__}: {exc}")}
     return report

@@ -15,10 +15,12 @@ import click
 def archive(limit: int | None) -> None:
     """Copy completed outputs into RENDERQUEUE_STORAGE_URL, nearest deadline first."""
     from rich.console import Console
+    from rich.markup import escape
 
     from renderqueue_pipeline.archive import run_archive
     from renderqueue_pipeline.db.connect import connect
     from renderqueue_pipeline.db.server import database_url
+    from renderqueue_pipeline.redact import redact
 
     console = Console(stderr=True)
     url = database_url()
@@ -26,7 +28,7 @@ def archive(limit: int | None) -> None:
     def progress(outcome) -> None:
         detail = f" ({outcome.reason}: {outcome.error})" if outcome.reason else ""
         console.print(
-            f"{outcome.status:>8} {outcome.request_id} {outcome.bytes} B{detail}",
+            escape(redact(f"{outcome.status:>8} {outcome.request_id} {outcome.bytes} B{detail}")),
             highlight=False,
             soft_wrap=True,
         )

@@ -34,6 +34,7 @@ from renderqueue_pipeline.archive.fetch import (
 )
 from renderqueue_pipeline.archive.storage import ArchiveStorage, Upload, safe_file_name
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.redact import redact
 
 log = logging.getLogger("renderqueue.archive")
 
@@ -279,7 +280,7 @@ def record_outcome(
             q("archive_record_failure"),
             {
                 "id": row["id"],
-                "error": (outcome.error or "")[:2000],
+                "error": redact(outcome.error or "")[:2000],
                 "reason": outcome.reason,
                 "lost": outcome.status == "lost",
                 "permanent": outcome.reason in PERMANENT_REASONS,

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import psycopg
 
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.redact import redact
 
 
 class DeletedFileAnswer(Protocol):
@@ -64,7 +65,7 @@ async def adelete_fal_copies(
             try:
                 answers = await gateway.delete_io(row["request_id"])
             except Exception as exc:  # fal's errors are ours to record, never to raise
-                error = f"{type(exc).__name__}: {exc}"
+                error = redact(f"{type(exc).__name__}: {exc}")
                 answers = []
             with conn.transaction():
                 for answer in answers:

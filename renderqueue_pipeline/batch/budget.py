@@ -60,9 +60,14 @@ def parse_month(value: str | None, setting: str = "--month") -> date | None:
     """YYYY-MM as the first day of that month; None stays None (the current month)."""
     if value is None:
         return None
+    from renderqueue_pipeline.reports.months import month_problem
+
     match = re.fullmatch(r"(\d{4})-(\d{2})", value.strip())
-    if not match or not 1 <= int(match.group(2)) <= 12:
+    if not match:
         raise BudgetSettingError(setting, f"expected YYYY-MM, got {value!r}")
+    problem = month_problem(int(match.group(1)), int(match.group(2)))
+    if problem:
+        raise BudgetSettingError(setting, f"expected YYYY-MM: {problem}, got {value!r}")
     return date(int(match.group(1)), int(match.group(2)), 1)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from renderqueue_pipeline.batch.report import BatchNotFound
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.redact import redact
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,13 @@ async def _cancel_all(
                     outcome = stored = "not_found"
                     refused = True
                 except FalError as exc:
-                    outcome, stored = "error", f"error: {exc}"
+                    outcome, stored = "error", redact(f"error: {exc}")
                     refused = isinstance(exc, FalRequestError)  # fal answered: not accepted
                     errors.append(
                         {
                             "line_no": row["line_no"],
                             "request_id": row["request_id"],
-                            "error": str(exc),
+                            "error": redact(exc),
                         }
                     )
                 async with lock:

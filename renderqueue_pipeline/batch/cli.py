@@ -22,7 +22,9 @@ def _require_fal() -> None:
 
 
 def _file_url(file: str) -> str:
-    return file if "://" in file else Path(file).expanduser().resolve().as_uri()
+    """A local path as `file://` + the path itself: `Path.as_uri()` percent-encodes spaces
+    and brackets, and fsspec does not decode them ("no such file")."""
+    return file if "://" in file else "file://" + str(Path(file).expanduser().resolve())
 
 
 def _ledger_url() -> str:
@@ -189,22 +191,74 @@ def budget() -> None:
 
 @budget.command("set")
 @click.option("--user-id", type=int, required=True)
-@click.option("--usd", "amount", required=True, help="The month's budget in USD.")
+@click.option("--usd", "amount", help="The month's budget in USD.")
 @click.option("--month", help="YYYY-MM (default: the current UTC month).")
-def budget_set(user_id: int, amount: str, month: str | None) -> None:
-    """Set a user's budget for a month."""
+@click.option(
+    "--alerts",
+    help="This user-month's alert thresholds, percents of the budget (e.g. 50,90); "
+    "'default' for RENDERQUEUE_BUDGET_ALERT_PERCENTS.",
+)
+def budget_set(user_id: int, amount: str | None, month: str | None, alerts: str | None) -> None:
+    """Set a user's budget for a month, and/or its alert thresholds."""
+    from renderqueue_pipeline.alerts import set_alert_percents
     from renderqueue_pipeline.batch import parse_month, parse_usd, set_budget, usd
     from renderqueue_pipeline.batch.rows import parse_user_id
     from renderqueue_pipeline.db.connect import connect
+    from renderqueue_pipeline.db.queries import q
+    from renderqueue_pipeline.settings import parse_alert_percents
 
     try:
         parse_user_id(user_id)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--user-id") from None
-    micros = parse_usd(amount, "--usd")
+    if amount is None and alerts is None:
+        raise click.UsageError("give --usd, --alerts or both")
+    percents: tuple[int, ...] | None = None
+    if alerts is not None and alerts.strip().lower() != "default":
+        try:
+            percents = parse_alert_percents(alerts)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--alerts") from None
+    micros = None if amount is None else parse_usd(amount, "--usd")
     with connect(_ledger_url()) as conn:
-        row = set_budget(conn, user_id, micros, parse_month(month))
-    click.echo(f"user {row['user_id']}: {usd(row['limit_micros'])} for {row['month']:%Y-%m}")
+        # one month for both (the ledger clock's, rq_now, unless --month says)
+        target = parse_month(month) or conn.execute(q("alert_clock")).fetchone()["month"]
+        if micros is not None:
+            row = set_budget(conn, user_id, micros, target)
+            click.echo(
+                f"user {row['user_id']}: {usd(row['limit_micros'])} for {row['month']:%Y-%m}"
+            )
+        if alerts is not None:
+            row = set_alert_percents(conn, user_id, target, percents)
+            if row is None:
+                raise RenderqueueError(
+                    f"user {user_id} has no budget for {target:%Y-%m}: "
+                    "set one with --usd first (alerts are stored with the budget)"
+                )
+            shown = ",".join(map(str, row["alert_percents"] or [])) or "default"
+            click.echo(f"user {row['user_id']}: alerts at {shown} % for {row['month']:%Y-%m}")
+
+
+@budget.command("alerts")
+def budget_alerts() -> None:
+    """Post this month's newly crossed budget thresholds (and due retries); print them.
+
+    The same function as the Dagster sensor budget_alert_sensor: each threshold is sent
+    once per user and month, whichever of them runs.
+    """
+    from renderqueue_pipeline.alerts import evaluate_budget_alerts
+    from renderqueue_pipeline.db.connect import connect
+
+    with connect(_ledger_url()) as conn:
+        run = evaluate_budget_alerts(conn)
+    for outcome in run.sent:
+        click.echo(f"sent: {outcome.text}")
+    for outcome in run.failed:
+        click.echo(
+            f"NOT delivered (attempts {outcome.attempts}, next try "
+            f"{outcome.next_attempt_at:%Y-%m-%d %H:%M:%S} UTC): {outcome.error}: {outcome.text}"
+        )
+    click.echo(run.summary())
 
 
 @budget.command("show")

@@ -43,6 +43,15 @@ class InboxFile:
         return f"{self.path}@{self.version}"
 
 
+def in_inbox(file_url: str, inbox_url: str) -> str:
+    """A launchpad `file_url` as a URL: a bare name (`prompts-2026-12.csv`, or a path with
+    no scheme that does not start with `/`) is a file in the prompts inbox; anything else
+    is returned as given. The source allow-list checks the result either way."""
+    if "://" in file_url or file_url.startswith("/"):
+        return file_url
+    return f"{inbox_url.rstrip('/')}/{file_url.removeprefix('./')}" if file_url else file_url
+
+
 def is_prompt_file(name: str) -> bool:
     """True for a finished prompts file; False for hidden, temporary or other files."""
     base = PurePosixPath(name).name

@@ -19,6 +19,7 @@ from renderqueue_pipeline.batch.rows import PromptRow, Rejection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import LedgerInputError
 from renderqueue_pipeline.ledger import Intent, record_intent
+from renderqueue_pipeline.redact import redact
 
 
 @dataclass
@@ -125,7 +126,7 @@ def store_rejection(conn: psycopg.Connection, batch_id: int, rejection: Rejectio
         "user_id": rejection.user_id,
         "endpoint": rejection.endpoint,
         "inputs": Jsonb(rejection.inputs) if rejection.inputs else None,
-        "reason": rejection.reason,
+        "reason": redact(rejection.reason),
         "kind": rejection.kind,
         "field": rejection.field,
         "estimate_micros": None,

@@ -37,13 +37,20 @@ class BatchReport:
     created_at: Any = None
     finished_at: Any = None
 
-    def rejections_markdown(self) -> str:
-        """The first rejections as a markdown table (line, field, reason)."""
+    def rejections_markdown(self, link_lines: bool = False) -> str:
+        """The first rejections as a markdown table (line, field, reason).
+
+        With `link_lines`, each line number links to that line of the source file
+        (`<source>#L<line>`), so a reader of the run's metadata opens the row itself.
+        """
         if not self.rejections:
             return "no rejected rows"
         lines = ["| line | field | reason |", "|---:|---|---|"]
         for r in self.rejections:
-            lines.append(f"| {r['line_no']} | {_md(r['field'])} | {_md(r['reason'])} |")
+            line = r["line_no"]
+            if link_lines and line is not None and self.source:
+                line = f"[{line}]({self.source}#L{line})"
+            lines.append(f"| {line} | {_md(r['field'])} | {_md(r['reason'])} |")
         more = self.counts["rejected"] + self.counts["over_budget"] - len(self.rejections)
         if more > 0:
             lines.append(f"\n… and {more:,} more (`renderqueue batch show {self.batch_id}`)")

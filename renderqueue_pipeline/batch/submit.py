@@ -29,9 +29,10 @@ import asyncio
 import contextlib
 import datetime as dt
 import random
+import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +43,16 @@ from renderqueue_pipeline.batch.budget import default_limit_micros
 from renderqueue_pipeline.batch.intents import BatchCap, decide_row, store_rejection
 from renderqueue_pipeline.batch.report import BatchReport, batch_report
 from renderqueue_pipeline.batch.rows import PromptRow, Rejection, RowDefaults, validate_row
-from renderqueue_pipeline.batch.source import FileFacts, PromptFileError, PromptReader, inspect_file
+from renderqueue_pipeline.batch.source import (
+    FileFacts,
+    PromptReader,
+    check_source,
+    inspect_file,
+    parse_prefixes,
+)
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
-from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.errors import DatabaseUnavailable, RenderqueueError
 from renderqueue_pipeline.fal_gateway import RequestIdentity
 from renderqueue_pipeline.ledger import (
     Intent,
@@ -54,6 +61,7 @@ from renderqueue_pipeline.ledger import (
     lease_interval,
     refresh_leases,
 )
+from renderqueue_pipeline.redact import redact, redact_error
 
 MAX_CONCURRENCY = 256
 #: Calls in flight per gateway (each has its own HTTP connection pool): see `shard_sizes`.
@@ -63,6 +71,10 @@ RATE_LIMIT_PATIENCE_S = 600.0
 MAX_BACKOFF_S = 30.0
 #: A batch in one of these states has been ingested: the same content again submits nothing.
 FINISHED = ("done", "canceled")
+AUTH_STOP_REASON = (
+    "fal refused the key (HTTP 401/403): check FAL_KEY; the rows not yet sent were left "
+    "unsent and the next run with a working key sends them"
+)
 
 
 class BatchConfigError(RenderqueueError, ValueError):
@@ -447,7 +459,7 @@ class _Run:
                             decided = Rejection(
                                 row.line_no,
                                 "(row)",
-                                f"the ledger refused it: {exc}".strip(),
+                                redact(f"the ledger refused it: {exc}".strip()),
                                 "invalid",
                                 row.user_id,
                                 row.endpoint,
@@ -641,7 +653,7 @@ class _Run:
                 outcome = await self._send(gateway, intent)
             except Exception as exc:  # the ledger failed us: stop; the next run resumes
                 if self.fatal is None:
-                    self.fatal, self.stop_reason = exc, f"{type(exc).__name__}: {exc}"
+                    self.fatal, self.stop_reason = exc, redact_error(exc)
                     self.log(f"stopping: {self.stop_reason}")
                 self.unsent.append(intent.item_id)
                 continue
@@ -651,9 +663,14 @@ class _Run:
                 else:
                     self.log(f"item {intent.item_id} is no longer this run's to send; skipped")
                 continue
-            if isinstance(outcome, FalAuthError) and self.stop_reason is None:
-                self.stop_reason = f"fal refused the key: {outcome}"
-                self.log(f"stopping: {self.stop_reason}")
+            if isinstance(outcome, FalAuthError):
+                # the key's fault, not the row's: fal enqueued nothing; the row stays unsent
+                await asyncio.to_thread(self._unmark_sent, intent.item_id)
+                self.unsent.append(intent.item_id)
+                if self.stop_reason is None:
+                    self.stop_reason = AUTH_STOP_REASON
+                    self.log(f"stopping: {self.stop_reason}")
+                continue
             await results.put((intent, outcome))
 
     async def _send(self, gateway: Any, intent: Intent) -> Any:
@@ -741,15 +758,19 @@ class _Run:
                         "item_id": intent.item_id,
                         "kind": "fal",
                         "field": _fal_field(exc),
-                        "reason": _fal_reason(exc),
+                        "reason": redact(_fal_reason(exc)),
                     },
                 )
                 return "refused_by_fal"
             conn.execute(
                 q("mark_item_unknown"),
-                {"item_id": intent.item_id, "reason": f"outcome unknown: {exc}"},
+                {"item_id": intent.item_id, "reason": redact(f"outcome unknown: {exc}")},
             )
             return "unknown"
+
+    def _unmark_sent(self, item_id: int) -> None:
+        """fal refused the key: the call enqueued nothing, so the item was never sent."""
+        self.marks.conn.execute(q("unmark_item_sent"), {"item_id": item_id})  # thread-safe
 
     def _forget_unsent(self, conn: psycopg.Connection) -> None:
         with conn.transaction():
@@ -887,28 +908,89 @@ def submit_batch_file(
     ledger_url: str | None = None,
     log: Log = lambda line: None,
     gateway_factory: Callable[[int], Any] | None = None,
+    allow_local: bool = True,
+    allowed_prefixes: Sequence[str] = (),
     platform_factory: Callable[[], Any] | None = None,
 ) -> BatchResult:
-    """Submit every good row of the prompts file at `url` (any fsspec URL) as one batch.
+    """Submit every good row of the prompts file at `url` (an allowed fsspec URL) as one batch.
 
-    Raises PromptFileError when the file as a whole cannot be used (nothing written),
-    BatchConfigError for a bad option (and for `resubmit_unknown` when fal's request list
-    cannot be read: `platform_factory` makes its client, by default from the settings),
-    BatchStopped when fal refused the key. The same
-    content ingested before (under any name), or being submitted by another run right
-    now, submits nothing: the result says `duplicate`. Rejected rows are recorded and
-    reported, never raised.
+    `url` must lie in the prompts inbox, under a RENDERQUEUE_PROMPT_SOURCES prefix or under
+    one of `allowed_prefixes`; a local path is also allowed when `allow_local` (the CLI;
+    never the launchpad). The file is fetched once into a local copy that is hashed,
+    parsed and then read, so what is submitted is what was hashed.
+
+    Raises PromptFileError when the source is not allowed or the file as a whole cannot
+    be used (nothing written), BatchConfigError for a bad option (and for
+    `resubmit_unknown` when fal's request list cannot be read: `platform_factory` makes
+    its client, by default from the settings), BatchStopped when fal refused the key. The
+    same content ingested before (under any name), or being submitted by another run
+    right now, submits nothing: the result says `duplicate`. Rejected rows are recorded
+    and reported, never raised. A run that dies leaves its batch `failed` with the reason
+    (redacted), never `open`.
     """
     from renderqueue_pipeline.db.server import database_url
+    from renderqueue_pipeline.settings import get_settings
+
+    def safe_log(line: str) -> None:
+        log(redact(line))
 
     options = (options or BatchOptions()).checked()
+    settings = get_settings()
+    allowed = [settings.prompts, *parse_prefixes(settings.prompt_sources), *allowed_prefixes]
+    check_source(url, allowed, allow_local=allow_local)
     ledger_url = ledger_url or database_url()
-    facts = inspect_file(url)
-    log(
-        f"{url}: {facts.format}, {facts.size:,} bytes, sha256 {facts.sha256[:12]}…"
-        + (f", about {facts.rows_estimate:,} rows" if facts.rows_estimate is not None else "")
-    )
-    with PromptReader(url, facts.format) as reader, connect(ledger_url, autocommit=True) as conn:
+    with tempfile.TemporaryFile(prefix="renderqueue-prompts-") as copy:
+        facts = inspect_file(url, copy_to=copy)
+        safe_log(
+            f"{url}: {facts.format}, {facts.size:,} bytes, sha256 {facts.sha256[:12]}…"
+            + (f", about {facts.rows_estimate:,} rows" if facts.rows_estimate is not None else "")
+        )
+        return _submit_copy(
+            url,
+            copy,
+            facts,
+            options,
+            ledger_url,
+            safe_log,
+            gateway_factory or _default_gateway,
+            platform_factory,
+        )
+
+
+def _mark_failed(conn: psycopg.Connection, ledger_url: str, batch_id: int, reason: str) -> None:
+    """Best effort: the batch is `failed` with `reason` (the next run reopens it anyway).
+
+    The run's own connection may be what died, so a fresh one is tried second.
+    """
+    params = {"batch_id": batch_id, "status": "failed", "error": redact(reason)}
+    try:
+        with conn.transaction():
+            conn.execute(q("finish_batch"), params)
+        return
+    except psycopg.Error:
+        pass
+    with (
+        contextlib.suppress(psycopg.Error, DatabaseUnavailable),
+        connect(ledger_url, autocommit=True) as fresh,
+    ):
+        fresh.execute(q("finish_batch"), params)
+
+
+def _submit_copy(
+    url: str,
+    copy: Any,
+    facts: FileFacts,
+    options: BatchOptions,
+    ledger_url: str,
+    log: Log,
+    gateway_factory: Callable[[int], Any],
+    platform_factory: Callable[[], Any] | None,
+) -> BatchResult:
+    """The rest of `submit_batch_file`, reading the rows from the local copy."""
+    with (
+        PromptReader(url, facts.format, stream=copy) as reader,
+        connect(ledger_url, autocommit=True) as conn,
+    ):
         batch, created = _open_batch(conn, facts, options, url)
         batch_id = batch["id"]
         if not created and batch["status"] in FINISHED and not options.resubmit_unknown:
@@ -947,22 +1029,23 @@ def submit_batch_file(
                 facts,
                 batch_id,
                 log,
-                gateway_factory or _default_gateway,
+                gateway_factory,
             )
             run.stats.orphaned = len(orphaned)
             run.resend_unknown = resend
             failure: BaseException | None = None
             try:
                 asyncio.run(run.run(reader))
-            except PromptFileError as exc:
+            except BaseException as exc:  # the run died: the batch must not stay open
                 failure = exc
             log(run.progress_line())
             if failure is not None:
-                with conn.transaction():
-                    conn.execute(
-                        q("finish_batch"),
-                        {"batch_id": batch_id, "status": "failed", "error": str(failure)},
-                    )
+                reason = (
+                    str(failure)
+                    if isinstance(failure, RenderqueueError)
+                    else f"the run died: {redact_error(failure)}"
+                )
+                _mark_failed(conn, ledger_url, batch_id, reason)
                 raise failure
             if run.stop_reason is not None:
                 if _batch_status(conn, batch_id) != "canceled":

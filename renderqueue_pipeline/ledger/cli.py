@@ -15,6 +15,7 @@ def events() -> None:
 def events_waiting(limit: int) -> None:
     """List events not applied yet, oldest first, and why each waits."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from renderqueue_pipeline.db.connect import connect
@@ -26,17 +27,17 @@ def events_waiting(limit: int) -> None:
     if not rows:
         console.print("no events waiting")
         return
-    table = Table(title=f"events waiting (oldest {len(rows)})")
+    table = Table(title=f"events waiting (oldest {len(rows)})")  # cells are data: escaped
     for column in ("id", "request_id", "kind", "source", "received", "why"):
         table.add_column(column)
     for row in rows:
         table.add_row(
             str(row["id"]),
-            row["request_id"],
-            row["kind"],
-            row["source"],
+            escape(str(row["request_id"])),
+            escape(str(row["kind"])),
+            escape(str(row["source"])),
             row["received_at"].isoformat(timespec="seconds"),
-            _why(row),
+            escape(_why(row)),
         )
     console.print(table)
 

@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb
 
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import BudgetExceeded, LedgerInputError, SubmissionInProgress
+from renderqueue_pipeline.redact import redact
 
 EventKind = Literal["in_progress", "completed", "failed", "canceled"]
 EventSource = Literal["webhook", "reconcile", "api"]
@@ -283,7 +284,7 @@ def record_rejected(conn: psycopg.Connection, intent: Intent, reason: str) -> No
     with conn.transaction():
         conn.execute(
             q("mark_item_rejected"),
-            {"item_id": intent.item_id, "reason": reason, "claimer": intent.claimer},
+            {"item_id": intent.item_id, "reason": redact(reason), "claimer": intent.claimer},
         )
 
 

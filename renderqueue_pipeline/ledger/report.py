@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import psycopg
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from renderqueue_pipeline.db.connect import connect
@@ -40,7 +41,9 @@ def print_ledger_status(url: str | None = None, console: Console | None = None) 
     for column in ("endpoint", "generations", "cost"):
         by_endpoint.add_column(column, justify="right" if column != "endpoint" else "left")
     for row in status["by_endpoint"]:
-        by_endpoint.add_row(row["endpoint"], str(row["generations"]), dollars(row["cost_micros"]))
+        by_endpoint.add_row(
+            escape(str(row["endpoint"])), str(row["generations"]), dollars(row["cost_micros"])
+        )
     console.print(by_status)
     console.print(by_endpoint)
     waiting = status["waiting"][0]

@@ -91,6 +91,7 @@ def report(month_text: str, by: str, fmt: str, forecast: bool) -> None:
         writer.writerows({c: _plain(r[c]) for c in columns} for r in rows)
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     total = sum(int(r["cost_micros"]) for r in rows)
@@ -104,7 +105,7 @@ def report(month_text: str, by: str, fmt: str, forecast: bool) -> None:
             MONEY_HEADERS,
         ),
     ):
-        table = Table(title=heading)
+        table = Table(title=escape(heading))
         shown = [c for c in columns if c in KEY_HEADERS or c in group]
         for column in shown:
             text = column in ("endpoint", "source")
@@ -117,7 +118,11 @@ def report(month_text: str, by: str, fmt: str, forecast: bool) -> None:
         for r in rows:
             table.add_row(
                 *[
-                    "-" if r[c] is None else dollars(r[c]) if c.endswith("_micros") else str(r[c])
+                    "-"
+                    if r[c] is None
+                    else dollars(r[c])
+                    if c.endswith("_micros")
+                    else escape(str(r[c]))  # a source or endpoint is data, not markup
                     for c in shown
                 ]
             )

@@ -19,6 +19,17 @@ FINALIZE_GRACE = timedelta(hours=6)
 SETTLE_AFTER = timedelta(hours=1)
 
 _MONTH = re.compile(r"^(\d{4})-(\d{2})(?:-01)?$")
+#: Months a date can hold with its successor (the end of a month range): 0001-01..9998-12.
+FIRST_YEAR, LAST_YEAR = 1, 9998
+
+
+def month_problem(year: int, month: int) -> str | None:
+    """Why YYYY-MM is not a usable month, or None (one rule for every --month)."""
+    if not 1 <= month <= 12:
+        return "month must be 01-12"
+    if not FIRST_YEAR <= year <= LAST_YEAR:
+        return f"year must be {FIRST_YEAR:04d}-{LAST_YEAR}"
+    return None
 
 
 class ReportInputError(RenderqueueError, ValueError):
@@ -33,8 +44,9 @@ def parse_month(text: str | date) -> date:
     if not match:
         raise ReportInputError(f"--month: expected YYYY-MM, e.g. 2026-03 (got {text!r})")
     year, month = int(match.group(1)), int(match.group(2))
-    if not 1 <= month <= 12:
-        raise ReportInputError(f"--month: month must be 01-12 (got {text!r})")
+    problem = month_problem(year, month)
+    if problem:
+        raise ReportInputError(f"--month: {problem} (got {text!r})")
     return date(year, month, 1)
 
 

@@ -81,6 +81,11 @@ set claimed_by = %(claimer)s, lease_until = rq_now() + %(lease)s::interval,
 where id = %(item_id)s and state = 'pending' and sent_at is null
 returning id;
 
+-- name: unmark_item_sent
+-- fal refused our key: the call enqueued nothing, the item is unsent again
+update batch_items set sent_at = null
+where id = %(item_id)s and state = 'pending';
+
 -- name: batch_line_numbers
 select line_no from batch_items where batch_id = %(batch_id)s;
 

@@ -15,9 +15,12 @@ from renderqueue_pipeline.batch import (
 from renderqueue_pipeline.batch import (
     cancel_batch as cancel_batch_now,
 )
+from renderqueue_pipeline.batch.inbox import in_inbox
 from renderqueue_pipeline.dagster_home import DOMAIN_TAG
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.submission.resources import PromptsInbox
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.redact import redact
 
 #: Run tag the Dagster instance limits (dagster_home.tag_concurrency_limits) so the
 #: inbox cannot flood the run queue.
@@ -28,9 +31,11 @@ class SubmitBatchConfig(dg.Config):
     """One prompts file to submit as a batch (launchpad or the inbox sensor)."""
 
     file_url: str = Field(
-        description="fsspec URL of a CSV, JSONL or Parquet prompts file "
-        "(file:///data/prompts.csv, s3://bucket/inbox/prompts.parquet). Columns: prompt "
-        "(required), user_id, endpoint, and any model input (duration, resolution, ...)."
+        description="A file name in the prompts inbox (prompts-2026-12.csv), or the fsspec "
+        "URL of a CSV, JSONL or Parquet prompts file in the prompts inbox or under a "
+        "RENDERQUEUE_PROMPT_SOURCES prefix (s3://bucket/inbox/prompts.parquet). "
+        "Columns: prompt (required), user_id, endpoint, and any model input (duration, "
+        "resolution, ...)."
     )
     content_version: str = Field(
         default="",
@@ -86,7 +91,7 @@ def result_metadata(result: BatchResult) -> dict[str, dg.MetadataValue]:
         "batch_id": dg.MetadataValue.int(report.batch_id),
         "status": dg.MetadataValue.text(report.status),
         "duplicate": dg.MetadataValue.bool(result.duplicate),
-        "source": dg.MetadataValue.text(report.source),
+        "source": dg.MetadataValue.text(redact(report.source)),
         "sha256": dg.MetadataValue.text(report.sha256 or ""),
         "read": dg.MetadataValue.int(counts["read"]),
         "submitted": dg.MetadataValue.int(counts["submitted"]),
@@ -97,36 +102,57 @@ def result_metadata(result: BatchResult) -> dict[str, dg.MetadataValue]:
         "submits_per_second": dg.MetadataValue.float(round(result.submit_rate, 1)),
         "rate_limited_calls": dg.MetadataValue.int(stats.rate_limited),
         "seconds": dg.MetadataValue.float(round(stats.elapsed, 2)),
-        "rejections": dg.MetadataValue.md(report.rejections_markdown()),
-        "unknown_outcomes": dg.MetadataValue.md(report.unknown_markdown()),
+        "rejections": dg.MetadataValue.md(redact(report.rejections_markdown(link_lines=True))),
+        "unknown_outcomes": dg.MetadataValue.md(redact(report.unknown_markdown())),
     }
 
 
 @dg.op(pool="fal_api", tags=SUBMISSION_TAGS)
 def submit_prompts_file(
-    context: dg.OpExecutionContext, config: SubmitBatchConfig, ledger: LedgerDatabase
+    context: dg.OpExecutionContext,
+    config: SubmitBatchConfig,
+    ledger: LedgerDatabase,
+    prompts_inbox: PromptsInbox,
 ) -> int:
     """Submit the file's good rows to fal; rejected rows are recorded with their reasons."""
     try:
         result = submit_batch_file(
-            config.file_url,
+            in_inbox(config.file_url, prompts_inbox.resolved_url()),
             _options(config),
             ledger_url=ledger.resolved_url(),
             log=context.log.info,
+            allow_local=False,  # the launchpad may name only the inbox and allowed prefixes
+            allowed_prefixes=[prompts_inbox.resolved_url()],
         )
     except PromptFileError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from None
+        raise dg.Failure(description=redact(exc), allow_retries=False) from None
     except RenderqueueError as exc:
-        raise dg.Failure(description=str(exc)) from None
+        raise dg.Failure(description=redact(exc)) from None
+    except Exception as exc:  # the traceback would carry the text unredacted
+        raise dg.Failure(description=redact(f"{type(exc).__name__}: {exc}")) from None
     context.add_output_metadata(result_metadata(result))
-    context.log.info(result.report.summary())
+    context.log.info(redact(result.report.summary()))
     return result.batch_id
+
+
+SUBMIT_BATCH_EXAMPLE = """\
+ops:
+  submit_prompts_file:
+    config:
+      file_url: prompts-2026-12.csv      # a file in the prompts inbox
+      default_user_id: 42                # for rows without user_id
+      default_endpoint: bytedance/seedance-2.0/text-to-video
+      default_inputs: {duration: "5", resolution: "720p"}
+      max_cost_usd: 50.0                 # cap on the batch's estimated cost
+      concurrency: 16
+"""
 
 
 @dg.job(
     tags=SUBMISSION_TAGS,
     description="Submit one prompts file (CSV, JSONL, Parquet) to fal as a batch: rows "
-    "validated one by one, budgets enforced, bounded fan-out, nothing submitted twice.",
+    "validated one by one, budgets enforced, bounded fan-out, nothing submitted twice. "
+    "Launchpad example (only file_url is required):\n\n```yaml\n" + SUBMIT_BATCH_EXAMPLE + "```",
 )
 def submit_batch() -> None:
     submit_prompts_file()
@@ -148,7 +174,7 @@ def cancel_batch_requests(
             config.batch_id, ledger_url=ledger.resolved_url(), log=context.log.info
         )
     except RenderqueueError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from None
+        raise dg.Failure(description=redact(exc), allow_retries=False) from None
     errors = "\n".join(
         f"| {e['line_no']} | {e['request_id']} | {e['error']} |" for e in result.errors
     )
@@ -158,7 +184,9 @@ def cancel_batch_requests(
             "asked": dg.MetadataValue.int(result.asked),
             "outcomes": dg.MetadataValue.json(dict(result.outcomes)),
             "errors": dg.MetadataValue.md(
-                "| line | request | error |\n|---:|---|---|\n" + errors if errors else "none"
+                redact(f"| line | request | error |\n|---:|---|---|\n{errors}")
+                if errors
+                else "none"
             ),
         }
     )
