@@ -129,7 +129,9 @@ def test_streamed_bytes_match_the_generator(fal_sim: RunningSimulator) -> None:
         body = client.get(output["url"]).content
     truth = fal_sim.control.ground_truth(handle.request_id)
     file_id = truth["output"]["video"]["url"].split("/")[-2]
-    assert body == file_bytes(OutputFile(file_id, "", "video/mp4", output["file_size"]))
+    # a clip's MP4 header states the seconds it was produced with (= the seconds fal bills)
+    seconds = truth["billed_seconds"]
+    assert body == file_bytes(OutputFile(file_id, "", "video/mp4", output["file_size"], seconds))
 
 
 # ----- fal's error paths -----------------------------------------------------------------------

@@ -640,8 +640,14 @@ class Engine:
         if self.config.cdn_mode == "signed":
             path = f"/files/b/{file.file_id}/{file.file_name}"
             expires = math.ceil(time.time() + self.config.cdn_url_ttl)
-            sig = self.url_signer.signature(f"{path}\n{file.file_size}", expires)
-            return f"{req.base_url}{path}?size={file.file_size}&exp={expires}&sig={sig}"
+            signed = f"{path}\n{file.file_size}"
+            length = ""
+            if file.seconds is not None:  # the header's duration is part of the file
+                millis = round(file.seconds * 1000)
+                signed += f"\n{millis}"
+                length = f"&ms={millis}"
+            sig = self.url_signer.signature(signed, expires)
+            return f"{req.base_url}{path}?size={file.file_size}{length}&exp={expires}&sig={sig}"
         return f"{req.base_url}{req.cdn_path}"
 
     def output(self, req: SimRequest) -> dict[str, Any]:
