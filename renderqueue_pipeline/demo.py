@@ -445,6 +445,12 @@ def print_summary(
             "where request_id = any(%s) and status = 'completed' group by 1 order by 1",
             (request_ids,),
         ).fetchall()
+        lengths = conn.execute(
+            "select count(measured_seconds) as measured, "
+            "count(measured_seconds_problem) as unreadable from generations "
+            "where request_id = any(%s) and status = 'completed'",
+            (request_ids,),
+        ).fetchone()
         month_report = conn.execute(
             q("report_month"), {"month": dt.datetime.now(dt.UTC).date().replace(day=1)}
         ).fetchone()
@@ -481,6 +487,10 @@ def print_summary(
     console.print(f"spend reports: {escape(settings.storage)}/reports/spend/{month}/")
     console.print(
         "cost basis of completed rows: " + ", ".join(f"{r['cost_basis']} {r['n']}" for r in billing)
+    )
+    console.print(
+        f"clip lengths read from the archived files: {lengths['measured']} measured, "
+        f"{lengths['unreadable']} unreadable (those keep their estimate)"
     )
     if billing_days:
         bills = Table(title="fal's bill against the ledger (today, UTC)")

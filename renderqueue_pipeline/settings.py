@@ -86,6 +86,9 @@ class Settings(BaseSettings):
         default=DEFAULT_OBJECT_LIFETIME, alias="RENDERQUEUE_FAL_OBJECT_LIFETIME"
     )
     fal_start_timeouts_spec: str = Field(default="", alias="RENDERQUEUE_FAL_START_TIMEOUTS")
+    # the fan-out pauses while this many of our requests wait at fal for one endpoint
+    # (0: no bound, e.g. a throughput bench with no webhook receiver)
+    fal_max_queued: int = Field(default=200, ge=0, alias="RENDERQUEUE_FAL_MAX_QUEUED")
     # --- webhook receiver (renderqueue_pipeline/webhook/, docs/webhook.md) ---
     webhook_user_ids: str | None = Field(default=None, alias="FAL_WEBHOOK_USER_IDS")
 

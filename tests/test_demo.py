@@ -53,6 +53,16 @@ def test_headless_demo_runs_the_whole_flow_and_matches_ground_truth(
     assert completed and all(r["archive_status"] == "archived" for r in completed)
     assert all(Path(r["archive_url"].removeprefix("file://")).is_file() for r in completed)
     assert (home / "dagster" / "dagster.yaml").read_text().count("postgres") >= 1
+    # "auto" clips are priced from the length their archived file states, so the month's
+    # difference with fal's bill is 0 (it was fal minus ours = -$3.034000 at the 15 s default)
+    autos = conn.execute(
+        "select cost_basis, computed_cost_basis, measured_seconds, billed_seconds "
+        "from generations where status = 'completed' and inputs ->> 'duration' = 'auto'"
+    ).fetchall()
+    assert autos and all(r["measured_seconds"] is not None for r in autos)
+    assert all("measured" in (r["cost_basis"], r["computed_cost_basis"]) for r in autos)
+    summary = " ".join(run.stdout.split())  # the console wraps long lines
+    assert "difference $0.000000 (fal minus ours)" in summary, run.stdout[-3000:]
     # the over-budget user's thresholds went to the demo's local receiver, shown in the summary
     alerts = conn.execute(
         "select user_id, threshold_percent, delivered_at from budget_alerts"

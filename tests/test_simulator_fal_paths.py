@@ -129,7 +129,9 @@ def test_streamed_bytes_match_the_generator(fal_sim: RunningSimulator) -> None:
         body = client.get(output["url"]).content
     truth = fal_sim.control.ground_truth(handle.request_id)
     file_id = truth["output"]["video"]["url"].split("/")[-2]
-    assert body == file_bytes(OutputFile(file_id, "", "video/mp4", output["file_size"]))
+    # a clip's MP4 header states the seconds it was produced with (= the seconds fal bills)
+    seconds = truth["billed_seconds"]
+    assert body == file_bytes(OutputFile(file_id, "", "video/mp4", output["file_size"], seconds))
 
 
 # ----- fal's error paths -----------------------------------------------------------------------
@@ -237,3 +239,52 @@ def test_delete_io_deletes_payloads_and_output_files(fal_sim: RunningSimulator) 
         handle.get()
     assert err.value.status_code == 404
     assert fal_sim.control.ground_truth(handle.request_id)["payloads_deleted"]
+
+
+# ----- account concurrency cap and queue priority --------------------------------------------
+
+
+def test_under_a_cap_of_2_a_normal_request_submitted_after_low_ones_starts_next(
+    fal_sim: RunningSimulator,
+) -> None:
+    fal_sim.control.set_faults(concurrency_limit=2, queue_delay="0", run_time="0.6")
+    lows = [fal_client.submit(ENDPOINT, arguments=INPUTS, priority="low") for _ in range(5)]
+    normal = fal_client.submit(ENDPOINT, arguments=INPUTS, priority="normal")
+    handles = [*lows, normal]
+    for handle in handles:
+        fal_sim.control.wait_finished(handle.request_id)
+    truth = [fal_sim.control.ground_truth(h.request_id) for h in handles]
+    low_truth, normal_truth = truth[:-1], truth[-1]
+    assert [t["priority"] for t in truth] == ["low"] * 5 + ["normal"]
+    # the normal request waited behind the two running lows only, not behind the queued ones
+    waiting_lows = [t for t in low_truth if t["started_at"] > low_truth[1]["finished_at"] - 0.05]
+    assert len(waiting_lows) == 3
+    assert all(normal_truth["started_at"] <= t["started_at"] for t in waiting_lows)
+    # FIFO inside one priority
+    starts = [t["started_at"] for t in low_truth]
+    assert starts == sorted(starts)
+    # never more than 2 at once: every start after the second waited for a finish
+    ordered = sorted(truth, key=lambda t: t["started_at"])
+    finishes = sorted(t["finished_at"] for t in truth)
+    for k, entry in enumerate(ordered[2:]):
+        assert entry["started_at"] >= finishes[k] - 0.05
+    # the queue wait is visible and matches the timestamps
+    assert normal_truth["queue_wait"] == pytest.approx(
+        normal_truth["started_at"] - normal_truth["submitted_at"]
+    )
+    assert normal_truth["queue_wait"] >= 0.5
+
+
+def test_a_request_waiting_for_a_slot_past_its_start_timeout_times_out(
+    fal_sim: RunningSimulator,
+) -> None:
+    fal_sim.control.set_faults(concurrency_limit=1, queue_delay="0", run_time="5")
+    running = fal_client.submit(ENDPOINT, arguments=INPUTS)
+    waiting = fal_client.submit(ENDPOINT, arguments=INPUTS, start_timeout=1.5)
+    with pytest.raises(FalClientHTTPError) as err:
+        waiting.get()
+    assert err.value.status_code == 504
+    truth = fal_sim.control.ground_truth(waiting.request_id)
+    assert truth["ending"] == "start_timeout" and truth["started_at"] is None
+    assert fal_sim.control.ground_truth(running.request_id)["status"] == "in_progress"
+    fal_sim.control.set_faults(concurrency_limit=None)

@@ -399,6 +399,8 @@ def test_webhook_serve_command(ledger_url: str, tmp_path) -> None:
             lines.append(line)
             if found := re.search(r"serving on http://127\.0\.0\.1:(\d+)", line):
                 port = int(found.group(1))
+                # listening once printed, before the app has even loaded: never refused
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
             if port is not None and "FAL_WEBHOOK_USER_IDS is not set" in line:
                 break
         else:

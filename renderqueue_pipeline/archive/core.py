@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -32,6 +33,7 @@ from renderqueue_pipeline.archive.fetch import (
     make_client,
     open_download,
 )
+from renderqueue_pipeline.archive.mp4 import Mp4Duration, is_video
 from renderqueue_pipeline.archive.storage import ArchiveStorage, Upload, safe_file_name
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.redact import redact
@@ -62,6 +64,9 @@ class ArchivedFile:
     bytes: int
     sha256: str
     archive_url: str
+    measured: bool = False  # a video whose header was read for its length
+    seconds: Decimal | None = None  # the length its header states
+    seconds_problem: str | None = None  # why it could not be read
 
 
 @dataclass
@@ -74,6 +79,8 @@ class RowOutcome:
     error: str | None = None
     bytes: int = 0
     files: list[ArchivedFile] = field(default_factory=list)
+    #: what the measured length did to the ledger (rq_apply_measured_seconds), if measured
+    priced: str | None = None
 
 
 @dataclass
@@ -140,8 +147,12 @@ def copy_file(
     request_id: str,
     final: str,
     expected_size: int | None,
+    measure: Mp4Duration | None = None,
 ) -> tuple[int, str, Upload]:
     """Stream one URL into an upload nobody sees yet; (bytes, sha256, upload) once checked.
+
+    `measure`, if given, sees every byte as it streams past (a video's length from its
+    header: no second read of the file).
 
     A Content-Length or fal file_size that disagrees with the bytes received is a
     LengthMismatch; any failure aborts the upload. The download must finish within the
@@ -169,6 +180,8 @@ def copy_file(
         try:
             for chunk in download.chunks:
                 digest.update(chunk)
+                if measure is not None and not measure.done:
+                    measure.feed(chunk)
                 upload.write(chunk)
                 received += len(chunk)
             for announced, what in (
@@ -201,10 +214,19 @@ def copy_row(
     try:
         for file, name in zip(files, names, strict=True):
             final = storage.final_path(row["created_at"], request_id, name)
+            measure = Mp4Duration() if is_video(file.get("content_type"), name) else None
             size, sha, upload = copy_file(
-                client, policy, storage, file["url"], request_id, final, file.get("file_size")
+                client,
+                policy,
+                storage,
+                file["url"],
+                request_id,
+                final,
+                file.get("file_size"),
+                measure,
             )
             uploads.append(upload)
+            seconds = measure.finish() if measure is not None else None
             archived.append(
                 ArchivedFile(
                     file["ordinal"],
@@ -214,6 +236,9 @@ def copy_row(
                     size,
                     sha,
                     storage.url_of(final),
+                    measure is not None,
+                    seconds,
+                    measure.problem if measure is not None else None,
                 )
             )
         for upload in uploads:
@@ -275,6 +300,8 @@ def record_outcome(
                         "archive_url": f.archive_url,
                     },
                 )
+            if main.measured:  # the clip's length from its own header prices the row
+                outcome.priced = _apply_measured_seconds(conn, row, main)
             return outcome
         result = conn.execute(
             q("archive_record_failure"),
@@ -297,6 +324,21 @@ def record_outcome(
     else:
         outcome.status = result["archive_status"]
     return outcome
+
+
+def _apply_measured_seconds(
+    conn: psycopg.Connection, row: dict[str, Any], main: ArchivedFile
+) -> str | None:
+    """Price the row from its clip's measured length; a failure here never undoes the copy."""
+    try:
+        with conn.transaction():  # a savepoint inside the record's transaction
+            return conn.execute(
+                q("archive_apply_measured_seconds"),
+                {"id": row["id"], "seconds": main.seconds, "problem": main.seconds_problem},
+            ).fetchone()["applied"]
+    except psycopg.Error as exc:
+        log.warning("pricing %s from its measured length failed: %s", row["request_id"], exc)
+        return "error"
 
 
 def _combined(files: list[ArchivedFile]) -> str:

@@ -85,6 +85,14 @@ def batch() -> None:
     "--concurrency", type=int, default=16, show_default=True, help="Requests in flight to fal."
 )
 @click.option(
+    "--priority",
+    type=click.Choice(["low", "normal"]),
+    default="low",
+    show_default=True,
+    help="fal queue priority of the batch's requests: low lets a product's submits (normal) "
+    "start first under the account's concurrency cap.",
+)
+@click.option(
     "--resubmit-unknown",
     is_flag=True,
     help="Resend unknown items after a crash, only those fal's request list shows it never "
@@ -97,6 +105,7 @@ def batch_submit(
     inputs: tuple[str, ...],
     max_cost_usd: str | None,
     concurrency: int,
+    priority: str,
     resubmit_unknown: bool,
 ) -> None:
     """Submit FILE (a path or any fsspec URL: CSV, JSONL, Parquet) as one batch.
@@ -111,6 +120,7 @@ def batch_submit(
         default_inputs=_key_values(inputs),
         max_cost_micros=None if max_cost_usd is None else parse_usd(max_cost_usd, "--max-cost-usd"),
         concurrency=concurrency,
+        priority="normal" if priority == "normal" else "low",
         resubmit_unknown=resubmit_unknown,
     ).checked()
     _require_fal()

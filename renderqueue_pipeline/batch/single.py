@@ -113,10 +113,13 @@ async def asubmit_prompt(
         if gateway is None:
             async with FalGateway.from_settings(max_concurrency=1) as own:
                 outcome: Any = await own.submit(
-                    intent.endpoint, dict(intent.inputs), identity=identity
+                    intent.endpoint, dict(intent.inputs), identity=identity, priority="normal"
                 )
         else:
-            outcome = await gateway.submit(intent.endpoint, dict(intent.inputs), identity=identity)
+            # normal priority: a product's request starts before queued batch work (low)
+            outcome = await gateway.submit(
+                intent.endpoint, dict(intent.inputs), identity=identity, priority="normal"
+            )
     except Exception as exc:
         outcome = exc
     finally:

@@ -12,7 +12,11 @@ The run, step by step:
 4. read rows in chunks; each chunk is one transaction that prices each row and records
    it as an intent claimed by this run (with a lease the run keeps refreshing) or a
    rejection;
-5. `concurrency` workers send intents to fal through the gateway (ledger rule 1: the
+5. `concurrency` workers send intents to fal at `priority` (low by default: a product's
+   submit goes first), taking rows round-robin by user (`FairFeed`) and pausing while
+   our requests waiting at fal for the endpoint pass `RENDERQUEUE_FAL_MAX_QUEUED`
+   (`WaitingGate`, also each user's fair share of it across runs); they send intents
+   to fal through the gateway (ledger rule 1: the
    intent is committed before the call); each item is admitted against its user's
    budget of the month it is sent in, many per statement, just before its call (the one
    admission: `claim_for_send`); a 429 halves the fan-out and backs off instead of
@@ -30,11 +34,13 @@ import contextlib
 import datetime as dt
 import random
 import tempfile
+import threading
 import time
 import uuid
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -71,6 +77,13 @@ RATE_LIMIT_PATIENCE_S = 600.0
 MAX_BACKOFF_S = 30.0
 #: A batch in one of these states has been ingested: the same content again submits nothing.
 FINISHED = ("done", "canceled")
+#: Rows read ahead of the fan-out so it can take them round-robin by user (FairFeed).
+FAIR_LOOKAHEAD_ROWS = 4096
+#: How often (at most) the fan-out re-counts our requests waiting at fal (WaitingGate).
+WAITING_POLL_S = 0.25
+#: A `submitted` row older than this no longer counts as waiting at fal (a lost webhook).
+WAITING_WINDOW_S = 6 * 3600.0
+PRIORITIES = ("low", "normal")
 AUTH_STOP_REASON = (
     "fal refused the key (HTTP 401/403): check FAL_KEY; the rows not yet sent were left "
     "unsent and the next run with a working key sends them"
@@ -102,9 +115,14 @@ class BatchOptions:
     content_version: str = ""
     progress_seconds: float = 5.0
     chunk_rows: int = 256
+    priority: Literal["low", "normal"] = "low"
 
     def checked(self) -> BatchOptions:
         """Self, after checking each setting (BatchConfigError names the bad one)."""
+        if self.priority not in PRIORITIES:
+            raise BatchConfigError(
+                "priority", f"expected one of {', '.join(PRIORITIES)}, got {self.priority!r}"
+            )
         if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int):
             raise BatchConfigError("concurrency", f"expected an integer, got {self.concurrency!r}")
         if not 1 <= self.concurrency <= MAX_CONCURRENCY:
@@ -150,6 +168,8 @@ class RunStats:
     resubmitted_unknown: int = 0
     rate_limited: int = 0
     lowest_concurrency: int = 0
+    #: sends that waited for our requests at fal to fall under RENDERQUEUE_FAL_MAX_QUEUED
+    waited_for_fal_queue: int = 0
     finished: float | None = None
 
     @property
@@ -249,6 +269,137 @@ def shard_sizes(concurrency: int) -> list[int]:
     """
     shards = -(-concurrency // CALLS_PER_GATEWAY)
     return [len(range(i, concurrency, shards)) for i in range(shards)]
+
+
+class FairFeed:
+    """Intents waiting to be sent, handed out round-robin by user.
+
+    A file with user A's 40 rows then user B's 6 sends A, B, A, B, ...: B's rows go out
+    among the first 12, not last. The producer reads up to `lookahead` rows ahead of
+    the fan-out (their intents are written and claimed, not yet admitted or sent).
+    """
+
+    def __init__(self, lookahead: int) -> None:
+        self.lookahead = lookahead
+        self.size = 0
+        self.closed = False
+        self._by_user: OrderedDict[int, deque[Intent]] = OrderedDict()
+        self._changed = asyncio.Condition()
+
+    async def put(self, intent: Intent, *, timeout: float | None = None) -> bool:
+        """Add an intent; False when the feed stayed full for `timeout` seconds."""
+        async with self._changed:
+            if self.size >= self.lookahead:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._changed.wait_for(lambda: self.size < self.lookahead), timeout
+                    )
+                if self.size >= self.lookahead:
+                    return False
+            self._by_user.setdefault(intent.user_id, deque()).append(intent)
+            self.size += 1
+            self._changed.notify_all()
+            return True
+
+    async def close(self) -> None:
+        async with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+
+    async def get(self) -> Intent | None:
+        """The next user's next intent (None once closed and empty)."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.size > 0 or self.closed)
+            if self.size == 0:
+                return None
+            user, rows = next(iter(self._by_user.items()))
+            intent = rows.popleft()
+            if rows:
+                self._by_user.move_to_end(user)
+            else:
+                del self._by_user[user]
+            self.size -= 1
+            self._changed.notify_all()
+            return intent
+
+
+class WaitingGate:
+    """Holds a send while our requests waiting at fal for its endpoint are at the bound.
+
+    "Waiting at fal" is counted from our own ledger: `submitted` generations of the
+    endpoint (queued or running at fal; the running ones are at most the account's
+    concurrency cap), one grouped count by user every `WAITING_POLL_S` at most, plus this
+    run's sends not yet in a count (`leave` after the recording commits; a send stops being
+    added once a count that started after that commit has it: counted twice for a moment,
+    never missed). No call to fal and no per-row query.
+    Another run's calls in flight are not seen (at most its concurrency). As the count
+    covers every run, a user also waits while they hold their fair share of the bound (the
+    bound over the users with requests waiting): runs in flight together take turns too.
+    """
+
+    def __init__(self, conn: psycopg.Connection, bound: int) -> None:
+        self.conn = conn
+        self.bound = bound
+        self.pauses = 0  # sends that had to wait for room
+        self._counts: dict[str, dict[int, int]] = {}
+        self._read_at: dict[str, float] = {}
+        self._inflight: dict[tuple[str, int], int] = {}
+        self._left: list[tuple[str, int, float]] = []  # recorded, maybe not yet counted
+        self._left_lock = threading.Lock()  # `leave` is called from the recorder's thread
+        self._lock = asyncio.Lock()
+
+    def _read(self, endpoint: str) -> dict[int, int]:
+        rows = self.conn.execute(
+            q("our_requests_waiting_at_fal"),
+            {"endpoint": endpoint, "window_seconds": WAITING_WINDOW_S},
+        ).fetchall()
+        return {r["user_id"]: r["waiting"] for r in rows}
+
+    async def _refresh(self, endpoint: str) -> dict[int, int]:
+        async with self._lock:
+            if time.monotonic() - self._read_at.get(endpoint, -1e9) >= WAITING_POLL_S:
+                started = time.monotonic()
+                self._counts[endpoint] = await asyncio.to_thread(self._read, endpoint)
+                self._read_at[endpoint] = time.monotonic()
+                with self._left_lock:
+                    still: list[tuple[str, int, float]] = []
+                    for left in self._left:  # recorded before this count began: in it now
+                        if left[0] == endpoint and left[2] < started:
+                            self._inflight[(endpoint, left[1])] -= 1
+                        else:
+                            still.append(left)
+                    self._left = still
+        return self._counts[endpoint]
+
+    def _room(self, endpoint: str, counts: dict[int, int], user_id: int) -> bool:
+        mine = {u: n for (e, u), n in self._inflight.items() if e == endpoint and n}
+        total = sum(counts.values()) + sum(mine.values())
+        users = len(counts.keys() | mine.keys() | {user_id})
+        share = max(1, self.bound // users)
+        return total < self.bound and counts.get(user_id, 0) + mine.get(user_id, 0) < share
+
+    def leave(self, endpoint: str, user_id: int) -> None:
+        """The send `enter` let through is recorded (or was not made): the next count has it."""
+        if self.bound > 0:
+            with self._left_lock:
+                self._left.append((endpoint, user_id, time.monotonic()))
+
+    async def enter(self, endpoint: str, user_id: int, stopped: Callable[[], bool]) -> None:
+        """Return when there is room to send one more request for `user_id` (bound 0: now)."""
+        if self.bound <= 0:
+            return
+        counts = self._counts.get(endpoint)
+        if counts is None or time.monotonic() - self._read_at[endpoint] >= 1.0:
+            counts = await self._refresh(endpoint)
+        paused = False
+        while not self._room(endpoint, counts, user_id) and not stopped():
+            if not paused:
+                self.pauses += 1
+                paused = True
+            await asyncio.sleep(WAITING_POLL_S)
+            counts = await self._refresh(endpoint)
+        key = (endpoint, user_id)
+        self._inflight[key] = self._inflight.get(key, 0) + 1
 
 
 Claim = tuple[bool, str | None] | None
@@ -389,6 +540,7 @@ class _Run:
         self.unsent: list[int] = []
         self.fatal: BaseException | None = None
         self.marks: SendMarks
+        self.gate: WaitingGate
         self.total_hint = facts.rows_estimate
         # this run's identity on the items it claims; its lease is refreshed while it runs
         self.claimer = f"run:{batch_id}:{uuid.uuid4().hex[:16]}"
@@ -494,13 +646,17 @@ class _Run:
     # -- the run ----------------------------------------------------------------------
 
     async def run(self, reader: PromptReader) -> None:
-        queue: asyncio.Queue[Intent | None] = asyncio.Queue(maxsize=self.options.concurrency * 4)
+        from renderqueue_pipeline.settings import get_settings
+
+        queue = FairFeed(max(FAIR_LOOKAHEAD_ROWS, self.options.concurrency * 4))
         results: asyncio.Queue[tuple[Intent, Any] | None] = asyncio.Queue()
         intents_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
         results_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
         marks_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
+        gate_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
         default_limit = await asyncio.to_thread(default_limit_micros)
         self.marks = SendMarks(marks_conn, self.claimer, self.lease_seconds, default_limit)
+        self.gate = WaitingGate(gate_conn, get_settings().fal_max_queued)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 sizes = shard_sizes(self.options.concurrency)
@@ -514,15 +670,15 @@ class _Run:
                 recorder = asyncio.create_task(self._recorder(results_conn, results))
                 ticker = asyncio.create_task(self._ticker())
                 heartbeat = asyncio.create_task(self._heartbeat(marks_conn))
+                watcher = asyncio.create_task(self._watch_cancel(gate_conn))
                 try:
                     await self._produce(intents_conn, reader, queue)
                 finally:
-                    for _ in workers:
-                        await queue.put(None)
+                    await queue.close()
                     await asyncio.gather(*workers)
                     await results.put(None)
                     await recorder
-                    for task in (ticker, heartbeat):
+                    for task in (ticker, heartbeat, watcher):
                         task.cancel()
                         with contextlib.suppress(asyncio.CancelledError):
                             await task
@@ -534,11 +690,21 @@ class _Run:
             self.stats.finished = time.monotonic()
             self.stats.rate_limited = self.limit.rate_limited
             self.stats.lowest_concurrency = self.limit.lowest
-            for conn in (intents_conn, results_conn, marks_conn):
+            self.stats.waited_for_fal_queue = self.gate.pauses
+            for conn in (intents_conn, results_conn, marks_conn, gate_conn):
                 await asyncio.to_thread(conn.close)
 
+    async def _feed(self, conn: psycopg.Connection, queue: FairFeed, intent: Intent) -> None:
+        """Queue an intent for the fan-out; while the feed stays full, watch for a cancel."""
+        while self.stop_reason is not None or not await queue.put(intent, timeout=1.0):
+            if self.stop_reason is not None:
+                self.unsent.append(intent.item_id)
+                return
+            if await asyncio.to_thread(_batch_status, conn, self.batch_id) == "canceled":
+                self.stop_reason = "the batch was canceled"
+
     async def _produce(
-        self, conn: psycopg.Connection, reader: PromptReader, queue: asyncio.Queue
+        self, conn: psycopg.Connection, reader: PromptReader, queue: FairFeed
     ) -> None:
         existing = await asyncio.to_thread(_line_numbers, conn, self.batch_id)
         if self.total_hint is not None:
@@ -563,7 +729,7 @@ class _Run:
         if self.total_hint is not None:
             self.total_hint += len(unsent)
         for intent in unsent:
-            await queue.put(intent)
+            await self._feed(conn, queue, intent)
         cap_row = await asyncio.to_thread(
             lambda: conn.execute(q("batch_cost_so_far"), {"batch_id": self.batch_id}).fetchone()
         )
@@ -577,7 +743,7 @@ class _Run:
                 self.stop_reason = "the batch was canceled"
                 return
             for intent in await asyncio.to_thread(self._write_chunk, conn, chunk, cap):
-                await queue.put(intent)
+                await self._feed(conn, queue, intent)
 
     def _load_intents(
         self,
@@ -630,6 +796,14 @@ class _Run:
             )
         return intents
 
+    async def _watch_cancel(self, conn: psycopg.Connection) -> None:
+        """Stop sending once the batch is canceled (the fan-out may be rows behind the file)."""
+        while self.stop_reason is None:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(psycopg.Error):
+                if await asyncio.to_thread(_batch_status, conn, self.batch_id) == "canceled":
+                    self.stop_reason = self.stop_reason or "the batch was canceled"
+
     async def _heartbeat(self, conn: psycopg.Connection) -> None:
         """Keep this run's claims alive (also while fal throttles it with 429s)."""
         while True:
@@ -639,7 +813,7 @@ class _Run:
             except psycopg.Error as exc:  # a missed beat only shortens the lease
                 self.log(f"could not refresh this run's lease: {exc}")
 
-    async def _worker(self, gateway: Any, queue: asyncio.Queue, results: asyncio.Queue) -> None:
+    async def _worker(self, gateway: Any, queue: FairFeed, results: asyncio.Queue) -> None:
         from renderqueue_pipeline.fal_gateway import FalAuthError
 
         while True:
@@ -649,15 +823,24 @@ class _Run:
             if self.stop_reason is not None:
                 self.unsent.append(intent.item_id)
                 continue
+            await self.gate.enter(
+                intent.endpoint, intent.user_id, lambda: self.stop_reason is not None
+            )
+            if self.stop_reason is not None:
+                self.gate.leave(intent.endpoint, intent.user_id)
+                self.unsent.append(intent.item_id)
+                continue
             try:
                 outcome = await self._send(gateway, intent)
             except Exception as exc:  # the ledger failed us: stop; the next run resumes
+                self.gate.leave(intent.endpoint, intent.user_id)
                 if self.fatal is None:
                     self.fatal, self.stop_reason = exc, redact_error(exc)
                     self.log(f"stopping: {self.stop_reason}")
                 self.unsent.append(intent.item_id)
                 continue
             if isinstance(outcome, _NotSent):
+                self.gate.leave(intent.endpoint, intent.user_id)
                 if outcome.reason is not None:
                     self.stats.over_budget += 1
                 else:
@@ -665,6 +848,7 @@ class _Run:
                 continue
             if isinstance(outcome, FalAuthError):
                 # the key's fault, not the row's: fal enqueued nothing; the row stays unsent
+                self.gate.leave(intent.endpoint, intent.user_id)
                 await asyncio.to_thread(self._unmark_sent, intent.item_id)
                 self.unsent.append(intent.item_id)
                 if self.stop_reason is None:
@@ -698,6 +882,7 @@ class _Run:
                     intent.endpoint,
                     dict(intent.inputs),
                     identity=RequestIdentity(intent.item_id, intent.user_id, self.batch_id),
+                    priority=self.options.priority,
                 )
             except Exception as exc:
                 limited = _is_rate_limited(exc)
@@ -739,9 +924,13 @@ class _Run:
         costs one commit instead of one each.
         """
         counts = {"submitted": 0, "refused_by_fal": 0, "unknown": 0}
-        with conn.transaction():
-            for intent, outcome in group:
-                counts[self._record_outcome(conn, intent, outcome)] += 1
+        try:
+            with conn.transaction():
+                for intent, outcome in group:
+                    counts[self._record_outcome(conn, intent, outcome)] += 1
+        finally:
+            for intent, _ in group:
+                self.gate.leave(intent.endpoint, intent.user_id)
         self.stats.submitted += counts["submitted"]
         self.stats.refused_by_fal += counts["refused_by_fal"]
         self.stats.unknown += counts["unknown"]

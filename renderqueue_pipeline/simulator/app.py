@@ -450,14 +450,17 @@ def build_app(home: Path, config: SimConfig) -> Starlette:
             size = int(request.query_params["size"])
             expires = int(request.query_params["exp"])
             sig = request.query_params["sig"]
+            millis = int(request.query_params["ms"]) if "ms" in request.query_params else None
         except (KeyError, ValueError):
             return Response("Forbidden: unsigned URL", status_code=403)
-        if not url_signer.verify(f"{path}\n{size}", expires, sig):
+        signed = f"{path}\n{size}" if millis is None else f"{path}\n{size}\n{millis}"
+        if not url_signer.verify(signed, expires, sig):
             return Response("Forbidden: bad signature", status_code=403)
         if time.time() > expires:
             return Response("Forbidden: URL expired", status_code=403)
         content_type = CONTENT_TYPES.get(Path(name).suffix.lower(), "application/octet-stream")
-        file = OutputFile(file_id, name, content_type, size)
+        seconds = None if millis is None else millis / 1000
+        file = OutputFile(file_id, name, content_type, size, seconds)
         headers = {"etag": f'"{file_id}-{size}"', "cache-control": "private, max-age=0"}
         return serve_file(request, file, headers)
 

@@ -31,6 +31,8 @@ _HELP = {
     "requeue_rate": "Chance, per runner attempt, that a running request goes back to the queue "
     "with a new gateway_request_id.",
     "requeue_limit": "At most this many re-queues per request.",
+    "concurrency_limit": "fal's account cap: at most this many requests run at once; the rest "
+    "wait in the queue, normal priority before low, FIFO inside each ('none': no cap).",
     "webhook_duplicate_rate": "Share of webhooks delivered twice.",
     "webhook_duplicate_delay": "Seconds between a webhook and its duplicate.",
     "webhook_drop_rate": "Share of webhooks never sent.",

@@ -100,6 +100,9 @@ class SimConfig(BaseModel):
     cancel_stop_rate: float = _RATE
     requeue_rate: float = _RATE
     requeue_limit: int = Field(default=3, ge=0, le=20)
+    # fal's account concurrency cap: at most this many requests run at once, the rest
+    # wait in the queue (normal priority first, then low; FIFO inside each). None: no cap
+    concurrency_limit: int | None = Field(default=None, ge=1)
     # webhook delivery
     webhook_duplicate_rate: float = _RATE
     webhook_duplicate_delay: str = "0.05:0.5"
@@ -140,7 +143,7 @@ class SimConfig(BaseModel):
     fal_key: str | None = None
     admin_key: str | None = None
 
-    @field_validator("cdn_default_lifetime", mode="before")
+    @field_validator("cdn_default_lifetime", "concurrency_limit", mode="before")
     @classmethod
     def _lifetime(cls, value: Any) -> Any:
         if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):

@@ -15,6 +15,11 @@ How a request can end, and what fal shows for it (docs/simulator.md, "Outcomes")
 - canceled: a cancel removed it from the queue, or (a `cancel_stop_rate` share) the app
   stopped when signalled: result 499 `client_cancelled`, not billed. A running request
   is otherwise only signalled, finishes and is billed.
+
+Under `concurrency_limit` (fal's account cap) a request whose queue delay has passed
+still waits for a free slot; free slots go to `normal` priority before `low`, FIFO by
+submit order inside each, and the request's whole timeline moves by that wait. A
+request holds its slot from its start until it ends (re-queued attempts included).
 """
 
 from __future__ import annotations
@@ -156,6 +161,11 @@ class SimRequest:
     webhook_bytes: bytes | None = None
     #: X-Fal-Tags as sent (values exactly as on the wire)
     tags: dict[str, str] = field(default_factory=dict)
+    #: waiting for a slot under the concurrency cap (its timeline is not fixed yet)
+    awaiting_slot: bool = False
+    #: when start_timeout ends a request still waiting for a slot
+    slot_deadline: float | None = None
+    slot_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def start_mono(self) -> float:
@@ -231,6 +241,9 @@ class Engine:
         self.finish_listeners: list[Callable[[SimRequest], None]] = []
         # called with each request as it is created (the Platform API's request list)
         self.submit_listeners: list[Callable[[SimRequest], None]] = []
+        # the concurrency cap: requests waiting for a slot (submit order) and slot holders
+        self.waiting: dict[str, SimRequest] = {}
+        self.holding: set[str] = set()
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -257,6 +270,8 @@ class Engine:
         await self._cancel_tasks()
         self.config = config
         self.requests.clear()
+        self.waiting.clear()
+        self.holding.clear()
         self.files.clear()
         self.deliveries.clear()
         self.counter = 0
@@ -269,6 +284,7 @@ class Engine:
         """Apply new knobs to requests submitted from now on; API fault draws restart."""
         self.config = config
         self.api_draws = 0
+        self._pump()  # a raised or removed cap frees slots now
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -400,6 +416,12 @@ class Engine:
         if not sync and self.validation_stage(endpoint) == "run":
             req.validation_errors = validate_inputs(endpoint, inputs)
         self.requests[request_id] = req
+        early = decisions.early and webhook_url
+        if cfg.concurrency_limit is not None and timeout_mono is None and not early:
+            req.awaiting_slot = True
+            if lifecycle.start_timeout is not None:
+                req.slot_deadline = now_mono + lifecycle.start_timeout
+            self.waiting[request_id] = req
         for listener in self.submit_listeners:
             try:
                 listener(req)
@@ -421,10 +443,47 @@ class Engine:
 
     async def _lifecycle(self, req: SimRequest) -> None:
         while req.state not in TERMINAL:
+            if req.awaiting_slot:
+                await self._await_slot(req)
+                continue
             delay = req.end_mono - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             self.refresh(req)
+
+    async def _await_slot(self, req: SimRequest) -> None:
+        """Wait until the cap grants this request a slot, or its start_timeout passes."""
+        now = time.monotonic()
+        if now >= req.attempts[0].start:
+            self._pump()
+        if req.awaiting_slot:
+            wakes = [t for t in (req.attempts[0].start, req.slot_deadline) if t and t > now]
+            timeout = min(wakes) - now if wakes else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(req.slot_event.wait(), timeout)
+        self.refresh(req)
+
+    def _pump(self) -> None:
+        """Give free slots to waiting requests whose queue delay has passed: normal first."""
+        if not self.waiting:
+            return
+        limit = self.config.concurrency_limit
+        free = len(self.waiting) if limit is None else limit - len(self.holding)
+        if free <= 0:
+            return
+        now = time.monotonic()
+        ready = [r for r in self.waiting.values() if now >= r.attempts[0].start]
+        ready.sort(key=lambda r: (r.lifecycle.priority != "normal", r.index))
+        for req in ready[:free]:
+            shift = now - req.attempts[0].start
+            for attempt in req.attempts:
+                attempt.start += shift
+                attempt.stop += shift
+            req.end_mono += shift
+            req.awaiting_slot = False
+            del self.waiting[req.request_id]
+            self.holding.add(req.request_id)
+            req.slot_event.set()
 
     # ----- state -----------------------------------------------------------------------------
 
@@ -433,6 +492,10 @@ class Engine:
         if req.state in TERMINAL:
             return req.state
         now = time.monotonic()
+        if req.awaiting_slot:
+            if req.slot_deadline is not None and now >= req.slot_deadline:
+                self._finish(req, "failed", "start_timeout")
+            return req.state
         if req.timeout_mono is not None:
             if now >= req.timeout_mono:
                 self._finish(req, "failed", "start_timeout")
@@ -465,6 +528,12 @@ class Engine:
         if state == "completed":
             self._publish_output(req)
         req.done.set()
+        req.awaiting_slot = False
+        req.slot_event.set()
+        self.waiting.pop(req.request_id, None)
+        if req.request_id in self.holding:
+            self.holding.discard(req.request_id)
+            self._pump()
         for listener in self.finish_listeners:
             try:
                 listener(req)
@@ -489,10 +558,12 @@ class Engine:
         return "CANCELLATION_REQUESTED"
 
     def queue_position(self, req: SimRequest) -> int:
+        """Requests of the same app served before this one (normal priority goes first)."""
+        rank = (req.lifecycle.priority != "normal", req.index)
         return sum(
             1
             for other in self.requests.values()
-            if other.index < req.index
+            if (other.lifecycle.priority != "normal", other.index) < rank
             and other.app_path == req.app_path
             and self.refresh(other) == "queued"
         )
@@ -569,8 +640,14 @@ class Engine:
         if self.config.cdn_mode == "signed":
             path = f"/files/b/{file.file_id}/{file.file_name}"
             expires = math.ceil(time.time() + self.config.cdn_url_ttl)
-            sig = self.url_signer.signature(f"{path}\n{file.file_size}", expires)
-            return f"{req.base_url}{path}?size={file.file_size}&exp={expires}&sig={sig}"
+            signed = f"{path}\n{file.file_size}"
+            length = ""
+            if file.seconds is not None:  # the header's duration is part of the file
+                millis = round(file.seconds * 1000)
+                signed += f"\n{millis}"
+                length = f"&ms={millis}"
+            sig = self.url_signer.signature(signed, expires)
+            return f"{req.base_url}{path}?size={file.file_size}{length}&exp={expires}&sig={sig}"
         return f"{req.base_url}{req.cdn_path}"
 
     def output(self, req: SimRequest) -> dict[str, Any]:
@@ -640,6 +717,9 @@ class Engine:
             "payloads_deleted": req.payloads_deleted,
             "submitted_at": req.submitted_wall,
             "started_at": req.started_wall,
+            "queue_wait": (
+                None if req.started_wall is None else req.started_wall - req.submitted_wall
+            ),
             "finished_at": req.finished_wall,
             "decisions": dict(req.decisions.__dict__),
             "tags": dict(req.tags),

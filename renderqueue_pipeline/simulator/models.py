@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -212,6 +213,8 @@ class OutputFile:
     file_name: str
     content_type: str
     file_size: int
+    #: a video's length: its MP4 header (moov/mvhd) states it; None = no header duration
+    seconds: float | None = None
 
 
 @dataclass(frozen=True)
@@ -294,7 +297,7 @@ def plan_output(
         width, height = height, width
     size = max(4096, int(BITRATES[resolution] * seconds / 8 * size_jitter))
     size = max(4096, int(size * size_scale))
-    file = OutputFile(file_id, "output.mp4", "video/mp4", size)
+    file = OutputFile(file_id, "output.mp4", "video/mp4", size, seconds)
     return PlannedOutput(
         family.name, "video", file, seed, seconds, width, height, seconds, family.output_seed
     )
@@ -305,13 +308,43 @@ def plan_output(
 _MP4_HEADER = b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00isomiso2avc1mp41"
 _JPEG_HEADER = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
 BLOCK = 64 * 1024
+#: the movie header's units per second (milliseconds, as most encoders write)
+MP4_TIMESCALE = 1000
+
+
+def mp4_moov(seconds: float, timescale: int = MP4_TIMESCALE) -> bytes:
+    """A `moov` box holding one version-0 `mvhd` that states `seconds`."""
+    mvhd_body = (
+        struct.pack(">B3xIIII", 0, 0, 0, timescale, round(seconds * timescale))
+        + struct.pack(">IH10x", 0x00010000, 0x0100)  # rate 1.0, volume 1.0, reserved
+        + struct.pack(">9I", 0x10000, 0, 0, 0, 0x10000, 0, 0, 0, 0x40000000)  # unity matrix
+        + bytes(24)  # pre_defined
+        + struct.pack(">I", 2)  # next_track_ID
+    )
+    mvhd = struct.pack(">I4s", 8 + len(mvhd_body), b"mvhd") + mvhd_body
+    return struct.pack(">I4s", 8 + len(mvhd), b"moov") + mvhd
+
+
+def mp4_head(file: OutputFile) -> bytes:
+    """The first bytes of a video file: ftyp, moov/mvhd (faststart), then mdat's header.
+
+    `mdat` fills the rest of the file, so the file is valid ISO-BMFF at any size (a 64-bit
+    mdat size past 4 GiB) and its header duration is the seconds the clip was produced with.
+    """
+    head = _MP4_HEADER
+    if file.seconds is not None:
+        head += mp4_moov(file.seconds)
+    rest = file.file_size - len(head)
+    if rest < 2**32:
+        return head + struct.pack(">I4s", rest, b"mdat")
+    return head + struct.pack(">I4sQ", 1, b"mdat", rest)
 
 
 def _block(file: OutputFile, index: int) -> bytes:
     """Block `index` of the file's bytes (full BLOCK size; the caller trims the last one)."""
     data = random.Random(f"cdn:{file.file_id}:{file.file_size}:{index}").randbytes(BLOCK)
     if index == 0:
-        header = _MP4_HEADER if file.content_type == "video/mp4" else _JPEG_HEADER
+        header = mp4_head(file) if file.content_type == "video/mp4" else _JPEG_HEADER
         data = header + data[len(header) :]
     return data
 

@@ -250,6 +250,8 @@ class BillingEvent(NamedTuple):
     percent_discount: float | None
     cost_estimate_nano_usd: int
     visible_at: float = 0.0  # not on the wire: when the event shows up in the API
+    #: the request's X-Fal-Tags as (key, value) pairs: what usage by tag groups on
+    tags: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> tuple[float, str]:
@@ -377,6 +379,8 @@ class BillingConfig(BaseModel):
     units_mismatch_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     units_mismatch_seconds: float = 1.0  # extra seconds billed for those requests
     percent_discount: dict[str, float] = Field(default_factory=dict)
+    #: fal reports usage by tag only once reporting is enabled for the account
+    usage_by_tag: bool = True
 
     def public(self) -> dict[str, Any]:
         data = self.model_dump()
@@ -467,7 +471,13 @@ class BillingBook:
             return
         inputs = req.inputs if isinstance(req.inputs, dict) else {}
         self.bill(
-            req.request_id, req.endpoint, inputs, seconds, req.submitted_wall, req.finished_wall
+            req.request_id,
+            req.endpoint,
+            inputs,
+            seconds,
+            req.submitted_wall,
+            req.finished_wall,
+            tags=req.tags,
         )
 
     def bill(
@@ -478,6 +488,8 @@ class BillingBook:
         seconds: float,
         submitted_at: float,
         finished_at: float,
+        *,
+        tags: dict[str, str] | None = None,
     ) -> BillingEvent | None:
         """Bill one successful request (None when the endpoint has no price here)."""
         cfg = self.config
@@ -500,6 +512,7 @@ class BillingBook:
                 percent_discount=discount,
                 cost_estimate_nano_usd=discounted_nanos(price.cost_nanos(units), discount),
                 visible_at=finished_at + cfg.billing_delay,
+                tags=tuple(sorted((tags or {}).items())),
             )
             self._insert(event)
         return event
@@ -727,10 +740,26 @@ def build_platform_app(book: BillingBook, keys: ApiKeys | None = None) -> Starle
         timeframe = request.query_params.get("timeframe", "day")
         if timeframe not in ("hour", "day", "week", "month"):
             raise ApiError(422, "validation_error", f"timeframe: unknown {timeframe!r}")
+        group_by = request.query_params.get("group_by") or ""
+        if group_by not in ("", "tag"):
+            raise ApiError(422, "validation_error", f"group_by: expected 'tag', got {group_by!r}")
+        tag_filters = tag_filters_of(request)
+        if (group_by or tag_filters) and not book.config.usage_by_tag:
+            raise ApiError(
+                400,
+                "feature_not_enabled",
+                "usage by tag is not enabled for this account (fal enables it on request)",
+            )
+        if group_by:
+            return JSONResponse(
+                usage_by_tag(book, start, end, now, endpoint_ids, request, tag_filters)
+            )
         totals: dict[str, list[float]] = {}
         buckets: dict[tuple[str, str], list[float]] = {}
         for event in book.iter_events(start, end, None, now):
             if endpoint_ids and event.endpoint_id not in endpoint_ids:
+                continue
+            if not tagged_with(event, tag_filters):
                 continue
             total = totals.setdefault(event.endpoint_id, [0.0, 0])
             total[0] += event.output_units
@@ -876,7 +905,10 @@ def build_platform_app(book: BillingBook, keys: ApiKeys | None = None) -> Starle
 
     async def list_events(_: Request) -> Response:
         return JSONResponse(
-            [{**e.as_json(), "visible_at": iso(e.visible_at)} for e in book.events()]
+            [
+                {**e.as_json(), "visible_at": iso(e.visible_at), "tags": dict(e.tags)}
+                for e in book.events()
+            ]
         )
 
     return Starlette(
@@ -895,6 +927,76 @@ def build_platform_app(book: BillingBook, keys: ApiKeys | None = None) -> Starle
             Route("/_sim/billing/synthetic", post_synthetic, methods=["POST"]),
         ]
     )
+
+
+def tag_filters_of(request: Request) -> dict[str, str]:
+    """`tag=key:value` (repeatable, or comma-separated): only requests carrying every one."""
+    filters: dict[str, str] = {}
+    for value in request.query_params.getlist("tag"):
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            key, sep, tag_value = part.strip().partition(":")
+            if not sep or not key:
+                raise ApiError(422, "validation_error", f"tag: expected key:value, got {part!r}")
+            filters[key] = tag_value
+    return filters
+
+
+def tagged_with(event: BillingEvent, filters: dict[str, str]) -> bool:
+    if not filters:
+        return True
+    tags = dict(event.tags)
+    return all(tags.get(key) == value for key, value in filters.items())
+
+
+def usage_by_tag(
+    book: BillingBook,
+    start: float,
+    end: float,
+    now: float,
+    endpoint_ids: set[str],
+    request: Request,
+    tag_filters: dict[str, str],
+) -> dict[str, Any]:
+    """`group_by=tag&tag_key=k`: quantity, cost and request count per (endpoint, value of
+    tag k) over the range; requests without tag k are one group with `tag_value` null.
+    Without `tag_key`, one group per (endpoint, key, value) of every tag a request carried
+    (a request counts once under each of its tags). Unverified shape: docs/simulator.md."""
+    wanted_key = request.query_params.get("tag_key") or None
+    groups: dict[tuple[str, str | None, str | None], list[float]] = {}
+    for event in book.iter_events(start, end, None, now):
+        if endpoint_ids and event.endpoint_id not in endpoint_ids:
+            continue
+        if not tagged_with(event, tag_filters):
+            continue
+        tags = dict(event.tags)
+        if wanted_key is not None:
+            pairs: list[tuple[str | None, str | None]] = [(wanted_key, tags.get(wanted_key))]
+        else:
+            pairs = list(tags.items()) or [(None, None)]
+        for key, value in pairs:
+            slot = groups.setdefault((event.endpoint_id, key, value), [0.0, 0, 0])
+            slot[0] += event.output_units
+            slot[1] += event.cost_estimate_nano_usd
+            slot[2] += 1
+    summary = [
+        {
+            "endpoint_id": endpoint,
+            "tag_key": key,
+            "tag_value": value,
+            "unit": SECOND,
+            "quantity": round(quantity, 6),
+            "requests": int(requests),
+            "cost": nanos / 1e9,
+            "cost_nano_usd": int(nanos),
+            "currency": "USD",
+        }
+        for (endpoint, key, value), (quantity, nanos, requests) in sorted(
+            groups.items(), key=lambda item: (item[0][0], item[0][1] or "", item[0][2] or "")
+        )
+    ]
+    return {"summary": summary, "next_cursor": None, "has_more": False}
 
 
 def bucket_of(wall: float, timeframe: str) -> str:
@@ -934,6 +1036,7 @@ def event_from_json(item: dict[str, Any]) -> BillingEvent:
         percent_discount=discount,
         cost_estimate_nano_usd=int(nanos),
         visible_at=parse_time("visible_at", item.get("visible_at"), timestamp),
+        tags=tuple(sorted((str(k), str(v)) for k, v in (item.get("tags") or {}).items())),
     )
 
 
@@ -954,7 +1057,7 @@ def request_entry(req: SimRequest, payloads: bool, engine: Engine | None) -> dic
     """One entry of the request list (field names: see docs/simulator.md; unverified)."""
     if req.ending is not None:
         state = "COMPLETED"
-    elif req.attempts and time.monotonic() >= req.start_mono:
+    elif req.attempts and not req.awaiting_slot and time.monotonic() >= req.start_mono:
         state = "IN_PROGRESS"
     else:
         state = "IN_QUEUE"

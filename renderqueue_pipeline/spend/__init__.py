@@ -17,12 +17,16 @@ from renderqueue_pipeline.spend.reconcile import (
     reconcile_range,
     summarize,
 )
+from renderqueue_pipeline.spend.tags import TagComparison, TagTotal, compare_usage_by_tag
 
 __all__ = [
     "BillingLoad",
     "PriceSync",
     "Reconciliation",
+    "TagComparison",
+    "TagTotal",
     "apply_billed",
+    "compare_usage_by_tag",
     "day_range",
     "load_billing_events",
     "month_range",

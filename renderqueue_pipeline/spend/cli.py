@@ -36,7 +36,13 @@ def spend() -> None:
     type=click.IntRange(0, 1000),
     help="How many of the largest differences to list.",
 )
-def reconcile(month: str, load: bool, apply: bool, top: int) -> None:
+@click.option(
+    "--by-tag",
+    is_flag=True,
+    help="Also compare our per-user and per-batch totals with fal's usage by tag "
+    "(rq_user, rq_batch; needs usage by tag enabled for the account).",
+)
+def reconcile(month: str, load: bool, apply: bool, top: int, by_tag: bool) -> None:
     """Load fal's billing events for MONTH, classify every request, print the summary."""
     from renderqueue_pipeline.db.connect import connect
     from renderqueue_pipeline.db.migrate import migrate
@@ -45,6 +51,7 @@ def reconcile(month: str, load: bool, apply: bool, top: int) -> None:
     from renderqueue_pipeline.settings import get_settings
     from renderqueue_pipeline.spend import (
         apply_billed,
+        compare_usage_by_tag,
         load_billing_events,
         month_range,
         reconcile_range,
@@ -79,6 +86,10 @@ def reconcile(month: str, load: bool, apply: bool, top: int) -> None:
             changed = apply_billed(conn, start, end)
             click.echo(f"{changed:,} generations now carry fal's figure (cost_basis 'billed')")
         result = summarize(conn, start, end, largest=top)
+        tags = None
+        if by_tag:
+            with FalPlatform.from_settings(settings) as platform:
+                tags = compare_usage_by_tag(conn, platform, start, end)
     click.echo(f"\nbilling reconciliation {month} ({result.requests:,} requests)")
     for outcome, total in sorted(result.outcomes.items()):
         click.echo(
@@ -99,6 +110,17 @@ def reconcile(month: str, load: bool, apply: bool, top: int) -> None:
             click.echo(
                 f"  {row['request_id']}  {row['endpoint']}  {row['outcome']}{why}: "
                 f"ours {dollars(row['our_micros'] or 0)}, fal {dollars(row['fal_micros'] or 0)}"
+            )
+    if tags is not None:
+        click.echo(
+            f"\nfal's usage by tag: {len(tags.totals)} values compared, "
+            f"{len(tags.differences)} differ"
+        )
+        for total in tags.differences[: top or None]:
+            row = total.as_row()
+            click.echo(
+                f"  {row['tag']}: ours {dollars(row['our_micros'])} ({row['our_requests']} "
+                f"requests), fal {dollars(row['fal_micros'])} ({row['fal_requests']} requests)"
             )
 
 

@@ -73,6 +73,9 @@ def serve(
     # bound here, before workers fork, so `--port 0` can say which port it got: a caller
     # reads it back instead of guessing a free port (which another process may take first)
     sock = config.bind_socket()
+    # listening at once: a caller that read the port may connect before uvicorn starts
+    # serving (it waits in the backlog) instead of being refused
+    sock.listen(config.backlog)
     click.echo(f"# webhook receiver serving on http://{host}:{sock.getsockname()[1]}")
     sys.stdout.flush()
     if workers > 1:

@@ -158,3 +158,8 @@ update generations
                                                   * power(2, fal_delete_attempts),
                                                   %(max_backoff_seconds)s)) end
  where id = %(id)s and fal_delete_status = 'pending';
+
+-- name: archive_apply_measured_seconds
+-- The length the archived video's header states prices the row (null seconds: it could
+-- not be read, and the reason is recorded): sql/145_clips_priced_from_their_measured_length.sql.
+select rq_apply_measured_seconds(%(id)s, %(seconds)s, %(problem)s) as applied;

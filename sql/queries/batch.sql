@@ -230,3 +230,15 @@ from m, rq_budget_figures(%(user_id)s, m.month) f;
 
 -- name: current_utc_month
 select date_trunc('month', rq_now() at time zone 'utc')::date as month;
+
+-- name: our_requests_waiting_at_fal
+-- Our requests fal has not finished for one endpoint, by user (the fan-out's queued bound
+-- and fair share, docs/batch.md "Fairness"): `submitted` rows, i.e. queued or running at
+-- fal (running ones are at most the account's cap). Rows older than the window are
+-- ignored, so a lost webhook cannot stop batches for ever. Served by
+-- generations_endpoint_status_idx.
+select user_id, count(*)::int as waiting
+from generations
+where endpoint = %(endpoint)s and status = 'submitted'
+  and created_at > rq_now() - make_interval(secs => %(window_seconds)s)
+group by user_id;

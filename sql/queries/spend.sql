@@ -285,3 +285,39 @@ values (%(endpoint)s, %(resolution)s, %(with_audio)s, %(micros_per_second)s,
         %(effective_from)s, %(price_version)s, %(source)s)
 on conflict do nothing
 returning id;
+
+-- Our totals per user (tag_key 'rq_user') or per batch ('rq_batch') beside fal's usage by
+-- that tag (fal's groups passed in as arrays: tag value, requests, nano-dollars), one row
+-- per value either side has. Ours: the generations created in [start, end) that the
+-- ledger says completed, at our own figure (computed_cost_micros when fal's bill replaced
+-- cost_micros). fal's: nano-dollars summed per value, then rounded once, half up. A null
+-- value is "no such tag" at fal and "not in a batch" in the ledger. `differs` allows 1
+-- micro-dollar per request (ours are rounded per request, fal's once per group).
+-- name: spend_compare_usage_by_tag
+with ours as (
+  select case %(tag_key)s when 'rq_user' then g.user_id::text
+                          when 'rq_batch' then bi.batch_id::text end as tag_value,
+         count(*) as requests,
+         sum(coalesce(g.computed_cost_micros, g.cost_micros))::bigint as micros
+  from generations g
+  left join batch_items bi on bi.id = g.batch_item_id
+  where g.status = 'completed' and g.created_at >= %(start)s and g.created_at < %(end)s
+  group by 1
+),
+fals as (
+  select f.tag_value, sum(f.requests)::bigint as requests,
+         rq_nanos_to_micros(sum(f.nanos)::bigint) as micros
+  from unnest(%(tag_values)s::text[], %(requests)s::bigint[], %(nanos)s::bigint[])
+       as f (tag_value, requests, nanos)
+  group by 1
+)
+select coalesce(o.tag_value, f.tag_value) as tag_value,
+       coalesce(o.requests, 0) as our_requests, coalesce(o.micros, 0) as our_micros,
+       coalesce(f.requests, 0) as fal_requests, coalesce(f.micros, 0) as fal_micros,
+       coalesce(f.micros, 0) - coalesce(o.micros, 0) as difference_micros,
+       abs(coalesce(f.micros, 0) - coalesce(o.micros, 0))
+         > greatest(coalesce(o.requests, 0), coalesce(f.requests, 0), 1) as differs
+from ours o
+-- tag values of ours are decimal ids: '' stands for "none" on both sides
+full join fals f on coalesce(f.tag_value, '') = coalesce(o.tag_value, '')
+order by abs(coalesce(f.micros, 0) - coalesce(o.micros, 0)) desc, 1;

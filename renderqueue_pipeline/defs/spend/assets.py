@@ -8,9 +8,11 @@ import dagster as dg
 from renderqueue_pipeline.defs.freshness.policies import daily_billing_policy
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.spend.resources import FalPlatformResource
+from renderqueue_pipeline.fal_platform import FalPlatformAuthError, FalPlatformError
 from renderqueue_pipeline.ledger.report import dollars
 from renderqueue_pipeline.spend import (
     apply_billed,
+    compare_usage_by_tag,
     day_range,
     load_billing_events,
     month_range,
@@ -18,6 +20,7 @@ from renderqueue_pipeline.spend import (
     summarize,
     sync_prices,
 )
+from renderqueue_pipeline.spend.tags import TagComparison
 
 spend_daily_partition = dg.DailyPartitionsDefinition(start_date="2026-01-01", end_offset=1)
 spend_monthly_partition = dg.MonthlyPartitionsDefinition(start_date="2026-01-01", end_offset=1)
@@ -131,20 +134,39 @@ def billing_reconciliation(
         dg.AssetCheckSpec(
             "no_billed_request_unknown_to_ledger", asset="billing_reconciliation_monthly"
         ),
+        dg.AssetCheckSpec(
+            "fal_usage_by_tag_matches_ledger", asset="billing_reconciliation_monthly"
+        ),
     ],
 )
 def billing_reconciliation_monthly(
-    context: dg.AssetExecutionContext, config: MonthlyCheckConfig, ledger: LedgerDatabase
+    context: dg.AssetExecutionContext,
+    config: MonthlyCheckConfig,
+    ledger: LedgerDatabase,
+    fal_platform: FalPlatformResource,
 ) -> dg.MaterializeResult:
-    """The month: our computed total, fal's billed total, the difference, the top findings."""
+    """The month: our computed total, fal's billed total, the difference, the top findings,
+    and our per-user and per-batch totals beside fal's usage by tag (rq_user, rq_batch)."""
     start, end = month_range(context.partition_key)
     threshold = (
         config.threshold_percent
         if config.threshold_percent is not None
         else _settings().billing_threshold_percent
     )
-    with ledger.connect() as conn:
+    with ledger.connect() as conn, fal_platform.client() as platform:
         result = summarize(conn, start, end, largest=10)
+        try:
+            by_tag = compare_usage_by_tag(conn, platform, start, end)
+            tag_error = ""
+        except FalPlatformAuthError:
+            raise
+        except FalPlatformError as exc:  # e.g. usage by tag not enabled for the account
+            by_tag, tag_error = TagComparison(start, end), str(exc)
+    tag_table = "\n".join(
+        f"| {r['tag']} | {r['our_requests']} | {dollars(r['our_micros'])} | "
+        f"{r['fal_requests']} | {dollars(r['fal_micros'])} | {r['difference_micros']} |"
+        for r in (t.as_row() for t in by_tag.differences[:20])
+    )
     table = "\n".join(
         f"| {r['request_id']} | {r['endpoint']} | {r['outcome']} | {r['reason'] or ''} | "
         f"{dollars(r['our_micros'] or 0)} | {dollars(r['fal_micros'] or 0)} |"
@@ -161,6 +183,11 @@ def billing_reconciliation_monthly(
                 "| request | endpoint | outcome | why | ours | fal |\n|---|---|---|---|---|---|\n"
                 + table
             ),
+            **by_tag.as_metadata(),
+            "usage_by_tag_differences": dg.MetadataValue.md(
+                "| tag | our requests | ours | fal requests | fal | fal - ours (micro-$) |\n"
+                "|---|---|---|---|---|---|\n" + tag_table
+            ),
         },
         check_results=[
             dg.AssetCheckResult(
@@ -176,6 +203,17 @@ def billing_reconciliation_monthly(
                 check_name="no_billed_request_unknown_to_ledger",
                 passed=unknown == 0,
                 metadata={"unknown_to_ledger": unknown},
+            ),
+            dg.AssetCheckResult(
+                check_name="fal_usage_by_tag_matches_ledger",
+                passed=not by_tag.differences and not tag_error,
+                metadata={
+                    **by_tag.as_metadata(),
+                    "fal_usage_by_tag_error": tag_error,
+                    "differing": dg.MetadataValue.json(
+                        [t.as_row() for t in by_tag.differences[:50]]
+                    ),
+                },
             ),
         ],
     )

@@ -1,6 +1,6 @@
 """`submit_batch` (one prompts file -> one batch) and `cancel_batch`."""
 
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
 from pydantic import Field
@@ -60,6 +60,11 @@ class SubmitBatchConfig(dg.Config):
         "over budget (none: no batch cap; users' monthly budgets still apply).",
     )
     concurrency: int = Field(default=16, description="Requests in flight to fal (1-256).")
+    priority: Literal["low", "normal"] = Field(
+        default="low",
+        description="fal queue priority of the batch's requests (low: a product's submits, "
+        "at normal, start first under the account's concurrency cap).",
+    )
     resubmit_unknown: bool = Field(
         default=False,
         description="Resend items whose outcome is unknown after a crash, only those fal's "
@@ -79,6 +84,7 @@ def _options(config: SubmitBatchConfig) -> BatchOptions:
         ),
         concurrency=config.concurrency,
         resubmit_unknown=config.resubmit_unknown,
+        priority=config.priority,
         content_version=config.content_version,
     )
 

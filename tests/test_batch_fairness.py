@@ -1,0 +1,105 @@
+"""Batch work yields and users take turns: priority, round-robin by user, the queued bound.
+
+All against the fal simulator (its ground truth shows what fal saw, in arrival order) and
+the real ledger; the bound test also runs the real webhook receiver, whose deliveries are
+what lets the fan-out go on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from batch_helpers import SEEDANCE, prompts, write_csv
+from webhook_helpers import serving
+
+from renderqueue_pipeline.batch import BatchOptions, BatchResult, submit_batch_file
+from renderqueue_pipeline.batch.single import submit_prompt
+from renderqueue_pipeline.settings import get_settings
+from renderqueue_pipeline.simulator.testing import RunningSimulator
+from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def submit(path: Path, ledger_url: str, **options) -> BatchResult:
+    options.setdefault("default_endpoint", SEEDANCE)
+    return submit_batch_file(path.as_uri(), BatchOptions(**options), ledger_url=ledger_url)
+
+
+def arrivals(sim: RunningSimulator) -> list[dict]:
+    """Every request fal was given, in the order it arrived."""
+    return sorted(sim.control.ground_truth(), key=lambda t: t["index"])
+
+
+@pytest.fixture
+def max_queued(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("RENDERQUEUE_FAL_MAX_QUEUED", "3")
+    get_settings.cache_clear()
+    yield
+    monkeypatch.delenv("RENDERQUEUE_FAL_MAX_QUEUED")
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def webhook_url(
+    fal_sim: RunningSimulator, ledger_url: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    """A real receiver on the ledger; batch submissions ask fal to deliver to it."""
+    with serving(create_app(ReceiverConfig(ledger_url, fal_sim.jwks_url))) as url:
+        monkeypatch.setenv("RENDERQUEUE_WEBHOOK_URL", f"{url}/webhooks/fal")
+        get_settings.cache_clear()
+        try:
+            yield f"{url}/webhooks/fal"
+        finally:
+            monkeypatch.delenv("RENDERQUEUE_WEBHOOK_URL")
+            get_settings.cache_clear()
+
+
+def test_batch_requests_go_at_low_priority_and_a_single_submit_at_normal(
+    fal_sim: RunningSimulator, ledger_url: str, tmp_path: Path
+) -> None:
+    submit(write_csv(tmp_path / "batch.csv", prompts(3, tag="batch")), ledger_url)
+    submit(
+        write_csv(tmp_path / "urgent.csv", prompts(2, tag="urgent")),
+        ledger_url,
+        priority="normal",
+    )
+    submit_prompt(7, SEEDANCE, "single", {"duration": "5"}, ledger_url=ledger_url)
+    seen = {t["inputs"]["prompt"].split(" ")[0]: t["priority"] for t in arrivals(fal_sim)}
+    assert seen == {"batch": "low", "urgent": "normal", "single": "normal"}
+
+
+def test_a_small_users_rows_are_sent_among_the_first_not_after_a_big_users(
+    fal_sim: RunningSimulator, ledger_url: str, tmp_path: Path
+) -> None:
+    rows = prompts(40, user_id=101, tag="big") + prompts(6, user_id=202, tag="small")
+    result = submit(write_csv(tmp_path / "two-users.csv", rows), ledger_url, concurrency=1)
+    assert result.report.counts["submitted"] == 46
+    order = [t["inputs"]["prompt"].split(" ")[0] for t in arrivals(fal_sim)]
+    small_positions = [i for i, who in enumerate(order) if who == "small"]
+    assert max(small_positions) < 15, order
+    assert order[:12] == ["big", "small"] * 6  # users take turns
+    # inside one user, the file's order is kept
+    big = [t["inputs"]["prompt"] for t in arrivals(fal_sim) if t["inputs"]["prompt"][:3] == "big"]
+    assert [int(p.split(" ")[1].rstrip(":")) for p in big] == list(range(40))
+
+
+def test_the_fan_out_pauses_at_the_queued_bound_and_resumes_as_fal_finishes(
+    fal_sim: RunningSimulator,
+    webhook_url: str,
+    max_queued: None,
+    ledger_url: str,
+    tmp_path: Path,
+) -> None:
+    fal_sim.control.set_faults(concurrency_limit=1, queue_delay="0", run_time="0.3")
+    result = submit(write_csv(tmp_path / "bounded.csv", prompts(10)), ledger_url, concurrency=8)
+    assert result.report.counts["submitted"] == 10  # it resumed every time, to the end
+    truth = arrivals(fal_sim)
+    for entry in truth:  # when each arrived, how many of ours were waiting at fal
+        at = entry["submitted_at"]
+        waiting = [t for t in truth if t["submitted_at"] <= at and (t["finished_at"] or 1e12) > at]
+        assert len(waiting) <= 3, (entry["index"], len(waiting))
+    assert result.stats.waited_for_fal_queue > 0  # it did pause
+    fal_sim.control.set_faults(concurrency_limit=None)
