@@ -19,9 +19,9 @@ from renderqueue_pipeline.db.server import embedded_url, psycopg_url, with_datab
 REPO = Path(__file__).resolve().parent.parent
 TEST_HOME = Path(os.environ.get("RENDERQUEUE_TEST_HOME", REPO / ".renderqueue" / "test"))
 
-pytest_plugins = (
-    ["fal_sim_plugin"] if (Path(__file__).parent / "fal_sim_plugin.py").exists() else []
-)
+#: Fixture modules registered once for every test: a test names a fixture as a parameter
+#: and never imports it (tests import their plain helpers from these modules as usual).
+pytest_plugins = ["fal_sim_plugin", "spend_helpers"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

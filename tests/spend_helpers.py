@@ -1,6 +1,7 @@
 """Fixtures and helpers of the spend tests: the simulator's Platform API and real submits.
 
-Import the fixtures into a test module (`from spend_helpers import fal_billing, ...`).
+Registered as a pytest plugin in tests/conftest.py: tests name `fal_billing` or `platform_server`
+as a parameter and import only the plain helpers (`submit`, `settle`, `ADMIN_KEY`, ...).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from hypothesis.stateful import (
 )
 from psycopg import sql
 from psycopg.rows import dict_row
-from spend_helpers import ADMIN_KEY, SPEND_TABLES, platform_server  # noqa: F401 (fixture)
+from spend_helpers import ADMIN_KEY, SPEND_TABLES
 from starlette.testclient import TestClient
 
 from renderqueue_pipeline.db.migrate import migrate
@@ -323,7 +323,7 @@ def env(
     make_database: Callable[[], str],
     admin_url: str,
     fal_simulator: RunningSimulator,
-    platform_server: PlatformServer,  # noqa: F811
+    platform_server: PlatformServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Env]:
     """A migrated database of this module's own (its clock is set per database), the

@@ -1,7 +1,6 @@
 """fal's Platform APIs through our client, against the simulator: prices kept current,
 pagination, the 90-day cap, and a refused admin key."""
 
-# ruff: noqa: F401, F811  (pytest fixtures imported from spend_helpers)
 from __future__ import annotations
 
 import datetime as dt
@@ -10,15 +9,7 @@ import sys
 
 import httpx
 import pytest
-from spend_helpers import (
-    ADMIN_KEY,
-    billed_month,
-    fal_billing,
-    platform_server,
-    settle,
-    submit,
-    window,
-)
+from spend_helpers import ADMIN_KEY, billed_month, settle, submit, window
 
 from renderqueue_pipeline.db.migrate import sql_dir
 from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformAuthError

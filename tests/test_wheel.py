@@ -93,7 +93,11 @@ def test_installed_wheel_runs_the_headless_demo_from_an_empty_directory(
         "PATH": f"{installed / 'bin'}{os.pathsep}{env.get('PATH', '')}",
     }
     where = subprocess.run(
-        [str(installed / "bin" / "python"), "-c", "import renderqueue_pipeline as r; print(r.__file__)"],
+        [
+            str(installed / "bin" / "python"),
+            "-c",
+            "import renderqueue_pipeline as r; print(r.__file__)",
+        ],
         cwd=workdir,
         env=env,
         check=True,
