@@ -11,11 +11,13 @@ its sql/ come from the wheel alone.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
+PROJECT_FILES = ("pyproject.toml", "dg.toml", "setup.py", "setup.cfg")
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +44,20 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def outside() -> Iterator[Path]:
+    """A folder outside the checkout, with no project file in any parent (pytest's own
+    temp folders are under the checkout here, where dagster would find pyproject.toml)."""
+    folder = Path(tempfile.mkdtemp(prefix="rq-wheel-"))
+    found = [p for p in (folder, *folder.parents) for n in PROJECT_FILES if (p / n).exists()]
+    assert not found, f"a project file above {folder}: {found}"
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, outside: Path) -> Path:
     """A fresh venv holding only the wheel; its dependencies come from this venv."""
-    venv = tmp_path_factory.mktemp("venv") / "venv"
+    venv = outside / "venv"
     subprocess.run(
         [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
     )
@@ -76,9 +90,9 @@ def test_wheel_ships_every_sql_file_of_the_repository_in_its_subfolders(wheel: P
 
 @pytest.mark.timeout(400)
 def test_installed_wheel_runs_the_headless_demo_from_an_empty_directory(
-    installed: Path, make_database: Callable[[], str], tmp_path: Path
+    installed: Path, outside: Path, make_database: Callable[[], str]
 ) -> None:
-    workdir = tmp_path / "empty"
+    workdir = outside / "empty"
     workdir.mkdir()
     env = {
         key: value
@@ -88,7 +102,7 @@ def test_installed_wheel_runs_the_headless_demo_from_an_empty_directory(
     }
     env |= {
         "DATABASE_URL": make_database(),  # empty: the wheel's own sql/ migrates it
-        "RENDERQUEUE_HOME": str(tmp_path / "home"),
+        "RENDERQUEUE_HOME": str(outside / "home"),
         "RENDERQUEUE_DAGSTER_DATABASE": os.environ["RENDERQUEUE_DAGSTER_DATABASE"],
         "PATH": f"{installed / 'bin'}{os.pathsep}{env.get('PATH', '')}",
     }
