@@ -9,8 +9,6 @@ from renderqueue_pipeline.defs.spend.assets import (
     billing_reconciliation_monthly,
     fal_billing_events,
     fal_prices,
-    spend_daily_partition,
-    spend_monthly_partition,
 )
 
 refresh_fal_prices = dg.define_asset_job(
@@ -22,7 +20,6 @@ refresh_fal_prices = dg.define_asset_job(
 reconcile_billing = dg.define_asset_job(
     "reconcile_billing",
     selection=[fal_billing_events, billing_reconciliation],
-    partitions_def=spend_daily_partition,
     description="Load one UTC day of fal's billing events and classify every request of it.",
     tags={"renderqueue/domain": "spend"},
 )
@@ -30,6 +27,5 @@ reconcile_billing = dg.define_asset_job(
 summarize_billing_month = dg.define_asset_job(
     "summarize_billing_month",
     selection=[billing_reconciliation_monthly],
-    partitions_def=spend_monthly_partition,
     description="The month's totals (ours, fal's, difference) and its checks.",
 )
