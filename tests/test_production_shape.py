@@ -54,6 +54,8 @@ from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.fal_gateway import FalGateway
 from renderqueue_pipeline.ledger import asubmit_generation
 
+pytestmark = pytest.mark.e2e  # whole-product runs: `make test`, not `make test-fast`
+
 hooks = json.loads(sys.argv[1])
 
 async def main():
