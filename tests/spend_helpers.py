@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -90,7 +91,10 @@ def fal_billing(
     engine = fal_sim.server.app.state.engine
     if book.record_completion not in engine.finish_listeners:
         attach(engine, book)
-    control = httpx.Client(base_url=platform_server.base_url, verify=str(fal_sim.ca_bundle))
+    control = httpx.Client(
+        base_url=platform_server.base_url,
+        verify=ssl.create_default_context(cafile=fal_sim.ca_bundle),
+    )
     try:
         yield FalBilling(platform_server, fal_sim, control)
     finally:

@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from datetime import timedelta
@@ -173,7 +174,10 @@ def test_the_request_list_filters_by_status_window_and_id_and_pages(
         later = list(platform.requests_by_endpoint(SEEDANCE, end, end + dt.timedelta(hours=1)))
         assert later == []
         assert list(platform.requests_by_endpoint("fal-ai/veo3.1", start, end)) == []
-    control = httpx.Client(base_url=fal_billing.server.api_url, verify=str(fal_sim.ca_bundle))
+    control = httpx.Client(
+        base_url=fal_billing.server.api_url,
+        verify=ssl.create_default_context(cafile=fal_sim.ca_bundle),
+    )
     with control:
         auth = {"Authorization": "Key admin-secret-key"}
         path = "/models/requests/by-endpoint"

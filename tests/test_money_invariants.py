@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import ssl
 import threading
 import time
 import uuid
@@ -339,7 +340,10 @@ def env(
     engine.finish_listeners[:] = [
         f for f in listeners[0] if getattr(f, "__self__", None) is not platform_server.book
     ]
-    billing = httpx.Client(base_url=platform_server.base_url, verify=str(fal_simulator.ca_bundle))
+    billing = httpx.Client(
+        base_url=platform_server.base_url,
+        verify=ssl.create_default_context(cafile=fal_simulator.ca_bundle),
+    )
     from renderqueue_pipeline.settings import get_settings
 
     with (

@@ -4,6 +4,7 @@ pagination, the 90-day cap, and a refused admin key."""
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 import subprocess
 import sys
 
@@ -251,6 +252,6 @@ def test_platform_api_needs_credentials(fal_billing) -> None:
     response = httpx.get(
         f"{fal_billing.api_url}/models/pricing",
         params={"endpoint_id": SEEDANCE},
-        verify=str(fal_billing.sim.ca_bundle),
+        verify=ssl.create_default_context(cafile=fal_billing.sim.ca_bundle),
     )
     assert response.status_code == 401
