@@ -160,6 +160,26 @@ def ledger_env(ledger_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     get_settings.cache_clear()
 
 
+@pytest.fixture
+def settings_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Set renderqueue settings through the environment for this test only:
+    `settings_env(NAME=value, OTHER=None)` sets (None: removes) and drops the cached
+    Settings; they are dropped again at the end, before the environment is restored, so
+    no value outlives the test, passed or failed."""
+    from renderqueue_pipeline.settings import get_settings
+
+    def set_env(**values: str | None) -> None:
+        for name, value in values.items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+
+    yield set_env
+    get_settings.cache_clear()
+
+
 # -- S3: moto's server over real HTTP on loopback, one for the whole session ------------------
 
 S3_ENV = {
