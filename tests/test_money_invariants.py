@@ -873,6 +873,7 @@ def _note(text: str) -> None:
 
 # a failing run shrinks its counterexample for minutes: more than the suite's 300 s default
 @pytest.mark.timeout(max(900, 30 * EXAMPLES))
+@pytest.mark.slow
 def test_money_invariants_hold_under_any_order_of_operations_across_month_ends(
     env: Env,
 ) -> None:

@@ -257,6 +257,7 @@ def test_an_admin_key_with_a_trailing_newline_works_for_spend_prices_and_is_neve
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.e2e
 def test_the_headless_demo_with_a_canary_key_leaves_it_nowhere(
     fal_sim: RunningSimulator,
     fal_billing: Any,
@@ -309,6 +310,7 @@ def test_the_headless_demo_with_a_canary_key_leaves_it_nowhere(
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.e2e
 def test_the_production_shape_stack_with_a_canary_key_leaves_it_nowhere(
     fal_sim: RunningSimulator,
     ledger_url: str,

@@ -75,6 +75,7 @@ def _parse_exports(text: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(400)  # four cold CLI starts: slow on a loaded 2-core machine
+@pytest.mark.e2e
 def test_serve_prints_env_at_once_and_runs_readme_examples(tmp_path: Path) -> None:
     port = free_port()
     platform_port = free_port()  # the Platform API's (default --port + 1 may be taken)
