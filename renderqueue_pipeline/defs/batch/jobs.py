@@ -18,7 +18,7 @@ from renderqueue_pipeline.batch import (
 from renderqueue_pipeline.batch.inbox import in_inbox
 from renderqueue_pipeline.dagster_home import DOMAIN_TAG
 from renderqueue_pipeline.defs.resources import LedgerDatabase
-from renderqueue_pipeline.defs.submission.resources import PromptsInbox
+from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.redact import redact
 

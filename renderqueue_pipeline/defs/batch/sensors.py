@@ -3,8 +3,8 @@
 import dagster as dg
 
 from renderqueue_pipeline.batch.inbox import plan_tick
-from renderqueue_pipeline.defs.submission.jobs import SUBMISSION_TAGS, submit_batch
-from renderqueue_pipeline.defs.submission.resources import PromptsInbox
+from renderqueue_pipeline.defs.batch.jobs import SUBMISSION_TAGS, submit_batch
+from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 
 MAX_RUNS_PER_TICK = 20
 

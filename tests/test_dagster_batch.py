@@ -20,14 +20,14 @@ import yaml
 from batch_helpers import SEEDANCE, dagster_instance, ledger_counts, prompts, write_csv
 
 from renderqueue_pipeline.defs.resources import LedgerDatabase
-from renderqueue_pipeline.defs.submission.jobs import (
+from renderqueue_pipeline.defs.batch.jobs import (
     SUBMISSION_TAGS,
     SUBMIT_BATCH_EXAMPLE,
     cancel_batch,
     submit_batch,
 )
-from renderqueue_pipeline.defs.submission.resources import PromptsInbox
-from renderqueue_pipeline.defs.submission.sensors import prompts_inbox_sensor
+from renderqueue_pipeline.defs.batch.resources import PromptsInbox
+from renderqueue_pipeline.defs.batch.sensors import prompts_inbox_sensor
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 
