@@ -35,7 +35,7 @@ class SpendReportConfig(dg.Config):
     specs=[
         dg.AssetSpec(
             name,
-            # the month's generations, with fal's billed figure the billing check applied
+            # the month's generations, with the billed figures billing_reconciliation wrote
             deps=[generations, billing_reconciliation],
             group_name=GROUP,
             kinds={"postgres"},
