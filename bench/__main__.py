@@ -232,12 +232,27 @@ def main(argv: list[str] | None = None) -> int:
     print_table(console, sections)
     console.print(
         f"{len(sections)} benchmark(s) in {(time.perf_counter() - started) / 60:.1f} minutes"
-        + (f" at scale {SCALE:g}" if SCALE != 1 else "")
+        + (f" at scale {SCALE:g} (bars shown, not enforced)" if SCALE != 1 else "")
     )
     # A run at another scale, or of some benchmarks only, is never the file's record.
     if not args.no_write and SCALE == 1 and args.names == BENCHMARKS:
         OUT.write_text(render_markdown(sections))
         console.print(f"wrote {OUT}")
+    return exit_status(sections, SCALE)
+
+
+def exit_status(sections: list[Section], scale: float) -> int:
+    """1 when a benchmark failed, or (at full size only) a bar was missed.
+
+    The bars are set for the full size: at a tenth of it fixed costs (process start-ups,
+    one-off set-up) weigh ten times as much and some baselines shrink to a few rows, so a
+    scaled run (`make bench-quick`) checks that every benchmark runs and its results are
+    right, and shows the ratios without enforcing them.
+    """
+    if any(s.error for s in sections):
+        return 1
+    if scale != 1:
+        return 0
     return 0 if all(s.ok for s in sections) else 1
 
 

@@ -31,7 +31,7 @@ from rich.console import Console
 from bench.common import BENCH_HOME, Figure, scaled, scratch_ledger
 from bench.memory import peak_rss_mb
 
-OUTPUTS = scaled(50, 8)
+OUTPUTS = scaled(50, 4)  # at least CONCURRENCY: every worker has an output
 TARGET_BYTES = 20_000_000
 LARGE_BYTES = scaled(1_000_000_000, 50_000_000)
 CONCURRENCY = 4

@@ -29,7 +29,7 @@ from bench.common import Figure, scaled, scratch_ledger
 STUCK = int(os.environ.get("BENCH_RECONCILE_STUCK", scaled(10_000, 500)))
 FINISHED = int(os.environ.get("BENCH_RECONCILE_FINISHED", scaled(1_000_000, 10_000)))
 CONCURRENCY = int(os.environ.get("BENCH_RECONCILE_CONCURRENCY", 16))
-SEQUENTIAL = 200  # rows of the same-run baseline: one pass at concurrency 1
+SEQUENTIAL = scaled(200, 40)  # rows of the same-run baseline: one pass at concurrency 1
 STATUS_LATENCY = 0.05
 FAILURE_RATE = 0.1
 SUBMIT_CONCURRENCY = 64

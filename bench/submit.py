@@ -2,7 +2,8 @@
 
 The fal simulator runs as its own process with a 100 ms submit latency; every submit
 goes through the real fal-client over TLS. The baseline is the seed article's loop:
-submit one prompt, insert its row, then the next (200 prompts). The measured run is
+submit one prompt, insert its row, then the next (200 prompts; the rate is flat, so
+`BENCH_SCALE` scales it too). The measured run is
 `submit_batch_file` (what the `submit_batch` job and `renderqueue batch submit` run) on a
 5,000-row CSV at concurrency 32: validation, budgets, intents, the fan-out and the ledger
 writes all included, 3 times (a new file each time): its ratio against the bound swung
@@ -37,7 +38,7 @@ ENDPOINT = "bytedance/seedance-2.0/text-to-video"
 LATENCY_S = 0.1
 CONCURRENCY = 32
 ROWS = scaled(5_000, 500)
-BASELINE_ROWS = 200
+BASELINE_ROWS = scaled(200, 40)
 MEMORY_ROWS = scaled(100_000, 5_000)
 MEMORY_CONCURRENCY = 64
 PROFILE_ROWS = scaled(1_000, 200)
@@ -208,6 +209,16 @@ class _Simulator:
                 time.sleep(0.2)
         raise RuntimeError("the simulator did not start")
 
+    def reset(self, **knobs: str) -> None:
+        """Forget every request so far and apply `knobs` (the control API's /_sim/reset)."""
+        from renderqueue_pipeline.simulator.testing import SimControl
+
+        control = SimControl(f"https://127.0.0.1:{self.port}", Path(self.env["SSL_CERT_FILE"]))
+        try:
+            control.reset(**knobs)
+        finally:
+            control.close()
+
     def stop(self) -> None:
         self.process.terminate()
         try:
@@ -229,34 +240,48 @@ def run(console: Console) -> list[Figure]:
         big = _write_prompts(work / "prompts-100k.csv", MEMORY_ROWS, "memory")
         profile_rows = _write_prompts(work / "prompts-profile.csv", PROFILE_ROWS, "profile")
 
-        with scratch_ledger() as ledger_url:
-            sim = _Simulator(work, LATENCY_S)
-            try:
+        # one simulator for every part, reset before each (its knobs, and no requests
+        # left running from the last part); each timed run on a fresh ledger, so the three
+        # runs are alike: none pays for the open rows of the one before
+        sim = _Simulator(work, LATENCY_S)
+        try:
+
+            def child(ledger_url: str, args: list[str], label: str, **knobs: str) -> dict:
+                sim.reset(**{"submit_latency": str(LATENCY_S), **knobs})
                 env = {**sim.env, "DATABASE_URL": ledger_url, "RENDERQUEUE_HOME": str(work)}
-                baseline = _run_child(
-                    ["baseline", ledger_url, str(BASELINE_ROWS)],
-                    env,
-                    console,
+                return _run_child([args[0], ledger_url, *args[1:]], env, console, label)
+
+            with scratch_ledger() as ledger_url:
+                baseline = child(
+                    ledger_url,
+                    ["baseline", str(BASELINE_ROWS)],
                     f"seed article's loop: {BASELINE_ROWS} prompts one at a time",
                 )
-                fanouts = [
-                    _run_child(
-                        ["batch", ledger_url, str(path), str(CONCURRENCY)],
-                        env,
-                        console,
-                        f"submit_batch_file: {ROWS:,} rows at concurrency {CONCURRENCY}"
-                        f" (run {i + 1} of {REPEATS})",
-                    )
-                    for i, path in enumerate(prompts)
-                ]
-                profiled = _run_child(
-                    ["profile", ledger_url, str(profile_rows), str(CONCURRENCY)],
-                    env,
-                    console,
+                profiled = child(
+                    ledger_url,
+                    ["profile", str(profile_rows), str(CONCURRENCY)],
                     f"submit_batch_file under cProfile: {PROFILE_ROWS:,} rows (not timed)",
                 )
-            finally:
-                sim.stop()
+            fanouts = []
+            for i, path in enumerate(prompts):
+                with scratch_ledger() as ledger_url:
+                    fanouts.append(
+                        child(
+                            ledger_url,
+                            ["batch", str(path), str(CONCURRENCY)],
+                            f"submit_batch_file: {ROWS:,} rows at concurrency {CONCURRENCY}"
+                            f" (run {i + 1} of {REPEATS})",
+                        )
+                    )
+            with scratch_ledger() as ledger_url:
+                memory = child(
+                    ledger_url,
+                    ["batch", str(big), str(MEMORY_CONCURRENCY)],
+                    f"submit_batch_file: {MEMORY_ROWS:,} rows (peak memory)",
+                    submit_latency="0",
+                )
+        finally:
+            sim.stop()
         per_row_ms = profiled["cpu_seconds"] / PROFILE_ROWS * 1000
         note(
             console,
@@ -265,20 +290,6 @@ def run(console: Console) -> list[Figure]:
         )
         for package, share in profiled["profile"]:
             note(console, f"    {share:6.1%}  {package}")
-
-        with scratch_ledger() as ledger_url:
-            (work / "memory").mkdir()
-            sim = _Simulator(work / "memory", 0.0)
-            try:
-                env = {**sim.env, "DATABASE_URL": ledger_url, "RENDERQUEUE_HOME": str(work)}
-                memory = _run_child(
-                    ["batch", ledger_url, str(big), str(MEMORY_CONCURRENCY)],
-                    env,
-                    console,
-                    f"submit_batch_file: {MEMORY_ROWS:,} rows (peak memory)",
-                )
-            finally:
-                sim.stop()
 
     for fanout in fanouts:
         assert fanout["submitted"] == ROWS, fanout

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from rich.console import Console
 
-from bench.__main__ import Section, render_markdown
+from bench.__main__ import Section, exit_status, render_markdown
 from bench.common import Figure, Notes, interleaved
 
 
@@ -77,3 +77,18 @@ def test_the_file_says_how_many_runs_and_shows_each_and_the_runs_notes() -> None
     assert "| 0.72x | ≥ 0.70x | yes |" in text
     assert "  fan-out: 230.0/s over 21.7 s" in text
     assert "measured 3 times" in text
+
+
+def _section(name: str, figures: list[Figure], error: str | None = None) -> Section:
+    return Section(name, "", datetime(2026, 12, 6, tzinfo=UTC), figures=figures, error=error)
+
+
+def test_a_missed_bar_fails_a_full_run_but_not_a_developers_quick_run() -> None:
+    missed = [_section("submit", [Figure("submits/s", 100.0, "bound", 320.0, required=0.7)])]
+    held = [_section("submit", [Figure("submits/s", 300.0, "bound", 320.0, required=0.7)])]
+    crashed = [_section("submit", [], error="exited with status 1")]
+
+    assert exit_status(missed, 1.0) == 1
+    assert exit_status(held, 1.0) == 0
+    assert exit_status(missed, 0.1) == 0  # ratios at a tenth of the size are not the bars'
+    assert exit_status(crashed, 0.1) == 1
