@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 from rich.console import Console
 
-from bench.common import BENCH_HOME, Figure, scaled, scratch_ledger
+from bench.common import BENCH_HOME, Figure, note, scaled, scratch_ledger
 from bench.memory import peak_rss_mb
 
 OUTPUTS = scaled(50, 4)  # at least CONCURRENCY: every worker has an output
@@ -393,7 +393,8 @@ def run(console: Console) -> list[Figure]:
     s3_base_mb_s, s3_mb_s = max(map(_mb_s, s3_base)), max(map(_mb_s, s3))
     local_peak = max(r["peak_rss_mb"] for r in local)
     s3_peak = max(r["peak_rss_mb"] for r in s3)
-    console.print(
+    note(
+        console,
         "MB/s per round: "
         + f"baseline {[round(_mb_s(r), 1) for r in base]}, "
         + f"archive file {[round(_mb_s(r), 1) for r in local]}, "
@@ -401,7 +402,7 @@ def run(console: Console) -> list[Figure]:
         + f"archive S3 {[round(_mb_s(r), 1) for r in s3]}; peak RSS file "
         + f"{local_peak:.0f} MB, S3 {s3_peak:.0f} MB (plain "
         + f"{max(r['peak_rss_mb'] for r in s3_base):.0f} MB), {large['bytes'] / 1e9:.2f} GB "
-        + f"output {large['peak_rss_mb']:.0f} MB at {_mb_s(large):.1f} MB/s"
+        + f"output {large['peak_rss_mb']:.0f} MB at {_mb_s(large):.1f} MB/s",
     )
     to_file = f"plain httpx to a local file, {CONCURRENCY} at a time"
     to_s3 = f"plain httpx into moto S3 via s3fs, {CONCURRENCY} at a time"

@@ -24,7 +24,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench.common import Figure, scaled, scratch_ledger
+from bench.common import Figure, note, scaled, scratch_ledger
 
 STUCK = int(os.environ.get("BENCH_RECONCILE_STUCK", scaled(10_000, 500)))
 FINISHED = int(os.environ.get("BENCH_RECONCILE_FINISHED", scaled(1_000_000, 10_000)))
@@ -171,7 +171,7 @@ def run(console: Console) -> list[Figure]:
     with scratch_ledger() as url, tempfile.TemporaryDirectory() as home:
         console.print(f"  inserting {FINISHED:,} finished rows (generate_series)...")
         seconds = _insert_finished(url, FINISHED)
-        console.print(f"  {FINISHED:,} finished rows in {seconds:.1f} s")
+        note(console, f"  {FINISHED:,} finished rows in {seconds:.1f} s")
         config = SimConfig(
             seed=7,
             queue_delay="0.01:0.03",
@@ -211,13 +211,14 @@ def run(console: Console) -> list[Figure]:
     if figures["rows_examined"] != STUCK:
         raise AssertionError(f"examined {figures['rows_examined']} rows, expected {STUCK}")
     failed = sum(status == "failed" for status in truth.values())
-    console.print(
+    note(
+        console,
         f"  {STUCK:,} rows to ground truth ({failed:,} failed at fal) in {figures['seconds']} s; "
         f"results fetched {figures['results_fetched']:,}; ledger writes "
         f"{figures['ledger_write_seconds']} s; setup submit "
-        f"{measured['submit_seconds']:.1f} s; reconciler CPU {measured['cpu_seconds']:.1f} s"
+        f"{measured['submit_seconds']:.1f} s; reconciler CPU {measured['cpu_seconds']:.1f} s",
     )
-    console.print("  plan of the stuck-row query:\n    " + measured["plan"].replace("\n", "\n    "))
+    note(console, "  plan of the stuck-row query:\n    " + measured["plan"].replace("\n", "\n    "))
     bound = CONCURRENCY / STATUS_LATENCY
     return [
         Figure(

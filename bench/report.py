@@ -32,7 +32,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from rich.console import Console
 
-from bench.common import Figure, scaled, scratch_ledger
+from bench.common import Figure, note, scaled, scratch_ledger
 from bench.memory import measured
 from renderqueue_pipeline.db.connect import connect
 
@@ -305,20 +305,20 @@ def run(console: Console) -> list[Figure]:
         started = time.perf_counter()
         console.print(f"loading {GENERATIONS:,} generations for {MONTH:%Y-%m} ...")
         load_month(url)
-        console.print(f"loaded in {time.perf_counter() - started:.0f} s")
+        note(console, f"loaded in {time.perf_counter() - started:.0f} s")
         first_s, first_mb, first = measured(ours, url, OPEN_NOW)
-        console.print(f"first refresh (every day): {first_s:.2f} s, {first_mb:.0f} MB {first}")
+        note(console, f"first refresh (every day): {first_s:.2f} s, {first_mb:.0f} MB {first}")
         hour_of_traffic(url, OPEN_NOW)
         base_s, base_mb, base = measured(pandas_baseline, url)
-        console.print(f"pandas: {base_s:.2f} s, {base_mb:.0f} MB")
+        note(console, f"pandas: {base_s:.2f} s, {base_mb:.0f} MB")
         open_s, open_mb, current = measured(ours, url, OPEN_NOW + timedelta(hours=1))
-        console.print(f"current month after an hour: {open_s:.2f} s, {open_mb:.0f} MB {current}")
+        note(console, f"current month after an hour: {open_s:.2f} s, {open_mb:.0f} MB {current}")
         assert current["cost_micros"] == base["cost_micros"], (current, base)
         check_s, check_mb, checked = measured(checks, url, OPEN_NOW + timedelta(hours=1))
-        console.print(f"checks: {check_s:.2f} s, {check_mb:.0f} MB {checked}")
+        note(console, f"checks: {check_s:.2f} s, {check_mb:.0f} MB {checked}")
         assert checked["ledger_matches"] and checked["priced"], checked
         final_s, final_mb, final = measured(ours, url, FINAL_NOW, True)
-        console.print(f"finalizing rebuild: {final_s:.2f} s, {final_mb:.0f} MB {final}")
+        note(console, f"finalizing rebuild: {final_s:.2f} s, {final_mb:.0f} MB {final}")
         assert final["cost_micros"] == base["cost_micros"], (final, base)
     peak = max(open_mb, check_mb, final_mb)
     return [

@@ -56,7 +56,7 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 
-from bench.common import BENCH_HOME, Figure, scaled, scratch_ledger
+from bench.common import BENCH_HOME, Figure, note, scaled, scratch_ledger
 from renderqueue_pipeline.simulator.server import free_port
 from renderqueue_pipeline.webhook.testing import JwksServer, fal_body, signed_headers
 
@@ -515,11 +515,12 @@ def run(console: Console) -> list[Figure]:
                 with cpu_use(server.pid) as measured:
                     receiver = replay(wrk, server.base, requests, DELIVERIES, work)
                 receiver_cpu = measured[0]
-            console.print(
+            note(
+                console,
                 f"receiver: {receiver.rate:,.0f}/s p50 {receiver.p50_ms:.1f} ms "
-                f"p99 {receiver.p99_ms:.1f} ms max {receiver.max_ms:.0f} ms {receiver.statuses}"
+                f"p99 {receiver.p99_ms:.1f} ms max {receiver.max_ms:.0f} ms {receiver.statuses}",
             )
-            console.print(_cpu_line(receiver_cpu, receiver))
+            note(console, _cpu_line(receiver_cpu, receiver))
             problems = check_receiver(receiver_db, plan, receiver)
             if problems:
                 for problem in problems:
@@ -545,17 +546,18 @@ def run(console: Console) -> list[Figure]:
                 with cpu_use(server.pid) as measured:
                     naive = replay(wrk, server.base, requests, DELIVERIES, work)
                 naive_cpu = measured[0]
-            console.print(
+            note(
+                console,
                 f"naive: {naive.rate:,.0f}/s p50 {naive.p50_ms:.1f} ms "
-                f"p99 {naive.p99_ms:.1f} ms max {naive.max_ms:.0f} ms {naive.statuses}"
+                f"p99 {naive.p99_ms:.1f} ms max {naive.max_ms:.0f} ms {naive.statuses}",
             )
-            console.print(_cpu_line(naive_cpu, naive))
+            note(console, _cpu_line(naive_cpu, naive))
             bad = {s: n for s, n in naive.statuses.items() if not 200 <= s < 300}
             if bad:
                 raise RuntimeError(f"the naive receiver answered non-2xx: {bad}")
 
             floor = pgbench_floor(pgbench, floor_db, len(plan.with_row), work)
-            console.print(f"pgbench floor: {floor:,.0f} transactions/s")
+            note(console, f"pgbench floor: {floor:,.0f} transactions/s")
     finally:
         jwks.stop()
 
