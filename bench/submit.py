@@ -82,18 +82,24 @@ def _child_baseline(ledger_url: str, rows: int) -> dict:
     return {"rows": rows, "seconds": elapsed}
 
 
-def _where_the_time_goes(profile: cProfile.Profile, top: int = 12) -> list[tuple[str, float]]:
-    """Time spent in each package (tottime, waiting in epoll left out), largest first."""
+def _where_the_time_goes(profile: cProfile.Profile, top: int = 12) -> list[tuple[str, float, int]]:
+    """Time spent in each package (tottime, waiting in epoll left out), largest first.
+
+    With each its number of calls: a few calls for a whole run (e.g. loading a CA bundle
+    per HTTP client) is set-up, thousands are per request.
+    """
     stats = pstats.Stats(profile)
     by_package: dict[str, float] = {}
-    for (filename, _, function), (_, _, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+    calls: dict[str, int] = {}
+    for (filename, _, function), (_, ncalls, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
         if "epoll" in function or "select" in function:
             continue  # waiting for the network, not work
         package = _package_of(filename, function)
         by_package[package] = by_package.get(package, 0.0) + tottime
+        calls[package] = calls.get(package, 0) + ncalls
     total = sum(by_package.values()) or 1.0
     ranked = sorted(by_package.items(), key=lambda item: -item[1])[:top]
-    return [(name, seconds / total) for name, seconds in ranked]
+    return [(name, seconds / total, calls[name]) for name, seconds in ranked]
 
 
 def _package_of(filename: str, function: str) -> str:
@@ -288,8 +294,8 @@ def run(console: Console) -> list[Figure]:
             f"  where the submit run's CPU goes ({per_row_ms:.2f} ms a row under cProfile,"
             f" {PROFILE_ROWS:,} rows), by package:",
         )
-        for package, share in profiled["profile"]:
-            note(console, f"    {share:6.1%}  {package}")
+        for package, share, calls in profiled["profile"]:
+            note(console, f"    {share:6.1%}  {calls:>9,} calls  {package}")
 
     for fanout in fanouts:
         assert fanout["submitted"] == ROWS, fanout
