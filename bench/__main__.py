@@ -218,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("names", nargs="*", default=BENCHMARKS, help=f"any of {BENCHMARKS}")
     parser.add_argument("--no-write", action="store_true", help="do not rewrite docs/BENCHMARKS.md")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        help="also write this run's docs/BENCHMARKS.md to this path (any scale, any subset)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -238,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write and SCALE == 1 and args.names == BENCHMARKS:
         OUT.write_text(render_markdown(sections))
         console.print(f"wrote {OUT}")
+    if args.markdown:
+        args.markdown.write_text(render_markdown(sections))
+        console.print(f"wrote {args.markdown}")
     return exit_status(sections, SCALE)
 
 
