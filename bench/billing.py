@@ -12,13 +12,12 @@ process (`renderqueue simulator serve`) and generates the events on demand, 10,0
 - reconcile: `reconcile_range` over the month (one SQL statement classifies every request)
   against a pandas merge of the same data (both tables read into DataFrames, events summed
   per request, outer merge, the same classification), each in its own process so that its
-  peak memory (VmHWM) is its own.
-
-Both ratios swung across their bars between runs on a loaded machine (the reconciliation
-6.35x-9.14x against 10x; the ingest's one-INSERT baseline is one round trip per event,
-which follows the machine's load), so each side is measured 3 times, taking turns, and
-the medians are compared. The generations are written with generate_series and
+  peak memory (VmHWM) is its own. The generations are written with generate_series and
   triggers off, then a CHECKPOINT flushes the setup's writes (setup only, not measured).
+
+Both ratios swung across their bars between runs on a loaded machine (issue 23; the
+ingest's one-INSERT baseline is one round trip per event, which follows the machine's
+load), so each side is measured 3 times, taking turns, and the medians are compared.
 """
 
 from __future__ import annotations

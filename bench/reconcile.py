@@ -10,9 +10,9 @@ index generations_open_idx, whatever the million finished rows. The finished row
 bulk-inserted with generate_series (triggers off: setup data, not the path measured).
 A second figure compares the same pass with one at concurrency 1 over 200 rows of the same
 run (no bar: on a busy machine it shows how much of the shortfall is CPU, not design).
-The ratio swung between runs (0.33x under other test suites, 0.55x in a full run, 0.87x
-quiet), so the pass runs 3 times over the same requests (between passes their rows are
-put back as they were, stuck) and the median is compared.
+The ratio swung with the machine's load between runs (issue 23), so the pass runs 3
+times over the same requests (between passes their rows are put back as they were,
+stuck) and the median is compared.
 """
 
 from __future__ import annotations

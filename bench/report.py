@@ -16,7 +16,7 @@ works within its own work_mem):
   at noon, refreshed once, then an hour of traffic (20,000 new generations and 20,000
   completions through `record_events`, in batches of 50 as the webhook receiver commits
   them), then the measured refresh, which reads from the ledger only the days that changed.
-  Its ratio came within 6% of its bar in a full run (10.6x against 10x), so three hours
+  Its ratio came within a few percent of its bar in a full run (issue 23), so three hours
   are measured, each hour's refresh followed by the pandas baseline over the same rows
   (same total, checked), and the medians compared;
 - the checks (report against the ledger by user and by endpoint, prices, open rows,

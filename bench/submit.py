@@ -6,8 +6,9 @@ submit one prompt, insert its row, then the next (200 prompts; the rate is flat,
 `BENCH_SCALE` scales it too). The measured run is
 `submit_batch_file` (what the `submit_batch` job and `renderqueue batch submit` run) on a
 5,000-row CSV at concurrency 32: validation, budgets, intents, the fan-out and the ledger
-writes all included, 3 times (a new file each time): its ratio against the bound swung
-across the bar between runs (0.62x-0.82x), so the median run is compared. Its bound is
+writes all included, 3 times (a new file and a fresh ledger each time, the simulator
+reset): its ratio against the bound swung across the bar between runs (issue 23), so the
+median run is compared. Its bound is
 concurrency / latency = 320 submits/s. Peak memory
 (the process's own peak RSS, VmHWM) is measured on a run over a 100,000-row file
 (simulator latency 0, concurrency 64). A separate, untimed run of 1,000 rows under

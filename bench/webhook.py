@@ -21,16 +21,15 @@ includes the load generator's own CPU. Reproduce with `make bench` (all benchmar
 `.venv/bin/python -m bench webhook`; `make bench` installs wrk with apt-get when missing
 (pgbench comes with the embedded Postgres).
 
-Where the time goes (this run's own figures are in the CPU rows of the table; the bench
-reads /proc for the server process, every postgres process, and wrk): the receiver's one
-process spends ~180 µs of CPU per delivery (HTTP parsing and answering in uvicorn, ~42 µs
-of Ed25519 in libsodium, JSON, the flusher's driver work) against ~300 µs for the naive
-Starlette handler, and keeps ~1 core busy: it is the bottleneck now. Postgres spends ~100
-µs per delivery applying the state machine to batches of ~27 (`rq_record_events`: a fixed number of
-statements per batch, one UPDATE and one INSERT for all rows) against ~220 µs for the naive
-single-row upserts, one transaction each. A single-row UPDATE statement of `generations`
-costs Postgres ~150-200 µs here whatever it writes (nine indexes, two of them GIN, and a trigger);
-one statement for the whole batch pays that once.
+Where the time goes: the CPU rows of the table and the notes below are this run's own
+figures (the bench reads /proc for the server process, every postgres process, and wrk).
+The receiver's one process parses and answers HTTP (uvicorn), verifies Ed25519
+(libsodium), decodes JSON and drives the flusher; Postgres applies the state machine to
+each flushed batch with a fixed number of statements (`rq_record_events`: one UPDATE and
+one INSERT for all rows), where the naive receiver pays one single-row upsert and one
+transaction per delivery. A single-row UPDATE of `generations` costs Postgres about the
+same whatever it writes (its indexes, two of them GIN, and a trigger), so one statement
+for the whole batch pays that once.
 """
 
 from __future__ import annotations
