@@ -24,8 +24,9 @@ SCALE = float(os.environ.get("BENCH_SCALE", "1"))
 
 
 #: How many times a figure whose ratio swings across its bar between runs is measured;
-#: the table shows the median (and every run's value beside it).
-REPEATS = 3
+#: the table shows the median (and every run's value beside it). Once at another scale:
+#: a scaled run enforces no bar (see `bench.__main__.exit_status`), so it only has to be quick.
+REPEATS = int(os.environ.get("BENCH_REPEATS", 3 if SCALE == 1 else 1))
 
 T = TypeVar("T")
 
