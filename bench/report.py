@@ -7,8 +7,8 @@ the submit path writes it. Rows are loaded in created_at order with one INSERT .
 and the secondary indexes built afterwards (the two GIN indexes on prompts and inputs are
 left out: no report reads them, and building them would only lengthen the load).
 
-Measured, each in a fresh process (peak memory is that process's maximum RSS; Postgres
-works within its own work_mem):
+Measured, each in a fresh process (peak memory is that process's own peak RSS, VmHWM;
+Postgres works within its own work_mem):
 - baseline: pandas loads the month's rows (`COPY ... TO STDOUT` as CSV into `read_csv`,
   the fastest way we know to get rows into pandas) and groups them in memory by user, by
   endpoint, by batch and by day and endpoint;
@@ -24,8 +24,11 @@ works within its own work_mem):
 - finalizing (what the schedule runs on the 1st): a rebuild that reads every day again;
   no ratio required, shown for scale.
 
-Nothing here adds work to the ledger's write path (no trigger, no new index on
-generations), so the webhook figures are unaffected.
+The reports add no index on generations. Their one addition to the write path is the
+closed-month row triggers (issue 18), whose `WHEN` clause skips every write to the
+current month; the webhook figures write to the current month. (Here October 2026 has
+ended by the machine's clock, so the hours of traffic are recorded as changes to a closed
+month; the measured refresh is not a rebuild, as `now` is set to the 29th.)
 """
 
 from __future__ import annotations
