@@ -22,6 +22,8 @@ from rich.console import Console
 
 from renderqueue_pipeline.dev import running_stack, wait_for_run
 
+pytestmark = pytest.mark.e2e  # whole-product runs: `make test`, not `make test-fast`
+
 LOCATION_QUERY = """
 { workspaceOrError { __typename ... on Workspace { locationEntries {
     name loadStatus
@@ -53,8 +55,6 @@ import asyncio, json, os, sys
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.fal_gateway import FalGateway
 from renderqueue_pipeline.ledger import asubmit_generation
-
-pytestmark = pytest.mark.e2e  # whole-product runs: `make test`, not `make test-fast`
 
 hooks = json.loads(sys.argv[1])
 
