@@ -132,7 +132,9 @@ def _sensor_requests(defs: Any, instance: Any) -> list[Any]:
     cursor = None
     for _ in range(3):
         with dg.build_sensor_context(
-            instance=instance, cursor=cursor, resources={"prompts_inbox": PromptsInbox()}
+            instance=instance,
+            cursor=cursor,
+            resources={"prompts_inbox": PromptsInbox(url=get_settings().prompts)},
         ) as context:
             result = sensor(context)
         cursor = result.cursor
