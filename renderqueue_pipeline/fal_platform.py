@@ -2,7 +2,7 @@
 request list).
 
 Queue calls go through `fal_gateway.FalGateway` (fal-client); the Platform APIs are plain
-REST under `https://api.fal.ai/v1` (RENDERQUEUE_FAL_API_URL) with an admin key
+REST under RENDERQUEUE_FAL_API_URL (default `fal_defaults.FAL_API_URL`) with an admin key
 (FAL_ADMIN_KEY, falling back to FAL_KEY). Every call here is a read, so transport errors,
 429 and 5xx are retried with backoff. The key is sent only in the Authorization header:
 never logged, never part of a repr or an error message. A refused key is one clear error

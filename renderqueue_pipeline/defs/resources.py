@@ -54,7 +54,9 @@ def from_env(cls: type[R], description: str, **fields: dg.EnvVar) -> dg.Resource
         return from_settings(cls, load_settings(), **fields)
 
     variables = ", ".join(sorted({var.env_var_name for var in fields.values()}))
-    return dg.ResourceDefinition(resource_fn=build, description=f"{description} ({variables})")
+    return dg.ResourceDefinition(
+        resource_fn=build, config_schema={}, description=f"{description} ({variables})"
+    )
 
 
 def from_settings(cls: type[R], settings: Settings, **fields: dg.EnvVar) -> R:
