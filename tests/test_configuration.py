@@ -102,16 +102,20 @@ def test_resources_take_their_values_from_the_environment_when_a_run_starts(
 
 def test_a_bad_value_fails_the_run_naming_the_variable_not_the_value(monkeypatch) -> None:
     monkeypatch.setenv("RENDERQUEUE_ARCHIVE_BATCH_ROWS", "0")
-    with pytest.raises(dg.DagsterResourceFunctionError) as raised:
-        with dg.build_resources({"archive": env_resources()["archive"]}):
-            pass
+    with (
+        pytest.raises(dg.DagsterResourceFunctionError) as raised,
+        dg.build_resources({"archive": env_resources()["archive"]}),
+    ):
+        pass
     assert isinstance(raised.value.__cause__, ConfigError)
     assert "RENDERQUEUE_ARCHIVE_BATCH_ROWS" in str(raised.value.__cause__)
     monkeypatch.delenv("RENDERQUEUE_ARCHIVE_BATCH_ROWS")
     monkeypatch.setenv("FAL_ADMIN_KEY", "admin\tsecret")
-    with pytest.raises(dg.DagsterResourceFunctionError) as raised:
-        with dg.build_resources({"fal_platform": env_resources()["fal_platform"]}):
-            pass
+    with (
+        pytest.raises(dg.DagsterResourceFunctionError) as raised,
+        dg.build_resources({"fal_platform": env_resources()["fal_platform"]}),
+    ):
+        pass
     assert "FAL_ADMIN_KEY" in str(raised.value.__cause__)
     assert "secret" not in str(raised.value.__cause__)
 
