@@ -234,7 +234,6 @@ ALLOWED = {
     "alerts/budget.py": "debt",
     "batch/budget.py": "debt",
     "batch/submit.py": "debt",
-    "defs/alerts/sensors.py": "debt",
     "defs/reports/partitions.py": "debt (at import time: see the import test)",
     "defs/spend/assets.py": "debt",
     "fal_gateway.py": "debt (FalGateway.from_settings)",

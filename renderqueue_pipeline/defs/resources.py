@@ -11,7 +11,7 @@ stored config (docs/dagster.md "Configuration").
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import dagster as dg
 import psycopg
@@ -66,8 +66,25 @@ def from_settings(cls: type[R], settings: Settings, **fields: dg.EnvVar) -> R:
     return cls(**{field: value for field, value in values.items() if value is not None})
 
 
+class EnvResource(ConfigurableResource):
+    """A resource whose fields are listed in `ENV` with the variable each comes from."""
+
+    ENV: ClassVar[dict[str, dg.EnvVar]] = {}
+
+    @classmethod
+    def from_settings(cls: type[R], settings: Settings) -> R:
+        """The resource as the environment in `settings` configures it (tests, the demo)."""
+        return from_settings(cls, settings, **cls.ENV)  # type: ignore[attr-defined]
+
+    @classmethod
+    def definition(cls, description: str) -> dg.ResourceDefinition:
+        """The resource for the code location: its `ENV` read when a run starts."""
+        return from_env(cls, description, **cls.ENV)
+
+
 def env_resources() -> Mapping[str, Any]:
     """The code location's resources, each field from its environment variable."""
+    from renderqueue_pipeline.defs.alerts.resources import AlertsResource
     from renderqueue_pipeline.defs.archive.resources import ArchiveResource
     from renderqueue_pipeline.defs.reports.resources import ReportStorage
     from renderqueue_pipeline.defs.spend.resources import FalPlatformResource
@@ -88,5 +105,6 @@ def env_resources() -> Mapping[str, Any]:
             key=dg.EnvVar("FAL_KEY"),
             api_url=dg.EnvVar("RENDERQUEUE_FAL_API_URL"),
         ),
-        "archive": from_env(ArchiveResource, "The archive", **ArchiveResource.ENV),
+        "archive": ArchiveResource.definition("The archive"),
+        "alerts": AlertsResource.definition("Where alerts go"),
     }

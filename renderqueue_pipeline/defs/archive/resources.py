@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import dagster as dg
 
 from renderqueue_pipeline.archive import ArchiveOptions, ArchiveSetup, ArchiveStorage, fetch_policy
-
-if TYPE_CHECKING:
-    from renderqueue_pipeline.settings import Settings
+from renderqueue_pipeline.defs.resources import EnvResource
 
 
-class ArchiveResource(dg.ConfigurableResource):
-    """The archive's settings as explicit values (filled by `defs.resources.from_env`
-    from the variables in `ENV`; defaults are the settings' defaults)."""
+class ArchiveResource(EnvResource):
+    """The archive's settings as explicit values, from the variables in `ENV` (unset: the
+    settings' defaults)."""
 
     #: field -> the environment variable it comes from (docs/archive.md)
     ENV: ClassVar[dict[str, dg.EnvVar]] = {
@@ -46,13 +44,6 @@ class ArchiveResource(dg.ConfigurableResource):
     delete_fal_copy: bool
     alert_minutes: float
     deadline_hours: float
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ArchiveResource:
-        """The resource as the environment in `settings` configures it (tests, the demo)."""
-        from renderqueue_pipeline.defs.resources import from_settings
-
-        return from_settings(cls, settings, **cls.ENV)
 
     def setup(self, limit: int | None = None) -> ArchiveSetup:
         """One run's setup; `limit` rows at most (default `batch_rows`)."""
