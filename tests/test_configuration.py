@@ -235,7 +235,6 @@ ALLOWED = {
     "batch/budget.py": "debt",
     "batch/submit.py": "debt",
     "defs/reports/partitions.py": "debt (at import time: see the import test)",
-    "defs/spend/assets.py": "debt",
     "fal_gateway.py": "debt (FalGateway.from_settings)",
     "fal_platform.py": "debt (FalPlatform.from_settings)",
     "ledger/core.py": "debt",

@@ -21,7 +21,7 @@ from renderqueue_pipeline.defs.reports.forecast import spend_forecast
 from renderqueue_pipeline.defs.reports.resources import ReportStorage
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.spend.assets import billing_reconciliation, fal_billing_events
-from renderqueue_pipeline.defs.spend.resources import FalPlatformResource
+from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
 
 T0 = datetime(2026, 4, 11, 10, 0, tzinfo=UTC)
 freshness_job = dg.define_asset_job(
@@ -43,6 +43,7 @@ DEFS = dg.Definitions(
         "ledger": LedgerDatabase(),
         "report_storage": ReportStorage(url="file:///never-built"),
         "fal_platform": FalPlatformResource(),
+        "billing_check": BillingCheckResource(grace_hours=48, threshold_percent=0.5),
     },
 )
 

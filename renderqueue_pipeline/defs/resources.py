@@ -87,7 +87,7 @@ def env_resources() -> Mapping[str, Any]:
     from renderqueue_pipeline.defs.alerts.resources import AlertsResource
     from renderqueue_pipeline.defs.archive.resources import ArchiveResource
     from renderqueue_pipeline.defs.reports.resources import ReportStorage
-    from renderqueue_pipeline.defs.spend.resources import FalPlatformResource
+    from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
     from renderqueue_pipeline.defs.submission.resources import PromptsInbox
 
     return {
@@ -107,4 +107,5 @@ def env_resources() -> Mapping[str, Any]:
         ),
         "archive": ArchiveResource.definition("The archive"),
         "alerts": AlertsResource.definition("Where alerts go"),
+        "billing_check": BillingCheckResource.definition("The billing check's limits"),
     }
