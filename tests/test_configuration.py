@@ -86,6 +86,8 @@ def test_resources_take_their_values_from_the_environment_when_a_run_starts(
     monkeypatch.setenv("FAL_ADMIN_KEY", "  admin-secret-value\n")  # a mounted secret's newline
     monkeypatch.setenv("RENDERQUEUE_FAL_API_URL", "https://127.0.0.1:9/v1")
     monkeypatch.setenv("RENDERQUEUE_ARCHIVE_BATCH_ROWS", "7")
+    monkeypatch.setenv("RENDERQUEUE_ALERT_WEBHOOK_URL", "https://127.0.0.1:9/hooks/T0/tok3n")
+    monkeypatch.setenv("RENDERQUEUE_BILLING_GRACE_HOURS", "12")
     definitions = env_resources()  # built before the values change: read at run start
     monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{tmp_path / 'store'}")
     with dg.build_resources(dict(definitions)) as resources:
@@ -98,6 +100,11 @@ def test_resources_take_their_values_from_the_environment_when_a_run_starts(
         assert resources.archive.batch_rows == 7
         assert resources.archive.hosts == "v3.fal.media,v3b.fal.media,fal.media"  # the default
         assert resources.ledger.url == ""  # unset: the embedded server
+        assert resources.alerts.webhook_url == "https://127.0.0.1:9/hooks/T0/tok3n"
+        assert "tok3n" not in repr(resources.alerts)
+        assert resources.alerts.default_percents() == (50, 80, 100)  # the default
+        assert resources.billing_check.grace_hours == 12
+        assert resources.billing_check.threshold_percent == 0.5  # the default
 
 
 def test_a_bad_value_fails_the_run_naming_the_variable_not_the_value(monkeypatch) -> None:
