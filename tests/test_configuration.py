@@ -241,7 +241,6 @@ ALLOWED = {
     "alerts/budget.py": "debt",
     "batch/budget.py": "debt",
     "batch/submit.py": "debt",
-    "defs/reports/partitions.py": "debt (at import time: see the import test)",
     "fal_gateway.py": "debt (FalGateway.from_settings)",
     "fal_platform.py": "debt (FalPlatform.from_settings)",
     "ledger/core.py": "debt",

@@ -86,9 +86,9 @@ def env_resources() -> Mapping[str, Any]:
     """The code location's resources, each field from its environment variable."""
     from renderqueue_pipeline.defs.alerts.resources import AlertsResource
     from renderqueue_pipeline.defs.archive.resources import ArchiveResource
+    from renderqueue_pipeline.defs.batch.resources import PromptsInbox
     from renderqueue_pipeline.defs.reports.resources import ReportStorage
     from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
-    from renderqueue_pipeline.defs.submission.resources import PromptsInbox
 
     return {
         "ledger": from_env(LedgerDatabase, "The ledger's Postgres", url=dg.EnvVar("DATABASE_URL")),
