@@ -23,7 +23,6 @@ from renderqueue_pipeline.reports.figures import cli_columns
 from renderqueue_pipeline.reports.months import month_range
 
 
-
 def columns_for(by: str) -> list[str]:
     """The report tables' columns by user, endpoint or batch (reports/figures.py)."""
     return cli_columns(by)
