@@ -4,10 +4,10 @@
 -- ledger does not: rows rejected before an intent, unknown outcomes, cancels.
 
 -- name: insert_batch
-insert into batches (source, content_version, content_sha256, content_bytes, endpoint,
+insert into batches (source, content_version, content_sha256, content_bytes,
                      default_endpoint, default_user_id, default_inputs, max_cost_micros,
                      rows_total_estimate)
-values (%(source)s, %(content_version)s, %(sha256)s, %(size)s, %(endpoint)s,
+values (%(source)s, %(content_version)s, %(sha256)s, %(size)s,
         %(endpoint)s, %(default_user_id)s, %(default_inputs)s, %(max_cost_micros)s,
         %(rows_estimate)s)
 on conflict (content_sha256) do nothing
