@@ -210,21 +210,21 @@ def _migrate_locked(
                  checksum text not null,
                  applied_at timestamptz not null default now())"""
         )
+        recorded_rows = conn.execute(
+            "select version, name, checksum from schema_migrations order by version"
+        ).fetchall()
+        _refuse_other_lineage(recorded_rows, migrations)
         conn.execute(
             """create table if not exists schema_functions (
                  name text primary key,
                  checksum text not null,
                  applied_at timestamptz not null default now())"""
         )
-        recorded_rows = conn.execute(
-            "select version, name, checksum from schema_migrations order by version"
-        ).fetchall()
         if not recorded_rows:
             applied += _create(conn, schema, migrations)
         else:
             names = {name for _, name, _ in recorded_rows}
-            _refuse_other_lineage(recorded_rows, migrations)
-            if FLAT_LAYOUT_MIGRATIONS <= names:
+            if names >= FLAT_LAYOUT_MIGRATIONS:
                 applied += _adopt_flat_layout(conn, migrations)
             applied += _apply_migrations(conn, migrations)
         applied += _apply_functions(conn, [m for m in steps if m.is_functions])
