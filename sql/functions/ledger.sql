@@ -20,8 +20,8 @@
 
 -- == Money ============================================================================
 
--- Micro-dollars to cents, rounded half up, per row. Reports sum micro-dollars and round
--- once, so per-row rounding never accumulates.
+-- Micro-dollars to cents, rounded half up. Reports sum micro-dollars and round once, so
+-- per-row rounding never accumulates; bigint, so a report group of any size fits.
 create or replace function rq_micros_to_cents(micros bigint) returns bigint
 language sql immutable parallel safe
 as $$ select round(micros / 10000.0)::bigint $$;
@@ -85,7 +85,9 @@ as $$
 $$;
 
 -- The price row in force for a request at a moment: the newest row of the endpoint whose
--- resolution and audio match (a null column matches anything).
+-- resolution and audio match (a null column matches anything). It never raises on a row's
+-- data (an error here would sink every event of the row): a `generate_audio` that is not
+-- a JSON boolean, which only a hand-written row can hold, counts as the default (audio on).
 create or replace function rq_price_for(p_endpoint text, p_inputs jsonb, p_at timestamptz)
 returns setof prices
 language sql stable
