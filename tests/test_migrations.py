@@ -444,3 +444,16 @@ def test_a_changed_function_file_is_applied_again_and_only_it(
             "select prosecdef from pg_proc where proname = 'rq_record_events'"
         ).fetchone()
     assert definer == (True,)
+
+
+def test_schema_files_write_each_table_once_in_its_final_shape() -> None:
+    """sql/schema/ and sql/functions/ never alter or drop what they define: a table change
+    is a migration plus the table's file edited to its new shape."""
+    changes = re.compile(
+        r"^\s*(alter\s+table|drop\s+(table|function|procedure|type|index|view))\b",
+        re.IGNORECASE | re.MULTILINE,
+    )
+    for folder in ("schema", "functions"):
+        for path in sorted((sql_dir() / folder).glob("*.sql")):
+            found = changes.search(path.read_text())
+            assert found is None, f"{folder}/{path.name}: {found and found.group(0)}"
