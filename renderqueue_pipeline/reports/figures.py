@@ -4,7 +4,7 @@ The report rows live in one table, `spend_report_rows`, keyed by (month, dimensi
 and written by one GROUPING SETS statement (`report_rows_insert` in
 sql/queries/reports.sql); `spend_monthly_by_user`, `spend_monthly_by_endpoint`,
 `spend_monthly_by_batch` and `spend_daily` are views over it
-(sql/200_reports_one_table.sql). Everything in Python that names a figure reads it from
+(sql/schema/70_reports.sql). Everything in Python that names a figure reads it from
 here: the report files' columns, the checks' comparison with the ledger, the CLI's
 columns and the Dagster metadata's counts. `tests/test_report_figures.py` holds the views
 to `REPORT_COLUMNS`, so adding a figure is: its column and view column (one migration),

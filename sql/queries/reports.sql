@@ -1,5 +1,5 @@
 -- The reports domain's named queries (renderqueue_pipeline/reports/). Schema:
--- 050_spend_reports.sql (rollups, months) and 200_reports_one_table.sql (the report rows).
+-- sql/schema/70_reports.sql (the rollups, the months and the one table of report rows).
 -- A generation belongs to the UTC day of its created_at; ranges are [start, end) timestamptz.
 -- Open = submitted or in_progress. Unpriced = completed with no price behind its cost.
 
@@ -133,7 +133,7 @@ where computed_at > %(since)s
 delete from spend_report_rows where month = %(month)s;
 
 -- name: report_rows_insert
--- Every report row of the month in one statement (sql/200_reports_one_table.sql): the
+-- Every report row of the month in one statement (spend_report_rows): the
 -- day-user-endpoint rollup summed by user, by endpoint and by day and endpoint (GROUPING
 -- SETS), and the batch rollup by batch; each derived figure (cents, the rate, the batch's
 -- overrun, fal's billed total and the difference) is written once, over both. Its column

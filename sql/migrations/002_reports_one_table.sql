@@ -1,8 +1,8 @@
 -- The monthly report rows in one table, keyed by (month, dimension, key), written by one
--- GROUPING SETS statement (sql/queries/reports.sql, report_rows_insert). The four names
--- analysts and the report files use stay, as views over it with the same columns in the
--- same order. A figure is one column here, one expression in that statement and one entry
--- in renderqueue_pipeline/reports/figures.py (docs/reports.md, "Adding a figure").
+-- GROUPING SETS statement (sql/queries/reports.sql, report_rows_insert); the shape as it
+-- is now: sql/schema/70_reports.sql. The four names analysts and the report files use
+-- stay, as views over it with the same columns in the same order; the rows of the four
+-- tables are moved into it.
 --
 -- The key is typed, not text: `user_id` for 'user' rows, `endpoint` for 'endpoint' rows,
 -- `day` and `endpoint` for 'day' rows, `batch_id` (null: generations submitted one at a
