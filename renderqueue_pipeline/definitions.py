@@ -2,7 +2,8 @@
 
 `dg check defs`, `dg list defs`, `dagster dev` and `dagster-webserver`/`dagster-daemon`
 find it through `[tool.dg.project]` in pyproject.toml; `workspace.yaml` loads the same
-module. Each domain (`defs/<domain>/`) owns its jobs, sensors, schedules and assets.
+module. Each domain (`defs/<domain>/`) owns its jobs, sensors, schedules and assets; the
+resources are built in one place, `defs/resources.py`, from the environment.
 
 The defs folder is loaded from the imported package itself, not through the dg project
 file: that file is in the repository only, so an installed wheel (a container image built
@@ -14,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 
 import renderqueue_pipeline.defs as defs_package
-from renderqueue_pipeline.defs.resources import default_resources
+from renderqueue_pipeline.defs.resources import env_resources
 
 
 @dg.definitions
@@ -26,5 +27,5 @@ def defs() -> dg.Definitions:
         dg.ComponentTree.from_module(
             defs_module=defs_package, project_root=Path(__file__).resolve().parent.parent
         ).build_defs(),
-        dg.Definitions(resources=default_resources()),
+        dg.Definitions(resources=env_resources()),
     )

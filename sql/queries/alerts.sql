@@ -1,4 +1,4 @@
--- Budget alerts (sql/130_budget_alerts.sql, docs/alerts.md). The figures come from
+-- Budget alerts (sql/schema/50_budgets.sql, docs/alerts.md). The figures come from
 -- user_month_figures (batch.sql): one definition of spent + in flight.
 
 -- name: alert_clock
@@ -53,9 +53,3 @@ select id, user_id, month, threshold_percent, limit_micros, limit_source, actual
 from budget_alerts
 where month = %(month)s
 order by user_id, threshold_percent;
-
--- name: undelivered_budget_alerts
-select id, user_id, month, threshold_percent, attempts, last_error, next_attempt_at
-from budget_alerts
-where delivered_at is null
-order by id;

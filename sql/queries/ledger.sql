@@ -1,6 +1,6 @@
 -- The ledger's named queries. Loaded with every sql/queries/*.sql by renderqueue_pipeline/db/queries.py.
 -- Parameters are psycopg named placeholders: %(name)s. The ledger rules themselves are
--- SQL functions and triggers in sql/003_state_machine.sql; these queries only call them.
+-- SQL functions and triggers in sql/functions/ledger.sql; these queries only call them.
 
 -- name: validate_and_estimate
 -- the duration read by rq_parse_duration (its one definition) and the price in force;
@@ -9,9 +9,6 @@ select d.problem as duration_problem, e.price_id, e.seconds, e.cost_micros, e.pr
 from rq_parse_duration(%(inputs)s::jsonb -> 'duration') d
 left join rq_estimate(%(endpoint)s, %(inputs)s, coalesce(%(at)s::timestamptz, rq_now())) e
   on true;
-
--- name: parse_duration
-select seconds, problem from rq_parse_duration(%(value)s::jsonb);
 
 -- name: endpoint_prices
 select resolution, with_audio
@@ -133,7 +130,7 @@ where request_id = %(request_id)s
 returning cancel_requested_at;
 
 -- name: ledger_now
--- The ledger's clock (sql/085): now(), unless the session set renderqueue.now.
+-- The ledger's clock (rq_now, sql/schema/00_clock.sql): now(), unless the session set renderqueue.now.
 select rq_now() as now;
 
 -- name: record_cancel_intent
@@ -164,13 +161,6 @@ update generations
 set cancel_requested_at = null
 where request_id = %(request_id)s and cancel_requested_at = %(recorded_at)s
 returning id;
-
--- name: generation_by_request_id
-select * from generations where request_id = %(request_id)s;
-
--- name: events_for_request
-select id, source, kind, outcome, applied_at, received_at
-from generation_events where request_id = %(request_id)s order by id;
 
 -- name: status_counts
 select status::text as status, count(*) as generations,
