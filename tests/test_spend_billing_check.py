@@ -12,8 +12,8 @@ from spend_helpers import fal_billing, platform_server, settle, submit, window
 from renderqueue_pipeline.ledger import LedgerEvent, record_event
 from renderqueue_pipeline.spend import (
     apply_billed,
+    check_billing,
     load_billing_events,
-    reconcile_range,
     summarize,
 )
 
@@ -45,7 +45,7 @@ def reconcile(conn: psycopg.Connection, fal_billing, **options) -> object:
     start, end = window()
     with fal_billing.platform() as platform:
         load_billing_events(conn, platform, start, end)
-    result = reconcile_range(conn, start, end, **options)
+    result = check_billing(conn, start, end, **options)
     return result
 
 
