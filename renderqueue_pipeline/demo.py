@@ -26,7 +26,7 @@ from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.db.server import database_url
-from renderqueue_pipeline.ledger.report import dollars
+from renderqueue_pipeline.money import dollars
 from renderqueue_pipeline.settings import get_settings, redact_url
 
 TERMINAL = ("completed", "failed", "canceled")

@@ -6,9 +6,10 @@ from typing import Any
 
 import dagster as dg
 
+from renderqueue_pipeline.money import dollars, micros_to_usd
 from renderqueue_pipeline.reports.spend import MonthReport
 from renderqueue_pipeline.reports.storage import WrittenFile
-from renderqueue_pipeline.reports.summary import dollars, micros_to_usd, top_table
+from renderqueue_pipeline.reports.summary import top_table
 
 _KEYS = {
     "spend_monthly_by_user": "user_id",
