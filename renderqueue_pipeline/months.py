@@ -45,7 +45,7 @@ def parse_month(text: str | date, setting: str = "--month") -> date:
     year, month = int(match.group(1)), int(match.group(2))
     problem = month_problem(year, month)
     if problem:
-        raise MonthError(setting, f"{problem} (got {text!r})")
+        raise MonthError(setting, f"expected YYYY-MM: {problem} (got {text!r})")
     return date(year, month, 1)
 
 
