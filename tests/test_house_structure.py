@@ -140,6 +140,8 @@ def _definitions(root: Path) -> dict[str, list[str]]:
         ("SendMarks", "renderqueue_pipeline.batch.send_marks"),
         ("FairFeed", "renderqueue_pipeline.batch.feed"),
         ("WaitingGate", "renderqueue_pipeline.batch.feed"),
+        ("is_rate_limited", "renderqueue_pipeline.batch.fal_answers"),
+        ("is_definite_rejection", "renderqueue_pipeline.batch.fal_answers"),
         ("drop_sample_prompts", "renderqueue_pipeline.demo_data"),
         ("check_billing", "renderqueue_pipeline.spend.billing_check"),
     ],
@@ -149,11 +151,11 @@ def test_each_helper_is_defined_once(helper: str, home: str) -> None:
 
 
 def test_no_module_keeps_a_private_copy_of_the_money_or_month_helpers() -> None:
-    """The old copies (`_usd`, `_money`-style formatters of micro-dollars) are gone."""
+    """The old private copies (focus's `_usd`, single submit's `_definite`) are gone."""
     copies = {
         name: modules
         for name, modules in _definitions(PACKAGE).items()
-        if name in {"_usd", "_dollars", "micros_to_dollars", "_parse_month", "_month_range"}
+        if name in {"_usd", "_dollars", "_parse_month", "_month_range", "_definite"}
     }
     assert copies == {}
 

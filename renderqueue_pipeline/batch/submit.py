@@ -43,6 +43,12 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from renderqueue_pipeline.batch.budget import default_limit_micros
+from renderqueue_pipeline.batch.fal_answers import (
+    fal_field,
+    fal_reason,
+    is_definite_rejection,
+    is_rate_limited,
+)
 from renderqueue_pipeline.batch.feed import FAIR_LOOKAHEAD_ROWS, FairFeed, WaitingGate
 from renderqueue_pipeline.batch.intents import BatchCap, decide_row, store_rejection
 from renderqueue_pipeline.batch.limiter import AdaptiveLimit, shard_sizes
@@ -188,49 +194,6 @@ class BatchResult:
     @property
     def submit_rate(self) -> float:
         return self.stats.submitted / self.stats.elapsed if self.stats.elapsed > 0 else 0.0
-
-
-# -- fal's answers -------------------------------------------------------------------
-
-
-def _is_rate_limited(exc: BaseException) -> bool:
-    """fal said 429 (after fal-client's own retries): nothing was enqueued, slow down."""
-    from renderqueue_pipeline.fal_gateway import FalSubmitOutcomeUnknown, FalUnavailable
-
-    if not isinstance(exc, FalUnavailable) or isinstance(exc, FalSubmitOutcomeUnknown):
-        return False
-    cause = exc.__cause__
-    return getattr(cause, "status_code", None) == 429 or "HTTP 429" in str(exc)
-
-
-def _is_definite_rejection(exc: BaseException) -> bool:
-    """A 4xx other than 429: fal refused the request, nothing was enqueued or billed."""
-    from renderqueue_pipeline.fal_gateway import FalRequestError
-
-    return isinstance(exc, FalRequestError)
-
-
-def _fal_field(exc: BaseException) -> str:
-    """The input fal's 422 names (`loc: ["body", "duration"]`), else 'fal'."""
-    detail = getattr(exc, "detail", None)
-    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-        loc = detail[0].get("loc") or []
-        if loc:
-            return str(loc[-1])
-    return "fal"
-
-
-def _fal_reason(exc: BaseException) -> str:
-    """fal's own words when it gave any ("duration: Input should be ..."), else the error."""
-    detail = getattr(exc, "detail", None)
-    code = getattr(exc, "status_code", None)
-    if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
-        parts = []
-        for item in detail[:3]:
-            loc = ".".join(str(p) for p in (item.get("loc") or [])[1:]) or "input"
-            parts.append(f"{loc}: {item.get('msg', item)}")
-        return f"fal refused it (HTTP {code}): " + "; ".join(parts)
-    return str(exc)
 
 
 Log = Callable[[str], None]
@@ -621,7 +584,7 @@ class _Run:
                     priority=self.options.priority,
                 )
             except Exception as exc:
-                limited = _is_rate_limited(exc)
+                limited = is_rate_limited(exc)
                 await self.limit.release(rate_limited=limited)
                 if limited and time.monotonic() - first_try < RATE_LIMIT_PATIENCE_S:
                     if (
@@ -673,17 +636,17 @@ class _Run:
 
     def _record_outcome(self, conn: psycopg.Connection, intent: Intent, outcome: Any) -> str:
         try:
-            finish_submission(conn, intent, outcome, _is_definite_rejection)
+            finish_submission(conn, intent, outcome, is_definite_rejection)
             return "submitted"
         except Exception as exc:
-            if _is_definite_rejection(exc):
+            if is_definite_rejection(exc):
                 conn.execute(
                     q("label_rejected_item"),
                     {
                         "item_id": intent.item_id,
                         "kind": "fal",
-                        "field": _fal_field(exc),
-                        "reason": redact(_fal_reason(exc)),
+                        "field": fal_field(exc),
+                        "reason": redact(fal_reason(exc)),
                     },
                 )
                 return "refused_by_fal"
