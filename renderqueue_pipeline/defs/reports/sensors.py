@@ -1,7 +1,7 @@
 """Rebuild a month's report when its ledger changed after the month ended.
 
 Triggers record every change to a closed month's rows in the writer's own transaction
-(sql/096_closed_months_marked_changed.sql); this sensor asks for one rebuild run per changed
+(sql/functions/report_changes.sql); this sensor asks for one rebuild run per changed
 month (the whole partition: tables, checks, files), skips a month while a run of its
 partition is queued or running, and says why in its SkipReason. Starts RUNNING; a tick
 every 10 minutes rebuilds a change well within the hour.
@@ -13,17 +13,10 @@ import dagster as dg
 
 from renderqueue_pipeline.defs.reports.assets import SpendReportConfig
 from renderqueue_pipeline.defs.reports.jobs import spend_report
-from renderqueue_pipeline.defs.reports.partitions import monthly_partitions
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.shared import IN_FLIGHT_RUN_STATUSES, monthly_partitions
 from renderqueue_pipeline.reports.months import month_label
 from renderqueue_pipeline.reports.spend import changed_months
-
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
 
 
 def _in_flight(instance: dg.DagsterInstance, partition_key: str) -> str | None:
@@ -31,7 +24,7 @@ def _in_flight(instance: dg.DagsterInstance, partition_key: str) -> str | None:
     runs = instance.get_run_records(
         filters=dg.RunsFilter(
             job_name=spend_report.name,
-            statuses=IN_FLIGHT,
+            statuses=IN_FLIGHT_RUN_STATUSES,
             tags={"dagster/partition": partition_key},
         ),
         limit=1,
