@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -12,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
+import renderqueue_pipeline
 from renderqueue_pipeline.serving import ServerThread, serve_in_thread
 
 
@@ -65,3 +67,16 @@ def test_an_app_that_cannot_start_raises_naming_the_server_and_frees_its_port() 
     with pytest.raises(RuntimeError, match=f"broken on 127.0.0.1:{server.port}"):
         server.start(timeout=10)
     assert _refused(server.port)
+
+
+def test_only_serving_starts_uvicorn_in_a_thread() -> None:
+    """One helper, not a copy per server: the package builds `uvicorn.Server` only in
+    `serving.py` and in the receiver's foreground CLI (`webhook serve`, which forks
+    workers and never runs in a thread)."""
+    package = Path(renderqueue_pipeline.__file__).parent
+    building = sorted(
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if "uvicorn.Server(" in path.read_text()
+    )
+    assert building == ["serving.py", "webhook/cli.py"]

@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -153,7 +153,7 @@ def parse_tags(headers: Any) -> dict[str, str]:
     return tags
 
 
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | Literal[False]:
     """(first, last) of a single `bytes=` range; None for no range; False if unsatisfiable."""
     if not header:
         return None
@@ -179,6 +179,7 @@ def _engine(request: Request) -> Engine:
 
 
 def authorized(request: Request, *, admin: bool = False) -> JSONResponse | None:
+    """None when the request's key may make this call; else fal's 401/403 answer."""
     engine = _engine(request)
     header = request.headers.get("authorization", "")
     scheme, _, key = header.partition(" ")
@@ -198,6 +199,7 @@ def authorized(request: Request, *, admin: bool = False) -> JSONResponse | None:
 
 
 def fault_response(fault: str, request_id: str | None = None) -> Response:
+    """The answer of an injected fault, shaped as fal's edge or fal itself sends it."""
     if fault == "unreachable":
         return _Unreachable()
     if fault == "429":
@@ -215,6 +217,7 @@ def fault_response(fault: str, request_id: str | None = None) -> Response:
 
 
 async def read_inputs(request: Request) -> Any:
+    """The JSON body ({} when empty); None when it is not JSON (answered 422)."""
     raw = await request.body()
     if not raw:
         return {}
@@ -225,6 +228,7 @@ async def read_inputs(request: Request) -> Any:
 
 
 def queue_urls(base: str, app_path: str, request_id: str) -> dict[str, str]:
+    """A request's response, status and cancel URLs (owner/app only, as fal builds them)."""
     response_url = f"{base}/{app_path}/requests/{request_id}"
     return {
         "response_url": response_url,

@@ -100,6 +100,7 @@ def time_range(request: Request, now: float) -> tuple[float, float]:
 
 
 def authorize(request: Request) -> None:
+    """Raise ApiError unless the request carries the account's admin key."""
     book, keys = request.app.state.book, request.app.state.keys
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme != "Key" or not key.strip():
@@ -119,6 +120,8 @@ def authorize(request: Request) -> None:
 
 
 def api(handler: Any) -> Any:
+    """A Platform API route: the admin key checked, ApiError answered as fal does."""
+
     async def wrapped(request: Request) -> Response:
         try:
             authorize(request)
@@ -137,6 +140,7 @@ async def pricing(request: Request) -> Response:
 
 
 def limit_of(request: Request) -> int:
+    """The `limit` parameter of billing events (1 to 10,000; 1,000 when absent)."""
     raw = request.query_params.get("limit")
     try:
         limit = int(raw) if raw else DEFAULT_LIMIT
@@ -287,6 +291,7 @@ async def requests_by_endpoint(request: Request) -> Response:
 
 
 async def control(handler: Any, request: Request) -> Response:
+    """A control-API call: a bad body or value is a 422 naming it."""
     try:
         return await handler(request)
     except (ValueError, ValidationError, KeyError, TypeError) as exc:
