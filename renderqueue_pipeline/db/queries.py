@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import LiteralString, cast
 
 from renderqueue_pipeline.db.migrate import sql_dir
 
@@ -30,9 +31,13 @@ def queries() -> dict[str, str]:
     return named
 
 
-def q(name: str) -> str:
-    """The SQL text of one named query (KeyError names the missing query)."""
+def q(name: str) -> LiteralString:
+    """The SQL text of one named query (KeyError names the missing query).
+
+    Typed `LiteralString` because the text comes from our own sql/ files, never from input:
+    that is what psycopg's `execute` asks for to rule out SQL built from data.
+    """
     try:
-        return queries()[name]
+        return cast(LiteralString, queries()[name])
     except KeyError:
         raise KeyError(f"no query named {name!r} in sql/queries/*.sql") from None
