@@ -21,16 +21,15 @@ includes the load generator's own CPU. Reproduce with `make bench` (all benchmar
 `.venv/bin/python -m bench webhook`; `make bench` installs wrk with apt-get when missing
 (pgbench comes with the embedded Postgres).
 
-Where the time goes (this run's own figures are in the CPU rows of the table; the bench
-reads /proc for the server process, every postgres process, and wrk): the receiver's one
-process spends ~180 µs of CPU per delivery (HTTP parsing and answering in uvicorn, ~42 µs
-of Ed25519 in libsodium, JSON, the flusher's driver work) against ~300 µs for the naive
-Starlette handler, and keeps ~1 core busy: it is the bottleneck now. Postgres spends ~100
-µs per delivery applying the state machine to batches of ~27 (`rq_record_events`: a fixed number of
-statements per batch, one UPDATE and one INSERT for all rows) against ~220 µs for the naive
-single-row upserts, one transaction each. A single-row UPDATE statement of `generations`
-costs Postgres ~150-200 µs here whatever it writes (nine indexes, two of them GIN, and a trigger);
-one statement for the whole batch pays that once.
+Where the time goes: the CPU rows of the table and the notes below are this run's own
+figures (the bench reads /proc for the server process, every postgres process, and wrk).
+The receiver's one process parses and answers HTTP (uvicorn), verifies Ed25519
+(libsodium), decodes JSON and drives the flusher; Postgres applies the state machine to
+each flushed batch with a fixed number of statements (`rq_record_events`: one UPDATE and
+one INSERT for all rows), where the naive receiver pays one single-row upsert and one
+transaction per delivery. A single-row UPDATE of `generations` costs Postgres about the
+same whatever it writes (its indexes, two of them GIN, and a trigger), so one statement
+for the whole batch pays that once.
 """
 
 from __future__ import annotations
@@ -56,7 +55,7 @@ import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 
-from bench.common import BENCH_HOME, Figure, scaled, scratch_ledger
+from bench.common import BENCH_HOME, Figure, note, scaled, scratch_ledger
 from renderqueue_pipeline.serving import free_port
 from renderqueue_pipeline.webhook.testing import JwksServer, fal_body, signed_headers
 
@@ -515,11 +514,12 @@ def run(console: Console) -> list[Figure]:
                 with cpu_use(server.pid) as measured:
                     receiver = replay(wrk, server.base, requests, DELIVERIES, work)
                 receiver_cpu = measured[0]
-            console.print(
+            note(
+                console,
                 f"receiver: {receiver.rate:,.0f}/s p50 {receiver.p50_ms:.1f} ms "
-                f"p99 {receiver.p99_ms:.1f} ms max {receiver.max_ms:.0f} ms {receiver.statuses}"
+                f"p99 {receiver.p99_ms:.1f} ms max {receiver.max_ms:.0f} ms {receiver.statuses}",
             )
-            console.print(_cpu_line(receiver_cpu, receiver))
+            note(console, _cpu_line(receiver_cpu, receiver))
             problems = check_receiver(receiver_db, plan, receiver)
             if problems:
                 for problem in problems:
@@ -545,17 +545,18 @@ def run(console: Console) -> list[Figure]:
                 with cpu_use(server.pid) as measured:
                     naive = replay(wrk, server.base, requests, DELIVERIES, work)
                 naive_cpu = measured[0]
-            console.print(
+            note(
+                console,
                 f"naive: {naive.rate:,.0f}/s p50 {naive.p50_ms:.1f} ms "
-                f"p99 {naive.p99_ms:.1f} ms max {naive.max_ms:.0f} ms {naive.statuses}"
+                f"p99 {naive.p99_ms:.1f} ms max {naive.max_ms:.0f} ms {naive.statuses}",
             )
-            console.print(_cpu_line(naive_cpu, naive))
+            note(console, _cpu_line(naive_cpu, naive))
             bad = {s: n for s, n in naive.statuses.items() if not 200 <= s < 300}
             if bad:
                 raise RuntimeError(f"the naive receiver answered non-2xx: {bad}")
 
             floor = pgbench_floor(pgbench, floor_db, len(plan.with_row), work)
-            console.print(f"pgbench floor: {floor:,.0f} transactions/s")
+            note(console, f"pgbench floor: {floor:,.0f} transactions/s")
     finally:
         jwks.stop()
 
