@@ -24,8 +24,6 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-import psycopg
-
 from renderqueue_pipeline.alerts.webhook import DeliveryError, post_with_retries, redact
 from renderqueue_pipeline.batch.budget import (
     MonthFigures,
@@ -33,6 +31,7 @@ from renderqueue_pipeline.batch.budget import (
     month_figures,
     usd,
 )
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 
 RETRY_BASE_S = 60  # the first retry a minute later, then 2, 4, ... up to an hour
@@ -151,7 +150,7 @@ def _retry_after_s(total_attempts: int, per_round: int) -> int:
 
 
 def record_crossings(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     default_percents: tuple[int, ...],
     default_limit: int | None,
 ) -> AlertRun:
@@ -188,7 +187,7 @@ def record_crossings(
 
 
 def deliver_due(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     url: str,
     *,
     attempts_per_round: int = 3,
@@ -256,7 +255,7 @@ def deliver_due(
 
 
 def evaluate_budget_alerts(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     *,
     url: str | None = None,
     default_percents: tuple[int, ...] | None = None,
@@ -282,7 +281,7 @@ def evaluate_budget_alerts(
 
 
 def set_alert_percents(
-    conn: psycopg.Connection, user_id: int, month: date | None, percents: tuple[int, ...] | None
+    conn: LedgerConnection, user_id: int, month: date | None, percents: tuple[int, ...] | None
 ) -> dict[str, Any] | None:
     """Store a user-month's own thresholds beside its budget (None: back to the default).
 
@@ -297,7 +296,7 @@ def set_alert_percents(
         ).fetchone()
 
 
-def alerts_for_month(conn: psycopg.Connection, month: date | None = None) -> list[dict[str, Any]]:
+def alerts_for_month(conn: LedgerConnection, month: date | None = None) -> list[dict[str, Any]]:
     """Every alert row of a month (default: the ledger clock's month), for people."""
     if month is None:
         month = conn.execute(q("alert_clock")).fetchone()["month"]

@@ -14,8 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import psycopg
-
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.redact import redact
 
@@ -45,7 +44,7 @@ class DeleteReport:
 
 
 async def adelete_fal_copies(
-    connect: Callable[[], psycopg.Connection],
+    connect: Callable[[], LedgerConnection],
     gateway: DeleteIOGateway,
     *,
     limit: int = 500,
@@ -101,7 +100,7 @@ async def adelete_fal_copies(
     return report
 
 
-def delete_fal_copies(connect: Callable[[], psycopg.Connection], **options: Any) -> DeleteReport:
+def delete_fal_copies(connect: Callable[[], LedgerConnection], **options: Any) -> DeleteReport:
     """adelete_fal_copies with a gateway from the environment (FAL_KEY / the simulator)."""
     from renderqueue_pipeline.fal_gateway import FalGateway
 

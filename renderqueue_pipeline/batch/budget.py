@@ -16,8 +16,7 @@ from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import psycopg
-
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
 
@@ -101,7 +100,7 @@ class MonthFigures:
 
 
 def month_figures(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     user_id: int,
     month: date | None = None,
     default_limit_micros: int | None = None,
@@ -133,7 +132,7 @@ def default_limit_micros() -> int | None:
 
 
 def set_budget(
-    conn: psycopg.Connection, user_id: int, limit_micros: int, month: date | None = None
+    conn: LedgerConnection, user_id: int, limit_micros: int, month: date | None = None
 ) -> dict[str, Any]:
     """Set (or replace) a user's budget for a month (default: the current UTC month)."""
     with conn.transaction():
@@ -146,7 +145,7 @@ def set_budget(
 
 
 def budget_overview(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     user_id: int | None = None,
     month: date | None = None,
     default_limit: int | None = None,

@@ -8,9 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-
 from renderqueue_pipeline.batch.budget import usd
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
 
@@ -88,7 +87,7 @@ def _md(text: str) -> str:
     return flat if len(flat) <= 300 else flat[:297] + "..."
 
 
-def batch_report(conn: psycopg.Connection, batch_id: int, limit: int = TABLE_ROWS) -> BatchReport:
+def batch_report(conn: LedgerConnection, batch_id: int, limit: int = TABLE_ROWS) -> BatchReport:
     """The batch as stored now; BatchNotFound for an unknown id."""
     batch = conn.execute(q("batch_by_id"), {"batch_id": batch_id}).fetchone()
     if batch is None:
@@ -121,5 +120,5 @@ def batch_report(conn: psycopg.Connection, batch_id: int, limit: int = TABLE_ROW
     )
 
 
-def recent_batches(conn: psycopg.Connection, limit: int = 20) -> list[dict[str, Any]]:
+def recent_batches(conn: LedgerConnection, limit: int = 20) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(q("recent_batches"), {"limit": limit})]

@@ -56,6 +56,7 @@ from renderqueue_pipeline.batch.source import (
     inspect_file,
     parse_prefixes,
 )
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import DatabaseUnavailable, RenderqueueError
@@ -337,7 +338,7 @@ class WaitingGate:
     bound over the users with requests waiting): runs in flight together take turns too.
     """
 
-    def __init__(self, conn: psycopg.Connection, bound: int) -> None:
+    def __init__(self, conn: LedgerConnection, bound: int) -> None:
         self.conn = conn
         self.bound = bound
         self.pauses = 0  # sends that had to wait for room
@@ -416,7 +417,7 @@ class SendMarks:
 
     def __init__(
         self,
-        conn: psycopg.Connection,
+        conn: LedgerConnection,
         claimer: str,
         lease_seconds: float,
         default_limit: int | None,
@@ -567,7 +568,7 @@ class _Run:
 
     def _write_chunk(
         self,
-        conn: psycopg.Connection,
+        conn: LedgerConnection,
         rows: list[tuple[int, dict[str, Any]]],
         cap: BatchCap,
     ) -> list[Intent]:
@@ -587,7 +588,7 @@ class _Run:
 
     def _record(
         self,
-        conn: psycopg.Connection,
+        conn: LedgerConnection,
         checked: list[PromptRow | Rejection],
         cap: BatchCap,
         *,
@@ -631,9 +632,7 @@ class _Run:
         self.stats.over_budget += counts["over_budget"]
         return intents
 
-    def _decide(
-        self, conn: psycopg.Connection, row: PromptRow, cap: BatchCap
-    ) -> Intent | Rejection:
+    def _decide(self, conn: LedgerConnection, row: PromptRow, cap: BatchCap) -> Intent | Rejection:
         return decide_row(
             conn,
             row,
@@ -694,7 +693,7 @@ class _Run:
             for conn in (intents_conn, results_conn, marks_conn, gate_conn):
                 await asyncio.to_thread(conn.close)
 
-    async def _feed(self, conn: psycopg.Connection, queue: FairFeed, intent: Intent) -> None:
+    async def _feed(self, conn: LedgerConnection, queue: FairFeed, intent: Intent) -> None:
         """Queue an intent for the fan-out; while the feed stays full, watch for a cancel."""
         while self.stop_reason is not None or not await queue.put(intent, timeout=1.0):
             if self.stop_reason is not None:
@@ -703,9 +702,7 @@ class _Run:
             if await asyncio.to_thread(_batch_status, conn, self.batch_id) == "canceled":
                 self.stop_reason = "the batch was canceled"
 
-    async def _produce(
-        self, conn: psycopg.Connection, reader: PromptReader, queue: FairFeed
-    ) -> None:
+    async def _produce(self, conn: LedgerConnection, reader: PromptReader, queue: FairFeed) -> None:
         existing = await asyncio.to_thread(_line_numbers, conn, self.batch_id)
         if self.total_hint is not None:
             self.total_hint = max(self.total_hint - len(existing), 0)
@@ -747,7 +744,7 @@ class _Run:
 
     def _load_intents(
         self,
-        conn: psycopg.Connection,
+        conn: LedgerConnection,
         sql: str,
         *,
         reopen: bool,
@@ -796,7 +793,7 @@ class _Run:
             )
         return intents
 
-    async def _watch_cancel(self, conn: psycopg.Connection) -> None:
+    async def _watch_cancel(self, conn: LedgerConnection) -> None:
         """Stop sending once the batch is canceled (the fan-out may be rows behind the file)."""
         while self.stop_reason is None:
             await asyncio.sleep(1.0)
@@ -804,7 +801,7 @@ class _Run:
                 if await asyncio.to_thread(_batch_status, conn, self.batch_id) == "canceled":
                     self.stop_reason = self.stop_reason or "the batch was canceled"
 
-    async def _heartbeat(self, conn: psycopg.Connection) -> None:
+    async def _heartbeat(self, conn: LedgerConnection) -> None:
         """Keep this run's claims alive (also while fal throttles it with 429s)."""
         while True:
             await asyncio.sleep(self.lease_seconds / 4)
@@ -901,7 +898,7 @@ class _Run:
             await self.limit.release()
             return submitted  # the SubmitResult: request id and fal_expires_at
 
-    async def _recorder(self, conn: psycopg.Connection, results: asyncio.Queue) -> None:
+    async def _recorder(self, conn: LedgerConnection, results: asyncio.Queue) -> None:
         done = False
         while not done:
             first = await results.get()
@@ -916,7 +913,7 @@ class _Run:
                 group.append(item)
             await asyncio.to_thread(self._record_outcomes, conn, group)
 
-    def _record_outcomes(self, conn: psycopg.Connection, group: list[tuple[Intent, Any]]) -> None:
+    def _record_outcomes(self, conn: LedgerConnection, group: list[tuple[Intent, Any]]) -> None:
         """fal's answers through the ledger's `finish_submission`, one commit per group.
 
         Each answer is its own savepoint inside the group's transaction (the ledger's
@@ -935,7 +932,7 @@ class _Run:
         self.stats.refused_by_fal += counts["refused_by_fal"]
         self.stats.unknown += counts["unknown"]
 
-    def _record_outcome(self, conn: psycopg.Connection, intent: Intent, outcome: Any) -> str:
+    def _record_outcome(self, conn: LedgerConnection, intent: Intent, outcome: Any) -> str:
         try:
             finish_submission(conn, intent, outcome, _is_definite_rejection)
             return "submitted"
@@ -961,7 +958,7 @@ class _Run:
         """fal refused the key: the call enqueued nothing, so the item was never sent."""
         self.marks.conn.execute(q("unmark_item_sent"), {"item_id": item_id})  # thread-safe
 
-    def _forget_unsent(self, conn: psycopg.Connection) -> None:
+    def _forget_unsent(self, conn: LedgerConnection) -> None:
         with conn.transaction():
             conn.execute(q("forget_unsent_items"), {"item_ids": self.unsent})
 
@@ -989,11 +986,11 @@ class _Run:
         )
 
 
-def _line_numbers(conn: psycopg.Connection, batch_id: int) -> set[int]:
+def _line_numbers(conn: LedgerConnection, batch_id: int) -> set[int]:
     return {r["line_no"] for r in conn.execute(q("batch_line_numbers"), {"batch_id": batch_id})}
 
 
-def _batch_status(conn: psycopg.Connection, batch_id: int) -> str | None:
+def _batch_status(conn: LedgerConnection, batch_id: int) -> str | None:
     row = conn.execute(q("batch_status"), {"batch_id": batch_id}).fetchone()
     return row["status"] if row else None
 
@@ -1009,7 +1006,7 @@ CLOCK_MARGIN = dt.timedelta(minutes=5)
 
 
 def unknown_items_fal_never_had(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     batch_id: int,
     platform_factory: Callable[[], Any] | None,
     log: Log,
@@ -1067,7 +1064,7 @@ def unknown_items_fal_never_had(
 
 
 def _open_batch(
-    conn: psycopg.Connection, facts: FileFacts, options: BatchOptions, source: str
+    conn: LedgerConnection, facts: FileFacts, options: BatchOptions, source: str
 ) -> tuple[dict[str, Any], bool]:
     """The batch of this content: (row, created). Never two batches for one sha256."""
     with conn.transaction():
@@ -1146,7 +1143,7 @@ def submit_batch_file(
         )
 
 
-def _mark_failed(conn: psycopg.Connection, ledger_url: str, batch_id: int, reason: str) -> None:
+def _mark_failed(conn: LedgerConnection, ledger_url: str, batch_id: int, reason: str) -> None:
     """Best effort: the batch is `failed` with `reason` (the next run reopens it anyway).
 
     The run's own connection may be what died, so a fresh one is tried second.

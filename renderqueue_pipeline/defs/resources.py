@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import psycopg
 from dagster import ConfigurableResource, EnvVar
 
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.server import database_url
 
@@ -17,7 +17,7 @@ class LedgerDatabase(ConfigurableResource):
     def resolved_url(self) -> str:
         return self.url or database_url()
 
-    def connect(self) -> psycopg.Connection:
+    def connect(self) -> LedgerConnection:
         return connect(self.resolved_url())
 
 

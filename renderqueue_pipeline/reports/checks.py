@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import IsolationLevel
 
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.reports.months import month_range
 
@@ -73,7 +74,7 @@ class Difference:
 
 
 @contextmanager
-def snapshot(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
+def snapshot(conn: LedgerConnection) -> Iterator[LedgerConnection]:
     """One read-only REPEATABLE READ transaction: every query sees the same moment."""
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         conn.commit()
@@ -140,7 +141,7 @@ def fold_facts(facts: list[dict], by: str) -> list[dict]:
 
 
 def ledger_facts(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     month: date,
     *,
     snapshot_at: datetime | None = None,
@@ -188,7 +189,7 @@ def _differences_table(differences: list[Difference], key: str) -> str:
 
 
 def report_matches_ledger(
-    conn: psycopg.Connection, month: date, by: str, *, margin: str = IN_FLIGHT_MARGIN
+    conn: LedgerConnection, month: date, by: str, *, margin: str = IN_FLIGHT_MARGIN
 ) -> Finding:
     """The month's report by user (or endpoint) equals the ledger, key by key, exactly.
 
@@ -253,7 +254,7 @@ def report_matches_ledger(
     return Finding(name, not differences, summary, metadata)
 
 
-def completed_generations_are_priced(conn: psycopg.Connection, month: date) -> Finding:
+def completed_generations_are_priced(conn: LedgerConnection, month: date) -> Finding:
     """Every completed generation of the month has a price behind its cost."""
     start, end = month_range(month)
     with snapshot(conn):
@@ -282,7 +283,7 @@ def completed_generations_are_priced(conn: psycopg.Connection, month: date) -> F
     return Finding("completed_generations_are_priced", total == 0, summary, metadata)
 
 
-def no_generation_open_too_long(conn: psycopg.Connection, month: date, now: datetime) -> Finding:
+def no_generation_open_too_long(conn: LedgerConnection, month: date, now: datetime) -> Finding:
     """No generation of the month has been open (submitted / in progress) for over 24 h."""
     start, end = month_range(month)
     params = {"start": start, "end": end, "as_of": now, "max_open": MAX_OPEN, "limit": SAMPLE}
@@ -303,7 +304,7 @@ def no_generation_open_too_long(conn: psycopg.Connection, month: date, now: date
     return Finding("no_generation_open_over_24h", stuck == 0, summary, metadata)
 
 
-def no_archive_failures(conn: psycopg.Connection, month: date) -> Finding:
+def no_archive_failures(conn: LedgerConnection, month: date) -> Finding:
     """Outputs of the month we hold no copy of: archive failed, or fal's copy was lost
     first (count, and the first request ids with the reason)."""
     start, end = month_range(month)

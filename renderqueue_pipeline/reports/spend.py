@@ -25,6 +25,7 @@ from datetime import UTC, date, datetime, timedelta
 import psycopg
 from psycopg import IsolationLevel
 
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.ledger import ledger_now
 from renderqueue_pipeline.reports.months import (
@@ -84,7 +85,7 @@ class MonthReport:
         return self.state == "final"
 
 
-def _recompute(conn: psycopg.Connection, first: date, end: date) -> None:
+def _recompute(conn: LedgerConnection, first: date, end: date) -> None:
     """Replace the rollup of days [first, end) with what the ledger says now."""
     start_ts = datetime(first.year, first.month, first.day, tzinfo=UTC)
     end_ts = datetime(end.year, end.month, end.day, tzinfo=UTC)
@@ -94,7 +95,7 @@ def _recompute(conn: psycopg.Connection, first: date, end: date) -> None:
 
 
 def _stale_days(
-    conn: psycopg.Connection, month: date, now: datetime
+    conn: LedgerConnection, month: date, now: datetime
 ) -> tuple[list[date], list[date]]:
     """Days of an open month to read again, and the settled days reused as they are."""
     start, end = month_range(month)
@@ -123,14 +124,14 @@ def _stale_days(
     return sorted(stale), sorted(set(settled) - stale)
 
 
-def _write_tables(conn: psycopg.Connection, month: date, computed_at: datetime) -> None:
+def _write_tables(conn: LedgerConnection, month: date, computed_at: datetime) -> None:
     params = {"month": month, "end_day": next_month(month), "computed_at": computed_at}
     for table in ("monthly_by_user", "monthly_by_endpoint", "monthly_by_batch", "daily"):
         conn.execute(q(f"{table}_delete"), params)
         conn.execute(q(f"{table}_insert"), params)
 
 
-def _mark_days(conn: psycopg.Connection, days: list[date], now: datetime, high_water: dict) -> None:
+def _mark_days(conn: LedgerConnection, days: list[date], now: datetime, high_water: dict) -> None:
     conn.execute(
         q("rollup_days_upsert"),
         {
@@ -143,7 +144,7 @@ def _mark_days(conn: psycopg.Connection, days: list[date], now: datetime, high_w
 
 
 def refresh_month(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     month: date,
     *,
     now: datetime | None = None,
@@ -189,7 +190,7 @@ def refresh_month(
 
 
 def _refresh_in_snapshot(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     month: date,
     now: datetime,
     final: bool,
@@ -267,14 +268,14 @@ def _refresh_in_snapshot(
     )
 
 
-def changed_months(conn: psycopg.Connection) -> list[dict]:
+def changed_months(conn: LedgerConnection) -> list[dict]:
     """Months with a report whose ledger changed since their last rebuild (oldest first):
     what the reports' sensor rebuilds."""
     with conn.transaction():
         return conn.execute(q("report_months_changed")).fetchall()
 
 
-def mark_days_unsettled(conn: psycopg.Connection, days: Iterable[date]) -> None:
+def mark_days_unsettled(conn: LedgerConnection, days: Iterable[date]) -> None:
     """For writers that change money outside record_events (a raw UPDATE, a billing
     correction): the next refresh of those days' months reads them from the ledger again."""
     conn.execute(q("mark_days_unsettled"), {"days": sorted(set(days))})

@@ -14,8 +14,8 @@ from decimal import Decimal
 
 import fsspec
 import pandas as pd
-import psycopg
 
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.reports.chart import daily_spend_chart
 from renderqueue_pipeline.reports.checks import snapshot
 from renderqueue_pipeline.reports.focus import focus_csv, focus_parquet, focus_records
@@ -39,7 +39,7 @@ def month_folder(storage_url: str, month: date) -> str:
     return f"{storage_url.rstrip('/')}/reports/spend/{month:%Y-%m}"
 
 
-def read_table(conn: psycopg.Connection, table: str, month: date) -> pd.DataFrame:
+def read_table(conn: LedgerConnection, table: str, month: date) -> pd.DataFrame:
     """One month of a report table as a DataFrame, columns in table order, sorted stably."""
     if table not in REPORT_TABLES:
         raise ValueError(f"not a report table: {table}")
@@ -101,7 +101,7 @@ def _csv(frame: pd.DataFrame) -> bytes:
     return frame.to_csv(index=False).encode()
 
 
-def export_month(conn: psycopg.Connection, month: date, storage_url: str) -> list[WrittenFile]:
+def export_month(conn: LedgerConnection, month: date, storage_url: str) -> list[WrittenFile]:
     """Write the month's four report tables and its FOCUS export (Parquet and CSV each) and
     its chart; list them."""
     with snapshot(conn):  # the tables and the FOCUS rows from one view of the ledger

@@ -23,8 +23,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 
 OUTCOMES = (
@@ -136,7 +135,7 @@ def _days(start: dt.datetime, end: dt.datetime) -> dict[str, dt.date]:
 
 
 def reconcile_range(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     start: dt.datetime,
     end: dt.datetime,
     *,
@@ -181,7 +180,7 @@ def reconcile_range(
     return summarize(conn, start, end, largest=0)
 
 
-def apply_billed(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime) -> int:
+def apply_billed(conn: LedgerConnection, start: dt.datetime, end: dt.datetime) -> int:
     """fal's figure becomes the cost of each billed, completed generation of the range
     (cost_basis 'billed'; our figure kept in computed_cost_micros). Returns rows changed."""
     with conn.transaction():
@@ -189,7 +188,7 @@ def apply_billed(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime)
 
 
 def summarize(
-    conn: psycopg.Connection, start: dt.datetime, end: dt.datetime, *, largest: int = 10
+    conn: LedgerConnection, start: dt.datetime, end: dt.datetime, *, largest: int = 10
 ) -> Reconciliation:
     """The stored results of a range: totals by outcome and the largest differences."""
     days = _days(start, end)

@@ -49,6 +49,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import DatabaseUnavailable, LedgerInputError
 from renderqueue_pipeline.ledger import event_from_fal_webhook, expired_event_count
@@ -232,7 +233,7 @@ class DatabaseProbe:
     def __init__(self, url: str, interval: float = PROBE_INTERVAL) -> None:
         self._url = url
         self._interval = interval
-        self._conn: psycopg.Connection | None = None
+        self._conn: LedgerConnection | None = None
         self._lock = asyncio.Lock()
         self._last: ProbeResult | None = None
         self._at = float("-inf")

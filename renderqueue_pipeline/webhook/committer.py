@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg.rows import dict_row
 
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.db.server import psycopg_url
 from renderqueue_pipeline.errors import DatabaseUnavailable
@@ -99,7 +100,7 @@ def connection_options(statement_timeout: float) -> dict[str, object]:
     }
 
 
-def open_connection(url: str, statement_timeout: float) -> psycopg.Connection:
+def open_connection(url: str, statement_timeout: float) -> LedgerConnection:
     """An autocommit connection for the receiver, or DatabaseUnavailable (no URL in it)."""
     try:
         return psycopg.Connection.connect(
@@ -141,9 +142,9 @@ class _Flusher:
     def __init__(self, url: str, statement_timeout: float) -> None:
         self._url = url
         self._statement_timeout = statement_timeout
-        self._conn: psycopg.Connection | None = None
+        self._conn: LedgerConnection | None = None
 
-    def connection(self) -> psycopg.Connection:
+    def connection(self) -> LedgerConnection:
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
             conn = self._conn = open_connection(self._url, self._statement_timeout)
