@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from renderqueue_pipeline.db import one_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.queries import q
@@ -148,11 +149,13 @@ def _wait_for_webhooks(url: str, request_ids: list[str], timeout: float = 90.0) 
     done = 0
     with connect(url, autocommit=True) as conn:
         while time.monotonic() < deadline:
-            done = conn.execute(
-                "select count(*) as n from generations where request_id = any(%s) "
-                "and status::text = any(%s)",
-                (request_ids, list(TERMINAL)),
-            ).fetchone()["n"]
+            done = one_row(
+                conn.execute(
+                    "select count(*) as n from generations where request_id = any(%s) "
+                    "and status::text = any(%s)",
+                    (request_ids, list(TERMINAL)),
+                )
+            )["n"]
             if done == len(request_ids):
                 break
             time.sleep(0.3)
@@ -327,12 +330,14 @@ def _tick_budget_alerts(defs: Any, instance: Any, console: Console) -> None:
 def _all_done(url: str, request_ids: list[str], console: Console) -> bool:
     """Without ground truth: every generation ended and every completed one is archived."""
     with connect(url) as conn:
-        left = conn.execute(
-            "select count(*) filter (where status in ('submitted', 'in_progress')) as open, "
-            "count(*) filter (where status = 'completed' and archive_status <> 'archived') "
-            "as unarchived from generations where request_id = any(%s)",
-            (request_ids,),
-        ).fetchone()
+        left = one_row(
+            conn.execute(
+                "select count(*) filter (where status in ('submitted', 'in_progress')) as open, "
+                "count(*) filter (where status = 'completed' and archive_status <> 'archived') "
+                "as unarchived from generations where request_id = any(%s)",
+                (request_ids,),
+            )
+        )
     if left["open"] or left["unarchived"]:
         console.print(f"[red]{left['open']} still open, {left['unarchived']} not archived")
         return False
@@ -394,7 +399,7 @@ def check_against_truth(
 
 def _ledger_now(url: str) -> dt.datetime:
     with connect(url) as conn:
-        return conn.execute("select rq_now() as now").fetchone()["now"]
+        return one_row(conn.execute("select rq_now() as now"))["now"]
 
 
 def _submitted_before(url: str, request_ids: list[str], started: dt.datetime) -> set[str]:
@@ -435,11 +440,13 @@ def print_summary(
             "from generations where request_id = any(%s) group by 1 order by 3 desc",
             (request_ids,),
         ).fetchall()
-        archived = conn.execute(
-            "select count(*) as n, coalesce(sum(archive_bytes), 0) as b from generations "
-            "where request_id = any(%s) and archive_status = 'archived'",
-            (request_ids,),
-        ).fetchone()
+        archived = one_row(
+            conn.execute(
+                "select count(*) as n, coalesce(sum(archive_bytes), 0) as b from generations "
+                "where request_id = any(%s) and archive_status = 'archived'",
+                (request_ids,),
+            )
+        )
         billing = conn.execute(
             "select cost_basis, count(*) as n from generations "
             "where request_id = any(%s) and status = 'completed' group by 1 order by 1",
@@ -451,9 +458,11 @@ def print_summary(
             "where request_id = any(%s) and status = 'completed'",
             (request_ids,),
         ).fetchone()
-        month_report = conn.execute(
-            q("report_month"), {"month": dt.datetime.now(dt.UTC).date().replace(day=1)}
-        ).fetchone()
+        month_report = one_row(
+            conn.execute(
+                q("report_month"), {"month": dt.datetime.now(dt.UTC).date().replace(day=1)}
+            )
+        )
         alerts = alerts_for_month(conn)
         billing_days = conn.execute(
             "select outcome, sum(requests) as n, sum(our_micros) as ours, "

@@ -429,6 +429,7 @@ def run_dev(
                         console.print(f"{job}: {status.lower()}")
                     except (RenderqueueError, httpx.HTTPError) as exc:
                         console.print(f"[yellow]{job} not launched: {escape(redact(exc))}")
+                from renderqueue_pipeline.db import one_row
                 from renderqueue_pipeline.db.connect import connect
 
                 with connect(url) as conn:
@@ -442,11 +443,13 @@ def run_dev(
                     ]
                     deadline = time.monotonic() + 180  # the archive sensor ticks every minute
                     while not stop and time.monotonic() < deadline:
-                        left = conn.execute(
-                            "select count(*) as n from generations where request_id = any(%s) "
-                            "and status = 'completed' and archive_status <> 'archived'",
-                            (request_ids,),
-                        ).fetchone()["n"]
+                        left = one_row(
+                            conn.execute(
+                                "select count(*) as n from generations where request_id = any(%s) "
+                                "and status = 'completed' and archive_status <> 'archived'",
+                                (request_ids,),
+                            )
+                        )["n"]
                         conn.rollback()
                         if left == 0:
                             break

@@ -31,7 +31,7 @@ from renderqueue_pipeline.batch.budget import (
     month_figures,
     usd,
 )
-from renderqueue_pipeline.db import LedgerConnection
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 
 RETRY_BASE_S = 60  # the first retry a minute later, then 2, 4, ... up to an hour
@@ -156,7 +156,7 @@ def record_crossings(
 ) -> AlertRun:
     """Step 1: insert one alert row per newly crossed threshold, per user, one transaction."""
     with conn.transaction():
-        month = conn.execute(q("alert_clock")).fetchone()["month"]
+        month = one_row(conn.execute(q("alert_clock")))["month"]
         run = AlertRun(month=month)
         users = [r["user_id"] for r in conn.execute(q("budget_users_for_month"), {"month": month})]
         for user_id in users:
@@ -216,15 +216,17 @@ def deliver_due(
             except DeliveryError as exc:
                 error = redact(str(exc), url)[:ERROR_MAX_CHARS]
                 total = row["attempts"] + exc.attempts
-                failed = conn.execute(
-                    q("mark_budget_alert_failed"),
-                    {
-                        "id": row["id"],
-                        "attempts": exc.attempts,
-                        "error": error,
-                        "retry_after_s": _retry_after_s(total, attempts_per_round),
-                    },
-                ).fetchone()
+                failed = one_row(
+                    conn.execute(
+                        q("mark_budget_alert_failed"),
+                        {
+                            "id": row["id"],
+                            "attempts": exc.attempts,
+                            "error": error,
+                            "retry_after_s": _retry_after_s(total, attempts_per_round),
+                        },
+                    )
+                )
                 outcomes.append(
                     AlertOutcome(
                         row["id"],
@@ -289,7 +291,7 @@ def set_alert_percents(
     """
     with conn.transaction():
         if month is None:
-            month = conn.execute(q("alert_clock")).fetchone()["month"]
+            month = one_row(conn.execute(q("alert_clock")))["month"]
         return conn.execute(
             q("set_user_alert_percents"),
             {"user_id": user_id, "month": month, "percents": list(percents) if percents else None},
@@ -299,5 +301,5 @@ def set_alert_percents(
 def alerts_for_month(conn: LedgerConnection, month: date | None = None) -> list[dict[str, Any]]:
     """Every alert row of a month (default: the ledger clock's month), for people."""
     if month is None:
-        month = conn.execute(q("alert_clock")).fetchone()["month"]
+        month = one_row(conn.execute(q("alert_clock")))["month"]
     return list(conn.execute(q("budget_alerts_for_month"), {"month": month}))

@@ -213,6 +213,7 @@ def budget_set(user_id: int, amount: str | None, month: str | None, alerts: str 
     from renderqueue_pipeline.alerts import set_alert_percents
     from renderqueue_pipeline.batch import parse_month, parse_usd, set_budget, usd
     from renderqueue_pipeline.batch.rows import parse_user_id
+    from renderqueue_pipeline.db import one_row
     from renderqueue_pipeline.db.connect import connect
     from renderqueue_pipeline.db.queries import q
     from renderqueue_pipeline.settings import parse_alert_percents
@@ -232,7 +233,7 @@ def budget_set(user_id: int, amount: str | None, month: str | None, alerts: str 
     micros = None if amount is None else parse_usd(amount, "--usd")
     with connect(_ledger_url()) as conn:
         # one month for both (the ledger clock's, rq_now, unless --month says)
-        target = parse_month(month) or conn.execute(q("alert_clock")).fetchone()["month"]
+        target = parse_month(month) or one_row(conn.execute(q("alert_clock")))["month"]
         if micros is not None:
             row = set_budget(conn, user_id, micros, target)
             click.echo(

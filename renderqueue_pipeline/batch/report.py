@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from renderqueue_pipeline.batch.budget import usd
-from renderqueue_pipeline.db import LedgerConnection
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
 
@@ -92,7 +92,7 @@ def batch_report(conn: LedgerConnection, batch_id: int, limit: int = TABLE_ROWS)
     batch = conn.execute(q("batch_by_id"), {"batch_id": batch_id}).fetchone()
     if batch is None:
         raise BatchNotFound(f"no batch {batch_id} (see `renderqueue batch list`)")
-    row = conn.execute(q("batch_counts"), {"batch_id": batch_id}).fetchone()
+    row = one_row(conn.execute(q("batch_counts"), {"batch_id": batch_id}))
     counts = {name: int(row[name]) for name in COUNTS}
     rejections = conn.execute(
         q("batch_rejections"), {"batch_id": batch_id, "limit": limit}

@@ -56,7 +56,7 @@ from renderqueue_pipeline.batch.source import (
     inspect_file,
     parse_prefixes,
 )
-from renderqueue_pipeline.db import LedgerConnection
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import DatabaseUnavailable, RenderqueueError
@@ -728,7 +728,7 @@ class _Run:
         for intent in unsent:
             await self._feed(conn, queue, intent)
         cap_row = await asyncio.to_thread(
-            lambda: conn.execute(q("batch_cost_so_far"), {"batch_id": self.batch_id}).fetchone()
+            lambda: one_row(conn.execute(q("batch_cost_so_far"), {"batch_id": self.batch_id}))
         )
         cap = BatchCap(self.options.max_cost_micros, int(cap_row["micros"]))
         chunks = self._chunks(reader, existing)
@@ -1084,7 +1084,7 @@ def _open_batch(
         ).fetchone()
         if created is not None:
             return created, True
-        return conn.execute(q("batch_by_sha256"), {"sha256": facts.sha256}).fetchone(), False
+        return one_row(conn.execute(q("batch_by_sha256"), {"sha256": facts.sha256})), False
 
 
 def submit_batch_file(
@@ -1185,7 +1185,7 @@ def _submit_copy(
                 f"({batch['status']}); nothing submitted"
             )
             return BatchResult(batch_report(conn, batch_id), RunStats(), duplicate=True)
-        if not conn.execute(q("try_lock_batch"), {"batch_id": batch_id}).fetchone()["locked"]:
+        if not one_row(conn.execute(q("try_lock_batch"), {"batch_id": batch_id}))["locked"]:
             log(
                 f"batch {batch_id} ({batch['source']}) is being submitted by another run right "
                 "now; nothing submitted by this one"

@@ -14,6 +14,6 @@ def connect(url: str | None = None, *, autocommit: bool = False) -> LedgerConnec
     """A psycopg connection with dict rows to `url` (default: the database in use)."""
     target = psycopg_url(url or database_url())
     try:
-        return psycopg.connect(target, autocommit=autocommit, row_factory=dict_row)
+        return LedgerConnection.connect(target, autocommit=autocommit, row_factory=dict_row)
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"cannot reach the ledger database: {exc}".strip()) from exc

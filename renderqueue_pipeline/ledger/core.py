@@ -18,7 +18,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from renderqueue_pipeline.db import LedgerConnection
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import BudgetExceeded, LedgerInputError, SubmissionInProgress
 from renderqueue_pipeline.redact import redact
@@ -110,7 +110,7 @@ def validate_request(
 
     # The duration is read by SQL's rq_parse_duration, the one definition (sql/003).
     params = {"endpoint": endpoint, "inputs": Jsonb(dict(inputs)), "at": None}
-    found = conn.execute(q("validate_and_estimate"), params).fetchone()
+    found = one_row(conn.execute(q("validate_and_estimate"), params))
     if found["duration_problem"] is not None:
         raise LedgerInputError("inputs.duration", found["duration_problem"], row=row)
     if found["price_id"] is not None:
@@ -176,7 +176,7 @@ def record_intent(
     }
     found = conn.execute(q("insert_batch_item"), params).fetchone()
     if found is None:
-        found = conn.execute(q("batch_item_by_key"), params).fetchone()
+        found = one_row(conn.execute(q("batch_item_by_key"), params))
     return Intent(
         item_id=found["id"],
         state=found["state"],
@@ -358,7 +358,7 @@ def await_outcome(conn: LedgerConnection, intent: Intent, deadline: float) -> In
     """
     while True:
         with conn.transaction():
-            item = conn.execute(q("batch_item_outcome"), {"item_id": intent.item_id}).fetchone()
+            item = one_row(conn.execute(q("batch_item_outcome"), {"item_id": intent.item_id}))
         state = item["state"]
         if state == "submitted":
             return replace(intent, state=state, request_id=item["request_id"])

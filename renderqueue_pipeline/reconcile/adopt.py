@@ -29,7 +29,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from renderqueue_pipeline.db import LedgerConnection
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.fal_gateway import decode_tags
 
@@ -98,7 +98,7 @@ def adopt_entry(
         "fal_expires_at": expires,
     }
     with conn.transaction():
-        return conn.execute(q("adopt_fal_request"), params).fetchone()
+        return one_row(conn.execute(q("adopt_fal_request"), params))
 
 
 def adopt_entries(
@@ -209,7 +209,7 @@ def adopt_fal_requests(
 def unexplained_orphan_count(conn: LedgerConnection) -> int:
     """Requests at fal on our endpoints that no item of ours explains, not yet explained."""
     with conn.transaction():
-        return int(conn.execute(q("orphan_counts")).fetchone()["unexplained"])
+        return int(one_row(conn.execute(q("orphan_counts")))["unexplained"])
 
 
 def unexplained_orphans(conn: LedgerConnection, limit: int = 100) -> list[dict[str, Any]]:

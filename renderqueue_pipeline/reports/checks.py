@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import IsolationLevel
 
-from renderqueue_pipeline.db import LedgerConnection
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.reports.months import month_range
 
@@ -288,7 +288,7 @@ def no_generation_open_too_long(conn: LedgerConnection, month: date, now: dateti
     start, end = month_range(month)
     params = {"start": start, "end": end, "as_of": now, "max_open": MAX_OPEN, "limit": SAMPLE}
     with snapshot(conn):
-        stuck = conn.execute(q("stuck_open_count"), params).fetchone()["stuck"]
+        stuck = one_row(conn.execute(q("stuck_open_count"), params))["stuck"]
         sample = conn.execute(q("stuck_open_in_month"), params).fetchall()
     metadata: dict[str, Any] = {"open_over_24h": stuck, "as_of": now.isoformat()}
     if sample:
@@ -310,7 +310,7 @@ def no_archive_failures(conn: LedgerConnection, month: date) -> Finding:
     start, end = month_range(month)
     params = {"start": start, "end": end, "limit": SAMPLE}
     with snapshot(conn):
-        counts = conn.execute(q("archive_failure_count"), params).fetchone()
+        counts = one_row(conn.execute(q("archive_failure_count"), params))
         total = counts["failed"] + counts["lost"]
         sample = conn.execute(q("archive_failures_in_month"), params).fetchall() if total else []
     metadata: dict[str, Any] = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
-from renderqueue_pipeline.db import LedgerConnection
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.ledger.report import dollars
 from renderqueue_pipeline.reports.checks import snapshot
@@ -81,7 +81,7 @@ def projected(last_7_days_micros: int, left: timedelta) -> int:
 
 def ledger_now(conn: LedgerConnection) -> datetime:
     """The ledger's clock, rq_now() (the invariant tests may set it)."""
-    return conn.execute(q("forecast_clock")).fetchone()["now"]
+    return one_row(conn.execute(q("forecast_clock")))["now"]
 
 
 def forecast_month(

@@ -25,7 +25,7 @@ from datetime import UTC, date, datetime, timedelta
 import psycopg
 from psycopg import IsolationLevel
 
-from renderqueue_pipeline.db import LedgerConnection
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.ledger import ledger_now
 from renderqueue_pipeline.reports.months import (
@@ -204,7 +204,7 @@ def _refresh_in_snapshot(
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - clock
         clock = time.perf_counter()
 
-    high_water = conn.execute(q("ledger_high_water")).fetchone()
+    high_water = one_row(conn.execute(q("ledger_high_water")))
     changes = conn.execute(q("report_month_changes"), {"month": month}).fetchone()
     # a final month whose ledger changed after it ended is rebuilt, never patched day by day
     rebuild = rebuild or (final and bool(changes and changes["changed"]))
@@ -232,17 +232,19 @@ def _refresh_in_snapshot(
     if reused:
         conn.execute(q("rollup_days_advance"), {"days": reused, **high_water})
     state = "final" if final else "open"
-    summary = conn.execute(
-        q("report_month_upsert"),
-        {
-            "month": month,
-            "end_day": next_month(month),
-            "state": state,
-            "computed_at": now,
-            "snapshot_at": high_water["snapshot_at"],
-            "max_generation_id": high_water["max_generation_id"],
-        },
-    ).fetchone()
+    summary = one_row(
+        conn.execute(
+            q("report_month_upsert"),
+            {
+                "month": month,
+                "end_day": next_month(month),
+                "state": state,
+                "computed_at": now,
+                "snapshot_at": high_water["snapshot_at"],
+                "max_generation_id": high_water["max_generation_id"],
+            },
+        )
+    )
     return MonthReport(
         month=month,
         state=state,

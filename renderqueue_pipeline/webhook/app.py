@@ -49,7 +49,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from renderqueue_pipeline.db import LedgerConnection
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import DatabaseUnavailable, LedgerInputError
 from renderqueue_pipeline.ledger import event_from_fal_webhook, expired_event_count
@@ -251,7 +251,7 @@ class DatabaseProbe:
         try:
             if self._conn is None or self._conn.closed or self._conn.broken:
                 self._conn = open_connection(self._url, statement_timeout=2.0)
-            waiting = self._conn.execute(q("webhook_probe")).fetchone()["waiting"]
+            waiting = one_row(self._conn.execute(q("webhook_probe")))["waiting"]
             return ProbeResult(True, waiting, expired_event_count(self._conn))
         except (psycopg.Error, DatabaseUnavailable) as exc:
             log.error("database probe failed: %s", describe(exc))

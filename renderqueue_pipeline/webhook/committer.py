@@ -88,7 +88,7 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}[{state}]: {text}" if state else f"{type(exc).__name__}: {text}"
 
 
-def connection_options(statement_timeout: float) -> dict[str, object]:
+def connection_options(statement_timeout: float) -> dict[str, str | int]:
     """libpq options of a receiver connection: bounded connect, keepalives, statement cap."""
     return {
         "connect_timeout": CONNECT_TIMEOUT_SECONDS,
@@ -103,7 +103,7 @@ def connection_options(statement_timeout: float) -> dict[str, object]:
 def open_connection(url: str, statement_timeout: float) -> LedgerConnection:
     """An autocommit connection for the receiver, or DatabaseUnavailable (no URL in it)."""
     try:
-        return psycopg.Connection.connect(
+        return LedgerConnection.connect(
             psycopg_url(url),
             autocommit=True,
             row_factory=dict_row,
