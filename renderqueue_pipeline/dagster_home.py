@@ -29,6 +29,9 @@ FAL_API_POOL = "fal_api"
 #: The tag each domain's jobs carry, so one domain cannot take every run slot.
 DOMAIN_TAG = "renderqueue/domain"
 
+#: The tag (value `run`) archive runs carry, so only one runs at a time.
+ARCHIVE_TAG_KEY = "renderqueue/archive"
+
 
 @dataclass(frozen=True)
 class RunLimits:
@@ -74,7 +77,7 @@ def tag_concurrency_limits(limits: RunLimits) -> list[dict[str, Any]]:
         {"key": "dagster/schedule_name", "value": per_value, "limit": limits.per_schedule},
         {"key": DOMAIN_TAG, "value": per_value, "limit": limits.per_domain},
         # the archive's runs (defs/archive/jobs.py ARCHIVE_TAG): one at a time
-        {"key": "renderqueue/archive", "value": "run", "limit": 1},
+        {"key": ARCHIVE_TAG_KEY, "value": "run", "limit": 1},
     ]
 
 

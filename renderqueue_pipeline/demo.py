@@ -127,7 +127,7 @@ def _sensor_requests(defs: Any, instance: Any) -> list[Any]:
     """Tick the prompts inbox sensor until it requests runs (a file waits one tick)."""
     import dagster as dg
 
-    from renderqueue_pipeline.defs.submission.resources import PromptsInbox
+    from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 
     sensor = defs.resolve_sensor_def("prompts_inbox_sensor")
     cursor = None

@@ -189,12 +189,6 @@ class Settings(BaseSettings):
     )
     delete_fal_copy: bool = Field(default=False, alias="RENDERQUEUE_DELETE_FAL_COPY")
 
-    # --- reports (renderqueue_pipeline/reports/, docs/reports.md) ---
-    # the first month of the monthly report partitions (YYYY-MM)
-    reports_start_month: str = Field(
-        default="2026-01", pattern=r"^\d{4}-(0[1-9]|1[0-2])$", alias="RENDERQUEUE_REPORTS_START"
-    )
-
     @field_validator("*", mode="before")
     @classmethod
     def _clean_text(cls, value: object) -> object:

@@ -78,6 +78,18 @@ def test_the_sensor_launches_one_bounded_run_only_when_rows_are_due(
     assert isinstance(waiting, dg.SkipReason) and "in flight" in waiting.skip_message
 
 
+def test_a_canceling_archive_run_is_still_in_flight(conn, archive_env, instance, origin) -> None:
+    """Its op may still be copying: a second run would race it for the same rows."""
+    ledger = LedgerDatabase(url=archive_env)
+    completed_row(conn, video(origin.serve("/d.mp4", Behaviour(size=10)), 10))
+    job = load_defs().resolve_job_def("archive_outputs")
+    instance.create_run_for_job(job, status=dg.DagsterRunStatus.CANCELING)
+    waiting = archive_sensor(
+        dg.build_sensor_context(instance=instance, resources={"ledger": ledger})
+    )
+    assert isinstance(waiting, dg.SkipReason) and "in flight" in waiting.skip_message
+
+
 def test_the_job_archives_reports_metadata_and_checks_lost_outputs(
     conn, archive_env, instance, origin, tmp_path
 ) -> None:
@@ -102,6 +114,9 @@ def test_the_job_archives_reports_metadata_and_checks_lost_outputs(
     assert metadata["lost"] == 1 and metadata["retrying"] == 1
     assert metadata["failures_by_reason"] == {"gone": 1, "http_error": 1}
     assert metadata["mb_per_second"] > 0
+    # what one run archived is not the table's row count, which the UI would show as such
+    assert "dagster/row_count" not in metadata
+    assert "dagster/partition_row_count" not in metadata
 
     checks = {
         e.asset_check_evaluation_data.check_name: e.asset_check_evaluation_data

@@ -11,8 +11,8 @@ from batch_helpers import SEEDANCE, dagster_instance, ledger_counts, prompts, wr
 
 from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 from renderqueue_pipeline.batch.source import PromptFileError
-from renderqueue_pipeline.defs.submission.resources import PromptsInbox
-from renderqueue_pipeline.defs.submission.sensors import prompts_inbox_sensor
+from renderqueue_pipeline.defs.batch.resources import PromptsInbox
+from renderqueue_pipeline.defs.batch.sensors import prompts_inbox_sensor
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 

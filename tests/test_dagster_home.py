@@ -94,9 +94,9 @@ def test_one_schedule_or_sensor_cannot_flood_the_run_queue(dagster_home: Path) -
         archive_run = {"renderqueue/archive": "run"}
         assert blocked([archive_run], archive_run)
 
-        submission = {DOMAIN_TAG: "submission"}
-        assert blocked([submission] * limits.per_domain, submission)
-        assert not blocked([submission] * limits.per_domain, {DOMAIN_TAG: "reconcile"})
+        batch = {DOMAIN_TAG: "batch"}
+        assert blocked([batch] * limits.per_domain, batch)
+        assert not blocked([batch] * limits.per_domain, {DOMAIN_TAG: "reconcile"})
 
 
 def test_the_template_is_rewritten_only_when_it_changes(dagster_home: Path, ledger_env) -> None:

@@ -202,7 +202,7 @@ def test_month_materializes_checks_pass_and_files_equal_tables(
         "daily_spend",
     }
     users = metadata["monthly_spend_by_user"]
-    assert users["dagster/row_count"].value == 2
+    assert users["dagster/partition_row_count"].value == 2
     assert users["cost_micros"].value == cost
     assert users["total_spend_usd"].value == pytest.approx(cost / 1_000_000)
     # nothing billed by fal in this ledger: ours only, fal's figures shown as not yet known
@@ -212,13 +212,22 @@ def test_month_materializes_checks_pass_and_files_equal_tables(
     assert users["generations"].value == 5
     assert users["state"].value == "final"  # March is past its grace period
     assert "| 2 |" in users["top_10"].value  # user 2 spent the most
-    assert metadata["daily_spend"]["dagster/row_count"].value == 5  # days with generations
+    assert metadata["daily_spend"]["dagster/partition_row_count"].value == 5  # days with spend
+    for name, (table_name, _) in assets.TABLE_ASSETS.items():
+        count = psycopg.sql.SQL("select count(*) as n from {} where month = %s")
+        month_rows = conn.execute(
+            count.format(psycopg.sql.Identifier(table_name)), (date(2026, 3, 1),)
+        ).fetchone()["n"]
+        assert metadata[name]["dagster/partition_row_count"].value == month_rows, name
+        # a partition's rows are not the table's: the UI shows dagster/row_count as the table's
+        assert "dagster/row_count" not in metadata[name], name
     evaluations = checks_of(result)
     assert len(evaluations) == 5 and all(e.passed for e in evaluations.values())
     assert evaluations["report_by_user_matches_ledger"].metadata["ledger_cost_micros"].value == cost
     assert evaluations["no_archive_failures"].metadata["archive_failures"].value == 0
 
     files = result.asset_materializations_for_node("spend_report_files")[0].metadata
+    assert "dagster/row_count" not in files  # rows of four tables' files: no one table's
     assert files["chart"].value == f"{storage}/reports/spend/2026-03/{CHART_NAME}"
     png = (tmp_path / "storage" / "reports" / "spend" / "2026-03" / CHART_NAME).read_bytes()
     assert png.startswith(b"\x89PNG")
@@ -315,6 +324,7 @@ def test_files_in_s3(conn: psycopg.Connection, ledger_url: str, instance, s3_env
         + [f"analytics/reports/spend/2026-03/{CHART_NAME}"]
     )
     files = result.asset_materializations_for_node("spend_report_files")[0].metadata
+    assert "dagster/row_count" not in files  # rows of four tables' files: no one table's
     assert files["chart"].value == f"{storage}/reports/spend/2026-03/{CHART_NAME}"
     assert_files_equal_tables(conn, storage)
 

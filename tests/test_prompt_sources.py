@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from renderqueue_pipeline.batch import PromptFileError
 from renderqueue_pipeline.batch.source import file_format
 from renderqueue_pipeline.cli import main
+from renderqueue_pipeline.defs.batch.jobs import submit_batch
+from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 from renderqueue_pipeline.defs.resources import LedgerDatabase
-from renderqueue_pipeline.defs.submission.jobs import submit_batch
-from renderqueue_pipeline.defs.submission.resources import PromptsInbox
 from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 

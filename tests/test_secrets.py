@@ -26,9 +26,9 @@ from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.dagster_home import dagster_storage_url
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.defs.batch.jobs import submit_batch
+from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 from renderqueue_pipeline.defs.resources import LedgerDatabase
-from renderqueue_pipeline.defs.submission.jobs import submit_batch
-from renderqueue_pipeline.defs.submission.resources import PromptsInbox
 from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 

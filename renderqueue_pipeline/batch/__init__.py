@@ -1,6 +1,6 @@
 """Batch submission: prompt files to fal through the ledger, with budgets and cancel.
 
-Plain Python (no Dagster): `defs/submission/` and `renderqueue batch ...` are thin
+Plain Python (no Dagster): `defs/batch/` and `renderqueue batch ...` are thin
 layers over these functions.
 """
 

@@ -3,6 +3,8 @@
 import dagster as dg
 
 from renderqueue_pipeline.archive import run_archive
+from renderqueue_pipeline.defs.batch.assets import fal_requests
+from renderqueue_pipeline.defs.ledger.assets import generations
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 
 
@@ -13,6 +15,7 @@ class ArchiveRunConfig(dg.Config):
 
 
 @dg.asset(
+    deps=[generations, fal_requests],  # completed rows, and fal's copy of each output
     group_name="archive",
     kinds={"postgres", "s3"},
     description="Every completed output copied into RENDERQUEUE_STORAGE_URL before fal's copy "
@@ -26,7 +29,6 @@ def archived_outputs(
     context.log.info(f"archive run: {summary}")
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": summary["archived"],
             "rows_taken": summary["rows"],
             "archived": summary["archived"],
             "lost": summary["lost"],

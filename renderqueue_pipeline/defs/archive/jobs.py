@@ -2,12 +2,12 @@
 
 import dagster as dg
 
-from renderqueue_pipeline.dagster_home import DOMAIN_TAG
 from renderqueue_pipeline.defs.archive.assets import archived_outputs
+from renderqueue_pipeline.defs.shared import ARCHIVE_TAG_KEY, domain_tags
 
 #: One archive run at a time: the sensor checks for one in flight, and dagster.yaml's
 #: tag_concurrency_limits holds `renderqueue/archive` to 1 as well (dagster_home.py).
-ARCHIVE_TAG = {"renderqueue/archive": "run", DOMAIN_TAG: "archive"}
+ARCHIVE_TAG = {ARCHIVE_TAG_KEY: "run", **domain_tags("archive")}
 
 archive_outputs = dg.define_asset_job(
     "archive_outputs",

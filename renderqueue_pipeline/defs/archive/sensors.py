@@ -6,14 +6,8 @@ from renderqueue_pipeline.archive import archive_due_count
 from renderqueue_pipeline.defs.archive.assets import ArchiveRunConfig
 from renderqueue_pipeline.defs.archive.jobs import archive_outputs
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.shared import IN_FLIGHT_RUN_STATUSES
 from renderqueue_pipeline.settings import get_settings
-
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
 
 
 @dg.sensor(
@@ -25,7 +19,7 @@ IN_FLIGHT = [
 )
 def archive_sensor(context: dg.SensorEvaluationContext, ledger: LedgerDatabase):
     in_flight = context.instance.get_run_records(
-        dg.RunsFilter(job_name=archive_outputs.name, statuses=IN_FLIGHT), limit=1
+        dg.RunsFilter(job_name=archive_outputs.name, statuses=IN_FLIGHT_RUN_STATUSES), limit=1
     )
     if in_flight:
         return dg.SkipReason(f"archive run {in_flight[0].dagster_run.run_id} is still in flight")

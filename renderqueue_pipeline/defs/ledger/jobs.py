@@ -4,6 +4,7 @@ from dagster import MetadataValue, OpExecutionContext, job, op
 
 from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.shared import domain_tags
 from renderqueue_pipeline.ledger.report import dollars, ledger_status
 
 
@@ -40,6 +41,9 @@ def report_ledger_status(
     return by_status
 
 
-@job(description="Migrate the ledger and report generations by status and spend by endpoint.")
+@job(
+    description="Migrate the ledger and report generations by status and spend by endpoint.",
+    tags=domain_tags("ledger"),
+)
 def ledger_status_job() -> None:
     report_ledger_status(migrate_ledger())

@@ -2,8 +2,12 @@
 
 import dagster as dg
 
+from renderqueue_pipeline.defs.batch.assets import fal_requests
+from renderqueue_pipeline.defs.ledger.assets import generations
+
 fal_orphan_requests = dg.AssetSpec(
     "fal_orphan_requests",
+    deps=[fal_requests, generations],  # fal's request list against the ledger's items
     group_name="reconcile",
     kinds={"postgres"},
     description=(

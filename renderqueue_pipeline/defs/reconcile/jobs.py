@@ -6,8 +6,8 @@ from datetime import timedelta
 import dagster as dg
 from pydantic import Field
 
-from renderqueue_pipeline.dagster_home import DOMAIN_TAG, FAL_API_POOL
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.shared import FAL_API_POOL, domain_tags
 from renderqueue_pipeline.reconcile import ReconcileOptions, reconcile
 
 PROGRESS_EVERY_SECONDS = 5.0
@@ -75,7 +75,7 @@ def reconcile_open_rows(
 
 
 @dg.job(
-    tags={DOMAIN_TAG: "reconcile"},
+    tags=domain_tags("reconcile"),
     description="Bring open and payload-less rows to fal's truth (see docs/reconcile.md).",
 )
 def reconcile_ledger() -> None:

@@ -5,14 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from renderqueue_pipeline.defs.reconcile.jobs import reconcile_ledger
-
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-]
+from renderqueue_pipeline.defs.shared import IN_FLIGHT_RUN_STATUSES
 
 
 @dg.schedule(
@@ -24,7 +17,7 @@ IN_FLIGHT = [
 )
 def reconcile_every_5m(context: dg.ScheduleEvaluationContext) -> dg.RunRequest | dg.SkipReason:
     in_flight = context.instance.get_run_records(
-        dg.RunsFilter(job_name=reconcile_ledger.name, statuses=IN_FLIGHT), limit=1
+        dg.RunsFilter(job_name=reconcile_ledger.name, statuses=IN_FLIGHT_RUN_STATUSES), limit=1
     )
     if in_flight:
         run = in_flight[0].dagster_run

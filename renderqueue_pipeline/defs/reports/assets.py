@@ -6,10 +6,12 @@ Thin: each asset reads its resources and calls one function of renderqueue_pipel
 import dagster as dg
 
 from renderqueue_pipeline.defs.freshness.policies import current_month_policy
+from renderqueue_pipeline.defs.ledger.assets import generations
 from renderqueue_pipeline.defs.reports.metadata import files_metadata, table_metadata
-from renderqueue_pipeline.defs.reports.partitions import monthly_partitions
 from renderqueue_pipeline.defs.reports.resources import ReportStorage
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.shared import monthly_partitions
+from renderqueue_pipeline.defs.spend.assets import billing_reconciliation
 from renderqueue_pipeline.reports.months import parse_month
 from renderqueue_pipeline.reports.spend import MonthReport, refresh_month
 from renderqueue_pipeline.reports.storage import export_month
@@ -33,6 +35,8 @@ class SpendReportConfig(dg.Config):
     specs=[
         dg.AssetSpec(
             name,
+            # the month's generations, with the billed figures billing_reconciliation wrote
+            deps=[generations, billing_reconciliation],
             group_name=GROUP,
             kinds={"postgres"},
             description=f"Postgres table `{table}`: one month per partition (docs/reports.md).",

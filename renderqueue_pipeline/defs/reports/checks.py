@@ -6,8 +6,8 @@ understated by a missing price): the files are not written then.
 
 import dagster as dg
 
-from renderqueue_pipeline.defs.reports.partitions import monthly_partitions
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.shared import monthly_partitions
 from renderqueue_pipeline.ledger import ledger_now
 from renderqueue_pipeline.reports import checks
 from renderqueue_pipeline.reports.months import parse_month

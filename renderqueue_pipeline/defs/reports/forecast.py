@@ -12,7 +12,9 @@ from typing import Any
 import dagster as dg
 
 from renderqueue_pipeline.defs.freshness.policies import current_month_policy
+from renderqueue_pipeline.defs.ledger.assets import generations
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.shared import domain_tags
 from renderqueue_pipeline.reports.forecast import Forecast, forecast_month, markdown
 from renderqueue_pipeline.reports.summary import dollars, micros_to_usd
 
@@ -73,6 +75,7 @@ def budget_check(forecast: Forecast) -> dg.AssetCheckResult:
 
 
 @dg.asset(
+    deps=[generations],
     group_name=GROUP,
     kinds={"postgres"},
     check_specs=[
@@ -100,7 +103,7 @@ spend_forecast_job = dg.define_asset_job(
     "spend_forecast_job",
     selection=[spend_forecast],
     description="Forecast the current month's spend by user and endpoint; warn on budgets.",
-    tags={"renderqueue/domain": "reports"},
+    tags=domain_tags("reports"),
 )
 
 

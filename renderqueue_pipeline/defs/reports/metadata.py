@@ -18,9 +18,9 @@ _KEYS = {
 
 
 def table_metadata(report: MonthReport, table: str, rows: list[dict]) -> dict[str, Any]:
-    """Row count, the month's totals (numbers, same keys every month), a top-10 table."""
+    """The partition's row count, the month's totals (numbers, same keys every month), a
+    top-10 table. Not `dagster/row_count`: that is the whole table's, every month's."""
     metadata: dict[str, Any] = {
-        "dagster/row_count": len(rows),
         "dagster/partition_row_count": len(rows),
         "table": table,
         "month": f"{report.month:%Y-%m}",
@@ -86,5 +86,6 @@ def files_metadata(written: list[WrittenFile]) -> dict[str, Any]:
         "| file | rows | bytes |\n|---|---:|---:|\n"
         + "\n".join(f"| [{f.name}]({f.url}) | {f.rows} | {f.bytes} |" for f in written)
     )
-    metadata["dagster/row_count"] = sum(f.rows for f in written if f.kind == "parquet")
+    # rows across the month's table files: no one table's row count
+    metadata["rows_written"] = sum(f.rows for f in written if f.kind == "parquet")
     return metadata

@@ -13,17 +13,10 @@ import dagster as dg
 
 from renderqueue_pipeline.defs.reports.assets import SpendReportConfig
 from renderqueue_pipeline.defs.reports.jobs import spend_report
-from renderqueue_pipeline.defs.reports.partitions import monthly_partitions
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.shared import IN_FLIGHT_RUN_STATUSES, monthly_partitions
 from renderqueue_pipeline.reports.months import month_label
 from renderqueue_pipeline.reports.spend import changed_months
-
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
 
 
 def _in_flight(instance: dg.DagsterInstance, partition_key: str) -> str | None:
@@ -31,7 +24,7 @@ def _in_flight(instance: dg.DagsterInstance, partition_key: str) -> str | None:
     runs = instance.get_run_records(
         filters=dg.RunsFilter(
             job_name=spend_report.name,
-            statuses=IN_FLIGHT,
+            statuses=IN_FLIGHT_RUN_STATUSES,
             tags={"dagster/partition": partition_key},
         ),
         limit=1,

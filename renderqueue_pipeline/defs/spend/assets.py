@@ -5,8 +5,11 @@ import datetime as dt
 
 import dagster as dg
 
+from renderqueue_pipeline.defs.batch.assets import fal_requests
 from renderqueue_pipeline.defs.freshness.policies import daily_billing_policy
+from renderqueue_pipeline.defs.ledger.assets import generations
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.shared import FAL_API_POOL, daily_partitions, monthly_partitions
 from renderqueue_pipeline.defs.spend.resources import FalPlatformResource
 from renderqueue_pipeline.fal_platform import FalPlatformAuthError, FalPlatformError
 from renderqueue_pipeline.ledger.report import dollars
@@ -21,9 +24,6 @@ from renderqueue_pipeline.spend import (
     sync_prices,
 )
 from renderqueue_pipeline.spend.tags import TagComparison
-
-spend_daily_partition = dg.DailyPartitionsDefinition(start_date="2026-01-01", end_offset=1)
-spend_monthly_partition = dg.MonthlyPartitionsDefinition(start_date="2026-01-01", end_offset=1)
 
 
 class ReconcileConfig(dg.Config):
@@ -46,7 +46,7 @@ def _settings():  # read at run time, never at import
 @dg.asset(
     group_name="spend",
     kinds={"postgres"},
-    pool="fal_api",
+    pool=FAL_API_POOL,
     check_specs=[dg.AssetCheckSpec("fal_price_units_are_representable", asset="fal_prices")],
 )
 def fal_prices(ledger: LedgerDatabase, fal_platform: FalPlatformResource) -> dg.MaterializeResult:
@@ -73,8 +73,9 @@ def fal_prices(ledger: LedgerDatabase, fal_platform: FalPlatformResource) -> dg.
 @dg.asset(
     group_name="spend",
     kinds={"postgres"},
-    pool="fal_api",
-    partitions_def=spend_daily_partition,
+    pool=FAL_API_POOL,
+    deps=[fal_requests],  # fal's billing events for our requests
+    partitions_def=daily_partitions,
     freshness_policy=daily_billing_policy,
 )
 def fal_billing_events(
@@ -98,8 +99,8 @@ def fal_billing_events(
 @dg.asset(
     group_name="spend",
     kinds={"postgres"},
-    partitions_def=spend_daily_partition,
-    deps=[fal_billing_events],
+    partitions_def=daily_partitions,
+    deps=[fal_billing_events, generations],  # classifies, then writes billed figures back
     freshness_policy=daily_billing_policy,
 )
 def billing_reconciliation(
@@ -125,8 +126,9 @@ def billing_reconciliation(
 @dg.asset(
     group_name="spend",
     kinds={"postgres"},
-    partitions_def=spend_monthly_partition,
-    deps=[billing_reconciliation],
+    partitions_def=monthly_partitions,
+    # the days' findings; our totals by tag beside fal's usage by tag
+    deps=[billing_reconciliation, generations, fal_requests],
     check_specs=[
         dg.AssetCheckSpec(
             "monthly_billing_difference_under_threshold", asset="billing_reconciliation_monthly"

@@ -7,6 +7,7 @@ import datetime as dt
 
 import dagster as dg
 
+from renderqueue_pipeline.defs.shared import START_DATE
 from renderqueue_pipeline.defs.spend.jobs import (
     reconcile_billing,
     refresh_fal_prices,
@@ -44,7 +45,7 @@ def reconcile_billing_schedule(context: dg.ScheduleEvaluationContext) -> list[dg
             run_key=f"{day.isoformat()}@{today.isoformat()}", partition_key=day.isoformat()
         )
         for day in days
-        if day >= dt.date(2026, 1, 1)
+        if day >= START_DATE
     ]
 
 
@@ -65,5 +66,5 @@ def billing_month_schedule(context: dg.ScheduleEvaluationContext) -> list[dg.Run
             run_key=f"{month.isoformat()}@{today.isoformat()}", partition_key=month.isoformat()
         )
         for month in months
-        if month >= dt.date(2026, 1, 1)
+        if month >= START_DATE
     ]

@@ -16,15 +16,15 @@ from renderqueue_pipeline.batch import (
     cancel_batch as cancel_batch_now,
 )
 from renderqueue_pipeline.batch.inbox import in_inbox
-from renderqueue_pipeline.dagster_home import DOMAIN_TAG
+from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 from renderqueue_pipeline.defs.resources import LedgerDatabase
-from renderqueue_pipeline.defs.submission.resources import PromptsInbox
+from renderqueue_pipeline.defs.shared import FAL_API_POOL, domain_tags
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.redact import redact
 
 #: Run tag the Dagster instance limits (dagster_home.tag_concurrency_limits) so the
 #: inbox cannot flood the run queue.
-SUBMISSION_TAGS = {DOMAIN_TAG: "submission"}
+BATCH_TAGS = domain_tags("batch")
 
 
 class SubmitBatchConfig(dg.Config):
@@ -113,7 +113,7 @@ def result_metadata(result: BatchResult) -> dict[str, dg.MetadataValue]:
     }
 
 
-@dg.op(pool="fal_api", tags=SUBMISSION_TAGS)
+@dg.op(pool=FAL_API_POOL, tags=BATCH_TAGS)
 def submit_prompts_file(
     context: dg.OpExecutionContext,
     config: SubmitBatchConfig,
@@ -155,7 +155,7 @@ ops:
 
 
 @dg.job(
-    tags=SUBMISSION_TAGS,
+    tags=BATCH_TAGS,
     description="Submit one prompts file (CSV, JSONL, Parquet) to fal as a batch: rows "
     "validated one by one, budgets enforced, bounded fan-out, nothing submitted twice. "
     "Launchpad example (only file_url is required):\n\n```yaml\n" + SUBMIT_BATCH_EXAMPLE + "```",
@@ -170,7 +170,7 @@ class CancelBatchConfig(dg.Config):
     batch_id: int = Field(description="Id of the batch (run metadata of submit_batch).")
 
 
-@dg.op(name="cancel_batch_requests", pool="fal_api", tags=SUBMISSION_TAGS)
+@dg.op(name="cancel_batch_requests", pool=FAL_API_POOL, tags=BATCH_TAGS)
 def cancel_batch_requests(
     context: dg.OpExecutionContext, config: CancelBatchConfig, ledger: LedgerDatabase
 ) -> int:
@@ -201,7 +201,7 @@ def cancel_batch_requests(
 
 
 @dg.job(
-    tags=SUBMISSION_TAGS,
+    tags=BATCH_TAGS,
     description="Cancel a batch: stop submitting its rows and cancel its queued and running "
     "requests at fal (a running request may still finish and be billed).",
 )

@@ -22,5 +22,5 @@ class PromptsInbox(dg.ConfigurableResource):
 
 
 @dg.definitions
-def submission_resources() -> dg.Definitions:
+def batch_resources() -> dg.Definitions:
     return dg.Definitions(resources={"prompts_inbox": PromptsInbox()})

@@ -3,8 +3,8 @@
 import dagster as dg
 
 from renderqueue_pipeline.batch.inbox import plan_tick
-from renderqueue_pipeline.defs.submission.jobs import SUBMISSION_TAGS, submit_batch
-from renderqueue_pipeline.defs.submission.resources import PromptsInbox
+from renderqueue_pipeline.defs.batch.jobs import BATCH_TAGS, submit_batch
+from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 
 MAX_RUNS_PER_TICK = 20
 
@@ -34,7 +34,7 @@ def prompts_inbox_sensor(
                     }
                 }
             ),
-            tags={**SUBMISSION_TAGS, "renderqueue/file": f.path.rsplit("/", 1)[-1][:63]},
+            tags={**BATCH_TAGS, "renderqueue/file": f.path.rsplit("/", 1)[-1][:63]},
         )
         for f in plan.requests
     ]

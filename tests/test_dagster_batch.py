@@ -1,4 +1,4 @@
-"""The submission domain on a real Dagster instance with Postgres storage.
+"""The batch domain on a real Dagster instance with Postgres storage.
 
 The inbox sensor over a temporary folder (new, unchanged, renamed, partly written and
 bad files) through `build_sensor_context`, each RunRequest's config validated and run;
@@ -19,15 +19,15 @@ import pytest
 import yaml
 from batch_helpers import SEEDANCE, dagster_instance, ledger_counts, prompts, write_csv
 
-from renderqueue_pipeline.defs.resources import LedgerDatabase
-from renderqueue_pipeline.defs.submission.jobs import (
-    SUBMISSION_TAGS,
+from renderqueue_pipeline.defs.batch.jobs import (
+    BATCH_TAGS,
     SUBMIT_BATCH_EXAMPLE,
     cancel_batch,
     submit_batch,
 )
-from renderqueue_pipeline.defs.submission.resources import PromptsInbox
-from renderqueue_pipeline.defs.submission.sensors import prompts_inbox_sensor
+from renderqueue_pipeline.defs.batch.resources import PromptsInbox
+from renderqueue_pipeline.defs.batch.sensors import prompts_inbox_sensor
+from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 
@@ -99,7 +99,7 @@ def test_inbox_sensor_new_unchanged_renamed_partial_and_bad_files(
     assert inbox.tick() == []  # seen once: must stand still for a tick
     [request] = inbox.tick()
     assert request.run_key.endswith("week48.csv@" + request.run_key.rsplit("@", 1)[1])
-    assert request.tags["renderqueue/domain"] == SUBMISSION_TAGS["renderqueue/domain"]
+    assert request.tags["renderqueue/domain"] == BATCH_TAGS["renderqueue/domain"]
     first = inbox.run(request)
     assert first.success
     meta = metadata(first)
@@ -175,7 +175,7 @@ def test_submit_batch_from_the_launchpad_with_defaults_and_a_cap(
     assert (meta["submitted"], meta["over_budget"]) == (fits, 6 - fits)
     assert "max_cost_usd" in meta["rejections"]
     assert {g["user_id"] for g in conn.execute("select user_id from generations")} == {5}
-    assert instance.get_run_by_id(result.run_id).tags["renderqueue/domain"] == "submission"
+    assert instance.get_run_by_id(result.run_id).tags["renderqueue/domain"] == "batch"
 
 
 def test_the_documented_launchpad_example_runs_with_a_file_name_in_the_inbox(
@@ -335,6 +335,6 @@ def test_the_sensor_runs_by_default_and_the_ops_share_the_fal_pool() -> None:
         ("cancel_batch", "cancel_batch_requests"),
     ):
         job = definitions.resolve_job_def(job_name)
-        assert job.tags["renderqueue/domain"] == "submission"
+        assert job.tags["renderqueue/domain"] == "batch"
         assert job.get_node_named(op_name).definition.pool == "fal_api"
     assert os.environ.get("FAL_KEY")  # the simulator plugin's key, for the jobs above

@@ -1,1 +1,0 @@
-"""Submission: the prompts inbox sensor, `submit_batch` and `cancel_batch`."""
