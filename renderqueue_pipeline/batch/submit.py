@@ -40,7 +40,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, LiteralString
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -745,7 +745,7 @@ class _Run:
     def _load_intents(
         self,
         conn: LedgerConnection,
-        sql: str,
+        sql: LiteralString,
         *,
         reopen: bool,
         only: set[int] | None = None,

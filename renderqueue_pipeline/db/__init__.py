@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TypeAlias
 
 import psycopg
-from psycopg.rows import DictRow
+from psycopg.rows import DictRow, Row
 
 #: A connection to the ledger as `db.connect()` makes it (`row_factory=dict_row`): rows are
 #: dicts keyed by column name. Signatures say this, not a bare `psycopg.Connection` (whose
@@ -17,7 +17,7 @@ class NoRowError(LookupError):
     """A query that always returns a row returned none: a fault in the SQL, not in the data."""
 
 
-def one_row(cursor: psycopg.Cursor[DictRow]) -> DictRow:
+def one_row(cursor: psycopg.Cursor[Row]) -> Row:
     """The one row of a query that always returns one (an aggregate, `rq_now()`, an upsert's
     `returning`): `fetchone()` is typed `row | None`, and a missing row is better named here
     than met later as "None is not subscriptable"."""

@@ -16,10 +16,12 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import LiteralString, cast
 
 import psycopg
 from psycopg.rows import tuple_row
 
+from renderqueue_pipeline.db import one_row
 from renderqueue_pipeline.db.server import psycopg_url
 from renderqueue_pipeline.errors import RenderqueueError
 
@@ -87,7 +89,7 @@ def missing_migrations(conn: psycopg.Connection, migrations: list[Migration]) ->
     migrate. A database that also holds newer migrations than these files is current.
     """
     cursor = conn.cursor(row_factory=tuple_row)  # whatever the connection's row factory
-    (exists,) = cursor.execute("select to_regclass('schema_migrations') is not null").fetchone()
+    (exists,) = one_row(cursor.execute("select to_regclass('schema_migrations') is not null"))
     if not exists:
         return [m.name for m in migrations]
     recorded = {
@@ -155,7 +157,8 @@ def _migrate_locked(conn: psycopg.Connection, migrations: list[Migration]) -> li
                 continue
             try:
                 with conn.transaction():
-                    conn.execute(migration.sql)
+                    # LiteralString as in db.queries.q: the text is our own sql/ file, not input
+                    conn.execute(cast(LiteralString, migration.sql))
                     conn.execute(
                         "insert into schema_migrations (version, name, checksum) "
                         "values (%s, %s, %s)",
@@ -176,7 +179,7 @@ def _migrate_locked(conn: psycopg.Connection, migrations: list[Migration]) -> li
 def _grant_roles(conn: psycopg.Connection) -> None:
     """Re-apply the role grants after migrations ran (a migration numbered below 190 that
     lands later, or a CREATE OR REPLACE that reset a function's SECURITY DEFINER)."""
-    (exists,) = conn.execute("select to_regprocedure('rq_grant_roles()') is not null").fetchone()
+    (exists,) = one_row(conn.execute("select to_regprocedure('rq_grant_roles()') is not null"))
     if exists:
         try:
             with conn.transaction():
