@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -20,12 +20,14 @@ from renderqueue_pipeline.redact import redact
 
 
 class DeletedFileAnswer(Protocol):
-    link: str
-    error: str | None
+    @property
+    def link(self) -> str: ...
+    @property
+    def error(self) -> str | None: ...
 
 
 class DeleteIOGateway(Protocol):
-    async def delete_io(self, request_id: str) -> list[DeletedFileAnswer]: ...
+    async def delete_io(self, request_id: str) -> Sequence[DeletedFileAnswer]: ...
 
 
 @dataclass

@@ -16,7 +16,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import LiteralString, cast
+from typing import Any, LiteralString, cast
 
 import psycopg
 from psycopg.rows import tuple_row
@@ -81,7 +81,7 @@ def load_migrations(folder: Path | None = None) -> list[Migration]:
     return found
 
 
-def missing_migrations(conn: psycopg.Connection, migrations: list[Migration]) -> list[str]:
+def missing_migrations(conn: psycopg.Connection[Any], migrations: list[Migration]) -> list[str]:
     """Names of the migrations not recorded (or recorded under another name or text) here.
 
     Read-only (no lock, no DDL), so any role that may read `schema_migrations` can ask: the

@@ -15,7 +15,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 from starlette.applications import Starlette
@@ -153,7 +153,7 @@ def parse_tags(headers: Any) -> dict[str, str]:
     return tags
 
 
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | Literal[False]:
     """(first, last) of a single `bytes=` range; None for no range; False if unsatisfiable."""
     if not header:
         return None

@@ -137,7 +137,8 @@ class SimulatorServer:
                 access_log=log_level in ("debug", "trace"),
                 loop="asyncio",
                 lifespan="on",
-                timeout_graceful_shutdown=graceful_shutdown,
+                # uvicorn types it int; it is a timeout in seconds, and a float works as one
+                timeout_graceful_shutdown=graceful_shutdown,  # pyright: ignore[reportArgumentType]
             )
         )
         self._thread: threading.Thread | None = None

@@ -121,7 +121,9 @@ def prefetched(pages: Iterator[T], depth: int = 2) -> Iterator[T]:
 
 
 def copy_events(
-    cursor: psycopg.Cursor, pages: Iterable[list[dict[str, Any]]], progress: Progress | None = None
+    cursor: psycopg.Cursor[Any],
+    pages: Iterable[list[dict[str, Any]]],
+    progress: Progress | None = None,
 ) -> tuple[int, int]:
     """COPY every event of every page; returns (pages, events)."""
     n_pages = n_events = 0

@@ -23,7 +23,7 @@ class FalPlatformResource(dg.ConfigurableResource):
             return FalPlatform(
                 self.admin_key,
                 key_variable="FAL_ADMIN_KEY",
-                **{"base_url": settings.fal_api_url or "https://api.fal.ai/v1", **overrides},
+                base_url=self.api_url or settings.fal_api_url or "https://api.fal.ai/v1",
             )
         return FalPlatform.from_settings(**overrides)
 
