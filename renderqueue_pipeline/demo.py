@@ -452,17 +452,17 @@ def print_summary(
             "where request_id = any(%s) and status = 'completed' group by 1 order by 1",
             (request_ids,),
         ).fetchall()
-        lengths = conn.execute(
-            "select count(measured_seconds) as measured, "
-            "count(measured_seconds_problem) as unreadable from generations "
-            "where request_id = any(%s) and status = 'completed'",
-            (request_ids,),
-        ).fetchone()
-        month_report = one_row(
+        lengths = one_row(
             conn.execute(
-                q("report_month"), {"month": dt.datetime.now(dt.UTC).date().replace(day=1)}
+                "select count(measured_seconds) as measured, "
+                "count(measured_seconds_problem) as unreadable from generations "
+                "where request_id = any(%s) and status = 'completed'",
+                (request_ids,),
             )
         )
+        month_report = conn.execute(
+            q("report_month"), {"month": dt.datetime.now(dt.UTC).date().replace(day=1)}
+        ).fetchone()
         alerts = alerts_for_month(conn)
         billing_days = conn.execute(
             "select outcome, sum(requests) as n, sum(our_micros) as ours, "
