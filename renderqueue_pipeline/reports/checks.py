@@ -236,7 +236,7 @@ def report_matches_ledger(
         why = (
             f"the month's ledger changed at {changes['last_changed_at']:%Y-%m-%d %H:%M:%S} UTC, "
             "after the report; the reports' sensor rebuilds it"
-            if month_changed
+            if month_changed and changes  # changes: for the type checker (month_changed says so)
             else f"{len(changed)} {by}(s) written since the report"
             if changed
             else "the report's tables differ"

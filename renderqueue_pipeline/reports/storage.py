@@ -55,7 +55,7 @@ def read_table(conn: LedgerConnection, table: str, month: date) -> pd.DataFrame:
             f"select * from {table} where month = %s order by {order[table]}",  # noqa: S608
             (month,),
         )
-        columns = [c.name for c in cur.description]
+        columns = [c.name for c in cur.description or ()]  # a select: never None
         return pd.DataFrame(cur.fetchall(), columns=columns)
 
 
@@ -77,7 +77,9 @@ def for_analysts(frame: pd.DataFrame) -> pd.DataFrame:
             and all(isinstance(v, Decimal) for v in values)
         ):
             out[column] = out[column].astype("float64")
-        elif column.endswith(("_micros", "_cents", "generations")) and out[column].isna().any():
+        elif column.endswith(("_micros", "_cents", "generations")) and bool(
+            out[column].isna().any()
+        ):
             out[column] = out[column].astype("Int64")
         elif (
             out[column].dtype == object and len(values) and all(isinstance(v, date) for v in values)
