@@ -49,7 +49,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar
 from urllib.parse import quote, unquote
 
 import httpx
@@ -731,3 +731,37 @@ def _body_status(exc: BaseException) -> str | None:
     except ValueError:
         return None
     return body.get("status") if isinstance(body, dict) else None
+
+
+# ----- what callers need from a gateway ----------------------------------------------------------
+
+
+class FalSubmitter(Protocol):
+    """What a batch run and a single submit need from a gateway: `FalGateway`, or a test's
+    stand-in for a fault that cannot be caused for real."""
+
+    async def submit(
+        self,
+        endpoint: str,
+        inputs: dict[str, Any],
+        *,
+        webhook_url: str | None = None,
+        hint: str | None = None,
+        priority: Literal["normal", "low"] | None = None,
+        identity: RequestIdentity | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> SubmitResult: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc: Any) -> None: ...
+
+
+class FalCanceller(Protocol):
+    """What cancelling a batch needs from a gateway (`FalGateway`)."""
+
+    async def cancel(self, endpoint: str, request_id: str) -> CancelOutcome: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc: Any) -> None: ...

@@ -60,7 +60,7 @@ from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import DatabaseUnavailable, RenderqueueError
-from renderqueue_pipeline.fal_gateway import RequestIdentity
+from renderqueue_pipeline.fal_gateway import FalSubmitter, RequestIdentity, SubmitResult
 from renderqueue_pipeline.ledger import (
     Intent,
     claim_for_send,
@@ -526,7 +526,7 @@ class _Run:
         facts: FileFacts,
         batch_id: int,
         log: Log,
-        gateway_factory: Callable[[int], Any],
+        gateway_factory: Callable[[int], FalSubmitter],
     ) -> None:
         self.url = url
         self.ledger_url = ledger_url
@@ -810,7 +810,7 @@ class _Run:
             except psycopg.Error as exc:  # a missed beat only shortens the lease
                 self.log(f"could not refresh this run's lease: {exc}")
 
-    async def _worker(self, gateway: Any, queue: FairFeed, results: asyncio.Queue) -> None:
+    async def _worker(self, gateway: FalSubmitter, queue: FairFeed, results: asyncio.Queue) -> None:
         from renderqueue_pipeline.fal_gateway import FalAuthError
 
         while True:
@@ -854,7 +854,9 @@ class _Run:
                 continue
             await results.put((intent, outcome))
 
-    async def _send(self, gateway: Any, intent: Intent) -> Any:
+    async def _send(
+        self, gateway: FalSubmitter, intent: Intent
+    ) -> SubmitResult | _NotSent | Exception:
         """fal's SubmitResult, or fal's exception; 429s are waited out, not returned.
 
         The item is marked sent (committed) before its first call; an exception from the
@@ -995,7 +997,7 @@ def _batch_status(conn: LedgerConnection, batch_id: int) -> str | None:
     return row["status"] if row else None
 
 
-def _default_gateway(concurrency: int) -> Any:
+def _default_gateway(concurrency: int) -> FalSubmitter:
     from renderqueue_pipeline.fal_gateway import FalGateway
 
     return FalGateway.from_settings(max_concurrency=concurrency)
@@ -1093,7 +1095,7 @@ def submit_batch_file(
     *,
     ledger_url: str | None = None,
     log: Log = lambda line: None,
-    gateway_factory: Callable[[int], Any] | None = None,
+    gateway_factory: Callable[[int], FalSubmitter] | None = None,
     allow_local: bool = True,
     allowed_prefixes: Sequence[str] = (),
     platform_factory: Callable[[], Any] | None = None,
@@ -1169,7 +1171,7 @@ def _submit_copy(
     options: BatchOptions,
     ledger_url: str,
     log: Log,
-    gateway_factory: Callable[[int], Any],
+    gateway_factory: Callable[[int], FalSubmitter],
     platform_factory: Callable[[], Any] | None,
 ) -> BatchResult:
     """The rest of `submit_batch_file`, reading the rows from the local copy."""
