@@ -274,14 +274,14 @@ def decode_tags(tags: Any) -> dict[str, str]:
     if isinstance(tags, Mapping):
         items = [(str(k), str(v)) for k, v in tags.items()]
     elif isinstance(tags, str):
-        items = [tuple(p.split("=", 1)) for p in tags.split(",") if "=" in p]  # type: ignore[misc]
+        items = [tuple(p.split("=", 1)) for p in tags.split(",") if "=" in p]
     elif isinstance(tags, list):
         items = []
         for entry in tags:
             if isinstance(entry, Mapping) and "key" in entry:
                 items.append((str(entry["key"]), str(entry.get("value", ""))))
             elif isinstance(entry, str) and "=" in entry:
-                items.append(tuple(entry.split("=", 1)))  # type: ignore[arg-type]
+                items.append(tuple(entry.split("=", 1)))
     else:
         items = []
     return {key.strip(): unquote(value.strip()) for key, value in items}

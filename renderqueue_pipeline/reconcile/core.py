@@ -64,6 +64,7 @@ from renderqueue_pipeline.ledger import (
     record_events,
     withdraw_cancel_intent,
 )
+from renderqueue_pipeline.ledger.core import EventKind
 from renderqueue_pipeline.reconcile.adopt import (
     AdoptReport,
     adopt_fal_requests,
@@ -226,8 +227,10 @@ def pick_rows(conn: LedgerConnection, options: ReconcileOptions) -> list[_Row]:
     return rows
 
 
-def _event(row: _Row, kind: str, payload: Any = None, error: str | None = None) -> LedgerEvent:
-    return LedgerEvent(row.request_id, kind, payload, error, "reconcile")  # type: ignore[arg-type]
+def _event(
+    row: _Row, kind: EventKind, payload: Any = None, error: str | None = None
+) -> LedgerEvent:
+    return LedgerEvent(row.request_id, kind, payload, error, "reconcile")
 
 
 async def observe(
