@@ -19,8 +19,8 @@ import pandas as pd
 from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.reports.chart import daily_spend_chart
 from renderqueue_pipeline.reports.checks import snapshot
+from renderqueue_pipeline.reports.figures import REPORT_COLUMNS, REPORT_KEYS, REPORT_TABLES
 from renderqueue_pipeline.reports.focus import focus_csv, focus_parquet, focus_records
-from renderqueue_pipeline.reports.spend import REPORT_TABLES
 
 CHART_NAME = "daily_spend_by_endpoint.png"
 FOCUS = "focus"  # the FinOps FOCUS export: one cost row per completed generation
@@ -41,18 +41,15 @@ def month_folder(storage_url: str, month: date) -> str:
 
 
 def read_table(conn: LedgerConnection, table: str, month: date) -> pd.DataFrame:
-    """One month of a report table as a DataFrame, columns in table order, sorted stably."""
+    """One month of a report table as a DataFrame, sorted by its key; the columns are the
+    report's (reports/figures.py), in that order."""
     if table not in REPORT_TABLES:
         raise ValueError(f"not a report table: {table}")
-    order = {
-        "spend_daily": "day, endpoint",
-        "spend_monthly_by_user": "user_id",
-        "spend_monthly_by_endpoint": "endpoint",
-        "spend_monthly_by_batch": "batch_id",
-    }
+    select_list = ", ".join(REPORT_COLUMNS[table])
+    order = ", ".join(REPORT_KEYS[table])
     with conn.cursor() as cur:
-        # the table name comes from REPORT_TABLES above, never from input (so LiteralString)
-        query = f"select * from {table} where month = %s order by {order[table]}"  # noqa: S608
+        # the names come from reports/figures.py, never from input (so LiteralString)
+        query = f"select {select_list} from {table} where month = %s order by {order}"  # noqa: S608
         cur.execute(cast(LiteralString, query), (month,))
         columns = [c.name for c in cur.description or ()]  # a select: never None
         return pd.DataFrame(cur.fetchall(), columns=columns)
