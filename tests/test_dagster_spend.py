@@ -1,12 +1,11 @@
 """The spend assets on a real Dagster instance with Postgres storage, against the simulator."""
 
-# ruff: noqa: F401, F811  (pytest fixtures imported from spend_helpers)
 from __future__ import annotations
 
 import datetime as dt
 
 import dagster as dg
-from spend_helpers import ADMIN_KEY, fal_billing, platform_server, settle, submit
+from spend_helpers import ADMIN_KEY, settle, submit
 
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.spend.assets import (
@@ -15,11 +14,12 @@ from renderqueue_pipeline.defs.spend.assets import (
     fal_billing_events,
     fal_prices,
 )
-from renderqueue_pipeline.defs.spend.resources import FalPlatformResource
+from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
 from renderqueue_pipeline.defs.spend.schedules import (
     billing_month_schedule,
     reconcile_billing_schedule,
 )
+from renderqueue_pipeline.settings import load_settings
 
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
 
@@ -48,6 +48,7 @@ def test_a_day_is_loaded_reconciled_and_checked_monthly(
     resources = {
         "ledger": LedgerDatabase(url=ledger_url),
         "fal_platform": FalPlatformResource(admin_key=ADMIN_KEY, api_url=fal_billing.api_url),
+        "billing_check": BillingCheckResource.from_settings(load_settings()),
     }
     day = moment.date()
     assert {dt.datetime.fromtimestamp(t, dt.UTC).date() for t in billed} == {day}, (

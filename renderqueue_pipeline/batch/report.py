@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from renderqueue_pipeline.batch.budget import usd
 from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.money import usd
 
 TABLE_ROWS = 20
 COUNTS = ("read", "submitted", "rejected", "over_budget", "unknown", "pending")

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from renderqueue_pipeline.batch.budget import default_limit_micros
+from renderqueue_pipeline.batch.fal_answers import is_definite_rejection
 from renderqueue_pipeline.batch.rows import PromptRow, RowDefaults, validate_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.errors import BudgetExceeded, LedgerInputError, SubmissionInProgress
@@ -40,12 +41,6 @@ if TYPE_CHECKING:
     from renderqueue_pipeline.fal_gateway import FalSubmitter
 
 __all__ = ["BudgetExceeded", "SubmissionInProgress", "asubmit_prompt", "submit_prompt"]
-
-
-def _definite(exc: BaseException) -> bool:
-    from renderqueue_pipeline.fal_gateway import FalRequestError
-
-    return isinstance(exc, FalRequestError)
 
 
 def _record_intent(
@@ -132,7 +127,7 @@ async def asubmit_prompt(
 
     def finish() -> str:
         with connect(url, autocommit=True) as conn:
-            return finish_submission(conn, intent, outcome, _definite)
+            return finish_submission(conn, intent, outcome, is_definite_rejection)
 
     return await asyncio.to_thread(finish)
 

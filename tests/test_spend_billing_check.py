@@ -1,19 +1,18 @@
 """Reconciling the ledger with fal's bill, against the simulator's Platform API."""
 
-# ruff: noqa: F401, F811  (pytest fixtures imported from spend_helpers)
 from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
 
 import psycopg
-from spend_helpers import fal_billing, platform_server, settle, submit, window
+from spend_helpers import settle, submit, window
 
 from renderqueue_pipeline.ledger import LedgerEvent, record_event
 from renderqueue_pipeline.spend import (
     apply_billed,
+    check_billing,
     load_billing_events,
-    reconcile_range,
     summarize,
 )
 
@@ -45,7 +44,7 @@ def reconcile(conn: psycopg.Connection, fal_billing, **options) -> object:
     start, end = window()
     with fal_billing.platform() as platform:
         load_billing_events(conn, platform, start, end)
-    result = reconcile_range(conn, start, end, **options)
+    result = check_billing(conn, start, end, **options)
     return result
 
 
