@@ -45,7 +45,7 @@ test: install lint typecheck
 
 # A developer's loop: no `e2e` or `slow` test (the demo, dev, chaos, the wheel, soaks).
 test-fast: install lint
-	$(BIN)/pytest -q -m "not e2e and not slow"
+	$(BIN)/pytest -q -n 2 -m "not e2e and not slow"
 
 # tests/test_money_invariants.py: `make test` runs 8 examples; this runs 10x as many
 invariants: install

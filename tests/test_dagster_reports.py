@@ -46,6 +46,8 @@ from renderqueue_pipeline.reports.checks import report_matches_ledger
 from renderqueue_pipeline.reports.figures import REPORT_TABLES
 from renderqueue_pipeline.reports.storage import CHART_NAME
 
+pytestmark = pytest.mark.e2e  # whole months materialized in Dagster, files written and read back
+
 MARCH = date(2026, 3, 1)
 EVERYTHING = [
     assets.monthly_spend_tables,

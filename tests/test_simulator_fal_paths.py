@@ -18,7 +18,7 @@ ENDPOINT = "bytedance/seedance-2.0/text-to-video"
 INPUTS = {"prompt": "a tram crossing a bridge at dusk", "duration": "5", "resolution": "480p"}
 LIFECYCLE = "X-Fal-Object-Lifecycle-Preference"
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.e2e]  # real fal-client over TLS, fault by fault
 
 
 def http(sim: RunningSimulator) -> httpx.Client:

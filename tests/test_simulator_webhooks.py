@@ -25,7 +25,7 @@ from renderqueue_pipeline.simulator.testing import (
 ENDPOINT = "bytedance/seedance-2.0/text-to-video"
 INPUTS = {"prompt": "a lighthouse in fog", "duration": "6", "resolution": "480p"}
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.e2e]  # the simulator delivers to a live receiver
 
 
 # ----- an independent implementation of fal's webhook verification ---------------------------

@@ -9,12 +9,15 @@ import time
 
 import httpx
 import psycopg
+import pytest
 from ledger_helpers import generation, submit_row
 from test_webhook_receiver import running_receiver
 from webhook_helpers import fal_body, signed_headers
 
 from renderqueue_pipeline.webhook.limits import GuardedHttpToolsProtocol
 from renderqueue_pipeline.webhook.testing import SlowSenders
+
+pytestmark = pytest.mark.slow  # slow senders held open against a live receiver
 
 
 def _address(url: str) -> tuple[str, int]:
