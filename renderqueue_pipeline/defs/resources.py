@@ -11,7 +11,7 @@ stored config (docs/dagster.md "Configuration").
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import dagster as dg
 import psycopg
@@ -19,9 +19,12 @@ from dagster import ConfigurableResource
 
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.server import database_url
-
-if TYPE_CHECKING:
-    from renderqueue_pipeline.settings import Settings
+from renderqueue_pipeline.defs.alerts.resources import AlertsResource
+from renderqueue_pipeline.defs.archive.resources import ArchiveResource
+from renderqueue_pipeline.defs.batch.resources import PromptsInbox
+from renderqueue_pipeline.defs.env_resource import from_settings
+from renderqueue_pipeline.defs.reports.resources import ReportStorage
+from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
 
 R = TypeVar("R", bound=ConfigurableResource)
 
@@ -59,36 +62,8 @@ def from_env(cls: type[R], description: str, **fields: dg.EnvVar) -> dg.Resource
     )
 
 
-def from_settings(cls: type[R], settings: Settings, **fields: dg.EnvVar) -> R:
-    """`cls` with each field set to the value `settings` holds for its variable (unset
-    variables: the settings' default; no value at all: the field's default)."""
-    values = {field: settings.value_of(var.env_var_name) for field, var in fields.items()}
-    return cls(**{field: value for field, value in values.items() if value is not None})
-
-
-class EnvResource(ConfigurableResource):
-    """A resource whose fields are listed in `ENV` with the variable each comes from."""
-
-    ENV: ClassVar[dict[str, dg.EnvVar]] = {}
-
-    @classmethod
-    def from_settings(cls: type[R], settings: Settings) -> R:
-        """The resource as the environment in `settings` configures it (tests, the demo)."""
-        return from_settings(cls, settings, **cls.ENV)  # type: ignore[attr-defined]
-
-    @classmethod
-    def definition(cls, description: str) -> dg.ResourceDefinition:
-        """The resource for the code location: its `ENV` read when a run starts."""
-        return from_env(cls, description, **cls.ENV)
-
-
 def env_resources() -> Mapping[str, Any]:
     """The code location's resources, each field from its environment variable."""
-    from renderqueue_pipeline.defs.alerts.resources import AlertsResource
-    from renderqueue_pipeline.defs.archive.resources import ArchiveResource
-    from renderqueue_pipeline.defs.batch.resources import PromptsInbox
-    from renderqueue_pipeline.defs.reports.resources import ReportStorage
-    from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
 
     return {
         "ledger": from_env(LedgerDatabase, "The ledger's Postgres", url=dg.EnvVar("DATABASE_URL")),
@@ -105,7 +80,9 @@ def env_resources() -> Mapping[str, Any]:
             key=dg.EnvVar("FAL_KEY"),
             api_url=dg.EnvVar("RENDERQUEUE_FAL_API_URL"),
         ),
-        "archive": ArchiveResource.definition("The archive"),
-        "alerts": AlertsResource.definition("Where alerts go"),
-        "billing_check": BillingCheckResource.definition("The billing check's limits"),
+        "archive": from_env(ArchiveResource, "The archive", **ArchiveResource.ENV),
+        "alerts": from_env(AlertsResource, "Where alerts go", **AlertsResource.ENV),
+        "billing_check": from_env(
+            BillingCheckResource, "The billing check's limits", **BillingCheckResource.ENV
+        ),
     }
