@@ -238,7 +238,6 @@ ALLOWED = {
     "redact.py": "hides the configured secrets' values, wherever they come from",
     "archive/fetch.py": "SSL_CERT_FILE, as Python's ssl reads it",
     # still reading settings inside (to move to explicit arguments)
-    "alerts/budget.py": "debt",
     "batch/budget.py": "debt",
     "batch/submit.py": "debt",
     "fal_gateway.py": "debt (FalGateway.from_settings)",

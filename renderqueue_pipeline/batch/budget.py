@@ -14,13 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.money import MICROS_PER_USD
+
+if TYPE_CHECKING:
+    from renderqueue_pipeline.settings import Settings
 
 MAX_USD = Decimal(10) ** 9  # a billion dollars: anything above is a typo
 
@@ -104,7 +107,12 @@ def default_limit_micros() -> int | None:
     """RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD in micro-dollars (None when unset)."""
     from renderqueue_pipeline.settings import get_settings
 
-    value = get_settings().default_monthly_budget_usd
+    return default_limit_from(get_settings())
+
+
+def default_limit_from(settings: Settings) -> int | None:
+    """The default budget `settings` holds, in micro-dollars (None: no default budget)."""
+    value = settings.default_monthly_budget_usd
     return None if value is None else parse_usd(value, "RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD")
 
 

@@ -262,11 +262,13 @@ def budget_alerts() -> None:
     The same function as the Dagster sensor budget_alert_sensor: each threshold is sent
     once per user and month, whichever of them runs.
     """
-    from renderqueue_pipeline.alerts import evaluate_budget_alerts
+    from renderqueue_pipeline.alerts import alert_arguments, evaluate_budget_alerts
     from renderqueue_pipeline.db.connect import connect
+    from renderqueue_pipeline.settings import get_settings
 
+    arguments = alert_arguments(get_settings())
     with connect(_ledger_url()) as conn:
-        run = evaluate_budget_alerts(conn)
+        run = evaluate_budget_alerts(conn, **arguments)
     for outcome in run.sent:
         click.echo(f"sent: {outcome.text}")
     for outcome in run.failed:
