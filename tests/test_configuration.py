@@ -241,7 +241,6 @@ ALLOWED = {
     "batch/budget.py": "debt",
     "batch/submit.py": "debt",
     "fal_gateway.py": "debt (FalGateway.from_settings)",
-    "fal_platform.py": "debt (FalPlatform.from_settings)",
     "ledger/core.py": "debt",
     "reconcile/core.py": "debt",
 }

@@ -739,7 +739,8 @@ def unknown_items_fal_never_had(
     horizon = now - dt.timedelta(hours=settings.reconcile_adopt_window_hours)
     report = AdoptReport()
     try:
-        with (platform_factory or FalPlatform.from_settings)() as platform:
+        factory = platform_factory or (lambda: FalPlatform.from_settings(settings))
+        with factory() as platform:
             for endpoint in sorted({i["endpoint"] for i in items}):
                 sent = [i["sent_at"] or i["created_at"] for i in items if i["endpoint"] == endpoint]
                 start = max(min(sent) - CLOCK_MARGIN, horizon)

@@ -527,15 +527,17 @@ def adopt_step(
         skipped = None  # a client given explicitly: read its list
     if skipped is not None:
         return AdoptReport(skipped=skipped)
+    settings = get_settings()
     try:
-        with (platform_factory or FalPlatform.from_settings)() as platform:
+        factory = platform_factory or (lambda: FalPlatform.from_settings(settings))
+        with factory() as platform:
             return adopt_fal_requests(
                 conn,
                 platform,
                 lookback=options.adopt_lookback,
                 first_window=options.adopt_first_window,
                 now=now,
-                object_lifetime=get_settings().fal_object_lifetime,
+                object_lifetime=settings.fal_object_lifetime,
             )
     except FalPlatformError as exc:
         log.warning("reconcile: fal's request list could not be read: %s", exc)
