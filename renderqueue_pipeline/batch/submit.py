@@ -243,7 +243,7 @@ class _Run:
         self.total_hint = facts.rows_estimate
         # this run's identity on the items it claims; its lease is refreshed while it runs
         self.claimer = f"run:{batch_id}:{uuid.uuid4().hex[:16]}"
-        self.lease_seconds = lease_interval().total_seconds()
+        self.lease_seconds = _lease_seconds()
         #: unknown items fal's request list shows it never received (resubmit_unknown)
         self.resend_unknown: set[int] = set()
 
@@ -695,6 +695,13 @@ def _line_numbers(conn: psycopg.Connection, batch_id: int) -> set[int]:
 def _batch_status(conn: psycopg.Connection, batch_id: int) -> str | None:
     row = conn.execute(q("batch_status"), {"batch_id": batch_id}).fetchone()
     return row["status"] if row else None
+
+
+def _lease_seconds() -> float:
+    """RENDERQUEUE_SUBMIT_LEASE_SECONDS: this run's claim on its items."""
+    from renderqueue_pipeline.settings import get_settings
+
+    return get_settings().submit_lease_seconds
 
 
 def _default_gateway(concurrency: int) -> Any:

@@ -65,6 +65,7 @@ from renderqueue_pipeline.ledger import (
     record_events,
     withdraw_cancel_intent,
 )
+from renderqueue_pipeline.ledger.core import DEFAULT_EVENT_RETENTION
 from renderqueue_pipeline.reconcile.adopt import (
     AdoptReport,
     adopt_fal_requests,
@@ -91,6 +92,8 @@ class ReconcileOptions:
     adopt: str = "auto"
     adopt_lookback: timedelta = timedelta(hours=1)
     adopt_first_window: timedelta = timedelta(hours=24)
+    #: events waiting longer than this for their row are marked expired
+    event_retention: timedelta = DEFAULT_EVENT_RETENTION
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -113,6 +116,7 @@ class ReconcileOptions:
             adopt=s.reconcile_adopt,
             adopt_lookback=timedelta(minutes=s.reconcile_adopt_lookback_minutes),
             adopt_first_window=timedelta(hours=s.reconcile_adopt_window_hours),
+            event_retention=timedelta(days=s.event_retention_days),
         )
         return replace(options, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -577,7 +581,7 @@ def reconcile(
     report = ReconcileReport()
     started = time.monotonic()
 
-    applied = apply_waiting_events(conn)
+    applied = apply_waiting_events(conn, retention=options.event_retention)
     report.waiting_events_applied = sum(
         n for outcome, n in applied.items() if outcome not in ("waiting", "expired", "error")
     )
