@@ -103,17 +103,17 @@ def month_figures(
     )
 
 
-def default_limit_micros() -> int | None:
-    """RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD in micro-dollars (None when unset)."""
-    from renderqueue_pipeline.settings import get_settings
-
-    return default_limit_from(get_settings())
-
-
 def default_limit_from(settings: Settings) -> int | None:
     """The default budget `settings` holds, in micro-dollars (None: no default budget)."""
-    value = settings.default_monthly_budget_usd
-    return None if value is None else parse_usd(value, "RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD")
+    return default_budget_micros(settings.default_monthly_budget_usd)
+
+
+def default_budget_micros(usd: Any) -> int | None:
+    """RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD's value (None or empty: unset) in
+    micro-dollars; None when there is no default budget."""
+    if usd is None or usd == "":
+        return None
+    return parse_usd(usd, "RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD")
 
 
 def set_budget(

@@ -285,14 +285,15 @@ def budget_alerts() -> None:
 def budget_show(user_id: int | None, month: str | None) -> None:
     """Budget, spent, in flight and remaining per user for a month."""
     from renderqueue_pipeline.batch import budget_overview
-    from renderqueue_pipeline.batch.budget import default_limit_micros
+    from renderqueue_pipeline.batch.budget import default_limit_from
     from renderqueue_pipeline.db.connect import connect
     from renderqueue_pipeline.money import usd
     from renderqueue_pipeline.months import parse_month
+    from renderqueue_pipeline.settings import get_settings
 
     with connect(_ledger_url()) as conn:
         target = None if month is None else parse_month(month)
-        rows = budget_overview(conn, user_id, target, default_limit_micros())
+        rows = budget_overview(conn, user_id, target, default_limit_from(get_settings()))
     if not rows:
         click.echo("no budgets or spend this month")
         return

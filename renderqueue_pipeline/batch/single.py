@@ -30,7 +30,7 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-from renderqueue_pipeline.batch.budget import default_limit_micros
+from renderqueue_pipeline.batch.budget import default_limit_from
 from renderqueue_pipeline.batch.fal_answers import is_definite_rejection
 from renderqueue_pipeline.batch.rows import PromptRow, RowDefaults, validate_row
 from renderqueue_pipeline.db.connect import connect
@@ -62,7 +62,7 @@ def _record_intent(
             endpoint=checked.endpoint,
             inputs=checked.inputs,
             idempotency_key=idempotency_key,
-            default_limit_micros=default_limit_micros(),
+            default_limit_micros=default_limit_from(settings),
             wait_seconds=settings.submit_wait_seconds if wait_seconds is None else wait_seconds,
             lease_seconds=settings.submit_lease_seconds,
         )

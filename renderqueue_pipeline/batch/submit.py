@@ -42,7 +42,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg.types.json import Jsonb
 
-from renderqueue_pipeline.batch.budget import default_limit_micros
+from renderqueue_pipeline.batch.budget import default_limit_from
 from renderqueue_pipeline.batch.fal_answers import (
     fal_field,
     fal_reason,
@@ -353,7 +353,7 @@ class _Run:
         results_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
         marks_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
         gate_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
-        default_limit = await asyncio.to_thread(default_limit_micros)
+        default_limit = default_limit_from(get_settings())
         self.marks = SendMarks(marks_conn, self.claimer, self.lease_seconds, default_limit)
         self.gate = WaitingGate(gate_conn, get_settings().fal_max_queued)
         try:

@@ -7,6 +7,7 @@ direction only, no import cycle.
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import dagster as dg
@@ -22,7 +23,12 @@ def from_settings(cls: type[R], settings: Settings, **fields: dg.EnvVar) -> R:
     """`cls` with each field set to the value `settings` holds for its variable (unset
     variables: the settings' default; no value at all: the field's default)."""
     values = {field: settings.value_of(var.env_var_name) for field, var in fields.items()}
-    return cls(**{field: value for field, value in values.items() if value is not None})
+    return cls(**{field: _config(value) for field, value in values.items() if value is not None})
+
+
+def _config(value: object) -> object:
+    """`value` as Dagster config holds it: an amount of money (Decimal) as its exact text."""
+    return str(value) if isinstance(value, Decimal) else value
 
 
 class EnvResource(ConfigurableResource):

@@ -17,6 +17,7 @@ import dagster as dg
 import psycopg
 from dagster import ConfigurableResource
 
+from renderqueue_pipeline.batch.budget import default_budget_micros
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.defs.alerts.resources import AlertsResource
@@ -31,9 +32,16 @@ R = TypeVar("R", bound=ConfigurableResource)
 
 class LedgerDatabase(ConfigurableResource):
     """The ledger's Postgres (DATABASE_URL); empty `url` means the embedded server of
-    `renderqueue dev` / `demo` under RENDERQUEUE_HOME."""
+    `renderqueue dev` / `demo` under RENDERQUEUE_HOME. With the default monthly budget it
+    admits users without their own against (RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD;
+    empty: none)."""
 
     url: str = ""
+    default_budget_usd: str = ""
+
+    def default_limit_micros(self) -> int | None:
+        """The default monthly budget in micro-dollars; None: no default budget."""
+        return default_budget_micros(self.default_budget_usd)
 
     def resolved_url(self) -> str:
         return self.url or database_url()
@@ -66,7 +74,12 @@ def env_resources() -> Mapping[str, Any]:
     """The code location's resources, each field from its environment variable."""
 
     return {
-        "ledger": from_env(LedgerDatabase, "The ledger's Postgres", url=dg.EnvVar("DATABASE_URL")),
+        "ledger": from_env(
+            LedgerDatabase,
+            "The ledger's Postgres and default budget",
+            url=dg.EnvVar("DATABASE_URL"),
+            default_budget_usd=dg.EnvVar("RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD"),
+        ),
         "prompts_inbox": from_env(
             PromptsInbox, "The prompts inbox", url=dg.EnvVar("RENDERQUEUE_PROMPTS_URL")
         ),

@@ -4,7 +4,6 @@ import dagster as dg
 
 from renderqueue_pipeline.alerts import evaluate_budget_alerts, post_with_retries
 from renderqueue_pipeline.alerts.runs import run_failure_body
-from renderqueue_pipeline.batch.budget import default_limit_micros
 from renderqueue_pipeline.defs.alerts.resources import AlertsResource
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 
@@ -25,7 +24,7 @@ def budget_alert_sensor(
             conn,
             url=alerts.webhook_url,
             default_percents=alerts.default_percents(),
-            default_limit=default_limit_micros(),
+            default_limit=ledger.default_limit_micros(),
         )
     for outcome in run.sent:
         context.log.info(f"sent: {outcome.text}")
