@@ -11,7 +11,7 @@ stored config (docs/dagster.md "Configuration").
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dagster as dg
 import psycopg
@@ -26,6 +26,11 @@ from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 from renderqueue_pipeline.defs.env_resource import from_settings
 from renderqueue_pipeline.defs.reports.resources import ReportStorage
 from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
+from renderqueue_pipeline.fal_platform import FalPlatform
+
+if TYPE_CHECKING:
+    from renderqueue_pipeline.fal_gateway import FalGateway
+    from renderqueue_pipeline.settings import Settings
 
 R = TypeVar("R", bound=ConfigurableResource)
 
@@ -70,6 +75,46 @@ def from_env(cls: type[R], description: str, **fields: dg.EnvVar) -> dg.Resource
     )
 
 
+class FalConnection:
+    """fal for one run: gateways to its queue API and its Platform API client, configured
+    by the settings read when the run started (FAL_KEY, FAL_ADMIN_KEY,
+    RENDERQUEUE_WEBHOOK_URL, ...). A plain object, not config: a key is never run config."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def __repr__(self) -> str:  # never show a key
+        return "FalConnection()"
+
+    def gateway(self, max_concurrency: int) -> FalGateway:
+        """A gateway with `max_concurrency` calls in flight (the domain's gateway_factory)."""
+        # fal-client reads FAL_QUEUE_RUN_HOST when imported: only once a run needs it
+        from renderqueue_pipeline.fal_gateway import FalGateway
+
+        return FalGateway.from_settings(self._settings, max_concurrency=max_concurrency)
+
+    def platform(self) -> FalPlatform:
+        """The Platform API client (the domain's platform_factory)."""
+        return FalPlatform.from_settings(self._settings)
+
+
+def fal_connection() -> dg.ResourceDefinition:
+    """The `fal` resource: the run's environment read when it starts (a bad value is one
+    line naming its variable)."""
+
+    def build(_context: dg.InitResourceContext) -> FalConnection:
+        from renderqueue_pipeline.settings import load_settings
+
+        return FalConnection(load_settings())
+
+    return dg.ResourceDefinition(
+        resource_fn=build,
+        config_schema={},
+        description="fal's queue and Platform APIs (FAL_KEY, FAL_ADMIN_KEY, "
+        "RENDERQUEUE_WEBHOOK_URL, RENDERQUEUE_FAL_*)",
+    )
+
+
 def env_resources() -> Mapping[str, Any]:
     """The code location's resources, each field from its environment variable."""
 
@@ -93,6 +138,7 @@ def env_resources() -> Mapping[str, Any]:
             key=dg.EnvVar("FAL_KEY"),
             api_url=dg.EnvVar("RENDERQUEUE_FAL_API_URL"),
         ),
+        "fal": fal_connection(),
         "archive": from_env(ArchiveResource, "The archive", **ArchiveResource.ENV),
         "alerts": from_env(AlertsResource, "Where alerts go", **AlertsResource.ENV),
         "billing_check": from_env(
