@@ -242,7 +242,6 @@ ALLOWED = {
     "archive/fetch.py": "SSL_CERT_FILE, as Python's ssl reads it",
     # still reading settings inside (to move to explicit arguments)
     "batch/submit.py": "debt",
-    "fal_gateway.py": "debt (FalGateway.from_settings)",
     "reconcile/core.py": "debt",
 }
 

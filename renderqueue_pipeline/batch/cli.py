@@ -174,10 +174,16 @@ def batch_list(limit: int) -> None:
 def batch_cancel(batch_id: int) -> None:
     """Stop BATCH_ID and cancel its queued and running requests at fal."""
     from renderqueue_pipeline.batch import cancel_batch
+    from renderqueue_pipeline.fal_gateway import FalGateway
+    from renderqueue_pipeline.settings import get_settings
 
     _require_fal()
+    settings = get_settings()
     result = cancel_batch(
-        batch_id, ledger_url=_ledger_url(), log=lambda line: click.echo(line, err=True)
+        batch_id,
+        ledger_url=_ledger_url(),
+        log=lambda line: click.echo(line, err=True),
+        gateway_factory=lambda n: FalGateway.from_settings(settings, max_concurrency=n),
     )
     click.echo(result.summary())
     for error in result.errors:

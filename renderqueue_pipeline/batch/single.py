@@ -108,7 +108,7 @@ async def asubmit_prompt(
     identity = RequestIdentity(intent.item_id, intent.user_id)
     try:
         if gateway is None:
-            async with FalGateway.from_settings(max_concurrency=1) as own:
+            async with FalGateway.from_settings(get_settings(), max_concurrency=1) as own:
                 outcome: Any = await own.submit(
                     intent.endpoint, dict(intent.inputs), identity=identity, priority="normal"
                 )

@@ -706,8 +706,9 @@ def _lease_seconds() -> float:
 
 def _default_gateway(concurrency: int) -> Any:
     from renderqueue_pipeline.fal_gateway import FalGateway
+    from renderqueue_pipeline.settings import get_settings
 
-    return FalGateway.from_settings(max_concurrency=concurrency)
+    return FalGateway.from_settings(get_settings(), max_concurrency=concurrency)
 
 
 #: fal's clock and ours may differ: fal's list is read from this long before the first send

@@ -86,11 +86,14 @@ class FalConnection:
     def __repr__(self) -> str:  # never show a key
         return "FalConnection()"
 
-    def gateway(self, max_concurrency: int) -> FalGateway:
-        """A gateway with `max_concurrency` calls in flight (the domain's gateway_factory)."""
+    def gateway(self, max_concurrency: int | None = None) -> FalGateway:
+        """A gateway with `max_concurrency` calls in flight (None: the gateway's default);
+        the domain's gateway_factory."""
         # fal-client reads FAL_QUEUE_RUN_HOST when imported: only once a run needs it
         from renderqueue_pipeline.fal_gateway import FalGateway
 
+        if max_concurrency is None:
+            return FalGateway.from_settings(self._settings)
         return FalGateway.from_settings(self._settings, max_concurrency=max_concurrency)
 
     def platform(self) -> FalPlatform:

@@ -564,6 +564,12 @@ async def cancel_duplicates(conn: psycopg.Connection, fal: FalGateway, report: A
             report.duplicates_cancel_requested += 1
 
 
+def _default_gateway(concurrency: int) -> FalGateway:
+    from renderqueue_pipeline.settings import get_settings
+
+    return FalGateway.from_settings(get_settings(), max_concurrency=concurrency)
+
+
 def reconcile(
     conn: psycopg.Connection,
     options: ReconcileOptions | None = None,
@@ -593,7 +599,7 @@ def reconcile(
     report.examined = len(rows)
     cancel = report.adoption.skipped is None
     if rows or cancel:
-        factory = gateway_factory or (lambda n: FalGateway.from_settings(max_concurrency=n))
+        factory = gateway_factory or _default_gateway
 
         async def run() -> None:
             async with factory(options.concurrency) as fal:
