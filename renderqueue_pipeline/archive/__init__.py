@@ -1,6 +1,6 @@
 """The archive: copy every output to our storage before fal's copy expires.
 
-    run_archive(connect, setup)                          one run (Dagster and the CLI)
+    run_archive(connect, setup, fal_gateway=...)         one run (Dagster and the CLI)
     archive_health(conn)                                 what the checks report
     links(conn, request_id)                              URLs a user opens
     delete_fal_copies(conn, gateway)                     optional: fal's copy, once ours is safe

@@ -11,7 +11,7 @@ stored config (docs/dagster.md "Configuration").
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import dagster as dg
 import psycopg
@@ -23,7 +23,7 @@ from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.defs.alerts.resources import AlertsResource
 from renderqueue_pipeline.defs.archive.resources import ArchiveResource
 from renderqueue_pipeline.defs.batch.resources import PromptsInbox
-from renderqueue_pipeline.defs.env_resource import from_settings
+from renderqueue_pipeline.defs.env_resource import EnvResource, from_settings
 from renderqueue_pipeline.defs.reports.resources import ReportStorage
 from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
 from renderqueue_pipeline.fal_platform import FalPlatform
@@ -35,11 +35,16 @@ if TYPE_CHECKING:
 R = TypeVar("R", bound=ConfigurableResource)
 
 
-class LedgerDatabase(ConfigurableResource):
+class LedgerDatabase(EnvResource):
     """The ledger's Postgres (DATABASE_URL); empty `url` means the embedded server of
     `renderqueue dev` / `demo` under RENDERQUEUE_HOME. With the default monthly budget it
     admits users without their own against (RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD;
     empty: none)."""
+
+    ENV: ClassVar[dict[str, dg.EnvVar]] = {
+        "url": dg.EnvVar("DATABASE_URL"),
+        "default_budget_usd": dg.EnvVar("RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD"),
+    }
 
     url: str = ""
     default_budget_usd: str = ""
@@ -123,10 +128,7 @@ def env_resources() -> Mapping[str, Any]:
 
     return {
         "ledger": from_env(
-            LedgerDatabase,
-            "The ledger's Postgres and default budget",
-            url=dg.EnvVar("DATABASE_URL"),
-            default_budget_usd=dg.EnvVar("RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD"),
+            LedgerDatabase, "The ledger's Postgres and default budget", **LedgerDatabase.ENV
         ),
         "prompts_inbox": from_env(
             PromptsInbox, "The prompts inbox", url=dg.EnvVar("RENDERQUEUE_PROMPTS_URL")
