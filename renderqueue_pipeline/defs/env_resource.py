@@ -40,4 +40,4 @@ class EnvResource(ConfigurableResource):
     @classmethod
     def from_settings(cls: type[R], settings: Settings) -> R:
         """The resource as the environment in `settings` configures it (tests, the demo)."""
-        return from_settings(cls, settings, **cls.ENV)  # type: ignore[attr-defined]
+        return from_settings(cls, settings, **cls.ENV)

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import dagster as dg
-import psycopg
 from dagster import ConfigurableResource
 
 from renderqueue_pipeline.batch.budget import default_budget_micros
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.defs.alerts.resources import AlertsResource
@@ -56,7 +56,7 @@ class LedgerDatabase(EnvResource):
     def resolved_url(self) -> str:
         return self.url or database_url()
 
-    def connect(self) -> psycopg.Connection:
+    def connect(self) -> LedgerConnection:
         return connect(self.resolved_url())
 
 
