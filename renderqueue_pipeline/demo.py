@@ -307,7 +307,11 @@ def _tick_budget_alerts(defs: Any, instance: Any, console: Console) -> None:
     from renderqueue_pipeline.defs.resources import LedgerDatabase
 
     sensor = defs.resolve_sensor_def("budget_alert_sensor")
-    resources = {"ledger": LedgerDatabase(), "alerts": AlertsResource.from_settings(get_settings())}
+    settings = get_settings()
+    resources = {
+        "ledger": LedgerDatabase.from_settings(settings),
+        "alerts": AlertsResource.from_settings(settings),
+    }
     with dg.build_sensor_context(instance=instance, resources=resources) as context:
         result = sensor(context)
     console.print(f"  {getattr(result, 'skip_message', result)}", soft_wrap=True)

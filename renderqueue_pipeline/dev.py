@@ -350,7 +350,7 @@ def run_dev(
     """Start everything, drop the sample prompts, print where to look; Ctrl-C stops all."""
     import datetime as dt
 
-    from renderqueue_pipeline.alerts import evaluate_budget_alerts
+    from renderqueue_pipeline.alerts import alert_arguments, evaluate_budget_alerts
     from renderqueue_pipeline.settings import get_settings
 
     console = console or Console()
@@ -419,7 +419,7 @@ def run_dev(
                         time.sleep(2)
                 # the daemon's budget_alert_sensor may have sent them already: once each
                 with connect(url) as conn:
-                    evaluate_budget_alerts(conn)
+                    evaluate_budget_alerts(conn, **alert_arguments(settings))
                 print_received_alerts(alert_receiver, console)
                 print_summary(url, batch_ids, request_ids, None, console)
             while not stop:

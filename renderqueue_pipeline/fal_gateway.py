@@ -49,7 +49,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, Self, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, runtime_checkable
 from urllib.parse import quote, unquote
 
 import httpx
@@ -62,6 +62,9 @@ from tenacity import (
 
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.fal_defaults import FAL_OBJECT_LIFETIME, FAL_REST_URL
+
+if TYPE_CHECKING:
+    from renderqueue_pipeline.settings import Settings
 
 log = logging.getLogger("renderqueue.fal")
 
@@ -481,11 +484,9 @@ class FalGateway:
         self._timeout = timeout
 
     @classmethod
-    def from_settings(cls, settings: Any = None, **overrides: Any) -> FalGateway:
-        """A gateway configured from renderqueue's settings (FAL_KEY, RENDERQUEUE_WEBHOOK_URL)."""
-        from renderqueue_pipeline.settings import get_settings
-
-        settings = settings or get_settings()
+    def from_settings(cls, settings: Settings, **overrides: Any) -> FalGateway:
+        """A gateway configured as `settings` (read by the caller, an entry point) say
+        (FAL_KEY, RENDERQUEUE_WEBHOOK_URL, ...)."""
         key = settings.fal_key.get_secret_value() if settings.fal_key else None
         admin = settings.fal_admin_secret
         overrides.setdefault("default_webhook_url", settings.webhook_url)

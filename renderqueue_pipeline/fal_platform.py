@@ -18,13 +18,16 @@ import datetime as dt
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.fal_defaults import FAL_API_URL
+
+if TYPE_CHECKING:
+    from renderqueue_pipeline.settings import Settings
 
 log = logging.getLogger("renderqueue.fal.platform")
 
@@ -116,11 +119,9 @@ class FalPlatform:
         self.requests_made = 0
 
     @classmethod
-    def from_settings(cls, settings: Any = None, **overrides: Any) -> FalPlatform:
-        """FAL_ADMIN_KEY (else FAL_KEY) and RENDERQUEUE_FAL_API_URL from renderqueue's settings."""
-        from renderqueue_pipeline.settings import get_settings
-
-        settings = settings or get_settings()
+    def from_settings(cls, settings: Settings, **overrides: Any) -> FalPlatform:
+        """FAL_ADMIN_KEY (else FAL_KEY) and RENDERQUEUE_FAL_API_URL as `settings` (read by
+        the caller, an entry point) holds them."""
         if settings.fal_admin_key is not None:
             key, variable = settings.fal_admin_key.get_secret_value(), "FAL_ADMIN_KEY"
         elif settings.fal_key is not None:

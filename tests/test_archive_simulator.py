@@ -115,7 +115,15 @@ def test_fals_copy_is_deleted_after_a_safe_archive_and_failures_retried(
     [(rid, output)] = _complete(ledger_url, fal_sim, [3600.0])
     url = output["video"]["url"]
     fal_sim.control.set_faults(admin_key="wrong-key-on-purpose")
-    first = run_archive(lambda: connect(ledger_url), ArchiveSetup.from_settings(load_settings()))
+
+    def gateway() -> FalGateway:  # the one `renderqueue archive run` makes
+        return FalGateway.from_settings(load_settings())
+
+    first = run_archive(
+        lambda: connect(ledger_url),
+        ArchiveSetup.from_settings(load_settings()),
+        fal_gateway=gateway,
+    )
     assert first.archived == 1 and first.fal_delete["fal_deletes_retrying"] == 1
     r = row(conn, rid)
     assert r["archive_status"] == "archived"  # a failed deletion never touches the archive
@@ -128,7 +136,11 @@ def test_fals_copy_is_deleted_after_a_safe_archive_and_failures_retried(
         "update generations set fal_delete_next_attempt_at = now() where request_id = %s", (rid,)
     )
     conn.commit()
-    second = run_archive(lambda: connect(ledger_url), ArchiveSetup.from_settings(load_settings()))
+    second = run_archive(
+        lambda: connect(ledger_url),
+        ArchiveSetup.from_settings(load_settings()),
+        fal_gateway=gateway,
+    )
     assert second.fal_delete["fal_copies_deleted"] == 1
     r = row(conn, rid)
     assert (r["fal_delete_status"], r["fal_deleted_at"] is not None) == ("deleted", True)

@@ -18,9 +18,17 @@ from webhook_helpers import serving
 
 from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 from renderqueue_pipeline.batch.cancel import cancel_batch
+from renderqueue_pipeline.fal_gateway import FalGateway
 from renderqueue_pipeline.ledger import event_from_fal_webhook, record_event
+from renderqueue_pipeline.settings import load_settings
 from renderqueue_pipeline.simulator.testing import FAST_TEST_OPTIONS, RunningSimulator, wait_until
 from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
+
+
+def gateways(concurrency: int) -> FalGateway:
+    """The gateway `renderqueue batch cancel` makes: from the environment, read now."""
+    return FalGateway.from_settings(load_settings(), max_concurrency=concurrency)
+
 
 OPEN = ("submitted", "in_progress")
 
@@ -85,7 +93,7 @@ def test_a_cancelled_batch_of_forty_queued_requests_ends_all_canceled_not_failed
     fal_sim.control.reset(seed=5, **{**FAST_TEST_OPTIONS, "queue_delay": "3600"})
     batch_id = submit_queued(ledger_url, tmp_path, 40)
 
-    result = cancel_batch(batch_id, ledger_url=ledger_url, concurrency=16)
+    result = cancel_batch(batch_id, ledger_url=ledger_url, concurrency=16, gateway_factory=gateways)
 
     assert result.outcomes == Counter({"cancellation_requested": 40})
     wait_until(lambda: not any(r["status"] in OPEN for r in rows(conn, batch_id)), timeout=30)
@@ -120,7 +128,7 @@ def test_a_cancel_fal_never_answered_keeps_the_intent_and_says_so(
     )
     batch_id = submit_queued(ledger_url, tmp_path, 2)
 
-    result = cancel_batch(batch_id, ledger_url=ledger_url, concurrency=2)
+    result = cancel_batch(batch_id, ledger_url=ledger_url, concurrency=2, gateway_factory=gateways)
 
     assert result.outcomes == Counter({"error": 2})
     got = rows(conn, batch_id)
@@ -144,7 +152,7 @@ def test_a_cancel_fal_refused_withdraws_the_intent_so_a_failure_stays_failed(
     [row] = rows(conn, batch_id)
     fal_sim.control.wait_finished(row["request_id"])  # failed at fal; its webhook lost
 
-    result = cancel_batch(batch_id, ledger_url=ledger_url)
+    result = cancel_batch(batch_id, ledger_url=ledger_url, gateway_factory=gateways)
 
     assert result.outcomes == Counter({"already_completed": 1})
     [row] = rows(conn, batch_id)

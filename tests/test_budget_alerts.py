@@ -61,6 +61,7 @@ def alert_rows(conn: psycopg.Connection) -> list[dict]:
 
 def evaluate(url: str, receiver_url: str | None, **kwargs):
     with clocked(url, kwargs.pop("now", NOW)) as conn:
+        kwargs.setdefault("default_limit", None)  # RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD unset
         return evaluate_budget_alerts(
             conn, url=receiver_url, default_percents=(50, 80, 100), wait_s=0, **kwargs
         )

@@ -27,7 +27,7 @@ from renderqueue_pipeline.defs.batch.jobs import (
 )
 from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 from renderqueue_pipeline.defs.batch.sensors import prompts_inbox_sensor
-from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.resources import LedgerDatabase, fal_connection
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 
@@ -66,6 +66,7 @@ class Inbox:
             resources={
                 "ledger": LedgerDatabase(url=self.ledger_url),
                 "prompts_inbox": PromptsInbox(url=self.folder.as_uri()),
+                "fal": fal_connection(),
             },
             tags=request.tags,
             raise_on_error=False,
@@ -165,6 +166,7 @@ def test_submit_batch_from_the_launchpad_with_defaults_and_a_cap(
         resources={
             "ledger": LedgerDatabase(url=ledger_url),
             "prompts_inbox": PromptsInbox(url=tmp_path.as_uri()),
+            "fal": fal_connection(),
         },
     )
     assert result.success
@@ -202,6 +204,7 @@ def test_the_documented_launchpad_example_runs_with_a_file_name_in_the_inbox(
         resources={
             "ledger": LedgerDatabase(url=ledger_url),
             "prompts_inbox": PromptsInbox(url=inbox.as_uri()),
+            "fal": fal_connection(),
         },
     )
     assert result.success
@@ -249,6 +252,7 @@ def test_a_bad_setting_fails_the_run_with_its_name(
             resources={
                 "ledger": LedgerDatabase(url=ledger_url),
                 "prompts_inbox": PromptsInbox(url=tmp_path.as_uri()),
+                "fal": fal_connection(),
             },
             raise_on_error=False,
         )
@@ -269,6 +273,7 @@ def test_cancel_batch_cancels_queued_requests_at_fal(
     resources = {
         "ledger": LedgerDatabase(url=ledger_url),
         "prompts_inbox": PromptsInbox(url=tmp_path.as_uri()),
+        "fal": fal_connection(),
     }
     submitted = submit_batch.execute_in_process(
         run_config={
@@ -317,7 +322,7 @@ def test_cancel_of_an_unknown_batch_says_so(
     result = cancel_batch.execute_in_process(
         run_config={"ops": {"cancel_batch_requests": {"config": {"batch_id": 999}}}},
         instance=instance,
-        resources={"ledger": LedgerDatabase(url=ledger_url)},
+        resources={"ledger": LedgerDatabase(url=ledger_url), "fal": fal_connection()},
         raise_on_error=False,
     )
     assert not result.success

@@ -18,7 +18,7 @@ from renderqueue_pipeline.dagster_home import instance_config
 from renderqueue_pipeline.db.server import sqlalchemy_url
 from renderqueue_pipeline.defs.reconcile.jobs import reconcile_ledger
 from renderqueue_pipeline.defs.reconcile.schedules import reconcile_every_5m
-from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.resources import LedgerDatabase, fal_connection
 from renderqueue_pipeline.ledger.core import _submit_generation
 from renderqueue_pipeline.simulator.testing import FAST_TEST_OPTIONS, RunningSimulator
 
@@ -103,7 +103,7 @@ def test_the_scheduled_run_brings_lost_webhooks_to_ground_truth(
         instance=instance,
         run_config=request.run_config,
         tags=request.tags,
-        resources={"ledger": LedgerDatabase(url=ledger_url)},
+        resources={"ledger": LedgerDatabase(url=ledger_url), "fal": fal_connection()},
     )
     assert result.success
     rows = conn.execute(

@@ -55,6 +55,7 @@ from spend_helpers import ADMIN_KEY, SPEND_TABLES
 from starlette.testclient import TestClient
 
 from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.settings import load_settings
 from renderqueue_pipeline.simulator.platform import BillingConfig, PlatformServer, attach
 from renderqueue_pipeline.simulator.testing import RunningSimulator, WebhookSink, wait_until
 from renderqueue_pipeline.simulator.testing import webhook_sink as running_webhook_sink
@@ -460,7 +461,7 @@ class MoneyMachine(RuleBasedStateMachine):
         from renderqueue_pipeline.fal_gateway import FalGateway
 
         async def go() -> str:
-            async with FalGateway.from_settings(max_concurrency=2) as fal:
+            async with FalGateway.from_settings(load_settings(), max_concurrency=2) as fal:
                 gateway = gateway_wrapper(fal) if gateway_wrapper else fal
                 return await asubmit_prompt(
                     call.user_id,
@@ -647,12 +648,19 @@ class MoneyMachine(RuleBasedStateMachine):
     @rule(batch=st.integers(0, 5))
     def cancel_a_batch(self, batch: int) -> None:
         from renderqueue_pipeline.batch import cancel_batch
+        from renderqueue_pipeline.fal_gateway import FalGateway
 
         if not self.batches:
             return
         batch_id = self.batches[batch % len(self.batches)]
         try:
-            result = cancel_batch(batch_id, ledger_url=self.env.url)
+            result = cancel_batch(
+                batch_id,
+                ledger_url=self.env.url,
+                gateway_factory=lambda n: FalGateway.from_settings(
+                    load_settings(), max_concurrency=n
+                ),
+            )
             _note(f"cancel batch {batch_id}: {result.summary()}")
         except Exception as exc:
             _note(f"cancel batch {batch_id}: {type(exc).__name__}: {exc}")

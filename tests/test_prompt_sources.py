@@ -20,7 +20,7 @@ from renderqueue_pipeline.batch.source import file_format
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.defs.batch.jobs import submit_batch
 from renderqueue_pipeline.defs.batch.resources import PromptsInbox
-from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.resources import LedgerDatabase, fal_connection
 from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
@@ -142,6 +142,7 @@ def test_the_launchpad_may_name_only_the_inbox_or_an_allowed_prefix(
                 resources={
                     "ledger": LedgerDatabase(url=ledger_url),
                     "prompts_inbox": PromptsInbox(url=inbox.as_uri()),
+                    "fal": fal_connection(),
                 },
                 raise_on_error=False,
             )

@@ -28,7 +28,7 @@ from renderqueue_pipeline.dagster_home import dagster_storage_url
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.defs.batch.jobs import submit_batch
 from renderqueue_pipeline.defs.batch.resources import PromptsInbox
-from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.resources import LedgerDatabase, fal_connection
 from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
@@ -192,6 +192,7 @@ def test_a_canary_key_appears_in_no_output_log_ledger_row_or_dagster_storage(
                 resources={
                     "ledger": LedgerDatabase(url=ledger_url),
                     "prompts_inbox": PromptsInbox(url=inbox.as_uri()),
+                    "fal": fal_connection(),
                 },
                 raise_on_error=False,
             )

@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -88,7 +89,12 @@ def test_events_whose_row_never_came_are_expired_after_the_retention(
 def test_the_retention_is_a_setting(
     conn: psycopg.Connection, ledger_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from renderqueue_pipeline.reconcile import ReconcileOptions
     from renderqueue_pipeline.settings import get_settings
+
+    def retention() -> timedelta:
+        """What the reconciler passes down: the setting, read by its entry points."""
+        return ReconcileOptions.from_settings().event_retention
 
     waiting_event(conn, "two-hours-old")
     conn.execute(
@@ -97,9 +103,10 @@ def test_the_retention_is_a_setting(
     )
     conn.commit()
     assert apply_waiting_events(conn)["expired"] == 0  # the default: 7 days
+    assert apply_waiting_events(conn, retention=retention())["expired"] == 0  # the same
     monkeypatch.setenv("RENDERQUEUE_EVENT_RETENTION_DAYS", "0.05")  # 72 minutes
     get_settings.cache_clear()
-    assert apply_waiting_events(conn)["expired"] == 1
+    assert apply_waiting_events(conn, retention=retention())["expired"] == 1
 
 
 def test_db_status_counts_and_events_waiting_lists_them(

@@ -3,6 +3,7 @@
 from renderqueue_pipeline.alerts.budget import (
     AlertOutcome,
     AlertRun,
+    alert_arguments,
     alert_body,
     alerts_for_month,
     evaluate_budget_alerts,
@@ -14,6 +15,7 @@ __all__ = [
     "AlertOutcome",
     "AlertRun",
     "DeliveryError",
+    "alert_arguments",
     "alert_body",
     "alerts_for_month",
     "evaluate_budget_alerts",

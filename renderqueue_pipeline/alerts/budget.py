@@ -22,17 +22,16 @@ import time
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from renderqueue_pipeline.alerts.webhook import DeliveryError, post_with_retries, redact
-from renderqueue_pipeline.batch.budget import (
-    MonthFigures,
-    default_limit_micros,
-    month_figures,
-)
+from renderqueue_pipeline.batch.budget import MonthFigures, default_limit_from, month_figures
 from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.money import usd
+
+if TYPE_CHECKING:
+    from renderqueue_pipeline.settings import Settings
 
 RETRY_BASE_S = 60  # the first retry a minute later, then 2, 4, ... up to an hour
 RETRY_MAX_S = 3600
@@ -256,24 +255,28 @@ def deliver_due(
     return outcomes
 
 
+def alert_arguments(settings: Settings) -> dict[str, Any]:
+    """`evaluate_budget_alerts`' values as `settings` holds them (for entry points)."""
+    secret = settings.alert_webhook_url
+    return {
+        "url": None if secret is None else secret.get_secret_value(),
+        "default_percents": settings.budget_alert_percents,
+        "default_limit": default_limit_from(settings),
+    }
+
+
 def evaluate_budget_alerts(
     conn: LedgerConnection,
     *,
-    url: str | None = None,
-    default_percents: tuple[int, ...] | None = None,
-    default_limit: int | None = None,
+    url: str | None,
+    default_percents: tuple[int, ...],
+    default_limit: int | None,
     wait_s: float = 1.0,
 ) -> AlertRun:
-    """Decide and deliver; arguments left None come from the settings."""
-    from renderqueue_pipeline.settings import get_settings
-
-    settings = get_settings()
-    if url is None and settings.alert_webhook_url is not None:
-        url = settings.alert_webhook_url.get_secret_value()
-    if default_percents is None:
-        default_percents = settings.budget_alert_percents
-    if default_limit is None:
-        default_limit = default_limit_micros()
+    """Decide and deliver, with the values the caller read (RENDERQUEUE_ALERT_WEBHOOK_URL:
+    `url`, empty or None when alerts are not sent; RENDERQUEUE_BUDGET_ALERT_PERCENTS:
+    `default_percents`; RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD in micro-dollars:
+    `default_limit`, None for no default budget)."""
     run = record_crossings(conn, default_percents, default_limit)
     if url:
         run.outcomes = deliver_due(conn, url, wait_s=wait_s)

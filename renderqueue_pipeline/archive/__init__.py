@@ -1,6 +1,6 @@
 """The archive: copy every output to our storage before fal's copy expires.
 
-    run_archive(connect, setup)                          one run (Dagster and the CLI)
+    run_archive(connect, setup, fal_gateway=...)         one run (Dagster and the CLI)
     archive_health(conn)                                 what the checks report
     links(conn, request_id)                              URLs a user opens
     delete_fal_copies(conn, gateway)                     optional: fal's copy, once ours is safe
@@ -148,15 +148,18 @@ def run_archive(
     setup: ArchiveSetup,
     *,
     progress: Callable[[RowOutcome], None] | None = None,
+    fal_gateway: Callable[[], Any] | None = None,
 ) -> ArchiveReport:
     """One archive run (what Dagster and the CLI call), then fal's copies deleted when
-    `setup.options.delete_fal_copy`."""
+    `setup.options.delete_fal_copy`, through the gateway `fal_gateway()` makes."""
     options = setup.options
     report = archive_pending(connect, setup.storage, setup.policy, options, progress=progress)
     if options.delete_fal_copy:
         try:
+            if fal_gateway is None:
+                raise ValueError("RENDERQUEUE_DELETE_FAL_COPY is set but no fal gateway was given")
             report.fal_delete = delete_fal_copies(
-                connect, limit=options.limit, max_attempts=options.max_attempts
+                connect, fal_gateway, limit=options.limit, max_attempts=options.max_attempts
             ).as_dict()
         except Exception as exc:  # never blocks the archive: recorded, retried next run
             log.warning("deleting fal's copies failed: %s", exc)

@@ -20,6 +20,7 @@ def archive(limit: int | None) -> None:
     from renderqueue_pipeline.archive import ArchiveSetup, run_archive
     from renderqueue_pipeline.db.connect import connect
     from renderqueue_pipeline.db.server import database_url
+    from renderqueue_pipeline.fal_gateway import FalGateway
     from renderqueue_pipeline.redact import redact
     from renderqueue_pipeline.settings import get_settings
 
@@ -34,8 +35,14 @@ def archive(limit: int | None) -> None:
             soft_wrap=True,
         )
 
-    setup = ArchiveSetup.from_settings(get_settings(), limit=limit)
-    report = run_archive(lambda: connect(url), setup, progress=progress)
+    settings = get_settings()
+    setup = ArchiveSetup.from_settings(settings, limit=limit)
+    report = run_archive(
+        lambda: connect(url),
+        setup,
+        progress=progress,
+        fal_gateway=lambda: FalGateway.from_settings(settings),
+    )
     summary = report.as_dict()
     click.echo(
         f"archived {summary['archived']}, lost {summary['lost']}, failed {summary['failed']}, "

@@ -102,12 +102,13 @@ async def adelete_fal_copies(
     return report
 
 
-def delete_fal_copies(connect: Callable[[], LedgerConnection], **options: Any) -> DeleteReport:
-    """adelete_fal_copies with a gateway from the environment (FAL_KEY / the simulator)."""
-    from renderqueue_pipeline.fal_gateway import FalGateway
+def delete_fal_copies(
+    connect: Callable[[], LedgerConnection], fal_gateway: Callable[[], Any], **options: Any
+) -> DeleteReport:
+    """adelete_fal_copies with the gateway `fal_gateway()` makes (the caller's settings)."""
 
     async def run() -> DeleteReport:
-        async with FalGateway.from_settings() as gateway:
+        async with fal_gateway() as gateway:
             return await adelete_fal_copies(connect, gateway, **options)
 
     return asyncio.run(run())

@@ -14,12 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.money import MICROS_PER_USD
+
+if TYPE_CHECKING:
+    from renderqueue_pipeline.settings import Settings
 
 MAX_USD = Decimal(10) ** 9  # a billion dollars: anything above is a typo
 
@@ -99,12 +102,17 @@ def month_figures(
     )
 
 
-def default_limit_micros() -> int | None:
-    """RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD in micro-dollars (None when unset)."""
-    from renderqueue_pipeline.settings import get_settings
+def default_limit_from(settings: Settings) -> int | None:
+    """The default budget `settings` holds, in micro-dollars (None: no default budget)."""
+    return default_budget_micros(settings.default_monthly_budget_usd)
 
-    value = get_settings().default_monthly_budget_usd
-    return None if value is None else parse_usd(value, "RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD")
+
+def default_budget_micros(usd: Any) -> int | None:
+    """RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD's value (None or empty: unset) in
+    micro-dollars; None when there is no default budget."""
+    if usd is None or usd == "":
+        return None
+    return parse_usd(usd, "RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD")
 
 
 def set_budget(

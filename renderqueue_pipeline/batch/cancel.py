@@ -124,13 +124,14 @@ def cancel_batch(
     ledger_url: str | None = None,
     concurrency: int = 16,
     log: Callable[[str], None] = lambda line: None,
-    gateway_factory: Callable[[int], FalCanceller] | None = None,
+    gateway_factory: Callable[[int], FalCanceller],
 ) -> CancelResult:
-    """Cancel batch `batch_id` (see the module doc); BatchNotFound for an unknown id."""
-    from renderqueue_pipeline.db.server import database_url
-    from renderqueue_pipeline.fal_gateway import FalGateway
+    """Cancel batch `batch_id` (see the module doc); BatchNotFound for an unknown id.
 
-    factory = gateway_factory or (lambda n: FalGateway.from_settings(max_concurrency=n))
+    `gateway_factory(n)` makes the gateway (n calls in flight): the CLI's from the
+    settings, Dagster's from the `fal` resource."""
+    from renderqueue_pipeline.db.server import database_url
+
     return asyncio.run(
-        _cancel_all(ledger_url or database_url(), batch_id, concurrency, factory, log)
+        _cancel_all(ledger_url or database_url(), batch_id, concurrency, gateway_factory, log)
     )

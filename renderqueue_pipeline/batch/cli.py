@@ -174,10 +174,16 @@ def batch_list(limit: int) -> None:
 def batch_cancel(batch_id: int) -> None:
     """Stop BATCH_ID and cancel its queued and running requests at fal."""
     from renderqueue_pipeline.batch import cancel_batch
+    from renderqueue_pipeline.fal_gateway import FalGateway
+    from renderqueue_pipeline.settings import get_settings
 
     _require_fal()
+    settings = get_settings()
     result = cancel_batch(
-        batch_id, ledger_url=_ledger_url(), log=lambda line: click.echo(line, err=True)
+        batch_id,
+        ledger_url=_ledger_url(),
+        log=lambda line: click.echo(line, err=True),
+        gateway_factory=lambda n: FalGateway.from_settings(settings, max_concurrency=n),
     )
     click.echo(result.summary())
     for error in result.errors:
@@ -263,11 +269,13 @@ def budget_alerts() -> None:
     The same function as the Dagster sensor budget_alert_sensor: each threshold is sent
     once per user and month, whichever of them runs.
     """
-    from renderqueue_pipeline.alerts import evaluate_budget_alerts
+    from renderqueue_pipeline.alerts import alert_arguments, evaluate_budget_alerts
     from renderqueue_pipeline.db.connect import connect
+    from renderqueue_pipeline.settings import get_settings
 
+    arguments = alert_arguments(get_settings())
     with connect(_ledger_url()) as conn:
-        run = evaluate_budget_alerts(conn)
+        run = evaluate_budget_alerts(conn, **arguments)
     for outcome in run.sent:
         click.echo(f"sent: {outcome.text}")
     for outcome in run.failed:
@@ -284,14 +292,15 @@ def budget_alerts() -> None:
 def budget_show(user_id: int | None, month: str | None) -> None:
     """Budget, spent, in flight and remaining per user for a month."""
     from renderqueue_pipeline.batch import budget_overview
-    from renderqueue_pipeline.batch.budget import default_limit_micros
+    from renderqueue_pipeline.batch.budget import default_limit_from
     from renderqueue_pipeline.db.connect import connect
     from renderqueue_pipeline.money import usd
     from renderqueue_pipeline.months import parse_month
+    from renderqueue_pipeline.settings import get_settings
 
     with connect(_ledger_url()) as conn:
         target = None if month is None else parse_month(month)
-        rows = budget_overview(conn, user_id, target, default_limit_micros())
+        rows = budget_overview(conn, user_id, target, default_limit_from(get_settings()))
     if not rows:
         click.echo("no budgets or spend this month")
         return

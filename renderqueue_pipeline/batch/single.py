@@ -30,12 +30,13 @@ import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from renderqueue_pipeline.batch.budget import default_limit_micros
+from renderqueue_pipeline.batch.budget import default_limit_from
 from renderqueue_pipeline.batch.fal_answers import is_definite_rejection
 from renderqueue_pipeline.batch.rows import PromptRow, RowDefaults, validate_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.errors import BudgetExceeded, LedgerInputError, SubmissionInProgress
 from renderqueue_pipeline.ledger import Intent, begin_submission, finish_submission, refresh_leases
+from renderqueue_pipeline.settings import get_settings
 
 if TYPE_CHECKING:
     from renderqueue_pipeline.fal_gateway import FalSubmitter
@@ -56,6 +57,7 @@ def _record_intent(
     checked = validate_row(0, raw, RowDefaults())
     if not isinstance(checked, PromptRow):
         raise LedgerInputError(checked.field, checked.reason)
+    settings = get_settings()
     with connect(ledger_url, autocommit=True) as conn:
         return begin_submission(
             conn,
@@ -63,22 +65,22 @@ def _record_intent(
             endpoint=checked.endpoint,
             inputs=checked.inputs,
             idempotency_key=idempotency_key,
-            default_limit_micros=default_limit_micros(),
-            wait_seconds=wait_seconds,
+            default_limit_micros=default_limit_from(settings),
+            wait_seconds=settings.submit_wait_seconds if wait_seconds is None else wait_seconds,
+            lease_seconds=settings.submit_lease_seconds,
         )
 
 
 async def _keep_lease(ledger_url: str, claimer: str) -> None:
     """Refresh the claim's lease while fal is being called (a slow call stays ours)."""
-    from renderqueue_pipeline.ledger import lease_interval
-
-    every = lease_interval().total_seconds() / 4
+    seconds = get_settings().submit_lease_seconds
+    every = seconds / 4
     while True:
         await asyncio.sleep(every)
 
         def refresh() -> None:
             with connect(ledger_url, autocommit=True) as conn:
-                refresh_leases(conn, claimer)
+                refresh_leases(conn, claimer, seconds)
 
         with contextlib.suppress(Exception):  # a missed beat only shortens the lease
             await asyncio.to_thread(refresh)
@@ -109,7 +111,7 @@ async def asubmit_prompt(
     identity = RequestIdentity(intent.item_id, intent.user_id)
     try:
         if gateway is None:
-            async with FalGateway.from_settings(max_concurrency=1) as own:
+            async with FalGateway.from_settings(get_settings(), max_concurrency=1) as own:
                 outcome: Any = await own.submit(
                     intent.endpoint, dict(intent.inputs), identity=identity, priority="normal"
                 )

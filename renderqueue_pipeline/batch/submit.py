@@ -42,7 +42,7 @@ from typing import Any, Literal, LiteralString
 import psycopg
 from psycopg.types.json import Jsonb
 
-from renderqueue_pipeline.batch.budget import default_limit_micros
+from renderqueue_pipeline.batch.budget import default_limit_from
 from renderqueue_pipeline.batch.fal_answers import (
     fal_field,
     fal_reason,
@@ -244,7 +244,7 @@ class _Run:
         self.total_hint = facts.rows_estimate
         # this run's identity on the items it claims; its lease is refreshed while it runs
         self.claimer = f"run:{batch_id}:{uuid.uuid4().hex[:16]}"
-        self.lease_seconds = lease_interval().total_seconds()
+        self.lease_seconds = _lease_seconds()
         #: unknown items fal's request list shows it never received (resubmit_unknown)
         self.resend_unknown: set[int] = set()
 
@@ -352,7 +352,7 @@ class _Run:
         results_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
         marks_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
         gate_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
-        default_limit = await asyncio.to_thread(default_limit_micros)
+        default_limit = default_limit_from(get_settings())
         self.marks = SendMarks(marks_conn, self.claimer, self.lease_seconds, default_limit)
         self.gate = WaitingGate(gate_conn, get_settings().fal_max_queued)
         try:
@@ -696,10 +696,18 @@ def _batch_status(conn: LedgerConnection, batch_id: int) -> str | None:
     return row["status"] if row else None
 
 
+def _lease_seconds() -> float:
+    """RENDERQUEUE_SUBMIT_LEASE_SECONDS: this run's claim on its items."""
+    from renderqueue_pipeline.settings import get_settings
+
+    return get_settings().submit_lease_seconds
+
+
 def _default_gateway(concurrency: int) -> FalSubmitter:
     from renderqueue_pipeline.fal_gateway import FalGateway
+    from renderqueue_pipeline.settings import get_settings
 
-    return FalGateway.from_settings(max_concurrency=concurrency)
+    return FalGateway.from_settings(get_settings(), max_concurrency=concurrency)
 
 
 #: fal's clock and ours may differ: fal's list is read from this long before the first send
@@ -738,7 +746,8 @@ def unknown_items_fal_never_had(
     horizon = now - dt.timedelta(hours=settings.reconcile_adopt_window_hours)
     report = AdoptReport()
     try:
-        with (platform_factory or FalPlatform.from_settings)() as platform:
+        factory = platform_factory or (lambda: FalPlatform.from_settings(settings))
+        with factory() as platform:
             for endpoint in sorted({i["endpoint"] for i in items}):
                 sent = [i["sent_at"] or i["created_at"] for i in items if i["endpoint"] == endpoint]
                 start = max(min(sent) - CLOCK_MARGIN, horizon)

@@ -16,21 +16,42 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import dagster as dg
 from dagster import ConfigurableResource
 
+from renderqueue_pipeline.batch.budget import default_budget_micros
 from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.server import database_url
+from renderqueue_pipeline.defs.alerts.resources import AlertsResource
+from renderqueue_pipeline.defs.archive.resources import ArchiveResource
+from renderqueue_pipeline.defs.batch.resources import PromptsInbox
+from renderqueue_pipeline.defs.env_resource import EnvResource, from_settings
+from renderqueue_pipeline.defs.reports.resources import ReportStorage
+from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
+from renderqueue_pipeline.fal_platform import FalPlatform
 
 if TYPE_CHECKING:
+    from renderqueue_pipeline.fal_gateway import FalGateway
     from renderqueue_pipeline.settings import Settings
 
 R = TypeVar("R", bound=ConfigurableResource)
 
 
-class LedgerDatabase(ConfigurableResource):
+class LedgerDatabase(EnvResource):
     """The ledger's Postgres (DATABASE_URL); empty `url` means the embedded server of
-    `renderqueue dev` / `demo` under RENDERQUEUE_HOME."""
+    `renderqueue dev` / `demo` under RENDERQUEUE_HOME. With the default monthly budget it
+    admits users without their own against (RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD;
+    empty: none)."""
+
+    ENV: ClassVar[dict[str, dg.EnvVar]] = {
+        "url": dg.EnvVar("DATABASE_URL"),
+        "default_budget_usd": dg.EnvVar("RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD"),
+    }
 
     url: str = ""
+    default_budget_usd: str = ""
+
+    def default_limit_micros(self) -> int | None:
+        """The default monthly budget in micro-dollars; None: no default budget."""
+        return default_budget_micros(self.default_budget_usd)
 
     def resolved_url(self) -> str:
         return self.url or database_url()
@@ -59,39 +80,56 @@ def from_env(cls: type[R], description: str, **fields: dg.EnvVar) -> dg.Resource
     )
 
 
-def from_settings(cls: type[R], settings: Settings, **fields: dg.EnvVar) -> R:
-    """`cls` with each field set to the value `settings` holds for its variable (unset
-    variables: the settings' default; no value at all: the field's default)."""
-    values = {field: settings.value_of(var.env_var_name) for field, var in fields.items()}
-    return cls(**{field: value for field, value in values.items() if value is not None})
+class FalConnection:
+    """fal for one run: gateways to its queue API and its Platform API client, configured
+    by the settings read when the run started (FAL_KEY, FAL_ADMIN_KEY,
+    RENDERQUEUE_WEBHOOK_URL, ...). A plain object, not config: a key is never run config."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def __repr__(self) -> str:  # never show a key
+        return "FalConnection()"
+
+    def gateway(self, max_concurrency: int | None = None) -> FalGateway:
+        """A gateway with `max_concurrency` calls in flight (None: the gateway's default);
+        the domain's gateway_factory."""
+        # fal-client reads FAL_QUEUE_RUN_HOST when imported: only once a run needs it
+        from renderqueue_pipeline.fal_gateway import FalGateway
+
+        if max_concurrency is None:
+            return FalGateway.from_settings(self._settings)
+        return FalGateway.from_settings(self._settings, max_concurrency=max_concurrency)
+
+    def platform(self) -> FalPlatform:
+        """The Platform API client (the domain's platform_factory)."""
+        return FalPlatform.from_settings(self._settings)
 
 
-class EnvResource(ConfigurableResource):
-    """A resource whose fields are listed in `ENV` with the variable each comes from."""
+def fal_connection() -> dg.ResourceDefinition:
+    """The `fal` resource: the run's environment read when it starts (a bad value is one
+    line naming its variable)."""
 
-    ENV: ClassVar[dict[str, dg.EnvVar]] = {}
+    def build(_context: dg.InitResourceContext) -> FalConnection:
+        from renderqueue_pipeline.settings import load_settings
 
-    @classmethod
-    def from_settings(cls: type[R], settings: Settings) -> R:
-        """The resource as the environment in `settings` configures it (tests, the demo)."""
-        return from_settings(cls, settings, **cls.ENV)
+        return FalConnection(load_settings())
 
-    @classmethod
-    def definition(cls, description: str) -> dg.ResourceDefinition:
-        """The resource for the code location: its `ENV` read when a run starts."""
-        return from_env(cls, description, **cls.ENV)
+    return dg.ResourceDefinition(
+        resource_fn=build,
+        config_schema={},
+        description="fal's queue and Platform APIs (FAL_KEY, FAL_ADMIN_KEY, "
+        "RENDERQUEUE_WEBHOOK_URL, RENDERQUEUE_FAL_*)",
+    )
 
 
 def env_resources() -> Mapping[str, Any]:
     """The code location's resources, each field from its environment variable."""
-    from renderqueue_pipeline.defs.alerts.resources import AlertsResource
-    from renderqueue_pipeline.defs.archive.resources import ArchiveResource
-    from renderqueue_pipeline.defs.batch.resources import PromptsInbox
-    from renderqueue_pipeline.defs.reports.resources import ReportStorage
-    from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
 
     return {
-        "ledger": from_env(LedgerDatabase, "The ledger's Postgres", url=dg.EnvVar("DATABASE_URL")),
+        "ledger": from_env(
+            LedgerDatabase, "The ledger's Postgres and default budget", **LedgerDatabase.ENV
+        ),
         "prompts_inbox": from_env(
             PromptsInbox, "The prompts inbox", url=dg.EnvVar("RENDERQUEUE_PROMPTS_URL")
         ),
@@ -105,7 +143,10 @@ def env_resources() -> Mapping[str, Any]:
             key=dg.EnvVar("FAL_KEY"),
             api_url=dg.EnvVar("RENDERQUEUE_FAL_API_URL"),
         ),
-        "archive": ArchiveResource.definition("The archive"),
-        "alerts": AlertsResource.definition("Where alerts go"),
-        "billing_check": BillingCheckResource.definition("The billing check's limits"),
+        "fal": fal_connection(),
+        "archive": from_env(ArchiveResource, "The archive", **ArchiveResource.ENV),
+        "alerts": from_env(AlertsResource, "Where alerts go", **AlertsResource.ENV),
+        "billing_check": from_env(
+            BillingCheckResource, "The billing check's limits", **BillingCheckResource.ENV
+        ),
     }

@@ -22,6 +22,7 @@ from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import BudgetExceeded, LedgerInputError, SubmissionInProgress
 from renderqueue_pipeline.redact import redact
+from renderqueue_pipeline.settings import Settings
 
 EventKind = Literal["in_progress", "completed", "failed", "canceled"]
 EventSource = Literal["webhook", "reconcile", "api"]
@@ -29,6 +30,13 @@ EventOutcome = Literal["applied", "duplicate", "stale", "conflict", "waiting"]
 
 _BIGINT_MAX = 2**63 - 1
 APPLY_CHUNK = 200  # waiting events per transaction: a few hundred locks at most
+
+# What a caller that passes nothing gets: the settings' defaults, read from their one
+# definition (settings.py); entry points pass the configured values down.
+_DEFAULTS = Settings.model_fields
+DEFAULT_LEASE_SECONDS: float = _DEFAULTS["submit_lease_seconds"].default
+DEFAULT_WAIT_SECONDS: float = _DEFAULTS["submit_wait_seconds"].default
+DEFAULT_EVENT_RETENTION = timedelta(days=_DEFAULTS["event_retention_days"].default)
 
 
 @dataclass(frozen=True)
@@ -191,12 +199,9 @@ def record_intent(
 
 
 def lease_interval(seconds: float | None = None) -> timedelta:
-    """A sender's lease (default RENDERQUEUE_SUBMIT_LEASE_SECONDS) as an interval."""
-    if seconds is None:
-        from renderqueue_pipeline.settings import get_settings
-
-        seconds = get_settings().submit_lease_seconds
-    return timedelta(seconds=seconds)
+    """A sender's lease as an interval; None: RENDERQUEUE_SUBMIT_LEASE_SECONDS' default
+    (entry points read the setting and pass it down)."""
+    return timedelta(seconds=DEFAULT_LEASE_SECONDS if seconds is None else seconds)
 
 
 def claim_for_send(
@@ -316,14 +321,12 @@ def begin_submission(
     of users without a `user_budgets` row; over it raises BudgetExceeded and leaves no
     item). A later caller of the same key never calls fal: it gets the recorded request
     id (the returned intent carries it), waits up to `wait_seconds` (default
-    RENDERQUEUE_SUBMIT_WAIT_SECONDS) for an in-flight first caller's outcome, or raises
+    RENDERQUEUE_SUBMIT_WAIT_SECONDS' default) for an in-flight first caller's outcome, or raises
     SubmissionInProgress; an item left pending by a sender that stopped is the
     reconciler's, never resent. A `rejected` or `unknown` item raises LedgerInputError.
     """
-    from renderqueue_pipeline.settings import get_settings
-
     if wait_seconds is None:
-        wait_seconds = get_settings().submit_wait_seconds
+        wait_seconds = DEFAULT_WAIT_SECONDS
     deadline = time.monotonic() + wait_seconds
     claimer = f"api:{uuid.uuid4()}"
     with conn.transaction():
@@ -642,13 +645,12 @@ def withdraw_cancel_intent(conn: LedgerConnection, intent: CancelIntent) -> bool
 def expire_waiting_events(conn: LedgerConnection, retention: timedelta | None = None) -> int:
     """Mark events that waited longer than `retention` for a row that never came; commit.
 
-    Default retention: RENDERQUEUE_EVENT_RETENTION_DAYS (7 days). The events are kept
+    Default retention: RENDERQUEUE_EVENT_RETENTION_DAYS' default (7 days; the reconciler
+    passes the setting: `ReconcileOptions.event_retention`). The events are kept
     (and still applied should their row appear); returns how many were newly marked.
     """
     if retention is None:
-        from renderqueue_pipeline.settings import get_settings
-
-        retention = timedelta(days=get_settings().event_retention_days)
+        retention = DEFAULT_EVENT_RETENTION
     with conn.transaction():
         found = conn.execute(q("expire_waiting_events"), {"retention": retention}).fetchone()
     return int(_first(found))

@@ -64,7 +64,7 @@ from renderqueue_pipeline.ledger import (
     record_events,
     withdraw_cancel_intent,
 )
-from renderqueue_pipeline.ledger.core import EventKind
+from renderqueue_pipeline.ledger.core import DEFAULT_EVENT_RETENTION, EventKind
 from renderqueue_pipeline.reconcile.adopt import (
     AdoptReport,
     adopt_fal_requests,
@@ -91,6 +91,8 @@ class ReconcileOptions:
     adopt: str = "auto"
     adopt_lookback: timedelta = timedelta(hours=1)
     adopt_first_window: timedelta = timedelta(hours=24)
+    #: events waiting longer than this for their row are marked expired
+    event_retention: timedelta = DEFAULT_EVENT_RETENTION
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -113,6 +115,7 @@ class ReconcileOptions:
             adopt=s.reconcile_adopt,
             adopt_lookback=timedelta(minutes=s.reconcile_adopt_lookback_minutes),
             adopt_first_window=timedelta(hours=s.reconcile_adopt_window_hours),
+            event_retention=timedelta(days=s.event_retention_days),
         )
         return replace(options, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -529,15 +532,17 @@ def adopt_step(
         skipped = None  # a client given explicitly: read its list
     if skipped is not None:
         return AdoptReport(skipped=skipped)
+    settings = get_settings()
     try:
-        with (platform_factory or FalPlatform.from_settings)() as platform:
+        factory = platform_factory or (lambda: FalPlatform.from_settings(settings))
+        with factory() as platform:
             return adopt_fal_requests(
                 conn,
                 platform,
                 lookback=options.adopt_lookback,
                 first_window=options.adopt_first_window,
                 now=now,
-                object_lifetime=get_settings().fal_object_lifetime,
+                object_lifetime=settings.fal_object_lifetime,
             )
     except FalPlatformError as exc:
         log.warning("reconcile: fal's request list could not be read: %s", exc)
@@ -560,6 +565,12 @@ async def cancel_duplicates(conn: LedgerConnection, fal: FalGateway, report: Ado
             report.duplicates_cancel_requested += 1
 
 
+def _default_gateway(concurrency: int) -> FalGateway:
+    from renderqueue_pipeline.settings import get_settings
+
+    return FalGateway.from_settings(get_settings(), max_concurrency=concurrency)
+
+
 def reconcile(
     conn: LedgerConnection,
     options: ReconcileOptions | None = None,
@@ -577,7 +588,7 @@ def reconcile(
     report = ReconcileReport()
     started = time.monotonic()
 
-    applied = apply_waiting_events(conn)
+    applied = apply_waiting_events(conn, retention=options.event_retention)
     report.waiting_events_applied = sum(
         n for outcome, n in applied.items() if outcome not in ("waiting", "expired", "error")
     )
@@ -589,7 +600,7 @@ def reconcile(
     report.examined = len(rows)
     cancel = report.adoption.skipped is None
     if rows or cancel:
-        factory = gateway_factory or (lambda n: FalGateway.from_settings(max_concurrency=n))
+        factory = gateway_factory or _default_gateway
 
         async def run() -> None:
             async with factory(options.concurrency) as fal:

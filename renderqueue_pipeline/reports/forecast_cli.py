@@ -44,11 +44,14 @@ def records(forecast: Forecast) -> list[dict]:
 
 def print_forecast(month: date, fmt: str) -> None:
     """Compute the month's forecast as of the ledger's clock and print it."""
-    from renderqueue_pipeline.batch.budget import default_limit_micros
+    from renderqueue_pipeline.batch.budget import default_limit_from
     from renderqueue_pipeline.db.connect import connect
+    from renderqueue_pipeline.settings import get_settings
 
     with connect() as conn:
-        forecast = forecast_month(conn, month, default_budget_micros=default_limit_micros())
+        forecast = forecast_month(
+            conn, month, default_budget_micros=default_limit_from(get_settings())
+        )
     if fmt == "json":
         click.echo(json.dumps(records(forecast), indent=2))
         return

@@ -131,11 +131,12 @@ def prices() -> None:
     from renderqueue_pipeline.db.migrate import migrate
     from renderqueue_pipeline.db.server import database_url
     from renderqueue_pipeline.fal_platform import FalPlatform
+    from renderqueue_pipeline.settings import get_settings
     from renderqueue_pipeline.spend import sync_prices
 
     url = database_url()
     migrate(url)
-    with connect(url) as conn, FalPlatform.from_settings() as platform:
+    with connect(url) as conn, FalPlatform.from_settings(get_settings()) as platform:
         result = sync_prices(conn, platform)
     click.echo(f"checked {len(result.checked)} endpoints; unchanged {len(result.unchanged)}")
     for row in result.added_rows:

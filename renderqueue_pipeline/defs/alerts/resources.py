@@ -7,7 +7,7 @@ from typing import ClassVar
 import dagster as dg
 from pydantic import Field
 
-from renderqueue_pipeline.defs.resources import EnvResource
+from renderqueue_pipeline.defs.env_resource import EnvResource
 from renderqueue_pipeline.settings import parse_alert_percents
 
 

@@ -21,7 +21,10 @@ def budget_alert_sensor(
 ):
     with ledger.connect() as conn:
         run = evaluate_budget_alerts(
-            conn, url=alerts.webhook_url, default_percents=alerts.default_percents()
+            conn,
+            url=alerts.webhook_url,
+            default_percents=alerts.default_percents(),
+            default_limit=ledger.default_limit_micros(),
         )
     for outcome in run.sent:
         context.log.info(f"sent: {outcome.text}")

@@ -6,7 +6,7 @@ from renderqueue_pipeline.archive import run_archive
 from renderqueue_pipeline.defs.archive.resources import ArchiveResource
 from renderqueue_pipeline.defs.batch.assets import fal_requests
 from renderqueue_pipeline.defs.ledger.assets import generations
-from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.resources import FalConnection, LedgerDatabase
 
 
 class ArchiveRunConfig(dg.Config):
@@ -27,8 +27,9 @@ def archived_outputs(
     config: ArchiveRunConfig,
     ledger: LedgerDatabase,
     archive: ArchiveResource,
+    fal: dg.ResourceParam[FalConnection],
 ) -> dg.MaterializeResult:
-    report = run_archive(ledger.connect, archive.setup(limit=config.limit))
+    report = run_archive(ledger.connect, archive.setup(limit=config.limit), fal_gateway=fal.gateway)
     summary = report.as_dict()
     context.log.info(f"archive run: {summary}")
     return dg.MaterializeResult(

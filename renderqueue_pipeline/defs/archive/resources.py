@@ -7,7 +7,7 @@ from typing import ClassVar
 import dagster as dg
 
 from renderqueue_pipeline.archive import ArchiveOptions, ArchiveSetup, ArchiveStorage, fetch_policy
-from renderqueue_pipeline.defs.resources import EnvResource
+from renderqueue_pipeline.defs.env_resource import EnvResource
 
 
 class ArchiveResource(EnvResource):

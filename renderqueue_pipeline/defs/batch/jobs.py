@@ -17,7 +17,7 @@ from renderqueue_pipeline.batch import (
 )
 from renderqueue_pipeline.batch.inbox import in_inbox
 from renderqueue_pipeline.defs.batch.resources import PromptsInbox
-from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.resources import FalConnection, LedgerDatabase
 from renderqueue_pipeline.defs.shared import FAL_API_POOL, domain_tags
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.redact import redact
@@ -119,6 +119,7 @@ def submit_prompts_file(
     config: SubmitBatchConfig,
     ledger: LedgerDatabase,
     prompts_inbox: PromptsInbox,
+    fal: dg.ResourceParam[FalConnection],
 ) -> int:
     """Submit the file's good rows to fal; rejected rows are recorded with their reasons."""
     try:
@@ -129,6 +130,8 @@ def submit_prompts_file(
             log=context.log.info,
             allow_local=False,  # the launchpad may name only the inbox and allowed prefixes
             allowed_prefixes=[prompts_inbox.resolved_url()],
+            gateway_factory=fal.gateway,
+            platform_factory=fal.platform,
         )
     except PromptFileError as exc:
         raise dg.Failure(description=redact(exc), allow_retries=False) from None
@@ -172,12 +175,18 @@ class CancelBatchConfig(dg.Config):
 
 @dg.op(name="cancel_batch_requests", pool=FAL_API_POOL, tags=BATCH_TAGS)
 def cancel_batch_requests(
-    context: dg.OpExecutionContext, config: CancelBatchConfig, ledger: LedgerDatabase
+    context: dg.OpExecutionContext,
+    config: CancelBatchConfig,
+    ledger: LedgerDatabase,
+    fal: dg.ResourceParam[FalConnection],
 ) -> int:
     """Stop the batch and ask fal to cancel its queued and running requests."""
     try:
         result = cancel_batch_now(
-            config.batch_id, ledger_url=ledger.resolved_url(), log=context.log.info
+            config.batch_id,
+            ledger_url=ledger.resolved_url(),
+            log=context.log.info,
+            gateway_factory=fal.gateway,
         )
     except RenderqueueError as exc:
         raise dg.Failure(description=redact(exc), allow_retries=False) from None

@@ -6,7 +6,7 @@ from datetime import timedelta
 import dagster as dg
 from pydantic import Field
 
-from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.defs.resources import FalConnection, LedgerDatabase
 from renderqueue_pipeline.defs.shared import FAL_API_POOL, domain_tags
 from renderqueue_pipeline.reconcile import ReconcileOptions, reconcile
 
@@ -42,7 +42,10 @@ class ReconcileConfig(dg.Config):
 
 @dg.op(pool=FAL_API_POOL)
 def reconcile_open_rows(
-    context: dg.OpExecutionContext, config: ReconcileConfig, ledger: LedgerDatabase
+    context: dg.OpExecutionContext,
+    config: ReconcileConfig,
+    ledger: LedgerDatabase,
+    fal: dg.ResourceParam[FalConnection],
 ) -> dict:
     """Ask fal about rows whose webhook never came (or came empty) and record its answers."""
     last = [time.monotonic()]
@@ -57,7 +60,8 @@ def reconcile_open_rows(
             context.log.info(f"{done}/{total} rows, {rate:.0f} rows/s, ETA {eta:.0f} s")
 
     with ledger.connect() as conn:
-        report = reconcile(conn, config.options(), progress=progress)
+        # the Platform API client stays the reconciler's choice (`adopt`): only the gateway
+        report = reconcile(conn, config.options(), gateway_factory=fal.gateway, progress=progress)
     figures = report.figures()
     metadata: dict[str, dg.RawMetadataValue] = {
         name: dg.MetadataValue.float(value) if isinstance(value, float) else value

@@ -90,10 +90,8 @@ def budget_check(forecast: Forecast) -> dg.AssetCheckResult:
 def spend_forecast(ledger: LedgerDatabase) -> dg.MaterializeResult:
     """The current UTC month: month-to-date spend plus the last 7 days' daily rate for the
     days left, by user (beside the budget) and by endpoint (docs/reports.md)."""
-    from renderqueue_pipeline.batch.budget import default_limit_micros
-
     with ledger.connect() as conn:
-        forecast = forecast_month(conn, default_budget_micros=default_limit_micros())
+        forecast = forecast_month(conn, default_budget_micros=ledger.default_limit_micros())
     return dg.MaterializeResult(
         metadata=forecast_metadata(forecast), check_results=[budget_check(forecast)]
     )
