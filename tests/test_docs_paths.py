@@ -39,7 +39,13 @@ PATH = re.compile(r"(?<![\w./$:@~-])((?:[A-Za-z0-9_.-]+/)+[A-Za-z0-9_.*-]*)")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 MODULE = re.compile(r"\brenderqueue_pipeline(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
 SQL_CALL = re.compile(r"\b(rq_[a-z0-9_]+)\(")
-SYMBOL_IN_FILE = re.compile(r"`([A-Za-z_][A-Za-z0-9_]*)(?:\(\))?` in `([^`\s]+\.(?:py|sql))`")
+#: "`rq_next` in `sql/functions/ledger.sql`" or "`refresh_month` (`reports/spend.py`)".
+SYMBOL_IN_FILE = re.compile(
+    r"`([A-Za-z_][A-Za-z0-9_]*)(?:\(\))?`"
+    r"(?: in `([^`\s]+\.(?:py|sql))`| \(`([^`\s]+\.(?:py|sql))`\))"
+)
+#: SQL types a doc may place beside the file that uses them: not definitions.
+SQL_TYPES = {"bigint", "integer", "numeric", "text", "jsonb", "date", "timestamptz", "interval"}
 TEST_ID = re.compile(r"\b(tests/[A-Za-z0-9_/]+\.py)::([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -184,7 +190,10 @@ def test_every_sql_function_a_doc_calls_has_one_definition(doc: Path) -> None:
 def test_a_doc_that_says_where_a_name_is_defined_is_right(doc: Path) -> None:
     """ "`rq_next` in `sql/functions/ledger.sql`", "tests/x.py::test_y": the file defines it."""
     wrong = []
-    for symbol, name in SYMBOL_IN_FILE.findall(doc.read_text()):
+    for symbol, in_name, beside_name in SYMBOL_IN_FILE.findall(doc.read_text()):
+        if symbol in SQL_TYPES:
+            continue
+        name = in_name or beside_name
         path = _resolve(name)
         if path is None or not path.is_file() or not defines(path, symbol):
             wrong.append(f"{symbol} in {name}")
