@@ -7,6 +7,7 @@ naming the document and the stale name, so a move that leaves a doc behind shows
 
 from __future__ import annotations
 
+import ast
 import importlib
 import re
 from pathlib import Path
@@ -234,3 +235,95 @@ def test_the_architecture_page_names_the_one_place_of_each_rule() -> None:
     ]:
         assert rule in rows, f"no row for {rule!r} in the rule table"
         assert named_paths(rows[rule]), f"the row for {rule!r} names no file"
+
+
+def floors() -> list[tuple[str, set[str]]]:
+    """The floors of docs/architecture.md, top first: each with the modules it names."""
+    table = ARCHITECTURE.read_text().split("## The floors", 1)[1].split("\n## ", 1)[0]
+    found = []
+    for line in table.splitlines():
+        cells = line.split("|")
+        if not line.startswith("|") or len(cells) < 5 or set(cells[1].strip()) <= {"-"}:
+            continue
+        modules = {
+            p.removeprefix("renderqueue_pipeline/").removesuffix(".py").strip("/").replace("/", ".")
+            for p in named_paths(cells[3])
+            if p.startswith("renderqueue_pipeline/")
+        }
+        if modules:
+            found.append((cells[1].strip(), modules))
+    return found
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Each module of the package and the package modules it imports (anywhere in it)."""
+    imports = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            targets |= {
+                n.removeprefix("renderqueue_pipeline.")
+                for n in names
+                if n.startswith("renderqueue_pipeline.")
+            }
+        imports[module] = targets
+    return imports
+
+
+def floor_of(module: str, levels: list[tuple[str, set[str]]]) -> int | None:
+    """The floor whose longest named prefix holds `module` (a file beats its folder)."""
+    holders = [
+        (len(prefix), index)
+        for index, (_, prefixes) in enumerate(levels)
+        for prefix in prefixes
+        if module == prefix or module.startswith(prefix + ".")
+    ]
+    return max(holders)[1] if holders else None
+
+
+#: Beside the floors (docs/architecture.md): the fal stand-in and the sample data.
+BESIDE = ("simulator", "demo_data")
+
+
+def test_every_module_stands_on_a_floor_the_architecture_page_names() -> None:
+    levels = floors()
+    assert [name for name, _ in levels] == [
+        "entry points",
+        "Dagster definitions",
+        "domains",
+        "core",
+        "ground",
+    ]
+    homeless = [
+        m
+        for m in package_imports()
+        if m and not m.startswith(BESIDE) and floor_of(m, levels) is None
+    ]
+    assert not homeless, f"modules on no floor of docs/architecture.md: {homeless}"
+
+
+def test_imports_point_down_the_floors() -> None:
+    """A floor imports from its own floor and the ones below; the simulator only from the
+    entry points (the product reaches it through the environment)."""
+    levels = floors()
+    upward = []
+    for module, targets in package_imports().items():
+        if not module or module.startswith(BESIDE):
+            continue
+        mine = floor_of(module, levels)
+        for target in targets:
+            if target.startswith("simulator"):
+                if mine != 0:
+                    upward.append(f"{module} -> {target}")
+                continue
+            theirs = floor_of(target, levels)
+            if mine is not None and theirs is not None and theirs < mine:
+                upward.append(f"{module} ({levels[mine][0]}) -> {target} ({levels[theirs][0]})")
+    assert not upward, f"imports that point up the floors: {sorted(upward)}"
