@@ -132,7 +132,9 @@ def _sensor_requests(defs: Any, instance: Any) -> list[Any]:
     cursor = None
     for _ in range(3):
         with dg.build_sensor_context(
-            instance=instance, cursor=cursor, resources={"prompts_inbox": PromptsInbox()}
+            instance=instance,
+            cursor=cursor,
+            resources={"prompts_inbox": PromptsInbox(url=get_settings().prompts)},
         ) as context:
             result = sensor(context)
         cursor = result.cursor
@@ -314,12 +316,12 @@ def _tick_budget_alerts(defs: Any, instance: Any, console: Console) -> None:
     """One tick of the budget alert sensor (the daemon's, run here): thresholds crossed."""
     import dagster as dg
 
+    from renderqueue_pipeline.defs.alerts.resources import AlertsResource
     from renderqueue_pipeline.defs.resources import LedgerDatabase
 
     sensor = defs.resolve_sensor_def("budget_alert_sensor")
-    with dg.build_sensor_context(
-        instance=instance, resources={"ledger": LedgerDatabase()}
-    ) as context:
+    resources = {"ledger": LedgerDatabase(), "alerts": AlertsResource.from_settings(get_settings())}
+    with dg.build_sensor_context(instance=instance, resources=resources) as context:
         result = sensor(context)
     console.print(f"  {getattr(result, 'skip_message', result)}", soft_wrap=True)
 

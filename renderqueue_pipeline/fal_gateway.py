@@ -61,6 +61,7 @@ from tenacity import (
 )
 
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.fal_defaults import FAL_OBJECT_LIFETIME, FAL_REST_URL
 
 if TYPE_CHECKING:
     import fal_client
@@ -81,7 +82,6 @@ MAX_TAG_VALUE = 256
 MAX_TAGS_BYTES = 1024
 RESERVED_TAG_PREFIX = "fal."
 _TAG_KEY = re.compile(r"[A-Za-z0-9_.:-]+")
-DEFAULT_OBJECT_LIFETIME = 7 * 86400.0
 _UNSET: Any = object()
 
 
@@ -387,8 +387,8 @@ class FalGateway:
         timeout: float = 120.0,
         default_webhook_url: str | None = None,
         start_timeouts: Mapping[str, float] | None = None,
-        object_lifetime: float | None = DEFAULT_OBJECT_LIFETIME,
-        rest_url: str = "https://rest.alpha.fal.ai",
+        object_lifetime: float | None = FAL_OBJECT_LIFETIME,
+        rest_url: str = FAL_REST_URL,
         admin_key: str | None = _UNSET,
     ) -> None:
         import fal_client as _fal_client  # lazily: it freezes FAL_QUEUE_RUN_HOST on import

@@ -10,8 +10,9 @@ import pytest
 from archive_helpers import Behaviour, completed_row, media_server, row, video
 from spend_helpers import fal_billing, platform_server, settle, submit, window
 
-from renderqueue_pipeline.archive import run_archive
+from renderqueue_pipeline.archive import ArchiveSetup, run_archive
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.settings import load_settings
 from renderqueue_pipeline.spend import apply_billed, load_billing_events, reconcile_range
 
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
@@ -50,7 +51,7 @@ def test_an_auto_clip_is_priced_from_the_length_of_its_archived_file(
     before = row(conn, rid)
     assert (before["cost_basis"], before["billed_seconds"]) == ("requested", 15)
 
-    report = run_archive(lambda: connect(ledger_url))
+    report = run_archive(lambda: connect(ledger_url), ArchiveSetup.from_settings(load_settings()))
     assert report.archived == 1 and report.outcomes[0].priced == "measured"
 
     after = row(conn, rid)
@@ -82,7 +83,7 @@ def test_a_billed_clip_keeps_fals_figure_when_its_length_is_measured_later(
     billed = row(conn, rid)
     assert (billed["cost_basis"], billed["computed_cost_basis"]) == ("billed", "requested")
 
-    report = run_archive(lambda: connect(ledger_url))
+    report = run_archive(lambda: connect(ledger_url), ArchiveSetup.from_settings(load_settings()))
     assert report.archived == 1 and report.outcomes[0].priced == "billed"
     after = row(conn, rid)
     # fal's figure stands; ours beside it is now the measured one, equal to fal's

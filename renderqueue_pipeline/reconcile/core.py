@@ -501,11 +501,11 @@ def _adoption_wanted(options: ReconcileOptions) -> str | None:
         return "RENDERQUEUE_RECONCILE_ADOPT=off"
     if options.adopt == "on":
         return None
-    from renderqueue_pipeline.fal_platform import DEFAULT_API_URL
+    from renderqueue_pipeline.fal_defaults import FAL_API_URL
     from renderqueue_pipeline.settings import get_settings
 
     settings = get_settings()
-    if settings.fal_admin_key is None and settings.fal_api_url.rstrip("/") == DEFAULT_API_URL:
+    if settings.fal_admin_key is None and settings.fal_api_url.rstrip("/") == FAL_API_URL:
         return "no FAL_ADMIN_KEY and no RENDERQUEUE_FAL_API_URL: fal's request list not read"
     return None
 
