@@ -1,12 +1,14 @@
 """Fixtures and helpers of the spend tests: the simulator's Platform API and real submits.
 
-Import the fixtures into a test module (`from spend_helpers import fal_billing, ...`).
+Registered as a pytest plugin in tests/conftest.py: tests name `fal_billing` or `platform_server`
+as a parameter and import only the plain helpers (`submit`, `settle`, `ADMIN_KEY`, ...).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -89,7 +91,10 @@ def fal_billing(
     engine = fal_sim.server.app.state.engine
     if book.record_completion not in engine.finish_listeners:
         attach(engine, book)
-    control = httpx.Client(base_url=platform_server.base_url, verify=str(fal_sim.ca_bundle))
+    control = httpx.Client(
+        base_url=platform_server.base_url,
+        verify=ssl.create_default_context(cafile=fal_sim.ca_bundle),
+    )
     try:
         yield FalBilling(platform_server, fal_sim, control)
     finally:

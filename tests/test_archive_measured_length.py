@@ -1,6 +1,5 @@
 """An "auto" clip priced from the length its archived file states (issue 21, part 4)."""
 
-# ruff: noqa: F401, F811  (pytest fixtures imported from spend_helpers)
 from __future__ import annotations
 
 from decimal import Decimal
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from archive_helpers import Behaviour, completed_row, media_server, row, video
-from spend_helpers import fal_billing, platform_server, settle, submit, window
+from spend_helpers import settle, submit, window
 
 from renderqueue_pipeline.archive import ArchiveSetup, run_archive
 from renderqueue_pipeline.db.connect import connect

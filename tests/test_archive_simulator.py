@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 from pathlib import Path
 
 import httpx
@@ -44,7 +45,9 @@ def _complete(ledger_url: str, fal_sim: RunningSimulator, lifetimes: list[float 
 
 
 def _cdn_status(fal_sim: RunningSimulator, url: str) -> int:
-    return httpx.head(url, verify=str(fal_sim.ca_bundle), timeout=10).status_code
+    return httpx.head(
+        url, verify=ssl.create_default_context(cafile=fal_sim.ca_bundle), timeout=10
+    ).status_code
 
 
 @pytest.fixture
@@ -72,7 +75,11 @@ def test_outputs_from_the_simulators_cdn_are_archived_and_expired_ones_lost(
 
     kept_row = row(conn, kept)
     expected = hashlib.sha256(
-        httpx.get(kept_out["video"]["url"], verify=str(fal_sim.ca_bundle), timeout=30).content
+        httpx.get(
+            kept_out["video"]["url"],
+            verify=ssl.create_default_context(cafile=fal_sim.ca_bundle),
+            timeout=30,
+        ).content
     ).hexdigest()
     assert kept_row["archive_status"] == "archived"
     assert kept_row["archive_sha256"] == expected

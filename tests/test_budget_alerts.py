@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date
 
 import dagster as dg
@@ -21,7 +21,7 @@ from report_helpers import add_generation, utc
 from renderqueue_pipeline.alerts import evaluate_budget_alerts, set_alert_percents
 from renderqueue_pipeline.batch import set_budget
 from renderqueue_pipeline.db.connect import connect
-from renderqueue_pipeline.settings import ConfigError, get_settings, load_settings
+from renderqueue_pipeline.settings import ConfigError, load_settings
 
 NOW = "2026-11-15T12:00:00Z"
 MONTH = date(2026, 11, 1)
@@ -203,7 +203,10 @@ def test_per_user_alert_percents_replace_the_defaults(
 
 
 def test_the_cli_sets_alert_percents_and_prints_what_it_sent(
-    ledger: psycopg.Connection, ledger_env: str, monkeypatch: pytest.MonkeyPatch
+    ledger: psycopg.Connection,
+    ledger_env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    settings_env: Callable[..., None],
 ) -> None:
     from renderqueue_pipeline.cli import main
 
@@ -223,8 +226,7 @@ def test_the_cli_sets_alert_percents_and_prints_what_it_sent(
         "user 7: alerts at 50,90 % for 2026-11",
     ]
     with alert_receiver() as receiver:
-        monkeypatch.setenv("RENDERQUEUE_ALERT_WEBHOOK_URL", receiver.url)
-        get_settings.cache_clear()
+        settings_env(RENDERQUEUE_ALERT_WEBHOOK_URL=receiver.url)
         result = runner.invoke(main, ["budget", "alerts"])
         assert result.exit_code == 0, result.output
         assert result.output.splitlines()[0] == (
@@ -235,7 +237,6 @@ def test_the_cli_sets_alert_percents_and_prints_what_it_sent(
             "no new threshold crossed\n"
         )
     assert len(receiver.requests) == 1
-    get_settings.cache_clear()
 
 
 def test_a_bad_alert_webhook_url_is_named_without_echoing_it(
@@ -258,6 +259,7 @@ def test_the_budget_alert_sensor_sends_once_on_a_real_instance(
     ledger_env: str,
     dagster_storage: str,
     monkeypatch: pytest.MonkeyPatch,
+    settings_env: Callable[..., None],
 ) -> None:
     from batch_helpers import dagster_instance
 
@@ -269,8 +271,7 @@ def test_the_budget_alert_sensor_sends_once_on_a_real_instance(
     set_budget(ledger, 7, 10 * USD, MONTH)
     spend(ledger, 7, 5 * USD)
     with alert_receiver() as receiver, dagster_instance(dagster_storage) as instance:
-        monkeypatch.setenv("RENDERQUEUE_ALERT_WEBHOOK_URL", receiver.url)
-        get_settings.cache_clear()
+        settings_env(RENDERQUEUE_ALERT_WEBHOOK_URL=receiver.url)
         resources = {
             "ledger": LedgerDatabase(url=ledger_env),
             "alerts": AlertsResource.from_settings(load_settings()),
@@ -283,11 +284,10 @@ def test_the_budget_alert_sensor_sends_once_on_a_real_instance(
     assert first.skip_message == "2026-11: 1 users with a budget checked; sent user 7 50%"
     assert second.skip_message == "2026-11: 1 users with a budget checked; no new threshold crossed"
     assert len(receiver.requests) == 1
-    get_settings.cache_clear()
 
 
 def test_a_failed_run_of_our_job_is_posted_to_the_alert_webhook(
-    ledger_env: str, dagster_storage: str, monkeypatch: pytest.MonkeyPatch
+    ledger_env: str, dagster_storage: str, settings_env: Callable[..., None]
 ) -> None:
     from batch_helpers import dagster_instance
 
@@ -300,8 +300,7 @@ def test_a_failed_run_of_our_job_is_posted_to_the_alert_webhook(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with alert_receiver() as receiver, dagster_instance(dagster_storage) as instance:
-        monkeypatch.setenv("RENDERQUEUE_ALERT_WEBHOOK_URL", receiver.url)
-        get_settings.cache_clear()
+        settings_env(RENDERQUEUE_ALERT_WEBHOOK_URL=receiver.url)
         result = ledger_status_job.execute_in_process(
             instance=instance,
             resources={"ledger": LedgerDatabase(url=f"postgresql://rq@127.0.0.1:{port}/none")},
@@ -322,4 +321,3 @@ def test_a_failed_run_of_our_job_is_posted_to_the_alert_webhook(
     )
     fields = {f["title"]: f["value"] for f in body["attachments"][0]["fields"]}
     assert fields == {"Job": "ledger_status_job", "Run": result.run_id}
-    get_settings.cache_clear()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import ssl
 import threading
 import time
 import uuid
@@ -50,7 +51,7 @@ from hypothesis.stateful import (
 )
 from psycopg import sql
 from psycopg.rows import dict_row
-from spend_helpers import ADMIN_KEY, SPEND_TABLES, platform_server  # noqa: F401 (fixture)
+from spend_helpers import ADMIN_KEY, SPEND_TABLES
 from starlette.testclient import TestClient
 
 from renderqueue_pipeline.db.migrate import migrate
@@ -323,7 +324,7 @@ def env(
     make_database: Callable[[], str],
     admin_url: str,
     fal_simulator: RunningSimulator,
-    platform_server: PlatformServer,  # noqa: F811
+    platform_server: PlatformServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Env]:
     """A migrated database of this module's own (its clock is set per database), the
@@ -339,7 +340,10 @@ def env(
     engine.finish_listeners[:] = [
         f for f in listeners[0] if getattr(f, "__self__", None) is not platform_server.book
     ]
-    billing = httpx.Client(base_url=platform_server.base_url, verify=str(fal_simulator.ca_bundle))
+    billing = httpx.Client(
+        base_url=platform_server.base_url,
+        verify=ssl.create_default_context(cafile=fal_simulator.ca_bundle),
+    )
     from renderqueue_pipeline.settings import get_settings
 
     with (
@@ -869,6 +873,7 @@ def _note(text: str) -> None:
 
 # a failing run shrinks its counterexample for minutes: more than the suite's 300 s default
 @pytest.mark.timeout(max(900, 30 * EXAMPLES))
+@pytest.mark.slow
 def test_money_invariants_hold_under_any_order_of_operations_across_month_ends(
     env: Env,
 ) -> None:

@@ -22,6 +22,8 @@ from rich.console import Console
 
 from renderqueue_pipeline.dev import running_stack, wait_for_run
 
+pytestmark = pytest.mark.e2e  # whole-product runs: `make test`, not `make test-fast`
+
 LOCATION_QUERY = """
 { workspaceOrError { __typename ... on Workspace { locationEntries {
     name loadStatus

@@ -1,24 +1,16 @@
 """fal's Platform APIs through our client, against the simulator: prices kept current,
 pagination, the 90-day cap, and a refused admin key."""
 
-# ruff: noqa: F401, F811  (pytest fixtures imported from spend_helpers)
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 import subprocess
 import sys
 
 import httpx
 import pytest
-from spend_helpers import (
-    ADMIN_KEY,
-    billed_month,
-    fal_billing,
-    platform_server,
-    settle,
-    submit,
-    window,
-)
+from spend_helpers import ADMIN_KEY, billed_month, settle, submit, window
 
 from renderqueue_pipeline.db.migrate import sql_dir
 from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformAuthError
@@ -260,6 +252,6 @@ def test_platform_api_needs_credentials(fal_billing) -> None:
     response = httpx.get(
         f"{fal_billing.api_url}/models/pricing",
         params={"endpoint_id": SEEDANCE},
-        verify=str(fal_billing.sim.ca_bundle),
+        verify=ssl.create_default_context(cafile=fal_billing.sim.ca_bundle),
     )
     assert response.status_code == 401

@@ -1,13 +1,12 @@
 """Reconciling the ledger with fal's bill, against the simulator's Platform API."""
 
-# ruff: noqa: F401, F811  (pytest fixtures imported from spend_helpers)
 from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
 
 import psycopg
-from spend_helpers import fal_billing, platform_server, settle, submit, window
+from spend_helpers import settle, submit, window
 
 from renderqueue_pipeline.ledger import LedgerEvent, record_event
 from renderqueue_pipeline.spend import (

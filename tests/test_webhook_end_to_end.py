@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import psycopg
+import pytest
 from ledger_helpers import SEEDANCE
 from webhook_helpers import serving
 
@@ -23,6 +24,8 @@ from renderqueue_pipeline.db.server import embedded_url, stop_embedded
 from renderqueue_pipeline.ledger import submit_generation
 from renderqueue_pipeline.simulator.testing import FAST_TEST_OPTIONS, RunningSimulator, wait_until
 from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
+
+pytestmark = pytest.mark.e2e  # whole-product runs: `make test`, not `make test-fast`
 
 PRICE_720P = 303_400  # micro-dollars per second, Seedance 2.0 at 720p
 
