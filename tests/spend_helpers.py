@@ -20,7 +20,8 @@ from conftest import LEDGER_TABLES
 
 from renderqueue_pipeline.fal_gateway import FalGateway, FalRejected
 from renderqueue_pipeline.fal_platform import FalPlatform
-from renderqueue_pipeline.ledger import LedgerEvent, asubmit_generation, record_events
+from renderqueue_pipeline.ledger import LedgerEvent, record_events
+from renderqueue_pipeline.ledger.core import _asubmit_generation
 from renderqueue_pipeline.simulator.platform import (
     BillingBook,
     BillingConfig,
@@ -114,7 +115,7 @@ def submit(conn: psycopg.Connection, endpoint: str, inputs: dict[str, Any]) -> s
             async def call(endpoint: str, inputs: dict) -> str:
                 return (await gateway.submit(endpoint, inputs)).request_id
 
-            return await asubmit_generation(
+            return await _asubmit_generation(
                 conn,
                 call,
                 user_id=11,

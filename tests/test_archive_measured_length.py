@@ -12,7 +12,7 @@ from spend_helpers import settle, submit, window
 from renderqueue_pipeline.archive import ArchiveSetup, run_archive
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.settings import load_settings
-from renderqueue_pipeline.spend import apply_billed, load_billing_events, reconcile_range
+from renderqueue_pipeline.spend import apply_billed, check_billing, load_billing_events
 
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
 AUTO = {"prompt": "a lighthouse at dusk", "duration": "auto"}
@@ -35,7 +35,7 @@ def reconcile_and_apply_bill(conn, fal_billing) -> object:
     start, end = window()
     with fal_billing.platform() as platform:
         load_billing_events(conn, platform, start, end)
-    result = reconcile_range(conn, start, end)
+    result = check_billing(conn, start, end)
     apply_billed(conn, start, end)
     return result
 

@@ -14,7 +14,8 @@ from archive_helpers import row
 from renderqueue_pipeline.archive import ArchiveSetup, archive_health, run_archive
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.fal_gateway import FalGateway
-from renderqueue_pipeline.ledger import LedgerEvent, asubmit_generation, record_event
+from renderqueue_pipeline.ledger import LedgerEvent, record_event
+from renderqueue_pipeline.ledger.core import _asubmit_generation
 from renderqueue_pipeline.settings import load_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator, wait_until
 
@@ -28,7 +29,7 @@ def _complete(ledger_url: str, fal_sim: RunningSimulator, lifetimes: list[float 
     async def one(lifetime: float | None) -> tuple[str, dict]:
         with connect(ledger_url) as conn:
             async with FalGateway(object_lifetime=lifetime, retry_initial=0.01) as fal:
-                rid = await asubmit_generation(
+                rid = await _asubmit_generation(
                     conn, fal.submit, user_id=3, endpoint=ENDPOINT, inputs=INPUTS
                 )
                 while not (await fal.status(ENDPOINT, rid)).done:

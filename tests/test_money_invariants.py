@@ -745,7 +745,7 @@ class MoneyMachine(RuleBasedStateMachine):
         """Load fal's billing events around a month (this one, or one fal billed in), apply
         fal's figures, and reconcile the month whole and split at the given days."""
         from renderqueue_pipeline.spend.billing import load_billing_events
-        from renderqueue_pipeline.spend.reconcile import apply_billed, reconcile_range, summarize
+        from renderqueue_pipeline.spend.billing_check import apply_billed, check_billing, summarize
 
         months = sorted(self.billed_months | {month_of(self.clock)})
         month = months[which % len(months)]
@@ -760,12 +760,12 @@ class MoneyMachine(RuleBasedStateMachine):
                 found = summarize(conn, start, end, largest=0)
                 return sum(o.fal_micros for o in found.outcomes.values())
 
-            reconcile_range(conn, start, end, now=self.clock)
+            check_billing(conn, start, end, now=self.clock)
             whole = fal_total()
             bounds = [start, *(start + dt.timedelta(days=d - 1) for d in sorted(cuts)), end]
             for a, b in zip(bounds, bounds[1:], strict=False):
                 if a < b:
-                    reconcile_range(conn, a, b, now=self.clock)
+                    check_billing(conn, a, b, now=self.clock)
             split = fal_total()
             expected = self.expected_fal_total(conn, month)
         check = {"month": f"{month:%Y-%m}", "expected": expected, "whole": whole, "split": split}

@@ -18,7 +18,8 @@ from ledger_helpers import SEEDANCE, submit_row
 from webhook_helpers import serving
 
 from renderqueue_pipeline.fal_gateway import FalGateway
-from renderqueue_pipeline.ledger import LedgerEvent, record_events, submit_generation
+from renderqueue_pipeline.ledger import LedgerEvent, record_events
+from renderqueue_pipeline.ledger.core import _submit_generation
 from renderqueue_pipeline.reconcile import ReconcileOptions, ReconcileReport, reconcile
 from renderqueue_pipeline.simulator.testing import FAST_TEST_OPTIONS, RunningSimulator, wait_until
 from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
@@ -37,7 +38,7 @@ def fal_submitter(webhook_url: str | None = None):
 def submit_many(conn: psycopg.Connection, count: int, webhook_url: str | None = None) -> list[str]:
     submit = fal_submitter(webhook_url)
     return [
-        submit_generation(
+        _submit_generation(
             conn,
             submit,
             user_id=i % 3,
@@ -379,7 +380,7 @@ def test_fals_504_user_timeout_is_a_terminal_failure(
     """A request not started within its start_timeout: fal answers its result with 504."""
     import asyncio
 
-    from renderqueue_pipeline.ledger import asubmit_generation
+    from renderqueue_pipeline.ledger.core import _asubmit_generation
 
     fal_sim.control.reset(
         seed=1, **{**FAST_TEST_OPTIONS, "queue_delay": "30", "webhook_drop_rate": 1.0}
@@ -391,7 +392,7 @@ def test_fals_504_user_timeout_is_a_terminal_failure(
             async def call(endpoint: str, inputs: dict) -> str:
                 return (await fal.submit(endpoint, inputs)).request_id
 
-            return await asubmit_generation(
+            return await _asubmit_generation(
                 conn,
                 call,
                 user_id=1,

@@ -15,7 +15,7 @@ from spend_helpers import ADMIN_KEY, billed_month, settle, submit, window
 from renderqueue_pipeline.db.migrate import sql_dir
 from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformAuthError
 from renderqueue_pipeline.simulator.platform import seed_prices
-from renderqueue_pipeline.spend import load_billing_events, reconcile_range, sync_prices
+from renderqueue_pipeline.spend import check_billing, load_billing_events, sync_prices
 
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
 KLING = "fal-ai/kling-video/v3/turbo/pro/text-to-video"
@@ -78,7 +78,7 @@ def test_a_price_change_at_fal_is_a_new_row_for_later_generations_only(
     start, end = window()
     with fal_billing.platform() as platform:
         load_billing_events(conn, platform, start, end)
-    result = reconcile_range(conn, start, end)
+    result = check_billing(conn, start, end)
     assert result.count("matched") == 2 and result.findings == 0
 
 

@@ -37,7 +37,7 @@ def _ledger_url() -> str:
 
 
 def _print_report(report) -> None:  # noqa: ANN001 - BatchReport, imported lazily
-    from renderqueue_pipeline.batch.budget import usd
+    from renderqueue_pipeline.money import usd
 
     click.echo(f"batch {report.batch_id}: {report.source}")
     click.echo(f"  status      {report.status}" + (f" ({report.error})" if report.error else ""))
@@ -211,10 +211,12 @@ def budget() -> None:
 def budget_set(user_id: int, amount: str | None, month: str | None, alerts: str | None) -> None:
     """Set a user's budget for a month, and/or its alert thresholds."""
     from renderqueue_pipeline.alerts import set_alert_percents
-    from renderqueue_pipeline.batch import parse_month, parse_usd, set_budget, usd
+    from renderqueue_pipeline.batch import parse_usd, set_budget
     from renderqueue_pipeline.batch.rows import parse_user_id
     from renderqueue_pipeline.db.connect import connect
     from renderqueue_pipeline.db.queries import q
+    from renderqueue_pipeline.money import usd
+    from renderqueue_pipeline.months import parse_month
     from renderqueue_pipeline.settings import parse_alert_percents
 
     try:
@@ -232,7 +234,11 @@ def budget_set(user_id: int, amount: str | None, month: str | None, alerts: str 
     micros = None if amount is None else parse_usd(amount, "--usd")
     with connect(_ledger_url()) as conn:
         # one month for both (the ledger clock's, rq_now, unless --month says)
-        target = parse_month(month) or conn.execute(q("alert_clock")).fetchone()["month"]
+        target = (
+            parse_month(month)
+            if month is not None
+            else conn.execute(q("alert_clock")).fetchone()["month"]
+        )
         if micros is not None:
             row = set_budget(conn, user_id, micros, target)
             click.echo(
@@ -276,12 +282,15 @@ def budget_alerts() -> None:
 @click.option("--month", help="YYYY-MM (default: the current UTC month).")
 def budget_show(user_id: int | None, month: str | None) -> None:
     """Budget, spent, in flight and remaining per user for a month."""
-    from renderqueue_pipeline.batch import budget_overview, parse_month, usd
+    from renderqueue_pipeline.batch import budget_overview
     from renderqueue_pipeline.batch.budget import default_limit_micros
     from renderqueue_pipeline.db.connect import connect
+    from renderqueue_pipeline.money import usd
+    from renderqueue_pipeline.months import parse_month
 
     with connect(_ledger_url()) as conn:
-        rows = budget_overview(conn, user_id, parse_month(month), default_limit_micros())
+        target = None if month is None else parse_month(month)
+        rows = budget_overview(conn, user_id, target, default_limit_micros())
     if not rows:
         click.echo("no budgets or spend this month")
         return

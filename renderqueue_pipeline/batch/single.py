@@ -31,18 +31,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from renderqueue_pipeline.batch.budget import default_limit_micros
+from renderqueue_pipeline.batch.fal_answers import is_definite_rejection
 from renderqueue_pipeline.batch.rows import PromptRow, RowDefaults, validate_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.errors import BudgetExceeded, LedgerInputError, SubmissionInProgress
 from renderqueue_pipeline.ledger import Intent, begin_submission, finish_submission, refresh_leases
 
 __all__ = ["BudgetExceeded", "SubmissionInProgress", "asubmit_prompt", "submit_prompt"]
-
-
-def _definite(exc: BaseException) -> bool:
-    from renderqueue_pipeline.fal_gateway import FalRequestError
-
-    return isinstance(exc, FalRequestError)
 
 
 def _record_intent(
@@ -129,7 +124,7 @@ async def asubmit_prompt(
 
     def finish() -> str:
         with connect(url, autocommit=True) as conn:
-            return finish_submission(conn, intent, outcome, _definite)
+            return finish_submission(conn, intent, outcome, is_definite_rejection)
 
     return await asyncio.to_thread(finish)
 

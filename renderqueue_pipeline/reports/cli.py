@@ -62,7 +62,7 @@ def report(month_text: str, by: str, fmt: str, forecast: bool) -> None:
     completed generations (micro-dollars, and cents rounded once), estimates of open ones.
     """
     from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.ledger.report import dollars
+    from renderqueue_pipeline.money import dollars
     from renderqueue_pipeline.reports.ledger_view import columns_for, month_from_ledger
 
     month = parse_month(month_text)

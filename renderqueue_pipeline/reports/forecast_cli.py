@@ -9,7 +9,7 @@ from datetime import date
 
 import click
 
-from renderqueue_pipeline.ledger.report import dollars
+from renderqueue_pipeline.money import dollars
 from renderqueue_pipeline.reports.forecast import Forecast, ForecastRow, forecast_month
 
 COLUMNS = [

@@ -51,21 +51,6 @@ def day_range(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
     return start, start + dt.timedelta(days=1)
 
 
-def month_range(month: str) -> tuple[dt.datetime, dt.datetime]:
-    """'2026-11' (or '2026-11-01') -> [first 00:00 UTC, next month's first 00:00 UTC)."""
-    from renderqueue_pipeline.reports.months import month_problem
-
-    try:
-        first = dt.datetime.strptime(month[:7], "%Y-%m").replace(tzinfo=dt.UTC)
-    except ValueError:
-        raise RenderqueueError(f"month: expected YYYY-MM (got {month!r})") from None
-    problem = month_problem(first.year, first.month)
-    if problem:
-        raise RenderqueueError(f"month: {problem} (got {month!r})")
-    following = (first + dt.timedelta(days=32)).replace(day=1)
-    return first, following
-
-
 def event_row(event: dict[str, Any]) -> tuple[Any, ...]:
     """One API record as a COPY row, values as fal sent them (Postgres parses and checks
     the numbers and the timestamp); a record missing a field is a clear error."""

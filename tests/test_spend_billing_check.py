@@ -11,8 +11,8 @@ from spend_helpers import settle, submit, window
 from renderqueue_pipeline.ledger import LedgerEvent, record_event
 from renderqueue_pipeline.spend import (
     apply_billed,
+    check_billing,
     load_billing_events,
-    reconcile_range,
     summarize,
 )
 
@@ -44,7 +44,7 @@ def reconcile(conn: psycopg.Connection, fal_billing, **options) -> object:
     start, end = window()
     with fal_billing.platform() as platform:
         load_billing_events(conn, platform, start, end)
-    result = reconcile_range(conn, start, end, **options)
+    result = check_billing(conn, start, end, **options)
     return result
 
 
