@@ -195,8 +195,11 @@ def test_a_doc_that_says_where_a_name_is_defined_is_right(doc: Path) -> None:
         if symbol in SQL_TYPES:
             continue
         name = in_name or beside_name
-        path = _resolve(name)
-        if path is None or not path.is_file() or not defines(path, symbol):
+        if "/" in name:
+            candidates = [p for p in [_resolve(name)] if p is not None and p.is_file()]
+        else:  # `billing.py` in a row about renderqueue_pipeline/spend/: any file so named
+            candidates = [*PACKAGE.rglob(name), *(ROOT / "sql").rglob(name)]
+        if not any(defines(path, symbol) for path in candidates):
             wrong.append(f"{symbol} in {name}")
     for name, test in TEST_ID.findall(doc.read_text()):
         path = ROOT / name
