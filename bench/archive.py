@@ -286,7 +286,7 @@ def _reset_archive(ledger: str) -> None:
 
 
 def _start_moto(home: Path) -> tuple[_Process, str]:
-    from renderqueue_pipeline.simulator.server import free_port
+    from renderqueue_pipeline.serving import free_port
 
     port = free_port()
     process = _Process(

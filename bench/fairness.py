@@ -117,11 +117,11 @@ def _batch(sim: Any, path: Path, ledger_url: str, singles: int) -> tuple[list[fl
 def run(console: Console) -> list[Figure]:
     if "fal_client" in sys.modules:
         raise RuntimeError("fal_client was imported before the simulator's host was set")
+    from renderqueue_pipeline.serving import bind_socket, serve_in_thread
     from renderqueue_pipeline.settings import Settings, get_settings
-    from renderqueue_pipeline.simulator.server import bind_socket, client_env
+    from renderqueue_pipeline.simulator.server import client_env
     from renderqueue_pipeline.simulator.testing import running_simulator
     from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
-    from renderqueue_pipeline.webhook.background import serve_in_thread
     from renderqueue_pipeline.webhook.limits import server_options
 
     home = Path(tempfile.mkdtemp(prefix="renderqueue-bench-fairness-"))

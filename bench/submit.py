@@ -33,7 +33,8 @@ from rich.console import Console
 
 from bench.common import BENCH_HOME, REPEATS, Figure, note, scaled, scratch_ledger
 from bench.memory import peak_rss_mb
-from renderqueue_pipeline.simulator.server import client_env, free_port
+from renderqueue_pipeline.serving import free_port
+from renderqueue_pipeline.simulator.server import client_env
 
 ENDPOINT = "bytedance/seedance-2.0/text-to-video"
 LATENCY_S = 0.1

@@ -211,9 +211,9 @@ def _headless_local(
     url: str, home: Path, defs_loader: Any, console: Console, step: Step, alert_receiver: Any
 ) -> bool:
     """The flow against the local fal simulator, checked against its ground truth."""
+    from renderqueue_pipeline.serving import serve_in_thread
     from renderqueue_pipeline.simulator.testing import SimControl
     from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
-    from renderqueue_pipeline.webhook.background import serve_in_thread
     from renderqueue_pipeline.webhook.limits import server_options
 
     started = _ledger_now(url)
