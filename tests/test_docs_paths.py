@@ -10,8 +10,10 @@ from __future__ import annotations
 import ast
 import importlib
 import re
+import shlex
 from pathlib import Path
 
+import click
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,6 +50,10 @@ SYMBOL_IN_FILE = re.compile(
 #: SQL types a doc may place beside the file that uses them: not definitions.
 SQL_TYPES = {"bigint", "integer", "numeric", "text", "jsonb", "date", "timestamptz", "interval"}
 TEST_ID = re.compile(r"\b(tests/[A-Za-z0-9_/]+\.py)::([A-Za-z_][A-Za-z0-9_]*)")
+
+
+COMMAND_SPAN = re.compile(r"`(renderqueue [^`]+)`")
+CODE_BLOCK = re.compile(r"^```[a-z]*\n(.*?)^```", re.M | re.S)
 
 
 def _id(doc: Path) -> str:
@@ -206,6 +212,39 @@ def test_a_doc_that_says_where_a_name_is_defined_is_right(doc: Path) -> None:
         if not path.is_file() or not defines(path, test):
             wrong.append(f"{name}::{test}")
     assert not wrong, f"{_id(doc)} places names in files that do not define them: {wrong}"
+
+
+def named_commands(text: str) -> list[str]:
+    """`renderqueue ...` in code spans, and lines of code blocks that run one."""
+    found = COMMAND_SPAN.findall(CODE_BLOCK.sub("", text))
+    for block in CODE_BLOCK.findall(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #", 1)[0].strip().removeprefix("$ ")
+            if line.startswith("renderqueue "):
+                found.append(line)
+    # "renderqueue db ..." is a gesture, not a command
+    return [c.strip() for c in found if not re.search(r"\.\.\.|…|[<>|]", c)]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=_id)
+def test_every_command_and_option_a_doc_names_exists(doc: Path) -> None:
+    from renderqueue_pipeline.cli import main  # the CLI imports much; only this test needs it
+
+    wrong = []
+    for command in sorted(set(named_commands(doc.read_text()))):
+        argv = shlex.split(command)[1:]
+        found: click.Command = main
+        while isinstance(found, click.Group) and argv and not argv[0].startswith("-"):
+            sub = found.get_command(click.Context(found), argv[0])
+            if sub is None:
+                wrong.append(command)
+                break
+            found, argv = sub, argv[1:]
+        options = {o for p in found.params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
+        wrong += [
+            f"{command}: {a}" for a in argv if a.startswith("--") and a.split("=")[0] not in options
+        ]
+    assert not wrong, f"{_id(doc)} names commands or options that do not exist: {wrong}"
 
 
 def test_the_readme_links_the_architecture_page_first() -> None:
