@@ -213,6 +213,7 @@ def budget_set(user_id: int, amount: str | None, month: str | None, alerts: str 
     from renderqueue_pipeline.alerts import set_alert_percents
     from renderqueue_pipeline.batch import parse_usd, set_budget
     from renderqueue_pipeline.batch.rows import parse_user_id
+    from renderqueue_pipeline.db import one_row
     from renderqueue_pipeline.db.connect import connect
     from renderqueue_pipeline.db.queries import q
     from renderqueue_pipeline.money import usd
@@ -237,7 +238,7 @@ def budget_set(user_id: int, amount: str | None, month: str | None, alerts: str 
         target = (
             parse_month(month)
             if month is not None
-            else conn.execute(q("alert_clock")).fetchone()["month"]
+            else one_row(conn.execute(q("alert_clock")))["month"]
         )
         if micros is not None:
             row = set_budget(conn, user_id, micros, target)

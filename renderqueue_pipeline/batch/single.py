@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from renderqueue_pipeline.batch.budget import default_limit_micros
 from renderqueue_pipeline.batch.fal_answers import is_definite_rejection
@@ -36,6 +36,9 @@ from renderqueue_pipeline.batch.rows import PromptRow, RowDefaults, validate_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.errors import BudgetExceeded, LedgerInputError, SubmissionInProgress
 from renderqueue_pipeline.ledger import Intent, begin_submission, finish_submission, refresh_leases
+
+if TYPE_CHECKING:
+    from renderqueue_pipeline.fal_gateway import FalSubmitter
 
 __all__ = ["BudgetExceeded", "SubmissionInProgress", "asubmit_prompt", "submit_prompt"]
 
@@ -89,7 +92,7 @@ async def asubmit_prompt(
     *,
     idempotency_key: str | None = None,
     ledger_url: str | None = None,
-    gateway: Any = None,
+    gateway: FalSubmitter | None = None,
     wait_seconds: float | None = None,
 ) -> str:
     """`submit_prompt` for async callers; pass a long-lived `FalGateway` to reuse it."""
