@@ -16,6 +16,8 @@ from pathlib import Path
 import click
 import pytest
 
+from renderqueue_pipeline.cli import main
+
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "renderqueue_pipeline"
 DOCS = sorted(
@@ -228,8 +230,6 @@ def named_commands(text: str) -> list[str]:
 
 @pytest.mark.parametrize("doc", DOCS, ids=_id)
 def test_every_command_and_option_a_doc_names_exists(doc: Path) -> None:
-    from renderqueue_pipeline.cli import main  # the CLI imports much; only this test needs it
-
     wrong = []
     for command in sorted(set(named_commands(doc.read_text()))):
         argv = shlex.split(command)[1:]
