@@ -50,7 +50,7 @@ class Behaviour:
 
     size: int = 0
     status: int = 200
-    content_length: int | None | str = "auto"  # "auto": the true size; None: chunked
+    content_length: int | str | None = "auto"  # "auto": the true size; None: chunked
     disconnect_after: int | None = None  # close the socket after this many body bytes
     location: str | None = None  # redirect target (status 30x)
     content_type: str = "video/mp4"
@@ -167,10 +167,10 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.wfile.write(block)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._serve(head_only=False)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._serve(head_only=True)
 
 

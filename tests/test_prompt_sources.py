@@ -28,7 +28,7 @@ from renderqueue_pipeline.simulator.testing import RunningSimulator
 class _Canary(BaseHTTPRequestHandler):
     seen: list[str]
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         self.seen.append(self.path)
         body = b"prompt\nTOKEN-canary-line\n"
         self.send_response(200)
@@ -36,7 +36,7 @@ class _Canary(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_HEAD = do_GET  # noqa: N815
+    do_HEAD = do_GET
 
     def log_message(self, *args: object) -> None:
         return None

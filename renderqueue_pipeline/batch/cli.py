@@ -36,7 +36,7 @@ def _ledger_url() -> str:
     return url
 
 
-def _print_report(report) -> None:  # noqa: ANN001 - BatchReport, imported lazily
+def _print_report(report) -> None:
     from renderqueue_pipeline.batch.budget import usd
 
     click.echo(f"batch {report.batch_id}: {report.source}")

@@ -153,7 +153,7 @@ def parse_tags(headers: Any) -> dict[str, str]:
     return tags
 
 
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None | bool:
+def parse_range(header: str | None, size: int) -> tuple[int, int] | bool | None:
     """(first, last) of a single `bytes=` range; None for no range; False if unsatisfiable."""
     if not header:
         return None

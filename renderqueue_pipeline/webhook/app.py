@@ -110,7 +110,7 @@ class CutOff(Exception):
 class _Reader:
     """One body being read: when it started, how much came, and why it was cut off."""
 
-    __slots__ = ("started", "deadline", "received", "cut")
+    __slots__ = ("cut", "deadline", "received", "started")
 
     def __init__(self, started: float, deadline: float) -> None:
         self.started = started

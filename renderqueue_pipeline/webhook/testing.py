@@ -40,7 +40,7 @@ class JwksServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 outer.hits += 1
                 if outer.down:
                     self.send_response(500)
