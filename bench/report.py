@@ -338,7 +338,8 @@ def run(console: Console) -> list[Figure]:
         last = OPEN_NOW + timedelta(hours=REPEATS)
         check_s, check_mb, checked = measured(checks, url, last)
         note(console, f"checks: {check_s:.2f} s, {check_mb:.0f} MB {checked}")
-        assert checked["ledger_matches"] and checked["priced"], checked
+        assert checked["ledger_matches"], checked
+        assert checked["priced"], checked
         final_s, final_mb, final = measured(ours, url, FINAL_NOW, True)
         note(console, f"finalizing rebuild: {final_s:.2f} s, {final_mb:.0f} MB {final}")
         last_total = baselines[-1][2]["cost_micros"]

@@ -83,7 +83,8 @@ def test_a_completed_video_is_archived_with_size_and_sha256(
     assert r["archive_url"] == f"file://{final}"
     assert r["archive_bytes"] == size
     assert r["archive_sha256"] == media_sha256("/files/a/output.mp4", size)
-    assert r["archive_attempts"] == 1 and r["archived_at"] is not None
+    assert r["archive_attempts"] == 1
+    assert r["archived_at"] is not None
     assert stored_files(tmp_path) == [final]  # nothing left in staging
     assert final.stat().st_size == size
 
@@ -101,7 +102,8 @@ def test_every_file_of_an_output_is_archived_under_distinct_names(
     b = origin.serve("/img/2/image.jpeg", Behaviour(size=3000, content_type="image/jpeg"))
     rid = completed_row(conn, images((a, 2000), (b, 3000)))
     report = run(ledger_url, storage, origin)
-    assert report.archived == 1 and report.bytes == 5000
+    assert report.archived == 1
+    assert report.bytes == 5000
     files = conn.execute(
         "select f.* from generation_files f join generations g on g.id = f.generation_id "
         "where g.request_id = %s order by ordinal",
@@ -137,7 +139,8 @@ def test_a_file_already_gone_is_lost_at_once_and_never_fetched_again(
 ) -> None:
     rid = completed_row(conn, video(origin.serve("/gone.mp4", Behaviour(status=status)), 10))
     report = run(ledger_url, storage, origin)
-    assert report.lost == 1 and report.failures_by_reason == {"gone": 1}
+    assert report.lost == 1
+    assert report.failures_by_reason == {"gone": 1}
     r = row(conn, rid)
     assert r["archive_status"] == "lost"
     assert r["archive_failure"] == "gone"
@@ -161,7 +164,8 @@ def test_a_mid_stream_disconnect_leaves_no_object_and_is_retried(
     )
     rid = completed_row(conn, video(url, size))
     report = run(ledger_url, storage, origin)
-    assert report.retrying == 1 and report.failures_by_reason == {"network": 1}
+    assert report.retrying == 1
+    assert report.failures_by_reason == {"network": 1}
     r = row(conn, rid)
     assert r["archive_status"] == "pending"
     assert r["archive_failure"] == "network"
@@ -203,7 +207,8 @@ def test_a_short_body_under_its_content_length_is_not_archived(
     )
     run(ledger_url, storage, origin)
     r = row(conn, rid)
-    assert r["archive_status"] == "pending" and r["archive_failure"] in (
+    assert r["archive_status"] == "pending"
+    assert r["archive_failure"] in (
         "network",
         "length_mismatch",
     )
@@ -335,7 +340,8 @@ def test_memory_stays_bounded_for_a_large_object(conn, ledger_url, storage, orig
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert report.archived == 1 and report.bytes == size
+    assert report.archived == 1
+    assert report.bytes == size
     assert peak < 16 * 1024 * 1024, peak
 
 

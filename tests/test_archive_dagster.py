@@ -57,7 +57,8 @@ def test_the_sensor_launches_one_bounded_run_only_when_rows_are_due(
     ledger = LedgerDatabase(url=archive_env)
     context = dg.build_sensor_context(instance=instance, resources={"ledger": ledger})
     skipped = archive_sensor(context)
-    assert isinstance(skipped, dg.SkipReason) and "no completed output" in skipped.skip_message
+    assert isinstance(skipped, dg.SkipReason)
+    assert "no completed output" in skipped.skip_message
 
     completed_row(conn, video(origin.serve("/d.mp4", Behaviour(size=10)), 10))
     result = archive_sensor(
@@ -75,7 +76,8 @@ def test_the_sensor_launches_one_bounded_run_only_when_rows_are_due(
     waiting = archive_sensor(
         dg.build_sensor_context(instance=instance, resources={"ledger": ledger})
     )
-    assert isinstance(waiting, dg.SkipReason) and "in flight" in waiting.skip_message
+    assert isinstance(waiting, dg.SkipReason)
+    assert "in flight" in waiting.skip_message
 
 
 def test_a_canceling_archive_run_is_still_in_flight(conn, archive_env, instance, origin) -> None:
@@ -87,7 +89,8 @@ def test_a_canceling_archive_run_is_still_in_flight(conn, archive_env, instance,
     waiting = archive_sensor(
         dg.build_sensor_context(instance=instance, resources={"ledger": ledger})
     )
-    assert isinstance(waiting, dg.SkipReason) and "in flight" in waiting.skip_message
+    assert isinstance(waiting, dg.SkipReason)
+    assert "in flight" in waiting.skip_message
 
 
 def test_the_job_archives_reports_metadata_and_checks_lost_outputs(
@@ -110,8 +113,10 @@ def test_the_job_archives_reports_metadata_and_checks_lost_outputs(
     assert result.success
     (materialization,) = result.asset_materializations_for_node("archived_outputs")
     metadata = {k: v.value for k, v in materialization.metadata.items()}
-    assert metadata["archived"] == 1 and metadata["bytes"] == size
-    assert metadata["lost"] == 1 and metadata["retrying"] == 1
+    assert metadata["archived"] == 1
+    assert metadata["bytes"] == size
+    assert metadata["lost"] == 1
+    assert metadata["retrying"] == 1
     assert metadata["failures_by_reason"] == {"gone": 1, "http_error": 1}
     assert metadata["mb_per_second"] > 0
     # what one run archived is not the table's row count, which the UI would show as such

@@ -144,7 +144,8 @@ def test_an_allowed_name_resolving_to_private_addresses_is_refused() -> None:
     with pytest.raises(Refused) as refused:
         policy.checked_addresses("v3.fal.media", 443)
     assert refused.value.reason == "address_refused"
-    assert "10.0.0.1" in str(refused.value) and "169.254.169.254" in str(refused.value)
+    assert "10.0.0.1" in str(refused.value)
+    assert "169.254.169.254" in str(refused.value)
     # loopback permission is for loopback only: a private address stays refused
     with pytest.raises(Refused):
         policy.checked_addresses("sim.test", 8443)
@@ -195,7 +196,8 @@ def test_a_url_to_a_host_not_on_the_list_never_reaches_it(
     rid = completed_row(conn, video(canary.url("/secret"), 100))
     policy = FetchPolicy(loopback_hosts=parse_hosts(origin.netloc))
     report = _archive(conn, ledger_url, tmp_path, policy)
-    assert report.failed == 1 and report.failures_by_reason == {"host_not_allowed": 1}
+    assert report.failed == 1
+    assert report.failures_by_reason == {"host_not_allowed": 1}
     r = _assert_refused(conn, rid, "host_not_allowed", tmp_path)
     assert "127.0.0.2" in r["archive_error"]
     assert canary.connections == 0

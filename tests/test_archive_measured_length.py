@@ -51,7 +51,8 @@ def test_an_auto_clip_is_priced_from_the_length_of_its_archived_file(
     assert (before["cost_basis"], before["billed_seconds"]) == ("requested", 15)
 
     report = run_archive(lambda: connect(ledger_url))
-    assert report.archived == 1 and report.outcomes[0].priced == "measured"
+    assert report.archived == 1
+    assert report.outcomes[0].priced == "measured"
 
     after = row(conn, rid)
     assert after["cost_basis"] == "measured"
@@ -62,7 +63,8 @@ def test_an_auto_clip_is_priced_from_the_length_of_its_archived_file(
 
     # fal's bill still wins when it arrives, and it agrees with the measurement
     result = reconcile_and_apply_bill(conn, fal_billing)
-    assert result.count("matched") == 1 and result.difference_micros == 0
+    assert result.count("matched") == 1
+    assert result.difference_micros == 0
     billed = row(conn, rid)
     assert billed["cost_basis"] == "billed"
     assert billed["cost_micros"] == billed["fal_billed_micros"] == after["cost_micros"]
@@ -83,7 +85,8 @@ def test_a_billed_clip_keeps_fals_figure_when_its_length_is_measured_later(
     assert (billed["cost_basis"], billed["computed_cost_basis"]) == ("billed", "requested")
 
     report = run_archive(lambda: connect(ledger_url))
-    assert report.archived == 1 and report.outcomes[0].priced == "billed"
+    assert report.archived == 1
+    assert report.outcomes[0].priced == "billed"
     after = row(conn, rid)
     # fal's figure stands; ours beside it is now the measured one, equal to fal's
     assert (after["cost_basis"], after["cost_micros"]) == ("billed", billed["fal_billed_micros"])
@@ -109,7 +112,8 @@ def test_a_clip_whose_length_cannot_be_read_keeps_its_estimate_with_the_reason(
             FetchPolicy(loopback_hosts=parse_hosts(origin.netloc)),
             ArchiveOptions(),
         )
-    assert report.archived == 1 and report.outcomes[0].priced == "unreadable"
+    assert report.archived == 1
+    assert report.outcomes[0].priced == "unreadable"
     after = row(conn, rid)
     assert after["archive_status"] == "archived"
     assert (after["cost_basis"], after["cost_micros"], after["billed_seconds"]) == (

@@ -59,7 +59,8 @@ def test_archive_into_s3_and_link_to_a_presigned_url(
     storage.fs.invalidate_cache()
     policy = FetchPolicy(loopback_hosts=parse_hosts(origin.netloc))
     report = archive_pending(lambda: connect(ledger_url), storage, policy, ArchiveOptions())
-    assert report.archived == 1 and report.retrying == 1
+    assert report.archived == 1
+    assert report.retrying == 1
 
     r = row(conn, rid)
     created = r["created_at"]
@@ -70,7 +71,8 @@ def test_archive_into_s3_and_link_to_a_presigned_url(
     assert _s3_keys(s3_env) == [key]  # the broken upload left nothing behind
 
     (url,) = links(conn, rid, storage, expires_seconds=600)
-    assert url.startswith(s3_env) and "Signature=" in url
+    assert url.startswith(s3_env)
+    assert "Signature=" in url
     body = httpx.get(url, timeout=30).content
     import hashlib
 
@@ -129,7 +131,9 @@ def test_link_for_file_storage_and_for_rows_without_a_copy(
     result = runner.invoke(main, ["link", done])
     assert result.exit_code == 0, result.output
     path = Path(result.output.strip())
-    assert path.is_file() and path.read_bytes()[:4] and path.stat().st_size == 64
+    assert path.is_file()
+    assert path.read_bytes()[:4]
+    assert path.stat().st_size == 64
     assert str(path).startswith(str(archive_root))
 
     for rid, words in (
@@ -139,5 +143,6 @@ def test_link_for_file_storage_and_for_rows_without_a_copy(
     ):
         result = runner.invoke(main, ["link", rid])
         assert result.exit_code == 2
-        assert words in result.output and rid in result.output
+        assert words in result.output
+        assert rid in result.output
         assert len(result.output.strip().splitlines()) == 1

@@ -82,12 +82,14 @@ def test_outputs_from_the_simulators_cdn_are_archived_and_expired_ones_lost(
     assert (lost_row["archive_status"], lost_row["archive_failure"]) == ("lost", "gone")
     assert "404" in lost_row["archive_error"]
     health = archive_health(conn)
-    assert health["lost"] == 1 and health["failures_by_reason"] == {"lost:gone": 1}
+    assert health["lost"] == 1
+    assert health["failures_by_reason"] == {"lost:gone": 1}
     from renderqueue_pipeline.defs.archive.checks import no_outputs_lost
     from renderqueue_pipeline.defs.resources import LedgerDatabase
 
     check = no_outputs_lost(ledger=LedgerDatabase(url=ledger_url))
-    assert check.passed is False and check.metadata["lost"].value == 1
+    assert check.passed is False
+    assert check.metadata["lost"].value == 1
     assert short in check.metadata["latest_lost"].value
 
 
@@ -103,7 +105,8 @@ def test_fals_copy_is_deleted_after_a_safe_archive_and_failures_retried(
     url = output["video"]["url"]
     fal_sim.control.set_faults(admin_key="wrong-key-on-purpose")
     first = run_archive(lambda: connect(ledger_url))
-    assert first.archived == 1 and first.fal_delete["fal_deletes_retrying"] == 1
+    assert first.archived == 1
+    assert first.fal_delete["fal_deletes_retrying"] == 1
     r = row(conn, rid)
     assert r["archive_status"] == "archived"  # a failed deletion never touches the archive
     assert (r["fal_delete_status"], r["fal_delete_attempts"]) == ("pending", 1)

@@ -79,7 +79,8 @@ def test_a_file_on_s3_is_listed_by_the_sensor_and_submitted(
         ledger_url=ledger_url,
         allowed_prefixes=allowed,
     )
-    assert again.duplicate and again.batch_id == result.batch_id
+    assert again.duplicate
+    assert again.batch_id == result.batch_id
     assert len(fal_sim.control.ground_truth()) == 3
 
 

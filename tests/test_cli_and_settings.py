@@ -50,7 +50,8 @@ def test_a_bad_setting_is_one_line_naming_the_variable(
     )
     assert cli.returncode == 2
     assert cli.stderr.strip().startswith(f"renderqueue: {says}")
-    assert "Traceback" not in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1
 
 
 def test_a_bad_database_url_is_reported_without_its_password(
@@ -60,14 +61,16 @@ def test_a_bad_database_url_is_reported_without_its_password(
     monkeypatch.setenv("DATABASE_URL", bad)
     with pytest.raises(ConfigError) as raised:
         load_settings()
-    assert "s3cret-pw" not in str(raised.value) and "bob:***@db.internal" in str(raised.value)
+    assert "s3cret-pw" not in str(raised.value)
+    assert "bob:***@db.internal" in str(raised.value)
     cli = subprocess.run(
         [sys.executable, "-m", "renderqueue_pipeline.cli", "db", "url"],
         env={**os.environ, "DATABASE_URL": bad},
         capture_output=True,
         text=True,
     )
-    assert cli.returncode == 2 and "s3cret-pw" not in cli.stdout + cli.stderr
+    assert cli.returncode == 2
+    assert "s3cret-pw" not in cli.stdout + cli.stderr
 
 
 def test_webhook_user_ids_are_a_comma_separated_set(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,7 +130,8 @@ def test_secrets_do_not_show_in_settings_repr(monkeypatch: pytest.MonkeyPatch) -
 def test_db_url_migrate_twice_and_status(ledger_env: str) -> None:
     runner = CliRunner()
     url = runner.invoke(main, ["db", "url"])
-    assert url.exit_code == 0 and url.output.strip() == ledger_env
+    assert url.exit_code == 0
+    assert url.output.strip() == ledger_env
     for _ in range(2):
         migrated = runner.invoke(main, ["db", "migrate"])
         assert migrated.exit_code == 0
@@ -139,7 +143,8 @@ def test_db_url_migrate_twice_and_status(ledger_env: str) -> None:
         )
     status = runner.invoke(main, ["db", "status"])
     assert status.exit_code == 0
-    assert "fal-ai/veo3.1" in status.output and "$3.200000" in status.output
+    assert "fal-ai/veo3.1" in status.output
+    assert "$3.200000" in status.output
     with psycopg.connect(ledger_env) as conn:
         conn.execute("truncate generations cascade")
 

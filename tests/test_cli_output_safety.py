@@ -106,5 +106,6 @@ def test_every_month_option_gives_a_clear_error_for_an_impossible_month(
     result = invoke(*args)
     assert result.exit_code == 2, (result.output, result.exception)
     assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("renderqueue: ") and "month" in result.stderr
+    assert result.stderr.startswith("renderqueue: ")
+    assert "month" in result.stderr
     assert result.stderr.count("\n") == 1

@@ -104,7 +104,8 @@ def test_inbox_sensor_new_unchanged_renamed_partial_and_bad_files(
     assert first.success
     meta = metadata(first)
     assert (meta["read"], meta["submitted"], meta["rejected"], meta["over_budget"]) == (5, 4, 1, 0)
-    assert meta["unknown"] == 0 and meta["duplicate"] is False
+    assert meta["unknown"] == 0
+    assert meta["duplicate"] is False
     line_4 = f"[4]({(folder / 'week48.csv').as_uri()}#L4)"
     assert f"| {line_4} | user_id | expected an integer, got 'x' |" in meta["rejections"]
     assert len(fal_sim.control.ground_truth()) == 4
@@ -121,7 +122,8 @@ def test_inbox_sensor_new_unchanged_renamed_partial_and_bad_files(
     assert set(requests) == {"week49.csv", "week48-copy.csv"}
     assert metadata(inbox.run(requests["week49.csv"]))["submitted"] == 1
     copy = inbox.run(requests["week48-copy.csv"])
-    assert copy.success and metadata(copy)["duplicate"] is True
+    assert copy.success
+    assert metadata(copy)["duplicate"] is True
     assert metadata(copy)["batch_id"] == meta["batch_id"]
     assert len(fal_sim.control.ground_truth()) == 5  # the copy sent nothing
 

@@ -222,7 +222,8 @@ def test_month_materializes_checks_pass_and_files_equal_tables(
         # a partition's rows are not the table's: the UI shows dagster/row_count as the table's
         assert "dagster/row_count" not in metadata[name], name
     evaluations = checks_of(result)
-    assert len(evaluations) == 5 and all(e.passed for e in evaluations.values())
+    assert len(evaluations) == 5
+    assert all(e.passed for e in evaluations.values())
     assert evaluations["report_by_user_matches_ledger"].metadata["ledger_cost_micros"].value == cost
     assert evaluations["no_archive_failures"].metadata["archive_failures"].value == 0
 
@@ -265,7 +266,8 @@ def test_blocking_check_stops_the_files(
     assert not priced.passed
     assert priced.metadata["first_unpriced"].value == [f"{rid} (acme/unlisted-model, unpriced)"]
     stuck = evaluations["no_generation_open_over_24h"]
-    assert not stuck.passed and stuck.metadata["open_over_24h"].value == 1
+    assert not stuck.passed
+    assert stuck.metadata["open_over_24h"].value == 1
     assert not result.asset_materializations_for_node("spend_report_files")
     assert not (tmp_path / "storage" / "reports").exists()
     # the tables were still written (and say what they hold)
@@ -420,5 +422,6 @@ def test_a_final_month_changed_later_is_rebuilt_by_the_sensor_one_run_at_a_time(
         == cost - (8 * VEO_MICROS_PER_SECOND) + 5
     )
     after = sensor_tick(instance, ledger_url)
-    assert not after.run_requests and "no month changed" in after.skip_reason.skip_message
+    assert not after.run_requests
+    assert "no month changed" in after.skip_reason.skip_message
     assert spend_report_changed_months_sensor.default_status.value == "RUNNING"

@@ -53,7 +53,8 @@ def test_headless_demo_runs_the_whole_flow_and_matches_ground_truth(
     completed = conn.execute(
         "select archive_status, archive_url from generations where status = 'completed'"
     ).fetchall()
-    assert completed and all(r["archive_status"] == "archived" for r in completed)
+    assert completed
+    assert all(r["archive_status"] == "archived" for r in completed)
     assert all(Path(r["archive_url"].removeprefix("file://")).is_file() for r in completed)
     assert (home / "dagster" / "dagster.yaml").read_text().count("postgres") >= 1
     # "auto" clips are priced from the length their archived file states, so the month's
@@ -62,7 +63,8 @@ def test_headless_demo_runs_the_whole_flow_and_matches_ground_truth(
         "select cost_basis, computed_cost_basis, measured_seconds, billed_seconds "
         "from generations where status = 'completed' and inputs ->> 'duration' = 'auto'"
     ).fetchall()
-    assert autos and all(r["measured_seconds"] is not None for r in autos)
+    assert autos
+    assert all(r["measured_seconds"] is not None for r in autos)
     assert all("measured" in (r["cost_basis"], r["computed_cost_basis"]) for r in autos)
     summary = " ".join(run.stdout.split())  # the console wraps long lines
     assert "difference $0.000000 (fal minus ours)" in summary, run.stdout[-3000:]

@@ -101,7 +101,9 @@ def test_python_and_sql_read_a_duration_the_same_way(
     if expected == DEFAULT:
         expected = default_seconds(conn)
     if isinstance(expected, str):
-        assert isinstance(python, str) and python.startswith(expected), python
-        assert isinstance(sql, str) and sql.startswith(expected), sql
+        assert isinstance(python, str), python
+        assert python.startswith(expected), python
+        assert isinstance(sql, str), sql
+        assert sql.startswith(expected), sql
     else:
         assert python == sql == expected

@@ -67,12 +67,15 @@ def test_submit_status_result_with_webhook(
     # status/result/cancel URLs drop the endpoint's subpath
     assert submitted.status_url.endswith(f"/{APP}/requests/{submitted.request_id}/status")
     assert submitted.webhook_url == webhook_sink.url
-    assert done.succeeded and done.logs and done.metrics["inference_time"] > 0
+    assert done.succeeded
+    assert done.logs
+    assert done.metrics["inference_time"] > 0
     assert set(output["video"]) == {"url", "content_type", "file_name", "file_size"}
     (hook,) = wait_until(lambda: webhook_sink.for_request(submitted.request_id))
     assert hook.json()["payload"]["video"]["file_size"] == output["video"]["file_size"]
     truth = fal_sim.control.ground_truth(submitted.request_id)
-    assert truth["endpoint"] == ENDPOINT and truth["billed_seconds"] == 7.0
+    assert truth["endpoint"] == ENDPOINT
+    assert truth["billed_seconds"] == 7.0
 
 
 def test_default_webhook_url_is_used(fal_sim: RunningSimulator, webhook_sink: WebhookSink) -> None:
@@ -93,7 +96,8 @@ def test_rejected_inputs_raise_fal_rejected(fal_sim: RunningSimulator) -> None:
         run(main())
     assert err.value.status_code == 422
     assert err.value.endpoint == ENDPOINT
-    assert ENDPOINT in str(err.value) and "resolution" in str(err.value)
+    assert ENDPOINT in str(err.value)
+    assert "resolution" in str(err.value)
     assert isinstance(err.value, RenderqueueError)
     assert fal_sim.control.ground_truth() == []
 
@@ -111,8 +115,11 @@ def test_model_failure_surfaces_in_status_and_result(fal_sim: RunningSimulator) 
             return done, str(err.value)
 
     done, message = run(main())
-    assert done.done and not done.succeeded and done.error
-    assert ENDPOINT in message and "HTTP 422" in message
+    assert done.done
+    assert not done.succeeded
+    assert done.error
+    assert ENDPOINT in message
+    assert "HTTP 422" in message
 
 
 def test_cancel_outcomes(fal_sim: RunningSimulator) -> None:
@@ -123,7 +130,8 @@ def test_cancel_outcomes(fal_sim: RunningSimulator) -> None:
             queued = await fal.submit(ENDPOINT, INPUTS)
             assert await fal.cancel(ENDPOINT, queued.request_id) == "cancellation_requested"
             status = await fal.status(ENDPOINT, queued.request_id)
-            assert status.done and status.error_type == "client_cancelled"
+            assert status.done
+            assert status.error_type == "client_cancelled"
             assert await fal.cancel(ENDPOINT, queued.request_id) == "already_completed"
             with pytest.raises(FalNotFound) as err:
                 await fal.cancel(ENDPOINT, "no-such-request")
@@ -141,7 +149,8 @@ def test_unknown_request_status_is_not_found(fal_sim: RunningSimulator) -> None:
     with pytest.raises(FalNotFound) as err:
         run(main())
     assert err.value.request_id == "missing-id"
-    assert "missing-id" in str(err.value) and ENDPOINT in str(err.value)
+    assert "missing-id" in str(err.value)
+    assert ENDPOINT in str(err.value)
 
 
 def test_wrong_key_is_an_auth_error(fal_sim: RunningSimulator) -> None:
@@ -181,7 +190,8 @@ def test_persistent_500_on_reads_becomes_unavailable(fal_sim: RunningSimulator) 
             return str(err.value)
 
     message = run(main())
-    assert ENDPOINT in message and "HTTP 500" in message
+    assert ENDPOINT in message
+    assert "HTTP 500" in message
     assert fal_sim.control.health()["api_faults"]["500"] == 3  # exactly retry_attempts
 
 
@@ -302,7 +312,8 @@ def test_submit_sends_the_lifecycle_and_the_endpoints_start_timeout(
     truth = fal_sim.control.ground_truth(timed.request_id)
     assert (truth["object_lifetime"], truth["start_timeout"]) == (3600, 30)
     assert fal_sim.control.ground_truth(other.request_id)["start_timeout"] is None
-    assert timed.start_timeout == 30 and other.start_timeout is None
+    assert timed.start_timeout == 30
+    assert other.start_timeout is None
     assert timed.fal_expires_at is not None
     assert before + timedelta(seconds=3600) <= timed.fal_expires_at
     assert timed.fal_expires_at <= datetime.now(UTC) + timedelta(seconds=3600)
@@ -333,8 +344,11 @@ def test_a_user_start_timeout_is_terminal_and_not_retried(fal_sim: RunningSimula
             return done, err.value
 
     done, error = run(main())
-    assert done.done and not done.succeeded and done.timed_out
-    assert error.status_code == 504 and error.error_type == "request_timeout"
+    assert done.done
+    assert not done.succeeded
+    assert done.timed_out
+    assert error.status_code == 504
+    assert error.error_type == "request_timeout"
 
 
 def test_a_requeued_request_is_not_terminal(fal_sim: RunningSimulator) -> None:
@@ -373,7 +387,8 @@ def test_delete_io_through_the_gateway(fal_sim: RunningSimulator) -> None:
             return output["video"]["url"], deleted
 
     url, deleted = run(main())
-    assert deleted == [DeletedFile(url, None)] and deleted[0].deleted
+    assert deleted == [DeletedFile(url, None)]
+    assert deleted[0].deleted
 
     async def wrong_key() -> None:
         async with gateway(admin_key="not-admin", rest_url=fal_sim.base_url) as fal:

@@ -177,7 +177,8 @@ def test_report_forecast_prints_the_month_end_forecast(
     assert "$11.814286" in table.output
     assert "forecast over budget: user 1" in table.output
     plain = CliRunner().invoke(main, ["report", "--month", "2026-04", "--format", "json"])
-    assert plain.exit_code == 0 and "user_id" not in plain.output  # by endpoint, unchanged
+    assert plain.exit_code == 0
+    assert "user_id" not in plain.output  # by endpoint, unchanged
     assert {r["endpoint"] for r in json.loads(plain.output)} == {KLING, VEO}
     focus = CliRunner().invoke(main, ["report", "--month", "2026-04", "--format", "focus"])
     assert focus.exit_code == 0, focus.output
@@ -185,7 +186,8 @@ def test_report_forecast_prints_the_month_end_forecast(
     both = CliRunner().invoke(
         main, ["report", "--month", "2026-04", "--forecast", "--format", "focus"]
     )
-    assert both.exit_code == 2 and "not focus" in both.output
+    assert both.exit_code == 2
+    assert "not focus" in both.output
 
 
 def test_spend_forecast_asset_warns_about_users_forecast_past_their_budget(

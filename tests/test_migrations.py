@@ -108,7 +108,8 @@ def test_a_failing_migration_rolls_back_whole(
     with psycopg.connect(url) as conn:
         assert conn.execute("select to_regclass('half_done')").fetchone()[0] is None
         versions = [r[0] for r in conn.execute("select version from schema_migrations")]
-    assert "999" not in versions and "001" in versions
+    assert "999" not in versions
+    assert "001" in versions
 
 
 PRE_RELEASE = [
@@ -152,7 +153,8 @@ def test_a_pre_release_database_is_refused_naming_the_fix(
     message = str(refused.value)
     assert "pre-release migration files" in message
     assert "002_ledger, 003_ledger_rules" in message
-    assert "renderqueue db reset" in message and "drop the database by hand" in message
+    assert "renderqueue db reset" in message
+    assert "drop the database by hand" in message
     with psycopg.connect(url) as conn:  # nothing was changed
         assert conn.execute("select to_regclass('prices')").fetchone()[0] is None
 
@@ -187,7 +189,8 @@ def test_db_reset_asks_then_recreates_only_its_database(
         assert "renderqueue db reset" in refused.output
 
         declined = runner.invoke(main, ["db", "reset"], input="n\n")
-        assert declined.exit_code == 1 and "Drop database" in declined.output
+        assert declined.exit_code == 1
+        assert "Drop database" in declined.output
         with psycopg.connect(url) as conn:  # still there
             assert conn.execute("select count(*) from generations").fetchone()[0] == 1
 

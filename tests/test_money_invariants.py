@@ -268,10 +268,12 @@ def closed_month_report_equals_ledger_or_is_marked_changed(
             (month,),
         ).fetchone()
         changed = bool(marked and marked["dirty"])
-        assert changed and not passed, (
+        why = (
             f"final report of {month:%Y-%m} differs from the ledger (report {reported}, "
             f"ledger {ledger}); marked changed: {changed}; checks that passed: {passed}"
         )
+        assert changed, why
+        assert not passed, why
 
 
 def fal_billed_total_counts_each_event_once(world: World) -> None:

@@ -203,13 +203,15 @@ def test_separate_processes_load_launch_and_share_one_ledger(
                 "where datname = current_database() and pid <> pg_backend_pid()"
             ).fetchall()
             users = {row["usename"] for row in others}
-            assert "rq_receiver" in users and users <= {"rq_receiver", "rq_pipeline"}, users
+            assert "rq_receiver" in users, users
+            assert users <= {"rq_receiver", "rq_pipeline"}, users
     finally:
         get_settings.cache_clear()
     leftover = subprocess.run(
         ["pgrep", "-f", str(home)], capture_output=True, text=True
     ).stdout.split()
-    assert str(os.getpid()) not in leftover and not leftover, leftover
+    assert str(os.getpid()) not in leftover, leftover
+    assert not leftover, leftover
 
 
 def _wait_for_location(base: str, timeout: float = 180) -> dict:

@@ -151,7 +151,8 @@ def test_lost_webhooks_and_payloadless_completions_reach_ground_truth(
     assert second.still_open == 0
 
     third = run_reconcile(conn)  # nothing left to do
-    assert third.examined == 0 and third.advanced == 0
+    assert third.examined == 0
+    assert third.advanced == 0
 
 
 def test_a_request_fal_does_not_know_becomes_failed_at_no_cost(
@@ -163,7 +164,8 @@ def test_a_request_fal_does_not_know_becomes_failed_at_no_cost(
     report = run_reconcile(conn)
     got = row(conn, request_id)
     assert (got["status"], got["cost_micros"]) == ("failed", 0)
-    assert "404" in got["error"] and "does not know" in got["error"]
+    assert "404" in got["error"]
+    assert "does not know" in got["error"]
     assert (report.examined, report.not_found, report.failed) == (1, 1, 1)
 
 
@@ -177,11 +179,13 @@ def test_a_request_open_past_the_limit_is_cancelled_at_fal_at_no_cost(
     report = run_reconcile(conn)
     got = row(conn, stuck)
     assert (got["status"], got["cost_micros"]) == ("canceled", 0)
-    assert "more than 24 h" in got["error"] and "cancel it (accepted)" in got["error"]
+    assert "more than 24 h" in got["error"]
+    assert "cancel it (accepted)" in got["error"]
     assert got["cancel_requested_at"] is not None
     # fal was asked: the queued request left fal's queue, so fal will not run or bill it
     truth = fal_sim.control.ground_truth(stuck)
-    assert truth["cancel_requested"] and truth["status"] == "canceled"
+    assert truth["cancel_requested"]
+    assert truth["status"] == "canceled"
     assert row(conn, recent)["status"] == "submitted"  # queued at fal, within the limit
     assert fal_sim.control.ground_truth(recent)["status"] == "queued"
     assert (report.examined, report.past_limit, report.still_open, report.canceled) == (2, 1, 1, 1)
@@ -225,7 +229,8 @@ def test_a_request_given_up_that_fal_finishes_anyway_is_billed(
     late = LedgerEvent(request_id, "completed", {"video": {"url": "https://v3b.fal.media/x.mp4"}})
     assert record_events(conn, [late]) == ["applied"]
     got = row(conn, request_id)
-    assert got["status"] == "completed" and got["cost_micros"] > 0
+    assert got["status"] == "completed"
+    assert got["cost_micros"] > 0
 
 
 def test_a_requeue_is_not_terminal(fal_sim: RunningSimulator, conn: psycopg.Connection) -> None:
@@ -263,7 +268,8 @@ def test_young_rows_are_left_alone_and_the_age_is_configurable(
     assert row(conn, request_id)["status"] == "submitted"
     conn.commit()
     report = run_reconcile(conn, min_age=__import__("datetime").timedelta(0))
-    assert report.examined == 1 and row(conn, request_id)["status"] == "completed"
+    assert report.examined == 1
+    assert row(conn, request_id)["status"] == "completed"
 
 
 def one_try(n: int) -> FalGateway:
@@ -283,7 +289,8 @@ def test_fal_unreachable_leaves_rows_open_for_the_next_pass(
     report = reconcile(conn, ReconcileOptions(concurrency=2), gateway_factory=one_try)
     assert row(conn, request_id)["status"] == "submitted"
     assert (report.examined, report.fal_errors, report.still_open) == (1, 1, 1)
-    assert report.fal_error_samples and "unreachable" in report.fal_error_samples[0]
+    assert report.fal_error_samples
+    assert "unreachable" in report.fal_error_samples[0]
 
 
 @pytest.mark.parametrize("fault", ["unreachable", "500", "503"])
@@ -428,4 +435,5 @@ def test_the_cli_runs_the_same_pass_and_prints_its_figures(
         assert figure in result.output
     assert "seconds" in result.output
     bad = CliRunner().invoke(main, ["reconcile", "--concurrency", "0"])
-    assert bad.exit_code != 0 and "concurrency" in bad.output
+    assert bad.exit_code != 0
+    assert "concurrency" in bad.output

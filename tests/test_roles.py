@@ -264,7 +264,8 @@ def test_a_later_migration_gets_the_grants_and_keeps_the_receivers_entry_point(
         definer, config = conn.execute(
             "select prosecdef, proconfig from pg_proc where proname = 'rq_record_events'"
         ).fetchone()
-        assert definer and config == ["search_path=public, pg_temp"]
+        assert definer
+        assert config == ["search_path=public, pg_temp"]
         checks = conn.execute(
             "select has_table_privilege('renderqueue_pipeline', 'rq_test_later', 'insert'),"
             " has_sequence_privilege('renderqueue_pipeline', 'rq_test_later_id_seq', 'usage'),"

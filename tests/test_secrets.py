@@ -205,7 +205,8 @@ def test_a_canary_key_appears_in_no_output_log_ledger_row_or_dagster_storage(
         path = write_csv(tmp_path / "b.csv", prompts(2, tag="unauthorized"))
         code, out, err = cli("batch", "submit", str(path), "--endpoint", SEEDANCE)
         printed += [out, err]
-        assert code == 2 and "FAL_KEY" in err
+        assert code == 2
+        assert "FAL_KEY" in err
         assert not run("dagster-401.csv").success
         # fal's 500 after accepting: the items' outcome is unknown, with the error stored
         fal_sim.control.set_faults(fal_key=CANARY_KEY, api_500_rate=1.0)
@@ -230,7 +231,8 @@ def test_a_canary_key_appears_in_no_output_log_ledger_row_or_dagster_storage(
     reasons = conn.execute(
         "select reason from batch_items where reason like 'outcome unknown%%'"
     ).fetchall()
-    assert reasons and all("Key ***" in r["reason"] for r in reasons if "Illegal" in r["reason"])
+    assert reasons
+    assert all("Key ***" in r["reason"] for r in reasons if "Illegal" in r["reason"])
     needles = (CANARY_ID, CANARY_SECRET, ADMIN_CANARY)
     text = "\n".join(printed) + "\n".join(r.getMessage() for r in caplog.records)
     text += caplog.text

@@ -86,7 +86,8 @@ def test_webhook_body_headers_and_signature(fal_sim: RunningSimulator, webhook_s
     body = hook.json()
     assert hook.body == json.dumps(body, sort_keys=True).encode()
     assert body["request_id"] == handle.request_id
-    assert body["status"] == "OK" and body["error"] is None
+    assert body["status"] == "OK"
+    assert body["error"] is None
     assert set(body["payload"]) == {"video", "seed"}  # fal's documented output, nothing more
     assert body["payload"]["video"]["content_type"] == "video/mp4"
     assert body["payload"]["video"]["url"] == handle.get()["video"]["url"]  # one stable URL
@@ -144,7 +145,9 @@ def test_payload_error_webhook(fal_sim: RunningSimulator, webhook_sink: WebhookS
     handle = submit(webhook_sink)
     (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
     body = hook.json()
-    assert body["status"] == "OK" and body["payload"] is None and body["payload_error"]
+    assert body["status"] == "OK"
+    assert body["payload"] is None
+    assert body["payload_error"]
     assert handle.get()["video"]  # the result endpoint still has the output
 
 
@@ -155,7 +158,8 @@ def test_canceled_request_webhook(fal_sim: RunningSimulator, webhook_sink: Webho
     handle.cancel()
     (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
     body = hook.json()
-    assert body["status"] == "ERROR" and body["error"] == "Invalid status code: 499"
+    assert body["status"] == "ERROR"
+    assert body["error"] == "Invalid status code: 499"
     assert body["payload"]["error_type"] == "client_cancelled"
     assert b"request_cancelled" not in hook.body  # no invented error strings
 
@@ -168,7 +172,8 @@ def test_cancel_while_running_still_delivers_the_output(
     wait_until(lambda: isinstance(handle.status(), fal_client.InProgress), timeout=30)
     handle.cancel()
     (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id), timeout=30)
-    assert hook.json()["status"] == "OK" and hook.json()["payload"]["video"]["url"]
+    assert hook.json()["status"] == "OK"
+    assert hook.json()["payload"]["video"]["url"]
 
 
 def test_failed_deliveries_are_retried_with_backoff(
@@ -181,7 +186,9 @@ def test_failed_deliveries_are_retried_with_backoff(
     hooks = webhook_sink.for_request(handle.request_id)
     assert [h.answered for h in hooks] == [500, 503, 502, 200]
     gaps = [b.arrived_mono - a.arrived_mono for a, b in zip(hooks, hooks[1:], strict=False)]
-    assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2  # doubling backoff
+    assert gaps[0] >= 0.05
+    assert gaps[1] >= 0.1
+    assert gaps[2] >= 0.2  # doubling backoff
     assert len({h.body for h in hooks}) == 1  # the body is fixed once: same bytes every time
     # the simulator records an attempt after the sink answered it: wait for the fourth
     attempts = wait_until(
@@ -363,7 +370,9 @@ def test_out_of_order_delivery_reproducible_under_seed(
         fal_sim.control.reset(seed=11, webhook_out_of_order_rate=0.5, **options)
         runs.append(_delivery_order(fal_sim, webhook_sink, 5))
     (order_a, held_a), (order_b, held_b) = runs
-    assert held_a == held_b and any(held_a) and not all(held_a)  # same seed, same decisions
+    assert held_a == held_b
+    assert any(held_a)
+    assert not all(held_a)  # same seed, same decisions
     held_back = {i for i, held in enumerate(held_a) if held}
     for order in (order_a, order_b):
         assert order != sorted(order)  # held-back webhooks were overtaken...
@@ -400,7 +409,8 @@ def test_fault_decisions_are_reproducible_under_one_seed(fal_sim: RunningSimulat
     assert first != other
     statuses = {s["status"] for s in first}
     assert statuses == {"completed", "failed"}
-    assert any(s["duplicate"] for s in first) and any(s["drop"] for s in first)
+    assert any(s["duplicate"] for s in first)
+    assert any(s["drop"] for s in first)
 
 
 def test_concurrent_submissions_with_webhooks(
@@ -433,7 +443,8 @@ def test_jwks_serves_two_keys_one_with_a_padded_x(
 ) -> None:
     document = httpx.get(fal_sim.jwks_url, verify=str(fal_sim.ca_bundle)).json()
     xs = [key["x"] for key in document["keys"]]
-    assert len(xs) == 2 and len(set(xs)) == 2
+    assert len(xs) == 2
+    assert len(set(xs)) == 2
     assert sum(x.endswith("=") for x in xs) == 1  # one padded, one not: read both
     handle = submit(webhook_sink)
     (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
@@ -448,7 +459,8 @@ def test_rotating_keys_signs_with_a_new_key_and_keeps_the_old_one_published(
     old = submit(webhook_sink)
     (old_hook,) = wait_until(lambda: webhook_sink.for_request(old.request_id))
     rotated = httpx.post(f"{fal_sim.base_url}/_sim/jwks/rotate", verify=str(fal_sim.ca_bundle))
-    assert rotated.status_code == 200 and len(rotated.json()["keys"]) == 2
+    assert rotated.status_code == 200
+    assert len(rotated.json()["keys"]) == 2
     new = submit(webhook_sink)
     (new_hook,) = wait_until(lambda: webhook_sink.for_request(new.request_id))
     after = fetch_public_keys(fal_sim.jwks_url, str(fal_sim.ca_bundle))

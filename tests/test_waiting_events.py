@@ -76,7 +76,8 @@ def test_events_whose_row_never_came_are_expired_after_the_retention(
         r["id"]: r["expired_at"]
         for r in conn.execute("select id, expired_at from generation_events order by id")
     }
-    assert expired[old] is not None and expired[recent] is None
+    assert expired[old] is not None
+    assert expired[recent] is None
     assert expired_event_count(conn) == 1
     assert apply_waiting_events(conn)["expired"] == 0  # marked once
     # kept, and applied should the row appear after all
@@ -120,10 +121,8 @@ def test_db_status_counts_and_events_waiting_lists_them(
         for name in ("from-another-account", "not-yet")
         if name in line
     }
-    assert (
-        "expired" in lines["from-another-account"]
-        and "another fal account" in (lines["from-another-account"])
-    )
+    assert "expired" in lines["from-another-account"]
+    assert "another fal account" in (lines["from-another-account"])
     assert "no generation row yet" in lines["not-yet"]
 
 
@@ -163,7 +162,8 @@ def test_an_event_that_always_errors_is_skipped_with_its_reason(
         "where request_id = %s",
         (poison,),
     ).fetchone()
-    assert event["applied_at"] is None and event["apply_failed_at"] is not None
+    assert event["applied_at"] is None
+    assert event["apply_failed_at"] is not None
     assert "generations_test_poison" in event["apply_error"]
     assert event["apply_error"].startswith("23514: ")  # check_violation
     # tried again on the next pass, once, after the others
@@ -266,7 +266,8 @@ def test_waiting_events_take_request_locks_in_the_receivers_order(
         thread.join(timeout=60)
         blocker.close()
         worker.close()
-    assert not errors and not thread.is_alive()
+    assert not errors
+    assert not thread.is_alive()
     conn.commit()
     assert generation(conn, first)["status"] == generation(conn, second)["status"] == "completed"
 

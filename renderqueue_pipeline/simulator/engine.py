@@ -827,7 +827,8 @@ class Engine:
     async def _attempt(
         self, req: SimRequest, *, copy: int, attempt: int, timestamp: str
     ) -> Literal["delivered", "retry", "final"]:
-        assert req.webhook_url and self.http is not None
+        assert req.webhook_url
+        assert self.http is not None
         body = self.webhook_body(req)
         user_id = self.config.webhook_user_id
         headers = {
