@@ -75,7 +75,7 @@ def _child(url: str, env: dict[str, str], results: Any) -> None:
     os.environ.update(env)
     try:
         results.put(_measure(url))
-    except BaseException as exc:  # report it to the parent, which raises it
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
         results.put({"error": f"{type(exc).__name__}: {exc}"})
 
 

@@ -178,8 +178,9 @@ def pandas_baseline(url: str) -> dict:
     end = datetime(2026, 11, 1, tzinfo=UTC)
     buffer = io.BytesIO()
     with connect(url) as conn, conn.cursor() as cur:
+        # COPY takes no bind parameters: the two datetimes are the bench's own
         sql = (
-            "copy (select g.user_id, g.endpoint, bi.batch_id, g.status, g.cost_basis,"
+            "copy (select g.user_id, g.endpoint, bi.batch_id, g.status, g.cost_basis,"  # noqa: S608
             " g.cost_micros, g.billed_seconds, bi.estimate_micros,"
             " (g.created_at at time zone 'UTC')::date as day"
             " from generations g left join batch_items bi on bi.id = g.batch_item_id"

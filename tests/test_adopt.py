@@ -385,11 +385,10 @@ def test_resubmit_unknown_resends_only_what_fal_never_received(
     assert 0 < len(at_fal) < 8
     fal_sim.control.set_faults(api_500_rate=0, api_503_rate=0)
 
+    def broken() -> object:
+        raise FalPlatformError("fal Platform API GET /models/requests/by-endpoint: HTTP 500")
+
     with pytest.raises(BatchConfigError, match="resubmit_unknown: fal's request list"):
-
-        def broken() -> object:
-            raise FalPlatformError("fal Platform API GET /models/requests/by-endpoint: HTTP 500")
-
         submit_batch_file(
             path.as_uri(),
             BatchOptions(default_endpoint=SEEDANCE, resubmit_unknown=True),

@@ -37,7 +37,7 @@ REFUSED = [
     "fd00::1",  # unique local
     "::ffff:10.0.0.1",  # IPv4-mapped private
     "::ffff:127.0.0.1",
-    "0.0.0.0",
+    "0.0.0.0",  # noqa: S104 - an address the fetcher must refuse, not a bind
     "::",
     "127.0.0.1",
     "::1",

@@ -29,7 +29,8 @@ def _complete(ledger_url: str, fal_sim: RunningSimulator, lifetimes: list[float 
                 rid = await asubmit_generation(
                     conn, fal.submit, user_id=3, endpoint=ENDPOINT, inputs=INPUTS
                 )
-                while not (await fal.status(ENDPOINT, rid)).done:
+                # polls fal's status over HTTP: there is no event to wait on
+                while not (await fal.status(ENDPOINT, rid)).done:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
                 output = await fal.result(ENDPOINT, rid)
             record_event(conn, LedgerEvent(rid, "completed", output, source="api"))

@@ -111,7 +111,7 @@ def test_budget_set_and_show(
     code, out, _ = cli("budget", "set", "--user-id", "7", "--usd", "12.5")
     assert code == 0
     assert out.startswith("user 7: $12.50 for ")
-    code, request_id, _ = cli(
+    code, _request_id, _ = cli(
         "submit",
         "--user-id",
         "7",

@@ -69,6 +69,13 @@ FILE_ERRORS = [
 ]
 
 
+def _inspect_and_read(uri: str) -> None:
+    """What a run does with a file: inspect it, then read every row."""
+    inspect_file(uri)
+    with PromptReader(uri) as reader:
+        list(reader)
+
+
 @pytest.mark.parametrize(("name", "content", "says"), FILE_ERRORS, ids=[c[0] for c in FILE_ERRORS])
 def test_a_file_that_cannot_be_used_says_why(
     tmp_path: Path, name: str, content: bytes, says: str
@@ -76,9 +83,7 @@ def test_a_file_that_cannot_be_used_says_why(
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(PromptFileError) as caught:
-        inspect_file(path.as_uri())
-        with PromptReader(path.as_uri()) as reader:
-            list(reader)
+        _inspect_and_read(path.as_uri())
     assert says in str(caught.value)
     assert str(caught.value).startswith(path.as_uri())
 

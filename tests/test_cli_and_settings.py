@@ -97,8 +97,16 @@ def test_webhook_serve_refuses_an_unusable_jwks_url_at_start(
         "RENDERQUEUE_HOME": str(tmp_path),
     }
     cli = subprocess.run(
-        [sys.executable, "-m", "renderqueue_pipeline.cli", "webhook", "serve", "--port", "0"]
-        + flags,
+        [
+            sys.executable,
+            "-m",
+            "renderqueue_pipeline.cli",
+            "webhook",
+            "serve",
+            "--port",
+            "0",
+            *flags,
+        ],
         env=env,
         capture_output=True,
         text=True,

@@ -45,7 +45,8 @@ def gateway(**options: object) -> FalGateway:
 
 
 async def until_done(fal: FalGateway, request_id: str, endpoint: str = ENDPOINT) -> Status:
-    while not (status := await fal.status(endpoint, request_id, with_logs=True)).done:
+    # polls fal's status over HTTP: there is no event to wait on
+    while not (status := await fal.status(endpoint, request_id, with_logs=True)).done:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     return status
 

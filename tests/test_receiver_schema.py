@@ -107,8 +107,16 @@ def test_webhook_serve_runs_as_the_receiver_role_and_waits_for_the_migration(
     }
     log = (tmp_path / "receiver.log").open("w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", "renderqueue_pipeline.cli", "webhook", "serve", "--port", "0"]
-        + ["--insecure-jwks"],
+        [
+            sys.executable,
+            "-m",
+            "renderqueue_pipeline.cli",
+            "webhook",
+            "serve",
+            "--port",
+            "0",
+            "--insecure-jwks",
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -92,7 +92,7 @@ def expected(rows, key: int) -> dict:
         )
     )
     for row in rows:
-        user, endpoint, status, seconds, _ = row
+        _user, endpoint, status, seconds, _ = row
         figures = out[row[key]]
         figures["generations"] += 1
         if status == "completed":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import threading
 import time
@@ -185,7 +186,7 @@ def test_failed_deliveries_are_retried_with_backoff(
     wait_until(lambda: webhook_sink.accepted(), timeout=30)
     hooks = webhook_sink.for_request(handle.request_id)
     assert [h.answered for h in hooks] == [500, 503, 502, 200]
-    gaps = [b.arrived_mono - a.arrived_mono for a, b in zip(hooks, hooks[1:], strict=False)]
+    gaps = [b.arrived_mono - a.arrived_mono for a, b in itertools.pairwise(hooks)]
     assert gaps[0] >= 0.05
     assert gaps[1] >= 0.1
     assert gaps[2] >= 0.2  # doubling backoff

@@ -59,8 +59,9 @@ def _clean_run(
 
 def _ours(conn: psycopg.Connection, where: str, value: int) -> int:
     """The ledger's own figure, summed here independently of the comparison's query."""
+    # `where` is a column the test names
     return conn.execute(
-        "select coalesce(sum(coalesce(g.computed_cost_micros, g.cost_micros)), 0)::bigint as m "
+        "select coalesce(sum(coalesce(g.computed_cost_micros, g.cost_micros)), 0)::bigint as m "  # noqa: S608
         "from generations g left join batch_items i on i.id = g.batch_item_id "
         f"where g.status = 'completed' and {where} = %s",
         (value,),
@@ -96,7 +97,7 @@ def test_fals_usage_by_user_and_batch_equals_the_ledger_on_a_clean_run(
 def test_a_request_fal_billed_to_another_user_shows_as_a_difference(
     conn, ledger_url, fal_billing, tmp_path
 ) -> None:
-    _, _, ids = _clean_run(conn, ledger_url, fal_billing, tmp_path)
+    _clean_run(conn, ledger_url, fal_billing, tmp_path)
     moved = conn.execute(
         "select g.request_id, g.cost_micros from generations g join batch_items i "
         "on i.id = g.batch_item_id where g.user_id = 7 order by g.id limit 1"

@@ -105,7 +105,7 @@ def test_one_idempotency_key_reaches_fal_once_when_two_calls_race(
             answers[name] = submit_prompt(
                 7, SEEDANCE, "a fox", {"duration": "5"}, idempotency_key=key, ledger_url=ledger_url
             )
-        except Exception as exc:  # kept for the assertion
+        except Exception as exc:  # noqa: BLE001 - kept for the assertion, whatever it is
             answers[name] = exc
 
     first = threading.Thread(target=call, args=("first",))
@@ -388,7 +388,7 @@ def test_a_definite_outcome_after_unknown_wins_and_releases_the_budget(ledger_ur
         month = conn.execute("select date_trunc('month', rq_now())::date as m").fetchone()["m"]
         assert month_figures(conn, 8, month).in_flight_micros == 2 * ROW
         finish_submission(conn, accepted, "req-late-answer")
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="fal 422: duration"):
             finish_submission(conn, refused, ValueError("fal 422: duration"), lambda exc: True)
         states = dict(
             (r["id"], (r["state"], r["request_id"]))

@@ -37,7 +37,9 @@ def waiting_event(conn: psycopg.Connection, request_id: str, **fields: object) -
     ).fetchone()
     for column, value in fields.items():
         conn.execute(
-            f"update generation_events set {column} = %s where id = %s", (value, row["id"])
+            # the column is a keyword argument of this helper, written in the test
+            f"update generation_events set {column} = %s where id = %s",  # noqa: S608
+            (value, row["id"]),
         )
     conn.commit()
     return row["id"]
@@ -219,7 +221,7 @@ def run_blocked(ledger_url: str, conn: psycopg.Connection, blocked_request: str,
     def target() -> None:
         try:
             work(worker)
-        except BaseException as exc:  # reported by the test
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
 
     thread = threading.Thread(target=target, daemon=True)
