@@ -36,7 +36,7 @@ class _FriendlyGroup(click.Group):
             sys.exit(2)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
-        except Exception:  # a bug: keep the traceback, without any secret in it
+        except Exception:  # noqa: BLE001 - a bug: keep the traceback, without any secret in it
             import traceback
 
             click.echo(redact(traceback.format_exc()), err=True, nl=False)
@@ -117,7 +117,7 @@ def db_psql(psql_args: tuple[str, ...]) -> None:
     if psql is None:
         raise click.ClickException("psql is not on PATH; use `renderqueue db url` with your client")
     url = database_url()
-    os.execv(psql, [psql, url, *psql_args])
+    os.execv(psql, [psql, url, *psql_args])  # noqa: S606 - psql found on PATH, replaces us
 
 
 @db.command("stop")

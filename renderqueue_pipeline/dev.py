@@ -58,7 +58,7 @@ class Supervisor:
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"{name}.log").open("ab")
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # noqa: S603 - our own programs, argv built here
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.children.append((name, process))
@@ -248,7 +248,7 @@ def _wait_for_code_server(port: int, supervisor: Supervisor, timeout: float = 18
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         supervisor.check()
-        check = subprocess.run(
+        check = subprocess.run(  # noqa: S603 - our own programs, argv built here
             [_bin("dagster"), "api", "grpc-health-check", "-p", str(port), "-h", "127.0.0.1"],
             capture_output=True,
         )

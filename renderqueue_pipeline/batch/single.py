@@ -120,7 +120,7 @@ async def asubmit_prompt(
             outcome = await gateway.submit(
                 intent.endpoint, dict(intent.inputs), identity=identity, priority="normal"
             )
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure is an outcome finish() records
         outcome = exc
     finally:
         lease.cancel()

@@ -249,7 +249,7 @@ class AdaptiveLimit:
                     self.limit = max(1, self.limit // 2)
                     self.lowest = min(self.lowest, self.limit)
                     pause = min(self.BASE_PAUSE_S * 2 ** (self._consecutive - 1), MAX_BACKOFF_S)
-                    self._resume_at = now + pause * random.uniform(0.8, 1.2)
+                    self._resume_at = now + pause * random.uniform(0.8, 1.2)  # noqa: S311 - jitter
             else:
                 self._consecutive = 0
                 self._streak += 1
@@ -286,7 +286,8 @@ class FairFeed:
         self._by_user: OrderedDict[int, deque[Intent]] = OrderedDict()
         self._changed = asyncio.Condition()
 
-    async def put(self, intent: Intent, *, timeout: float | None = None) -> bool:
+    # ASYNC109: running out of time is an answer here (False), not a cancellation
+    async def put(self, intent: Intent, *, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Add an intent; False when the feed stayed full for `timeout` seconds."""
         async with self._changed:
             if self.size >= self.lookahead:
@@ -449,7 +450,7 @@ class SendMarks:
             group, self._waiting = self._waiting, []
             try:
                 claimed = await asyncio.to_thread(self._claim, [i for i, _ in group])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every waiter of the group gets the error
                 for _, future in group:
                     future.set_exception(exc)
             else:
@@ -832,7 +833,7 @@ class _Run:
                 continue
             try:
                 outcome = await self._send(gateway, intent)
-            except Exception as exc:  # the ledger failed us: stop; the next run resumes
+            except Exception as exc:  # noqa: BLE001 - the ledger failed us: stop; the next run resumes
                 self.gate.leave(intent.endpoint, intent.user_id)
                 if self.fatal is None:
                     self.fatal, self.stop_reason = exc, redact_error(exc)
@@ -884,7 +885,7 @@ class _Run:
                     identity=RequestIdentity(intent.item_id, intent.user_id, self.batch_id),
                     priority=self.options.priority,
                 )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every send failure is classified below
                 limited = _is_rate_limited(exc)
                 await self.limit.release(rate_limited=limited)
                 if limited and time.monotonic() - first_try < RATE_LIMIT_PATIENCE_S:
@@ -939,7 +940,7 @@ class _Run:
         try:
             finish_submission(conn, intent, outcome, _is_definite_rejection)
             return "submitted"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - classified: a refusal is recorded, else re-raised
             if _is_definite_rejection(exc):
                 conn.execute(
                     q("label_rejected_item"),
@@ -1225,7 +1226,7 @@ def _submit_copy(
             failure: BaseException | None = None
             try:
                 asyncio.run(run.run(reader))
-            except BaseException as exc:  # the run died: the batch must not stay open
+            except BaseException as exc:  # noqa: BLE001 - the run died: the batch must not stay open
                 failure = exc
             log(run.progress_line())
             if failure is not None:

@@ -150,7 +150,7 @@ def stop_embedded(home: Path | None = None) -> bool:
     cmd = [str(pg_ctl), "-w", "-D", str(pgdata), "-m", "fast", "stop"]
     if user:
         cmd = as_user(user, cmd)
-    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(cmd, check=True, capture_output=True)  # noqa: S603 - Postgres's own tools
     return True
 
 

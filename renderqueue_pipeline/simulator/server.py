@@ -47,7 +47,7 @@ def ensure_ca_bundle(home: Path) -> tuple[Path, Path, Path]:
 
 def client_host(host: str) -> str:
     """The host a client should dial (a wildcard bind is reached on loopback)."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 - reads, not binds
 
 
 def api_keys(home: Path) -> ApiKeys:

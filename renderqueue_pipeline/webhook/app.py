@@ -268,8 +268,13 @@ class DatabaseProbe:
 _MAYBE_UNREAD = frozenset(("bad_signature", "foreign_user", "too_large", "busy", "slow_body"))
 
 _SIGNATURE_HEADERS = frozenset(
-    (b"content-length", b"x-fal-webhook-request-id", b"x-fal-webhook-user-id")
-    + (b"x-fal-webhook-timestamp", b"x-fal-webhook-signature")
+    (
+        b"content-length",
+        b"x-fal-webhook-request-id",
+        b"x-fal-webhook-user-id",
+        b"x-fal-webhook-timestamp",
+        b"x-fal-webhook-signature",
+    )
 )
 
 
@@ -375,7 +380,8 @@ class _FalEndpoint:
         """
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
-        assert task is not None
+        if task is None:  # pragma: no cover - always called from a request's task
+            raise RuntimeError("the receiver's reader slot is taken outside a task")
         while len(self._readers) >= self.config.max_reading:
             oldest_task, oldest = next(iter(self._readers.items()))
             self._cut(oldest_task, oldest, "busy")
