@@ -11,10 +11,12 @@ simulator's ground truth request by request; any difference is a mismatch (exit 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import datetime as dt
 import hashlib
+import logging
 import os
 import random
 import shutil
@@ -33,6 +35,18 @@ from urllib.parse import urlparse
 import httpx
 import psycopg
 from psycopg.rows import dict_row
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.db.server import embedded_url, stop_embedded
+from renderqueue_pipeline.dev import _bin as find
+from renderqueue_pipeline.dev import read_exports, read_receiver_url
+from renderqueue_pipeline.fal_platform import FalPlatform
+from renderqueue_pipeline.reports.checks import report_matches_ledger
+from renderqueue_pipeline.reports.spend import refresh_month
+from renderqueue_pipeline.simulator.testing import SimControl
 
 ENDPOINT = "bytedance/seedance-2.0/fast/text-to-video"
 BUCKET = "renderqueue-chaos"
@@ -109,7 +123,6 @@ class ChaosResult:
 
 
 def _bin(name: str) -> str:
-    from renderqueue_pipeline.dev import _bin as find
 
     return find(name)
 
@@ -144,7 +157,6 @@ class ReceiverLoop:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _start(self) -> None:
-        from renderqueue_pipeline.dev import read_receiver_url
 
         log = self.log_dir / f"webhook-{self.restarts}.log"
         log.write_text("")
@@ -207,9 +219,8 @@ class Moto:
         self.server: Any = None
 
     def start(self) -> None:
-        import logging
 
-        from moto.server import ThreadedMotoServer
+        from moto.server import ThreadedMotoServer  # noqa: PLC0415 - the test extra: only a chaos run needs it
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 call
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
@@ -226,7 +237,7 @@ class Moto:
         return f"http://127.0.0.1:{self.port}"
 
     def client(self) -> Any:
-        import boto3
+        import boto3  # noqa: PLC0415 - the test extra: only a chaos run needs it
 
         return boto3.client(
             "s3",
@@ -259,7 +270,6 @@ def write_prompts(path: Path, rows: int, seed: int) -> Path:
 
 @contextlib.contextmanager
 def _simulator(env: dict[str, str], log_dir: Path, seed: int, knobs: dict) -> Iterator[dict]:
-    from renderqueue_pipeline.dev import read_exports
 
     argv = [_bin("renderqueue"), "simulator", "serve", "--port", "0", "--platform-port", "0"]
     argv += ["--seed", str(seed)]
@@ -326,9 +336,6 @@ def run_chaos(
     starts its own embedded Postgres there (and can stop and start it); with one, it
     migrates that database and leaves the server alone.
     """
-    from renderqueue_pipeline.db.migrate import migrate
-    from renderqueue_pipeline.db.server import embedded_url, stop_embedded
-    from renderqueue_pipeline.simulator.testing import SimControl
 
     config = config or ChaosConfig()
     own_server = database_url is None
@@ -400,7 +407,6 @@ def _drive(
     own_server: bool,
 ) -> None:
     """The faults of our own side, at fixed points of the run."""
-    from renderqueue_pipeline.db.server import embedded_url, stop_embedded
 
     config = run.config
     path = write_prompts(run.home / "prompts.csv", config.rows, config.seed)
@@ -591,9 +597,6 @@ def _audit(
     run: Run, env: dict[str, str], control: Any, receiver: ReceiverLoop, moto: Moto, url: str
 ) -> ChaosResult:
     """The ledger against the simulator's ground truth, request by request."""
-    from renderqueue_pipeline.fal_platform import FalPlatform
-    from renderqueue_pipeline.reports.checks import report_matches_ledger
-    from renderqueue_pipeline.reports.spend import refresh_month
 
     mismatches: list[str] = []
     truth = {t["request_id"]: t for t in control.ground_truth()}
@@ -809,7 +812,6 @@ def _audit(
 
 def render(result: ChaosResult) -> Any:
     """The one screen: a rich table of faults, then the verdict."""
-    from rich.table import Table
 
     table = Table(title=f"make chaos: {result.requests} requests at fal, {result.seconds:.0f} s")
     table.add_column("fault")
@@ -829,10 +831,6 @@ def render(result: ChaosResult) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m renderqueue_pipeline.chaos [--rows N] [--seed S]`: exit 1 on any mismatch."""
-    import argparse
-
-    from rich.console import Console
-    from rich.markup import escape
 
     parser = argparse.ArgumentParser(prog="renderqueue-chaos")
     parser.add_argument("--rows", type=int, default=ChaosConfig.rows)

@@ -10,11 +10,11 @@ from pathlib import Path
 import dagster as dg
 
 from renderqueue_pipeline.defs.resources import default_resources
+from renderqueue_pipeline.redact import install_log_redaction
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    from renderqueue_pipeline.redact import install_log_redaction
 
     install_log_redaction()  # our loggers never print a configured secret
     return dg.Definitions.merge(

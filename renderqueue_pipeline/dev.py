@@ -9,6 +9,7 @@ With FAL_KEY / DATABASE_URL set, the simulator / embedded server are not started
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import shutil
 import signal
@@ -21,12 +22,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import httpx
 from rich.console import Console
 from rich.markup import escape
 
+from renderqueue_pipeline.alerts import evaluate_budget_alerts
+from renderqueue_pipeline.dagster_home import ensure_dagster_home
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.db.roles import dev_logins
+from renderqueue_pipeline.db.server import database_url, stop_embedded
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.redact import redact
+from renderqueue_pipeline.settings import get_settings
 
 SAMPLE_PROMPTS = "prompts-demo.csv"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -161,11 +170,6 @@ def running_stack(
     production shape);
     several `webhook_ports` start one receiver each on the same database.
     """
-    from renderqueue_pipeline.dagster_home import ensure_dagster_home
-    from renderqueue_pipeline.db.migrate import migrate
-    from renderqueue_pipeline.db.roles import dev_logins
-    from renderqueue_pipeline.db.server import database_url, stop_embedded
-    from renderqueue_pipeline.settings import get_settings
 
     settings = get_settings()
     started_embedded = settings.database_url is None
@@ -273,7 +277,6 @@ def _grpc_workspace(dagster_home: Path, port: int) -> Path:
 
 def drop_sample_prompts(prompts_url: str) -> str:
     """Put the demo's prompts file in the inbox (same name and content: a no-op)."""
-    import fsspec
 
     fs, root = fsspec.core.url_to_fs(prompts_url)
     fs.makedirs(root, exist_ok=True)
@@ -345,7 +348,6 @@ def wait_for_run(
 
 def wait_for_sample_batch(url: str, stop: Callable[[], bool]) -> list[int]:
     """Batches of the sample file once done and every one of their rows is terminal."""
-    from renderqueue_pipeline.db.connect import connect
 
     with connect(url, autocommit=True) as conn:
         while not stop():
@@ -367,16 +369,13 @@ def run_dev(
     console: Console | None = None, *, ui_port: int = 3000, production_shape: bool = False
 ) -> None:
     """Start everything, drop the sample prompts, print where to look; Ctrl-C stops all."""
-    import datetime as dt
 
-    from renderqueue_pipeline.alerts import evaluate_budget_alerts
-    from renderqueue_pipeline.demo import (
+    from renderqueue_pipeline.demo import (  # noqa: PLC0415 - cycle: demo imports dev
         demo_alert_webhook,
         prepare_demo_ledger,
         print_received_alerts,
         print_summary,
     )
-    from renderqueue_pipeline.settings import get_settings
 
     console = console or Console()
     settings = get_settings()
@@ -429,8 +428,6 @@ def run_dev(
                         console.print(f"{job}: {status.lower()}")
                     except (RenderqueueError, httpx.HTTPError) as exc:
                         console.print(f"[yellow]{job} not launched: {escape(redact(exc))}")
-                from renderqueue_pipeline.db.connect import connect
-
                 with connect(url) as conn:
                     request_ids = [
                         r["request_id"]

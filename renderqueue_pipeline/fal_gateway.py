@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import quote, unquote
 
 import httpx
+from asyncstdlib import cached_property as async_cached_property
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -61,6 +62,7 @@ from tenacity import (
 )
 
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.settings import get_settings
 
 if TYPE_CHECKING:
     import fal_client
@@ -97,9 +99,8 @@ def pooled_fal_client(
     `AsyncBackupDomainTransport`, fal-client 1.0.x); `test_fal_gateway` pins what we rely
     on: a second burst of submits reuses the first burst's connections.
     """
-    import fal_client as _fal_client  # lazily: it freezes FAL_QUEUE_RUN_HOST on import
-    from asyncstdlib import cached_property as async_cached_property
-    from fal_client.client import USER_AGENT, AsyncBackupDomainTransport
+    import fal_client as _fal_client  # noqa: PLC0415 - fal_client reads FAL_QUEUE_RUN_HOST when imported
+    from fal_client.client import USER_AGENT, AsyncBackupDomainTransport  # noqa: PLC0415 - fal_client reads FAL_QUEUE_RUN_HOST when imported
 
     limits = httpx.Limits(
         max_connections=None,  # the gateway's semaphore bounds what is in flight
@@ -346,7 +347,7 @@ def _status_code(exc: BaseException) -> int | None:
 
 
 def _is_fal_http_error(exc: BaseException) -> bool:
-    from fal_client.client import FalClientHTTPError
+    from fal_client.client import FalClientHTTPError  # noqa: PLC0415 - fal_client reads FAL_QUEUE_RUN_HOST when imported
 
     return isinstance(exc, FalClientHTTPError)
 
@@ -391,7 +392,7 @@ class FalGateway:
         rest_url: str = "https://rest.alpha.fal.ai",
         admin_key: str | None = _UNSET,
     ) -> None:
-        import fal_client as _fal_client  # lazily: it freezes FAL_QUEUE_RUN_HOST on import
+        import fal_client as _fal_client  # noqa: PLC0415 - fal_client reads FAL_QUEUE_RUN_HOST when imported
 
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
@@ -415,7 +416,6 @@ class FalGateway:
     @classmethod
     def from_settings(cls, settings: Any = None, **overrides: Any) -> FalGateway:
         """A gateway configured from renderqueue's settings (FAL_KEY, RENDERQUEUE_WEBHOOK_URL)."""
-        from renderqueue_pipeline.settings import get_settings
 
         settings = settings or get_settings()
         key = settings.fal_key.get_secret_value() if settings.fal_key else None
@@ -432,7 +432,7 @@ class FalGateway:
 
     @property
     def queue_host(self) -> str:
-        from fal_client.auth import FAL_QUEUE_RUN_HOST
+        from fal_client.auth import FAL_QUEUE_RUN_HOST  # noqa: PLC0415 - fal_client reads FAL_QUEUE_RUN_HOST when imported
 
         return FAL_QUEUE_RUN_HOST
 
@@ -664,7 +664,7 @@ class FalGateway:
         has just read the status, so it fetches with this. Raises FalRejected (the 422 body
         of a failed request), FalNotFound (expired or unknown), FalRequestError otherwise.
         """
-        from fal_client.client import _async_maybe_retry_request, _raise_for_status
+        from fal_client.client import _async_maybe_retry_request, _raise_for_status  # noqa: PLC0415 - fal_client reads FAL_QUEUE_RUN_HOST when imported
 
         async def get() -> Any:
             handle = await self._client.get_handle(endpoint, request_id)

@@ -24,6 +24,7 @@ import httpx
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.settings import get_settings
 
 log = logging.getLogger("renderqueue.fal.platform")
 
@@ -118,7 +119,6 @@ class FalPlatform:
     @classmethod
     def from_settings(cls, settings: Any = None, **overrides: Any) -> FalPlatform:
         """FAL_ADMIN_KEY (else FAL_KEY) and RENDERQUEUE_FAL_API_URL from renderqueue's settings."""
-        from renderqueue_pipeline.settings import get_settings
 
         settings = settings or get_settings()
         if settings.fal_admin_key is not None:

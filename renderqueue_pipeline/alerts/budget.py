@@ -34,6 +34,7 @@ from renderqueue_pipeline.batch.budget import (
     usd,
 )
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.settings import get_settings
 
 RETRY_BASE_S = 60  # the first retry a minute later, then 2, 4, ... up to an hour
 RETRY_MAX_S = 3600
@@ -264,7 +265,6 @@ def evaluate_budget_alerts(
     wait_s: float = 1.0,
 ) -> AlertRun:
     """Decide and deliver; arguments left None come from the settings."""
-    from renderqueue_pipeline.settings import get_settings
 
     settings = get_settings()
     if url is None and settings.alert_webhook_url is not None:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import psycopg
 
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.fal_gateway import FalGateway
 from renderqueue_pipeline.redact import redact
 
 
@@ -103,7 +104,6 @@ async def adelete_fal_copies(
 
 def delete_fal_copies(connect: Callable[[], psycopg.Connection], **options: Any) -> DeleteReport:
     """adelete_fal_copies with a gateway from the environment (FAL_KEY / the simulator)."""
-    from renderqueue_pipeline.fal_gateway import FalGateway
 
     async def run() -> DeleteReport:
         async with FalGateway.from_settings() as gateway:

@@ -20,6 +20,8 @@ import psycopg
 
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.reports.months import month_problem
+from renderqueue_pipeline.settings import get_settings
 
 MICROS_PER_USD = 1_000_000
 MAX_USD = Decimal(10) ** 9  # a billion dollars: anything above is a typo
@@ -60,7 +62,6 @@ def parse_month(value: str | None, setting: str = "--month") -> date | None:
     """YYYY-MM as the first day of that month; None stays None (the current month)."""
     if value is None:
         return None
-    from renderqueue_pipeline.reports.months import month_problem
 
     match = re.fullmatch(r"(\d{4})-(\d{2})", value.strip())
     if not match:
@@ -126,7 +127,6 @@ def month_figures(
 
 def default_limit_micros() -> int | None:
     """RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD in micro-dollars (None when unset)."""
-    from renderqueue_pipeline.settings import get_settings
 
     value = get_settings().default_monthly_budget_usd
     return None if value is None else parse_usd(value, "RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD")

@@ -23,6 +23,9 @@ from typing import Any
 from renderqueue_pipeline.batch.report import BatchNotFound
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.db.server import database_url
+from renderqueue_pipeline.fal_gateway import FalError, FalGateway, FalNotFound, FalRequestError
+from renderqueue_pipeline.ledger import CancelIntent, record_cancel_intent, withdraw_cancel_intent
 from renderqueue_pipeline.redact import redact
 
 
@@ -49,12 +52,6 @@ async def _cancel_all(
     gateway_factory: Callable[[int], Any],
     log: Callable[[str], None],
 ) -> CancelResult:
-    from renderqueue_pipeline.fal_gateway import FalError, FalNotFound, FalRequestError
-    from renderqueue_pipeline.ledger import (
-        CancelIntent,
-        record_cancel_intent,
-        withdraw_cancel_intent,
-    )
 
     def open_requests() -> list[dict[str, Any]]:
         with connect(ledger_url, autocommit=True) as conn:
@@ -124,8 +121,6 @@ def cancel_batch(
     gateway_factory: Callable[[int], Any] | None = None,
 ) -> CancelResult:
     """Cancel batch `batch_id` (see the module doc); BatchNotFound for an unknown id."""
-    from renderqueue_pipeline.db.server import database_url
-    from renderqueue_pipeline.fal_gateway import FalGateway
 
     factory = gateway_factory or (lambda n: FalGateway.from_settings(max_concurrency=n))
     return asyncio.run(

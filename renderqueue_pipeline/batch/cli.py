@@ -7,12 +7,33 @@ from pathlib import Path
 
 import click
 
+from renderqueue_pipeline.alerts import evaluate_budget_alerts, set_alert_percents
+from renderqueue_pipeline.batch import (
+    BatchOptions,
+    SubmissionInProgress,
+    batch_report,
+    budget_overview,
+    cancel_batch,
+    parse_month,
+    parse_usd,
+    set_budget,
+    submit_batch_file,
+    submit_prompt,
+    usd,
+)
+from renderqueue_pipeline.batch.budget import default_limit_micros
+from renderqueue_pipeline.batch.report import recent_batches
+from renderqueue_pipeline.batch.rows import parse_user_id
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.settings import get_settings, parse_alert_percents
 
 
 def _require_fal() -> None:
     """fal calls need FAL_KEY (fal's, or the local simulator's from its export lines)."""
-    from renderqueue_pipeline.settings import get_settings
 
     if get_settings().fal_key is None:
         raise RenderqueueError(
@@ -28,8 +49,6 @@ def _file_url(file: str) -> str:
 
 
 def _ledger_url() -> str:
-    from renderqueue_pipeline.db.migrate import migrate
-    from renderqueue_pipeline.db.server import database_url
 
     url = database_url()
     migrate(url)
@@ -37,7 +56,6 @@ def _ledger_url() -> str:
 
 
 def _print_report(report) -> None:
-    from renderqueue_pipeline.batch.budget import usd
 
     click.echo(f"batch {report.batch_id}: {report.source}")
     click.echo(f"  status      {report.status}" + (f" ({report.error})" if report.error else ""))
@@ -112,7 +130,6 @@ def batch_submit(
 
     Prints the batch id and the counts; exits 1 if nothing could be submitted.
     """
-    from renderqueue_pipeline.batch import BatchOptions, parse_usd, submit_batch_file
 
     options = BatchOptions(
         default_user_id=user_id,
@@ -143,8 +160,6 @@ def batch_submit(
 @click.argument("batch_id", type=int)
 def batch_show(batch_id: int) -> None:
     """Counts, the first 20 rejected rows and the unknown outcomes of a batch."""
-    from renderqueue_pipeline.batch import batch_report
-    from renderqueue_pipeline.db.connect import connect
 
     with connect(_ledger_url()) as conn:
         _print_report(batch_report(conn, batch_id))
@@ -154,8 +169,6 @@ def batch_show(batch_id: int) -> None:
 @click.option("--limit", type=int, default=20, show_default=True)
 def batch_list(limit: int) -> None:
     """The most recent batches."""
-    from renderqueue_pipeline.batch.report import recent_batches
-    from renderqueue_pipeline.db.connect import connect
 
     with connect(_ledger_url()) as conn:
         rows = recent_batches(conn, limit)
@@ -173,7 +186,6 @@ def batch_list(limit: int) -> None:
 @click.argument("batch_id", type=int)
 def batch_cancel(batch_id: int) -> None:
     """Stop BATCH_ID and cancel its queued and running requests at fal."""
-    from renderqueue_pipeline.batch import cancel_batch
 
     _require_fal()
     result = cancel_batch(
@@ -210,12 +222,6 @@ def budget() -> None:
 )
 def budget_set(user_id: int, amount: str | None, month: str | None, alerts: str | None) -> None:
     """Set a user's budget for a month, and/or its alert thresholds."""
-    from renderqueue_pipeline.alerts import set_alert_percents
-    from renderqueue_pipeline.batch import parse_month, parse_usd, set_budget, usd
-    from renderqueue_pipeline.batch.rows import parse_user_id
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.db.queries import q
-    from renderqueue_pipeline.settings import parse_alert_percents
 
     try:
         parse_user_id(user_id)
@@ -256,8 +262,6 @@ def budget_alerts() -> None:
     The same function as the Dagster sensor budget_alert_sensor: each threshold is sent
     once per user and month, whichever of them runs.
     """
-    from renderqueue_pipeline.alerts import evaluate_budget_alerts
-    from renderqueue_pipeline.db.connect import connect
 
     with connect(_ledger_url()) as conn:
         run = evaluate_budget_alerts(conn)
@@ -276,9 +280,6 @@ def budget_alerts() -> None:
 @click.option("--month", help="YYYY-MM (default: the current UTC month).")
 def budget_show(user_id: int | None, month: str | None) -> None:
     """Budget, spent, in flight and remaining per user for a month."""
-    from renderqueue_pipeline.batch import budget_overview, parse_month, usd
-    from renderqueue_pipeline.batch.budget import default_limit_micros
-    from renderqueue_pipeline.db.connect import connect
 
     with connect(_ledger_url()) as conn:
         rows = budget_overview(conn, user_id, parse_month(month), default_limit_micros())
@@ -321,7 +322,6 @@ def submit(
     user_id: int, endpoint: str, prompt: str, inputs: tuple[str, ...], idempotency_key: str | None
 ) -> None:
     """Submit one generation (budget checked, ledger first) and print its request id."""
-    from renderqueue_pipeline.batch import SubmissionInProgress, submit_prompt
 
     values = _key_values(inputs)
     _require_fal()

@@ -33,14 +33,21 @@ from typing import Any
 from renderqueue_pipeline.batch.budget import default_limit_micros
 from renderqueue_pipeline.batch.rows import PromptRow, RowDefaults, validate_row
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.errors import BudgetExceeded, LedgerInputError, SubmissionInProgress
-from renderqueue_pipeline.ledger import Intent, begin_submission, finish_submission, refresh_leases
+from renderqueue_pipeline.fal_gateway import FalGateway, FalRequestError, RequestIdentity
+from renderqueue_pipeline.ledger import (
+    Intent,
+    begin_submission,
+    finish_submission,
+    lease_interval,
+    refresh_leases,
+)
 
 __all__ = ["BudgetExceeded", "SubmissionInProgress", "asubmit_prompt", "submit_prompt"]
 
 
 def _definite(exc: BaseException) -> bool:
-    from renderqueue_pipeline.fal_gateway import FalRequestError
 
     return isinstance(exc, FalRequestError)
 
@@ -72,7 +79,6 @@ def _record_intent(
 
 async def _keep_lease(ledger_url: str, claimer: str) -> None:
     """Refresh the claim's lease while fal is being called (a slow call stays ours)."""
-    from renderqueue_pipeline.ledger import lease_interval
 
     every = lease_interval().total_seconds() / 4
     while True:
@@ -98,8 +104,6 @@ async def asubmit_prompt(
     wait_seconds: float | None = None,
 ) -> str:
     """`submit_prompt` for async callers; pass a long-lived `FalGateway` to reuse it."""
-    from renderqueue_pipeline.db.server import database_url
-    from renderqueue_pipeline.fal_gateway import FalGateway, RequestIdentity
 
     url = ledger_url or database_url()
     intent = await asyncio.to_thread(

@@ -397,8 +397,8 @@ class PromptReader:
             yield line_no, {str(k).strip().lower(): v for k, v in value.items()}
 
     def _parquet(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # noqa: PLC0415 - pyarrow loads only for parquet files
+        import pyarrow.parquet as pq  # noqa: PLC0415 - pyarrow loads only for parquet files
 
         try:
             parquet = pq.ParquetFile(self._stream)

@@ -48,7 +48,13 @@ from psycopg.types.json import Jsonb
 from renderqueue_pipeline.batch.budget import default_limit_micros
 from renderqueue_pipeline.batch.intents import BatchCap, decide_row, store_rejection
 from renderqueue_pipeline.batch.report import BatchReport, batch_report
-from renderqueue_pipeline.batch.rows import PromptRow, Rejection, RowDefaults, validate_row
+from renderqueue_pipeline.batch.rows import (
+    PromptRow,
+    Rejection,
+    RowDefaults,
+    parse_user_id,
+    validate_row,
+)
 from renderqueue_pipeline.batch.source import (
     FileFacts,
     PromptReader,
@@ -58,16 +64,28 @@ from renderqueue_pipeline.batch.source import (
 )
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.errors import DatabaseUnavailable, RenderqueueError
-from renderqueue_pipeline.fal_gateway import RequestIdentity
+from renderqueue_pipeline.fal_gateway import (
+    FalAuthError,
+    FalGateway,
+    FalRequestError,
+    FalSubmitOutcomeUnknown,
+    FalUnavailable,
+    RequestIdentity,
+)
+from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
 from renderqueue_pipeline.ledger import (
     Intent,
     claim_for_send,
     finish_submission,
     lease_interval,
     refresh_leases,
+    validate_request,
 )
+from renderqueue_pipeline.reconcile.adopt import AdoptReport, adopt_entries
 from renderqueue_pipeline.redact import redact, redact_error
+from renderqueue_pipeline.settings import get_settings
 
 MAX_CONCURRENCY = 256
 #: Calls in flight per gateway (each has its own HTTP connection pool): see `shard_sizes`.
@@ -130,8 +148,6 @@ class BatchOptions:
                 "concurrency", f"must be between 1 and {MAX_CONCURRENCY}, got {self.concurrency}"
             )
         if self.default_user_id is not None:
-            from renderqueue_pipeline.batch.rows import parse_user_id
-
             try:
                 parse_user_id(self.default_user_id)
             except ValueError as exc:
@@ -460,7 +476,6 @@ class SendMarks:
 
 def _is_rate_limited(exc: BaseException) -> bool:
     """fal said 429 (after fal-client's own retries): nothing was enqueued, slow down."""
-    from renderqueue_pipeline.fal_gateway import FalSubmitOutcomeUnknown, FalUnavailable
 
     if not isinstance(exc, FalUnavailable) or isinstance(exc, FalSubmitOutcomeUnknown):
         return False
@@ -470,7 +485,6 @@ def _is_rate_limited(exc: BaseException) -> bool:
 
 def _is_definite_rejection(exc: BaseException) -> bool:
     """A 4xx other than 429: fal refused the request, nothing was enqueued or billed."""
-    from renderqueue_pipeline.fal_gateway import FalRequestError
 
     return isinstance(exc, FalRequestError)
 
@@ -647,7 +661,6 @@ class _Run:
     # -- the run ----------------------------------------------------------------------
 
     async def run(self, reader: PromptReader) -> None:
-        from renderqueue_pipeline.settings import get_settings
 
         queue = FairFeed(max(FAIR_LOOKAHEAD_ROWS, self.options.concurrency * 4))
         results: asyncio.Queue[tuple[Intent, Any] | None] = asyncio.Queue()
@@ -760,7 +773,6 @@ class _Run:
         admitted against its user's budget only when it is sent (`claim_for_send`): a
         re-run or a resubmit never sends anything unadmitted.
         """
-        from renderqueue_pipeline.ledger import validate_request
 
         intents = []
         claim = {"claimer": self.claimer, "lease": lease_interval(self.lease_seconds)}
@@ -815,7 +827,6 @@ class _Run:
                 self.log(f"could not refresh this run's lease: {exc}")
 
     async def _worker(self, gateway: Any, queue: FairFeed, results: asyncio.Queue) -> None:
-        from renderqueue_pipeline.fal_gateway import FalAuthError
 
         while True:
             intent = await queue.get()
@@ -1000,7 +1011,6 @@ def _batch_status(conn: psycopg.Connection, batch_id: int) -> str | None:
 
 
 def _default_gateway(concurrency: int) -> Any:
-    from renderqueue_pipeline.fal_gateway import FalGateway
 
     return FalGateway.from_settings(max_concurrency=concurrency)
 
@@ -1025,9 +1035,6 @@ def unknown_items_fal_never_had(
     it. Raises BatchConfigError when the list cannot be read: resending blind could pay
     for a video twice.
     """
-    from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
-    from renderqueue_pipeline.reconcile.adopt import AdoptReport, adopt_entries
-    from renderqueue_pipeline.settings import get_settings
 
     def unknown() -> list[dict[str, Any]]:
         with conn.transaction():
@@ -1118,8 +1125,6 @@ def submit_batch_file(
     and reported, never raised. A run that dies leaves its batch `failed` with the reason
     (redacted), never `open`.
     """
-    from renderqueue_pipeline.db.server import database_url
-    from renderqueue_pipeline.settings import get_settings
 
     def safe_log(line: str) -> None:
         log(redact(line))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import psycopg
 from dagster import ConfigurableResource, EnvVar
 
@@ -23,7 +25,6 @@ class LedgerDatabase(ConfigurableResource):
 
 def default_resources() -> dict[str, object]:
     """Resources read from the environment (EnvVar keeps secrets out of the run config)."""
-    import os
 
     ledger = (
         LedgerDatabase(url=EnvVar("DATABASE_URL"))

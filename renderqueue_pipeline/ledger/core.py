@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import BudgetExceeded, LedgerInputError, SubmissionInProgress
 from renderqueue_pipeline.redact import redact
+from renderqueue_pipeline.settings import get_settings
 
 EventKind = Literal["in_progress", "completed", "failed", "canceled"]
 EventSource = Literal["webhook", "reconcile", "api"]
@@ -191,8 +192,6 @@ def record_intent(
 def lease_interval(seconds: float | None = None) -> timedelta:
     """A sender's lease (default RENDERQUEUE_SUBMIT_LEASE_SECONDS) as an interval."""
     if seconds is None:
-        from renderqueue_pipeline.settings import get_settings
-
         seconds = get_settings().submit_lease_seconds
     return timedelta(seconds=seconds)
 
@@ -320,7 +319,6 @@ def begin_submission(
     SubmissionInProgress; an item left pending by a sender that stopped is the
     reconciler's, never resent. A `rejected` or `unknown` item raises LedgerInputError.
     """
-    from renderqueue_pipeline.settings import get_settings
 
     if wait_seconds is None:
         wait_seconds = get_settings().submit_wait_seconds
@@ -643,8 +641,6 @@ def expire_waiting_events(conn: psycopg.Connection, retention: timedelta | None 
     (and still applied should their row appear); returns how many were newly marked.
     """
     if retention is None:
-        from renderqueue_pipeline.settings import get_settings
-
         retention = timedelta(days=get_settings().event_retention_days)
     with conn.transaction():
         found = conn.execute(q("expire_waiting_events"), {"retention": retention}).fetchone()

@@ -55,6 +55,7 @@ from renderqueue_pipeline.fal_gateway import (
     FalRequestError,
     FalUnavailable,
 )
+from renderqueue_pipeline.fal_platform import DEFAULT_API_URL, FalPlatform, FalPlatformError
 from renderqueue_pipeline.ledger import (
     CancelIntent,
     LedgerEvent,
@@ -70,6 +71,7 @@ from renderqueue_pipeline.reconcile.adopt import (
     adopt_fal_requests,
     duplicates_to_cancel,
 )
+from renderqueue_pipeline.settings import get_settings
 
 log = logging.getLogger("renderqueue.reconcile")
 
@@ -101,7 +103,6 @@ class ReconcileOptions:
     @classmethod
     def from_settings(cls, **overrides: Any) -> ReconcileOptions:
         """Options from RENDERQUEUE_RECONCILE_* (overrides win when not None)."""
-        from renderqueue_pipeline.settings import get_settings
 
         s = get_settings()
         options = cls(
@@ -501,8 +502,6 @@ def _adoption_wanted(options: ReconcileOptions) -> str | None:
         return "RENDERQUEUE_RECONCILE_ADOPT=off"
     if options.adopt == "on":
         return None
-    from renderqueue_pipeline.fal_platform import DEFAULT_API_URL
-    from renderqueue_pipeline.settings import get_settings
 
     settings = get_settings()
     if settings.fal_admin_key is None and settings.fal_api_url.rstrip("/") == DEFAULT_API_URL:
@@ -518,8 +517,6 @@ def adopt_step(
     now: Any = None,
 ) -> AdoptReport:
     """Read fal's request list and adopt (step 2 of a pass); never fails the pass."""
-    from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
-    from renderqueue_pipeline.settings import get_settings
 
     if options.adopt == "off" or platform_factory is None:
         skipped = _adoption_wanted(options)

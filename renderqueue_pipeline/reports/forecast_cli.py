@@ -8,7 +8,11 @@ import sys
 from datetime import date
 
 import click
+from rich.console import Console
+from rich.table import Table
 
+from renderqueue_pipeline.batch.budget import default_limit_micros
+from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.ledger.report import dollars
 from renderqueue_pipeline.reports.forecast import Forecast, ForecastRow, forecast_month
 
@@ -44,8 +48,6 @@ def records(forecast: Forecast) -> list[dict]:
 
 def print_forecast(month: date, fmt: str) -> None:
     """Compute the month's forecast as of the ledger's clock and print it."""
-    from renderqueue_pipeline.batch.budget import default_limit_micros
-    from renderqueue_pipeline.db.connect import connect
 
     with connect() as conn:
         forecast = forecast_month(conn, month, default_budget_micros=default_limit_micros())
@@ -57,8 +59,6 @@ def print_forecast(month: date, fmt: str) -> None:
         writer.writeheader()
         writer.writerows(records(forecast))
         return
-    from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     title = (

@@ -45,6 +45,7 @@ from starlette.routing import Route
 
 from renderqueue_pipeline.simulator.keys import ApiKeys, key_refusal
 from renderqueue_pipeline.simulator.models import is_image_endpoint
+from renderqueue_pipeline.simulator.server import bind_socket, client_host, ensure_ca_bundle
 
 if TYPE_CHECKING:
     from renderqueue_pipeline.simulator.engine import Engine, SimRequest
@@ -1095,7 +1096,6 @@ def attach(engine: Engine, book: BillingBook) -> None:
 
 def platform_env(host: str, port: int) -> dict[str, str]:
     """What a client needs besides the simulator's own env (same certificate bundle)."""
-    from renderqueue_pipeline.simulator.server import client_host
 
     return {"RENDERQUEUE_FAL_API_URL": f"https://{client_host(host)}:{port}/v1"}
 
@@ -1112,7 +1112,6 @@ class PlatformServer:
         port: int = 0,
         log_level: str = "warning",
     ) -> None:
-        from renderqueue_pipeline.simulator.server import bind_socket, ensure_ca_bundle
 
         self.home = Path(home).expanduser().resolve()
         self.book = book

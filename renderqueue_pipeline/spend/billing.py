@@ -20,6 +20,7 @@ import psycopg
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.fal_platform import FalPlatform
+from renderqueue_pipeline.reports.months import month_problem
 
 Progress = Callable[[int, int], None]  # (pages, events) so far
 T = TypeVar("T")
@@ -53,7 +54,6 @@ def day_range(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
 
 def month_range(month: str) -> tuple[dt.datetime, dt.datetime]:
     """'2026-11' (or '2026-11-01') -> [first 00:00 UTC, next month's first 00:00 UTC)."""
-    from renderqueue_pipeline.reports.months import month_problem
 
     try:
         first = dt.datetime.strptime(month[:7], "%Y-%m").replace(tzinfo=dt.UTC)

@@ -50,8 +50,10 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.errors import DatabaseUnavailable, LedgerInputError
 from renderqueue_pipeline.ledger import event_from_fal_webhook, expired_event_count
+from renderqueue_pipeline.settings import ConfigError, get_settings
 from renderqueue_pipeline.webhook.committer import (
     DEFAULT_COMMIT_TIMEOUT,
     DEFAULT_MAX_PENDING,
@@ -570,8 +572,6 @@ class ReceiverApp(Starlette):
 
 def config_from_settings(*, insecure_jwks: bool = False) -> ReceiverConfig:
     """The receiver's config from the environment (ConfigError on a bad value)."""
-    from renderqueue_pipeline.db.server import database_url
-    from renderqueue_pipeline.settings import get_settings
 
     settings = get_settings()
     return ReceiverConfig(
@@ -593,7 +593,6 @@ def create_app(config: ReceiverConfig | None = None) -> Starlette:
 
     Raises ConfigError at once for an unusable FAL_JWKS_URL (empty, or not https://).
     """
-    from renderqueue_pipeline.settings import ConfigError
 
     if config is None:
         config = config_from_settings()

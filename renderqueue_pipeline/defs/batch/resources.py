@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from renderqueue_pipeline.batch.inbox import InboxFile, list_inbox
+from renderqueue_pipeline.settings import get_settings
 
 
 class PromptsInbox(dg.ConfigurableResource):
@@ -13,7 +14,6 @@ class PromptsInbox(dg.ConfigurableResource):
     url: str = ""
 
     def resolved_url(self) -> str:
-        from renderqueue_pipeline.settings import get_settings
 
         return self.url or get_settings().prompts
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import dagster as dg
 
+from renderqueue_pipeline.batch.budget import default_limit_micros
 from renderqueue_pipeline.defs.freshness.policies import current_month_policy
 from renderqueue_pipeline.defs.ledger.assets import generations
 from renderqueue_pipeline.defs.resources import LedgerDatabase
@@ -90,7 +91,6 @@ def budget_check(forecast: Forecast) -> dg.AssetCheckResult:
 def spend_forecast(ledger: LedgerDatabase) -> dg.MaterializeResult:
     """The current UTC month: month-to-date spend plus the last 7 days' daily rate for the
     days left, by user (beside the budget) and by endpoint (docs/reports.md)."""
-    from renderqueue_pipeline.batch.budget import default_limit_micros
 
     with ledger.connect() as conn:
         forecast = forecast_month(conn, default_budget_micros=default_limit_micros())

@@ -13,6 +13,7 @@ from renderqueue_pipeline.defs.shared import FAL_API_POOL, daily_partitions, mon
 from renderqueue_pipeline.defs.spend.resources import FalPlatformResource
 from renderqueue_pipeline.fal_platform import FalPlatformAuthError, FalPlatformError
 from renderqueue_pipeline.ledger.report import dollars
+from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.spend import (
     apply_billed,
     compare_usage_by_tag,
@@ -38,7 +39,6 @@ class MonthlyCheckConfig(dg.Config):
 
 
 def _settings():  # read at run time, never at import
-    from renderqueue_pipeline.settings import get_settings
 
     return get_settings()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from renderqueue_pipeline.fal_platform import FalPlatform
+from renderqueue_pipeline.settings import get_settings
 
 
 class FalPlatformResource(dg.ConfigurableResource):
@@ -15,7 +16,6 @@ class FalPlatformResource(dg.ConfigurableResource):
     api_url: str = ""
 
     def client(self) -> FalPlatform:
-        from renderqueue_pipeline.settings import get_settings
 
         overrides = {"base_url": self.api_url} if self.api_url else {}
         if self.admin_key:
