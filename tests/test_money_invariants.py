@@ -7,7 +7,7 @@ fal's webhooks through the receiver (duplicated, reordered, early before the row
 after a month closed), reconcile passes, fal's billing events on any day (split over two
 days, stamped before the row), billing ingest and reconciliation split at random days,
 report refreshes and finalizations, and an injected clock (`rq_now()`,
-`sql/085_injectable_clock.sql`) that crosses month ends.
+`sql/schema/00_clock.sql`) that crosses month ends.
 
 Real parts: the embedded Postgres (a database of this module's own, so its clock setting
 touches no other test), the fal simulator through the real fal-client, its Platform API for
@@ -247,8 +247,8 @@ def closed_month_report_equals_ledger_or_is_marked_changed(
 ) -> None:
     """4. A finalized month's report equals the ledger's sums, key by key; if the ledger
     changed since, the month is marked changed (`spend_report_changes`: more changes than
-    its last rebuild saw, sql/096) and its blocking checks fail. A check never passes on a
-    differing report."""
+    its last rebuild saw, sql/functions/report_changes.sql) and its blocking checks fail. A
+    check never passes on a differing report."""
     for report in world.reports:
         if report["state"] != "final":
             continue

@@ -50,7 +50,7 @@ def test_deliveries_get_503_until_the_database_is_migrated_then_are_stored(
             assert health.status_code == 503
             assert health.headers["retry-after"] == "5"
             assert health.json()["schema"] == "migrations_missing"
-            assert health.json()["first_missing"] == "001_generations"
+            assert health.json()["first_missing"] == "000_baseline"
             assert health.json()["fix"] == "renderqueue db migrate"
             database = url.rsplit("/", 1)[1].split("?")[0]
             assert database not in answer.text + health.text  # no database text

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from renderqueue_pipeline.db.migrate import MigrationError, migrate, sql_dir
+from renderqueue_pipeline.db.migrate import MigrationError, load_migrations, migrate, sql_dir
 from renderqueue_pipeline.db.roles import (
     DEV_LOGINS,
     GrantError,
@@ -233,10 +233,8 @@ def test_the_pipeline_login_migrates_nothing_and_is_told_who_may(
 ) -> None:
     assert migrate(logins["pipeline"]) == []  # up to date: only read, no lock, no DDL
     behind = tmp_path / "sql"
-    behind.mkdir()
-    for path in sorted(sql_dir().glob("*.sql")):
-        shutil.copy(path, behind)
-    (behind / "999_later.sql").write_text("create table rq_test_later (id int);\n")
+    shutil.copytree(sql_dir(), behind)
+    (behind / "migrations" / "999_later.sql").write_text("create table rq_test_later (id int);\n")
     with pytest.raises(MigrationError, match="run `renderqueue db migrate` as the database owner"):
         migrate(logins["pipeline"], behind)
 
@@ -247,12 +245,10 @@ def test_a_later_migration_gets_the_grants_and_keeps_the_receivers_entry_point(
     url = make_database()
     migrate(url)
     later = tmp_path / "sql"
-    later.mkdir()
-    for path in sorted(sql_dir().glob("*.sql")):
-        shutil.copy(path, later)
+    shutil.copytree(sql_dir(), later)
     # what an engineer might write: redefine the entry point (CREATE OR REPLACE resets
     # SECURITY DEFINER and its search_path), add a table and a function
-    (later / "999_later.sql").write_text(
+    (later / "migrations" / "999_later.sql").write_text(
         "do $$ begin execute replace(replace(pg_get_functiondef("
         "'rq_record_events(jsonb)'::regprocedure), ' SECURITY DEFINER', ''),"
         " ' SET search_path TO ''public'', ''pg_temp''', ''); end $$;\n"
@@ -279,8 +275,8 @@ def test_a_later_migration_gets_the_grants_and_keeps_the_receivers_entry_point(
 
 
 def _create_roles_block() -> str:
-    """The migration's role-creating DO block, as the file has it."""
-    text = (sql_dir() / "190_least_privilege_roles.sql").read_text()
+    """The schema's role-creating DO block, as the file has it."""
+    text = (sql_dir() / "schema" / "90_roles.sql").read_text()
     start = text.index("do $$")
     return text[start : text.index("$$;", start) + 3]
 
@@ -394,7 +390,7 @@ def test_a_managed_postgres_admin_without_superuser_migrates_and_grants(
         )
     url = login_url(with_database(admin_url, database), admin, password)
     try:
-        assert migrate(url)[-1] == "190_least_privilege_roles"
+        assert migrate(url) == [m.name for m in load_migrations()]
         login = f"rq_test_managed_hook_{suffix}"
         grant_login(url, "receiver", login, PASSWORD)
         with psycopg.connect(login_url(url, login, PASSWORD)) as conn:

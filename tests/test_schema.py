@@ -146,3 +146,14 @@ def test_prompt_search_uses_the_full_text_index(conn: psycopg.Connection) -> Non
     ).fetchall()
     assert "generations_prompt_fts_idx" in " ".join(r["QUERY PLAN"] for r in plan)
     conn.rollback()
+
+
+def test_a_batch_holds_its_default_endpoint_in_one_column(conn: psycopg.Connection) -> None:
+    columns = {
+        r["column_name"]
+        for r in conn.execute(
+            "select column_name from information_schema.columns where table_name = 'batches'"
+        )
+    }
+    assert "default_endpoint" in columns
+    assert "endpoint" not in columns

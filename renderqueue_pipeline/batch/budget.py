@@ -4,8 +4,9 @@ A user's budget for a month (UTC) is their `user_budgets` row, else
 RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD (unset: no cap). A request fits when
 spent + in flight + its own estimate stay within the budget of the UTC month in which it
 reaches fal. The decision is made once, when the request is sent, by the SQL function
-rq_claim_for_send (sql/090; `ledger.claim_for_send`) under the user's transaction lock,
-on every path to fal; this module reads the same figures (rq_budget_figures) for people.
+rq_claim_for_send (sql/functions/admission.sql; `ledger.claim_for_send`) under the user's
+transaction lock, on every path to fal; this module reads the same figures
+(rq_budget_figures) for people.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Logins in the least-privilege roles of sql/190 (`renderqueue db grant`).
+"""Logins in the least-privilege roles of sql/schema/90_roles.sql (`renderqueue db grant`).
 
 The migrations create three NOLOGIN roles (receiver, pipeline, analyst); a process connects
 as a LOGIN that is a member of exactly one of them. Passwords never appear in a statement
@@ -19,7 +19,7 @@ from psycopg import sql
 from renderqueue_pipeline.db.server import psycopg_url
 from renderqueue_pipeline.errors import RenderqueueError
 
-#: the part of the product -> its NOLOGIN role (sql/190_least_privilege_roles.sql)
+#: the part of the product -> its NOLOGIN role (sql/schema/90_roles.sql)
 ROLES = {
     "receiver": "renderqueue_receiver",
     "pipeline": "renderqueue_pipeline",

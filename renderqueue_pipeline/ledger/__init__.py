@@ -1,7 +1,7 @@
 """The ledger's Python face: validate and record submissions, record events.
 
 The rules themselves (forward-only status, idempotency, order independence, exact cost)
-are SQL in sql/003_state_machine.sql (the state machine `rq_next` and its writers);
+are SQL in sql/functions/ledger.sql (the state machine `rq_next` and its writers);
 everything here calls them, so every writer -- submit, webhook receiver, reconciler --
 goes through the same state machine.
 """

@@ -108,7 +108,8 @@ def validate_request(
     except (TypeError, ValueError) as exc:
         raise LedgerInputError("inputs", f"not storable as JSON: {exc}", row=row) from None
 
-    # The duration is read by SQL's rq_parse_duration, the one definition (sql/003).
+    # The duration is read by SQL's rq_parse_duration, the one definition
+    # (sql/functions/ledger.sql).
     params = {"endpoint": endpoint, "inputs": Jsonb(dict(inputs)), "at": None}
     found = conn.execute(q("validate_and_estimate"), params).fetchone()
     if found["duration_problem"] is not None:
@@ -206,10 +207,10 @@ def claim_for_send(
 ) -> dict[int, tuple[bool, str | None]]:
     """THE admission, just before fal is called: {item: (admitted, reason if not)}.
 
-    One statement (rq_claim_for_send, sql/090) for many items: under each user's budget
-    lock it admits the items that fit the budget of the current UTC month (the month the
-    request reaches fal) and claims them for `claimer`; the others are rejected as over
-    budget with the figures. Items it leaves out were not claimable (another live
+    One statement (rq_claim_for_send, sql/functions/admission.sql) for many items: under each
+    user's budget lock it admits the items that fit the budget of the current UTC month
+    (the month the request reaches fal) and claims them for `claimer`; the others are
+    rejected as over budget with the figures. Items it leaves out were not claimable (another live
     claimer holds them, or they moved on): do not send those.
     """
     rows = conn.execute(

@@ -4,7 +4,7 @@ A batch killed between fal's answer and our write, or a submit whose answer was 
 that fal-client sent again, leaves requests at fal (billed) that no generations row names.
 Every submit carries our tags (`rq_item`, `rq_user`, `rq_batch`: the gateway's
 `RequestIdentity`), and fal's request list shows them. For each request listed on an
-endpoint we use, `rq_adopt_fal_request` (sql/110) decides, in one place:
+endpoint we use, `rq_adopt_fal_request` (sql/functions/adopt.sql) decides, in one place:
 
 - `known`: a generations row has it already;
 - `adopted`: its item was `pending` or `unknown`: the row is written with fal's request id,

@@ -9,7 +9,7 @@ rebuild: every day read again from the ledger, whatever wrote to it.
 
 A month that has ended keeps changing (late webhooks, the reconciler, fal's billing,
 raw SQL): triggers record every such change in `spend_report_changes` in the writer's own
-transaction (096_closed_months_marked_changed.sql). Refreshing a changed final month is
+transaction (sql/functions/report_changes.sql). Refreshing a changed final month is
 always a rebuild, and a rebuild records the changes its snapshot saw; the reports' sensor
 (defs/reports/sensors.py) rebuilds changed months. The checks (checks.py) compare the
 tables with the ledger afterwards, every key.

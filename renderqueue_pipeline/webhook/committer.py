@@ -6,7 +6,7 @@ per webhook.
 
 A flusher is a THREAD with its own psycopg connection (autocommit). When events are
 queued it waits `max_wait` for a burst to gather, takes up to `max_batch` of them and
-stores them with ONE statement, `rq_record_events` (sql/003_state_machine.sql): the
+stores them with ONE statement, `rq_record_events` (sql/functions/ledger.sql): the
 ledger's state machine over every event, in request_id order, inside that statement's own
 transaction. The database round trip runs outside the event loop (psycopg waits with the
 GIL released), so the next batch starts as soon as a commit returns, not when the busy

@@ -1,5 +1,5 @@
 -- Adopting fal's requests (renderqueue_pipeline/reconcile/adopt.py). The decision for each
--- request is rq_adopt_fal_request's (sql/110_adopt_fal_requests.sql); these only call it
+-- request is rq_adopt_fal_request's (sql/functions/adopt.sql); these only call it
 -- and read around it.
 
 -- name: adopt_fal_request

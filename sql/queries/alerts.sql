@@ -1,4 +1,4 @@
--- Budget alerts (sql/130_budget_alerts.sql, docs/alerts.md). The figures come from
+-- Budget alerts (sql/schema/50_budgets.sql, docs/alerts.md). The figures come from
 -- user_month_figures (batch.sql): one definition of spent + in flight.
 
 -- name: alert_clock

@@ -161,5 +161,5 @@ update generations
 
 -- name: archive_apply_measured_seconds
 -- The length the archived video's header states prices the row (null seconds: it could
--- not be read, and the reason is recorded): sql/145_clips_priced_from_their_measured_length.sql.
+-- not be read, and the reason is recorded): rq_apply_measured_seconds in sql/functions/ledger.sql.
 select rq_apply_measured_seconds(%(id)s, %(seconds)s, %(problem)s) as applied;

@@ -4,10 +4,10 @@
 -- ledger does not: rows rejected before an intent, unknown outcomes, cancels.
 
 -- name: insert_batch
-insert into batches (source, content_version, content_sha256, content_bytes, endpoint,
+insert into batches (source, content_version, content_sha256, content_bytes,
                      default_endpoint, default_user_id, default_inputs, max_cost_micros,
                      rows_total_estimate)
-values (%(source)s, %(content_version)s, %(sha256)s, %(size)s, %(endpoint)s,
+values (%(source)s, %(content_version)s, %(sha256)s, %(size)s,
         %(endpoint)s, %(default_user_id)s, %(default_inputs)s, %(max_cost_micros)s,
         %(rows_estimate)s)
 on conflict (content_sha256) do nothing
@@ -61,7 +61,7 @@ where batch_id = %(batch_id)s and state = 'pending' and sent_at is null
 order by line_no;
 
 -- name: claim_for_send
--- just before the calls to fal: THE admission (rq_claim_for_send, sql/090). Admitted items
+-- just before the calls to fal: THE admission (rq_claim_for_send, sql/functions/admission.sql). Admitted items
 -- may be at fal from now on; items over budget are rejected with the figures
 select item_id, admitted, reason
 from rq_claim_for_send(%(item_ids)s::bigint[], %(claimer)s, %(lease)s::interval,
@@ -220,7 +220,7 @@ order by user_id;
 
 -- name: user_month_figures
 -- one user's month (UTC; null month: the current one): the figures every budget decision
--- reads (rq_budget_figures, sql/090)
+-- reads (rq_budget_figures, sql/functions/admission.sql)
 with m as (
   select coalesce(%(month)s::date, date_trunc('month', rq_now() at time zone 'utc')::date)
          as month

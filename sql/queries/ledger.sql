@@ -1,6 +1,6 @@
 -- The ledger's named queries. Loaded with every sql/queries/*.sql by renderqueue_pipeline/db/queries.py.
 -- Parameters are psycopg named placeholders: %(name)s. The ledger rules themselves are
--- SQL functions and triggers in sql/003_state_machine.sql; these queries only call them.
+-- SQL functions and triggers in sql/functions/ledger.sql; these queries only call them.
 
 -- name: validate_and_estimate
 -- the duration read by rq_parse_duration (its one definition) and the price in force;
@@ -133,7 +133,7 @@ where request_id = %(request_id)s
 returning cancel_requested_at;
 
 -- name: ledger_now
--- The ledger's clock (sql/085): now(), unless the session set renderqueue.now.
+-- The ledger's clock (rq_now, sql/schema/00_clock.sql): now(), unless the session set renderqueue.now.
 select rq_now() as now;
 
 -- name: record_cancel_intent

@@ -1,5 +1,5 @@
 -- Spend truth: fal's billing events, the reconciliation of each request with the ledger,
--- and prices kept current from fal's pricing API. Schema in 070_spend.sql.
+-- and prices kept current from fal's pricing API. Schema in sql/schema/60_billing.sql.
 -- Parameters are psycopg named placeholders: %(name)s.
 
 -- name: spend_delete_billing_range

@@ -1,7 +1,7 @@
 """Rebuild a month's report when its ledger changed after the month ended.
 
 Triggers record every change to a closed month's rows in the writer's own transaction
-(sql/096_closed_months_marked_changed.sql); this sensor asks for one rebuild run per changed
+(sql/functions/report_changes.sql); this sensor asks for one rebuild run per changed
 month (the whole partition: tables, checks, files), skips a month while a run of its
 partition is queued or running, and says why in its SkipReason. Starts RUNNING; a tick
 every 10 minutes rebuilds a change well within the hour.

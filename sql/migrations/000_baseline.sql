@@ -1,0 +1,12 @@
+-- The baseline: the schema as the 25 flat files sql/001..190 left it (renderqueue before
+-- the sql/ layout of schema/, functions/ and migrations/). Nothing to run.
+--
+-- A new database is made from sql/schema/ and sql/functions/ and recorded at the newest
+-- migration. A database made by those flat files (all 25 recorded in schema_migrations)
+-- is recorded at this version, then upgraded by the numbered migrations after it; one made
+-- by fewer of them, or by the files before them, is refused naming `renderqueue db reset`.
+--
+-- From here on, a migration changes tables only (functions live in sql/functions/ and are
+-- applied whenever their file changes), and sql/schema/ is edited in the same commit to
+-- the final shape, so that both ways to a database end in the same schema
+-- (tests/test_migrations.py compares them with pg_dump).
