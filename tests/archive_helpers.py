@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import psycopg
+from ledger_helpers import submit_row
 
 from renderqueue_pipeline.ledger import LedgerEvent, record_event
 
@@ -228,7 +229,6 @@ def completed_row(
     expires_in: str | None = None,
 ) -> str:
     """A generation completed through the ledger's own writer with this output payload."""
-    from ledger_helpers import submit_row
 
     request_id, _ = submit_row(conn, request_id or f"req-{uuid.uuid4().hex[:16]}")
     record_event(conn, LedgerEvent(request_id=request_id, kind="completed", payload=payload))

@@ -12,6 +12,8 @@ from typing import Any
 
 import dagster as dg
 import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
 SEEDANCE_FAST = "bytedance/seedance-2.0/fast/text-to-video"
@@ -43,8 +45,6 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 def write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=7)
     return path

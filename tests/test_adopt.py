@@ -26,6 +26,9 @@ from spend_helpers import FalBilling, fal_billing, platform_server  # noqa: F401
 from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 from renderqueue_pipeline.batch.single import submit_prompt
 from renderqueue_pipeline.batch.submit import BatchConfigError
+from renderqueue_pipeline.cli import main
+from renderqueue_pipeline.defs.reconcile.checks import fal_orphans_are_explained
+from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.fal_gateway import (
     FalGateway,
     FalTagError,
@@ -343,10 +346,6 @@ def test_requests_with_no_tag_of_ours_are_orphans_until_explained(
     assert "no rq_item tag" in reasons[untagged]
     assert "names no batch item" in reasons[foreign]
     conn.commit()
-
-    from renderqueue_pipeline.cli import main
-    from renderqueue_pipeline.defs.reconcile.checks import fal_orphans_are_explained
-    from renderqueue_pipeline.defs.resources import LedgerDatabase
 
     def check() -> bool:
         return fal_orphans_are_explained(ledger=LedgerDatabase(url=ledger_env)).passed

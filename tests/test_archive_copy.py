@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import tracemalloc
 from pathlib import Path
 
 import psycopg
@@ -23,6 +24,7 @@ from renderqueue_pipeline.archive import (
     archive_health,
     archive_pending,
 )
+from renderqueue_pipeline.archive.core import ArchivedFile, RowOutcome, record_outcome
 from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
 from renderqueue_pipeline.db.connect import connect
 
@@ -307,7 +309,6 @@ def test_a_row_archived_by_another_run_meanwhile_stays_archived_once(
     run(ledger_url, storage, origin)
     first = row(conn, rid)
     # a second run that had claimed the row before the first one recorded it
-    from renderqueue_pipeline.archive.core import ArchivedFile, RowOutcome, record_outcome
 
     late = RowOutcome(
         rid,
@@ -330,7 +331,6 @@ def test_a_row_archived_by_another_run_meanwhile_stays_archived_once(
 
 
 def test_memory_stays_bounded_for_a_large_object(conn, ledger_url, storage, origin) -> None:
-    import tracemalloc
 
     size = 48 * 1024 * 1024
     completed_row(conn, video(origin.serve("/large.mp4", Behaviour(size=size)), size))

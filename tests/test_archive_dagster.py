@@ -10,8 +10,10 @@ from archive_helpers import Behaviour, completed_row, media_server, video
 
 from renderqueue_pipeline.db.server import sqlalchemy_url
 from renderqueue_pipeline.definitions import defs as load_defs
+from renderqueue_pipeline.defs.archive.checks import archive_backlog_is_fresh
 from renderqueue_pipeline.defs.archive.sensors import archive_sensor
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.settings import get_settings
 
 
 @pytest.fixture
@@ -30,7 +32,6 @@ def origin():
 
 @pytest.fixture
 def archive_env(ledger_env, origin, tmp_path, monkeypatch) -> str:
-    from renderqueue_pipeline.settings import get_settings
 
     monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{tmp_path / 'archive'}")
     monkeypatch.setenv("RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS", origin.netloc)
@@ -138,7 +139,6 @@ def test_the_job_archives_reports_metadata_and_checks_lost_outputs(
 def test_the_backlog_check_alerts_when_the_oldest_row_waits_too_long(
     conn, archive_env, instance, origin, monkeypatch
 ) -> None:
-    from renderqueue_pipeline.defs.archive.checks import archive_backlog_is_fresh
 
     rid = completed_row(conn, video(origin.url("/old.mp4"), 10))
     conn.execute(
@@ -151,7 +151,6 @@ def test_the_backlog_check_alerts_when_the_oldest_row_waits_too_long(
     assert result.passed is False
     assert result.metadata["oldest_pending_age_minutes"].value >= 45
     monkeypatch.setenv("RENDERQUEUE_ARCHIVE_ALERT_MINUTES", "60")
-    from renderqueue_pipeline.settings import get_settings
 
     get_settings.cache_clear()
     assert archive_backlog_is_fresh(ledger=ledger).passed is True

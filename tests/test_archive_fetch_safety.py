@@ -27,6 +27,7 @@ from renderqueue_pipeline.archive.fetch import (
     parse_hosts,
     system_resolver,
 )
+from renderqueue_pipeline.db.connect import connect
 
 REFUSED = [
     "169.254.169.254",  # cloud metadata (link-local)
@@ -173,7 +174,6 @@ def origin():
 
 
 def _archive(conn: psycopg.Connection, ledger_url: str, tmp_path: Path, policy: FetchPolicy):
-    from renderqueue_pipeline.db.connect import connect
 
     storage = ArchiveStorage.from_url(f"file://{tmp_path / 'archive'}")
     return archive_pending(lambda: connect(ledger_url), storage, policy, ArchiveOptions())
@@ -287,7 +287,6 @@ def test_an_allowed_loopback_host_spelled_with_a_trailing_dot_is_fetched(
 
 
 def _archive_with(conn, ledger_url, tmp_path, policy: FetchPolicy, options: ArchiveOptions):
-    from renderqueue_pipeline.db.connect import connect
 
     storage = ArchiveStorage.from_url(f"file://{tmp_path / 'archive'}")
     started = time.monotonic()

@@ -10,8 +10,15 @@ import pytest
 from archive_helpers import Behaviour, completed_row, media_server, row, video
 from spend_helpers import fal_billing, platform_server, settle, submit, window
 
-from renderqueue_pipeline.archive import run_archive
+from renderqueue_pipeline.archive import (
+    ArchiveOptions,
+    ArchiveStorage,
+    archive_pending,
+    run_archive,
+)
+from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.spend import apply_billed, load_billing_events, reconcile_range
 
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
@@ -22,7 +29,6 @@ SEEDANCE_720P = 303_400
 
 @pytest.fixture
 def archive_env(ledger_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from renderqueue_pipeline.settings import get_settings
 
     root = tmp_path / "archive"
     monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{root}")
@@ -103,9 +109,6 @@ def test_a_clip_whose_length_cannot_be_read_keeps_its_estimate_with_the_reason(
         url = origin.serve("/files/x/output.mp4", Behaviour(size=5000))  # not ISO-BMFF bytes
         rid = completed_row(conn, video(url, 5000))
         before = row(conn, rid)
-        from renderqueue_pipeline.archive import ArchiveOptions, ArchiveStorage, archive_pending
-        from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
-
         report = archive_pending(
             lambda: connect(ledger_url),
             ArchiveStorage.from_url(f"file://{archive_env}"),

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from archive_helpers import Behaviour, completed_row, media_server, media_sha256, row, video
+from archive_helpers import Behaviour, completed_row, images, media_server, media_sha256, row, video
 from click.testing import CliRunner
 from s3_helpers import s3_client
 
@@ -16,6 +17,7 @@ from renderqueue_pipeline.archive import ArchiveOptions, ArchiveStorage, archive
 from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.settings import get_settings
 
 BUCKET = "rq-archive"
 
@@ -74,12 +76,10 @@ def test_archive_into_s3_and_link_to_a_presigned_url(
     assert url.startswith(s3_env)
     assert "Signature=" in url
     body = httpx.get(url, timeout=30).content
-    import hashlib
 
     assert hashlib.sha256(body).hexdigest() == r["archive_sha256"]
 
     monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"s3://{BUCKET}/prod")
-    from renderqueue_pipeline.settings import get_settings
 
     get_settings.cache_clear()
     result = CliRunner().invoke(main, ["link", rid, "--expires", "120"])
@@ -92,7 +92,6 @@ def test_archive_into_s3_and_link_to_a_presigned_url(
 
 
 def test_an_output_on_s3_is_archived_whole_or_not_at_all(conn, ledger_url, origin, s3_env) -> None:
-    from archive_helpers import images
 
     a = origin.serve("/s3w/1/image.jpeg", Behaviour(size=6 * 1024 * 1024))
     b = origin.serve("/s3w/2/image.jpeg", Behaviour(size=4000, status=503), Behaviour(size=4000))
@@ -116,7 +115,6 @@ def test_link_for_file_storage_and_for_rows_without_a_copy(
 ) -> None:
     archive_root = tmp_path / "files"
     monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{archive_root}")
-    from renderqueue_pipeline.settings import get_settings
 
     get_settings.cache_clear()
     done = completed_row(conn, video(origin.serve("/l/output.mp4", Behaviour(size=64)), 64))

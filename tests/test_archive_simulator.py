@@ -12,8 +12,11 @@ from archive_helpers import row
 
 from renderqueue_pipeline.archive import archive_health, run_archive
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.defs.archive.checks import no_outputs_lost
+from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.fal_gateway import FalGateway
 from renderqueue_pipeline.ledger import LedgerEvent, asubmit_generation, record_event
+from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator, wait_until
 
 ENDPOINT = "bytedance/seedance-2.0/text-to-video"
@@ -49,7 +52,6 @@ def _cdn_status(fal_sim: RunningSimulator, url: str) -> int:
 
 @pytest.fixture
 def archive_env(ledger_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from renderqueue_pipeline.settings import get_settings
 
     root = tmp_path / "archive"
     monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{root}")
@@ -85,8 +87,6 @@ def test_outputs_from_the_simulators_cdn_are_archived_and_expired_ones_lost(
     health = archive_health(conn)
     assert health["lost"] == 1
     assert health["failures_by_reason"] == {"lost:gone": 1}
-    from renderqueue_pipeline.defs.archive.checks import no_outputs_lost
-    from renderqueue_pipeline.defs.resources import LedgerDatabase
 
     check = no_outputs_lost(ledger=LedgerDatabase(url=ledger_url))
     assert check.passed is False
@@ -97,7 +97,6 @@ def test_outputs_from_the_simulators_cdn_are_archived_and_expired_ones_lost(
 def test_fals_copy_is_deleted_after_a_safe_archive_and_failures_retried(
     conn, ledger_url, fal_sim, archive_env, monkeypatch
 ) -> None:
-    from renderqueue_pipeline.settings import get_settings
 
     monkeypatch.setenv("RENDERQUEUE_DELETE_FAL_COPY", "1")
     monkeypatch.setenv("FAL_ADMIN_KEY", fal_sim.admin_key)  # delete_io refuses the plain key

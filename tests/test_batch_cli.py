@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from renderqueue_pipeline.batch.budget import usd
 from renderqueue_pipeline.cli import main
+from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 
@@ -189,7 +190,6 @@ def test_submit_prints_the_request_id(
 def test_fal_commands_need_a_key(
     conn: psycopg.Connection, ledger_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from renderqueue_pipeline.settings import get_settings
 
     monkeypatch.delenv("FAL_KEY")
     get_settings.cache_clear()

@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import fal_client.client
 import psycopg
 import pytest
 from batch_helpers import (
@@ -154,7 +155,6 @@ def test_a_429_slows_the_fan_out_and_no_row_fails(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import fal_client.client
 
     # fal-client retries a 429 ten times by itself (about 30 s); one attempt shows ours
     monkeypatch.setattr(fal_client.client, "MAX_ATTEMPTS", 1)

@@ -15,12 +15,17 @@ import dagster as dg
 import psycopg
 import pytest
 from alert_helpers import TOKEN_PATH, alert_receiver
+from batch_helpers import dagster_instance
 from click.testing import CliRunner
 from report_helpers import add_generation, utc
 
 from renderqueue_pipeline.alerts import evaluate_budget_alerts, set_alert_percents
 from renderqueue_pipeline.batch import set_budget
+from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.defs.alerts.sensors import budget_alert_sensor, run_failure_alert_sensor
+from renderqueue_pipeline.defs.ledger.jobs import ledger_status_job
+from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.settings import ConfigError, get_settings, load_settings
 
 NOW = "2026-11-15T12:00:00Z"
@@ -215,7 +220,6 @@ def test_per_user_alert_percents_replace_the_defaults(
 def test_the_cli_sets_alert_percents_and_prints_what_it_sent(
     ledger: psycopg.Connection, ledger_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from renderqueue_pipeline.cli import main
 
     monkeypatch.setenv("PGOPTIONS", f"-c renderqueue.now={NOW}")
     monkeypatch.setenv("RENDERQUEUE_BUDGET_ALERT_PERCENTS", "25,75")
@@ -269,10 +273,6 @@ def test_the_budget_alert_sensor_sends_once_on_a_real_instance(
     dagster_storage: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from batch_helpers import dagster_instance
-
-    from renderqueue_pipeline.defs.alerts.sensors import budget_alert_sensor
-    from renderqueue_pipeline.defs.resources import LedgerDatabase
 
     monkeypatch.setenv("PGOPTIONS", f"-c renderqueue.now={NOW}")
     set_budget(ledger, 7, 10 * USD, MONTH)
@@ -295,11 +295,6 @@ def test_the_budget_alert_sensor_sends_once_on_a_real_instance(
 def test_a_failed_run_of_our_job_is_posted_to_the_alert_webhook(
     ledger_env: str, dagster_storage: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batch_helpers import dagster_instance
-
-    from renderqueue_pipeline.defs.alerts.sensors import run_failure_alert_sensor
-    from renderqueue_pipeline.defs.ledger.jobs import ledger_status_job
-    from renderqueue_pipeline.defs.resources import LedgerDatabase
 
     with socket.socket() as probe:  # a database nobody serves: the run fails for real
         probe.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner
+from conftest import TEST_HOME
 
 from renderqueue_pipeline.cli import main
+from renderqueue_pipeline.db.server import as_user
 from renderqueue_pipeline.settings import ConfigError, load_settings
 
 
@@ -118,9 +121,6 @@ def test_webhook_serve_refuses_an_unusable_jwks_url_at_start(
 
 
 def test_the_embedded_servers_path_is_shell_quoted_for_su() -> None:
-    import shlex
-
-    from renderqueue_pipeline.db.server import as_user
 
     cmd = ["/opt/pg/bin/pg_ctl", "-D", "/srv/my home/it's $(touch pwned)/pg", "stop"]
     wrapped = as_user("pgserver", cmd)
@@ -161,7 +161,6 @@ def test_embedded_server_is_shared_between_processes(admin_url: str) -> None:
     """Another process on the same home reuses the running server instead of starting one."""
     if os.environ.get("DATABASE_URL"):
         pytest.skip("DATABASE_URL is set: no embedded server in use")
-    from conftest import TEST_HOME
 
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     cli = subprocess.run(

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from batch_helpers import SEEDANCE, dagster_instance, ledger_counts, prompts, write_csv
 
+from renderqueue_pipeline.definitions import defs
 from renderqueue_pipeline.defs.batch.jobs import (
     BATCH_TAGS,
     SUBMIT_BATCH_EXAMPLE,
@@ -327,7 +328,6 @@ def test_cancel_of_an_unknown_batch_says_so(
 
 
 def test_the_sensor_runs_by_default_and_the_ops_share_the_fal_pool() -> None:
-    from renderqueue_pipeline.definitions import defs
 
     definitions = defs()
     sensor = definitions.get_sensor_def("prompts_inbox_sensor")

@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from urllib.parse import quote
 
+import fsspec
 import pandas as pd
 import psycopg
 import pytest
@@ -116,7 +117,6 @@ def checks_of(result) -> dict:
 
 
 def read_back(storage_url: str, name: str, kind: str) -> pd.DataFrame:
-    import fsspec
 
     url = f"{storage_url}/reports/spend/2026-03/{name}.{kind}"
     with fsspec.open(url, "rb", skip_instance_cache=True) as f:

@@ -24,6 +24,7 @@ from renderqueue_pipeline.fal_gateway import (
     Status,
     SubmitResult,
 )
+from renderqueue_pipeline.settings import ConfigError, load_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator, WebhookSink, wait_until
 
 ENDPOINT = "bytedance/seedance-2.0/fast/text-to-video"
@@ -286,7 +287,6 @@ def test_repr_and_errors_keep_the_key_secret(fal_sim: RunningSimulator) -> None:
 
 
 def test_from_settings(fal_sim: RunningSimulator, monkeypatch: pytest.MonkeyPatch) -> None:
-    from renderqueue_pipeline.settings import load_settings
 
     monkeypatch.setenv("RENDERQUEUE_WEBHOOK_URL", "https://hooks.example.com/fal")
     settings = load_settings()
@@ -403,7 +403,6 @@ def test_delete_io_through_the_gateway(fal_sim: RunningSimulator) -> None:
 def test_settings_configure_lifetime_timeouts_and_admin_key(
     fal_sim: RunningSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from renderqueue_pipeline.settings import ConfigError, load_settings
 
     monkeypatch.setenv("RENDERQUEUE_FAL_OBJECT_LIFETIME", "none")
     monkeypatch.setenv("RENDERQUEUE_FAL_START_TIMEOUTS", f"{ENDPOINT}=120, fal-ai/veo3.1=300")

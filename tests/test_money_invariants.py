@@ -40,8 +40,9 @@ import psycopg
 import pytest
 from conftest import LEDGER_TABLES
 from fal_sim_plugin import _fast_defaults
-from hypothesis import HealthCheck, Verbosity, settings
+from hypothesis import HealthCheck, Verbosity, note, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -54,10 +55,26 @@ from psycopg.rows import dict_row
 from spend_helpers import ADMIN_KEY, SPEND_TABLES, platform_server  # noqa: F401 (fixture)
 from starlette.testclient import TestClient
 
+from renderqueue_pipeline.batch import (
+    BatchOptions,
+    asubmit_prompt,
+    cancel_batch,
+    set_budget,
+    submit_batch_file,
+)
 from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.fal_gateway import FalGateway
+from renderqueue_pipeline.fal_platform import FalPlatform
+from renderqueue_pipeline.reconcile.core import ReconcileOptions, reconcile
+from renderqueue_pipeline.reports.checks import report_matches_ledger
+from renderqueue_pipeline.reports.months import finalizes_at
+from renderqueue_pipeline.reports.spend import refresh_month
+from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.platform import BillingConfig, PlatformServer, attach
 from renderqueue_pipeline.simulator.testing import RunningSimulator, WebhookSink, wait_until
 from renderqueue_pipeline.simulator.testing import webhook_sink as running_webhook_sink
+from renderqueue_pipeline.spend.billing import load_billing_events
+from renderqueue_pipeline.spend.reconcile import apply_billed, reconcile_range, summarize
 from renderqueue_pipeline.webhook.app import FAL_PATH, ReceiverConfig, create_app
 
 EXAMPLES = int(os.environ.get("RENDERQUEUE_INVARIANT_EXAMPLES", "8"))
@@ -343,7 +360,6 @@ def env(
         f for f in listeners[0] if getattr(f, "__self__", None) is not platform_server.book
     ]
     billing = httpx.Client(base_url=platform_server.base_url, verify=str(fal_simulator.ca_bundle))
-    from renderqueue_pipeline.settings import get_settings
 
     with (
         running_webhook_sink() as sink,
@@ -405,7 +421,6 @@ class MoneyMachine(RuleBasedStateMachine):
             env.sim.start()
         env.sim.control.reset(seed=0, **{**_fast_defaults(), **SIM_TIMINGS})
         env.platform.book.reset(BillingConfig(admin_key=ADMIN_KEY))
-        from renderqueue_pipeline.batch import set_budget
 
         with self.connect() as conn:
             for user_id, limit in OWN_BUDGETS.items():
@@ -439,7 +454,6 @@ class MoneyMachine(RuleBasedStateMachine):
 
     def platform(self) -> Any:
         """fal's Platform API client (billing events, the request list)."""
-        from renderqueue_pipeline.fal_platform import FalPlatform
 
         return FalPlatform(ADMIN_KEY, base_url=self.env.platform.api_url, retry_initial=0.01)
 
@@ -455,8 +469,6 @@ class MoneyMachine(RuleBasedStateMachine):
     def submit(self, call: Call, gateway_wrapper: Callable[[Any], Any] | None = None) -> str:
         """`asubmit_prompt` as the product backend calls it, through a real gateway (which a
         crash rule wraps); returns what happened."""
-        from renderqueue_pipeline.batch import asubmit_prompt
-        from renderqueue_pipeline.fal_gateway import FalGateway
 
         async def go() -> str:
             async with FalGateway.from_settings(max_concurrency=2) as fal:
@@ -539,7 +551,6 @@ class MoneyMachine(RuleBasedStateMachine):
 
     @rule(user=st.sampled_from(USERS), rows=st.integers(1, 3))
     def submit_a_batch(self, user: int, rows: int) -> None:
-        from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 
         calls = [self.new_call(user, None, "batch") for _ in range(rows)]
         path = self.env.tmp / f"batch-{uuid.uuid4().hex[:8]}.csv"
@@ -645,7 +656,6 @@ class MoneyMachine(RuleBasedStateMachine):
 
     @rule(batch=st.integers(0, 5))
     def cancel_a_batch(self, batch: int) -> None:
-        from renderqueue_pipeline.batch import cancel_batch
 
         if not self.batches:
             return
@@ -661,7 +671,6 @@ class MoneyMachine(RuleBasedStateMachine):
         self.reconcile()
 
     def reconcile(self) -> None:
-        from renderqueue_pipeline.reconcile.core import ReconcileOptions, reconcile
 
         with self.connect() as conn:
             report = reconcile(
@@ -676,7 +685,6 @@ class MoneyMachine(RuleBasedStateMachine):
         """Time passes with the schedules running: a reconcile pass (every 5 minutes), the
         hourly refresh of this month, and last month's finalization (a rebuild) once its
         grace period ended during the step."""
-        from renderqueue_pipeline.reports.months import finalizes_at
 
         before = self.clock
         self.set_clock(before + CLOCK_STEPS[step])
@@ -743,8 +751,6 @@ class MoneyMachine(RuleBasedStateMachine):
     def ingest_and_reconcile_billing(self, which: int, cuts: set[int]) -> None:
         """Load fal's billing events around a month (this one, or one fal billed in), apply
         fal's figures, and reconcile the month whole and split at the given days."""
-        from renderqueue_pipeline.spend.billing import load_billing_events
-        from renderqueue_pipeline.spend.reconcile import apply_billed, reconcile_range, summarize
 
         months = sorted(self.billed_months | {month_of(self.clock)})
         month = months[which % len(months)]
@@ -799,7 +805,6 @@ class MoneyMachine(RuleBasedStateMachine):
         self.refresh(month, rebuild)
 
     def refresh(self, month: dt.date, rebuild: bool) -> None:
-        from renderqueue_pipeline.reports.spend import refresh_month
 
         with self.connect() as conn:
             try:
@@ -838,7 +843,6 @@ class MoneyMachine(RuleBasedStateMachine):
 
     @invariant()
     def money_invariants_hold(self) -> None:
-        from renderqueue_pipeline.reports.checks import report_matches_ledger
 
         with self.connect() as conn:
             world = self.world(conn)
@@ -861,8 +865,6 @@ class MoneyMachine(RuleBasedStateMachine):
 
 
 def _note(text: str) -> None:
-    from hypothesis import note
-    from hypothesis.control import currently_in_test_context
 
     if currently_in_test_context():
         note(text)

@@ -21,6 +21,7 @@ import pytest
 from rich.console import Console
 
 from renderqueue_pipeline.dev import running_stack, wait_for_run
+from renderqueue_pipeline.settings import get_settings
 
 LOCATION_QUERY = """
 { workspaceOrError { __typename ... on Workspace { locationEntries {
@@ -99,7 +100,6 @@ def _graphql(base: str, query: str, variables: dict | None = None) -> dict:
 def test_separate_processes_load_launch_and_share_one_ledger(
     ledger_url: str, conn: psycopg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from renderqueue_pipeline.settings import get_settings
 
     home = tmp_path / "home"
     monkeypatch.setenv("DATABASE_URL", ledger_url)

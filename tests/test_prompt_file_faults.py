@@ -4,11 +4,14 @@ its line, or stops with the rows left unsent: never half-submitted, never left `
 
 from __future__ import annotations
 
+import datetime as dt
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from batch_helpers import SEEDANCE, items, ledger_counts, prompts, write_csv
 from click.testing import CliRunner
@@ -112,10 +115,6 @@ def test_a_file_that_changes_between_hashing_and_reading_submits_what_was_hashed
 def test_parquet_decimal_and_other_arrow_types_convert_per_row(
     fal_sim: RunningSimulator, conn: psycopg.Connection, ledger_url: str, tmp_path: Path
 ) -> None:
-    import datetime as dt
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     table = pa.table(
         {

@@ -7,18 +7,28 @@ with cost zero; a re-queue is not terminal; young rows are left alone.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
+import fal_client
 import psycopg
 import pytest
+from click.testing import CliRunner
 from ledger_helpers import SEEDANCE, submit_row
 from webhook_helpers import serving
 
+from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.fal_gateway import FalGateway
-from renderqueue_pipeline.ledger import LedgerEvent, record_events, submit_generation
+from renderqueue_pipeline.ledger import (
+    LedgerEvent,
+    asubmit_generation,
+    mark_cancel_requested,
+    record_events,
+    submit_generation,
+)
 from renderqueue_pipeline.reconcile import ReconcileOptions, ReconcileReport, reconcile
 from renderqueue_pipeline.simulator.testing import FAST_TEST_OPTIONS, RunningSimulator, wait_until
 from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
@@ -27,7 +37,6 @@ INPUTS = {"duration": "5", "resolution": "720p"}
 
 
 def fal_submitter(webhook_url: str | None = None):
-    import fal_client  # after the plugin pointed it at the simulator
 
     return lambda endpoint, inputs: (
         fal_client.submit(endpoint, arguments=inputs, webhook_url=webhook_url).request_id
@@ -280,7 +289,6 @@ def one_try(n: int) -> FalGateway:
 def test_fal_unreachable_leaves_rows_open_for_the_next_pass(
     fal_sim: RunningSimulator, conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fal_client
 
     monkeypatch.setattr(fal_client.client, "MAX_ATTEMPTS", 1)  # fal-client's own retries
     request_id, _ = submit_row(conn, inputs={"prompt": "fal is down", **INPUTS})
@@ -301,7 +309,6 @@ def test_a_give_up_whose_cancel_gets_no_answer_stays_open_until_fal_answers(
     fault: str,
 ) -> None:
     """Past the limit, a cancel fal never answered ends nothing: the next pass asks again."""
-    import fal_client
 
     monkeypatch.setattr(fal_client.client, "MAX_ATTEMPTS", 1)  # fal-client's own retries
     fal_sim.control.reset(
@@ -352,9 +359,6 @@ def test_a_cancel_fal_accepted_is_confirmed_by_the_error_that_follows(
     fal_sim: RunningSimulator, conn: psycopg.Connection
 ) -> None:
     """The reconciler records fal's ERROR as it is; the ledger's rule makes it `canceled`."""
-    import asyncio
-
-    from renderqueue_pipeline.ledger import mark_cancel_requested
 
     fal_sim.control.reset(
         seed=1, **{**FAST_TEST_OPTIONS, "queue_delay": "3600", "webhook_drop_rate": 1.0}
@@ -384,9 +388,6 @@ def test_fals_504_user_timeout_is_a_terminal_failure(
     fal_sim: RunningSimulator, conn: psycopg.Connection
 ) -> None:
     """A request not started within its start_timeout: fal answers its result with 504."""
-    import asyncio
-
-    from renderqueue_pipeline.ledger import asubmit_generation
 
     fal_sim.control.reset(
         seed=1, **{**FAST_TEST_OPTIONS, "queue_delay": "30", "webhook_drop_rate": 1.0}
@@ -420,9 +421,6 @@ def test_fals_504_user_timeout_is_a_terminal_failure(
 def test_the_cli_runs_the_same_pass_and_prints_its_figures(
     fal_sim: RunningSimulator, conn: psycopg.Connection, ledger_env: str
 ) -> None:
-    from click.testing import CliRunner
-
-    from renderqueue_pipeline.cli import main
 
     fal_sim.control.reset(seed=2, **FAST_TEST_OPTIONS, webhook_drop_rate=1.0)
     (request_id,) = submit_many(conn, 1)

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 from psycopg import sql
 
+from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.db.migrate import MigrationError, load_migrations, migrate, sql_dir
 from renderqueue_pipeline.db.roles import (
     DEV_LOGINS,
@@ -334,9 +336,6 @@ def test_the_readmes_analyst_queries_run_as_an_analyst(logins: dict[str, str]) -
 def test_db_grant_reads_the_password_from_the_environment_and_never_prints_it(
     ledger_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from click.testing import CliRunner
-
-    from renderqueue_pipeline.cli import main
 
     name, secret = f"rq_test_cli_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
     monkeypatch.setenv("RENDERQUEUE_DB_PASSWORD", secret + "\n")  # a mounted secret's newline

@@ -8,7 +8,7 @@ import time
 import fal_client
 import httpx
 import pytest
-from fal_client.client import FalClientHTTPError
+from fal_client.client import QUEUE_URL_FORMAT, FalClientHTTPError
 
 from renderqueue_pipeline.simulator.testing import RunningSimulator, wait_until
 
@@ -20,7 +20,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_env_points_fal_client_at_the_simulator(fal_sim: RunningSimulator) -> None:
-    from fal_client.client import QUEUE_URL_FORMAT
 
     assert f"https://127.0.0.1:{fal_sim.port}/" == QUEUE_URL_FORMAT
     assert fal_sim.env["FAL_QUEUE_RUN_HOST"] == f"127.0.0.1:{fal_sim.port}"

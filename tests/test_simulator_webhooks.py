@@ -16,6 +16,8 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from renderqueue_pipeline.simulator.config import SimConfig
+from renderqueue_pipeline.simulator.engine import retry_schedule
 from renderqueue_pipeline.simulator.testing import (
     RunningSimulator,
     WebhookSink,
@@ -270,8 +272,6 @@ def test_4xx_answers_are_final_by_default(
 
 def test_default_delivery_retries_ten_times_over_about_two_hours() -> None:
     """fal: "retried 10 times in the span of 2 hours"; the defaults spread them so."""
-    from renderqueue_pipeline.simulator.config import SimConfig
-    from renderqueue_pipeline.simulator.engine import retry_schedule
 
     delays = retry_schedule(SimConfig())
     assert len(delays) == 10

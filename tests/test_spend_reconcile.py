@@ -7,9 +7,14 @@ import datetime as dt
 from decimal import Decimal
 
 import psycopg
+import pytest
 from spend_helpers import fal_billing, platform_server, settle, submit, window
 
+from renderqueue_pipeline.defs.reports.metadata import table_metadata
+from renderqueue_pipeline.fal_gateway import FalSubmitOutcomeUnknown
 from renderqueue_pipeline.ledger import LedgerEvent, record_event
+from renderqueue_pipeline.reports.checks import report_matches_ledger
+from renderqueue_pipeline.reports.spend import refresh_month
 from renderqueue_pipeline.spend import (
     apply_billed,
     load_billing_events,
@@ -165,9 +170,6 @@ def test_late_billing_is_matched_on_a_later_run(conn, fal_billing) -> None:
 
 
 def test_billed_requests_unknown_to_the_ledger_are_attributed(conn, fal_billing) -> None:
-    import pytest
-
-    from renderqueue_pipeline.fal_gateway import FalSubmitOutcomeUnknown
 
     fal_billing.sim.control.set_faults(api_500_rate=1.0)
     with pytest.raises(FalSubmitOutcomeUnknown):
@@ -233,8 +235,6 @@ def test_a_late_payload_keeps_fals_bill_and_puts_ours_beside_it(conn, fal_billin
 def test_monthly_reports_show_our_total_fals_bill_and_the_difference(conn, fal_billing) -> None:
     """An "auto" clip is priced at Seedance's 15 s; fal bills the seconds it made. The
     month's report tables show both figures and the difference, and still equal the ledger."""
-    from renderqueue_pipeline.reports.checks import report_matches_ledger
-    from renderqueue_pipeline.reports.spend import refresh_month
 
     fixed = submit(conn, SEEDANCE, {"prompt": "a lighthouse", "duration": "5"})
     auto = submit(conn, SEEDANCE, {"prompt": "a tide pool", "duration": "auto"})
@@ -282,7 +282,6 @@ def test_monthly_reports_show_our_total_fals_bill_and_the_difference(conn, fal_b
     for by in ("user", "endpoint"):
         assert report_matches_ledger(conn, month, by).passed
     # what the Dagster UI shows (and plots across months) for the month's tables
-    from renderqueue_pipeline.defs.reports.metadata import table_metadata
 
     shown = table_metadata(after, "spend_monthly_by_endpoint", after.by_endpoint)
     assert shown["fal_billed_usd"].value == sum(fal.values()) / 1_000_000

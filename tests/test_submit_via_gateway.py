@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import fal_client
 import psycopg
 import pytest
 from ledger_helpers import SEEDANCE, generation
@@ -15,7 +16,7 @@ from renderqueue_pipeline.fal_gateway import (
     FalSubmitOutcomeUnknown,
     SubmitResult,
 )
-from renderqueue_pipeline.ledger import asubmit_generation
+from renderqueue_pipeline.ledger import LedgerEvent, asubmit_generation, record_event
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 
@@ -93,9 +94,6 @@ def test_the_ledger_prices_from_what_fal_documents_even_when_the_output_says_mor
 ) -> None:
     """With the simulator's extras on, the output names its duration; fal's never does for
     Seedance, so the ledger must not read it: "auto" is priced at the 15 s default."""
-    import fal_client
-
-    from renderqueue_pipeline.ledger import LedgerEvent, record_event
 
     fal_sim.control.set_faults(output_extras=True)
     request_id = submit_once(conn, {"prompt": "a lantern", "duration": "auto"})

@@ -22,6 +22,7 @@ from renderqueue_pipeline.ledger import (
     expired_event_count,
     record_event,
 )
+from renderqueue_pipeline.settings import get_settings
 
 INPUTS = {"prompt": "a red fox in snow", "duration": "5", "resolution": "720p"}
 # More locks than the test server's lock table holds in one transaction (measured: 12,000
@@ -91,7 +92,6 @@ def test_events_whose_row_never_came_are_expired_after_the_retention(
 def test_the_retention_is_a_setting(
     conn: psycopg.Connection, ledger_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from renderqueue_pipeline.settings import get_settings
 
     waiting_event(conn, "two-hours-old")
     conn.execute(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import fal_client
 import httpx
 import psycopg
 from ledger_helpers import SEEDANCE
@@ -39,7 +40,6 @@ EVERY_FAULT = {
 
 
 def fal_submitter(webhook_url: str) -> Callable[[str, dict], str]:
-    import fal_client  # after the plugin pointed it at the simulator
 
     return lambda endpoint, inputs: (
         fal_client.submit(endpoint, arguments=inputs, webhook_url=webhook_url).request_id

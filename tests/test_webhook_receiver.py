@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from urllib.parse import urlparse
 
 import httpx
@@ -20,9 +25,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ledger_helpers import generation, submit_row
 from webhook_helpers import JwksServer, fal_body, serving, signed_headers
 
-from renderqueue_pipeline.ledger import LedgerEvent, record_event
+from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.ledger import LedgerEvent, expire_waiting_events, record_event
 from renderqueue_pipeline.simulator.testing import wait_until
 from renderqueue_pipeline.webhook.app import PROBE_INTERVAL, ReceiverConfig, create_app
+from renderqueue_pipeline.webhook.committer import connection_options
 
 
 @dataclass
@@ -379,10 +386,6 @@ def test_logs_name_the_request_but_not_the_body(
 
 def test_webhook_serve_command(ledger_url: str, tmp_path) -> None:
     """`renderqueue webhook serve` as a user starts it: real process, real port."""
-    import os
-    import re
-    import subprocess
-    import sys
 
     key = Ed25519PrivateKey.generate()
     jwks = JwksServer(key)
@@ -705,7 +708,6 @@ def _flusher_busy(receiver: Receiver) -> bool:
 
 
 def test_flusher_connections_have_connect_timeout_and_keepalives() -> None:
-    from renderqueue_pipeline.webhook.committer import connection_options
 
     options = connection_options(10.0)
     assert 0 < options["connect_timeout"] <= 5
@@ -728,7 +730,6 @@ def _sessions(admin: psycopg.Connection, database: str) -> int:
 def test_healthz_and_metrics_do_not_open_a_connection_per_hit(
     make_database, admin_url: str
 ) -> None:
-    from renderqueue_pipeline.db.migrate import migrate
 
     url = make_database()
     migrate(url)
@@ -781,9 +782,6 @@ def test_a_late_delivery_for_an_unknown_request_is_401_and_not_stored(
 def test_metrics_count_events_that_expired_waiting_for_their_row(
     receiver: Receiver, conn: psycopg.Connection
 ) -> None:
-    from datetime import timedelta
-
-    from renderqueue_pipeline.ledger import expire_waiting_events
 
     stranger = f"other-account-{uuid.uuid4().hex}"
     assert receiver.deliver(fal_body(stranger), stranger).status_code == 202
