@@ -593,7 +593,8 @@ def _archive_figure(output: str, word: str) -> int:
     return 0
 
 
-def _audit(
+# one checklist of invariants, each a few lines, read top to bottom
+def _audit(  # noqa: C901
     run: Run, env: dict[str, str], control: Any, receiver: ReceiverLoop, moto: Moto, url: str
 ) -> ChaosResult:
     """The ledger against the simulator's ground truth, request by request."""

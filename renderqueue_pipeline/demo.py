@@ -403,7 +403,8 @@ def _submitted_before(url: str, request_ids: list[str], started: dt.datetime) ->
     return {r["request_id"] for r in rows}
 
 
-def print_summary(
+# one line per figure of the summary, in the order printed
+def print_summary(  # noqa: C901
     url: str,
     batch_ids: list[int],
     request_ids: list[str],

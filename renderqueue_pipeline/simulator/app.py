@@ -173,7 +173,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | bool | None:
     return first, min(last, size - 1)
 
 
-def build_app(home: Path, config: SimConfig) -> Starlette:
+# handlers nested in one builder: module-level handlers are #20 part 4 (simulator)
+def build_app(home: Path, config: SimConfig) -> Starlette:  # noqa: C901
     """The ASGI app; key material comes from (and stays in) `home/simulator/`."""
     sim_dir = home / "simulator"
     signer = WebhookSigner.load_or_create(sim_dir)

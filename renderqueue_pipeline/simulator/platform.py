@@ -660,7 +660,8 @@ def time_range(request: Request, now: float) -> tuple[float, float]:
     return start, end
 
 
-def build_platform_app(book: BillingBook, keys: ApiKeys | None = None) -> Starlette:
+# handlers nested in one builder: module-level handlers are #20 part 4 (simulator)
+def build_platform_app(book: BillingBook, keys: ApiKeys | None = None) -> Starlette:  # noqa: C901
     """fal's Platform API routes plus a control API under /_sim/billing.
 
     `keys`: the account's keys (the simulator home's); `book.config.admin_key` overrides
