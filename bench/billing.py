@@ -353,7 +353,8 @@ def _reconcile_pandas(url: str) -> dict:
         ]
         events = frame(
             conn,
-            f"select {', '.join(ev_cols)} from fal_billing_events"  # noqa: S608 - the bench's columns
+            # the bench's columns
+            f"select {', '.join(ev_cols)} from fal_billing_events"  # noqa: S608
             " where billed_at >= %(s)s and billed_at < %(e)s",
             {"s": START, "e": END + dt.timedelta(days=31)},
             ev_cols,

@@ -220,7 +220,8 @@ class Moto:
 
     def start(self) -> None:
 
-        from moto.server import ThreadedMotoServer  # noqa: PLC0415 - the test extra: only a chaos run needs it
+        # the test extra: only a chaos run needs it
+        from moto.server import ThreadedMotoServer  # noqa: PLC0415
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 call
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)

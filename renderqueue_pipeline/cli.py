@@ -142,12 +142,14 @@ def db_status() -> None:
 def demo(headless: bool, port: int) -> None:
     """The whole product on the embedded defaults: in the Dagster UI, or --headless."""
     if headless:
-        from renderqueue_pipeline.demo import run_headless  # noqa: PLC0415 - demo loads Dagster: only its command pays for it
+        # demo loads Dagster: only its command pays for it
+        from renderqueue_pipeline.demo import run_headless  # noqa: PLC0415
 
         if not run_headless():
             sys.exit(1)
         return
-    from renderqueue_pipeline.dev import run_dev  # noqa: PLC0415 - dev loads Dagster: only its commands pay for it
+    # dev loads Dagster: only its commands pay for it
+    from renderqueue_pipeline.dev import run_dev  # noqa: PLC0415
 
     run_dev(ui_port=port)
 
@@ -162,7 +164,8 @@ def demo(headless: bool, port: int) -> None:
 )
 def dev(port: int, production_shape: bool) -> None:
     """Run the whole product locally and open it in the Dagster UI (Ctrl-C stops it)."""
-    from renderqueue_pipeline.dev import run_dev  # noqa: PLC0415 - dev loads Dagster: only its commands pay for it
+    # dev loads Dagster: only its commands pay for it
+    from renderqueue_pipeline.dev import run_dev  # noqa: PLC0415
 
     run_dev(ui_port=port, production_shape=production_shape)
 

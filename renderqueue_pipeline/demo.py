@@ -251,7 +251,8 @@ def _headless_local(
 def _flow(url: str, load_defs: Any, console: Console, step: Step) -> tuple[list[int], list[str]]:
     """Inbox sensor, batch, webhooks, reconcile, archive, reports, billing: in this process."""
 
-    from renderqueue_pipeline.dev import drop_sample_prompts  # noqa: PLC0415 - cycle: dev imports demo
+    # cycle: dev imports demo
+    from renderqueue_pipeline.dev import drop_sample_prompts  # noqa: PLC0415
 
     prepare_demo_ledger(url)
     target = drop_sample_prompts(get_settings().prompts)

@@ -99,8 +99,9 @@ def pooled_fal_client(
     `AsyncBackupDomainTransport`, fal-client 1.0.x); `test_fal_gateway` pins what we rely
     on: a second burst of submits reuses the first burst's connections.
     """
-    import fal_client as _fal_client  # noqa: PLC0415 - fal_client reads FAL_QUEUE_RUN_HOST when imported
-    from fal_client.client import USER_AGENT, AsyncBackupDomainTransport  # noqa: PLC0415 - fal_client reads FAL_QUEUE_RUN_HOST when imported
+    # fal_client reads FAL_QUEUE_RUN_HOST when imported
+    import fal_client as _fal_client  # noqa: PLC0415
+    from fal_client.client import USER_AGENT, AsyncBackupDomainTransport  # noqa: PLC0415
 
     limits = httpx.Limits(
         max_connections=None,  # the gateway's semaphore bounds what is in flight
@@ -347,7 +348,8 @@ def _status_code(exc: BaseException) -> int | None:
 
 
 def _is_fal_http_error(exc: BaseException) -> bool:
-    from fal_client.client import FalClientHTTPError  # noqa: PLC0415 - fal_client reads FAL_QUEUE_RUN_HOST when imported
+    # fal_client reads FAL_QUEUE_RUN_HOST when imported
+    from fal_client.client import FalClientHTTPError  # noqa: PLC0415
 
     return isinstance(exc, FalClientHTTPError)
 
@@ -392,7 +394,8 @@ class FalGateway:
         rest_url: str = "https://rest.alpha.fal.ai",
         admin_key: str | None = _UNSET,
     ) -> None:
-        import fal_client as _fal_client  # noqa: PLC0415 - fal_client reads FAL_QUEUE_RUN_HOST when imported
+        # fal_client reads FAL_QUEUE_RUN_HOST when imported
+        import fal_client as _fal_client  # noqa: PLC0415
 
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
@@ -432,7 +435,8 @@ class FalGateway:
 
     @property
     def queue_host(self) -> str:
-        from fal_client.auth import FAL_QUEUE_RUN_HOST  # noqa: PLC0415 - fal_client reads FAL_QUEUE_RUN_HOST when imported
+        # fal_client reads FAL_QUEUE_RUN_HOST when imported
+        from fal_client.auth import FAL_QUEUE_RUN_HOST  # noqa: PLC0415
 
         return FAL_QUEUE_RUN_HOST
 
@@ -664,7 +668,8 @@ class FalGateway:
         has just read the status, so it fetches with this. Raises FalRejected (the 422 body
         of a failed request), FalNotFound (expired or unknown), FalRequestError otherwise.
         """
-        from fal_client.client import _async_maybe_retry_request, _raise_for_status  # noqa: PLC0415 - fal_client reads FAL_QUEUE_RUN_HOST when imported
+        # fal_client reads FAL_QUEUE_RUN_HOST when imported
+        from fal_client.client import _async_maybe_retry_request, _raise_for_status  # noqa: PLC0415
 
         async def get() -> Any:
             handle = await self._client.get_handle(endpoint, request_id)

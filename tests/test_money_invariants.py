@@ -810,7 +810,8 @@ class MoneyMachine(RuleBasedStateMachine):
             try:
                 report = refresh_month(conn, month, now=self.clock, rebuild=rebuild)
                 _note(f"report {month:%Y-%m}: {report.state}, {report.cost_micros} µ$")
-            except Exception as exc:  # noqa: BLE001 - any refusal is an outcome the invariants judge
+            except Exception as exc:  # noqa: BLE001
+                # any refusal is an outcome the invariants judge
                 _note(f"report {month:%Y-%m}: {type(exc).__name__}: {exc}")
 
     # -- the invariants, after every step ---------------------------------------------------

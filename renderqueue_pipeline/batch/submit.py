@@ -844,7 +844,8 @@ class _Run:
                 continue
             try:
                 outcome = await self._send(gateway, intent)
-            except Exception as exc:  # noqa: BLE001 - the ledger failed us: stop; the next run resumes
+            except Exception as exc:  # noqa: BLE001
+                # the ledger failed us: stop; the next run resumes
                 self.gate.leave(intent.endpoint, intent.user_id)
                 if self.fatal is None:
                     self.fatal, self.stop_reason = exc, redact_error(exc)
@@ -1231,7 +1232,8 @@ def _submit_copy(
             failure: BaseException | None = None
             try:
                 asyncio.run(run.run(reader))
-            except BaseException as exc:  # noqa: BLE001 - the run died: the batch must not stay open
+            except BaseException as exc:  # noqa: BLE001
+                # the run died: the batch must not stay open
                 failure = exc
             log(run.progress_line())
             if failure is not None:

