@@ -33,6 +33,7 @@ from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.definitions import defs as defs_loader
+from renderqueue_pipeline.defs.alerts.resources import AlertsResource
 from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.errors import RenderqueueError
@@ -140,7 +141,9 @@ def _sensor_requests(defs: Any, instance: Any) -> list[Any]:
     cursor = None
     for _ in range(3):
         with dg.build_sensor_context(
-            instance=instance, cursor=cursor, resources={"prompts_inbox": PromptsInbox()}
+            instance=instance,
+            cursor=cursor,
+            resources={"prompts_inbox": PromptsInbox(url=get_settings().prompts)},
         ) as context:
             result = sensor(context)
         cursor = result.cursor
@@ -314,9 +317,8 @@ def _tick_budget_alerts(defs: Any, instance: Any, console: Console) -> None:
     """One tick of the budget alert sensor (the daemon's, run here): thresholds crossed."""
 
     sensor = defs.resolve_sensor_def("budget_alert_sensor")
-    with dg.build_sensor_context(
-        instance=instance, resources={"ledger": LedgerDatabase()}
-    ) as context:
+    resources = {"ledger": LedgerDatabase(), "alerts": AlertsResource.from_settings(get_settings())}
+    with dg.build_sensor_context(instance=instance, resources=resources) as context:
         result = sensor(context)
     console.print(f"  {getattr(result, 'skip_message', result)}", soft_wrap=True)
 

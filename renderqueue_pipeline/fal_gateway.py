@@ -62,6 +62,7 @@ from tenacity import (
 )
 
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.fal_defaults import FAL_OBJECT_LIFETIME, FAL_REST_URL
 from renderqueue_pipeline.settings import get_settings
 
 if TYPE_CHECKING:
@@ -83,7 +84,6 @@ MAX_TAG_VALUE = 256
 MAX_TAGS_BYTES = 1024
 RESERVED_TAG_PREFIX = "fal."
 _TAG_KEY = re.compile(r"[A-Za-z0-9_.:-]+")
-DEFAULT_OBJECT_LIFETIME = 7 * 86400.0
 _UNSET: Any = object()
 
 
@@ -390,8 +390,8 @@ class FalGateway:
         timeout: float = 120.0,
         default_webhook_url: str | None = None,
         start_timeouts: Mapping[str, float] | None = None,
-        object_lifetime: float | None = DEFAULT_OBJECT_LIFETIME,
-        rest_url: str = "https://rest.alpha.fal.ai",
+        object_lifetime: float | None = FAL_OBJECT_LIFETIME,
+        rest_url: str = FAL_REST_URL,
         admin_key: str | None = _UNSET,
     ) -> None:
         # fal_client reads FAL_QUEUE_RUN_HOST when imported

@@ -2,7 +2,7 @@
 request list).
 
 Queue calls go through `fal_gateway.FalGateway` (fal-client); the Platform APIs are plain
-REST under `https://api.fal.ai/v1` (RENDERQUEUE_FAL_API_URL) with an admin key
+REST under RENDERQUEUE_FAL_API_URL (default `fal_defaults.FAL_API_URL`) with an admin key
 (FAL_ADMIN_KEY, falling back to FAL_KEY). Every call here is a read, so transport errors,
 429 and 5xx are retried with backoff. The key is sent only in the Authorization header:
 never logged, never part of a repr or an error message. A refused key is one clear error
@@ -24,11 +24,11 @@ import httpx
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.fal_defaults import FAL_API_URL
 from renderqueue_pipeline.settings import get_settings
 
 log = logging.getLogger("renderqueue.fal.platform")
 
-DEFAULT_API_URL = "https://api.fal.ai/v1"
 MAX_PAGE = 10_000
 MAX_IDS = 50
 #: the request list pages at most 100 entries
@@ -94,7 +94,7 @@ class FalPlatform:
         key: str | None,
         *,
         key_variable: str = "FAL_ADMIN_KEY",
-        base_url: str = DEFAULT_API_URL,
+        base_url: str = FAL_API_URL,
         timeout: float = 60.0,
         retry_attempts: int = 5,
         retry_initial: float = 0.5,
@@ -127,7 +127,7 @@ class FalPlatform:
             key, variable = settings.fal_key.get_secret_value(), "FAL_KEY"
         else:
             key, variable = None, "FAL_ADMIN_KEY"
-        overrides.setdefault("base_url", settings.fal_api_url or DEFAULT_API_URL)
+        overrides.setdefault("base_url", settings.fal_api_url or FAL_API_URL)
         return cls(key, key_variable=variable, **overrides)
 
     def __repr__(self) -> str:  # never show the key

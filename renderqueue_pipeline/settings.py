@@ -15,10 +15,12 @@ from urllib.parse import urlparse, urlunparse
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_JWKS_URL = "https://rest.alpha.fal.ai/.well-known/jwks.json"
-DEFAULT_FAL_REST_URL = "https://rest.alpha.fal.ai"
-DEFAULT_FAL_API_URL = "https://api.fal.ai/v1"
-DEFAULT_OBJECT_LIFETIME = 7 * 86400  # seconds fal keeps our outputs unless told otherwise
+from renderqueue_pipeline.fal_defaults import (
+    FAL_API_URL,
+    FAL_JWKS_URL,
+    FAL_OBJECT_LIFETIME,
+    FAL_REST_URL,
+)
 
 
 def parse_start_timeouts(value: str) -> dict[str, float]:
@@ -71,7 +73,7 @@ class Settings(BaseSettings):
     home: Path = Field(default=Path(".renderqueue"), alias="RENDERQUEUE_HOME")
     database_url: str | None = Field(default=None, alias="DATABASE_URL")
     fal_key: SecretStr | None = Field(default=None, alias="FAL_KEY")
-    fal_jwks_url: str = Field(default=DEFAULT_JWKS_URL, alias="FAL_JWKS_URL")
+    fal_jwks_url: str = Field(default=FAL_JWKS_URL, alias="FAL_JWKS_URL")
     webhook_url: str | None = Field(default=None, alias="RENDERQUEUE_WEBHOOK_URL")
     webhook_flushers: int = Field(default=1, ge=1, le=32, alias="RENDERQUEUE_WEBHOOK_FLUSHERS")
     storage_url: str | None = Field(default=None, alias="RENDERQUEUE_STORAGE_URL")
@@ -81,14 +83,17 @@ class Settings(BaseSettings):
     prompt_sources: str = Field(default="", alias="RENDERQUEUE_PROMPT_SOURCES")
     # -- fal gateway (issue 9) --
     fal_admin_key: SecretStr | None = Field(default=None, alias="FAL_ADMIN_KEY")
-    fal_rest_url: str = Field(default=DEFAULT_FAL_REST_URL, alias="RENDERQUEUE_FAL_REST_URL")
+    fal_rest_url: str = Field(default=FAL_REST_URL, alias="RENDERQUEUE_FAL_REST_URL")
     fal_object_lifetime: float | None = Field(
-        default=DEFAULT_OBJECT_LIFETIME, alias="RENDERQUEUE_FAL_OBJECT_LIFETIME"
+        default=FAL_OBJECT_LIFETIME, alias="RENDERQUEUE_FAL_OBJECT_LIFETIME"
     )
     fal_start_timeouts_spec: str = Field(default="", alias="RENDERQUEUE_FAL_START_TIMEOUTS")
     # the fan-out pauses while this many of our requests wait at fal for one endpoint
     # (0: no bound, e.g. a throughput bench with no webhook receiver)
     fal_max_queued: int = Field(default=200, ge=0, alias="RENDERQUEUE_FAL_MAX_QUEUED")
+    # fal-client's queue host:port (the simulator's, in development); fal-client reads it
+    # itself, the archive lets its media through (archive.simulator_media_host)
+    fal_queue_run_host: str = Field(default="", alias="FAL_QUEUE_RUN_HOST")
     # --- webhook receiver (renderqueue_pipeline/webhook/, docs/webhook.md) ---
     webhook_user_ids: str | None = Field(default=None, alias="FAL_WEBHOOK_USER_IDS")
 
@@ -154,7 +159,7 @@ class Settings(BaseSettings):
     )
 
     # --- spend (renderqueue_pipeline/spend/, docs/spend.md; FAL_ADMIN_KEY is above) ---
-    fal_api_url: str = Field(default=DEFAULT_FAL_API_URL, alias="RENDERQUEUE_FAL_API_URL")
+    fal_api_url: str = Field(default=FAL_API_URL, alias="RENDERQUEUE_FAL_API_URL")
     billing_grace_hours: float = Field(
         default=48.0, ge=0.0, le=24 * 90, alias="RENDERQUEUE_BILLING_GRACE_HOURS"
     )
@@ -317,12 +322,33 @@ class Settings(BaseSettings):
     @property
     def storage(self) -> str:
         """Where archived outputs and reports go (any fsspec URL)."""
-        return self.storage_url or f"file://{self.home_dir / 'archive'}"
+        return self.storage_url or default_storage_url(self.home_dir)
 
     @property
     def prompts(self) -> str:
         """The prompts inbox (any fsspec URL of a folder)."""
-        return self.prompts_url or f"file://{self.home_dir / 'prompts' / 'inbox'}"
+        return self.prompts_url or default_prompts_url(self.home_dir)
+
+    def value_of(self, variable: str) -> object:
+        """The value in effect for the environment variable `variable`: its default when
+        unset (the home-relative folders included), a secret unwrapped for the client that
+        needs it; None when it has no value. The Dagster resources are built from this."""
+        if variable == "RENDERQUEUE_STORAGE_URL":
+            return self.storage
+        if variable == "RENDERQUEUE_PROMPTS_URL":
+            return self.prompts
+        value = getattr(self, _ENV_TO_FIELD[variable])
+        return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
+def default_storage_url(home: Path) -> str:
+    """RENDERQUEUE_STORAGE_URL when unset: a folder under RENDERQUEUE_HOME."""
+    return f"file://{home.expanduser().resolve() / 'archive'}"
+
+
+def default_prompts_url(home: Path) -> str:
+    """RENDERQUEUE_PROMPTS_URL when unset: the inbox folder under RENDERQUEUE_HOME."""
+    return f"file://{home.expanduser().resolve() / 'prompts' / 'inbox'}"
 
 
 def redact_url(url: str) -> str:
@@ -353,6 +379,7 @@ _URL_FIELDS = frozenset(
 
 _FIELD_TO_ENV = {name: (field.alias or name) for name, field in Settings.model_fields.items()}
 _URL_ENVS = frozenset(_FIELD_TO_ENV[name] for name in _URL_FIELDS)
+_ENV_TO_FIELD = {env: name for name, env in _FIELD_TO_ENV.items()}
 
 
 def load_settings() -> Settings:

@@ -11,9 +11,10 @@ from archive_helpers import Behaviour, completed_row, media_server, video
 from renderqueue_pipeline.db.server import sqlalchemy_url
 from renderqueue_pipeline.definitions import defs as load_defs
 from renderqueue_pipeline.defs.archive.checks import archive_backlog_is_fresh
+from renderqueue_pipeline.defs.archive.resources import ArchiveResource
 from renderqueue_pipeline.defs.archive.sensors import archive_sensor
 from renderqueue_pipeline.defs.resources import LedgerDatabase
-from renderqueue_pipeline.settings import get_settings
+from renderqueue_pipeline.settings import get_settings, load_settings
 
 
 @pytest.fixture
@@ -56,15 +57,14 @@ def test_the_sensor_launches_one_bounded_run_only_when_rows_are_due(
     conn, archive_env, instance, origin
 ) -> None:
     ledger = LedgerDatabase(url=archive_env)
-    context = dg.build_sensor_context(instance=instance, resources={"ledger": ledger})
+    resources = {"ledger": ledger, "archive": ArchiveResource.from_settings(load_settings())}
+    context = dg.build_sensor_context(instance=instance, resources=resources)
     skipped = archive_sensor(context)
     assert isinstance(skipped, dg.SkipReason)
     assert "no completed output" in skipped.skip_message
 
     completed_row(conn, video(origin.serve("/d.mp4", Behaviour(size=10)), 10))
-    result = archive_sensor(
-        dg.build_sensor_context(instance=instance, resources={"ledger": ledger})
-    )
+    result = archive_sensor(dg.build_sensor_context(instance=instance, resources=resources))
     (request,) = result.run_requests
     assert request.run_config["ops"]["archived_outputs"]["config"]["limit"] == 7
 
@@ -74,9 +74,7 @@ def test_the_sensor_launches_one_bounded_run_only_when_rows_are_due(
     instance.create_run_for_job(
         job, run_config=request.run_config, status=dg.DagsterRunStatus.STARTED
     )
-    waiting = archive_sensor(
-        dg.build_sensor_context(instance=instance, resources={"ledger": ledger})
-    )
+    waiting = archive_sensor(dg.build_sensor_context(instance=instance, resources=resources))
     assert isinstance(waiting, dg.SkipReason)
     assert "in flight" in waiting.skip_message
 
@@ -87,9 +85,8 @@ def test_a_canceling_archive_run_is_still_in_flight(conn, archive_env, instance,
     completed_row(conn, video(origin.serve("/d.mp4", Behaviour(size=10)), 10))
     job = load_defs().resolve_job_def("archive_outputs")
     instance.create_run_for_job(job, status=dg.DagsterRunStatus.CANCELING)
-    waiting = archive_sensor(
-        dg.build_sensor_context(instance=instance, resources={"ledger": ledger})
-    )
+    resources = {"ledger": ledger, "archive": ArchiveResource.from_settings(load_settings())}
+    waiting = archive_sensor(dg.build_sensor_context(instance=instance, resources=resources))
     assert isinstance(waiting, dg.SkipReason)
     assert "in flight" in waiting.skip_message
 
@@ -147,10 +144,11 @@ def test_the_backlog_check_alerts_when_the_oldest_row_waits_too_long(
     )
     conn.commit()
     ledger = LedgerDatabase(url=archive_env)
-    result = archive_backlog_is_fresh(ledger=ledger)
+    result = archive_backlog_is_fresh(
+        ledger=ledger, archive=ArchiveResource.from_settings(load_settings())
+    )
     assert result.passed is False
     assert result.metadata["oldest_pending_age_minutes"].value >= 45
     monkeypatch.setenv("RENDERQUEUE_ARCHIVE_ALERT_MINUTES", "60")
-
-    get_settings.cache_clear()
-    assert archive_backlog_is_fresh(ledger=ledger).passed is True
+    archive = ArchiveResource.from_settings(load_settings())  # the environment, read now
+    assert archive_backlog_is_fresh(ledger=ledger, archive=archive).passed is True

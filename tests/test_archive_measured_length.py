@@ -12,13 +12,14 @@ from spend_helpers import fal_billing, platform_server, settle, submit, window
 
 from renderqueue_pipeline.archive import (
     ArchiveOptions,
+    ArchiveSetup,
     ArchiveStorage,
     archive_pending,
     run_archive,
 )
 from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
 from renderqueue_pipeline.db.connect import connect
-from renderqueue_pipeline.settings import get_settings
+from renderqueue_pipeline.settings import get_settings, load_settings
 from renderqueue_pipeline.spend import apply_billed, load_billing_events, reconcile_range
 
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
@@ -56,7 +57,7 @@ def test_an_auto_clip_is_priced_from_the_length_of_its_archived_file(
     before = row(conn, rid)
     assert (before["cost_basis"], before["billed_seconds"]) == ("requested", 15)
 
-    report = run_archive(lambda: connect(ledger_url))
+    report = run_archive(lambda: connect(ledger_url), ArchiveSetup.from_settings(load_settings()))
     assert report.archived == 1
     assert report.outcomes[0].priced == "measured"
 
@@ -90,7 +91,7 @@ def test_a_billed_clip_keeps_fals_figure_when_its_length_is_measured_later(
     billed = row(conn, rid)
     assert (billed["cost_basis"], billed["computed_cost_basis"]) == ("billed", "requested")
 
-    report = run_archive(lambda: connect(ledger_url))
+    report = run_archive(lambda: connect(ledger_url), ArchiveSetup.from_settings(load_settings()))
     assert report.archived == 1
     assert report.outcomes[0].priced == "billed"
     after = row(conn, rid)

@@ -10,13 +10,14 @@ import httpx
 import pytest
 from archive_helpers import row
 
-from renderqueue_pipeline.archive import archive_health, run_archive
+from renderqueue_pipeline.archive import ArchiveSetup, archive_health, run_archive
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.defs.archive.checks import no_outputs_lost
+from renderqueue_pipeline.defs.archive.resources import ArchiveResource
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.fal_gateway import FalGateway
 from renderqueue_pipeline.ledger import LedgerEvent, asubmit_generation, record_event
-from renderqueue_pipeline.settings import get_settings
+from renderqueue_pipeline.settings import get_settings, load_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator, wait_until
 
 ENDPOINT = "bytedance/seedance-2.0/text-to-video"
@@ -69,7 +70,7 @@ def test_outputs_from_the_simulators_cdn_are_archived_and_expired_ones_lost(
     # wait until fal's copy is really gone (event-based: the CDN answers 404)
     wait_until(lambda: _cdn_status(fal_sim, short_url) == 404, timeout=60, interval=0.2)
 
-    report = run_archive(lambda: connect(ledger_url))
+    report = run_archive(lambda: connect(ledger_url), ArchiveSetup.from_settings(load_settings()))
     assert (report.archived, report.lost) == (1, 1)
 
     kept_row = row(conn, kept)
@@ -88,7 +89,10 @@ def test_outputs_from_the_simulators_cdn_are_archived_and_expired_ones_lost(
     assert health["lost"] == 1
     assert health["failures_by_reason"] == {"lost:gone": 1}
 
-    check = no_outputs_lost(ledger=LedgerDatabase(url=ledger_url))
+    check = no_outputs_lost(
+        ledger=LedgerDatabase(url=ledger_url),
+        archive=ArchiveResource.from_settings(load_settings()),
+    )
     assert check.passed is False
     assert check.metadata["lost"].value == 1
     assert short in check.metadata["latest_lost"].value
@@ -104,7 +108,7 @@ def test_fals_copy_is_deleted_after_a_safe_archive_and_failures_retried(
     [(rid, output)] = _complete(ledger_url, fal_sim, [3600.0])
     url = output["video"]["url"]
     fal_sim.control.set_faults(admin_key="wrong-key-on-purpose")
-    first = run_archive(lambda: connect(ledger_url))
+    first = run_archive(lambda: connect(ledger_url), ArchiveSetup.from_settings(load_settings()))
     assert first.archived == 1
     assert first.fal_delete["fal_deletes_retrying"] == 1
     r = row(conn, rid)
@@ -118,7 +122,7 @@ def test_fals_copy_is_deleted_after_a_safe_archive_and_failures_retried(
         "update generations set fal_delete_next_attempt_at = now() where request_id = %s", (rid,)
     )
     conn.commit()
-    second = run_archive(lambda: connect(ledger_url))
+    second = run_archive(lambda: connect(ledger_url), ArchiveSetup.from_settings(load_settings()))
     assert second.fal_delete["fal_copies_deleted"] == 1
     r = row(conn, rid)
     assert (r["fal_delete_status"], r["fal_deleted_at"] is not None) == ("deleted", True)

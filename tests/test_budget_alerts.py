@@ -23,6 +23,7 @@ from renderqueue_pipeline.alerts import evaluate_budget_alerts, set_alert_percen
 from renderqueue_pipeline.batch import set_budget
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.defs.alerts.resources import AlertsResource
 from renderqueue_pipeline.defs.alerts.sensors import budget_alert_sensor, run_failure_alert_sensor
 from renderqueue_pipeline.defs.ledger.jobs import ledger_status_job
 from renderqueue_pipeline.defs.resources import LedgerDatabase
@@ -280,7 +281,10 @@ def test_the_budget_alert_sensor_sends_once_on_a_real_instance(
     with alert_receiver() as receiver, dagster_instance(dagster_storage) as instance:
         monkeypatch.setenv("RENDERQUEUE_ALERT_WEBHOOK_URL", receiver.url)
         get_settings.cache_clear()
-        resources = {"ledger": LedgerDatabase(url=ledger_env)}
+        resources = {
+            "ledger": LedgerDatabase(url=ledger_env),
+            "alerts": AlertsResource.from_settings(load_settings()),
+        }
         first = budget_alert_sensor(dg.build_sensor_context(instance=instance, resources=resources))
         second = budget_alert_sensor(
             dg.build_sensor_context(instance=instance, resources=resources)
@@ -313,6 +317,7 @@ def test_a_failed_run_of_our_job_is_posted_to_the_alert_webhook(
             dagster_instance=instance,
             dagster_run=result.dagster_run,
             dagster_event=result.get_run_failure_event(),
+            resources={"alerts": AlertsResource.from_settings(load_settings())},
         ).for_run_failure()
         run_failure_alert_sensor(context)
     [body] = receiver.accepted

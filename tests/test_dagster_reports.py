@@ -44,7 +44,7 @@ from renderqueue_pipeline.defs.reports.schedules import (
 from renderqueue_pipeline.defs.reports.sensors import spend_report_changed_months_sensor
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.reports.checks import report_matches_ledger
-from renderqueue_pipeline.reports.spend import REPORT_TABLES
+from renderqueue_pipeline.reports.figures import REPORT_TABLES
 from renderqueue_pipeline.reports.storage import CHART_NAME
 
 MARCH = date(2026, 3, 1)

@@ -15,11 +15,12 @@ from renderqueue_pipeline.defs.spend.assets import (
     fal_billing_events,
     fal_prices,
 )
-from renderqueue_pipeline.defs.spend.resources import FalPlatformResource
+from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
 from renderqueue_pipeline.defs.spend.schedules import (
     billing_month_schedule,
     reconcile_billing_schedule,
 )
+from renderqueue_pipeline.settings import load_settings
 
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
 
@@ -48,6 +49,7 @@ def test_a_day_is_loaded_reconciled_and_checked_monthly(
     resources = {
         "ledger": LedgerDatabase(url=ledger_url),
         "fal_platform": FalPlatformResource(admin_key=ADMIN_KEY, api_url=fal_billing.api_url),
+        "billing_check": BillingCheckResource.from_settings(load_settings()),
     }
     day = moment.date()
     assert {dt.datetime.fromtimestamp(t, dt.UTC).date() for t in billed} == {day}, (

@@ -27,7 +27,8 @@ from renderqueue_pipeline.defs.reports.forecast import spend_forecast
 from renderqueue_pipeline.defs.reports.resources import ReportStorage
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.spend.assets import billing_reconciliation, fal_billing_events
-from renderqueue_pipeline.defs.spend.resources import FalPlatformResource
+from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
+from renderqueue_pipeline.settings import load_settings
 
 T0 = datetime(2026, 4, 11, 10, 0, tzinfo=UTC)
 freshness_job = dg.define_asset_job(
@@ -47,8 +48,9 @@ DEFS = dg.Definitions(
     # the checks read only the instance; the assets' resources are never built here
     resources={
         "ledger": LedgerDatabase(),
-        "report_storage": ReportStorage(),
+        "report_storage": ReportStorage(url="file:///never-built"),
         "fal_platform": FalPlatformResource(),
+        "billing_check": BillingCheckResource(grace_hours=48, threshold_percent=0.5),
     },
 )
 
@@ -128,7 +130,10 @@ def test_current_month_asset_two_hours_without_refresh_is_a_failed_check(
 def test_billing_loaded_by_0800_utc_is_fresh_until_the_next_days_deadline(
     instance: dg.DagsterInstance, ledger_url: str
 ) -> None:
-    resources = {"ledger": LedgerDatabase(url=ledger_url)}
+    resources = {
+        "ledger": LedgerDatabase(url=ledger_url),
+        "billing_check": BillingCheckResource.from_settings(load_settings()),
+    }
     with freeze_time(datetime(2026, 4, 11, 5, 30, tzinfo=UTC)):  # the daily schedule's time
         done = dg.materialize(
             [billing_reconciliation],

@@ -26,8 +26,9 @@ from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 from renderqueue_pipeline.batch.single import submit_prompt
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.spend.assets import billing_reconciliation_monthly
-from renderqueue_pipeline.defs.spend.resources import FalPlatformResource
+from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
 from renderqueue_pipeline.fal_platform import FalPlatformError
+from renderqueue_pipeline.settings import load_settings
 from renderqueue_pipeline.spend import compare_usage_by_tag
 
 
@@ -171,6 +172,7 @@ def test_the_monthly_asset_checks_fals_usage_by_tag(
     resources = {
         "ledger": LedgerDatabase(url=ledger_url),
         "fal_platform": FalPlatformResource(admin_key=ADMIN_KEY, api_url=fal_billing.api_url),
+        "billing_check": BillingCheckResource.from_settings(load_settings()),
     }
     storage = {"storage": {"postgres": {"postgres_url": dagster_storage}}}
 

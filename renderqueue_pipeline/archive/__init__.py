@@ -1,6 +1,6 @@
 """The archive: copy every output to our storage before fal's copy expires.
 
-    archive_pending(connect, storage, policy, options)   one run (Dagster and the CLI)
+    run_archive(connect, setup)                          one run (Dagster and the CLI)
     archive_health(conn)                                 what the checks report
     links(conn, request_id)                              URLs a user opens
     delete_fal_copies(conn, gateway)                     optional: fal's copy, once ours is safe
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -31,13 +31,14 @@ from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts, system_
 from renderqueue_pipeline.archive.links import links
 from renderqueue_pipeline.archive.storage import ArchiveStorage
 from renderqueue_pipeline.redact import redact
-from renderqueue_pipeline.settings import Settings, get_settings
+from renderqueue_pipeline.settings import Settings
 
 log = logging.getLogger("renderqueue.archive")
 
 __all__ = [
     "ArchiveOptions",
     "ArchiveReport",
+    "ArchiveSetup",
     "ArchiveStorage",
     "FetchPolicy",
     "RowOutcome",
@@ -45,6 +46,7 @@ __all__ = [
     "archive_health",
     "archive_pending",
     "delete_fal_copies",
+    "fetch_policy",
     "links",
     "options_from_settings",
     "policy_from_settings",
@@ -53,45 +55,67 @@ __all__ = [
 ]
 
 
-def simulator_media_host() -> str | None:
-    """host:port of the local fal simulator when fal-client points at it (loopback only)."""
-    host = os.environ.get("FAL_QUEUE_RUN_HOST", "")
-    name, _, port = host.partition(":")
+def simulator_media_host(queue_run_host: str) -> str | None:
+    """host:port of the local fal simulator when fal-client points at it (FAL_QUEUE_RUN_HOST
+    `queue_run_host`, loopback only), else None."""
+    name, _, port = queue_run_host.partition(":")
     if not name or not port:
         return None
     try:
         loopback = ipaddress.ip_address(name.strip("[]")).is_loopback
     except ValueError:
         loopback = name.lower() == "localhost"
-    return host.lower() if loopback else None
+    return queue_run_host.lower() if loopback else None
 
 
-def policy_from_settings(settings: Settings | None = None, **overrides: Any) -> FetchPolicy:
-    """The fetch policy of RENDERQUEUE_ARCHIVE_HOSTS / _LOOPBACK_HOSTS / _MAX_BYTES /
-    _MIN_BYTES_PER_SECOND / _STALL_SECONDS.
+def fetch_policy(
+    *,
+    hosts: str,
+    loopback_hosts: str,
+    queue_run_host: str,
+    max_bytes: int,
+    min_bytes_per_second: float,
+    stall_seconds: float,
+    **overrides: Any,
+) -> FetchPolicy:
+    """The fetch policy: hosts and loopback hosts as comma-separated lists.
 
-    Loopback is allowed only for RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS entries and for the
-    local simulator's own host:port while it is in use.
+    Loopback is allowed only for `loopback_hosts` entries and for the local simulator's
+    own host:port while fal-client points at it (`queue_run_host`).
     """
-    settings = settings or get_settings()
-    loopback = set(parse_hosts(settings.archive_loopback_hosts))
-    simulator = simulator_media_host()
+    loopback = set(parse_hosts(loopback_hosts))
+    simulator = simulator_media_host(queue_run_host)
     if simulator:
         loopback.add(simulator)
     values: dict[str, Any] = {
-        "allowed_hosts": parse_hosts(settings.archive_hosts),
+        "allowed_hosts": parse_hosts(hosts),
         "loopback_hosts": frozenset(loopback),
-        "max_bytes": settings.archive_max_bytes,
-        "min_bytes_per_second": settings.archive_min_rate,
-        "stall_seconds": settings.archive_stall_seconds,
+        "max_bytes": max_bytes,
+        "min_bytes_per_second": min_bytes_per_second,
+        "stall_seconds": stall_seconds,
         "resolver": system_resolver,
     }
     values.update(overrides)
     return FetchPolicy(**values)
 
 
-def options_from_settings(settings: Settings | None = None, **overrides: Any) -> ArchiveOptions:
-    settings = settings or get_settings()
+def policy_from_settings(settings: Settings, **overrides: Any) -> FetchPolicy:
+    """The fetch policy of RENDERQUEUE_ARCHIVE_HOSTS / _LOOPBACK_HOSTS / _MAX_BYTES /
+    _MIN_BYTES_PER_SECOND / _STALL_SECONDS and FAL_QUEUE_RUN_HOST."""
+    return fetch_policy(
+        hosts=settings.archive_hosts,
+        loopback_hosts=settings.archive_loopback_hosts,
+        queue_run_host=settings.fal_queue_run_host,
+        max_bytes=settings.archive_max_bytes,
+        min_bytes_per_second=settings.archive_min_rate,
+        stall_seconds=settings.archive_stall_seconds,
+        **overrides,
+    )
+
+
+def options_from_settings(settings: Settings, **overrides: Any) -> ArchiveOptions:
+    """ArchiveOptions of RENDERQUEUE_ARCHIVE_BATCH_ROWS / _CONCURRENCY / _MAX_ATTEMPTS and
+    RENDERQUEUE_DELETE_FAL_COPY; `overrides` that are None keep the setting."""
     values: dict[str, Any] = {
         "limit": settings.archive_batch_rows,
         "concurrency": settings.archive_concurrency,
@@ -102,23 +126,34 @@ def options_from_settings(settings: Settings | None = None, **overrides: Any) ->
     return ArchiveOptions(**values)
 
 
+@dataclass(frozen=True)
+class ArchiveSetup:
+    """Everything one archive run needs: where to, what may be fetched, how much at once."""
+
+    storage: ArchiveStorage
+    policy: FetchPolicy
+    options: ArchiveOptions
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, limit: int | None = None) -> ArchiveSetup:
+        """The CLI's setup (RENDERQUEUE_STORAGE_URL and the RENDERQUEUE_ARCHIVE_* settings)."""
+        return cls(
+            ArchiveStorage.from_url(settings.storage),
+            policy_from_settings(settings),
+            options_from_settings(settings, limit=limit),
+        )
+
+
 def run_archive(
     connect: Callable[[], psycopg.Connection],
+    setup: ArchiveSetup,
     *,
-    limit: int | None = None,
-    settings: Settings | None = None,
     progress: Callable[[RowOutcome], None] | None = None,
 ) -> ArchiveReport:
-    """One archive run configured from the environment (what Dagster and the CLI call)."""
-    settings = settings or get_settings()
-    options = options_from_settings(settings, limit=limit)
-    report = archive_pending(
-        connect,
-        ArchiveStorage.from_url(settings.storage),
-        policy_from_settings(settings),
-        options,
-        progress=progress,
-    )
+    """One archive run (what Dagster and the CLI call), then fal's copies deleted when
+    `setup.options.delete_fal_copy`."""
+    options = setup.options
+    report = archive_pending(connect, setup.storage, setup.policy, options, progress=progress)
     if options.delete_fal_copy:
         try:
             report.fal_delete = delete_fal_copies(

@@ -6,7 +6,7 @@ import click
 from rich.console import Console
 from rich.markup import escape
 
-from renderqueue_pipeline.archive import ArchiveStorage, links, run_archive
+from renderqueue_pipeline.archive import ArchiveSetup, ArchiveStorage, links, run_archive
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.redact import redact
@@ -34,7 +34,8 @@ def archive(limit: int | None) -> None:
             soft_wrap=True,
         )
 
-    report = run_archive(lambda: connect(url), limit=limit, progress=progress)
+    setup = ArchiveSetup.from_settings(get_settings(), limit=limit)
+    report = run_archive(lambda: connect(url), setup, progress=progress)
     summary = report.as_dict()
     click.echo(
         f"archived {summary['archived']}, lost {summary['lost']}, failed {summary['failed']}, "

@@ -48,6 +48,7 @@ from typing import Any, Literal
 import psycopg
 
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.fal_defaults import FAL_API_URL
 from renderqueue_pipeline.fal_gateway import (
     FalError,
     FalGateway,
@@ -55,7 +56,7 @@ from renderqueue_pipeline.fal_gateway import (
     FalRequestError,
     FalUnavailable,
 )
-from renderqueue_pipeline.fal_platform import DEFAULT_API_URL, FalPlatform, FalPlatformError
+from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
 from renderqueue_pipeline.ledger import (
     CancelIntent,
     LedgerEvent,
@@ -504,7 +505,7 @@ def _adoption_wanted(options: ReconcileOptions) -> str | None:
         return None
 
     settings = get_settings()
-    if settings.fal_admin_key is None and settings.fal_api_url.rstrip("/") == DEFAULT_API_URL:
+    if settings.fal_admin_key is None and settings.fal_api_url.rstrip("/") == FAL_API_URL:
         return "no FAL_ADMIN_KEY and no RENDERQUEUE_FAL_API_URL: fal's request list not read"
     return None
 

@@ -21,29 +21,14 @@ import psycopg
 from psycopg import IsolationLevel
 
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.reports.figures import BILLED, COMPARED, COMPLETED_SUMS
 from renderqueue_pipeline.reports.months import month_range
 
-# The figures a report row must share with the ledger, exactly.
-COMPARED = (
-    "generations",
-    "completed",
-    "failed",
-    "canceled",
-    "open",
-    "unpriced",
-    "billed_seconds",
-    "cost_micros",
-    "open_estimate_micros",
-    "computed_micros",
-    "billed_generations",
-    "fal_billed_micros",
-    "billed_difference_micros",
-)
-# fal_billed_micros and billed_difference_micros are derived from two sums (null while no
-# generation of the key was billed); every other compared figure is summed as it is.
-DERIVED = ("fal_billed_micros", "billed_difference_micros")
+# The figures a report row must share with the ledger, exactly (reports/figures.py); the
+# billed ones are derived from two sums (null while no generation of the key was billed),
+# every other compared figure is summed as it is.
 SUMMED = (
-    *(c for c in COMPARED if c not in DERIVED),
+    *(c for c in COMPARED if c not in BILLED),
     "fal_billed_sum",
     "billed_computed_micros",
 )
@@ -119,11 +104,9 @@ def fold_facts(facts: list[dict], by: str) -> list[dict]:
         row["generations"] += n
         if status == "completed":
             row["completed"] += n
-            row["billed_seconds"] += f["billed_seconds"]
-            row["cost_micros"] += int(f["cost_micros"])
             row["unpriced"] += n if f["unpriced"] else 0
-            row["computed_micros"] += int(f["computed_micros"])
-            row["billed_generations"] += int(f["billed_generations"])
+            for figure in COMPLETED_SUMS:  # summed as the ledger's query gives them
+                row[figure] += f[figure]
             row["fal_billed_sum"] += int(f["fal_billed_micros"])
             row["billed_computed_micros"] += int(f["billed_computed_micros"])
         elif status in ("failed", "canceled"):
@@ -171,7 +154,7 @@ def compare_rows(report: list[dict], ledger: list[dict], key: str) -> tuple[list
     by_key_report = {r[key]: r for r in report}
     by_key_ledger = {r[key]: r for r in ledger}
     changed = {k for k, r in by_key_ledger.items() if r.get("changed_after")}
-    zero = {**dict.fromkeys(COMPARED, 0), **dict.fromkeys(DERIVED)}  # a key one side lacks
+    zero = {**dict.fromkeys(COMPARED, 0), **dict.fromkeys(BILLED)}  # a key one side lacks
     differences = []
     for k in sorted(set(by_key_report) | set(by_key_ledger), key=str):
         mine, theirs = by_key_report.get(k, zero), by_key_ledger.get(k, zero)
@@ -201,7 +184,8 @@ def report_matches_ledger(
         if state is None:
             return Finding(name, False, f"no report for {month:%Y-%m} yet", {"month_state": ""})
         changes = conn.execute(q("report_month_changes"), {"month": month}).fetchone()
-        report = conn.execute(q(f"monthly_by_{by}"), {"month": month}).fetchall()
+        report_rows = q("monthly_by_user") if by == "user" else q("monthly_by_endpoint")
+        report = conn.execute(report_rows, {"month": month}).fetchall()
         facts = ledger_facts(
             conn,
             month,

@@ -19,35 +19,13 @@ from renderqueue_pipeline.reports.checks import (
     per_second,
     snapshot,
 )
+from renderqueue_pipeline.reports.figures import cli_columns
 from renderqueue_pipeline.reports.months import month_range
-
-COLUMNS = {
-    "user": ["user_id"],
-    "endpoint": ["endpoint"],
-    "batch": ["batch_id", "source"],
-}
-FIGURES = [
-    "generations",
-    "completed",
-    "failed",
-    "canceled",
-    "open",
-    "unpriced",
-    "billed_seconds",
-    "cost_micros",
-    "cost_cents",
-    "micros_per_completed_second",
-    "open_estimate_micros",
-    "computed_micros",
-    "billed_generations",
-    "fal_billed_micros",
-    "billed_difference_micros",
-]
-BATCH_FIGURES = ["submit_estimate_micros", "cost_minus_estimate_micros"]
 
 
 def columns_for(by: str) -> list[str]:
-    return COLUMNS[by] + FIGURES + (BATCH_FIGURES if by == "batch" else [])
+    """The report tables' columns by user, endpoint or batch (reports/figures.py)."""
+    return cli_columns(by)
 
 
 def month_from_ledger(conn: psycopg.Connection, month: date, by: str) -> list[dict]:

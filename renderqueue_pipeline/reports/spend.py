@@ -40,12 +40,6 @@ from renderqueue_pipeline.reports.months import (
 # written within IN_FLIGHT of that refresh's snapshot.
 ID_OVERLAP = 10_000
 IN_FLIGHT = timedelta(minutes=5)
-REPORT_TABLES = (
-    "spend_monthly_by_user",
-    "spend_monthly_by_endpoint",
-    "spend_monthly_by_batch",
-    "spend_daily",
-)
 
 
 @dataclass
@@ -124,10 +118,10 @@ def _stale_days(
 
 
 def _write_tables(conn: psycopg.Connection, month: date, computed_at: datetime) -> None:
+    """Replace the month's report rows (every dimension) with sums of its rollups."""
     params = {"month": month, "end_day": next_month(month), "computed_at": computed_at}
-    for table in ("monthly_by_user", "monthly_by_endpoint", "monthly_by_batch", "daily"):
-        conn.execute(q(f"{table}_delete"), params)
-        conn.execute(q(f"{table}_insert"), params)
+    conn.execute(q("report_rows_delete"), params)
+    conn.execute(q("report_rows_insert"), params)
 
 
 def _mark_days(conn: psycopg.Connection, days: list[date], now: datetime, high_water: dict) -> None:

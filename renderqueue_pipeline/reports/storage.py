@@ -18,8 +18,8 @@ import psycopg
 
 from renderqueue_pipeline.reports.chart import daily_spend_chart
 from renderqueue_pipeline.reports.checks import snapshot
+from renderqueue_pipeline.reports.figures import REPORT_COLUMNS, REPORT_KEYS, REPORT_TABLES
 from renderqueue_pipeline.reports.focus import focus_csv, focus_parquet, focus_records
-from renderqueue_pipeline.reports.spend import REPORT_TABLES
 
 CHART_NAME = "daily_spend_by_endpoint.png"
 FOCUS = "focus"  # the FinOps FOCUS export: one cost row per completed generation
@@ -40,19 +40,16 @@ def month_folder(storage_url: str, month: date) -> str:
 
 
 def read_table(conn: psycopg.Connection, table: str, month: date) -> pd.DataFrame:
-    """One month of a report table as a DataFrame, columns in table order, sorted stably."""
+    """One month of a report table as a DataFrame, sorted by its key; the columns are the
+    report's (reports/figures.py), in that order."""
     if table not in REPORT_TABLES:
         raise ValueError(f"not a report table: {table}")
-    order = {
-        "spend_daily": "day, endpoint",
-        "spend_monthly_by_user": "user_id",
-        "spend_monthly_by_endpoint": "endpoint",
-        "spend_monthly_by_batch": "batch_id",
-    }
+    select_list = ", ".join(REPORT_COLUMNS[table])
+    order = ", ".join(REPORT_KEYS[table])
     with conn.cursor() as cur:
-        # the table name comes from REPORT_TABLES above, never from input
+        # the names come from reports/figures.py, never from input
         cur.execute(
-            f"select * from {table} where month = %s order by {order[table]}",  # noqa: S608
+            f"select {select_list} from {table} where month = %s order by {order}",  # noqa: S608
             (month,),
         )
         columns = [c.name for c in cur.description]

@@ -53,9 +53,3 @@ select id, user_id, month, threshold_percent, limit_micros, limit_source, actual
 from budget_alerts
 where month = %(month)s
 order by user_id, threshold_percent;
-
--- name: undelivered_budget_alerts
-select id, user_id, month, threshold_percent, attempts, last_error, next_attempt_at
-from budget_alerts
-where delivered_at is null
-order by id;

@@ -10,9 +10,6 @@ from rq_parse_duration(%(inputs)s::jsonb -> 'duration') d
 left join rq_estimate(%(endpoint)s, %(inputs)s, coalesce(%(at)s::timestamptz, rq_now())) e
   on true;
 
--- name: parse_duration
-select seconds, problem from rq_parse_duration(%(value)s::jsonb);
-
 -- name: endpoint_prices
 select resolution, with_audio
 from prices
@@ -164,13 +161,6 @@ update generations
 set cancel_requested_at = null
 where request_id = %(request_id)s and cancel_requested_at = %(recorded_at)s
 returning id;
-
--- name: generation_by_request_id
-select * from generations where request_id = %(request_id)s;
-
--- name: events_for_request
-select id, source, kind, outcome, applied_at, received_at
-from generation_events where request_id = %(request_id)s order by id;
 
 -- name: status_counts
 select status::text as status, count(*) as generations,

@@ -4,8 +4,8 @@ import dagster as dg
 
 from renderqueue_pipeline.alerts import evaluate_budget_alerts, post_with_retries
 from renderqueue_pipeline.alerts.runs import run_failure_body
+from renderqueue_pipeline.defs.alerts.resources import AlertsResource
 from renderqueue_pipeline.defs.resources import LedgerDatabase
-from renderqueue_pipeline.settings import get_settings
 
 
 @dg.sensor(
@@ -16,9 +16,13 @@ from renderqueue_pipeline.settings import get_settings
     "RENDERQUEUE_ALERT_WEBHOOK_URL, recorded in `budget_alerts`; retries failed posts with "
     "backoff. The tick's message says what it sent and what waits for a retry.",
 )
-def budget_alert_sensor(context: dg.SensorEvaluationContext, ledger: LedgerDatabase):
+def budget_alert_sensor(
+    context: dg.SensorEvaluationContext, ledger: LedgerDatabase, alerts: AlertsResource
+):
     with ledger.connect() as conn:
-        run = evaluate_budget_alerts(conn)
+        run = evaluate_budget_alerts(
+            conn, url=alerts.webhook_url, default_percents=alerts.default_percents()
+        )
     for outcome in run.sent:
         context.log.info(f"sent: {outcome.text}")
     for outcome in run.failed:
@@ -35,16 +39,13 @@ def budget_alert_sensor(context: dg.SensorEvaluationContext, ledger: LedgerDatab
     description="Posts every failed run of this code location's jobs to "
     "RENDERQUEUE_ALERT_WEBHOOK_URL (Dagster's Slack run-failure pattern, as plain JSON).",
 )
-def run_failure_alert_sensor(context: dg.RunFailureSensorContext):
-    secret = get_settings().alert_webhook_url
+def run_failure_alert_sensor(context: dg.RunFailureSensorContext, alerts: AlertsResource):
     run = context.dagster_run
-    if secret is None:
+    if not alerts.webhook_url:
         return dg.SkipReason(
             f"run {run.run_id} of {run.job_name} failed; RENDERQUEUE_ALERT_WEBHOOK_URL is not set"
         )
     message = context.failure_event.message or "the run failed"
-    post_with_retries(
-        secret.get_secret_value(), run_failure_body(run.job_name, run.run_id, message)
-    )
+    post_with_retries(alerts.webhook_url, run_failure_body(run.job_name, run.run_id, message))
     context.log.info(f"posted the failure of run {run.run_id} ({run.job_name})")
     return None

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from renderqueue_pipeline.archive import run_archive
+from renderqueue_pipeline.defs.archive.resources import ArchiveResource
 from renderqueue_pipeline.defs.batch.assets import fal_requests
 from renderqueue_pipeline.defs.ledger.assets import generations
 from renderqueue_pipeline.defs.resources import LedgerDatabase
@@ -22,9 +23,12 @@ class ArchiveRunConfig(dg.Config):
     "expires (generations/YYYY/MM/<request_id>/<file>), size and sha256 recorded.",
 )
 def archived_outputs(
-    context: dg.AssetExecutionContext, config: ArchiveRunConfig, ledger: LedgerDatabase
+    context: dg.AssetExecutionContext,
+    config: ArchiveRunConfig,
+    ledger: LedgerDatabase,
+    archive: ArchiveResource,
 ) -> dg.MaterializeResult:
-    report = run_archive(ledger.connect, limit=config.limit)
+    report = run_archive(ledger.connect, archive.setup(limit=config.limit))
     summary = report.as_dict()
     context.log.info(f"archive run: {summary}")
     return dg.MaterializeResult(

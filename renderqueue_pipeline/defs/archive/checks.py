@@ -4,21 +4,21 @@ import dagster as dg
 
 from renderqueue_pipeline.archive import archive_health
 from renderqueue_pipeline.defs.archive.assets import archived_outputs
+from renderqueue_pipeline.defs.archive.resources import ArchiveResource
 from renderqueue_pipeline.defs.resources import LedgerDatabase
-from renderqueue_pipeline.settings import get_settings
 
 
-def _health(ledger: LedgerDatabase) -> dict:
+def _health(ledger: LedgerDatabase, archive: ArchiveResource) -> dict:
     with ledger.connect() as conn:
-        return archive_health(conn, deadline_hours=get_settings().archive_deadline_hours)
+        return archive_health(conn, deadline_hours=archive.deadline_hours)
 
 
 @dg.asset_check(
     asset=archived_outputs,
     description="Outputs lost (fal's copy expired before ours was made): the target is zero.",
 )
-def no_outputs_lost(ledger: LedgerDatabase) -> dg.AssetCheckResult:
-    health = _health(ledger)
+def no_outputs_lost(ledger: LedgerDatabase, archive: ArchiveResource) -> dg.AssetCheckResult:
+    health = _health(ledger, archive)
     return dg.AssetCheckResult(
         passed=health["lost"] == 0,
         metadata={
@@ -40,9 +40,11 @@ def no_outputs_lost(ledger: LedgerDatabase) -> dg.AssetCheckResult:
     description="The oldest completed-but-unarchived row "
     "is younger than RENDERQUEUE_ARCHIVE_ALERT_MINUTES (default 30).",
 )
-def archive_backlog_is_fresh(ledger: LedgerDatabase) -> dg.AssetCheckResult:
-    health = _health(ledger)
-    limit_minutes = get_settings().archive_alert_minutes
+def archive_backlog_is_fresh(
+    ledger: LedgerDatabase, archive: ArchiveResource
+) -> dg.AssetCheckResult:
+    health = _health(ledger, archive)
+    limit_minutes = archive.alert_minutes
     age_minutes = health["oldest_pending_age_seconds"] / 60
     return dg.AssetCheckResult(
         passed=age_minutes <= limit_minutes,
@@ -60,15 +62,17 @@ def archive_backlog_is_fresh(ledger: LedgerDatabase) -> dg.AssetCheckResult:
     description="No unarchived output is within "
     "RENDERQUEUE_ARCHIVE_DEADLINE_HOURS (default 24) of fal's expiry.",
 )
-def no_outputs_near_deadline(ledger: LedgerDatabase) -> dg.AssetCheckResult:
-    health = _health(ledger)
+def no_outputs_near_deadline(
+    ledger: LedgerDatabase, archive: ArchiveResource
+) -> dg.AssetCheckResult:
+    health = _health(ledger, archive)
     nearest = health["nearest_deadline"]
     return dg.AssetCheckResult(
         passed=health["near_deadline"] == 0,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
             "near_deadline": health["near_deadline"],
-            "within_hours": dg.MetadataValue.float(get_settings().archive_deadline_hours),
+            "within_hours": dg.MetadataValue.float(archive.deadline_hours),
             "nearest_deadline": nearest.isoformat() if nearest else "none",
         },
     )

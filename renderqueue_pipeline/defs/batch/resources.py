@@ -5,22 +5,16 @@ from __future__ import annotations
 import dagster as dg
 
 from renderqueue_pipeline.batch.inbox import InboxFile, list_inbox
-from renderqueue_pipeline.settings import get_settings
 
 
 class PromptsInbox(dg.ConfigurableResource):
-    """An fsspec folder URL (file://, s3://); empty means RENDERQUEUE_PROMPTS_URL."""
+    """An fsspec folder URL (file://, s3://): RENDERQUEUE_PROMPTS_URL, by default a folder
+    under RENDERQUEUE_HOME, filled when a run starts (`defs.resources.env_resources`)."""
 
-    url: str = ""
+    url: str
 
     def resolved_url(self) -> str:
-
-        return self.url or get_settings().prompts
+        return self.url
 
     def list_files(self) -> list[InboxFile]:
-        return list_inbox(self.resolved_url())
-
-
-@dg.definitions
-def batch_resources() -> dg.Definitions:
-    return dg.Definitions(resources={"prompts_inbox": PromptsInbox()})
+        return list_inbox(self.url)

@@ -6,15 +6,13 @@ from typing import Any
 
 import dagster as dg
 
+from renderqueue_pipeline.reports.figures import REPORT_KEYS, STATUS_COUNTS
 from renderqueue_pipeline.reports.spend import MonthReport
 from renderqueue_pipeline.reports.storage import WrittenFile
 from renderqueue_pipeline.reports.summary import dollars, micros_to_usd, top_table
 
-_KEYS = {
-    "spend_monthly_by_user": "user_id",
-    "spend_monthly_by_endpoint": "endpoint",
-    "spend_monthly_by_batch": "batch_id",
-}
+# the monthly tables' top-10 is by their key (spend_daily shows the users' and endpoints')
+_KEYS = {t: key[0] for t, key in REPORT_KEYS.items() if t != "spend_daily"}
 
 
 def table_metadata(report: MonthReport, table: str, rows: list[dict]) -> dict[str, Any]:
@@ -40,10 +38,7 @@ def table_metadata(report: MonthReport, table: str, rows: list[dict]) -> dict[st
         if report.billed_difference_micros is None
         else dollars(report.billed_difference_micros),
         "generations": report.generations,
-        "completed": sum(int(r["completed"]) for r in rows),
-        "failed": sum(int(r["failed"]) for r in rows),
-        "canceled": sum(int(r["canceled"]) for r in rows),
-        "open": sum(int(r["open"]) for r in rows),
+        **{count: sum(int(r[count]) for r in rows) for count in STATUS_COUNTS},
         # when the month's ledger last changed after it ended ("-": never); "yes" when that
         # was after the month was finalized (the rebuild sensor's work)
         "last_changed_at": "-"

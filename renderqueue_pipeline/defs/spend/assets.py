@@ -10,10 +10,9 @@ from renderqueue_pipeline.defs.freshness.policies import daily_billing_policy
 from renderqueue_pipeline.defs.ledger.assets import generations
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.shared import FAL_API_POOL, daily_partitions, monthly_partitions
-from renderqueue_pipeline.defs.spend.resources import FalPlatformResource
+from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
 from renderqueue_pipeline.fal_platform import FalPlatformAuthError, FalPlatformError
 from renderqueue_pipeline.ledger.report import dollars
-from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.spend import (
     apply_billed,
     compare_usage_by_tag,
@@ -28,7 +27,7 @@ from renderqueue_pipeline.spend.tags import TagComparison
 
 
 class ReconcileConfig(dg.Config):
-    """Empty values mean RENDERQUEUE_BILLING_GRACE_HOURS / _THRESHOLD_PERCENT."""
+    """Empty values mean the `billing_check` resource's (RENDERQUEUE_BILLING_GRACE_HOURS)."""
 
     grace_hours: float | None = None
     apply_billed: bool = True
@@ -36,11 +35,6 @@ class ReconcileConfig(dg.Config):
 
 class MonthlyCheckConfig(dg.Config):
     threshold_percent: float | None = None
-
-
-def _settings():  # read at run time, never at import
-
-    return get_settings()
 
 
 @dg.asset(
@@ -104,13 +98,16 @@ def fal_billing_events(
     freshness_policy=daily_billing_policy,
 )
 def billing_reconciliation(
-    context: dg.AssetExecutionContext, config: ReconcileConfig, ledger: LedgerDatabase
+    context: dg.AssetExecutionContext,
+    config: ReconcileConfig,
+    ledger: LedgerDatabase,
+    billing_check: BillingCheckResource,
 ) -> dg.MaterializeResult:
     """Every request of the day classified against fal's bill; billed figures applied."""
     start, end = day_range(dt.date.fromisoformat(context.partition_key))
     grace = config.grace_hours
     if grace is None:
-        grace = _settings().billing_grace_hours
+        grace = billing_check.grace_hours
     with ledger.connect() as conn:
         result = reconcile_range(conn, start, end, grace=dt.timedelta(hours=grace))
         applied = apply_billed(conn, start, end) if config.apply_billed else 0
@@ -146,6 +143,7 @@ def billing_reconciliation_monthly(
     config: MonthlyCheckConfig,
     ledger: LedgerDatabase,
     fal_platform: FalPlatformResource,
+    billing_check: BillingCheckResource,
 ) -> dg.MaterializeResult:
     """The month: our computed total, fal's billed total, the difference, the top findings,
     and our per-user and per-batch totals beside fal's usage by tag (rq_user, rq_batch)."""
@@ -153,7 +151,7 @@ def billing_reconciliation_monthly(
     threshold = (
         config.threshold_percent
         if config.threshold_percent is not None
-        else _settings().billing_threshold_percent
+        else billing_check.threshold_percent
     )
     with ledger.connect() as conn, fal_platform.client() as platform:
         result = summarize(conn, start, end, largest=10)
