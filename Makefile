@@ -1,6 +1,7 @@
 # Two commands set everything up on a fresh machine with Python 3.11+ and pip:
 #   make demo   install, then run the whole product locally in the Dagster UI
 #   make test   install with test extras and run the whole suite
+#   make test-fast   the suite without the end-to-end and slow tests (markers in pyproject.toml)
 #   make invariants   the money invariants' stateful test with 10x the examples of make test
 #   make chaos        every fault at once, then the ledger audited against fal's truth (docs/reliability.md)
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo demo-headless prod-local test invariants lint bench bench-quick chaos clean stop
+.PHONY: install demo demo-headless prod-local test test-fast invariants lint bench bench-quick chaos clean stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,10 @@ lint: install
 test: install lint
 	$(BIN)/dg check defs
 	$(BIN)/pytest -q
+
+# A developer's loop: no `e2e` or `slow` test (the demo, dev, chaos, the wheel, soaks).
+test-fast: install lint
+	$(BIN)/pytest -q -m "not e2e and not slow"
 
 # tests/test_money_invariants.py: `make test` runs 8 examples; this runs 10x as many
 invariants: install

@@ -9,7 +9,7 @@ process (`renderqueue simulator serve`) and generates the events on demand, 10,0
 - ingest: `load_billing_events` (pages fetched one ahead, written with COPY, in one
   transaction) against one INSERT per event for the first pages of the same month, same
   pages, same run;
-- reconcile: `reconcile_range` over the month (one SQL statement classifies every request)
+- reconcile: `check_billing` over the month (one SQL statement classifies every request)
   against a pandas merge of the same data (both tables read into DataFrames, events summed
   per request, outer merge, the same classification), each in its own process so that its
   peak memory (VmHWM) is its own. The generations are written with generate_series and
@@ -42,7 +42,7 @@ from bench.common import BENCH_HOME, REPEATS, Figure, interleaved, note, scaled,
 from bench.memory import peak_rss_mb
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.fal_platform import FalPlatform
-from renderqueue_pipeline.spend import reconcile_range
+from renderqueue_pipeline.spend import check_billing
 from renderqueue_pipeline.spend.billing import insert_events_row_by_row, load_billing_events
 
 EVENTS = int(os.environ.get("BENCH_BILLING_EVENTS", scaled(1_000_000, 20_000)))
@@ -303,7 +303,7 @@ def _reconcile_sql(url: str) -> dict:
     now = END + dt.timedelta(days=3)
     with connect(url) as conn:
         started = time.perf_counter()
-        result = reconcile_range(conn, START, END, now=now)
+        result = check_billing(conn, START, END, now=now)
         seconds = time.perf_counter() - started
     outcomes = {k: v.requests for k, v in result.outcomes.items()}
     return {"seconds": seconds, "peak_mb": peak_rss_mb(), "outcomes": outcomes}

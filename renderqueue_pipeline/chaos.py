@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -636,7 +637,7 @@ def _audit(  # noqa: C901
             missing = sorted(set(truth) - set(rows))[:5]
             extra = sorted(set(rows) - set(truth))[:5]
             mismatches.append(f"requests at fal not in the ledger {missing}, extra {extra}")
-        with httpx.Client(verify=bundle, timeout=60) as cdn:
+        with httpx.Client(verify=ssl.create_default_context(cafile=bundle), timeout=60) as cdn:
             for request_id, t in truth.items():
                 row = rows.get(request_id)
                 if row is None:

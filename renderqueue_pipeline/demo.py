@@ -26,7 +26,6 @@ from rich.table import Table
 
 from renderqueue_pipeline.alerts import alerts_for_month, url_label
 from renderqueue_pipeline.alerts.receiver import local_alert_receiver
-from renderqueue_pipeline.batch.budget import parse_usd, set_budget
 from renderqueue_pipeline.dagster_home import ensure_dagster_home
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.migrate import migrate
@@ -36,8 +35,10 @@ from renderqueue_pipeline.definitions import defs as defs_loader
 from renderqueue_pipeline.defs.alerts.resources import AlertsResource
 from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 from renderqueue_pipeline.defs.resources import LedgerDatabase
+from renderqueue_pipeline.demo_data import drop_sample_prompts, prepare_demo_ledger
 from renderqueue_pipeline.errors import RenderqueueError
-from renderqueue_pipeline.ledger.report import dollars
+from renderqueue_pipeline.ledger import ledger_now
+from renderqueue_pipeline.money import dollars
 from renderqueue_pipeline.settings import get_settings, redact_url
 from renderqueue_pipeline.simulator import platform
 from renderqueue_pipeline.simulator.config import SimConfig
@@ -48,8 +49,6 @@ from renderqueue_pipeline.webhook.background import serve_in_thread
 from renderqueue_pipeline.webhook.limits import server_options
 
 TERMINAL = ("completed", "failed", "canceled")
-OVER_BUDGET_USER = 106
-OVER_BUDGET_USD = "25"
 
 
 @contextmanager
@@ -72,19 +71,6 @@ def local_fal(home: Path, *, seed: int = 2, failure_rate: float = 0.1) -> Iterat
     finally:
         api.stop()
         server.stop()
-
-
-def prepare_demo_ledger(url: str) -> None:
-    """One user gets a small monthly budget, so the demo shows a budget refusal."""
-
-    month = dt.datetime.now(dt.UTC).date().replace(day=1)
-    with connect(url) as conn:
-        exists = conn.execute(
-            "select 1 from user_budgets where user_id = %s and month = %s",
-            (OVER_BUDGET_USER, month),
-        ).fetchone()
-        if not exists:
-            set_budget(conn, OVER_BUDGET_USER, parse_usd(OVER_BUDGET_USD, "budget"), month)
 
 
 @contextmanager
@@ -160,9 +146,8 @@ def _wait_for_webhooks(url: str, request_ids: list[str], timeout: float = 90.0) 
     with connect(url, autocommit=True) as conn:
         while time.monotonic() < deadline:
             done = conn.execute(
-                "select count(*) as n from generations where request_id = any(%s) "
-                "and status::text = any(%s)",
-                (request_ids, list(TERMINAL)),
+                q("demo_terminal_count"),
+                {"request_ids": request_ids, "statuses": list(TERMINAL)},
             ).fetchone()["n"]
             if done == len(request_ids):
                 break
@@ -254,9 +239,6 @@ def _headless_local(
 def _flow(url: str, load_defs: Any, console: Console, step: Step) -> tuple[list[int], list[str]]:
     """Inbox sensor, batch, webhooks, reconcile, archive, reports, billing: in this process."""
 
-    # cycle: dev imports demo
-    from renderqueue_pipeline.dev import drop_sample_prompts  # noqa: PLC0415
-
     prepare_demo_ledger(url)
     target = drop_sample_prompts(get_settings().prompts)
     console.print(f"sample prompts: {escape(str(target))}")
@@ -277,7 +259,7 @@ def _flow(url: str, load_defs: Any, console: Console, step: Step) -> tuple[list[
                 ),
             )
             batch_ids.append(run.output_for_node("submit_prompts_file"))
-        request_ids = _submitted_request_ids(url, batch_ids)
+        request_ids = submitted_request_ids(url, batch_ids)
         done = step(
             f"webhooks for {len(request_ids)} generations",
             lambda: _wait_for_webhooks(url, request_ids),
@@ -326,12 +308,7 @@ def _tick_budget_alerts(defs: Any, instance: Any, console: Console) -> None:
 def _all_done(url: str, request_ids: list[str], console: Console) -> bool:
     """Without ground truth: every generation ended and every completed one is archived."""
     with connect(url) as conn:
-        left = conn.execute(
-            "select count(*) filter (where status in ('submitted', 'in_progress')) as open, "
-            "count(*) filter (where status = 'completed' and archive_status <> 'archived') "
-            "as unarchived from generations where request_id = any(%s)",
-            (request_ids,),
-        ).fetchone()
+        left = conn.execute(q("demo_open_and_unarchived"), {"request_ids": request_ids}).fetchone()
     if left["open"] or left["unarchived"]:
         console.print(f"[red]{left['open']} still open, {left['unarchived']} not archived")
         return False
@@ -356,13 +333,10 @@ def _materialize_reports(defs: Any, instance: Any, today: dt.date, step: Step) -
     )
 
 
-def _submitted_request_ids(url: str, batch_ids: list[int]) -> list[str]:
+def submitted_request_ids(url: str, batch_ids: list[int]) -> list[str]:
+    """The request ids the batches' items were sent as, in item order."""
     with connect(url) as conn:
-        rows = conn.execute(
-            "select request_id from batch_items where batch_id = any(%s) "
-            "and request_id is not null order by id",
-            (batch_ids,),
-        ).fetchall()
+        rows = conn.execute(q("demo_batch_request_ids"), {"batch_ids": batch_ids}).fetchall()
     return [r["request_id"] for r in rows]
 
 
@@ -374,9 +348,7 @@ def check_against_truth(
     with connect(url) as conn:
         for request_id in request_ids:
             row = conn.execute(
-                "select status::text as status, cost_micros, archive_status "
-                "from generations where request_id = %s",
-                (request_id,),
+                q("demo_generation_for_truth"), {"request_id": request_id}
             ).fetchone()
             truth = truths.get(request_id)
             if truth is None or row is None:
@@ -393,15 +365,14 @@ def check_against_truth(
 
 def _ledger_now(url: str) -> dt.datetime:
     with connect(url) as conn:
-        return conn.execute("select rq_now() as now").fetchone()["now"]
+        return ledger_now(conn)
 
 
 def _submitted_before(url: str, request_ids: list[str], started: dt.datetime) -> set[str]:
     """Request ids whose generation row was written before this run started."""
     with connect(url) as conn:
         rows = conn.execute(
-            "select request_id from generations where request_id = any(%s) and created_at < %s",
-            (request_ids, started),
+            q("demo_written_before"), {"request_ids": request_ids, "started": started}
         ).fetchall()
     return {r["request_id"] for r in rows}
 
@@ -419,46 +390,17 @@ def print_summary(  # noqa: C901
 
     settings = get_settings()
     with connect(url) as conn:
-        by_status = conn.execute(
-            "select status::text as status, count(*) as n, coalesce(sum(cost_micros), 0) as c "
-            "from generations where request_id = any(%s) group by 1 order by 1",
-            (request_ids,),
-        ).fetchall()
-        rejected = conn.execute(
-            "select line_no, reason from batch_items where batch_id = any(%s) "
-            "and state = 'rejected' order by line_no",
-            (batch_ids,),
-        ).fetchall()
-        by_user = conn.execute(
-            "select user_id, count(*) as n, coalesce(sum(cost_micros), 0) as c "
-            "from generations where request_id = any(%s) group by 1 order by 3 desc",
-            (request_ids,),
-        ).fetchall()
-        archived = conn.execute(
-            "select count(*) as n, coalesce(sum(archive_bytes), 0) as b from generations "
-            "where request_id = any(%s) and archive_status = 'archived'",
-            (request_ids,),
-        ).fetchone()
-        billing = conn.execute(
-            "select cost_basis, count(*) as n from generations "
-            "where request_id = any(%s) and status = 'completed' group by 1 order by 1",
-            (request_ids,),
-        ).fetchall()
-        lengths = conn.execute(
-            "select count(measured_seconds) as measured, "
-            "count(measured_seconds_problem) as unreadable from generations "
-            "where request_id = any(%s) and status = 'completed'",
-            (request_ids,),
-        ).fetchone()
-        month_report = conn.execute(
-            q("report_month"), {"month": dt.datetime.now(dt.UTC).date().replace(day=1)}
-        ).fetchone()
+        requests = {"request_ids": request_ids}
+        by_status = conn.execute(q("demo_summary_by_status"), requests).fetchall()
+        rejected = conn.execute(q("demo_summary_rejected"), {"batch_ids": batch_ids}).fetchall()
+        by_user = conn.execute(q("demo_summary_by_user"), requests).fetchall()
+        archived = conn.execute(q("demo_summary_archived"), requests).fetchone()
+        billing = conn.execute(q("demo_summary_cost_basis"), requests).fetchall()
+        lengths = conn.execute(q("demo_summary_lengths"), requests).fetchone()
+        today = dt.datetime.now(dt.UTC).date()  # the day the demo ran the billing check for
+        month_report = conn.execute(q("report_month"), {"month": today.replace(day=1)}).fetchone()
         alerts = alerts_for_month(conn)
-        billing_days = conn.execute(
-            "select outcome, sum(requests) as n, sum(our_micros) as ours, "
-            "sum(fal_micros) as fal from billing_reconciliation_days "
-            "where day = (now() at time zone 'utc')::date group by 1 order by 1"
-        ).fetchall()
+        billing_days = conn.execute(q("demo_summary_billing_day"), {"day": today}).fetchall()
     table = Table(title="generations by status")
     for column in ("status", "generations", "cost"):
         table.add_column(column)

@@ -18,11 +18,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import httpx
 from rich.console import Console
 from rich.markup import escape
@@ -31,19 +29,21 @@ from renderqueue_pipeline.alerts import evaluate_budget_alerts
 from renderqueue_pipeline.dagster_home import ensure_dagster_home
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.db.roles import dev_logins
 from renderqueue_pipeline.db.server import database_url, stop_embedded
+from renderqueue_pipeline.demo import (
+    demo_alert_webhook,
+    print_received_alerts,
+    print_summary,
+    submitted_request_ids,
+)
+from renderqueue_pipeline.demo_data import SAMPLE_PROMPTS, drop_sample_prompts, prepare_demo_ledger
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.redact import redact
 from renderqueue_pipeline.settings import get_settings
 
-SAMPLE_PROMPTS = "prompts-demo.csv"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def sample_prompts_text() -> str:
-    """The demo's prompts file: several users and endpoints, a few bad rows."""
-    return resources.files("renderqueue_pipeline.demo_data").joinpath(SAMPLE_PROMPTS).read_text()
 
 
 def _bin(name: str) -> str:
@@ -275,20 +275,6 @@ def _grpc_workspace(dagster_home: Path, port: int) -> Path:
     return path
 
 
-def drop_sample_prompts(prompts_url: str) -> str:
-    """Put the demo's prompts file in the inbox (same name and content: a no-op)."""
-
-    fs, root = fsspec.core.url_to_fs(prompts_url)
-    fs.makedirs(root, exist_ok=True)
-    target = f"{root.rstrip('/')}/{SAMPLE_PROMPTS}"
-    text = sample_prompts_text()
-    if not fs.exists(target) or fs.cat_file(target).decode() != text:
-        partial = f"{root.rstrip('/')}/.{SAMPLE_PROMPTS}.part"  # ignored by the inbox sensor
-        fs.pipe_file(partial, text.encode())
-        fs.mv(partial, target)
-    return target
-
-
 LAUNCH_RUN = """
 mutation($params: ExecutionParams!) {
   launchRun(executionParams: $params) {
@@ -348,16 +334,10 @@ def wait_for_run(
 
 def wait_for_sample_batch(url: str, stop: Callable[[], bool]) -> list[int]:
     """Batches of the sample file once done and every one of their rows is terminal."""
-
     with connect(url, autocommit=True) as conn:
         while not stop():
             rows = conn.execute(
-                "select b.id, b.status, count(g.id) filter ("
-                "  where g.status in ('submitted', 'in_progress')) as open "
-                "from batches b left join batch_items i on i.batch_id = b.id "
-                "left join generations g on g.request_id = i.request_id "
-                "where b.source like %s group by b.id, b.status",
-                (f"%{SAMPLE_PROMPTS}",),
+                q("demo_sample_batches"), {"source_pattern": f"%{SAMPLE_PROMPTS}"}
             ).fetchall()
             if rows and all(r["status"] != "open" and r["open"] == 0 for r in rows):
                 return [r["id"] for r in rows]
@@ -369,13 +349,6 @@ def run_dev(
     console: Console | None = None, *, ui_port: int = 3000, production_shape: bool = False
 ) -> None:
     """Start everything, drop the sample prompts, print where to look; Ctrl-C stops all."""
-
-    from renderqueue_pipeline.demo import (  # noqa: PLC0415 - cycle: demo imports dev
-        demo_alert_webhook,
-        prepare_demo_ledger,
-        print_received_alerts,
-        print_summary,
-    )
 
     console = console or Console()
     settings = get_settings()
@@ -428,22 +401,13 @@ def run_dev(
                         console.print(f"{job}: {status.lower()}")
                     except (RenderqueueError, httpx.HTTPError) as exc:
                         console.print(f"[yellow]{job} not launched: {escape(redact(exc))}")
+                request_ids = submitted_request_ids(url, batch_ids)
                 with connect(url) as conn:
-                    request_ids = [
-                        r["request_id"]
-                        for r in conn.execute(
-                            "select request_id from batch_items where batch_id = any(%s) "
-                            "and request_id is not null",
-                            (batch_ids,),
-                        ).fetchall()
-                    ]
                     deadline = time.monotonic() + 180  # the archive sensor ticks every minute
                     while not stop and time.monotonic() < deadline:
                         left = conn.execute(
-                            "select count(*) as n from generations where request_id = any(%s) "
-                            "and status = 'completed' and archive_status <> 'archived'",
-                            (request_ids,),
-                        ).fetchone()["n"]
+                            q("demo_open_and_unarchived"), {"request_ids": request_ids}
+                        ).fetchone()["unarchived"]
                         conn.rollback()
                         if left == 0:
                             break

@@ -462,7 +462,7 @@ class FalGateway:
         """Retry with exponential backoff + jitter; the semaphore is not held while waiting."""
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.retry_attempts),
-            wait=wait_exponential_jitter(initial=self.retry_initial, max=self.retry_max),
+            wait=wait_exponential_jitter(multiplier=self.retry_initial, max=self.retry_max),
             retry=retry_if_exception(_retryable),
             reraise=True,
         )

@@ -148,7 +148,7 @@ class FalPlatform:
         """GET with retries on transport errors, 408/429/5xx; other errors raise at once."""
         retrying = Retrying(
             stop=stop_after_attempt(self.retry_attempts),
-            wait=wait_exponential_jitter(initial=self.retry_initial, max=self.retry_max),
+            wait=wait_exponential_jitter(multiplier=self.retry_initial, max=self.retry_max),
             retry=retry_if_exception(lambda e: isinstance(e, _Retryable | httpx.TransportError)),
             reraise=True,
         )

@@ -22,9 +22,9 @@ from renderqueue_pipeline.settings import get_settings
 REPO = Path(__file__).resolve().parent.parent
 TEST_HOME = Path(os.environ.get("RENDERQUEUE_TEST_HOME", REPO / ".renderqueue" / "test"))
 
-pytest_plugins = (
-    ["fal_sim_plugin"] if (Path(__file__).parent / "fal_sim_plugin.py").exists() else []
-)
+#: Fixture modules registered once for every test: a test names a fixture as a parameter
+#: and never imports it (tests import their plain helpers from these modules as usual).
+pytest_plugins = ["fal_sim_plugin", "spend_helpers"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -155,6 +155,25 @@ def ledger_env(ledger_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     monkeypatch.setenv("RENDERQUEUE_HOME", str(tmp_path / "home"))
     get_settings.cache_clear()
     yield ledger_url
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def settings_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None]]:
+    """Set renderqueue settings through the environment for this test only:
+    `settings_env(NAME=value, OTHER=None)` sets (None: removes) and drops the cached
+    Settings; they are dropped again at the end, before the environment is restored, so
+    no value outlives the test, passed or failed."""
+
+    def set_env(**values: str | None) -> None:
+        for name, value in values.items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+
+    yield set_env
     get_settings.cache_clear()
 
 

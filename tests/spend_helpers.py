@@ -1,12 +1,14 @@
 """Fixtures and helpers of the spend tests: the simulator's Platform API and real submits.
 
-Import the fixtures into a test module (`from spend_helpers import fal_billing, ...`).
+Registered as a pytest plugin in tests/conftest.py: tests name `fal_billing` or `platform_server`
+as a parameter and import only the plain helpers (`submit`, `settle`, `ADMIN_KEY`, ...).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,8 @@ from conftest import LEDGER_TABLES
 
 from renderqueue_pipeline.fal_gateway import FalGateway, FalRejected
 from renderqueue_pipeline.fal_platform import FalPlatform
-from renderqueue_pipeline.ledger import LedgerEvent, asubmit_generation, record_events
+from renderqueue_pipeline.ledger import LedgerEvent, record_events
+from renderqueue_pipeline.ledger.core import _asubmit_generation
 from renderqueue_pipeline.simulator.platform import (
     BillingBook,
     BillingConfig,
@@ -89,7 +92,10 @@ def fal_billing(
     engine = fal_sim.server.app.state.engine
     if book.record_completion not in engine.finish_listeners:
         attach(engine, book)
-    control = httpx.Client(base_url=platform_server.base_url, verify=str(fal_sim.ca_bundle))
+    control = httpx.Client(
+        base_url=platform_server.base_url,
+        verify=ssl.create_default_context(cafile=fal_sim.ca_bundle),
+    )
     try:
         yield FalBilling(platform_server, fal_sim, control)
     finally:
@@ -109,7 +115,7 @@ def submit(conn: psycopg.Connection, endpoint: str, inputs: dict[str, Any]) -> s
             async def call(endpoint: str, inputs: dict) -> str:
                 return (await gateway.submit(endpoint, inputs)).request_id
 
-            return await asubmit_generation(
+            return await _asubmit_generation(
                 conn,
                 call,
                 user_id=11,

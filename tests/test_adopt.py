@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from datetime import timedelta
@@ -21,7 +22,7 @@ import psycopg
 import pytest
 from batch_helpers import SEEDANCE, items, prompts, write_csv
 from click.testing import CliRunner
-from spend_helpers import FalBilling, fal_billing, platform_server  # noqa: F401
+from spend_helpers import FalBilling
 
 from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 from renderqueue_pipeline.batch.single import submit_prompt
@@ -144,7 +145,7 @@ def test_batch_rows_and_single_submits_are_tagged_with_their_items(
 
 def test_the_request_list_filters_by_status_window_and_id_and_pages(
     fal_sim: RunningSimulator,
-    fal_billing: FalBilling,  # noqa: F811
+    fal_billing: FalBilling,
 ) -> None:
     fal_sim.control.set_faults(failure_rate=0.5, seed=3)
 
@@ -179,7 +180,10 @@ def test_the_request_list_filters_by_status_window_and_id_and_pages(
         later = list(platform.requests_by_endpoint(SEEDANCE, end, end + dt.timedelta(hours=1)))
         assert later == []
         assert list(platform.requests_by_endpoint("fal-ai/veo3.1", start, end)) == []
-    control = httpx.Client(base_url=fal_billing.server.api_url, verify=str(fal_sim.ca_bundle))
+    control = httpx.Client(
+        base_url=fal_billing.server.api_url,
+        verify=ssl.create_default_context(cafile=fal_sim.ca_bundle),
+    )
     with control:
         auth = {"Authorization": "Key admin-secret-key"}
         path = "/models/requests/by-endpoint"
@@ -224,7 +228,7 @@ def _kill_batch_after(
 
 def test_requests_a_killed_batch_left_at_fal_are_adopted_and_never_resent(
     fal_sim: RunningSimulator,
-    fal_billing: FalBilling,  # noqa: F811
+    fal_billing: FalBilling,
     conn: psycopg.Connection,
     ledger_url: str,
     tmp_path: Path,
@@ -295,7 +299,7 @@ def test_requests_a_killed_batch_left_at_fal_are_adopted_and_never_resent(
 
 def test_a_submit_retried_after_its_answer_was_lost_is_found_and_cancelled(
     fal_sim: RunningSimulator,
-    fal_billing: FalBilling,  # noqa: F811
+    fal_billing: FalBilling,
     conn: psycopg.Connection,
     ledger_url: str,
 ) -> None:
@@ -330,7 +334,7 @@ def test_a_submit_retried_after_its_answer_was_lost_is_found_and_cancelled(
 
 def test_requests_with_no_tag_of_ours_are_orphans_until_explained(
     fal_sim: RunningSimulator,
-    fal_billing: FalBilling,  # noqa: F811
+    fal_billing: FalBilling,
     conn: psycopg.Connection,
     ledger_env: str,
 ) -> None:
@@ -368,7 +372,7 @@ def test_requests_with_no_tag_of_ours_are_orphans_until_explained(
 
 def test_resubmit_unknown_resends_only_what_fal_never_received(
     fal_sim: RunningSimulator,
-    fal_billing: FalBilling,  # noqa: F811
+    fal_billing: FalBilling,
     conn: psycopg.Connection,
     ledger_url: str,
     tmp_path: Path,

@@ -1,6 +1,5 @@
 """An "auto" clip priced from the length its archived file states (issue 21, part 4)."""
 
-# ruff: noqa: F401, F811  (pytest fixtures imported from spend_helpers)
 from __future__ import annotations
 
 from decimal import Decimal
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from archive_helpers import Behaviour, completed_row, media_server, row, video
-from spend_helpers import fal_billing, platform_server, settle, submit, window
+from spend_helpers import settle, submit, window
 
 from renderqueue_pipeline.archive import (
     ArchiveOptions,
@@ -20,7 +19,7 @@ from renderqueue_pipeline.archive import (
 from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.settings import get_settings, load_settings
-from renderqueue_pipeline.spend import apply_billed, load_billing_events, reconcile_range
+from renderqueue_pipeline.spend import apply_billed, check_billing, load_billing_events
 
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
 AUTO = {"prompt": "a lighthouse at dusk", "duration": "auto"}
@@ -42,7 +41,7 @@ def reconcile_and_apply_bill(conn, fal_billing) -> object:
     start, end = window()
     with fal_billing.platform() as platform:
         load_billing_events(conn, platform, start, end)
-    result = reconcile_range(conn, start, end)
+    result = check_billing(conn, start, end)
     apply_billed(conn, start, end)
     return result
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ssl
 from pathlib import Path
 
 import httpx
@@ -16,7 +17,8 @@ from renderqueue_pipeline.defs.archive.checks import no_outputs_lost
 from renderqueue_pipeline.defs.archive.resources import ArchiveResource
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.fal_gateway import FalGateway
-from renderqueue_pipeline.ledger import LedgerEvent, asubmit_generation, record_event
+from renderqueue_pipeline.ledger import LedgerEvent, record_event
+from renderqueue_pipeline.ledger.core import _asubmit_generation
 from renderqueue_pipeline.settings import get_settings, load_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator, wait_until
 
@@ -30,7 +32,7 @@ def _complete(ledger_url: str, fal_sim: RunningSimulator, lifetimes: list[float 
     async def one(lifetime: float | None) -> tuple[str, dict]:
         with connect(ledger_url) as conn:
             async with FalGateway(object_lifetime=lifetime, retry_initial=0.01) as fal:
-                rid = await asubmit_generation(
+                rid = await _asubmit_generation(
                     conn, fal.submit, user_id=3, endpoint=ENDPOINT, inputs=INPUTS
                 )
                 # polls fal's status over HTTP: there is no event to wait on
@@ -48,7 +50,9 @@ def _complete(ledger_url: str, fal_sim: RunningSimulator, lifetimes: list[float 
 
 
 def _cdn_status(fal_sim: RunningSimulator, url: str) -> int:
-    return httpx.head(url, verify=str(fal_sim.ca_bundle), timeout=10).status_code
+    return httpx.head(
+        url, verify=ssl.create_default_context(cafile=fal_sim.ca_bundle), timeout=10
+    ).status_code
 
 
 @pytest.fixture
@@ -75,7 +79,11 @@ def test_outputs_from_the_simulators_cdn_are_archived_and_expired_ones_lost(
 
     kept_row = row(conn, kept)
     expected = hashlib.sha256(
-        httpx.get(kept_out["video"]["url"], verify=str(fal_sim.ca_bundle), timeout=30).content
+        httpx.get(
+            kept_out["video"]["url"],
+            verify=ssl.create_default_context(cafile=fal_sim.ca_bundle),
+            timeout=30,
+        ).content
     ).hexdigest()
     assert kept_row["archive_status"] == "archived"
     assert kept_row["archive_sha256"] == expected

@@ -9,8 +9,8 @@ import pytest
 from batch_helpers import SEEDANCE, prompts, seedance_720p_micros, write_csv
 from click.testing import CliRunner
 
-from renderqueue_pipeline.batch.budget import usd
 from renderqueue_pipeline.cli import main
+from renderqueue_pipeline.money import usd
 from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 

@@ -23,7 +23,7 @@ from batch_helpers import (
     write_jsonl,
     write_parquet,
 )
-from spend_helpers import FalBilling, fal_billing, platform_server  # noqa: F401
+from spend_helpers import FalBilling
 
 from renderqueue_pipeline.batch import BatchOptions, BatchResult, submit_batch_file
 from renderqueue_pipeline.batch.source import PromptFileError
@@ -184,7 +184,7 @@ def test_progress_is_logged_with_rate_and_eta(
 
 def test_a_crash_between_intent_and_answer_is_unknown_and_never_sent_twice(
     fal_sim: RunningSimulator,
-    fal_billing: FalBilling,  # noqa: F811
+    fal_billing: FalBilling,
     conn: psycopg.Connection,
     ledger_url: str,
     tmp_path: Path,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date
 
 import dagster as dg
@@ -27,7 +27,7 @@ from renderqueue_pipeline.defs.alerts.resources import AlertsResource
 from renderqueue_pipeline.defs.alerts.sensors import budget_alert_sensor, run_failure_alert_sensor
 from renderqueue_pipeline.defs.ledger.jobs import ledger_status_job
 from renderqueue_pipeline.defs.resources import LedgerDatabase
-from renderqueue_pipeline.settings import ConfigError, get_settings, load_settings
+from renderqueue_pipeline.settings import ConfigError, load_settings
 
 NOW = "2026-11-15T12:00:00Z"
 MONTH = date(2026, 11, 1)
@@ -219,7 +219,10 @@ def test_per_user_alert_percents_replace_the_defaults(
 
 
 def test_the_cli_sets_alert_percents_and_prints_what_it_sent(
-    ledger: psycopg.Connection, ledger_env: str, monkeypatch: pytest.MonkeyPatch
+    ledger: psycopg.Connection,
+    ledger_env: str,
+    monkeypatch: pytest.MonkeyPatch,
+    settings_env: Callable[..., None],
 ) -> None:
 
     monkeypatch.setenv("PGOPTIONS", f"-c renderqueue.now={NOW}")
@@ -238,8 +241,7 @@ def test_the_cli_sets_alert_percents_and_prints_what_it_sent(
         "user 7: alerts at 50,90 % for 2026-11",
     ]
     with alert_receiver() as receiver:
-        monkeypatch.setenv("RENDERQUEUE_ALERT_WEBHOOK_URL", receiver.url)
-        get_settings.cache_clear()
+        settings_env(RENDERQUEUE_ALERT_WEBHOOK_URL=receiver.url)
         result = runner.invoke(main, ["budget", "alerts"])
         assert result.exit_code == 0, result.output
         assert result.output.splitlines()[0] == (
@@ -250,7 +252,6 @@ def test_the_cli_sets_alert_percents_and_prints_what_it_sent(
             "no new threshold crossed\n"
         )
     assert len(receiver.requests) == 1
-    get_settings.cache_clear()
 
 
 def test_a_bad_alert_webhook_url_is_named_without_echoing_it(
@@ -273,14 +274,14 @@ def test_the_budget_alert_sensor_sends_once_on_a_real_instance(
     ledger_env: str,
     dagster_storage: str,
     monkeypatch: pytest.MonkeyPatch,
+    settings_env: Callable[..., None],
 ) -> None:
 
     monkeypatch.setenv("PGOPTIONS", f"-c renderqueue.now={NOW}")
     set_budget(ledger, 7, 10 * USD, MONTH)
     spend(ledger, 7, 5 * USD)
     with alert_receiver() as receiver, dagster_instance(dagster_storage) as instance:
-        monkeypatch.setenv("RENDERQUEUE_ALERT_WEBHOOK_URL", receiver.url)
-        get_settings.cache_clear()
+        settings_env(RENDERQUEUE_ALERT_WEBHOOK_URL=receiver.url)
         resources = {
             "ledger": LedgerDatabase(url=ledger_env),
             "alerts": AlertsResource.from_settings(load_settings()),
@@ -293,19 +294,17 @@ def test_the_budget_alert_sensor_sends_once_on_a_real_instance(
     assert first.skip_message == "2026-11: 1 users with a budget checked; sent user 7 50%"
     assert second.skip_message == "2026-11: 1 users with a budget checked; no new threshold crossed"
     assert len(receiver.requests) == 1
-    get_settings.cache_clear()
 
 
 def test_a_failed_run_of_our_job_is_posted_to_the_alert_webhook(
-    ledger_env: str, dagster_storage: str, monkeypatch: pytest.MonkeyPatch
+    ledger_env: str, dagster_storage: str, settings_env: Callable[..., None]
 ) -> None:
 
     with socket.socket() as probe:  # a database nobody serves: the run fails for real
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with alert_receiver() as receiver, dagster_instance(dagster_storage) as instance:
-        monkeypatch.setenv("RENDERQUEUE_ALERT_WEBHOOK_URL", receiver.url)
-        get_settings.cache_clear()
+        settings_env(RENDERQUEUE_ALERT_WEBHOOK_URL=receiver.url)
         result = ledger_status_job.execute_in_process(
             instance=instance,
             resources={"ledger": LedgerDatabase(url=f"postgresql://rq@127.0.0.1:{port}/none")},
@@ -326,4 +325,3 @@ def test_a_failed_run_of_our_job_is_posted_to_the_alert_webhook(
     )
     fields = {f["title"]: f["value"] for f in body["attachments"][0]["fields"]}
     assert fields == {"Job": "ledger_status_job", "Run": result.run_id}
-    get_settings.cache_clear()

@@ -15,6 +15,8 @@ import pytest
 
 from renderqueue_pipeline.chaos import ChaosConfig, render, run_chaos
 
+pytestmark = pytest.mark.e2e  # whole-product runs: `make test`, not `make test-fast`
+
 #: faults drawn per request at rates high enough that 16 requests show each of them
 RATES = {
     "failure_rate": 0.2,

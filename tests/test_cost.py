@@ -24,7 +24,8 @@ from ledger_helpers import (
 from psycopg.types.json import Jsonb
 
 from renderqueue_pipeline.ledger import LedgerEvent, estimate_cost, record_event
-from renderqueue_pipeline.ledger.report import dollars, ledger_status
+from renderqueue_pipeline.ledger.report import ledger_status
+from renderqueue_pipeline.money import dollars
 
 MICROS = 1_000_000
 FAST = "bytedance/seedance-2.0/fast/text-to-video"

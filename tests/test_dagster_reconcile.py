@@ -21,7 +21,7 @@ from renderqueue_pipeline.definitions import defs
 from renderqueue_pipeline.defs.reconcile.jobs import reconcile_ledger
 from renderqueue_pipeline.defs.reconcile.schedules import reconcile_every_5m
 from renderqueue_pipeline.defs.resources import LedgerDatabase
-from renderqueue_pipeline.ledger import submit_generation
+from renderqueue_pipeline.ledger.core import _submit_generation
 from renderqueue_pipeline.simulator.testing import FAST_TEST_OPTIONS, RunningSimulator
 
 TICK = dt.datetime(2026, 11, 29, 12, 5, tzinfo=dt.UTC)
@@ -80,7 +80,7 @@ def test_the_scheduled_run_brings_lost_webhooks_to_ground_truth(
 
     fal_sim.control.reset(seed=4, **FAST_TEST_OPTIONS, webhook_drop_rate=1.0, failure_rate=0.25)
     request_ids = [
-        submit_generation(
+        _submit_generation(
             conn,
             lambda e, i: fal_client.submit(e, arguments=i).request_id,
             user_id=1,

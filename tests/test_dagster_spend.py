@@ -1,12 +1,11 @@
 """The spend assets on a real Dagster instance with Postgres storage, against the simulator."""
 
-# ruff: noqa: F401, F811  (pytest fixtures imported from spend_helpers)
 from __future__ import annotations
 
 import datetime as dt
 
 import dagster as dg
-from spend_helpers import ADMIN_KEY, fal_billing, platform_server, settle, submit
+from spend_helpers import ADMIN_KEY, settle, submit
 
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.spend.assets import (

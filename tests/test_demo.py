@@ -25,6 +25,7 @@ from renderqueue_pipeline.dev import (
 )
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(400)
 def test_headless_demo_runs_the_whole_flow_and_matches_ground_truth(
     ledger_url: str, conn: psycopg.Connection, tmp_path: Path
@@ -113,6 +114,7 @@ def test_headless_demo_runs_the_whole_flow_and_matches_ground_truth(
     assert conn.execute("select count(*) as n from budget_alerts").fetchone()["n"] == len(alerts)
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(400)
 def test_headless_demo_on_real_services_starts_neither_simulator_nor_embedded_server(
     make_database, tmp_path: Path

@@ -98,6 +98,7 @@ def test_spend_assets_declare_freshness_policies_the_ui_shows() -> None:
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
 
 
+@pytest.mark.slow
 def test_current_month_asset_two_hours_without_refresh_is_a_failed_check(
     instance: dg.DagsterInstance, ledger_url: str
 ) -> None:
@@ -165,6 +166,7 @@ query Freshness($assetKeys: [AssetKeyInput!], $assetKey: AssetKeyInput!) {
 """
 
 
+@pytest.mark.slow
 def test_the_ui_graphql_shows_spend_forecast_fresh_then_late(
     instance: dg.DagsterInstance, ledger_env: str
 ) -> None:

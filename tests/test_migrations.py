@@ -245,6 +245,7 @@ def test_a_renamed_migration_is_refused(make_database: Callable[[], str], tmp_pa
         migrate(url, folder)
 
 
+@pytest.mark.slow
 def test_db_reset_asks_then_recreates_only_its_database(
     make_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

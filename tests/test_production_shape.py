@@ -23,6 +23,8 @@ from rich.console import Console
 from renderqueue_pipeline.dev import running_stack, wait_for_run
 from renderqueue_pipeline.settings import get_settings
 
+pytestmark = pytest.mark.e2e  # whole-product runs: `make test`, not `make test-fast`
+
 LOCATION_QUERY = """
 { workspaceOrError { __typename ... on Workspace { locationEntries {
     name loadStatus
@@ -53,7 +55,7 @@ SUBMIT_SCRIPT = """
 import asyncio, json, os, sys
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.fal_gateway import FalGateway
-from renderqueue_pipeline.ledger import asubmit_generation
+from renderqueue_pipeline.ledger.core import _asubmit_generation
 
 hooks = json.loads(sys.argv[1])
 
@@ -64,7 +66,7 @@ async def main():
                 hook = hooks[n % len(hooks)]
                 return (await fal.submit(endpoint, inputs, webhook_url=hook)).request_id
             with connect(os.environ["DATABASE_URL"]) as conn:
-                return await asubmit_generation(
+                return await _asubmit_generation(
                     conn, submit, user_id=500 + n % 3,
                     endpoint="bytedance/seedance-2.0/fast/text-to-video",
                     inputs={"prompt": f"production shape {n}", "duration": "4",

@@ -22,13 +22,8 @@ from webhook_helpers import serving
 
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.fal_gateway import FalGateway
-from renderqueue_pipeline.ledger import (
-    LedgerEvent,
-    asubmit_generation,
-    mark_cancel_requested,
-    record_events,
-    submit_generation,
-)
+from renderqueue_pipeline.ledger import LedgerEvent, mark_cancel_requested, record_events
+from renderqueue_pipeline.ledger.core import _asubmit_generation, _submit_generation
 from renderqueue_pipeline.reconcile import ReconcileOptions, ReconcileReport, reconcile
 from renderqueue_pipeline.simulator.testing import FAST_TEST_OPTIONS, RunningSimulator, wait_until
 from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
@@ -46,7 +41,7 @@ def fal_submitter(webhook_url: str | None = None):
 def submit_many(conn: psycopg.Connection, count: int, webhook_url: str | None = None) -> list[str]:
     submit = fal_submitter(webhook_url)
     return [
-        submit_generation(
+        _submit_generation(
             conn,
             submit,
             user_id=i % 3,
@@ -399,7 +394,7 @@ def test_fals_504_user_timeout_is_a_terminal_failure(
             async def call(endpoint: str, inputs: dict) -> str:
                 return (await fal.submit(endpoint, inputs)).request_id
 
-            return await asubmit_generation(
+            return await _asubmit_generation(
                 conn,
                 call,
                 user_id=1,

@@ -29,13 +29,13 @@ from renderqueue_pipeline.reports.checks import (
     report_matches_ledger,
 )
 from renderqueue_pipeline.reports.months import (
-    ReportInputError,
+    MonthError,
     finalizes_at,
     month_range,
     parse_month,
 )
 from renderqueue_pipeline.reports.spend import mark_days_unsettled, refresh_month
-from renderqueue_pipeline.spend.reconcile import apply_billed
+from renderqueue_pipeline.spend.billing_check import apply_billed
 
 MARCH = date(2026, 3, 1)
 PRICE = {KLING: KLING_MICROS_PER_SECOND, VEO: VEO_MICROS_PER_SECOND}
@@ -696,7 +696,7 @@ def test_archive_failures_fail_the_archive_check(conn: psycopg.Connection) -> No
 
 @pytest.mark.parametrize("text", ["2026-13", "March", "2026-3", "2026-03-02", ""])
 def test_bad_month_is_one_clear_error(text: str) -> None:
-    with pytest.raises(ReportInputError, match="--month"):
+    with pytest.raises(MonthError, match="--month"):
         parse_month(text)
 
 

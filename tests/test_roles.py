@@ -361,6 +361,7 @@ def test_db_grant_reads_the_password_from_the_environment_and_never_prints_it(
             conn.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(name)))
 
 
+@pytest.mark.slow
 def test_a_managed_postgres_admin_without_superuser_migrates_and_grants(
     admin_url: str, ledger_url: str
 ) -> None:

@@ -24,7 +24,7 @@ import pytest
 from batch_helpers import SEEDANCE, dagster_instance, prompts, write_csv
 from click.testing import CliRunner
 from rich.console import Console
-from spend_helpers import ADMIN_KEY, fal_billing, platform_server  # noqa: F401 - fixtures
+from spend_helpers import ADMIN_KEY
 from test_production_shape import LAUNCH, _free_ports, _graphql, _wait_for_location
 from webhook_helpers import serving
 
@@ -255,7 +255,7 @@ def test_a_canary_key_appears_in_no_output_log_ledger_row_or_dagster_storage(
 
 def test_an_admin_key_with_a_trailing_newline_works_for_spend_prices_and_is_never_printed(
     ledger_env: str,
-    fal_billing: Any,  # noqa: F811 - the fixture imported from spend_helpers
+    fal_billing: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("FAL_ADMIN_KEY", ADMIN_KEY + "\n")
@@ -268,9 +268,10 @@ def test_an_admin_key_with_a_trailing_newline_works_for_spend_prices_and_is_neve
 
 
 @pytest.mark.timeout(400)
+@pytest.mark.e2e
 def test_the_headless_demo_with_a_canary_key_leaves_it_nowhere(
     fal_sim: RunningSimulator,
-    fal_billing: Any,  # noqa: F811 - the fixture imported from spend_helpers
+    fal_billing: Any,
     ledger_url: str,
     conn: psycopg.Connection,
     tmp_path: Path,
@@ -313,6 +314,7 @@ def test_the_headless_demo_with_a_canary_key_leaves_it_nowhere(
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.e2e
 def test_the_production_shape_stack_with_a_canary_key_leaves_it_nowhere(
     fal_sim: RunningSimulator,
     ledger_url: str,

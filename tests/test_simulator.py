@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 
 import fal_client
@@ -60,7 +61,7 @@ def test_sync_submit_status_result(fal_sim: RunningSimulator) -> None:
     assert truth["output"]["video"]["file_size"] == video["file_size"]
 
     # the CDN serves exactly the declared bytes with the declared type
-    with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
+    with httpx.Client(verify=ssl.create_default_context(cafile=fal_sim.ca_bundle)) as http:
         download = http.get(video["url"])
     assert download.status_code == 200
     assert download.headers["content-type"] == "video/mp4"
@@ -74,7 +75,7 @@ def test_status_without_logs_has_null_logs(fal_sim: RunningSimulator) -> None:
     status = handle.status(with_logs=False)
     assert isinstance(status, fal_client.Completed)
     assert status.logs is None
-    with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
+    with httpx.Client(verify=ssl.create_default_context(cafile=fal_sim.ca_bundle)) as http:
         raw = http.get(
             handle.status_url,
             headers={"Authorization": f"Key {fal_sim.fal_key}"},
@@ -88,7 +89,7 @@ def test_status_without_logs_has_null_logs(fal_sim: RunningSimulator) -> None:
 def test_in_progress_status_is_202_with_logs(fal_sim: RunningSimulator) -> None:
     fal_sim.control.set_faults(queue_delay="0", run_time="2")
     handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
-    with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
+    with httpx.Client(verify=ssl.create_default_context(cafile=fal_sim.ca_bundle)) as http:
         raw = wait_until(
             lambda: (
                 r
@@ -250,7 +251,7 @@ def test_status_urls_use_owner_and_app_only(fal_sim: RunningSimulator) -> None:
     assert isinstance(
         fal_client.status(ENDPOINT, handle.request_id), fal_client.Queued | fal_client.InProgress
     )
-    with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
+    with httpx.Client(verify=ssl.create_default_context(cafile=fal_sim.ca_bundle)) as http:
         auth = {"Authorization": f"Key {fal_sim.fal_key}"}
         wrong = http.get(f"{fal_sim.base_url}/{ENDPOINT}/requests/{handle.request_id}/status")
         assert wrong.status_code == 401  # auth is checked first
@@ -265,7 +266,7 @@ def test_status_urls_use_owner_and_app_only(fal_sim: RunningSimulator) -> None:
 
 
 def test_missing_key_is_401(fal_sim: RunningSimulator) -> None:
-    with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
+    with httpx.Client(verify=ssl.create_default_context(cafile=fal_sim.ca_bundle)) as http:
         response = http.post(f"{fal_sim.base_url}/{ENDPOINT}", json=INPUTS)
         assert response.status_code == 401
         response = http.post(
@@ -403,7 +404,7 @@ def test_signed_cdn_mode_expires_and_rejects_tampering(fal_sim: RunningSimulator
     fal_sim.control.set_faults(cdn_mode="signed", cdn_url_ttl=1.0)
     handle = fal_client.submit(ENDPOINT, arguments=INPUTS)
     url = handle.get()["video"]["url"]
-    with httpx.Client(verify=str(fal_sim.ca_bundle)) as http:
+    with httpx.Client(verify=ssl.create_default_context(cafile=fal_sim.ca_bundle)) as http:
         assert http.head(url).status_code == 200
         tampered = url.replace("size=", "size=1")
         assert http.get(tampered).status_code == 403

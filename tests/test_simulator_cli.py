@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -74,6 +75,7 @@ def _parse_exports(text: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(400)  # four cold CLI starts: slow on a loaded 2-core machine
+@pytest.mark.e2e
 def test_serve_prints_env_at_once_and_runs_readme_examples(tmp_path: Path) -> None:
     port = free_port()
     platform_port = free_port()  # the Platform API's (default --port + 1 may be taken)
@@ -151,7 +153,12 @@ def test_serve_prints_env_at_once_and_runs_readme_examples(tmp_path: Path) -> No
 def _healthy(client: dict[str, str]) -> bool:
     try:
         url = f"https://{client['FAL_QUEUE_RUN_HOST']}/_sim/health"
-        return httpx.get(url, verify=client["SSL_CERT_FILE"]).status_code == 200
+        return (
+            httpx.get(
+                url, verify=ssl.create_default_context(cafile=client["SSL_CERT_FILE"])
+            ).status_code
+            == 200
+        )
     except httpx.HTTPError:
         return False
 
@@ -185,18 +192,26 @@ def test_harness_stop_restart_and_no_leaks(tmp_path: Path) -> None:
     before = {t.name for t in threading.enumerate()}
     with running_simulator(tmp_path, seed=4, queue_delay="0", run_time="0") as sim:
         port, cert = sim.port, sim.cert_path.read_bytes()
-        jwks = httpx.get(sim.jwks_url, verify=str(sim.ca_bundle)).json()
+        jwks = httpx.get(
+            sim.jwks_url, verify=ssl.create_default_context(cafile=sim.ca_bundle)
+        ).json()
         assert sim.control.health()["seed"] == 4
         sim.restart(seed=9)
         assert sim.port == port
         assert sim.control.health()["seed"] == 9
         # keys and certificate survive restarts (clients keep trusting, receivers keep verifying)
         assert sim.cert_path.read_bytes() == cert
-        assert httpx.get(sim.jwks_url, verify=str(sim.ca_bundle)).json() == jwks
+        assert (
+            httpx.get(sim.jwks_url, verify=ssl.create_default_context(cafile=sim.ca_bundle)).json()
+            == jwks
+        )
         sim.stop()
         assert not sim.running
         with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{sim.base_url}/_sim/health", verify=str(sim.ca_bundle))
+            httpx.get(
+                f"{sim.base_url}/_sim/health",
+                verify=ssl.create_default_context(cafile=sim.ca_bundle),
+            )
         sim.start()
         assert sim.control.health()["requests"] == 0
     time.sleep(0.1)

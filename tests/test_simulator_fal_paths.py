@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import ssl
 import time
 
 import fal_client
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def http(sim: RunningSimulator) -> httpx.Client:
-    return httpx.Client(verify=str(sim.ca_bundle), timeout=60)
+    return httpx.Client(verify=ssl.create_default_context(cafile=sim.ca_bundle), timeout=60)
 
 
 def lifecycle(seconds: float | None) -> dict[str, str]:

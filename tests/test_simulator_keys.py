@@ -5,6 +5,7 @@ generates at first start are the ones it prints and keeps."""
 from __future__ import annotations
 
 import os
+import ssl
 import stat
 import subprocess
 import sys
@@ -32,7 +33,9 @@ def _key(value: str) -> dict[str, str]:
 
 
 def _http(sim: RunningSimulator) -> httpx.Client:
-    return httpx.Client(base_url=sim.base_url, verify=str(sim.ca_bundle), timeout=60)
+    return httpx.Client(
+        base_url=sim.base_url, verify=ssl.create_default_context(cafile=sim.ca_bundle), timeout=60
+    )
 
 
 def test_a_wrong_key_is_refused_401_on_submit_status_result_and_cancel(
@@ -82,7 +85,9 @@ def test_the_plain_key_is_refused_on_every_platform_api_and_delete_io(
         httpx.URL(url).path for url in routes
     }  # every Platform API route of the simulator is covered here
     delete_io = f"{fal_sim.base_url}/requests/delete_io/{request_id}"
-    with httpx.Client(verify=str(fal_sim.ca_bundle), timeout=60) as http:
+    with httpx.Client(
+        verify=ssl.create_default_context(cafile=fal_sim.ca_bundle), timeout=60
+    ) as http:
         for url in routes:
             assert http.get(url, headers=_key(fal_sim.fal_key)).status_code == 403, url
             assert http.get(url, headers=_key("wrong")).status_code == 401, url

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import itertools
 import json
+import ssl
 import threading
 import time
 from typing import Any
@@ -35,7 +36,11 @@ pytestmark = pytest.mark.timeout(60)
 
 def fetch_public_keys(jwks_url: str, ca_bundle: str) -> list[Ed25519PublicKey]:
     """Fetch the JWKS like a receiver would (over TLS) and load every Ed25519 key."""
-    document = httpx.get(jwks_url, verify=ca_bundle).raise_for_status().json()
+    document = (
+        httpx.get(jwks_url, verify=ssl.create_default_context(cafile=ca_bundle))
+        .raise_for_status()
+        .json()
+    )
     keys = []
     for jwk in document["keys"]:
         if jwk.get("kty") == "OKP" and jwk.get("crv") == "Ed25519":
@@ -442,7 +447,9 @@ def test_concurrent_submissions_with_webhooks(
 def test_jwks_serves_two_keys_one_with_a_padded_x(
     fal_sim: RunningSimulator, webhook_sink: WebhookSink
 ) -> None:
-    document = httpx.get(fal_sim.jwks_url, verify=str(fal_sim.ca_bundle)).json()
+    document = httpx.get(
+        fal_sim.jwks_url, verify=ssl.create_default_context(cafile=fal_sim.ca_bundle)
+    ).json()
     xs = [key["x"] for key in document["keys"]]
     assert len(xs) == 2
     assert len(set(xs)) == 2
@@ -459,7 +466,10 @@ def test_rotating_keys_signs_with_a_new_key_and_keeps_the_old_one_published(
     before = fetch_public_keys(fal_sim.jwks_url, str(fal_sim.ca_bundle))
     old = submit(webhook_sink)
     (old_hook,) = wait_until(lambda: webhook_sink.for_request(old.request_id))
-    rotated = httpx.post(f"{fal_sim.base_url}/_sim/jwks/rotate", verify=str(fal_sim.ca_bundle))
+    rotated = httpx.post(
+        f"{fal_sim.base_url}/_sim/jwks/rotate",
+        verify=ssl.create_default_context(cafile=fal_sim.ca_bundle),
+    )
     assert rotated.status_code == 200
     assert len(rotated.json()["keys"]) == 2
     new = submit(webhook_sink)

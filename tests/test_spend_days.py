@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from report_helpers import KLING, add_generation, utc
 
-from renderqueue_pipeline.spend import apply_billed, reconcile_range, summarize
+from renderqueue_pipeline.spend import apply_billed, check_billing, summarize
 
 SEPTEMBER = (utc(2026, 9, 1), utc(2026, 10, 1))
 NOW = utc(2026, 11, 15)  # every grace period long over
@@ -63,7 +63,7 @@ def outcome(conn: psycopg.Connection, request_id: str) -> list[tuple]:
 def reconcile_days(conn: psycopg.Connection, first: dt.datetime, last: dt.datetime) -> None:
     day = first
     while day < last:
-        reconcile_range(conn, day, day + DAY, now=NOW)
+        check_billing(conn, day, day + DAY, now=NOW)
         day += DAY
 
 
@@ -108,7 +108,7 @@ def test_an_unknown_request_billed_on_two_days_counts_each_event_once(
         (dt.date(2026, 9, 12), "unknown_to_ledger", None, 700_000),
     ]
     assert summarize(conn, *SEPTEMBER).fal_micros == 1_400_000
-    reconcile_range(conn, *SEPTEMBER, now=NOW)  # the month in one range: the same
+    check_billing(conn, *SEPTEMBER, now=NOW)  # the month in one range: the same
     assert summarize(conn, *SEPTEMBER).fal_micros == 1_400_000
     assert len(outcome(conn, "stranger")) == 2
 
@@ -126,7 +126,7 @@ def test_nano_dollars_are_summed_per_request_then_rounded_once(
     completed(conn, "two-below", utc(2026, 9, 6, 10), 1_233)  # 2 off: a finding
     bill(conn, "two-below", utc(2026, 9, 6, 10, 5), 1_234_500)
     conn.commit()
-    reconcile_range(conn, *SEPTEMBER, now=NOW)
+    check_billing(conn, *SEPTEMBER, now=NOW)
     month = summarize(conn, *SEPTEMBER)
     assert month.count("matched") == 3
     assert outcome(conn, "two-below") == [(dt.date(2026, 9, 6), "amount_differs", 1_233, 1_235)]
@@ -178,7 +178,7 @@ def totals(conn: psycopg.Connection) -> dict:
 @pytest.fixture
 def edges(conn: psycopg.Connection, billing: None) -> dict:
     month_of_edges(conn)
-    reconcile_range(conn, *SEPTEMBER, now=NOW)
+    check_billing(conn, *SEPTEMBER, now=NOW)
     whole = totals(conn)
     # the month in one range, worked out by hand: each billing event counted once
     assert whole["fal_micros"] == (
@@ -200,5 +200,5 @@ def test_a_month_split_into_any_days_has_the_same_figures(
     conn.commit()
     bounds = [SEPTEMBER[0], *(SEPTEMBER[0] + n * DAY for n in sorted(cuts)), SEPTEMBER[1]]
     for start, end in itertools.pairwise(bounds):
-        reconcile_range(conn, start, end, now=NOW)
+        check_billing(conn, start, end, now=NOW)
     assert totals(conn) == edges

@@ -1,29 +1,21 @@
 """fal's Platform APIs through our client, against the simulator: prices kept current,
 pagination, the 90-day cap, and a refused admin key."""
 
-# ruff: noqa: F401, F811  (pytest fixtures imported from spend_helpers)
 from __future__ import annotations
 
 import datetime as dt
+import ssl
 import subprocess
 import sys
 
 import httpx
 import pytest
-from spend_helpers import (
-    ADMIN_KEY,
-    billed_month,
-    fal_billing,
-    platform_server,
-    settle,
-    submit,
-    window,
-)
+from spend_helpers import ADMIN_KEY, billed_month, settle, submit, window
 
 from renderqueue_pipeline.db.migrate import sql_dir
 from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformAuthError
 from renderqueue_pipeline.simulator.platform import seed_prices
-from renderqueue_pipeline.spend import load_billing_events, reconcile_range, sync_prices
+from renderqueue_pipeline.spend import check_billing, load_billing_events, sync_prices
 
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
 KLING = "fal-ai/kling-video/v3/turbo/pro/text-to-video"
@@ -87,7 +79,7 @@ def test_a_price_change_at_fal_is_a_new_row_for_later_generations_only(
     start, end = window()
     with fal_billing.platform() as platform:
         load_billing_events(conn, platform, start, end)
-    result = reconcile_range(conn, start, end)
+    result = check_billing(conn, start, end)
     assert result.count("matched") == 2
     assert result.findings == 0
 
@@ -266,6 +258,6 @@ def test_platform_api_needs_credentials(fal_billing) -> None:
     response = httpx.get(
         f"{fal_billing.api_url}/models/pricing",
         params={"endpoint_id": SEEDANCE},
-        verify=str(fal_billing.sim.ca_bundle),
+        verify=ssl.create_default_context(cafile=fal_billing.sim.ca_bundle),
     )
     assert response.status_code == 401

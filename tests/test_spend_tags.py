@@ -1,7 +1,6 @@
 """fal's usage by tag (X-Fal-Tags rq_user, rq_batch) beside the ledger's per-user and
 per-batch totals: the simulator's usage API, the Platform client, the monthly asset."""
 
-# ruff: noqa: F401, F811  (pytest fixtures imported from spend_helpers)
 from __future__ import annotations
 
 import subprocess
@@ -12,15 +11,7 @@ import dagster as dg
 import psycopg
 import pytest
 from batch_helpers import SEEDANCE, prompts, write_csv
-from spend_helpers import (
-    ADMIN_KEY,
-    FalBilling,
-    billed_month,
-    fal_billing,
-    platform_server,
-    settle,
-    window,
-)
+from spend_helpers import ADMIN_KEY, FalBilling, billed_month, settle, window
 
 from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 from renderqueue_pipeline.batch.single import submit_prompt

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -44,18 +44,10 @@ from renderqueue_pipeline.ledger import (
     record_intent,
     record_submitted,
 )
-from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator, wait_until
 
 ROW = seedance_720p_micros(5)  # every request here: Seedance 720p, 5 s ($1.517)
 INPUTS = {"prompt": "a red fox in fresh snow", "duration": "5"}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_settings() -> Iterator[None]:
-    """Settings a test changes through the environment do not outlive it."""
-    yield
-    get_settings.cache_clear()
 
 
 def at(url: str, moment: datetime | str) -> str:
@@ -92,10 +84,9 @@ def later(hours: float = 1) -> datetime:
 
 
 def test_one_idempotency_key_reaches_fal_once_when_two_calls_race(
-    fal_sim: RunningSimulator, ledger_url: str, monkeypatch: pytest.MonkeyPatch
+    fal_sim: RunningSimulator, ledger_url: str, settings_env: Callable[..., None]
 ) -> None:
-    monkeypatch.setenv("RENDERQUEUE_SUBMIT_WAIT_SECONDS", "60")  # however slow the machine
-    get_settings.cache_clear()
+    settings_env(RENDERQUEUE_SUBMIT_WAIT_SECONDS="60")  # however slow the machine
     fal_sim.control.set_faults(submit_latency=2.5)
     key = f"order-{uuid.uuid4().hex}"
     answers: dict[str, object] = {}
@@ -127,11 +118,10 @@ def test_one_idempotency_key_reaches_fal_once_when_two_calls_race(
 
 
 def test_a_second_submit_of_a_key_in_flight_exits_with_its_own_code_and_sends_nothing(
-    fal_sim: RunningSimulator, ledger_env: str, monkeypatch: pytest.MonkeyPatch
+    fal_sim: RunningSimulator, ledger_env: str, settings_env: Callable[..., None]
 ) -> None:
     fal_sim.control.set_faults(submit_latency=4)
-    monkeypatch.setenv("RENDERQUEUE_SUBMIT_WAIT_SECONDS", "0.2")
-    get_settings.cache_clear()
+    settings_env(RENDERQUEUE_SUBMIT_WAIT_SECONDS="0.2")
     key = f"order-{uuid.uuid4().hex}"
     args = ["submit", "--user-id", "7", "--endpoint", SEEDANCE, "--prompt", "a fox"]
     first = threading.Thread(
@@ -153,10 +143,9 @@ def test_a_second_submit_of_a_key_in_flight_exits_with_its_own_code_and_sends_no
 
 
 def test_an_item_left_pending_by_a_crash_is_never_resent_by_submit(
-    fal_sim: RunningSimulator, ledger_url: str, monkeypatch: pytest.MonkeyPatch
+    fal_sim: RunningSimulator, ledger_url: str, settings_env: Callable[..., None]
 ) -> None:
-    monkeypatch.setenv("RENDERQUEUE_SUBMIT_WAIT_SECONDS", "0.2")
-    get_settings.cache_clear()
+    settings_env(RENDERQUEUE_SUBMIT_WAIT_SECONDS="0.2")
     key = f"order-{uuid.uuid4().hex}"
     # a caller claimed the key, and its process died before fal answered (or before it
     # called fal: nobody can tell which)
@@ -346,10 +335,9 @@ def test_the_reconciler_leaves_a_live_runs_items_alone_while_fal_throttles_it(
     fal_sim: RunningSimulator,
     ledger_url: str,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    settings_env: Callable[..., None],
 ) -> None:
-    monkeypatch.setenv("RENDERQUEUE_SUBMIT_LEASE_SECONDS", "4")  # refreshed every second
-    get_settings.cache_clear()
+    settings_env(RENDERQUEUE_SUBMIT_LEASE_SECONDS="4")  # refreshed every second
     fal_sim.control.set_faults(api_429_rate=1.0)
     path = write_csv(tmp_path / "throttled.csv", prompts(4))
     done: dict[str, object] = {}

@@ -14,7 +14,8 @@ from ledger_helpers import SEEDANCE, generation
 
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.errors import LedgerInputError
-from renderqueue_pipeline.ledger import mark_unknown_outcomes, submit_generation
+from renderqueue_pipeline.ledger import mark_unknown_outcomes
+from renderqueue_pipeline.ledger.core import _submit_generation
 
 INPUTS = {"prompt": "a red fox", "duration": "5"}
 
@@ -41,7 +42,7 @@ def test_the_intent_is_committed_before_fal_is_called(
         return request_id
 
     assert (
-        submit_generation(
+        _submit_generation(
             conn, fal_submit, user_id=5, endpoint=SEEDANCE, inputs=INPUTS, idempotency_key=key
         )
         == request_id
@@ -69,7 +70,7 @@ def test_same_key_again_does_not_call_fal_twice(conn: psycopg.Connection) -> Non
 
     for _ in range(3):
         assert (
-            submit_generation(
+            _submit_generation(
                 conn, fal_submit, user_id=5, endpoint=SEEDANCE, inputs=INPUTS, idempotency_key=key
             )
             == request_id
@@ -81,7 +82,7 @@ DYING_SUBMITTER = textwrap.dedent(
     """
     import os, sys
     from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.ledger import submit_generation
+    from renderqueue_pipeline.ledger.core import _submit_generation
 
     def fal_submit(endpoint, inputs):
         # fal has the request now; the process dies before the answer is recorded
@@ -90,7 +91,7 @@ DYING_SUBMITTER = textwrap.dedent(
         os._exit(17)
 
     with connect(sys.argv[1]) as conn:
-        submit_generation(conn, fal_submit, user_id=5, endpoint=sys.argv[2],
+        _submit_generation(conn, fal_submit, user_id=5, endpoint=sys.argv[2],
                           inputs={"prompt": "a red fox", "duration": "5"},
                           idempotency_key=sys.argv[3])
     sys.stdout.write("not reached\\n")
@@ -125,7 +126,7 @@ def test_a_process_dying_inside_the_submit_leaves_an_unknown_outcome(
         raise AssertionError("an unknown outcome was submitted again")
 
     with pytest.raises(LedgerInputError, match="is unknown; not submitting again"):
-        submit_generation(
+        _submit_generation(
             conn,
             must_not_be_called,
             user_id=5,
@@ -146,7 +147,7 @@ def test_a_recent_pending_intent_is_not_yet_unknown(conn: psycopg.Connection) ->
         raise ConnectionError("the answer was lost")
 
     with pytest.raises(ConnectionError):
-        submit_generation(
+        _submit_generation(
             conn, crashing, user_id=5, endpoint=SEEDANCE, inputs=INPUTS, idempotency_key=key
         )
     assert mark_unknown_outcomes(conn) == []
@@ -160,7 +161,7 @@ def test_definite_rejection_is_recorded_with_its_reason(conn: psycopg.Connection
         raise Refused("422: prompt rejected by the model")
 
     with pytest.raises(Refused):
-        submit_generation(
+        _submit_generation(
             conn,
             refusing,
             user_id=5,

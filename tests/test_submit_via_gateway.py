@@ -16,7 +16,8 @@ from renderqueue_pipeline.fal_gateway import (
     FalSubmitOutcomeUnknown,
     SubmitResult,
 )
-from renderqueue_pipeline.ledger import LedgerEvent, asubmit_generation, record_event
+from renderqueue_pipeline.ledger import LedgerEvent, record_event
+from renderqueue_pipeline.ledger.core import _asubmit_generation
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 
@@ -29,7 +30,7 @@ def submit_once(
             async def submit(endpoint: str, inputs: dict) -> SubmitResult:
                 return await gateway.submit(endpoint, inputs)
 
-            return await asubmit_generation(
+            return await _asubmit_generation(
                 conn,
                 submit,
                 user_id=9,

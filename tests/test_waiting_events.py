@@ -286,6 +286,7 @@ def many_waiting_events(conn: psycopg.Connection, prefix: str, count: int) -> No
     conn.commit()
 
 
+@pytest.mark.slow
 def test_apply_waiting_events_stays_inside_the_lock_table(conn: psycopg.Connection) -> None:
     prefix = f"many-{uuid.uuid4().hex[:6]}-"
     many_waiting_events(conn, prefix, MANY)

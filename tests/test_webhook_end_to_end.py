@@ -15,15 +15,18 @@ from urllib.parse import urlsplit
 import fal_client
 import httpx
 import psycopg
+import pytest
 from ledger_helpers import SEEDANCE
 from webhook_helpers import serving
 
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.server import embedded_url, stop_embedded
-from renderqueue_pipeline.ledger import submit_generation
+from renderqueue_pipeline.ledger.core import _submit_generation
 from renderqueue_pipeline.simulator.testing import FAST_TEST_OPTIONS, RunningSimulator, wait_until
 from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
+
+pytestmark = pytest.mark.e2e  # whole-product runs: `make test`, not `make test-fast`
 
 PRICE_720P = 303_400  # micro-dollars per second, Seedance 2.0 at 720p
 
@@ -104,7 +107,7 @@ def test_every_fault_knob_leaves_the_ledger_equal_to_ground_truth(
     with serving(app) as url:
         submit = fal_submitter(f"{url}/webhooks/fal")
         request_ids = [
-            submit_generation(
+            _submit_generation(
                 conn,
                 submit,
                 user_id=i % 4,
@@ -163,7 +166,7 @@ def test_postgres_down_mid_run_then_back_lands_every_event_once(
             submit = fal_submitter(f"{receiver}/webhooks/fal")
             with connect(url) as ledger:
                 request_ids = [
-                    submit_generation(
+                    _submit_generation(
                         ledger,
                         submit,
                         user_id=1,

@@ -31,9 +31,9 @@ from renderqueue_pipeline.batch.budget import (
     MonthFigures,
     default_limit_micros,
     month_figures,
-    usd,
 )
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.money import usd
 from renderqueue_pipeline.settings import get_settings
 
 RETRY_BASE_S = 60  # the first retry a minute later, then 2, 4, ... up to an hour

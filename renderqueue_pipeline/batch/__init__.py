@@ -8,10 +8,8 @@ from renderqueue_pipeline.batch.budget import (
     BudgetSettingError,
     budget_overview,
     month_figures,
-    parse_month,
     parse_usd,
     set_budget,
-    usd,
 )
 from renderqueue_pipeline.batch.cancel import CancelResult, cancel_batch
 from renderqueue_pipeline.batch.inbox import InboxFile, list_inbox, plan_tick
@@ -50,11 +48,9 @@ __all__ = [
     "cancel_batch",
     "list_inbox",
     "month_figures",
-    "parse_month",
     "parse_usd",
     "plan_tick",
     "set_budget",
     "submit_batch_file",
     "submit_prompt",
-    "usd",
 ]

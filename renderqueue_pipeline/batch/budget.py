@@ -11,7 +11,6 @@ transaction lock, on every path to fal; this module reads the same figures
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal, InvalidOperation
@@ -21,15 +20,14 @@ import psycopg
 
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
-from renderqueue_pipeline.reports.months import month_problem
+from renderqueue_pipeline.money import MICROS_PER_USD
 from renderqueue_pipeline.settings import get_settings
 
-MICROS_PER_USD = 1_000_000
 MAX_USD = Decimal(10) ** 9  # a billion dollars: anything above is a typo
 
 
 class BudgetSettingError(RenderqueueError, ValueError):
-    """A money amount or month that cannot be used; names the setting."""
+    """A money amount that cannot be used; names the setting."""
 
     def __init__(self, setting: str, reason: str) -> None:
         self.setting = setting
@@ -57,29 +55,6 @@ def parse_usd(value: Any, setting: str) -> int:
     if micros != micros.to_integral_value():
         raise BudgetSettingError(setting, f"more precise than a micro-dollar: {value!r}")
     return int(micros)
-
-
-def parse_month(value: str | None, setting: str = "--month") -> date | None:
-    """YYYY-MM as the first day of that month; None stays None (the current month)."""
-    if value is None:
-        return None
-
-    match = re.fullmatch(r"(\d{4})-(\d{2})", value.strip())
-    if not match:
-        raise BudgetSettingError(setting, f"expected YYYY-MM, got {value!r}")
-    problem = month_problem(int(match.group(1)), int(match.group(2)))
-    if problem:
-        raise BudgetSettingError(setting, f"expected YYYY-MM: {problem}, got {value!r}")
-    return date(int(match.group(1)), int(match.group(2)), 1)
-
-
-def usd(micros: int | None) -> str:
-    """Micro-dollars as dollars for people: $1,234.567891 trimmed to at least cents."""
-    if micros is None:
-        return "no cap"
-    text = f"{Decimal(micros) / MICROS_PER_USD:,.6f}".rstrip("0")
-    whole, _, frac = text.partition(".")
-    return f"${whole}.{frac.ljust(2, '0')}"
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,10 @@ from renderqueue_pipeline.batch import (
     batch_report,
     budget_overview,
     cancel_batch,
-    parse_month,
     parse_usd,
     set_budget,
     submit_batch_file,
     submit_prompt,
-    usd,
 )
 from renderqueue_pipeline.batch.budget import default_limit_micros
 from renderqueue_pipeline.batch.report import recent_batches
@@ -29,6 +27,8 @@ from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.money import usd
+from renderqueue_pipeline.months import parse_month
 from renderqueue_pipeline.settings import get_settings, parse_alert_percents
 
 
@@ -238,7 +238,11 @@ def budget_set(user_id: int, amount: str | None, month: str | None, alerts: str 
     micros = None if amount is None else parse_usd(amount, "--usd")
     with connect(_ledger_url()) as conn:
         # one month for both (the ledger clock's, rq_now, unless --month says)
-        target = parse_month(month) or conn.execute(q("alert_clock")).fetchone()["month"]
+        target = (
+            parse_month(month)
+            if month is not None
+            else conn.execute(q("alert_clock")).fetchone()["month"]
+        )
         if micros is not None:
             row = set_budget(conn, user_id, micros, target)
             click.echo(
@@ -282,7 +286,8 @@ def budget_show(user_id: int | None, month: str | None) -> None:
     """Budget, spent, in flight and remaining per user for a month."""
 
     with connect(_ledger_url()) as conn:
-        rows = budget_overview(conn, user_id, parse_month(month), default_limit_micros())
+        target = None if month is None else parse_month(month)
+        rows = budget_overview(conn, user_id, target, default_limit_micros())
     if not rows:
         click.echo("no budgets or spend this month")
         return

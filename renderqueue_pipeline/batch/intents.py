@@ -14,11 +14,11 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from renderqueue_pipeline.batch.budget import usd
 from renderqueue_pipeline.batch.rows import PromptRow, Rejection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import LedgerInputError
 from renderqueue_pipeline.ledger import Intent, record_intent
+from renderqueue_pipeline.money import usd
 from renderqueue_pipeline.redact import redact
 
 

@@ -10,9 +10,9 @@ from typing import Any
 
 import psycopg
 
-from renderqueue_pipeline.batch.budget import usd
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.money import usd
 
 TABLE_ROWS = 20
 COUNTS = ("read", "submitted", "rejected", "over_budget", "unknown", "pending")

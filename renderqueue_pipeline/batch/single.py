@@ -31,11 +31,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from renderqueue_pipeline.batch.budget import default_limit_micros
+from renderqueue_pipeline.batch.fal_answers import is_definite_rejection
 from renderqueue_pipeline.batch.rows import PromptRow, RowDefaults, validate_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.errors import BudgetExceeded, LedgerInputError, SubmissionInProgress
-from renderqueue_pipeline.fal_gateway import FalGateway, FalRequestError, RequestIdentity
+from renderqueue_pipeline.fal_gateway import FalGateway, RequestIdentity
 from renderqueue_pipeline.ledger import (
     Intent,
     begin_submission,
@@ -45,11 +46,6 @@ from renderqueue_pipeline.ledger import (
 )
 
 __all__ = ["BudgetExceeded", "SubmissionInProgress", "asubmit_prompt", "submit_prompt"]
-
-
-def _definite(exc: BaseException) -> bool:
-
-    return isinstance(exc, FalRequestError)
 
 
 def _record_intent(
@@ -133,7 +129,7 @@ async def asubmit_prompt(
 
     def finish() -> str:
         with connect(url, autocommit=True) as conn:
-            return finish_submission(conn, intent, outcome, _definite)
+            return finish_submission(conn, intent, outcome, is_definite_rejection)
 
     return await asyncio.to_thread(finish)
 

@@ -32,12 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import random
 import tempfile
-import threading
 import time
 import uuid
-from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -46,7 +43,15 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from renderqueue_pipeline.batch.budget import default_limit_micros
+from renderqueue_pipeline.batch.fal_answers import (
+    fal_field,
+    fal_reason,
+    is_definite_rejection,
+    is_rate_limited,
+)
+from renderqueue_pipeline.batch.feed import FAIR_LOOKAHEAD_ROWS, FairFeed, WaitingGate
 from renderqueue_pipeline.batch.intents import BatchCap, decide_row, store_rejection
+from renderqueue_pipeline.batch.limiter import AdaptiveLimit, shard_sizes
 from renderqueue_pipeline.batch.report import BatchReport, batch_report
 from renderqueue_pipeline.batch.rows import (
     PromptRow,
@@ -55,6 +60,7 @@ from renderqueue_pipeline.batch.rows import (
     parse_user_id,
     validate_row,
 )
+from renderqueue_pipeline.batch.send_marks import SendMarks
 from renderqueue_pipeline.batch.source import (
     FileFacts,
     PromptReader,
@@ -66,18 +72,10 @@ from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.errors import DatabaseUnavailable, RenderqueueError
-from renderqueue_pipeline.fal_gateway import (
-    FalAuthError,
-    FalGateway,
-    FalRequestError,
-    FalSubmitOutcomeUnknown,
-    FalUnavailable,
-    RequestIdentity,
-)
+from renderqueue_pipeline.fal_gateway import FalAuthError, FalGateway, RequestIdentity
 from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
 from renderqueue_pipeline.ledger import (
     Intent,
-    claim_for_send,
     finish_submission,
     lease_interval,
     refresh_leases,
@@ -88,19 +86,10 @@ from renderqueue_pipeline.redact import redact, redact_error
 from renderqueue_pipeline.settings import get_settings
 
 MAX_CONCURRENCY = 256
-#: Calls in flight per gateway (each has its own HTTP connection pool): see `shard_sizes`.
-CALLS_PER_GATEWAY = 8
 #: How long one row may keep meeting 429s before it is recorded as refused by fal.
 RATE_LIMIT_PATIENCE_S = 600.0
-MAX_BACKOFF_S = 30.0
 #: A batch in one of these states has been ingested: the same content again submits nothing.
 FINISHED = ("done", "canceled")
-#: Rows read ahead of the fan-out so it can take them round-robin by user (FairFeed).
-FAIR_LOOKAHEAD_ROWS = 4096
-#: How often (at most) the fan-out re-counts our requests waiting at fal (WaitingGate).
-WAITING_POLL_S = 0.25
-#: A `submitted` row older than this no longer counts as waiting at fal (a lost webhook).
-WAITING_WINDOW_S = 6 * 3600.0
 PRIORITIES = ("low", "normal")
 AUTH_STOP_REASON = (
     "fal refused the key (HTTP 401/403): check FAL_KEY; the rows not yet sent were left "
@@ -214,302 +203,6 @@ class BatchResult:
     @property
     def submit_rate(self) -> float:
         return self.stats.submitted / self.stats.elapsed if self.stats.elapsed > 0 else 0.0
-
-
-# -- fan-out ----------------------------------------------------------------------------
-
-
-class AdaptiveLimit:
-    """At most `limit` calls in flight; a 429 halves it and pauses, successes regrow it.
-
-    429s that arrive while already paused (calls that were in flight together) count as
-    one: the pause doubles only for 429s after the previous pause ended with no success
-    in between (0.25 s, 0.5 s, ... up to 30 s).
-    """
-
-    BASE_PAUSE_S = 0.25
-
-    def __init__(self, ceiling: int) -> None:
-        self.ceiling = ceiling
-        self.limit = ceiling
-        self.lowest = ceiling
-        self.active = 0
-        self.rate_limited = 0
-        self._resume_at = 0.0
-        self._consecutive = 0
-        self._streak = 0
-        self._changed = asyncio.Condition()
-
-    async def acquire(self) -> None:
-        while True:
-            delay = self._resume_at - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-                continue
-            async with self._changed:
-                if self.active < self.limit:
-                    self.active += 1
-                    return
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), timeout=1.0)
-
-    async def release(self, *, rate_limited: bool = False) -> None:
-        async with self._changed:
-            self.active -= 1
-            now = time.monotonic()
-            if rate_limited:
-                self.rate_limited += 1
-                self._streak = 0
-                if now >= self._resume_at:  # a new 429, not one of the same burst
-                    self._consecutive += 1
-                    self.limit = max(1, self.limit // 2)
-                    self.lowest = min(self.lowest, self.limit)
-                    pause = min(self.BASE_PAUSE_S * 2 ** (self._consecutive - 1), MAX_BACKOFF_S)
-                    self._resume_at = now + pause * random.uniform(0.8, 1.2)  # noqa: S311 - jitter
-            else:
-                self._consecutive = 0
-                self._streak += 1
-                if self._streak >= self.limit and self.limit < self.ceiling:
-                    self._streak = 0
-                    self.limit += 1
-            self._changed.notify_all()
-
-
-def shard_sizes(concurrency: int) -> list[int]:
-    """How many calls each gateway carries: `concurrency` split into pools of at most 8.
-
-    fal-client's HTTP pool (httpcore) keeps at most 20 idle connections, so with more calls
-    in flight it keeps closing and re-opening TLS connections, and its bookkeeping per
-    request grows with the pool's size. Several small pools cost half the CPU per request
-    of one large one, on our side and on the server's (measured: bench/submit.py).
-    """
-    shards = -(-concurrency // CALLS_PER_GATEWAY)
-    return [len(range(i, concurrency, shards)) for i in range(shards)]
-
-
-class FairFeed:
-    """Intents waiting to be sent, handed out round-robin by user.
-
-    A file with user A's 40 rows then user B's 6 sends A, B, A, B, ...: B's rows go out
-    among the first 12, not last. The producer reads up to `lookahead` rows ahead of
-    the fan-out (their intents are written and claimed, not yet admitted or sent).
-    """
-
-    def __init__(self, lookahead: int) -> None:
-        self.lookahead = lookahead
-        self.size = 0
-        self.closed = False
-        self._by_user: OrderedDict[int, deque[Intent]] = OrderedDict()
-        self._changed = asyncio.Condition()
-
-    # ASYNC109: running out of time is an answer here (False), not a cancellation
-    async def put(self, intent: Intent, *, timeout: float | None = None) -> bool:  # noqa: ASYNC109
-        """Add an intent; False when the feed stayed full for `timeout` seconds."""
-        async with self._changed:
-            if self.size >= self.lookahead:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._changed.wait_for(lambda: self.size < self.lookahead), timeout
-                    )
-                if self.size >= self.lookahead:
-                    return False
-            self._by_user.setdefault(intent.user_id, deque()).append(intent)
-            self.size += 1
-            self._changed.notify_all()
-            return True
-
-    async def close(self) -> None:
-        async with self._changed:
-            self.closed = True
-            self._changed.notify_all()
-
-    async def get(self) -> Intent | None:
-        """The next user's next intent (None once closed and empty)."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.size > 0 or self.closed)
-            if self.size == 0:
-                return None
-            user, rows = next(iter(self._by_user.items()))
-            intent = rows.popleft()
-            if rows:
-                self._by_user.move_to_end(user)
-            else:
-                del self._by_user[user]
-            self.size -= 1
-            self._changed.notify_all()
-            return intent
-
-
-class WaitingGate:
-    """Holds a send while our requests waiting at fal for its endpoint are at the bound.
-
-    "Waiting at fal" is counted from our own ledger: `submitted` generations of the
-    endpoint (queued or running at fal; the running ones are at most the account's
-    concurrency cap), one grouped count by user every `WAITING_POLL_S` at most, plus this
-    run's sends not yet in a count (`leave` after the recording commits; a send stops being
-    added once a count that started after that commit has it: counted twice for a moment,
-    never missed). No call to fal and no per-row query.
-    Another run's calls in flight are not seen (at most its concurrency). As the count
-    covers every run, a user also waits while they hold their fair share of the bound (the
-    bound over the users with requests waiting): runs in flight together take turns too.
-    """
-
-    def __init__(self, conn: psycopg.Connection, bound: int) -> None:
-        self.conn = conn
-        self.bound = bound
-        self.pauses = 0  # sends that had to wait for room
-        self._counts: dict[str, dict[int, int]] = {}
-        self._read_at: dict[str, float] = {}
-        self._inflight: dict[tuple[str, int], int] = {}
-        self._left: list[tuple[str, int, float]] = []  # recorded, maybe not yet counted
-        self._left_lock = threading.Lock()  # `leave` is called from the recorder's thread
-        self._lock = asyncio.Lock()
-
-    def _read(self, endpoint: str) -> dict[int, int]:
-        rows = self.conn.execute(
-            q("our_requests_waiting_at_fal"),
-            {"endpoint": endpoint, "window_seconds": WAITING_WINDOW_S},
-        ).fetchall()
-        return {r["user_id"]: r["waiting"] for r in rows}
-
-    async def _refresh(self, endpoint: str) -> dict[int, int]:
-        async with self._lock:
-            if time.monotonic() - self._read_at.get(endpoint, -1e9) >= WAITING_POLL_S:
-                started = time.monotonic()
-                self._counts[endpoint] = await asyncio.to_thread(self._read, endpoint)
-                self._read_at[endpoint] = time.monotonic()
-                with self._left_lock:
-                    still: list[tuple[str, int, float]] = []
-                    for left in self._left:  # recorded before this count began: in it now
-                        if left[0] == endpoint and left[2] < started:
-                            self._inflight[(endpoint, left[1])] -= 1
-                        else:
-                            still.append(left)
-                    self._left = still
-        return self._counts[endpoint]
-
-    def _room(self, endpoint: str, counts: dict[int, int], user_id: int) -> bool:
-        mine = {u: n for (e, u), n in self._inflight.items() if e == endpoint and n}
-        total = sum(counts.values()) + sum(mine.values())
-        users = len(counts.keys() | mine.keys() | {user_id})
-        share = max(1, self.bound // users)
-        return total < self.bound and counts.get(user_id, 0) + mine.get(user_id, 0) < share
-
-    def leave(self, endpoint: str, user_id: int) -> None:
-        """The send `enter` let through is recorded (or was not made): the next count has it."""
-        if self.bound > 0:
-            with self._left_lock:
-                self._left.append((endpoint, user_id, time.monotonic()))
-
-    async def enter(self, endpoint: str, user_id: int, stopped: Callable[[], bool]) -> None:
-        """Return when there is room to send one more request for `user_id` (bound 0: now)."""
-        if self.bound <= 0:
-            return
-        counts = self._counts.get(endpoint)
-        if counts is None or time.monotonic() - self._read_at[endpoint] >= 1.0:
-            counts = await self._refresh(endpoint)
-        paused = False
-        while not self._room(endpoint, counts, user_id) and not stopped():
-            if not paused:
-                self.pauses += 1
-                paused = True
-            await asyncio.sleep(WAITING_POLL_S)
-            counts = await self._refresh(endpoint)
-        key = (endpoint, user_id)
-        self._inflight[key] = self._inflight.get(key, 0) + 1
-
-
-Claim = tuple[bool, str | None] | None
-
-
-class SendMarks:
-    """Admits and marks items sent just before their calls, many per statement.
-
-    A worker awaits `mark(item_id)`: (True, None) when admitted (send it), (False, reason)
-    when over budget (rejected, do not send), None when the item was not this run's to
-    send. Marks that arrive while one statement runs go in the next, so the cost is one
-    round trip per burst, not per request (the admission is `ledger.claim_for_send`).
-    """
-
-    def __init__(
-        self,
-        conn: psycopg.Connection,
-        claimer: str,
-        lease_seconds: float,
-        default_limit: int | None,
-    ) -> None:
-        self.conn = conn
-        self.claimer = claimer
-        self.lease_seconds = lease_seconds
-        self.default_limit = default_limit
-        self._waiting: list[tuple[int, asyncio.Future[Claim]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def mark(self, item_id: int) -> Claim:
-        future: asyncio.Future[Claim] = asyncio.get_running_loop().create_future()
-        self._waiting.append((item_id, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
-
-    def _claim(self, item_ids: list[int]) -> dict[int, tuple[bool, str | None]]:
-        return claim_for_send(
-            self.conn,
-            item_ids,
-            self.claimer,
-            lease_seconds=self.lease_seconds,
-            default_limit_micros=self.default_limit,
-        )
-
-    async def _flush(self) -> None:
-        while self._waiting:
-            group, self._waiting = self._waiting, []
-            try:
-                claimed = await asyncio.to_thread(self._claim, [i for i, _ in group])
-            except Exception as exc:  # noqa: BLE001 - every waiter of the group gets the error
-                for _, future in group:
-                    future.set_exception(exc)
-            else:
-                for item_id, future in group:
-                    future.set_result(claimed.get(item_id))
-
-
-def _is_rate_limited(exc: BaseException) -> bool:
-    """fal said 429 (after fal-client's own retries): nothing was enqueued, slow down."""
-
-    if not isinstance(exc, FalUnavailable) or isinstance(exc, FalSubmitOutcomeUnknown):
-        return False
-    cause = exc.__cause__
-    return getattr(cause, "status_code", None) == 429 or "HTTP 429" in str(exc)
-
-
-def _is_definite_rejection(exc: BaseException) -> bool:
-    """A 4xx other than 429: fal refused the request, nothing was enqueued or billed."""
-
-    return isinstance(exc, FalRequestError)
-
-
-def _fal_field(exc: BaseException) -> str:
-    """The input fal's 422 names (`loc: ["body", "duration"]`), else 'fal'."""
-    detail = getattr(exc, "detail", None)
-    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-        loc = detail[0].get("loc") or []
-        if loc:
-            return str(loc[-1])
-    return "fal"
-
-
-def _fal_reason(exc: BaseException) -> str:
-    """fal's own words when it gave any ("duration: Input should be ..."), else the error."""
-    detail = getattr(exc, "detail", None)
-    code = getattr(exc, "status_code", None)
-    if isinstance(detail, list) and detail and all(isinstance(d, dict) for d in detail):
-        parts = []
-        for item in detail[:3]:
-            loc = ".".join(str(p) for p in (item.get("loc") or [])[1:]) or "input"
-            parts.append(f"{loc}: {item.get('msg', item)}")
-        return f"fal refused it (HTTP {code}): " + "; ".join(parts)
-    return str(exc)
 
 
 Log = Callable[[str], None]
@@ -898,7 +591,7 @@ class _Run:
                     priority=self.options.priority,
                 )
             except Exception as exc:  # noqa: BLE001 - every send failure is classified below
-                limited = _is_rate_limited(exc)
+                limited = is_rate_limited(exc)
                 await self.limit.release(rate_limited=limited)
                 if limited and time.monotonic() - first_try < RATE_LIMIT_PATIENCE_S:
                     if (
@@ -950,17 +643,17 @@ class _Run:
 
     def _record_outcome(self, conn: psycopg.Connection, intent: Intent, outcome: Any) -> str:
         try:
-            finish_submission(conn, intent, outcome, _is_definite_rejection)
+            finish_submission(conn, intent, outcome, is_definite_rejection)
             return "submitted"
         except Exception as exc:  # noqa: BLE001 - classified: a refusal is recorded, else re-raised
-            if _is_definite_rejection(exc):
+            if is_definite_rejection(exc):
                 conn.execute(
                     q("label_rejected_item"),
                     {
                         "item_id": intent.item_id,
                         "kind": "fal",
-                        "field": _fal_field(exc),
-                        "reason": redact(_fal_reason(exc)),
+                        "field": fal_field(exc),
+                        "reason": redact(fal_reason(exc)),
                     },
                 )
                 return "refused_by_fal"

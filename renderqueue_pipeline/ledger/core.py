@@ -414,7 +414,7 @@ def finish_submission(
     return outcome.request_id
 
 
-def submit_generation(
+def _submit_generation(
     conn: psycopg.Connection,
     submit: Callable[[str, dict[str, Any]], str | Submitted],
     *,
@@ -426,6 +426,9 @@ def submit_generation(
     default_limit_micros: int | None = None,
 ) -> str:
     """Submit one generation following rule 1 with a blocking `submit(endpoint, inputs)`.
+
+    Private: it takes the budget default from its caller (none unless given), so only the
+    tests use it; products submit through `batch.submit_prompt`, which applies the budget.
 
     Re-running with the same idempotency key returns the recorded request_id without
     calling fal again (see `begin_submission`).
@@ -447,7 +450,7 @@ def submit_generation(
     return finish_submission(conn, intent, outcome, is_definite_rejection)
 
 
-async def asubmit_generation(
+async def _asubmit_generation(
     conn: psycopg.Connection,
     submit: Callable[[str, dict[str, Any]], Awaitable[str | Submitted]],
     *,
@@ -458,7 +461,7 @@ async def asubmit_generation(
     is_definite_rejection: Callable[[BaseException], bool] = lambda exc: False,
     default_limit_micros: int | None = None,
 ) -> str:
-    """`submit_generation` for an async `submit` (e.g. the fal gateway).
+    """`_submit_generation` for an async `submit` (e.g. the fal gateway).
 
     The ledger writes are short and run on the caller's connection in a worker thread;
     give each concurrent submission its own connection.

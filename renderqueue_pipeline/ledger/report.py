@@ -9,13 +9,7 @@ from rich.table import Table
 
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
-
-
-def dollars(micros: int) -> str:
-    """Micro-dollars as dollars with six decimals (exact, no float)."""
-    sign = "-" if micros < 0 else ""
-    whole, frac = divmod(abs(int(micros)), 1_000_000)
-    return f"{sign}${whole:,}.{frac:06d}"
+from renderqueue_pipeline.money import dollars
 
 
 def ledger_status(conn: psycopg.Connection) -> dict[str, list[dict]]:

@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from renderqueue_pipeline.db.connect import connect
-from renderqueue_pipeline.ledger.report import dollars
+from renderqueue_pipeline.money import dollars
 from renderqueue_pipeline.reports.forecast_cli import print_forecast
 from renderqueue_pipeline.reports.ledger_view import columns_for, month_from_ledger
 from renderqueue_pipeline.reports.months import month_label, parse_month

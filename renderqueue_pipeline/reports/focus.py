@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.money import usd_decimal
 from renderqueue_pipeline.reports.months import month_range
 
 MICRO = Decimal("0.000001")
@@ -74,10 +75,6 @@ FOCUS_COLUMNS = tuple(FOCUS_SCHEMA.names)
 TIME_COLUMNS = ("BillingPeriodStart", "BillingPeriodEnd", "ChargePeriodStart", "ChargePeriodEnd")
 
 
-def _usd(micros: int | None) -> Decimal | None:
-    return None if micros is None else (Decimal(micros) * MICRO).quantize(MICRO)
-
-
 def _seconds(value: Decimal | None) -> Decimal | None:
     return None if value is None else Decimal(value).quantize(MICRO)
 
@@ -89,16 +86,16 @@ def focus_records(conn: psycopg.Connection, month: date) -> list[dict]:
     records = []
     for r in rows:
         seconds = _seconds(r["billed_seconds"])
-        list_cost = _usd(r["list_micros"])
+        list_cost = usd_decimal(r["list_micros"])
         tags = {"user": str(r["user_id"])}
         if r["batch_id"] is not None:
             tags["batch"] = str(r["batch_id"])
         records.append(
             {
-                "BilledCost": _usd(r["cost_micros"]),
-                "EffectiveCost": _usd(r["cost_micros"]),
+                "BilledCost": usd_decimal(r["cost_micros"]),
+                "EffectiveCost": usd_decimal(r["cost_micros"]),
                 "ListCost": list_cost,
-                "ContractedCost": _usd(r["cost_micros"]),
+                "ContractedCost": usd_decimal(r["cost_micros"]),
                 "BillingCurrency": "USD",
                 "BillingPeriodStart": start,
                 "BillingPeriodEnd": end,
@@ -125,7 +122,7 @@ def focus_records(conn: psycopg.Connection, month: date) -> list[dict]:
                 "x_UserId": str(r["user_id"]),
                 "x_BatchId": None if r["batch_id"] is None else str(r["batch_id"]),
                 "x_CostBasis": r["cost_basis"],
-                "x_FalBilledCost": _usd(r["fal_billed_micros"]),
+                "x_FalBilledCost": usd_decimal(r["fal_billed_micros"]),
             }
         )
     return records

@@ -15,7 +15,7 @@ from datetime import UTC, date, datetime, timedelta
 import psycopg
 
 from renderqueue_pipeline.db.queries import q
-from renderqueue_pipeline.ledger.report import dollars
+from renderqueue_pipeline.money import dollars
 from renderqueue_pipeline.reports.checks import snapshot
 from renderqueue_pipeline.reports.months import (
     ReportInputError,

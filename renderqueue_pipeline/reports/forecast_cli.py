@@ -13,7 +13,7 @@ from rich.table import Table
 
 from renderqueue_pipeline.batch.budget import default_limit_micros
 from renderqueue_pipeline.db.connect import connect
-from renderqueue_pipeline.ledger.report import dollars
+from renderqueue_pipeline.money import dollars
 from renderqueue_pipeline.reports.forecast import Forecast, ForecastRow, forecast_month
 
 COLUMNS = [

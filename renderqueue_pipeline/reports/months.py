@@ -5,10 +5,37 @@ A generation belongs to the UTC day and month of its `created_at`, whenever it f
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, date, datetime, timedelta
 
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.months import (
+    MonthError,
+    month_label,
+    month_problem,
+    month_range,
+    next_month,
+    parse_month,
+    previous_month,
+    start_of,
+)
+
+# The month helpers live in renderqueue_pipeline/months.py (one parser for every --month);
+# re-exported here for the report modules.
+__all__ = [
+    "FINALIZE_GRACE",
+    "SETTLE_AFTER",
+    "MonthError",
+    "ReportInputError",
+    "days_until",
+    "finalizes_at",
+    "month_label",
+    "month_problem",
+    "month_range",
+    "next_month",
+    "parse_month",
+    "previous_month",
+    "start_of",
+]
 
 # The previous month is finalized this long after it ends (06:00 UTC on the 1st): time for
 # late webhooks and the reconciler to land its last completions.
@@ -18,54 +45,9 @@ FINALIZE_GRACE = timedelta(hours=6)
 # instead of reading its generations again.
 SETTLE_AFTER = timedelta(hours=1)
 
-_MONTH = re.compile(r"^(\d{4})-(\d{2})(?:-01)?$")
-#: Months a date can hold with its successor (the end of a month range): 0001-01..9998-12.
-FIRST_YEAR, LAST_YEAR = 1, 9998
-
-
-def month_problem(year: int, month: int) -> str | None:
-    """Why YYYY-MM is not a usable month, or None (one rule for every --month)."""
-    if not 1 <= month <= 12:
-        return "month must be 01-12"
-    if not FIRST_YEAR <= year <= LAST_YEAR:
-        return f"year must be {FIRST_YEAR:04d}-{LAST_YEAR}"
-    return None
-
 
 class ReportInputError(RenderqueueError, ValueError):
-    """A month or option the reports cannot use (the message says which and why)."""
-
-
-def parse_month(text: str | date) -> date:
-    """'2026-03', '2026-03-01' (a Dagster partition key) or a date -> date(2026, 3, 1)."""
-    if isinstance(text, date):
-        return text.replace(day=1)
-    match = _MONTH.match(text.strip())
-    if not match:
-        raise ReportInputError(f"--month: expected YYYY-MM, e.g. 2026-03 (got {text!r})")
-    year, month = int(match.group(1)), int(match.group(2))
-    problem = month_problem(year, month)
-    if problem:
-        raise ReportInputError(f"--month: {problem} (got {text!r})")
-    return date(year, month, 1)
-
-
-def next_month(month: date) -> date:
-    return date(month.year + month.month // 12, month.month % 12 + 1, 1)
-
-
-def previous_month(month: date) -> date:
-    return (month.replace(day=1) - timedelta(days=1)).replace(day=1)
-
-
-def start_of(day: date) -> datetime:
-    """Midnight UTC at the start of `day`."""
-    return datetime(day.year, day.month, day.day, tzinfo=UTC)
-
-
-def month_range(month: date) -> tuple[datetime, datetime]:
-    """[start, end) of the month in UTC."""
-    return start_of(month), start_of(next_month(month))
+    """An option the reports cannot use (the message says which and why)."""
 
 
 def finalizes_at(month: date) -> datetime:
@@ -78,7 +60,3 @@ def days_until(month: date, now: datetime) -> list[date]:
     first, end = month, next_month(month)
     last = min(end - timedelta(days=1), now.astimezone(UTC).date())
     return [first + timedelta(days=i) for i in range((last - first).days + 1)]
-
-
-def month_label(month: date) -> str:
-    return f"{month:%Y-%m}"

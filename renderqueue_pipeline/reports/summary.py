@@ -1,17 +1,10 @@
-"""Figures for people: dollars from micro-dollars, top-N markdown tables."""
+"""Figures for people: top-N markdown tables (money formatting: `renderqueue_pipeline.money`)."""
 
 from __future__ import annotations
 
-from decimal import Decimal
+from renderqueue_pipeline.money import dollars
 
-from renderqueue_pipeline.ledger.report import dollars
-
-__all__ = ["dollars", "micros_to_usd", "top_table"]
-
-
-def micros_to_usd(micros: int) -> float:
-    """For numeric metadata only (plots, comparisons); exact figures stay in micro-dollars."""
-    return float(Decimal(int(micros)) / Decimal(1_000_000))
+__all__ = ["top_table"]
 
 
 def top_table(rows: list[dict], key: str, n: int = 10) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,7 +63,11 @@ class SimControl:
     """A client of the simulator's control API (`/_sim/...`); no fal equivalent."""
 
     def __init__(self, base_url: str, ca_bundle: Path) -> None:
-        self._http = httpx.Client(base_url=f"{base_url}/_sim", verify=str(ca_bundle), timeout=10)
+        self._http = httpx.Client(
+            base_url=f"{base_url}/_sim",
+            verify=ssl.create_default_context(cafile=ca_bundle),
+            timeout=10,
+        )
 
     def close(self) -> None:
         self._http.close()

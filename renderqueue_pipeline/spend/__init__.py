@@ -1,4 +1,4 @@
-"""Spend truth: fal's own bill, loaded, reconciled request by request, and prices kept current.
+"""Spend truth: fal's own bill, loaded, checked request by request, and prices kept current.
 
 Plain functions over a psycopg connection and a `FalPlatform` client; Dagster
 (defs/spend/) and the CLI (`renderqueue spend ...`) are thin layers over them.
@@ -8,29 +8,27 @@ from renderqueue_pipeline.spend.billing import (
     BillingLoad,
     day_range,
     load_billing_events,
-    month_range,
 )
-from renderqueue_pipeline.spend.prices import PriceSync, sync_prices
-from renderqueue_pipeline.spend.reconcile import (
-    Reconciliation,
+from renderqueue_pipeline.spend.billing_check import (
+    BillingCheck,
     apply_billed,
-    reconcile_range,
+    check_billing,
     summarize,
 )
+from renderqueue_pipeline.spend.prices import PriceSync, sync_prices
 from renderqueue_pipeline.spend.tags import TagComparison, TagTotal, compare_usage_by_tag
 
 __all__ = [
+    "BillingCheck",
     "BillingLoad",
     "PriceSync",
-    "Reconciliation",
     "TagComparison",
     "TagTotal",
     "apply_billed",
+    "check_billing",
     "compare_usage_by_tag",
     "day_range",
     "load_billing_events",
-    "month_range",
-    "reconcile_range",
     "summarize",
     "sync_prices",
 ]

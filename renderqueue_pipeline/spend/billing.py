@@ -20,7 +20,6 @@ import psycopg
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.fal_platform import FalPlatform
-from renderqueue_pipeline.reports.months import month_problem
 
 Progress = Callable[[int, int], None]  # (pages, events) so far
 T = TypeVar("T")
@@ -50,20 +49,6 @@ def day_range(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
     """[00:00, next 00:00) UTC of a day."""
     start = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
     return start, start + dt.timedelta(days=1)
-
-
-def month_range(month: str) -> tuple[dt.datetime, dt.datetime]:
-    """'2026-11' (or '2026-11-01') -> [first 00:00 UTC, next month's first 00:00 UTC)."""
-
-    try:
-        first = dt.datetime.strptime(month[:7], "%Y-%m").replace(tzinfo=dt.UTC)
-    except ValueError:
-        raise RenderqueueError(f"month: expected YYYY-MM (got {month!r})") from None
-    problem = month_problem(first.year, first.month)
-    if problem:
-        raise RenderqueueError(f"month: {problem} (got {month!r})")
-    following = (first + dt.timedelta(days=32)).replace(day=1)
-    return first, following
 
 
 def event_row(event: dict[str, Any]) -> tuple[Any, ...]:

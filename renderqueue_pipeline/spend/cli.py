@@ -1,4 +1,4 @@
-"""`renderqueue spend ...`: reconcile a month with fal's bill, keep prices current."""
+"""`renderqueue spend ...`: check a month against fal's bill, keep prices current."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.fal_platform import FalPlatform
-from renderqueue_pipeline.ledger.report import dollars
+from renderqueue_pipeline.money import dollars
+from renderqueue_pipeline.months import month_range, parse_month
 from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.spend import (
     apply_billed,
+    check_billing,
     compare_usage_by_tag,
     load_billing_events,
-    month_range,
-    reconcile_range,
     summarize,
     sync_prices,
 )
@@ -56,11 +56,11 @@ def spend() -> None:
     help="Also compare our per-user and per-batch totals with fal's usage by tag "
     "(rq_user, rq_batch; needs usage by tag enabled for the account).",
 )
-def reconcile(month: str, load: bool, apply: bool, top: int, by_tag: bool) -> None:
+def check_bill(month: str, load: bool, apply: bool, top: int, by_tag: bool) -> None:
     """Load fal's billing events for MONTH, classify every request, print the summary."""
 
     settings = get_settings()
-    start, end = month_range(month)
+    start, end = month_range(parse_month(month))
     now = dt.datetime.now(dt.UTC)
     url = database_url()
     migrate(url)
@@ -80,7 +80,7 @@ def reconcile(month: str, load: bool, apply: bool, top: int, by_tag: bool) -> No
                 f"loaded {loaded.events:,} billing events ({loaded.requests:,} requests, "
                 f"{dollars(loaded.micros)}) in {loaded.pages} pages"
             )
-        reconcile_range(
+        check_billing(
             conn, start, end, grace=dt.timedelta(hours=settings.billing_grace_hours), now=now
         )
         if apply:

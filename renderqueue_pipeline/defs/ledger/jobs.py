@@ -5,7 +5,8 @@ from dagster import MetadataValue, OpExecutionContext, job, op
 from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.shared import domain_tags
-from renderqueue_pipeline.ledger.report import dollars, ledger_status
+from renderqueue_pipeline.ledger.report import ledger_status
+from renderqueue_pipeline.money import dollars
 
 
 @op

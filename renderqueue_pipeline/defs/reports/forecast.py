@@ -16,8 +16,8 @@ from renderqueue_pipeline.defs.freshness.policies import current_month_policy
 from renderqueue_pipeline.defs.ledger.assets import generations
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.shared import domain_tags
+from renderqueue_pipeline.money import dollars, micros_to_usd
 from renderqueue_pipeline.reports.forecast import Forecast, forecast_month, markdown
-from renderqueue_pipeline.reports.summary import dollars, micros_to_usd
 
 GROUP = "forecast"
 CHECK = "forecast_within_budget"

@@ -2,12 +2,11 @@
 
 import dagster as dg
 
-from renderqueue_pipeline.defs.shared import domain_tags, monthly_partitions
+from renderqueue_pipeline.defs.shared import domain_tags
 
 spend_report = dg.define_asset_job(
     "spend_report",
     selection=dg.AssetSelection.groups("reports"),
-    partitions_def=monthly_partitions,
     description="Refresh (or finalize) one month of spend reports, check them, write the files.",
     tags=domain_tags("reports"),
 )

@@ -6,10 +6,11 @@ from typing import Any
 
 import dagster as dg
 
+from renderqueue_pipeline.money import dollars, micros_to_usd
 from renderqueue_pipeline.reports.figures import REPORT_KEYS, STATUS_COUNTS
 from renderqueue_pipeline.reports.spend import MonthReport
 from renderqueue_pipeline.reports.storage import WrittenFile
-from renderqueue_pipeline.reports.summary import dollars, micros_to_usd, top_table
+from renderqueue_pipeline.reports.summary import top_table
 
 # the monthly tables' top-10 is by their key (spend_daily shows the users' and endpoints')
 _KEYS = {t: key[0] for t, key in REPORT_KEYS.items() if t != "spend_daily"}

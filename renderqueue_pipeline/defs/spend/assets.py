@@ -12,14 +12,14 @@ from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.shared import FAL_API_POOL, daily_partitions, monthly_partitions
 from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
 from renderqueue_pipeline.fal_platform import FalPlatformAuthError, FalPlatformError
-from renderqueue_pipeline.ledger.report import dollars
+from renderqueue_pipeline.money import dollars
+from renderqueue_pipeline.months import month_range, parse_month
 from renderqueue_pipeline.spend import (
     apply_billed,
+    check_billing,
     compare_usage_by_tag,
     day_range,
     load_billing_events,
-    month_range,
-    reconcile_range,
     summarize,
     sync_prices,
 )
@@ -109,7 +109,7 @@ def billing_reconciliation(
     if grace is None:
         grace = billing_check.grace_hours
     with ledger.connect() as conn:
-        result = reconcile_range(conn, start, end, grace=dt.timedelta(hours=grace))
+        result = check_billing(conn, start, end, grace=dt.timedelta(hours=grace))
         applied = apply_billed(conn, start, end) if config.apply_billed else 0
     return dg.MaterializeResult(
         metadata={
@@ -147,7 +147,7 @@ def billing_reconciliation_monthly(
 ) -> dg.MaterializeResult:
     """The month: our computed total, fal's billed total, the difference, the top findings,
     and our per-user and per-batch totals beside fal's usage by tag (rq_user, rq_batch)."""
-    start, end = month_range(context.partition_key)
+    start, end = month_range(parse_month(context.partition_key))
     threshold = (
         config.threshold_percent
         if config.threshold_percent is not None

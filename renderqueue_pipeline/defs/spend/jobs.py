@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from renderqueue_pipeline.defs.shared import daily_partitions, domain_tags, monthly_partitions
+from renderqueue_pipeline.defs.shared import domain_tags
 from renderqueue_pipeline.defs.spend.assets import (
     billing_reconciliation,
     billing_reconciliation_monthly,
@@ -22,7 +22,6 @@ refresh_fal_prices = dg.define_asset_job(
 reconcile_billing = dg.define_asset_job(
     "reconcile_billing",
     selection=[fal_billing_events, billing_reconciliation],
-    partitions_def=daily_partitions,
     description="Load one UTC day of fal's billing events and classify every request of it.",
     tags=domain_tags("spend"),
 )
@@ -30,7 +29,6 @@ reconcile_billing = dg.define_asset_job(
 summarize_billing_month = dg.define_asset_job(
     "summarize_billing_month",
     selection=[billing_reconciliation_monthly],
-    partitions_def=monthly_partitions,
     description="The month's totals (ours, fal's, difference) and its checks.",
     tags=domain_tags("spend"),
 )

@@ -1,6 +1,5 @@
 """Reconciling the ledger with fal's bill, against the simulator's Platform API."""
 
-# ruff: noqa: F401, F811  (pytest fixtures imported from spend_helpers)
 from __future__ import annotations
 
 import datetime as dt
@@ -8,7 +7,7 @@ from decimal import Decimal
 
 import psycopg
 import pytest
-from spend_helpers import fal_billing, platform_server, settle, submit, window
+from spend_helpers import settle, submit, window
 
 from renderqueue_pipeline.defs.reports.metadata import table_metadata
 from renderqueue_pipeline.fal_gateway import FalSubmitOutcomeUnknown
@@ -17,8 +16,8 @@ from renderqueue_pipeline.reports.checks import report_matches_ledger
 from renderqueue_pipeline.reports.spend import refresh_month
 from renderqueue_pipeline.spend import (
     apply_billed,
+    check_billing,
     load_billing_events,
-    reconcile_range,
     summarize,
 )
 
@@ -50,7 +49,7 @@ def reconcile(conn: psycopg.Connection, fal_billing, **options) -> object:
     start, end = window()
     with fal_billing.platform() as platform:
         load_billing_events(conn, platform, start, end)
-    result = reconcile_range(conn, start, end, **options)
+    result = check_billing(conn, start, end, **options)
     return result
 
 

@@ -1,4 +1,7 @@
-"""Reconciling the ledger with fal's bill, request by request.
+"""The billing check: the ledger against fal's bill, request by request.
+
+("Reconcile" alone is the ledger reconciler, `renderqueue_pipeline/reconcile/`; the tables
+and the Dagster assets keep their `billing_reconciliation` names.)
 
 Outcomes (per request of a day; a day is the generation's UTC creation day, or fal's
 billing day for a request the ledger does not know):
@@ -72,7 +75,7 @@ class OutcomeTotal:
 
 
 @dataclass
-class Reconciliation:
+class BillingCheck:
     """Totals of a range by outcome, and what they add up to."""
 
     start_day: dt.date
@@ -135,14 +138,14 @@ def _days(start: dt.datetime, end: dt.datetime) -> dict[str, dt.date]:
     }
 
 
-def reconcile_range(
+def check_billing(
     conn: psycopg.Connection,
     start: dt.datetime,
     end: dt.datetime,
     *,
     grace: dt.timedelta = dt.timedelta(hours=48),
     now: dt.datetime | None = None,
-) -> Reconciliation:
+) -> BillingCheck:
     """Classify every request of [start, end) (UTC day boundaries) in one transaction,
     replacing that range's results; idempotent. One read-only query classifies; the few
     findings and the day totals are written back with COPY."""
@@ -190,10 +193,10 @@ def apply_billed(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime)
 
 def summarize(
     conn: psycopg.Connection, start: dt.datetime, end: dt.datetime, *, largest: int = 10
-) -> Reconciliation:
+) -> BillingCheck:
     """The stored results of a range: totals by outcome and the largest differences."""
     days = _days(start, end)
-    result = Reconciliation(days["start_day"], days["end_day"])
+    result = BillingCheck(days["start_day"], days["end_day"])
     with conn.transaction():
         for row in conn.execute(q("spend_outcomes"), days).fetchall():
             result.outcomes[row["outcome"]] = OutcomeTotal(
