@@ -37,7 +37,7 @@ from renderqueue_pipeline.archive import ArchiveOptions, ArchiveStorage, archive
 from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
 from renderqueue_pipeline.archive.storage import UPLOAD_BLOCK_BYTES
 from renderqueue_pipeline.db.connect import connect
-from renderqueue_pipeline.simulator.server import free_port
+from renderqueue_pipeline.serving import free_port
 
 OUTPUTS = scaled(50, 4)  # at least CONCURRENCY: every worker has an output
 TARGET_BYTES = 20_000_000

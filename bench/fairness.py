@@ -36,11 +36,11 @@ from bench.common import Figure, note, scaled, scratch_ledger
 from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 from renderqueue_pipeline.batch.single import submit_prompt
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.serving import bind_socket, serve_in_thread
 from renderqueue_pipeline.settings import Settings, get_settings
-from renderqueue_pipeline.simulator.server import bind_socket, client_env
+from renderqueue_pipeline.simulator.server import client_env
 from renderqueue_pipeline.simulator.testing import running_simulator, wait_until
 from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
-from renderqueue_pipeline.webhook.background import serve_in_thread
 from renderqueue_pipeline.webhook.limits import server_options
 
 CAP = 10

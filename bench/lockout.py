@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.common import scratch_ledger
 from bench.webhook import serving
-from renderqueue_pipeline.simulator.server import free_port
+from renderqueue_pipeline.serving import free_port
 from renderqueue_pipeline.webhook.testing import JwksServer, SlowSenders, fal_body, signed_headers
 
 

@@ -37,7 +37,8 @@ from rich.console import Console
 from bench.common import BENCH_HOME, REPEATS, Figure, note, scaled, scratch_ledger
 from bench.memory import peak_rss_mb
 from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
-from renderqueue_pipeline.simulator.server import client_env, free_port
+from renderqueue_pipeline.serving import free_port
+from renderqueue_pipeline.simulator.server import client_env
 from renderqueue_pipeline.simulator.testing import SimControl
 
 ENDPOINT = "bytedance/seedance-2.0/text-to-video"

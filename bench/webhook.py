@@ -56,7 +56,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 
 from bench.common import BENCH_HOME, Figure, note, scaled, scratch_ledger
-from renderqueue_pipeline.simulator.server import free_port
+from renderqueue_pipeline.serving import free_port
 from renderqueue_pipeline.webhook.testing import JwksServer, fal_body, signed_headers
 
 DELIVERIES = scaled(20_000, 1_000)

@@ -39,13 +39,13 @@ from renderqueue_pipeline.demo_data import drop_sample_prompts, prepare_demo_led
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.ledger import ledger_now
 from renderqueue_pipeline.money import dollars
+from renderqueue_pipeline.serving import serve_in_thread
 from renderqueue_pipeline.settings import get_settings, redact_url
 from renderqueue_pipeline.simulator import platform
 from renderqueue_pipeline.simulator.config import SimConfig
 from renderqueue_pipeline.simulator.server import SimulatorServer
 from renderqueue_pipeline.simulator.testing import SimControl
 from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
-from renderqueue_pipeline.webhook.background import serve_in_thread
 from renderqueue_pipeline.webhook.limits import server_options
 
 TERMINAL = ("completed", "failed", "canceled")

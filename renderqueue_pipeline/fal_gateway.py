@@ -49,7 +49,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 from urllib.parse import quote, unquote
 
 import httpx
@@ -64,9 +64,6 @@ from tenacity import (
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.fal_defaults import FAL_OBJECT_LIFETIME, FAL_REST_URL
 from renderqueue_pipeline.settings import get_settings
-
-if TYPE_CHECKING:
-    import fal_client
 
 log = logging.getLogger("renderqueue.fal")
 
@@ -87,21 +84,75 @@ _TAG_KEY = re.compile(r"[A-Za-z0-9_.:-]+")
 _UNSET: Any = object()
 
 
-def pooled_fal_client(
-    key: str | None, *, timeout: float, connections: int
-) -> fal_client.AsyncClient:
+class FalHandle(Protocol):
+    """What the gateway reads from a submit's answer (fal-client's `AsyncRequestHandle`)."""
+
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def response_url(self) -> str: ...
+    @property
+    def status_url(self) -> str: ...
+    @property
+    def cancel_url(self) -> str: ...
+
+
+@runtime_checkable
+class FalQueueClient(Protocol):
+    """What the gateway needs from fal's client: the seam between renderqueue and fal-client.
+
+    `pooled_fal_client` builds the one implementation (fal-client's `AsyncClient` plus two
+    methods of ours); failures are fal-client's `FalClientHTTPError` (an HTTP answer) or an
+    httpx error (transport), which `FalGateway` maps to its own errors.
+    """
+
+    async def submit(
+        self,
+        application: str,
+        arguments: dict[str, Any],
+        *,
+        hint: str | None = None,
+        webhook_url: str | None = None,
+        priority: Literal["normal", "low"] | None = None,
+        headers: dict[str, str] = ...,
+        start_timeout: float | None = None,
+    ) -> FalHandle: ...
+
+    async def status(
+        self, application: str, request_id: str, *, with_logs: bool = False
+    ) -> object: ...
+
+    async def result(self, application: str, request_id: str) -> dict[str, Any]: ...
+
+    async def cancel(self, application: str, request_id: str) -> None: ...
+
+    async def result_once(self, application: str, request_id: str) -> dict[str, Any]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def pooled_fal_client(key: str | None, *, timeout: float, connections: int) -> FalQueueClient:
     """fal-client's AsyncClient, keeping one live connection for each request in flight.
 
     fal-client builds its httpx client with httpx's default pool, which keeps at most 20
     idle connections: at a fan-out of 32 or 64, every request past the 20th closes its
-    connection afterwards and the next one pays a new TCP and TLS handshake. This is the
-    one place that reaches into fal-client's internals (its cached `_client` property and
-    `AsyncBackupDomainTransport`, fal-client 1.0.x); `test_fal_gateway` pins what we rely
-    on: a second burst of submits reuses the first burst's connections.
+    connection afterwards and the next one pays a new TCP and TLS handshake.
+
+    This is the one place that reaches into fal-client's internals (fal-client 1.0.x): its
+    cached `_client` property, `AsyncBackupDomainTransport` and `USER_AGENT` (the pool),
+    and `_async_maybe_retry_request` / `_raise_for_status` (`result_once`).
+    `test_fal_gateway` pins what we rely on: a second burst of submits reuses the first
+    burst's connections; `result_once` makes one GET, rides out the edge's 429/503 inside
+    fal-client, and raises fal-client's HTTP error for a failed request.
     """
     # fal_client reads FAL_QUEUE_RUN_HOST when imported
     import fal_client as _fal_client  # noqa: PLC0415
-    from fal_client.client import USER_AGENT, AsyncBackupDomainTransport  # noqa: PLC0415
+    from fal_client.client import (  # noqa: PLC0415
+        USER_AGENT,
+        AsyncBackupDomainTransport,
+        _async_maybe_retry_request,
+        _raise_for_status,
+    )
 
     limits = httpx.Limits(
         max_connections=None,  # the gateway's semaphore bounds what is in flight
@@ -119,6 +170,23 @@ def pooled_fal_client(
                 headers={"Authorization": auth.header_value, "User-Agent": USER_AGENT},
                 timeout=self.default_timeout,
             )
+
+        async def result_once(self, application: str, request_id: str) -> dict[str, Any]:
+            """The result with one GET and no status polls (`result()` polls first), with
+            fal-client's own retries (408/409/429, the edge's 502/503/504, transport) and
+            its own error type."""
+            handle = await self.get_handle(application, request_id)
+            response = await _async_maybe_retry_request(
+                handle.client, "GET", handle.response_url, timeout=self.default_timeout
+            )
+            _raise_for_status(response)
+            return response.json()
+
+        async def aclose(self) -> None:
+            """Close the HTTP connection pool (only if it was ever opened)."""
+            if "_client" in self.__dict__:
+                http = await self._client
+                await http.aclose()
 
     return PooledAsyncClient(key=key, default_timeout=timeout)
 
@@ -400,7 +468,7 @@ class FalGateway:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         self._fal = _fal_client
-        self._client: fal_client.AsyncClient = pooled_fal_client(
+        self._client: FalQueueClient = pooled_fal_client(
             key, timeout=timeout, connections=max_concurrency
         )
         self._semaphore = asyncio.Semaphore(max_concurrency)
@@ -448,9 +516,7 @@ class FalGateway:
 
     async def aclose(self) -> None:
         """Close fal-client's HTTP connection pool (only if it was ever opened)."""
-        if "_client" in self._client.__dict__:
-            http = await self._client._client
-            await http.aclose()
+        await self._client.aclose()
 
     # ----- plumbing ------------------------------------------------------------------------
 
@@ -668,19 +734,8 @@ class FalGateway:
         has just read the status, so it fetches with this. Raises FalRejected (the 422 body
         of a failed request), FalNotFound (expired or unknown), FalRequestError otherwise.
         """
-        # fal_client reads FAL_QUEUE_RUN_HOST when imported
-        from fal_client.client import _async_maybe_retry_request, _raise_for_status  # noqa: PLC0415
-
-        async def get() -> Any:
-            handle = await self._client.get_handle(endpoint, request_id)
-            response = await _async_maybe_retry_request(
-                handle.client, "GET", handle.response_url, timeout=self._client.default_timeout
-            )
-            _raise_for_status(response)  # fal-client's own error type, as result() raises
-            return response.json()
-
         try:
-            return await self._idempotent(get)
+            return await self._idempotent(lambda: self._client.result_once(endpoint, request_id))
         except Exception as exc:
             raise self._map(exc, endpoint, request_id, "result") from exc
 

@@ -7,7 +7,7 @@ terminal, Dagster metadata, alerts and reports. Exact throughout (integer arithm
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 
 MICROS_PER_USD = 1_000_000
 _MICRO = Decimal("0.000001")
@@ -40,6 +40,12 @@ def usd(micros: int | None) -> str:
 def usd_decimal(micros: int | None) -> Decimal | None:
     """Dollars as a Decimal with six places (FOCUS exports); None stays None."""
     return None if micros is None else (Decimal(micros) * _MICRO).quantize(_MICRO)
+
+
+def cents(micros: int) -> int:
+    """Micro-dollars to whole cents, half up: the rule of sql/functions' rq_micros_to_cents,
+    written again here so the report checks recompute the tables' cents independently."""
+    return int((Decimal(int(micros)) / 10_000).quantize(Decimal(1), ROUND_HALF_UP))
 
 
 def micros_to_usd(micros: int) -> float:

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import pytest
 
+from renderqueue_pipeline.serving import bind_socket
 from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.config import SimConfig
-from renderqueue_pipeline.simulator.server import bind_socket, client_env
+from renderqueue_pipeline.simulator.server import client_env
 from renderqueue_pipeline.simulator.testing import (
     FAST_TEST_OPTIONS,
     RunningSimulator,

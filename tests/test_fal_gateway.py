@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+import fal_client.client as fal_internals
 import psutil
 import pytest
 
@@ -17,12 +19,14 @@ from renderqueue_pipeline.fal_gateway import (
     FalGateway,
     FalNotFound,
     FalNotReady,
+    FalQueueClient,
     FalRejected,
     FalRequestTimedOut,
     FalSubmitOutcomeUnknown,
     FalUnavailable,
     Status,
     SubmitResult,
+    pooled_fal_client,
 )
 from renderqueue_pipeline.settings import ConfigError, load_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator, WebhookSink, wait_until
@@ -414,3 +418,76 @@ def test_settings_configure_lifetime_timeouts_and_admin_key(
     monkeypatch.setenv("RENDERQUEUE_FAL_START_TIMEOUTS", f"{ENDPOINT}=0.5")
     with pytest.raises(ConfigError, match="RENDERQUEUE_FAL_START_TIMEOUTS"):
         load_settings()
+
+
+# ----- the seam: what the gateway relies on from fal-client ---------------------------------------
+
+
+def test_the_fal_client_the_gateway_builds_has_every_method_of_the_seam() -> None:
+    client = pooled_fal_client(None, timeout=5.0, connections=4)
+    assert isinstance(client, FalQueueClient)
+
+
+def test_fal_clients_private_helpers_keep_the_shape_result_once_calls() -> None:
+    """`result_once` calls `_async_maybe_retry_request(client, method, url, timeout=...)` and
+    `_raise_for_status(response)`; a fal-client release that renames or reshapes them fails
+    here first, not in the reconciler."""
+
+    retry = inspect.signature(fal_internals._async_maybe_retry_request).parameters
+    assert list(retry)[:3] == ["client", "method", "url"]
+    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in retry.values())  # timeout=
+    assert list(inspect.signature(fal_internals._raise_for_status).parameters) == ["response"]
+
+
+def test_fetch_result_reads_a_finished_output_with_one_get(fal_sim: RunningSimulator) -> None:
+    async def main() -> tuple[dict, dict, int]:
+        async with gateway() as fal:
+            submitted = await fal.submit(ENDPOINT, INPUTS)
+            await until_done(fal, submitted.request_id)
+            before = fal_sim.control.health()["api_calls"]
+            fetched = await fal.fetch_result(ENDPOINT, submitted.request_id)
+            calls = fal_sim.control.health()["api_calls"] - before
+            return fetched, await fal.result(ENDPOINT, submitted.request_id), calls
+
+    fetched, polled, calls = run(main())
+    assert fetched == polled
+    assert fetched["video"]["url"]
+    assert calls == 1  # no status poll before the GET
+
+
+def test_fetch_result_rides_out_the_edges_429_and_503_inside_fal_client(
+    fal_sim: RunningSimulator,
+) -> None:
+    async def main() -> list[dict]:
+        async with gateway(retry_attempts=1) as fal:  # no retry of ours: only fal-client's
+            submitted = await fal.submit(ENDPOINT, INPUTS)
+            await until_done(fal, submitted.request_id)
+            fal_sim.control.set_faults(api_429_rate=0.3, api_503_rate=0.3)  # draws replay
+            return [await fal.fetch_result(ENDPOINT, submitted.request_id) for _ in range(3)]
+
+    outputs = run(main())
+    assert all(output["video"]["url"] for output in outputs)
+    faults = fal_sim.control.health()["api_faults"]
+    assert faults["429"] + faults["503"] > 0
+
+
+def test_fetch_result_of_a_failed_or_unknown_request_raises_our_errors(
+    fal_sim: RunningSimulator,
+) -> None:
+    fal_sim.control.set_faults(failure_rate=1.0)
+
+    async def main() -> tuple[FalRejected, FalNotFound]:
+        async with gateway() as fal:
+            submitted = await fal.submit(ENDPOINT, INPUTS)
+            await until_done(fal, submitted.request_id)
+            with pytest.raises(FalRejected) as rejected:
+                await fal.fetch_result(ENDPOINT, submitted.request_id)
+            with pytest.raises(FalNotFound) as missing:
+                await fal.fetch_result(ENDPOINT, "no-such-request")
+            return rejected.value, missing.value
+
+    rejected, missing = run(main())
+    assert rejected.status_code == 422
+    assert rejected.detail
+    assert "no-such-request" in str(missing)
+    assert ENDPOINT in str(missing)

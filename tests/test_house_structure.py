@@ -149,6 +149,7 @@ def _definitions(root: Path) -> dict[str, list[str]]:
         ("usd", "renderqueue_pipeline.money"),
         ("usd_decimal", "renderqueue_pipeline.money"),
         ("micros_to_usd", "renderqueue_pipeline.money"),
+        ("cents", "renderqueue_pipeline.money"),
         ("parse_month", "renderqueue_pipeline.months"),
         ("month_range", "renderqueue_pipeline.months"),
         ("month_problem", "renderqueue_pipeline.months"),

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from renderqueue_pipeline.simulator.server import free_port
+from renderqueue_pipeline.serving import free_port
 from renderqueue_pipeline.simulator.testing import running_simulator, wait_until
 
 pytestmark = pytest.mark.timeout(60)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from renderqueue_pipeline.webhook.background import serve_in_thread
+from renderqueue_pipeline.serving import serve_in_thread
 from renderqueue_pipeline.webhook.limits import server_options
 from renderqueue_pipeline.webhook.testing import JwksServer, fal_body, jwk, signed_headers
 

@@ -21,6 +21,7 @@ import psycopg
 from psycopg import IsolationLevel
 
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.money import cents
 from renderqueue_pipeline.reports.figures import BILLED, COMPARED, COMPLETED_SUMS
 from renderqueue_pipeline.reports.months import month_range
 
@@ -69,11 +70,6 @@ def snapshot(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
             yield conn
     finally:
         conn.isolation_level = previous
-
-
-def cents(micros: int) -> int:
-    """Micro-dollars to cents, half up: the same rule as rq_micros_to_cents."""
-    return int((Decimal(int(micros)) / 10_000).quantize(Decimal(1), ROUND_HALF_UP))
 
 
 def per_second(micros: int, seconds: Decimal) -> Decimal | None:

@@ -11,9 +11,9 @@ from datetime import date
 import psycopg
 
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.money import cents
 from renderqueue_pipeline.reports.checks import (
     add_billed_totals,
-    cents,
     fold_facts,
     ledger_facts,
     per_second,

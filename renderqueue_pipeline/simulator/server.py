@@ -1,22 +1,19 @@
 """Running the simulator: TLS material, the client environment, and a uvicorn server.
 
 `SimulatorServer` runs in the foreground (the CLI) or in a background thread
-(tests), on a socket bound before start so the port is known up front.
+(tests), on a socket bound before start so the port is known up front
+(`renderqueue_pipeline.serving.ServerThread` does the serving).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
-import threading
-import time
 from pathlib import Path
-from typing import Any
 
 import certifi
-import uvicorn
 
+from renderqueue_pipeline.serving import ServerThread, client_host
 from renderqueue_pipeline.simulator.app import build_app
 from renderqueue_pipeline.simulator.config import SimConfig
 from renderqueue_pipeline.simulator.keys import ApiKeys, ensure_tls_cert
@@ -43,11 +40,6 @@ def ensure_ca_bundle(home: Path) -> tuple[Path, Path, Path]:
         tmp.write_bytes(wanted)
         os.replace(tmp, bundle)
     return cert, key, bundle
-
-
-def client_host(host: str) -> str:
-    """The host a client should dial (a wildcard bind is reached on loopback)."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # noqa: S104 - reads, not binds
 
 
 def api_keys(home: Path) -> ApiKeys:
@@ -87,26 +79,6 @@ def export_lines(env: dict[str, str]) -> str:
     return "".join(f"export {k}='{v}'\n" for k, v in env.items())
 
 
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Bind (not yet listen) so the real port is known before the server starts."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    # accepted connections inherit it: without it every response waited ~40 ms for a
-    # delayed ACK (Nagle), far more than fal's own latency knobs
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
-    sock.set_inheritable(True)
-    return sock
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (for choosing one before anything starts)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 class SimulatorServer:
     """One simulator instance on one bound socket; start in a thread or run in the foreground."""
 
@@ -125,26 +97,26 @@ class SimulatorServer:
         self.host = host
         self.config = config or SimConfig()
         self.cert, self.key, self.bundle = ensure_ca_bundle(self.home)
-        self.sock = sock if sock is not None else bind_socket(host, port)
-        self.port: int = self.sock.getsockname()[1]
         self.app = build_app(self.home, self.config)
-        self._uvicorn = uvicorn.Server(
-            uvicorn.Config(
-                self.app,
-                ssl_certfile=str(self.cert),
-                ssl_keyfile=str(self.key),
-                log_level=log_level,
-                access_log=log_level in ("debug", "trace"),
-                loop="asyncio",
-                lifespan="on",
-                timeout_graceful_shutdown=graceful_shutdown,
-            )
+        self._server = ServerThread(
+            self.app,
+            host=host,
+            port=port,
+            sock=sock,
+            name="fal-simulator",
+            ssl_certfile=str(self.cert),
+            ssl_keyfile=str(self.key),
+            log_level=log_level,
+            loop="asyncio",
+            lifespan="on",
+            timeout_graceful_shutdown=graceful_shutdown,
         )
-        self._thread: threading.Thread | None = None
+        self.sock = self._server.sock
+        self.port: int = self._server.port
 
     @property
     def base_url(self) -> str:
-        return f"https://{client_host(self.host)}:{self.port}"
+        return self._server.url
 
     def env(self) -> dict[str, str]:
         return client_env(
@@ -153,42 +125,19 @@ class SimulatorServer:
 
     def run(self) -> None:
         """Serve in the foreground until SIGINT/SIGTERM."""
-        try:
-            self._uvicorn.run(sockets=[self.sock])
-        finally:
-            self.sock.close()
+        self._server.run()
 
     def start(self, timeout: float = 15.0) -> SimulatorServer:
         """Serve in a daemon thread; return once the server accepts connections."""
-        if self._thread is not None:
-            raise RuntimeError("this SimulatorServer was already started; make a new one")
-        self._thread = threading.Thread(
-            target=self.run, name=f"fal-simulator:{self.port}", daemon=True
-        )
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._uvicorn.started:
-            if not self._thread.is_alive():
-                raise RuntimeError(f"fal simulator on port {self.port} failed to start")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"fal simulator on port {self.port} did not start in time")
-            time.sleep(0.01)
+        self._server.start(timeout)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving, cancel pending webhook tasks and join the thread."""
-        self._uvicorn.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                self._uvicorn.force_exit = True
-                self._thread.join(timeout)
-        with contextlib.suppress(OSError):
-            self.sock.close()
+        self._server.stop(timeout)
 
     def __enter__(self) -> SimulatorServer:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

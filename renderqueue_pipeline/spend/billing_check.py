@@ -153,7 +153,7 @@ def check_billing(
     days = _days(start, end)
     params = {"start": start, "end": end, "now": now, "grace": grace}
     with conn.transaction():
-        conn.execute(q("spend_reconcile_work_mem"))
+        conn.execute(q("billing_check_work_mem"))
         conn.execute(q("spend_delete_reconciliation_range"), days)
         totals: dict[tuple[dt.date, str], list[int]] = {}
         with conn.cursor() as cursor:

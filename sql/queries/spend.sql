@@ -32,7 +32,7 @@ where day >= %(start_day)s and day < %(end_day)s;
 
 -- The reconciliation hashes a range's billing events: room to keep that in memory, for
 -- its own transaction only.
--- name: spend_reconcile_work_mem
+-- name: billing_check_work_mem
 set local work_mem = '64MB';
 
 -- Classify every request of [start, end): the generations created in the range, each
