@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo demo-headless prod-local test test-fast invariants lint bench bench-quick chaos clean stop
+.PHONY: install demo demo-headless prod-local test test-fast invariants lint typecheck bench bench-quick chaos clean stop
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,12 @@ lint: install
 	$(BIN)/ruff check renderqueue_pipeline tests bench
 	$(BIN)/ruff format --check renderqueue_pipeline tests bench
 
-test: install lint
+# pyright (basic mode, [tool.pyright] in pyproject.toml) over renderqueue_pipeline, against
+# the venv's packages; pyright[nodejs] brings its own node, nothing is fetched from npm
+typecheck: install
+	$(BIN)/pyright --pythonpath $(BIN)/python
+
+test: install lint typecheck
 	$(BIN)/dg check defs
 	$(BIN)/pytest -q
 

@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.server import embedded_url, stop_embedded
 from renderqueue_pipeline.dev import _bin as find
@@ -473,14 +474,18 @@ def _drive(
         truth = control.ground_truth()
         if any(t["status"] not in ("completed", "failed", "canceled") for t in truth):
             return False
-        with psycopg.connect(url, row_factory=dict_row) as conn:
-            open_rows = conn.execute(
-                "select count(*) as n from generations "
-                "where status in ('submitted', 'in_progress') or status is null"
-            ).fetchone()["n"]
-            open_items = conn.execute(
-                "select count(*) as n from batch_items where state in ('pending', 'unknown')"
-            ).fetchone()["n"]
+        with LedgerConnection.connect(url, row_factory=dict_row) as conn:
+            open_rows = one_row(
+                conn.execute(
+                    "select count(*) as n from generations "
+                    "where status in ('submitted', 'in_progress') or status is null"
+                )
+            )["n"]
+            open_items = one_row(
+                conn.execute(
+                    "select count(*) as n from batch_items where state in ('pending', 'unknown')"
+                )
+            )["n"]
         return open_rows == 0 and open_items == 0
 
     _wait(settled, run.remaining(), "ledger settled", interval=2.0)
@@ -503,12 +508,14 @@ def _drive(
     def archived() -> bool:
         run.cli(env, "archive")
         run.counts["archive_runs"] += 1
-        with psycopg.connect(url, row_factory=dict_row) as conn:
+        with LedgerConnection.connect(url, row_factory=dict_row) as conn:
             return (
-                conn.execute(
-                    "select count(*) as n from generations "
-                    "where status = 'completed' and archive_status = 'pending'"
-                ).fetchone()["n"]
+                one_row(
+                    conn.execute(
+                        "select count(*) as n from generations "
+                        "where status = 'completed' and archive_status = 'pending'"
+                    )
+                )["n"]
                 == 0
             )
 
@@ -624,7 +631,7 @@ def _audit(  # noqa: C901
     stored = {
         o["Key"]: o for o in s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])
     }  # a small run: one page
-    with psycopg.connect(url, row_factory=dict_row) as conn:
+    with LedgerConnection.connect(url, row_factory=dict_row) as conn:
         rows = {
             r["request_id"]: r
             for r in conn.execute(
@@ -680,19 +687,21 @@ def _audit(  # noqa: C901
         ).fetchall()
         if per_item:
             mismatches.append(f"{len(per_item)} items without exactly one request of their own")
-        items = conn.execute("select count(*) as n from batch_items").fetchone()["n"]
+        items = one_row(conn.execute("select count(*) as n from batch_items"))["n"]
         if items != run.config.rows:
             mismatches.append(f"{items} batch items for {run.config.rows} rows")
-        orphans = conn.execute("select count(*) as n from fal_orphan_requests").fetchone()["n"]
+        orphans = one_row(conn.execute("select count(*) as n from fal_orphan_requests"))["n"]
         if orphans:
             mismatches.append(f"{orphans} requests at fal unadopted (fal_orphan_requests)")
-        adopted = conn.execute(
-            "select count(*) as n from generations g join batch_items i "
-            "on i.id = g.batch_item_id where g.duplicate_of is not null"
-        ).fetchone()["n"]
-        waiting = conn.execute(
-            "select count(*) as n from generation_events where applied_at is null"
-        ).fetchone()["n"]
+        adopted = one_row(
+            conn.execute(
+                "select count(*) as n from generations g join batch_items i "
+                "on i.id = g.batch_item_id where g.duplicate_of is not null"
+            )
+        )["n"]
+        waiting = one_row(
+            conn.execute("select count(*) as n from generation_events where applied_at is null")
+        )["n"]
         if waiting:
             mismatches.append(f"{waiting} webhook events never applied")
         conn.commit()

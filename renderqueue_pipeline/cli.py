@@ -31,7 +31,7 @@ from renderqueue_pipeline.webhook.cli import webhook
 class _FriendlyGroup(click.Group):
     """Turns our own expected errors into one line on stderr and exit code 2."""
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context):
 
         install_log_redaction()
         try:

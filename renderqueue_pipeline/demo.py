@@ -27,6 +27,7 @@ from rich.table import Table
 from renderqueue_pipeline.alerts import alerts_for_month, url_label
 from renderqueue_pipeline.alerts.receiver import local_alert_receiver
 from renderqueue_pipeline.dagster_home import ensure_dagster_home
+from renderqueue_pipeline.db import one_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.queries import q
@@ -145,10 +146,12 @@ def _wait_for_webhooks(url: str, request_ids: list[str], timeout: float = 90.0) 
     done = 0
     with connect(url, autocommit=True) as conn:
         while time.monotonic() < deadline:
-            done = conn.execute(
-                q("demo_terminal_count"),
-                {"request_ids": request_ids, "statuses": list(TERMINAL)},
-            ).fetchone()["n"]
+            done = one_row(
+                conn.execute(
+                    q("demo_terminal_count"),
+                    {"request_ids": request_ids, "statuses": list(TERMINAL)},
+                )
+            )["n"]
             if done == len(request_ids):
                 break
             time.sleep(0.3)
@@ -308,7 +311,7 @@ def _tick_budget_alerts(defs: Any, instance: Any, console: Console) -> None:
 def _all_done(url: str, request_ids: list[str], console: Console) -> bool:
     """Without ground truth: every generation ended and every completed one is archived."""
     with connect(url) as conn:
-        left = conn.execute(q("demo_open_and_unarchived"), {"request_ids": request_ids}).fetchone()
+        left = one_row(conn.execute(q("demo_open_and_unarchived"), {"request_ids": request_ids}))
     if left["open"] or left["unarchived"]:
         console.print(f"[red]{left['open']} still open, {left['unarchived']} not archived")
         return False
@@ -394,9 +397,9 @@ def print_summary(  # noqa: C901
         by_status = conn.execute(q("demo_summary_by_status"), requests).fetchall()
         rejected = conn.execute(q("demo_summary_rejected"), {"batch_ids": batch_ids}).fetchall()
         by_user = conn.execute(q("demo_summary_by_user"), requests).fetchall()
-        archived = conn.execute(q("demo_summary_archived"), requests).fetchone()
+        archived = one_row(conn.execute(q("demo_summary_archived"), requests))
         billing = conn.execute(q("demo_summary_cost_basis"), requests).fetchall()
-        lengths = conn.execute(q("demo_summary_lengths"), requests).fetchone()
+        lengths = one_row(conn.execute(q("demo_summary_lengths"), requests))
         today = dt.datetime.now(dt.UTC).date()  # the day the demo ran the billing check for
         month_report = conn.execute(q("report_month"), {"month": today.replace(day=1)}).fetchone()
         alerts = alerts_for_month(conn)

@@ -27,6 +27,7 @@ from rich.markup import escape
 
 from renderqueue_pipeline.alerts import evaluate_budget_alerts
 from renderqueue_pipeline.dagster_home import ensure_dagster_home
+from renderqueue_pipeline.db import one_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.queries import q
@@ -405,9 +406,11 @@ def run_dev(
                 with connect(url) as conn:
                     deadline = time.monotonic() + 180  # the archive sensor ticks every minute
                     while not stop and time.monotonic() < deadline:
-                        left = conn.execute(
-                            q("demo_open_and_unarchived"), {"request_ids": request_ids}
-                        ).fetchone()["unarchived"]
+                        left = one_row(
+                            conn.execute(
+                                q("demo_open_and_unarchived"), {"request_ids": request_ids}
+                            )
+                        )["unarchived"]
                         conn.rollback()
                         if left == 0:
                             break

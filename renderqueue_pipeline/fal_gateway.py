@@ -49,7 +49,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, Self, TypeVar, runtime_checkable
 from urllib.parse import quote, unquote
 
 import httpx
@@ -344,14 +344,14 @@ def decode_tags(tags: Any) -> dict[str, str]:
     if isinstance(tags, Mapping):
         items = [(str(k), str(v)) for k, v in tags.items()]
     elif isinstance(tags, str):
-        items = [tuple(p.split("=", 1)) for p in tags.split(",") if "=" in p]  # type: ignore[misc]
+        items = [tuple(p.split("=", 1)) for p in tags.split(",") if "=" in p]
     elif isinstance(tags, list):
         items = []
         for entry in tags:
             if isinstance(entry, Mapping) and "key" in entry:
                 items.append((str(entry["key"]), str(entry.get("value", ""))))
             elif isinstance(entry, str) and "=" in entry:
-                items.append(tuple(entry.split("=", 1)))  # type: ignore[arg-type]
+                items.append(tuple(entry.split("=", 1)))
     else:
         items = []
     return {key.strip(): unquote(value.strip()) for key, value in items}
@@ -791,3 +791,37 @@ def _body_status(exc: BaseException) -> str | None:
     except ValueError:
         return None
     return body.get("status") if isinstance(body, dict) else None
+
+
+# ----- what callers need from a gateway ----------------------------------------------------------
+
+
+class FalSubmitter(Protocol):
+    """What a batch run and a single submit need from a gateway: `FalGateway`, or a test's
+    stand-in for a fault that cannot be caused for real."""
+
+    async def submit(
+        self,
+        endpoint: str,
+        inputs: dict[str, Any],
+        *,
+        webhook_url: str | None = None,
+        hint: str | None = None,
+        priority: Literal["normal", "low"] | None = None,
+        identity: RequestIdentity | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> SubmitResult: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc: Any) -> None: ...
+
+
+class FalCanceller(Protocol):
+    """What cancelling a batch needs from a gateway (`FalGateway`)."""
+
+    async def cancel(self, endpoint: str, request_id: str) -> CancelOutcome: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc: Any) -> None: ...

@@ -170,7 +170,8 @@ class FalPlatform:
 
     def _get_once(self, path: str, params: list[tuple[str, str]]) -> Any:
         self.requests_made += 1
-        response = self._http.get(path, params=params)
+        # a tuple: httpx types a list of pairs invariantly (str values are its PrimitiveData)
+        response = self._http.get(path, params=tuple(params))
         if response.status_code in RETRY_STATUS:
             raise _Retryable(f"HTTP {response.status_code}: {_detail(response)}")
         if response.status_code in (401, 403):

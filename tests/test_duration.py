@@ -93,7 +93,9 @@ def sql_reads(conn: psycopg.Connection, value: Any) -> Any:
     return default_seconds(conn) if parsed["seconds"] is None else parsed["seconds"]
 
 
-@pytest.mark.parametrize(("value", "expected"), TABLE, ids=[repr(v) for v, _ in TABLE])
+@pytest.mark.parametrize(
+    ("value", "expected"), TABLE, ids=["missing" if v is MISSING else repr(v) for v, _ in TABLE]
+)
 def test_python_and_sql_read_a_duration_the_same_way(
     conn: psycopg.Connection, value: Any, expected: Any
 ) -> None:

@@ -24,14 +24,13 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
-import psycopg
-
 from renderqueue_pipeline.alerts.webhook import DeliveryError, post_with_retries, redact
 from renderqueue_pipeline.batch.budget import (
     MonthFigures,
     default_limit_micros,
     month_figures,
 )
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.money import usd
 from renderqueue_pipeline.settings import get_settings
@@ -152,13 +151,13 @@ def _retry_after_s(total_attempts: int, per_round: int) -> int:
 
 
 def record_crossings(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     default_percents: tuple[int, ...],
     default_limit: int | None,
 ) -> AlertRun:
     """Step 1: insert one alert row per newly crossed threshold, per user, one transaction."""
     with conn.transaction():
-        month = conn.execute(q("alert_clock")).fetchone()["month"]
+        month = one_row(conn.execute(q("alert_clock")))["month"]
         run = AlertRun(month=month)
         users = [r["user_id"] for r in conn.execute(q("budget_users_for_month"), {"month": month})]
         for user_id in users:
@@ -189,7 +188,7 @@ def record_crossings(
 
 
 def deliver_due(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     url: str,
     *,
     attempts_per_round: int = 3,
@@ -218,15 +217,17 @@ def deliver_due(
             except DeliveryError as exc:
                 error = redact(str(exc), url)[:ERROR_MAX_CHARS]
                 total = row["attempts"] + exc.attempts
-                failed = conn.execute(
-                    q("mark_budget_alert_failed"),
-                    {
-                        "id": row["id"],
-                        "attempts": exc.attempts,
-                        "error": error,
-                        "retry_after_s": _retry_after_s(total, attempts_per_round),
-                    },
-                ).fetchone()
+                failed = one_row(
+                    conn.execute(
+                        q("mark_budget_alert_failed"),
+                        {
+                            "id": row["id"],
+                            "attempts": exc.attempts,
+                            "error": error,
+                            "retry_after_s": _retry_after_s(total, attempts_per_round),
+                        },
+                    )
+                )
                 outcomes.append(
                     AlertOutcome(
                         row["id"],
@@ -257,7 +258,7 @@ def deliver_due(
 
 
 def evaluate_budget_alerts(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     *,
     url: str | None = None,
     default_percents: tuple[int, ...] | None = None,
@@ -282,7 +283,7 @@ def evaluate_budget_alerts(
 
 
 def set_alert_percents(
-    conn: psycopg.Connection, user_id: int, month: date | None, percents: tuple[int, ...] | None
+    conn: LedgerConnection, user_id: int, month: date | None, percents: tuple[int, ...] | None
 ) -> dict[str, Any] | None:
     """Store a user-month's own thresholds beside its budget (None: back to the default).
 
@@ -290,15 +291,15 @@ def set_alert_percents(
     """
     with conn.transaction():
         if month is None:
-            month = conn.execute(q("alert_clock")).fetchone()["month"]
+            month = one_row(conn.execute(q("alert_clock")))["month"]
         return conn.execute(
             q("set_user_alert_percents"),
             {"user_id": user_id, "month": month, "percents": list(percents) if percents else None},
         ).fetchone()
 
 
-def alerts_for_month(conn: psycopg.Connection, month: date | None = None) -> list[dict[str, Any]]:
+def alerts_for_month(conn: LedgerConnection, month: date | None = None) -> list[dict[str, Any]]:
     """Every alert row of a month (default: the ledger clock's month), for people."""
     if month is None:
-        month = conn.execute(q("alert_clock")).fetchone()["month"]
+        month = one_row(conn.execute(q("alert_clock")))["month"]
     return list(conn.execute(q("budget_alerts_for_month"), {"month": month}))

@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
-
 from renderqueue_pipeline.archive.core import (
     ArchiveOptions,
     ArchiveReport,
@@ -30,6 +28,7 @@ from renderqueue_pipeline.archive.delete import delete_fal_copies
 from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts, system_resolver
 from renderqueue_pipeline.archive.links import links
 from renderqueue_pipeline.archive.storage import ArchiveStorage
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.redact import redact
 from renderqueue_pipeline.settings import Settings
 
@@ -145,7 +144,7 @@ class ArchiveSetup:
 
 
 def run_archive(
-    connect: Callable[[], psycopg.Connection],
+    connect: Callable[[], LedgerConnection],
     setup: ArchiveSetup,
     *,
     progress: Callable[[RowOutcome], None] | None = None,

@@ -35,6 +35,7 @@ from renderqueue_pipeline.archive.fetch import (
 )
 from renderqueue_pipeline.archive.mp4 import Mp4Duration, is_video
 from renderqueue_pipeline.archive.storage import ArchiveStorage, Upload, safe_file_name
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.redact import redact
 
@@ -267,7 +268,7 @@ PERMANENT_REASONS = frozenset(
 
 
 def record_outcome(
-    conn: psycopg.Connection, row: dict[str, Any], outcome: RowOutcome, options: ArchiveOptions
+    conn: LedgerConnection, row: dict[str, Any], outcome: RowOutcome, options: ArchiveOptions
 ) -> RowOutcome:
     """Write one row's outcome in one transaction; the row's final status comes back."""
     with conn.transaction():
@@ -327,15 +328,17 @@ def record_outcome(
 
 
 def _apply_measured_seconds(
-    conn: psycopg.Connection, row: dict[str, Any], main: ArchivedFile
+    conn: LedgerConnection, row: dict[str, Any], main: ArchivedFile
 ) -> str | None:
     """Price the row from its clip's measured length; a failure here never undoes the copy."""
     try:
         with conn.transaction():  # a savepoint inside the record's transaction
-            return conn.execute(
-                q("archive_apply_measured_seconds"),
-                {"id": row["id"], "seconds": main.seconds, "problem": main.seconds_problem},
-            ).fetchone()["applied"]
+            return one_row(
+                conn.execute(
+                    q("archive_apply_measured_seconds"),
+                    {"id": row["id"], "seconds": main.seconds, "problem": main.seconds_problem},
+                )
+            )["applied"]
     except psycopg.Error as exc:
         log.warning("pricing %s from its measured length failed: %s", row["request_id"], exc)
         return "error"
@@ -351,7 +354,7 @@ def _combined(files: list[ArchivedFile]) -> str:
 
 
 def archive_pending(
-    connect: Callable[[], psycopg.Connection],
+    connect: Callable[[], LedgerConnection],
     storage: ArchiveStorage,
     policy: FetchPolicy,
     options: ArchiveOptions = ArchiveOptions(),
@@ -430,14 +433,14 @@ def _count(report: ArchiveReport, outcome: RowOutcome) -> None:
     report.failures_by_reason[outcome.reason or "unknown"] += 1
 
 
-def archive_due_count(conn: psycopg.Connection, *, cap: int = 500) -> int:
+def archive_due_count(conn: LedgerConnection, *, cap: int = 500) -> int:
     """How many rows a run would take now, counting at most `cap` (cheap, for the sensor)."""
-    return int(conn.execute(q("archive_due_count"), {"cap": cap}).fetchone()["due"])
+    return int(one_row(conn.execute(q("archive_due_count"), {"cap": cap}))["due"])
 
 
-def archive_health(conn: psycopg.Connection, *, deadline_hours: float = 24.0) -> dict[str, Any]:
+def archive_health(conn: LedgerConnection, *, deadline_hours: float = 24.0) -> dict[str, Any]:
     """Lost outputs, failures by reason, the backlog's oldest row, rows near their deadline."""
-    health = dict(conn.execute(q("archive_health"), {"deadline_hours": deadline_hours}).fetchone())
+    health = dict(one_row(conn.execute(q("archive_health"), {"deadline_hours": deadline_hours})))
     oldest = health["oldest_pending_finished_at"]
     health["oldest_pending_age_seconds"] = (
         (health["checked_at"] - oldest).total_seconds() if oldest is not None else 0.0

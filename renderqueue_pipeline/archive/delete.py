@@ -10,24 +10,25 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import psycopg
-
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.fal_gateway import FalGateway
 from renderqueue_pipeline.redact import redact
 
 
 class DeletedFileAnswer(Protocol):
-    link: str
-    error: str | None
+    @property
+    def link(self) -> str: ...
+    @property
+    def error(self) -> str | None: ...
 
 
 class DeleteIOGateway(Protocol):
-    async def delete_io(self, request_id: str) -> list[DeletedFileAnswer]: ...
+    async def delete_io(self, request_id: str) -> Sequence[DeletedFileAnswer]: ...
 
 
 @dataclass
@@ -46,7 +47,7 @@ class DeleteReport:
 
 
 async def adelete_fal_copies(
-    connect: Callable[[], psycopg.Connection],
+    connect: Callable[[], LedgerConnection],
     gateway: DeleteIOGateway,
     *,
     limit: int = 500,
@@ -103,7 +104,7 @@ async def adelete_fal_copies(
     return report
 
 
-def delete_fal_copies(connect: Callable[[], psycopg.Connection], **options: Any) -> DeleteReport:
+def delete_fal_copies(connect: Callable[[], LedgerConnection], **options: Any) -> DeleteReport:
     """adelete_fal_copies with a gateway from the environment (FAL_KEY / the simulator)."""
 
     async def run() -> DeleteReport:

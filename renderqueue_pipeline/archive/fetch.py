@@ -147,7 +147,7 @@ def system_resolver(host: str, port: int) -> list[str]:
     if literal is not None:
         return [str(literal)]
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))  # str: typeshed allows an int
 
 
 # ----- the policy --------------------------------------------------------------------------------

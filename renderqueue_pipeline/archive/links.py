@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import psycopg
-
 from renderqueue_pipeline.archive.storage import ArchiveStorage
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
 
@@ -14,7 +13,7 @@ class NotArchived(RenderqueueError):
 
 
 def links(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     request_id: str,
     storage: ArchiveStorage,
     *,

@@ -93,8 +93,9 @@ class Mp4Duration:
             self.problem = f"box {name!r} at byte {self.position - header_size} has size {size}"
             return
         body = None if size == 0 else size - header_size
-        inside = self._moov_end is not None
-        if inside and body is not None and self.position + body > self._moov_end:
+        moov_end = self._moov_end
+        inside = moov_end is not None
+        if moov_end is not None and body is not None and self.position + body > moov_end:
             self.problem = f"box {name!r} runs past the end of moov"
             return
         if kind == b"moov" and not inside:

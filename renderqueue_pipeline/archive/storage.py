@@ -12,10 +12,11 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import IO, Any, cast
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.spec import AbstractBufferedFile
 
 STAGING = ".staging"
 #: s3fs buffers one block per open upload: this bounds memory per concurrent copy.
@@ -94,7 +95,8 @@ class ArchiveStorage:
     def link(self, archive_url: str, expires_seconds: int = 3600) -> str:
         """What a user opens: a presigned URL on S3, a local path for file://."""
         if archive_url.startswith(self.fs.unstrip_protocol(self.root)):
-            fs, path = self.fs, self.fs._strip_protocol(archive_url)
+            # a str for a str (typed str | list, as it also takes a list)
+            fs, path = self.fs, cast(str, self.fs._strip_protocol(archive_url))
         else:
             fs, path = url_to_fs(archive_url)
         if "file" in _protocols(fs):
@@ -113,7 +115,8 @@ class StagedUpload:
         self.storage, self.staging, self.final = storage, staging, final
         if storage.is_local:
             storage.fs.makedirs(posixpath.dirname(staging), exist_ok=True)
-        self._sink = storage.fs.open(staging, "wb")
+        # binary mode: fsspec opens a byte stream (typed by its text-mode branch)
+        self._sink = cast(IO[bytes], storage.fs.open(staging, "wb"))
 
     def write(self, data: bytes) -> None:
         self._sink.write(data)
@@ -140,7 +143,10 @@ class CompletedUpload:
 
     def __init__(self, storage: ArchiveStorage, final: str) -> None:
         self.storage, self.final = storage, final
-        self._sink = storage.fs.open(final, "wb", block_size=UPLOAD_BLOCK_BYTES)
+        # an object store opens fsspec's buffered file: discard() aborts the multipart upload
+        self._sink = cast(
+            AbstractBufferedFile, storage.fs.open(final, "wb", block_size=UPLOAD_BLOCK_BYTES)
+        )
         self._written = 0
 
     def write(self, data: bytes) -> None:

@@ -16,8 +16,7 @@ from datetime import date
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-import psycopg
-
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.money import MICROS_PER_USD
@@ -78,13 +77,13 @@ class MonthFigures:
 
 
 def month_figures(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     user_id: int,
     month: date | None = None,
     default_limit_micros: int | None = None,
 ) -> MonthFigures:
     """The budget figures of one user for a month (None: the current UTC month)."""
-    row = conn.execute(q("user_month_figures"), {"user_id": user_id, "month": month}).fetchone()
+    row = one_row(conn.execute(q("user_month_figures"), {"user_id": user_id, "month": month}))
     if row["limit_micros"] is not None:
         limit, source = int(row["limit_micros"]), "user_budgets"
     elif default_limit_micros is not None:
@@ -109,20 +108,22 @@ def default_limit_micros() -> int | None:
 
 
 def set_budget(
-    conn: psycopg.Connection, user_id: int, limit_micros: int, month: date | None = None
+    conn: LedgerConnection, user_id: int, limit_micros: int, month: date | None = None
 ) -> dict[str, Any]:
     """Set (or replace) a user's budget for a month (default: the current UTC month)."""
     with conn.transaction():
         if month is None:
-            month = conn.execute(q("current_utc_month")).fetchone()["month"]
-        return conn.execute(
-            q("upsert_user_budget"),
-            {"user_id": user_id, "month": month, "limit_micros": limit_micros},
-        ).fetchone()
+            month = one_row(conn.execute(q("current_utc_month")))["month"]
+        return one_row(
+            conn.execute(
+                q("upsert_user_budget"),
+                {"user_id": user_id, "month": month, "limit_micros": limit_micros},
+            )
+        )
 
 
 def budget_overview(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     user_id: int | None = None,
     month: date | None = None,
     default_limit: int | None = None,

@@ -18,7 +18,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from renderqueue_pipeline.batch.report import BatchNotFound
 from renderqueue_pipeline.db.connect import connect
@@ -27,6 +27,9 @@ from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.fal_gateway import FalError, FalGateway, FalNotFound, FalRequestError
 from renderqueue_pipeline.ledger import CancelIntent, record_cancel_intent, withdraw_cancel_intent
 from renderqueue_pipeline.redact import redact
+
+if TYPE_CHECKING:
+    from renderqueue_pipeline.fal_gateway import FalCanceller
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ async def _cancel_all(
     ledger_url: str,
     batch_id: int,
     concurrency: int,
-    gateway_factory: Callable[[int], Any],
+    gateway_factory: Callable[[int], FalCanceller],
     log: Callable[[str], None],
 ) -> CancelResult:
 
@@ -118,7 +121,7 @@ def cancel_batch(
     ledger_url: str | None = None,
     concurrency: int = 16,
     log: Callable[[str], None] = lambda line: None,
-    gateway_factory: Callable[[int], Any] | None = None,
+    gateway_factory: Callable[[int], FalCanceller] | None = None,
 ) -> CancelResult:
     """Cancel batch `batch_id` (see the module doc); BatchNotFound for an unknown id."""
 

@@ -22,6 +22,7 @@ from renderqueue_pipeline.batch import (
 from renderqueue_pipeline.batch.budget import default_limit_micros
 from renderqueue_pipeline.batch.report import recent_batches
 from renderqueue_pipeline.batch.rows import parse_user_id
+from renderqueue_pipeline.db import one_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.queries import q
@@ -241,7 +242,7 @@ def budget_set(user_id: int, amount: str | None, month: str | None, alerts: str 
         target = (
             parse_month(month)
             if month is not None
-            else conn.execute(q("alert_clock")).fetchone()["month"]
+            else one_row(conn.execute(q("alert_clock")))["month"]
         )
         if micros is not None:
             row = set_budget(conn, user_id, micros, target)

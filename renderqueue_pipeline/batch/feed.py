@@ -14,8 +14,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
-import psycopg
-
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.ledger import Intent
 
@@ -94,7 +93,7 @@ class WaitingGate:
     bound over the users with requests waiting): runs in flight together take turns too.
     """
 
-    def __init__(self, conn: psycopg.Connection, bound: int) -> None:
+    def __init__(self, conn: LedgerConnection, bound: int) -> None:
         self.conn = conn
         self.bound = bound
         self.pauses = 0  # sends that had to wait for room

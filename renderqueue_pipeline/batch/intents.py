@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
 from psycopg.types.json import Jsonb
 
 from renderqueue_pipeline.batch.rows import PromptRow, Rejection
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import LedgerInputError
 from renderqueue_pipeline.ledger import Intent, record_intent
@@ -52,7 +52,7 @@ def item_key(batch_id: int, line_no: int) -> str:
 
 
 def decide_row(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     row: PromptRow,
     *,
     batch_id: int | None = None,
@@ -115,7 +115,7 @@ def decide_row(
     return intent
 
 
-def store_rejection(conn: psycopg.Connection, batch_id: int, rejection: Rejection) -> None:
+def store_rejection(conn: LedgerConnection, batch_id: int, rejection: Rejection) -> None:
     """Record a rejected row as a batch item (never sent; its reason shown to users)."""
     if rejection.stored:
         return

@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.money import usd
@@ -88,12 +87,12 @@ def _md(text: str) -> str:
     return flat if len(flat) <= 300 else flat[:297] + "..."
 
 
-def batch_report(conn: psycopg.Connection, batch_id: int, limit: int = TABLE_ROWS) -> BatchReport:
+def batch_report(conn: LedgerConnection, batch_id: int, limit: int = TABLE_ROWS) -> BatchReport:
     """The batch as stored now; BatchNotFound for an unknown id."""
     batch = conn.execute(q("batch_by_id"), {"batch_id": batch_id}).fetchone()
     if batch is None:
         raise BatchNotFound(f"no batch {batch_id} (see `renderqueue batch list`)")
-    row = conn.execute(q("batch_counts"), {"batch_id": batch_id}).fetchone()
+    row = one_row(conn.execute(q("batch_counts"), {"batch_id": batch_id}))
     counts = {name: int(row[name]) for name in COUNTS}
     rejections = conn.execute(
         q("batch_rejections"), {"batch_id": batch_id, "limit": limit}
@@ -121,5 +120,5 @@ def batch_report(conn: psycopg.Connection, batch_id: int, limit: int = TABLE_ROW
     )
 
 
-def recent_batches(conn: psycopg.Connection, limit: int = 20) -> list[dict[str, Any]]:
+def recent_batches(conn: LedgerConnection, limit: int = 20) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(q("recent_batches"), {"limit": limit})]

@@ -7,6 +7,7 @@ ledger's rules (`validate_request`), checked when the intent is recorded.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,7 +43,8 @@ class Rejection:
     kind: str = "invalid"
     user_id: int | None = None
     endpoint: str | None = None
-    inputs: dict[str, Any] = field(default_factory=dict)
+    # dataclasses.field: the class's own `field` attribute shadows the name here
+    inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
     stored: bool = False  # already recorded on its batch item
 
 

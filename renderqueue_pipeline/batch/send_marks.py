@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-import psycopg
-
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.ledger import claim_for_send
 
 Claim = tuple[bool, str | None] | None
@@ -27,7 +26,7 @@ class SendMarks:
 
     def __init__(
         self,
-        conn: psycopg.Connection,
+        conn: LedgerConnection,
         claimer: str,
         lease_seconds: float,
         default_limit: int | None,

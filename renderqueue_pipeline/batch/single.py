@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from renderqueue_pipeline.batch.budget import default_limit_micros
 from renderqueue_pipeline.batch.fal_answers import is_definite_rejection
@@ -44,6 +44,9 @@ from renderqueue_pipeline.ledger import (
     lease_interval,
     refresh_leases,
 )
+
+if TYPE_CHECKING:
+    from renderqueue_pipeline.fal_gateway import FalSubmitter
 
 __all__ = ["BudgetExceeded", "SubmissionInProgress", "asubmit_prompt", "submit_prompt"]
 
@@ -96,7 +99,7 @@ async def asubmit_prompt(
     *,
     idempotency_key: str | None = None,
     ledger_url: str | None = None,
-    gateway: Any = None,
+    gateway: FalSubmitter | None = None,
     wait_seconds: float | None = None,
 ) -> str:
     """`submit_prompt` for async callers; pass a long-lived `FalGateway` to reuse it."""

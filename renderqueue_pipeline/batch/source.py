@@ -23,10 +23,11 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, cast
 from urllib.parse import urlsplit
 
 import fsspec
+from fsspec.core import OpenFile
 
 from renderqueue_pipeline.errors import RenderqueueError
 
@@ -144,7 +145,8 @@ def check_source(url: str, prefixes: Sequence[str], *, allow_local: bool) -> Non
 def _open(url: str) -> IO[bytes]:
     """Open for streaming reads, turning 'not found' into one line naming what is missing."""
     try:
-        return fsspec.open(url, "rb").open()
+        # fsspec.open is untyped (inferred as its file list): it returns one OpenFile
+        return cast(OpenFile, fsspec.open(url, "rb")).open()
     except FileNotFoundError:
         raise PromptFileError(url, _missing_reason(url)) from None
     except PermissionError as exc:
@@ -320,6 +322,8 @@ class PromptReader:
 
     def _text(self) -> io.TextIOWrapper:
         # surrogateescape: a bad byte spoils its row only, never the whole stream
+        if self._stream is None:
+            raise RuntimeError("use PromptReader as a context manager")
         return io.TextIOWrapper(
             self._stream, encoding="utf-8-sig", errors="surrogateescape", newline=""
         )

@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, LiteralString
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -68,11 +68,18 @@ from renderqueue_pipeline.batch.source import (
     inspect_file,
     parse_prefixes,
 )
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.errors import DatabaseUnavailable, RenderqueueError
-from renderqueue_pipeline.fal_gateway import FalAuthError, FalGateway, RequestIdentity
+from renderqueue_pipeline.fal_gateway import (
+    FalAuthError,
+    FalGateway,
+    FalSubmitter,
+    RequestIdentity,
+    SubmitResult,
+)
 from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
 from renderqueue_pipeline.ledger import (
     Intent,
@@ -233,7 +240,7 @@ class _Run:
         facts: FileFacts,
         batch_id: int,
         log: Log,
-        gateway_factory: Callable[[int], Any],
+        gateway_factory: Callable[[int], FalSubmitter],
     ) -> None:
         self.url = url
         self.ledger_url = ledger_url
@@ -275,7 +282,7 @@ class _Run:
 
     def _write_chunk(
         self,
-        conn: psycopg.Connection,
+        conn: LedgerConnection,
         rows: list[tuple[int, dict[str, Any]]],
         cap: BatchCap,
     ) -> list[Intent]:
@@ -295,7 +302,7 @@ class _Run:
 
     def _record(
         self,
-        conn: psycopg.Connection,
+        conn: LedgerConnection,
         checked: list[PromptRow | Rejection],
         cap: BatchCap,
         *,
@@ -339,9 +346,7 @@ class _Run:
         self.stats.over_budget += counts["over_budget"]
         return intents
 
-    def _decide(
-        self, conn: psycopg.Connection, row: PromptRow, cap: BatchCap
-    ) -> Intent | Rejection:
+    def _decide(self, conn: LedgerConnection, row: PromptRow, cap: BatchCap) -> Intent | Rejection:
         return decide_row(
             conn,
             row,
@@ -401,7 +406,7 @@ class _Run:
             for conn in (intents_conn, results_conn, marks_conn, gate_conn):
                 await asyncio.to_thread(conn.close)
 
-    async def _feed(self, conn: psycopg.Connection, queue: FairFeed, intent: Intent) -> None:
+    async def _feed(self, conn: LedgerConnection, queue: FairFeed, intent: Intent) -> None:
         """Queue an intent for the fan-out; while the feed stays full, watch for a cancel."""
         while self.stop_reason is not None or not await queue.put(intent, timeout=1.0):
             if self.stop_reason is not None:
@@ -410,9 +415,7 @@ class _Run:
             if await asyncio.to_thread(_batch_status, conn, self.batch_id) == "canceled":
                 self.stop_reason = "the batch was canceled"
 
-    async def _produce(
-        self, conn: psycopg.Connection, reader: PromptReader, queue: FairFeed
-    ) -> None:
+    async def _produce(self, conn: LedgerConnection, reader: PromptReader, queue: FairFeed) -> None:
         existing = await asyncio.to_thread(_line_numbers, conn, self.batch_id)
         if self.total_hint is not None:
             self.total_hint = max(self.total_hint - len(existing), 0)
@@ -438,7 +441,7 @@ class _Run:
         for intent in unsent:
             await self._feed(conn, queue, intent)
         cap_row = await asyncio.to_thread(
-            lambda: conn.execute(q("batch_cost_so_far"), {"batch_id": self.batch_id}).fetchone()
+            lambda: one_row(conn.execute(q("batch_cost_so_far"), {"batch_id": self.batch_id}))
         )
         cap = BatchCap(self.options.max_cost_micros, int(cap_row["micros"]))
         chunks = self._chunks(reader, existing)
@@ -454,8 +457,8 @@ class _Run:
 
     def _load_intents(
         self,
-        conn: psycopg.Connection,
-        sql: str,
+        conn: LedgerConnection,
+        sql: LiteralString,
         *,
         reopen: bool,
         only: set[int] | None = None,
@@ -502,7 +505,7 @@ class _Run:
             )
         return intents
 
-    async def _watch_cancel(self, conn: psycopg.Connection) -> None:
+    async def _watch_cancel(self, conn: LedgerConnection) -> None:
         """Stop sending once the batch is canceled (the fan-out may be rows behind the file)."""
         while self.stop_reason is None:
             await asyncio.sleep(1.0)
@@ -510,7 +513,7 @@ class _Run:
                 if await asyncio.to_thread(_batch_status, conn, self.batch_id) == "canceled":
                     self.stop_reason = self.stop_reason or "the batch was canceled"
 
-    async def _heartbeat(self, conn: psycopg.Connection) -> None:
+    async def _heartbeat(self, conn: LedgerConnection) -> None:
         """Keep this run's claims alive (also while fal throttles it with 429s)."""
         while True:
             await asyncio.sleep(self.lease_seconds / 4)
@@ -519,7 +522,7 @@ class _Run:
             except psycopg.Error as exc:  # a missed beat only shortens the lease
                 self.log(f"could not refresh this run's lease: {exc}")
 
-    async def _worker(self, gateway: Any, queue: FairFeed, results: asyncio.Queue) -> None:
+    async def _worker(self, gateway: FalSubmitter, queue: FairFeed, results: asyncio.Queue) -> None:
 
         while True:
             intent = await queue.get()
@@ -563,7 +566,9 @@ class _Run:
                 continue
             await results.put((intent, outcome))
 
-    async def _send(self, gateway: Any, intent: Intent) -> Any:
+    async def _send(
+        self, gateway: FalSubmitter, intent: Intent
+    ) -> SubmitResult | _NotSent | Exception:
         """fal's SubmitResult, or fal's exception; 429s are waited out, not returned.
 
         The item is marked sent (committed) before its first call; an exception from the
@@ -607,7 +612,7 @@ class _Run:
             await self.limit.release()
             return submitted  # the SubmitResult: request id and fal_expires_at
 
-    async def _recorder(self, conn: psycopg.Connection, results: asyncio.Queue) -> None:
+    async def _recorder(self, conn: LedgerConnection, results: asyncio.Queue) -> None:
         done = False
         while not done:
             first = await results.get()
@@ -622,7 +627,7 @@ class _Run:
                 group.append(item)
             await asyncio.to_thread(self._record_outcomes, conn, group)
 
-    def _record_outcomes(self, conn: psycopg.Connection, group: list[tuple[Intent, Any]]) -> None:
+    def _record_outcomes(self, conn: LedgerConnection, group: list[tuple[Intent, Any]]) -> None:
         """fal's answers through the ledger's `finish_submission`, one commit per group.
 
         Each answer is its own savepoint inside the group's transaction (the ledger's
@@ -641,7 +646,7 @@ class _Run:
         self.stats.refused_by_fal += counts["refused_by_fal"]
         self.stats.unknown += counts["unknown"]
 
-    def _record_outcome(self, conn: psycopg.Connection, intent: Intent, outcome: Any) -> str:
+    def _record_outcome(self, conn: LedgerConnection, intent: Intent, outcome: Any) -> str:
         try:
             finish_submission(conn, intent, outcome, is_definite_rejection)
             return "submitted"
@@ -667,7 +672,7 @@ class _Run:
         """fal refused the key: the call enqueued nothing, so the item was never sent."""
         self.marks.conn.execute(q("unmark_item_sent"), {"item_id": item_id})  # thread-safe
 
-    def _forget_unsent(self, conn: psycopg.Connection) -> None:
+    def _forget_unsent(self, conn: LedgerConnection) -> None:
         with conn.transaction():
             conn.execute(q("forget_unsent_items"), {"item_ids": self.unsent})
 
@@ -695,16 +700,16 @@ class _Run:
         )
 
 
-def _line_numbers(conn: psycopg.Connection, batch_id: int) -> set[int]:
+def _line_numbers(conn: LedgerConnection, batch_id: int) -> set[int]:
     return {r["line_no"] for r in conn.execute(q("batch_line_numbers"), {"batch_id": batch_id})}
 
 
-def _batch_status(conn: psycopg.Connection, batch_id: int) -> str | None:
+def _batch_status(conn: LedgerConnection, batch_id: int) -> str | None:
     row = conn.execute(q("batch_status"), {"batch_id": batch_id}).fetchone()
     return row["status"] if row else None
 
 
-def _default_gateway(concurrency: int) -> Any:
+def _default_gateway(concurrency: int) -> FalSubmitter:
 
     return FalGateway.from_settings(max_concurrency=concurrency)
 
@@ -714,7 +719,7 @@ CLOCK_MARGIN = dt.timedelta(minutes=5)
 
 
 def unknown_items_fal_never_had(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     batch_id: int,
     platform_factory: Callable[[], Any] | None,
     log: Log,
@@ -769,7 +774,7 @@ def unknown_items_fal_never_had(
 
 
 def _open_batch(
-    conn: psycopg.Connection, facts: FileFacts, options: BatchOptions, source: str
+    conn: LedgerConnection, facts: FileFacts, options: BatchOptions, source: str
 ) -> tuple[dict[str, Any], bool]:
     """The batch of this content: (row, created). Never two batches for one sha256."""
     with conn.transaction():
@@ -789,7 +794,7 @@ def _open_batch(
         ).fetchone()
         if created is not None:
             return created, True
-        return conn.execute(q("batch_by_sha256"), {"sha256": facts.sha256}).fetchone(), False
+        return one_row(conn.execute(q("batch_by_sha256"), {"sha256": facts.sha256})), False
 
 
 def submit_batch_file(
@@ -798,7 +803,7 @@ def submit_batch_file(
     *,
     ledger_url: str | None = None,
     log: Log = lambda line: None,
-    gateway_factory: Callable[[int], Any] | None = None,
+    gateway_factory: Callable[[int], FalSubmitter] | None = None,
     allow_local: bool = True,
     allowed_prefixes: Sequence[str] = (),
     platform_factory: Callable[[], Any] | None = None,
@@ -846,7 +851,7 @@ def submit_batch_file(
         )
 
 
-def _mark_failed(conn: psycopg.Connection, ledger_url: str, batch_id: int, reason: str) -> None:
+def _mark_failed(conn: LedgerConnection, ledger_url: str, batch_id: int, reason: str) -> None:
     """Best effort: the batch is `failed` with `reason` (the next run reopens it anyway).
 
     The run's own connection may be what died, so a fresh one is tried second.
@@ -872,7 +877,7 @@ def _submit_copy(
     options: BatchOptions,
     ledger_url: str,
     log: Log,
-    gateway_factory: Callable[[int], Any],
+    gateway_factory: Callable[[int], FalSubmitter],
     platform_factory: Callable[[], Any] | None,
 ) -> BatchResult:
     """The rest of `submit_batch_file`, reading the rows from the local copy."""
@@ -888,7 +893,7 @@ def _submit_copy(
                 f"({batch['status']}); nothing submitted"
             )
             return BatchResult(batch_report(conn, batch_id), RunStats(), duplicate=True)
-        if not conn.execute(q("try_lock_batch"), {"batch_id": batch_id}).fetchone()["locked"]:
+        if not one_row(conn.execute(q("try_lock_batch"), {"batch_id": batch_id}))["locked"]:
             log(
                 f"batch {batch_id} ({batch['source']}) is being submitted by another run right "
                 "now; nothing submitted by this one"

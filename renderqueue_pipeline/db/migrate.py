@@ -29,10 +29,12 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, LiteralString, cast
 
 import psycopg
 from psycopg.rows import tuple_row
 
+from renderqueue_pipeline.db import one_row
 from renderqueue_pipeline.db.server import psycopg_url
 from renderqueue_pipeline.errors import RenderqueueError
 
@@ -87,6 +89,12 @@ RESET_HINT = (
 )
 
 
+def _sql_text(path: Path) -> LiteralString:
+    """A file of our own sql/ folder, typed `LiteralString` as `db.queries.q` types a query:
+    SQL we wrote, never input, which is what psycopg's `execute` asks for."""
+    return cast(LiteralString, path.read_text())
+
+
 class MigrationError(RenderqueueError):
     """A migration failed or a recorded one was edited."""
 
@@ -100,7 +108,7 @@ class Migration:
 
     version: str
     name: str
-    sql: str
+    sql: LiteralString
 
     @property
     def checksum(self) -> str:
@@ -120,10 +128,10 @@ def sql_dir() -> Path:
     raise MigrationError(f"no sql/ folder found beside {here}")
 
 
-def load_schema(folder: Path | None = None) -> list[tuple[str, str]]:
+def load_schema(folder: Path | None = None) -> list[tuple[str, LiteralString]]:
     """(file name, text) of sql/schema/, in the order a new database runs them."""
     folder = folder or sql_dir()
-    return [(p.name, p.read_text()) for p in sorted((folder / "schema").glob("*.sql"))]
+    return [(p.name, _sql_text(p)) for p in sorted((folder / "schema").glob("*.sql"))]
 
 
 def load_migrations(folder: Path | None = None) -> list[Migration]:
@@ -134,17 +142,17 @@ def load_migrations(folder: Path | None = None) -> list[Migration]:
     for path in sorted((folder / "migrations").glob("*.sql")):
         match = _MIGRATION_NAME.match(path.name)
         if match:
-            found.append(Migration(match.group(1), path.stem, path.read_text()))
+            found.append(Migration(match.group(1), path.stem, _sql_text(path)))
     versions = [m.version for m in found]
     if len(set(versions)) != len(versions):
         raise MigrationError(f"two migration files share a version number in {folder}")
     for path in sorted((folder / "functions").glob("*.sql")):
         name = _FUNCTIONS + path.stem
-        found.append(Migration(name, name, path.read_text()))
+        found.append(Migration(name, name, _sql_text(path)))
     return found
 
 
-def missing_migrations(conn: psycopg.Connection, migrations: list[Migration]) -> list[str]:
+def missing_migrations(conn: psycopg.Connection[Any], migrations: list[Migration]) -> list[str]:
     """Names of the steps not recorded here (or recorded under another name or text).
 
     Read-only (no lock, no DDL), so any role that may read `schema_migrations` can ask: the
@@ -152,10 +160,12 @@ def missing_migrations(conn: psycopg.Connection, migrations: list[Migration]) ->
     migrate. A database that also holds newer migrations than these files is current.
     """
     cursor = conn.cursor(row_factory=tuple_row)  # whatever the connection's row factory
-    (tables,) = cursor.execute(
-        "select array[to_regclass('schema_migrations') is not null,"
-        " to_regclass('schema_functions') is not null]"
-    ).fetchone()
+    (tables,) = one_row(
+        cursor.execute(
+            "select array[to_regclass('schema_migrations') is not null,"
+            " to_regclass('schema_functions') is not null]"
+        )
+    )
     recorded: dict[str, tuple[str, str]] = {}
     if tables[0]:
         for version, name, checksum in cursor.execute(
@@ -196,7 +206,7 @@ def migrate(url: str, folder: Path | None = None) -> list[str]:
 
 
 def _migrate_locked(
-    conn: psycopg.Connection, schema: list[tuple[str, str]], steps: list[Migration]
+    conn: psycopg.Connection, schema: list[tuple[str, LiteralString]], steps: list[Migration]
 ) -> list[str]:
     """Apply the missing steps under the advisory lock (one database at a time)."""
     migrations = [m for m in steps if not m.is_functions]
@@ -243,7 +253,7 @@ def _record(conn: psycopg.Connection, migration: Migration) -> None:
 
 
 def _create(
-    conn: psycopg.Connection, schema: list[tuple[str, str]], migrations: list[Migration]
+    conn: psycopg.Connection, schema: list[tuple[str, LiteralString]], migrations: list[Migration]
 ) -> list[str]:
     """A new database: sql/schema/ in one transaction, recorded at the newest migration."""
     if not schema:
@@ -321,7 +331,7 @@ def _apply_functions(conn: psycopg.Connection, files: list[Migration]) -> list[s
 def _grant_roles(conn: psycopg.Connection) -> None:
     """Re-apply the role grants after anything was applied (a CREATE OR REPLACE resets a
     function's SECURITY DEFINER; a new table needs its grants)."""
-    (exists,) = conn.execute("select to_regprocedure('rq_grant_roles()') is not null").fetchone()
+    (exists,) = one_row(conn.execute("select to_regprocedure('rq_grant_roles()') is not null"))
     if exists:
         try:
             with conn.transaction():

@@ -21,9 +21,9 @@ _NEVER_DROPPED = frozenset({"postgres", "template0", "template1"})
 def describe(url: str) -> tuple[str, str]:
     """(database name, where it lives) for messages; never the password."""
     params = conninfo_to_dict(psycopg_url(url))
-    host = params.get("host") or "localhost"
+    host = str(params.get("host") or "localhost")
     port = params.get("port")
-    return params.get("dbname") or "", f"{host}:{port}" if port else host
+    return str(params.get("dbname") or ""), f"{host}:{port}" if port else host
 
 
 def reset_database(url: str) -> list[str]:

@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlparse, urlunparse
 import psycopg
 from psycopg import sql
 
+from renderqueue_pipeline.db import one_row
 from renderqueue_pipeline.db.server import psycopg_url
 from renderqueue_pipeline.errors import RenderqueueError
 
@@ -109,7 +110,7 @@ def _grant(conn: psycopg.Connection, role: str, login: str, password: str) -> Gr
             conn.execute(
                 sql.SQL("grant {} to {}").format(sql.Identifier(role), sql.Identifier(login))
             )
-        database = conn.execute("select current_database()").fetchone()[0]
+        database = one_row(conn.execute("select current_database()"))[0]
         conn.execute(
             sql.SQL("grant connect on database {} to {}").format(
                 sql.Identifier(database), sql.Identifier(login)

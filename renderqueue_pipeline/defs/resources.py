@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import dagster as dg
-import psycopg
 from dagster import ConfigurableResource
 
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.defs.batch.resources import PromptsInbox
@@ -38,7 +38,7 @@ class LedgerDatabase(ConfigurableResource):
     def resolved_url(self) -> str:
         return self.url or database_url()
 
-    def connect(self) -> psycopg.Connection:
+    def connect(self) -> LedgerConnection:
         return connect(self.resolved_url())
 
 
@@ -76,7 +76,7 @@ class EnvResource(ConfigurableResource):
     @classmethod
     def from_settings(cls: type[R], settings: Settings) -> R:
         """The resource as the environment in `settings` configures it (tests, the demo)."""
-        return from_settings(cls, settings, **cls.ENV)  # type: ignore[attr-defined]
+        return from_settings(cls, settings, **cls.ENV)
 
     @classmethod
     def definition(cls, description: str) -> dg.ResourceDefinition:

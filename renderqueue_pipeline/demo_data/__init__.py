@@ -12,6 +12,7 @@ from importlib import resources
 import fsspec
 
 from renderqueue_pipeline.batch.budget import parse_usd, set_budget
+from renderqueue_pipeline.db import one_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
 
@@ -44,7 +45,7 @@ def prepare_demo_ledger(url: str) -> None:
     The month is the ledger clock's (`rq_now()`), the month admission checks against.
     """
     with connect(url) as conn:
-        month = conn.execute(q("current_utc_month")).fetchone()["month"]
+        month = one_row(conn.execute(q("current_utc_month")))["month"]
         params = {"user_id": OVER_BUDGET_USER, "month": month}
         if not conn.execute(q("demo_budget_exists"), params).fetchone():
             set_budget(conn, OVER_BUDGET_USER, parse_usd(OVER_BUDGET_USD, "budget"), month)

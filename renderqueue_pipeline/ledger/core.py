@@ -12,12 +12,13 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from decimal import Decimal
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import BudgetExceeded, LedgerInputError, SubmissionInProgress
 from renderqueue_pipeline.redact import redact
@@ -72,7 +73,7 @@ class LedgerEvent:
 
 
 def validate_request(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     endpoint: Any,
     inputs: Any,
     user_id: Any,
@@ -111,7 +112,7 @@ def validate_request(
     # The duration is read by SQL's rq_parse_duration, the one definition
     # (sql/functions/ledger.sql).
     params = {"endpoint": endpoint, "inputs": Jsonb(dict(inputs)), "at": None}
-    found = conn.execute(q("validate_and_estimate"), params).fetchone()
+    found = one_row(conn.execute(q("validate_and_estimate"), params))
     if found["duration_problem"] is not None:
         raise LedgerInputError("inputs.duration", found["duration_problem"], row=row)
     if found["price_id"] is not None:
@@ -136,7 +137,7 @@ def validate_request(
     )
 
 
-def estimate_cost(conn: psycopg.Connection, endpoint: str, inputs: Mapping[str, Any]) -> Estimate:
+def estimate_cost(conn: LedgerConnection, endpoint: str, inputs: Mapping[str, Any]) -> Estimate:
     """The price of a request (validating it first)."""
     return validate_request(conn, endpoint, inputs, 0)
 
@@ -145,7 +146,7 @@ def estimate_cost(conn: psycopg.Connection, endpoint: str, inputs: Mapping[str, 
 
 
 def record_intent(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     *,
     user_id: int,
     endpoint: str,
@@ -177,7 +178,7 @@ def record_intent(
     }
     found = conn.execute(q("insert_batch_item"), params).fetchone()
     if found is None:
-        found = conn.execute(q("batch_item_by_key"), params).fetchone()
+        found = one_row(conn.execute(q("batch_item_by_key"), params))
     return Intent(
         item_id=found["id"],
         state=found["state"],
@@ -198,7 +199,7 @@ def lease_interval(seconds: float | None = None) -> timedelta:
 
 
 def claim_for_send(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     item_ids: list[int],
     claimer: str,
     *,
@@ -225,9 +226,7 @@ def claim_for_send(
     return {r["item_id"]: (r["admitted"], r["reason"]) for r in rows}
 
 
-def refresh_leases(
-    conn: psycopg.Connection, claimer: str, lease_seconds: float | None = None
-) -> int:
+def refresh_leases(conn: LedgerConnection, claimer: str, lease_seconds: float | None = None) -> int:
     """A sender's heartbeat: extend the lease of its pending items; how many."""
     cursor = conn.execute(
         q("refresh_leases"), {"claimer": claimer, "lease": lease_interval(lease_seconds)}
@@ -236,7 +235,7 @@ def refresh_leases(
 
 
 def record_submitted(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     intent: Intent,
     request_id: str,
     fal_expires_at: dt.datetime | None = None,
@@ -279,7 +278,7 @@ def record_submitted(
         )
 
 
-def record_rejected(conn: psycopg.Connection, intent: Intent, reason: str) -> None:
+def record_rejected(conn: LedgerConnection, intent: Intent, reason: str) -> None:
     """fal refused the request for certain (nothing was queued): say why on the item."""
     with conn.transaction():
         conn.execute(
@@ -288,7 +287,7 @@ def record_rejected(conn: psycopg.Connection, intent: Intent, reason: str) -> No
         )
 
 
-def mark_unknown_outcomes(conn: psycopg.Connection, older_than: str = "10 minutes") -> list[dict]:
+def mark_unknown_outcomes(conn: LedgerConnection, older_than: str = "10 minutes") -> list[dict]:
     """Intents still pending after `older_than` whose sender's lease expired.
 
     fal may hold a request we have no row for. A live sender (refreshing its lease, also
@@ -299,7 +298,7 @@ def mark_unknown_outcomes(conn: psycopg.Connection, older_than: str = "10 minute
 
 
 def begin_submission(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     *,
     user_id: int,
     endpoint: str,
@@ -351,14 +350,14 @@ def begin_submission(
     return await_outcome(conn, intent, deadline)
 
 
-def await_outcome(conn: psycopg.Connection, intent: Intent, deadline: float) -> Intent:
+def await_outcome(conn: LedgerConnection, intent: Intent, deadline: float) -> Intent:
     """Another caller holds the key's item: its outcome, or SubmissionInProgress by `deadline`.
 
     Returns the intent with the recorded request id; never calls fal.
     """
     while True:
         with conn.transaction():
-            item = conn.execute(q("batch_item_outcome"), {"item_id": intent.item_id}).fetchone()
+            item = one_row(conn.execute(q("batch_item_outcome"), {"item_id": intent.item_id}))
         state = item["state"]
         if state == "submitted":
             return replace(intent, state=state, request_id=item["request_id"])
@@ -391,7 +390,7 @@ class Submitted(Protocol):
 
 
 def finish_submission(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     intent: Intent,
     outcome: str | Submitted | BaseException,
     is_definite_rejection: Callable[[BaseException], bool] = lambda exc: False,
@@ -415,7 +414,7 @@ def finish_submission(
 
 
 def _submit_generation(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     submit: Callable[[str, dict[str, Any]], str | Submitted],
     *,
     user_id: int,
@@ -451,7 +450,7 @@ def _submit_generation(
 
 
 async def _asubmit_generation(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     submit: Callable[[str, dict[str, Any]], Awaitable[str | Submitted]],
     *,
     user_id: int,
@@ -546,15 +545,15 @@ def _in_input_order(rows: list[dict[str, Any]], count: int) -> list[EventOutcome
     outcomes: list[EventOutcome | None] = [None] * count
     for row in rows:
         outcomes[row["ord"] - 1] = row["outcome"]
-    return outcomes  # type: ignore[return-value]
+    return cast(list[EventOutcome], outcomes)  # every ord of 1..count came back once
 
 
-def record_event(conn: psycopg.Connection, event: LedgerEvent) -> EventOutcome:
+def record_event(conn: LedgerConnection, event: LedgerEvent) -> EventOutcome:
     """Store one event durably and apply it; commit before returning."""
     return record_events(conn, [event])[0]
 
 
-def record_events(conn: psycopg.Connection, events: Iterable[LedgerEvent]) -> list[EventOutcome]:
+def record_events(conn: LedgerConnection, events: Iterable[LedgerEvent]) -> list[EventOutcome]:
     """Store and apply many events in ONE statement and transaction; outcomes in input order."""
     events = list(events)
     params = _batch(events)
@@ -576,7 +575,7 @@ async def arecord_events(
     return _in_input_order(await cursor.fetchall(), len(events))
 
 
-def mark_cancel_requested(conn: psycopg.Connection, request_id: str) -> bool:
+def mark_cancel_requested(conn: LedgerConnection, request_id: str) -> bool:
     """Record that fal accepted our cancel (202) for `request_id`; commit.
 
     Cancelling only signals fal: an ERROR outcome after this is the cancellation (the row
@@ -588,7 +587,7 @@ def mark_cancel_requested(conn: psycopg.Connection, request_id: str) -> bool:
     return found is not None
 
 
-def ledger_now(conn: psycopg.Connection) -> dt.datetime:
+def ledger_now(conn: LedgerConnection) -> dt.datetime:
     """The ledger's clock, `rq_now()`: what decides a month, also for Python callers (a
     session may pin it with `renderqueue.now`, as tests that cross month ends do)."""
     return _first(conn.execute(q("ledger_now")).fetchone())
@@ -607,7 +606,7 @@ class CancelIntent:
     newly_recorded: bool
 
 
-def record_cancel_intent(conn: psycopg.Connection, request_id: str) -> CancelIntent | None:
+def record_cancel_intent(conn: LedgerConnection, request_id: str) -> CancelIntent | None:
     """Record that we are about to ask fal to cancel `request_id`; commit.
 
     Written first, as a submit writes its intent first: fal's ERROR for a cancelled queued
@@ -622,7 +621,7 @@ def record_cancel_intent(conn: psycopg.Connection, request_id: str) -> CancelInt
     return CancelIntent(request_id, row["cancel_requested_at"], bool(row["newly_recorded"]))
 
 
-def withdraw_cancel_intent(conn: psycopg.Connection, intent: CancelIntent) -> bool:
+def withdraw_cancel_intent(conn: LedgerConnection, intent: CancelIntent) -> bool:
     """fal refused the cancel definitively: withdraw the intent this caller recorded; commit.
 
     Only a refusal withdraws (already completed, not found); an unanswered cancel keeps the
@@ -638,7 +637,7 @@ def withdraw_cancel_intent(conn: psycopg.Connection, intent: CancelIntent) -> bo
     return found is not None
 
 
-def expire_waiting_events(conn: psycopg.Connection, retention: timedelta | None = None) -> int:
+def expire_waiting_events(conn: LedgerConnection, retention: timedelta | None = None) -> int:
     """Mark events that waited longer than `retention` for a row that never came; commit.
 
     Default retention: RENDERQUEUE_EVENT_RETENTION_DAYS (7 days). The events are kept
@@ -651,7 +650,7 @@ def expire_waiting_events(conn: psycopg.Connection, retention: timedelta | None 
     return int(_first(found))
 
 
-def expired_event_count(conn: psycopg.Connection) -> int:
+def expired_event_count(conn: LedgerConnection) -> int:
     """Events still waiting for their row after the retention period (for /metrics)."""
     return int(_first(conn.execute(q("expired_event_count")).fetchone()))
 
@@ -662,7 +661,7 @@ def _first(row: Any) -> Any:
 
 
 def apply_waiting_events(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     limit: int = 10_000,
     *,
     chunk: int = APPLY_CHUNK,
@@ -704,7 +703,7 @@ def apply_waiting_events(
     return outcomes
 
 
-def waiting_events(conn: psycopg.Connection, limit: int = 100) -> list[dict[str, Any]]:
+def waiting_events(conn: LedgerConnection, limit: int = 100) -> list[dict[str, Any]]:
     """Events not applied yet, oldest first: why each waits (no row, expired, an error)."""
     cursor = conn.cursor(row_factory=dict_row)
     return cursor.execute(q("waiting_events"), {"limit": limit}).fetchall()

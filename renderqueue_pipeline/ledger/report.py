@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import psycopg
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.money import dollars
 
 
-def ledger_status(conn: psycopg.Connection) -> dict[str, list[dict]]:
+def ledger_status(conn: LedgerConnection) -> dict[str, list[dict]]:
     """Generations by status, spend by endpoint, and events still waiting for their row."""
     return {
         "by_status": conn.execute(q("status_counts")).fetchall(),

@@ -27,9 +27,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 from psycopg.types.json import Jsonb
 
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.fal_gateway import decode_tags
 
@@ -76,7 +76,7 @@ def _parse_time(value: Any) -> dt.datetime | None:
 
 
 def adopt_entry(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     entry: dict[str, Any],
     endpoint: str,
     *,
@@ -98,11 +98,11 @@ def adopt_entry(
         "fal_expires_at": expires,
     }
     with conn.transaction():
-        return conn.execute(q("adopt_fal_request"), params).fetchone()
+        return one_row(conn.execute(q("adopt_fal_request"), params))
 
 
 def adopt_entries(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     entries: Iterable[dict[str, Any]],
     endpoint: str,
     report: AdoptReport,
@@ -143,7 +143,7 @@ def _pages(entries: Iterable[dict[str, Any]], size: int) -> Iterable[list[dict[s
 
 
 def _adopt_one(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     entry: dict[str, Any],
     endpoint: str,
     report: AdoptReport,
@@ -165,7 +165,7 @@ def _adopt_one(
 
 
 def adopt_fal_requests(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     platform: Any,
     *,
     lookback: dt.timedelta = dt.timedelta(hours=1),
@@ -206,18 +206,18 @@ def adopt_fal_requests(
     return report
 
 
-def unexplained_orphan_count(conn: psycopg.Connection) -> int:
+def unexplained_orphan_count(conn: LedgerConnection) -> int:
     """Requests at fal on our endpoints that no item of ours explains, not yet explained."""
     with conn.transaction():
-        return int(conn.execute(q("orphan_counts")).fetchone()["unexplained"])
+        return int(one_row(conn.execute(q("orphan_counts")))["unexplained"])
 
 
-def unexplained_orphans(conn: psycopg.Connection, limit: int = 100) -> list[dict[str, Any]]:
+def unexplained_orphans(conn: LedgerConnection, limit: int = 100) -> list[dict[str, Any]]:
     with conn.transaction():
         return conn.execute(q("unexplained_orphans"), {"limit": limit}).fetchall()
 
 
-def explain_orphan(conn: psycopg.Connection, request_id: str, explanation: str) -> bool:
+def explain_orphan(conn: LedgerConnection, request_id: str, explanation: str) -> bool:
     """Mark one orphan explained, with the reason (who sent it, why it is fine); commit."""
     if not explanation or not explanation.strip():
         raise ValueError("explanation: say why this request at fal is accounted for")
@@ -229,6 +229,6 @@ def explain_orphan(conn: psycopg.Connection, request_id: str, explanation: str) 
     return found is not None
 
 
-def duplicates_to_cancel(conn: psycopg.Connection) -> list[dict[str, Any]]:
+def duplicates_to_cancel(conn: LedgerConnection) -> list[dict[str, Any]]:
     with conn.transaction():
         return conn.execute(q("duplicates_to_cancel")).fetchall()

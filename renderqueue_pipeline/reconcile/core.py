@@ -45,8 +45,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Literal
 
-import psycopg
-
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.fal_defaults import FAL_API_URL
 from renderqueue_pipeline.fal_gateway import (
@@ -67,6 +66,7 @@ from renderqueue_pipeline.ledger import (
     record_events,
     withdraw_cancel_intent,
 )
+from renderqueue_pipeline.ledger.core import EventKind
 from renderqueue_pipeline.reconcile.adopt import (
     AdoptReport,
     adopt_fal_requests,
@@ -205,7 +205,7 @@ def _interval(delta: timedelta) -> str:
     return f"{delta.total_seconds()} seconds"
 
 
-def pick_rows(conn: psycopg.Connection, options: ReconcileOptions) -> list[_Row]:
+def pick_rows(conn: LedgerConnection, options: ReconcileOptions) -> list[_Row]:
     """Open rows older than min_age, then payload-less completions (up to max_rows)."""
     params = {
         "min_age": _interval(options.min_age),
@@ -229,8 +229,10 @@ def pick_rows(conn: psycopg.Connection, options: ReconcileOptions) -> list[_Row]
     return rows
 
 
-def _event(row: _Row, kind: str, payload: Any = None, error: str | None = None) -> LedgerEvent:
-    return LedgerEvent(row.request_id, kind, payload, error, "reconcile")  # type: ignore[arg-type]
+def _event(
+    row: _Row, kind: EventKind, payload: Any = None, error: str | None = None
+) -> LedgerEvent:
+    return LedgerEvent(row.request_id, kind, payload, error, "reconcile")
 
 
 async def observe(
@@ -370,7 +372,7 @@ def _error_payload(exc: FalRequestError) -> dict[str, Any]:
 class _Writer:
     """Records events in chunks through the ledger's one writer, off the event loop."""
 
-    def __init__(self, conn: psycopg.Connection, chunk: int) -> None:
+    def __init__(self, conn: LedgerConnection, chunk: int) -> None:
         self.conn = conn
         self.chunk = chunk
         self.pending: list[LedgerEvent] = []
@@ -411,7 +413,7 @@ class _Writer:
 
 
 async def reconcile_rows(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     fal: FalGateway,
     rows: list[_Row],
     options: ReconcileOptions,
@@ -463,7 +465,7 @@ async def reconcile_rows(
 
 
 def _count_outcomes(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     rows: list[_Row],
     outcomes: dict[str, str],
     report: ReconcileReport,
@@ -511,7 +513,7 @@ def _adoption_wanted(options: ReconcileOptions) -> str | None:
 
 
 def adopt_step(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     options: ReconcileOptions,
     platform_factory: Callable[[], Any] | None = None,
     *,
@@ -540,7 +542,7 @@ def adopt_step(
         return AdoptReport(skipped=f"fal's request list could not be read: {exc}")
 
 
-async def cancel_duplicates(conn: psycopg.Connection, fal: FalGateway, report: AdoptReport) -> None:
+async def cancel_duplicates(conn: LedgerConnection, fal: FalGateway, report: AdoptReport) -> None:
     """Ask fal to cancel second requests of an item that are still open (fal may bill
     them; a queued one leaves the queue). Accepted: recorded on the row, so its ERROR
     outcome becomes `canceled` at cost zero; a completion is billed as usual."""
@@ -557,7 +559,7 @@ async def cancel_duplicates(conn: psycopg.Connection, fal: FalGateway, report: A
 
 
 def reconcile(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     options: ReconcileOptions | None = None,
     *,
     gateway_factory: Callable[[int], FalGateway] | None = None,

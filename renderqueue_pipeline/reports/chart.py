@@ -24,13 +24,15 @@ def daily_spend_chart(daily: pd.DataFrame, month: date) -> bytes:
         ).reindex(days, fill_value=0.0)
         order = table.sum().sort_values(ascending=False).index
         for endpoint in order:
-            axes.bar(days, table[endpoint], bottom=bottom, label=endpoint, width=0.8)
+            # matplotlib's stubs say float; its date converter takes the dates (as it does here)
+            axes.bar(days, table[endpoint], bottom=bottom, label=endpoint, width=0.8)  # pyright: ignore[reportArgumentType]
             bottom = bottom + table[endpoint]
         axes.legend(fontsize=7, loc="upper left", frameon=False)
     total = float(bottom.sum())
     axes.set_title(f"Daily spend by endpoint, {month:%B %Y} (UTC days): ${total:,.2f}")
     axes.set_ylabel("USD (completed generations)")
-    axes.set_xlim(days[0] - timedelta(days=1), days[-1] + timedelta(days=1))
+    # dates, as for bar() above
+    axes.set_xlim(days[0] - timedelta(days=1), days[-1] + timedelta(days=1))  # pyright: ignore[reportArgumentType]
     axes.tick_params(axis="x", labelrotation=45, labelsize=7)
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()

@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 from psycopg import IsolationLevel
 
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.money import cents
 from renderqueue_pipeline.reports.figures import BILLED, COMPARED, COMPLETED_SUMS
@@ -59,7 +60,7 @@ class Difference:
 
 
 @contextmanager
-def snapshot(conn: psycopg.Connection) -> Iterator[psycopg.Connection]:
+def snapshot(conn: LedgerConnection) -> Iterator[LedgerConnection]:
     """One read-only REPEATABLE READ transaction: every query sees the same moment."""
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         conn.commit()
@@ -119,7 +120,7 @@ def fold_facts(facts: list[dict], by: str) -> list[dict]:
 
 
 def ledger_facts(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     month: date,
     *,
     snapshot_at: datetime | None = None,
@@ -167,7 +168,7 @@ def _differences_table(differences: list[Difference], key: str) -> str:
 
 
 def report_matches_ledger(
-    conn: psycopg.Connection, month: date, by: str, *, margin: str = IN_FLIGHT_MARGIN
+    conn: LedgerConnection, month: date, by: str, *, margin: str = IN_FLIGHT_MARGIN
 ) -> Finding:
     """The month's report by user (or endpoint) equals the ledger, key by key, exactly.
 
@@ -215,7 +216,7 @@ def report_matches_ledger(
         why = (
             f"the month's ledger changed at {changes['last_changed_at']:%Y-%m-%d %H:%M:%S} UTC, "
             "after the report; the reports' sensor rebuilds it"
-            if month_changed
+            if month_changed and changes  # changes: for the type checker (month_changed says so)
             else f"{len(changed)} {by}(s) written since the report"
             if changed
             else "the report's tables differ"
@@ -233,7 +234,7 @@ def report_matches_ledger(
     return Finding(name, not differences, summary, metadata)
 
 
-def completed_generations_are_priced(conn: psycopg.Connection, month: date) -> Finding:
+def completed_generations_are_priced(conn: LedgerConnection, month: date) -> Finding:
     """Every completed generation of the month has a price behind its cost."""
     start, end = month_range(month)
     with snapshot(conn):
@@ -262,12 +263,12 @@ def completed_generations_are_priced(conn: psycopg.Connection, month: date) -> F
     return Finding("completed_generations_are_priced", total == 0, summary, metadata)
 
 
-def no_generation_open_too_long(conn: psycopg.Connection, month: date, now: datetime) -> Finding:
+def no_generation_open_too_long(conn: LedgerConnection, month: date, now: datetime) -> Finding:
     """No generation of the month has been open (submitted / in progress) for over 24 h."""
     start, end = month_range(month)
     params = {"start": start, "end": end, "as_of": now, "max_open": MAX_OPEN, "limit": SAMPLE}
     with snapshot(conn):
-        stuck = conn.execute(q("stuck_open_count"), params).fetchone()["stuck"]
+        stuck = one_row(conn.execute(q("stuck_open_count"), params))["stuck"]
         sample = conn.execute(q("stuck_open_in_month"), params).fetchall()
     metadata: dict[str, Any] = {"open_over_24h": stuck, "as_of": now.isoformat()}
     if sample:
@@ -283,13 +284,13 @@ def no_generation_open_too_long(conn: psycopg.Connection, month: date, now: date
     return Finding("no_generation_open_over_24h", stuck == 0, summary, metadata)
 
 
-def no_archive_failures(conn: psycopg.Connection, month: date) -> Finding:
+def no_archive_failures(conn: LedgerConnection, month: date) -> Finding:
     """Outputs of the month we hold no copy of: archive failed, or fal's copy was lost
     first (count, and the first request ids with the reason)."""
     start, end = month_range(month)
     params = {"start": start, "end": end, "limit": SAMPLE}
     with snapshot(conn):
-        counts = conn.execute(q("archive_failure_count"), params).fetchone()
+        counts = one_row(conn.execute(q("archive_failure_count"), params))
         total = counts["failed"] + counts["lost"]
         sample = conn.execute(q("archive_failures_in_month"), params).fetchall() if total else []
     metadata: dict[str, Any] = {

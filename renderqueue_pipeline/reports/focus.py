@@ -26,10 +26,10 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 
 import pandas as pd
-import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.money import usd_decimal
 from renderqueue_pipeline.reports.months import month_range
@@ -79,7 +79,7 @@ def _seconds(value: Decimal | None) -> Decimal | None:
     return None if value is None else Decimal(value).quantize(MICRO)
 
 
-def focus_records(conn: psycopg.Connection, month: date) -> list[dict]:
+def focus_records(conn: LedgerConnection, month: date) -> list[dict]:
     """The month's FOCUS rows as dicts of Python values (Decimal money, UTC datetimes)."""
     start, end = month_range(month)
     rows = conn.execute(q("focus_rows_for_month"), {"start": start, "end": end}).fetchall()

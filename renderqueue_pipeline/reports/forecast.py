@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
-import psycopg
-
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.money import dollars
 from renderqueue_pipeline.reports.checks import snapshot
@@ -80,13 +79,13 @@ def projected(last_7_days_micros: int, left: timedelta) -> int:
     return (last_7_days_micros * left_us * 2 + _WINDOW_US) // (2 * _WINDOW_US)
 
 
-def ledger_now(conn: psycopg.Connection) -> datetime:
+def ledger_now(conn: LedgerConnection) -> datetime:
     """The ledger's clock, rq_now() (the invariant tests may set it)."""
-    return conn.execute(q("forecast_clock")).fetchone()["now"]
+    return one_row(conn.execute(q("forecast_clock")))["now"]
 
 
 def forecast_month(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     month: date | str | None = None,
     *,
     now: datetime | None = None,

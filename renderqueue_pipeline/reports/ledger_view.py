@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from datetime import date
 
-import psycopg
-
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.money import cents
 from renderqueue_pipeline.reports.checks import (
@@ -28,7 +27,7 @@ def columns_for(by: str) -> list[str]:
     return cli_columns(by)
 
 
-def month_from_ledger(conn: psycopg.Connection, month: date, by: str) -> list[dict]:
+def month_from_ledger(conn: LedgerConnection, month: date, by: str) -> list[dict]:
     """Rows by user, endpoint or batch, costliest first, with the report tables' columns."""
     with snapshot(conn):
         if by in ("user", "endpoint"):

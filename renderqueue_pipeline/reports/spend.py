@@ -25,6 +25,7 @@ from datetime import UTC, date, datetime, timedelta
 import psycopg
 from psycopg import IsolationLevel
 
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.ledger import ledger_now
 from renderqueue_pipeline.reports.months import (
@@ -78,7 +79,7 @@ class MonthReport:
         return self.state == "final"
 
 
-def _recompute(conn: psycopg.Connection, first: date, end: date) -> None:
+def _recompute(conn: LedgerConnection, first: date, end: date) -> None:
     """Replace the rollup of days [first, end) with what the ledger says now."""
     start_ts = datetime(first.year, first.month, first.day, tzinfo=UTC)
     end_ts = datetime(end.year, end.month, end.day, tzinfo=UTC)
@@ -88,7 +89,7 @@ def _recompute(conn: psycopg.Connection, first: date, end: date) -> None:
 
 
 def _stale_days(
-    conn: psycopg.Connection, month: date, now: datetime
+    conn: LedgerConnection, month: date, now: datetime
 ) -> tuple[list[date], list[date]]:
     """Days of an open month to read again, and the settled days reused as they are."""
     start, end = month_range(month)
@@ -117,14 +118,14 @@ def _stale_days(
     return sorted(stale), sorted(set(settled) - stale)
 
 
-def _write_tables(conn: psycopg.Connection, month: date, computed_at: datetime) -> None:
+def _write_tables(conn: LedgerConnection, month: date, computed_at: datetime) -> None:
     """Replace the month's report rows (every dimension) with sums of its rollups."""
     params = {"month": month, "end_day": next_month(month), "computed_at": computed_at}
     conn.execute(q("report_rows_delete"), params)
     conn.execute(q("report_rows_insert"), params)
 
 
-def _mark_days(conn: psycopg.Connection, days: list[date], now: datetime, high_water: dict) -> None:
+def _mark_days(conn: LedgerConnection, days: list[date], now: datetime, high_water: dict) -> None:
     conn.execute(
         q("rollup_days_upsert"),
         {
@@ -137,7 +138,7 @@ def _mark_days(conn: psycopg.Connection, days: list[date], now: datetime, high_w
 
 
 def refresh_month(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     month: date,
     *,
     now: datetime | None = None,
@@ -183,7 +184,7 @@ def refresh_month(
 
 
 def _refresh_in_snapshot(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     month: date,
     now: datetime,
     final: bool,
@@ -197,7 +198,7 @@ def _refresh_in_snapshot(
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - clock
         clock = time.perf_counter()
 
-    high_water = conn.execute(q("ledger_high_water")).fetchone()
+    high_water = one_row(conn.execute(q("ledger_high_water")))
     changes = conn.execute(q("report_month_changes"), {"month": month}).fetchone()
     # a final month whose ledger changed after it ended is rebuilt, never patched day by day
     rebuild = rebuild or (final and bool(changes and changes["changed"]))
@@ -225,17 +226,19 @@ def _refresh_in_snapshot(
     if reused:
         conn.execute(q("rollup_days_advance"), {"days": reused, **high_water})
     state = "final" if final else "open"
-    summary = conn.execute(
-        q("report_month_upsert"),
-        {
-            "month": month,
-            "end_day": next_month(month),
-            "state": state,
-            "computed_at": now,
-            "snapshot_at": high_water["snapshot_at"],
-            "max_generation_id": high_water["max_generation_id"],
-        },
-    ).fetchone()
+    summary = one_row(
+        conn.execute(
+            q("report_month_upsert"),
+            {
+                "month": month,
+                "end_day": next_month(month),
+                "state": state,
+                "computed_at": now,
+                "snapshot_at": high_water["snapshot_at"],
+                "max_generation_id": high_water["max_generation_id"],
+            },
+        )
+    )
     return MonthReport(
         month=month,
         state=state,
@@ -261,14 +264,14 @@ def _refresh_in_snapshot(
     )
 
 
-def changed_months(conn: psycopg.Connection) -> list[dict]:
+def changed_months(conn: LedgerConnection) -> list[dict]:
     """Months with a report whose ledger changed since their last rebuild (oldest first):
     what the reports' sensor rebuilds."""
     with conn.transaction():
         return conn.execute(q("report_months_changed")).fetchall()
 
 
-def mark_days_unsettled(conn: psycopg.Connection, days: Iterable[date]) -> None:
+def mark_days_unsettled(conn: LedgerConnection, days: Iterable[date]) -> None:
     """For writers that change money outside record_events (a raw UPDATE, a billing
     correction): the next refresh of those days' months reads them from the ledger again."""
     conn.execute(q("mark_days_unsettled"), {"days": sorted(set(days))})

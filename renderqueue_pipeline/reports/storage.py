@@ -11,11 +11,12 @@ import io
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
+from typing import LiteralString, cast
 
 import fsspec
 import pandas as pd
-import psycopg
 
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.reports.chart import daily_spend_chart
 from renderqueue_pipeline.reports.checks import snapshot
 from renderqueue_pipeline.reports.figures import REPORT_COLUMNS, REPORT_KEYS, REPORT_TABLES
@@ -39,7 +40,7 @@ def month_folder(storage_url: str, month: date) -> str:
     return f"{storage_url.rstrip('/')}/reports/spend/{month:%Y-%m}"
 
 
-def read_table(conn: psycopg.Connection, table: str, month: date) -> pd.DataFrame:
+def read_table(conn: LedgerConnection, table: str, month: date) -> pd.DataFrame:
     """One month of a report table as a DataFrame, sorted by its key; the columns are the
     report's (reports/figures.py), in that order."""
     if table not in REPORT_TABLES:
@@ -47,12 +48,10 @@ def read_table(conn: psycopg.Connection, table: str, month: date) -> pd.DataFram
     select_list = ", ".join(REPORT_COLUMNS[table])
     order = ", ".join(REPORT_KEYS[table])
     with conn.cursor() as cur:
-        # the names come from reports/figures.py, never from input
-        cur.execute(
-            f"select {select_list} from {table} where month = %s order by {order}",  # noqa: S608
-            (month,),
-        )
-        columns = [c.name for c in cur.description]
+        # the names come from reports/figures.py, never from input (so LiteralString)
+        query = f"select {select_list} from {table} where month = %s order by {order}"  # noqa: S608
+        cur.execute(cast(LiteralString, query), (month,))
+        columns = [c.name for c in cur.description or ()]  # a select: never None
         return pd.DataFrame(cur.fetchall(), columns=columns)
 
 
@@ -74,7 +73,9 @@ def for_analysts(frame: pd.DataFrame) -> pd.DataFrame:
             and all(isinstance(v, Decimal) for v in values)
         ):
             out[column] = out[column].astype("float64")
-        elif column.endswith(("_micros", "_cents", "generations")) and out[column].isna().any():
+        elif column.endswith(("_micros", "_cents", "generations")) and bool(
+            out[column].isna().any()
+        ):
             out[column] = out[column].astype("Int64")
         elif (
             out[column].dtype == object and len(values) and all(isinstance(v, date) for v in values)
@@ -98,7 +99,7 @@ def _csv(frame: pd.DataFrame) -> bytes:
     return frame.to_csv(index=False).encode()
 
 
-def export_month(conn: psycopg.Connection, month: date, storage_url: str) -> list[WrittenFile]:
+def export_month(conn: LedgerConnection, month: date, storage_url: str) -> list[WrittenFile]:
     """Write the month's four report tables and its FOCUS export (Parquet and CSV each) and
     its chart; list them."""
     with snapshot(conn):  # the tables and the FOCUS rows from one view of the ledger

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import psycopg
 
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.fal_platform import FalPlatform
@@ -105,7 +106,9 @@ def prefetched(pages: Iterator[T], depth: int = 2) -> Iterator[T]:
 
 
 def copy_events(
-    cursor: psycopg.Cursor, pages: Iterable[list[dict[str, Any]]], progress: Progress | None = None
+    cursor: psycopg.Cursor[Any],
+    pages: Iterable[list[dict[str, Any]]],
+    progress: Progress | None = None,
 ) -> tuple[int, int]:
     """COPY every event of every page; returns (pages, events)."""
     n_pages = n_events = 0
@@ -121,7 +124,7 @@ def copy_events(
 
 
 def load_billing_events(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     platform: FalPlatform,
     start: dt.datetime,
     end: dt.datetime,
@@ -147,9 +150,7 @@ def load_billing_events(
     return BillingLoad(start, end, n_pages, row["events"], row["requests"], row["nano_usd"])
 
 
-def insert_events_row_by_row(
-    conn: psycopg.Connection, pages: Iterable[list[dict[str, Any]]]
-) -> int:
+def insert_events_row_by_row(conn: LedgerConnection, pages: Iterable[list[dict[str, Any]]]) -> int:
     """The naive baseline the benchmark compares with: one INSERT per event."""
     count = 0
     with conn.transaction(), conn.cursor() as cursor:

@@ -26,8 +26,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 
 OUTCOMES = (
@@ -139,7 +138,7 @@ def _days(start: dt.datetime, end: dt.datetime) -> dict[str, dt.date]:
 
 
 def check_billing(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     start: dt.datetime,
     end: dt.datetime,
     *,
@@ -184,7 +183,7 @@ def check_billing(
     return summarize(conn, start, end, largest=0)
 
 
-def apply_billed(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime) -> int:
+def apply_billed(conn: LedgerConnection, start: dt.datetime, end: dt.datetime) -> int:
     """fal's figure becomes the cost of each billed, completed generation of the range
     (cost_basis 'billed'; our figure kept in computed_cost_micros). Returns rows changed."""
     with conn.transaction():
@@ -192,7 +191,7 @@ def apply_billed(conn: psycopg.Connection, start: dt.datetime, end: dt.datetime)
 
 
 def summarize(
-    conn: psycopg.Connection, start: dt.datetime, end: dt.datetime, *, largest: int = 10
+    conn: LedgerConnection, start: dt.datetime, end: dt.datetime, *, largest: int = 10
 ) -> BillingCheck:
     """The stored results of a range: totals by outcome and the largest differences."""
     days = _days(start, end)

@@ -18,8 +18,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.fal_platform import FalPlatform, FalPrice
 
@@ -54,7 +53,7 @@ def scaled(micros: int, new_rate: int, reference_rate: int) -> int:
 
 
 def sync_prices(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     platform: FalPlatform,
     *,
     now: dt.datetime | None = None,
@@ -94,7 +93,7 @@ def sync_prices(
 
 
 def _apply(
-    conn: psycopg.Connection, endpoint: str, price: FalPrice, now: dt.datetime
+    conn: LedgerConnection, endpoint: str, price: FalPrice, now: dt.datetime
 ) -> list[dict[str, Any]]:
     new_rate = round(price.unit_price * 1_000_000)
     reference = conn.execute(

@@ -13,8 +13,7 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.fal_platform import FalPlatform
 
@@ -72,7 +71,7 @@ class TagComparison:
 
 
 def compare_usage_by_tag(
-    conn: psycopg.Connection,
+    conn: LedgerConnection,
     platform: FalPlatform,
     start: dt.datetime,
     end: dt.datetime,

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import psycopg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -49,6 +50,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.errors import DatabaseUnavailable, LedgerInputError
@@ -70,6 +72,7 @@ from renderqueue_pipeline.webhook.signature import (
     JwksUnavailable,
     JwksVerifier,
     SignatureRejected,
+    SignedHeaders,
     StaleTimestamp,
 )
 
@@ -234,7 +237,7 @@ class DatabaseProbe:
     def __init__(self, url: str, interval: float = PROBE_INTERVAL) -> None:
         self._url = url
         self._interval = interval
-        self._conn: psycopg.Connection | None = None
+        self._conn: LedgerConnection | None = None
         self._lock = asyncio.Lock()
         self._last: ProbeResult | None = None
         self._at = float("-inf")
@@ -252,7 +255,7 @@ class DatabaseProbe:
         try:
             if self._conn is None or self._conn.closed or self._conn.broken:
                 self._conn = open_connection(self._url, statement_timeout=2.0)
-            waiting = self._conn.execute(q("webhook_probe")).fetchone()["waiting"]
+            waiting = one_row(self._conn.execute(q("webhook_probe")))["waiting"]
             return ProbeResult(True, waiting, expired_event_count(self._conn))
         except (psycopg.Error, DatabaseUnavailable) as exc:
             log.error("database probe failed: %s", describe(exc))
@@ -327,6 +330,13 @@ def json_answer(status: int, content: dict) -> tuple[list[tuple[bytes, bytes]], 
     headers.append((b"content-length", str(len(body)).encode("latin-1")))
     headers.append((b"content-type", b"application/json"))
     return headers, body
+
+
+class _Checked(NamedTuple):
+    """Headers that passed: the signed values, and whether this is a late retry."""
+
+    signed: SignedHeaders
+    late: bool
 
 
 class _FalEndpoint:
@@ -422,7 +432,7 @@ class _FalEndpoint:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _check_headers(self, headers: dict[str, str]) -> tuple[object, bool] | tuple[int, dict]:
+    def _check_headers(self, headers: dict[str, str]) -> _Checked | tuple[int, dict]:
         """The signed headers and whether this is a late retry, or a refusal."""
         verifier, late = self.verifier, False
         try:
@@ -448,7 +458,7 @@ class _FalEndpoint:
                 "outcome": "foreign_user",
                 "error": "X-Fal-Webhook-User-Id is not an account this receiver serves",
             }
-        return signed, late
+        return _Checked(signed, late)
 
     # the receiver's hot path in one frame, read top to bottom (docs/webhook.md: CPU per delivery)
     async def _handle(  # noqa: C901
@@ -460,8 +470,8 @@ class _FalEndpoint:
         arrived = verifier.now()
         headers = request_headers(scope)
         checked = self._check_headers(headers)
-        if isinstance(checked[0], int):
-            return checked  # type: ignore[return-value]
+        if not isinstance(checked, _Checked):
+            return checked
         signed, late = checked
         try:
             body = await self._read(headers, receive, deadline)
@@ -628,8 +638,12 @@ def create_app(config: ReceiverConfig | None = None) -> Starlette:  # noqa: C901
     async def database_ok() -> bool:
         """The flushers' last word if it is recent and good; else the cached probe."""
         state = committer.state
-        recent = state.last_ok is not None and time.monotonic() - state.last_ok < PROBE_INTERVAL
-        if recent and (state.last_error is None or state.last_error < state.last_ok):
+        last_ok, last_error = state.last_ok, state.last_error  # written by the flush threads
+        if (
+            last_ok is not None
+            and time.monotonic() - last_ok < PROBE_INTERVAL
+            and (last_error is None or last_error < last_ok)
+        ):
             return True
         return (await probe.read()).ok
 

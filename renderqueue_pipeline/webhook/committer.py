@@ -42,10 +42,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final, Literal, TypeAlias
 
 import psycopg
 from psycopg.rows import dict_row
+from typing_extensions import TypedDict  # closed=True (PEP 728): only these keys
 
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.db.server import psycopg_url
 from renderqueue_pipeline.errors import DatabaseUnavailable
@@ -59,7 +62,9 @@ DEFAULT_COMMIT_TIMEOUT = 10.0
 CONNECT_TIMEOUT_SECONDS = 3
 DEFAULT_MAX_PENDING = 4096
 #: outcome of a late retry (see app.py) for a request id we have no row for: not stored
-UNKNOWN_REQUEST = "unknown_request"
+UNKNOWN_REQUEST: Final = "unknown_request"
+#: what a delivery learns: the ledger's outcome, or UNKNOWN_REQUEST (not stored)
+CommitOutcome: TypeAlias = EventOutcome | Literal["unknown_request"]
 
 
 class EventNotStorable(Exception):
@@ -87,7 +92,18 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}[{state}]: {text}" if state else f"{type(exc).__name__}: {text}"
 
 
-def connection_options(statement_timeout: float) -> dict[str, object]:
+class LibpqOptions(TypedDict, closed=True):
+    """The libpq parameters of a receiver connection (keywords of `psycopg.connect`)."""
+
+    connect_timeout: int
+    keepalives: int
+    keepalives_idle: int
+    keepalives_interval: int
+    keepalives_count: int
+    options: str
+
+
+def connection_options(statement_timeout: float) -> LibpqOptions:
     """libpq options of a receiver connection: bounded connect, keepalives, statement cap."""
     return {
         "connect_timeout": CONNECT_TIMEOUT_SECONDS,
@@ -99,10 +115,10 @@ def connection_options(statement_timeout: float) -> dict[str, object]:
     }
 
 
-def open_connection(url: str, statement_timeout: float) -> psycopg.Connection:
+def open_connection(url: str, statement_timeout: float) -> LedgerConnection:
     """An autocommit connection for the receiver, or DatabaseUnavailable (no URL in it)."""
     try:
-        return psycopg.Connection.connect(
+        return LedgerConnection.connect(
             psycopg_url(url),
             autocommit=True,
             row_factory=dict_row,
@@ -122,7 +138,7 @@ def _expire(future: asyncio.Future) -> None:
 @dataclass
 class _Pending:
     event: LedgerEvent
-    future: asyncio.Future[EventOutcome] = field(repr=False)
+    future: asyncio.Future[CommitOutcome] = field(repr=False)
     known_only: bool = False  # a late retry: store it only if its generation row exists
 
 
@@ -141,9 +157,9 @@ class _Flusher:
     def __init__(self, url: str, statement_timeout: float) -> None:
         self._url = url
         self._statement_timeout = statement_timeout
-        self._conn: psycopg.Connection | None = None
+        self._conn: LedgerConnection | None = None
 
-    def connection(self) -> psycopg.Connection:
+    def connection(self) -> LedgerConnection:
         conn = self._conn
         if conn is None or conn.closed or conn.broken:
             conn = self._conn = open_connection(self._url, self._statement_timeout)
@@ -216,7 +232,7 @@ class GroupCommitter:
 
     async def submit(
         self, event: LedgerEvent, *, deadline: float | None = None, known_only: bool = False
-    ) -> EventOutcome:
+    ) -> CommitOutcome:
         """Store and apply `event`; returns once its transaction has committed.
 
         `deadline` (loop time): past it the delivery gets DeadlineExceeded (a 503; the
@@ -225,7 +241,7 @@ class GroupCommitter:
         """
         if self._loop is None:
             raise RuntimeError("GroupCommitter.start() was not awaited")
-        future: asyncio.Future[EventOutcome] = self._loop.create_future()
+        future: asyncio.Future[CommitOutcome] = self._loop.create_future()
         with self._ready:
             if self._stopping:  # no flusher would take it: fal retries against a live one
                 raise DatabaseUnavailable("the receiver is shutting down")
@@ -265,11 +281,14 @@ class GroupCommitter:
                     return batch
 
     def _flush_loop(self, flusher: _Flusher) -> None:
+        loop = self._loop
+        if loop is None:  # start() sets it before this thread runs
+            raise RuntimeError("GroupCommitter.start() was not awaited")
         try:
             while (batch := self._next_batch()) is not None:
                 began = time.perf_counter()
                 try:
-                    result: list[EventOutcome | Exception] | Exception = self._commit(
+                    result: list[CommitOutcome | Exception] | Exception = self._commit(
                         flusher, batch
                     )
                     self.state.last_ok = time.monotonic()
@@ -279,14 +298,14 @@ class GroupCommitter:
                     self.state.last_error, self.state.error = time.monotonic(), describe(exc)
                 seconds = time.perf_counter() - began
                 with contextlib.suppress(RuntimeError):  # the loop closed under us
-                    self._loop.call_soon_threadsafe(self._answer, batch, result, seconds)
+                    loop.call_soon_threadsafe(self._answer, batch, result, seconds)
         finally:
             flusher.drop()
 
     def _answer(
         self,
         batch: list[_Pending],
-        result: list[EventOutcome | Exception] | Exception,
+        result: list[CommitOutcome | Exception] | Exception,
         seconds: float,
     ) -> None:
         """On the event loop: wake the deliveries of a committed (or failed) batch."""
@@ -318,7 +337,7 @@ class GroupCommitter:
             )
         return DatabaseUnavailable(f"storing {what} failed: {describe(exc)}")
 
-    def _commit(self, flusher: _Flusher, batch: list[_Pending]) -> list[EventOutcome | Exception]:
+    def _commit(self, flusher: _Flusher, batch: list[_Pending]) -> list[CommitOutcome | Exception]:
         conn = flusher.connection()
         known: set[str] | None = None
         if any(p.known_only for p in batch):

@@ -111,14 +111,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     max_header_bytes: int = MAX_HEADER_BYTES
     max_heads_waiting: int = MAX_HEADS_WAITING
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:
         self._heading = False  # waiting for a request head
         self._head_bytes = 0  # raw bytes received while waiting for this head
         self._draining = False  # a refused head: input is dropped until the connection closes
         waiting = getattr(self.server_state, "renderqueue_heads_waiting", None)
         if waiting is None:
             waiting = _HeadsWaiting(self.loop)
-            self.server_state.renderqueue_heads_waiting = waiting  # type: ignore[attr-defined]
+            # one count per server, kept on uvicorn's ServerState (shared by its connections)
+            self.server_state.renderqueue_heads_waiting = waiting  # pyright: ignore[reportAttributeAccessIssue]
         self._waiting: _HeadsWaiting = waiting
         super().connection_made(transport)
         self._await_head()

@@ -16,6 +16,7 @@ import time
 
 import psycopg
 
+from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.migrate import Migration, load_migrations, missing_migrations
 from renderqueue_pipeline.errors import DatabaseUnavailable
 from renderqueue_pipeline.webhook.committer import describe, open_connection
@@ -37,7 +38,7 @@ class SchemaGate:
         self._migrations = load_migrations() if migrations is None else migrations
         self._lock = asyncio.Lock()
         self._checked_at = float("-inf")
-        self._conn: psycopg.Connection | None = None
+        self._conn: LedgerConnection | None = None
         self.ready = False
         #: why not ready, for /healthz: "database_unavailable" or "migrations_missing"
         self.reason: str | None = "not_checked"
