@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bench.common import REPEATS, SCALE, Figure, note
+from bench.common import REPEATS, SCALE, Figure, bench_server_url, note
 
 
 def _discover() -> list[str]:
@@ -76,9 +77,6 @@ def _doc(name: str) -> str:
 
 def settle_database(console: Console) -> None:
     """Checkpoint and vacuum the server: no benchmark pays for the last one's writes."""
-    import psycopg
-
-    from bench.common import bench_server_url
 
     try:
         with psycopg.connect(bench_server_url(), autocommit=True) as conn:

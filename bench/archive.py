@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -25,11 +26,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import boto3
 import httpx
+import s3fs
 from rich.console import Console
 
 from bench.common import BENCH_HOME, REPEATS, Figure, note, scaled, scratch_ledger
 from bench.memory import peak_rss_mb
+from renderqueue_pipeline.archive import ArchiveOptions, ArchiveStorage, archive_pending
+from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
+from renderqueue_pipeline.archive.storage import UPLOAD_BLOCK_BYTES
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.serving import free_port
 
 OUTPUTS = scaled(50, 4)  # at least CONCURRENCY: every worker has an output
 TARGET_BYTES = 20_000_000
@@ -43,7 +51,6 @@ BASE_VIDEO_BYTES = 2_500_000 * 5 / 8  # the simulator's 720p bitrate x 5 s
 
 
 def _cpu_seconds() -> float:
-    import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -87,9 +94,6 @@ def _baseline(job: dict[str, Any]) -> dict[str, Any]:
 
 def _plain_s3(job: dict[str, Any]) -> dict[str, Any]:
     """Plain httpx streaming into S3 through s3fs (same part size), no checks, no ledger."""
-    import s3fs
-
-    from renderqueue_pipeline.archive.storage import UPLOAD_BLOCK_BYTES
 
     fs = s3fs.S3FileSystem()
     client = httpx.Client(
@@ -126,9 +130,6 @@ def _plain_s3(job: dict[str, Any]) -> dict[str, Any]:
 
 def _archive(job: dict[str, Any]) -> dict[str, Any]:
     """archive_pending over every due row of the ledger."""
-    from renderqueue_pipeline.archive import ArchiveOptions, ArchiveStorage, archive_pending
-    from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
-    from renderqueue_pipeline.db.connect import connect
 
     storage = ArchiveStorage.from_url(job["storage"])
     policy = FetchPolicy(loopback_hosts=parse_hosts(job["loopback"]))
@@ -264,7 +265,6 @@ def _outputs(host: str, bundle: str, key: str, count: int, size: int) -> list[di
 
 def _load_rows(ledger: str, outputs: list[dict[str, Any]]) -> None:
     """Completed generations with these outputs, as the seed article's INSERT writes them."""
-    from renderqueue_pipeline.db.connect import connect
 
     with connect(ledger) as conn, conn.transaction(), conn.cursor() as cur:
         cur.executemany(
@@ -275,7 +275,6 @@ def _load_rows(ledger: str, outputs: list[dict[str, Any]]) -> None:
 
 
 def _reset_archive(ledger: str) -> None:
-    from renderqueue_pipeline.db.connect import connect
 
     with connect(ledger) as conn, conn.transaction():
         conn.execute("delete from generation_files")
@@ -286,7 +285,6 @@ def _reset_archive(ledger: str) -> None:
 
 
 def _start_moto(home: Path) -> tuple[_Process, str]:
-    from renderqueue_pipeline.serving import free_port
 
     port = free_port()
     process = _Process(
@@ -345,8 +343,6 @@ def run(console: Console) -> list[Figure]:
                 shutil.rmtree(home / "store")
 
             moto, endpoint = _start_moto(home)
-            import boto3
-
             boto3.client(
                 "s3",
                 endpoint_url=endpoint,

@@ -33,12 +33,17 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import pandas as pd
 import psycopg
 from rich.console import Console
 
 from bench.common import BENCH_HOME, REPEATS, Figure, interleaved, note, scaled, scratch_ledger
 from bench.memory import peak_rss_mb
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.fal_platform import FalPlatform
+from renderqueue_pipeline.spend import check_billing
+from renderqueue_pipeline.spend.billing import insert_events_row_by_row, load_billing_events
 
 EVENTS = int(os.environ.get("BENCH_BILLING_EVENTS", scaled(1_000_000, 20_000)))
 GENERATIONS = EVENTS * 5
@@ -188,8 +193,6 @@ def _child(mode: str, url: str) -> dict:
 
 
 def run(console: Console) -> list[Figure]:
-    from renderqueue_pipeline.fal_platform import FalPlatform
-    from renderqueue_pipeline.spend.billing import insert_events_row_by_row, load_billing_events
 
     proc, exports = _start_simulator(console)
     try:
@@ -296,7 +299,6 @@ def run(console: Console) -> list[Figure]:
 
 
 def _reconcile_sql(url: str) -> dict:
-    from renderqueue_pipeline.spend import check_billing
 
     now = END + dt.timedelta(days=3)
     with connect(url) as conn:
@@ -308,8 +310,6 @@ def _reconcile_sql(url: str) -> dict:
 
 
 def _reconcile_pandas(url: str) -> dict:
-    import numpy as np
-    import pandas as pd
 
     def frame(conn, sql: str, params: dict, columns: list[str]) -> pd.DataFrame:
         parts = []
@@ -337,7 +337,8 @@ def _reconcile_pandas(url: str) -> dict:
         select = ", ".join(gen_cols).replace("status", "status::text")
         gen = frame(
             conn,
-            f"select {select} from generations where created_at >= %(s)s and created_at < %(e)s",
+            # the columns are gen_cols above, the bench's own list
+            f"select {select} from generations where created_at >= %(s)s and created_at < %(e)s",  # noqa: S608
             {"s": START, "e": END},
             gen_cols,
         )
@@ -352,7 +353,8 @@ def _reconcile_pandas(url: str) -> dict:
         ]
         events = frame(
             conn,
-            f"select {', '.join(ev_cols)} from fal_billing_events"
+            # the bench's columns
+            f"select {', '.join(ev_cols)} from fal_billing_events"  # noqa: S608
             " where billed_at >= %(s)s and billed_at < %(e)s",
             {"s": START, "e": END + dt.timedelta(days=31)},
             ev_cols,

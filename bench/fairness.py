@@ -33,6 +33,15 @@ from typing import Any
 from rich.console import Console
 
 from bench.common import Figure, note, scaled, scratch_ledger
+from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
+from renderqueue_pipeline.batch.single import submit_prompt
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.serving import bind_socket, serve_in_thread
+from renderqueue_pipeline.settings import Settings, get_settings
+from renderqueue_pipeline.simulator.server import client_env
+from renderqueue_pipeline.simulator.testing import running_simulator, wait_until
+from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
+from renderqueue_pipeline.webhook.limits import server_options
 
 CAP = 10
 RUN_TIME = 0.5
@@ -60,7 +69,6 @@ def _write(path: Path, users: dict[int, int]) -> Path:
 
 def _sent_at(ledger_url: str) -> dict[str, float]:
     """request_id -> the moment its item was admitted and sent (the ledger's sent_at)."""
-    from renderqueue_pipeline.db.connect import connect
 
     with connect(ledger_url, autocommit=True) as conn:
         rows = conn.execute(
@@ -82,9 +90,6 @@ def _waits(sim: Any, ledger_url: str, user: int) -> list[float]:
 
 def _batch(sim: Any, path: Path, ledger_url: str, singles: int) -> tuple[list[float], list[float]]:
     """Run one batch (and `singles` single submits during it) to the end of fal's work."""
-    from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
-    from renderqueue_pipeline.batch.single import submit_prompt
-    from renderqueue_pipeline.simulator.testing import wait_until
 
     rows = sum(1 for _ in path.open()) - 1
     single_ids: list[str] = []
@@ -117,12 +122,6 @@ def _batch(sim: Any, path: Path, ledger_url: str, singles: int) -> tuple[list[fl
 def run(console: Console) -> list[Figure]:
     if "fal_client" in sys.modules:
         raise RuntimeError("fal_client was imported before the simulator's host was set")
-    from renderqueue_pipeline.serving import bind_socket, serve_in_thread
-    from renderqueue_pipeline.settings import Settings, get_settings
-    from renderqueue_pipeline.simulator.server import client_env
-    from renderqueue_pipeline.simulator.testing import running_simulator
-    from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
-    from renderqueue_pipeline.webhook.limits import server_options
 
     home = Path(tempfile.mkdtemp(prefix="renderqueue-bench-fairness-"))
     sock = bind_socket("127.0.0.1", 0)

@@ -17,6 +17,7 @@ stuck) and the median is compared.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import os
@@ -28,6 +29,12 @@ from typing import Any
 from rich.console import Console
 
 from bench.common import REPEATS, Figure, note, scaled, scratch_ledger
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.reconcile import ReconcileOptions, reconcile
+from renderqueue_pipeline.simulator.config import SimConfig
+from renderqueue_pipeline.simulator.server import SimulatorServer
+from renderqueue_pipeline.simulator.testing import SimControl
 
 STUCK = int(os.environ.get("BENCH_RECONCILE_STUCK", scaled(10_000, 500)))
 FINISHED = int(os.environ.get("BENCH_RECONCILE_FINISHED", scaled(1_000_000, 10_000)))
@@ -42,7 +49,6 @@ INPUTS = {"prompt": "a lighthouse in a storm", "duration": "5", "resolution": "7
 
 def _insert_finished(url: str, count: int) -> float:
     """A million finished rows in one statement; returns the seconds it took."""
-    from renderqueue_pipeline.db.connect import connect
 
     started = time.perf_counter()
     with connect(url) as conn:
@@ -75,14 +81,13 @@ def _child(url: str, env: dict[str, str], results: Any) -> None:
     os.environ.update(env)
     try:
         results.put(_measure(url))
-    except BaseException as exc:  # report it to the parent, which raises it
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
         results.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
 def _submit_all(count: int) -> list[str]:
-    import asyncio
 
-    import fal_client
+    import fal_client  # noqa: PLC0415 - reads its host on import: here, in the child
 
     async def main() -> list[str]:
         client = fal_client.AsyncClient()
@@ -99,9 +104,6 @@ def _submit_all(count: int) -> list[str]:
 
 
 def _measure(url: str) -> dict[str, Any]:
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.db.queries import q
-    from renderqueue_pipeline.reconcile import ReconcileOptions, reconcile
 
     started = time.perf_counter()
     submitted = _submit_all(SEQUENTIAL + STUCK)
@@ -186,9 +188,6 @@ def _unstick(conn: Any, ids: list[str]) -> None:
 
 
 def run(console: Console) -> list[Figure]:
-    from renderqueue_pipeline.simulator.config import SimConfig
-    from renderqueue_pipeline.simulator.server import SimulatorServer
-    from renderqueue_pipeline.simulator.testing import SimControl
 
     with scratch_ledger() as url, tempfile.TemporaryDirectory() as home:
         console.print(f"  inserting {FINISHED:,} finished rows (generate_series)...")

@@ -33,14 +33,19 @@ month; the measured refresh is not a rebuild, as `now` is set to the 29th.)
 
 from __future__ import annotations
 
+import io
 import time
 from datetime import UTC, date, datetime, timedelta
 
+import pandas as pd
 from rich.console import Console
 
 from bench.common import REPEATS, Figure, interleaved, median, note, scaled, scratch_ledger
 from bench.memory import measured
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.ledger import LedgerEvent, record_events
+from renderqueue_pipeline.reports import checks as report_checks
+from renderqueue_pipeline.reports.spend import refresh_month
 
 GENERATIONS = scaled(5_000_000, 100_000)
 USERS = 600
@@ -170,16 +175,14 @@ def load_month(url: str, n: int = GENERATIONS, until: datetime = OPEN_NOW) -> No
 
 def pandas_baseline(url: str) -> dict:
     """The month's rows into pandas, grouped in memory (what a notebook would do)."""
-    import io
-
-    import pandas as pd
 
     start = datetime(MONTH.year, MONTH.month, 1, tzinfo=UTC)
     end = datetime(2026, 11, 1, tzinfo=UTC)
     buffer = io.BytesIO()
     with connect(url) as conn, conn.cursor() as cur:
+        # COPY takes no bind parameters: the two datetimes are the bench's own
         sql = (
-            "copy (select g.user_id, g.endpoint, bi.batch_id, g.status, g.cost_basis,"
+            "copy (select g.user_id, g.endpoint, bi.batch_id, g.status, g.cost_basis,"  # noqa: S608
             " g.cost_micros, g.billed_seconds, bi.estimate_micros,"
             " (g.created_at at time zone 'UTC')::date as day"
             " from generations g left join batch_items bi on bi.id = g.batch_item_id"
@@ -229,7 +232,6 @@ def pandas_baseline(url: str) -> dict:
 
 def ours(url: str, now: datetime, rebuild: bool = False) -> dict:
     """The asset's work: refresh (or finalize) the month's four report tables."""
-    from renderqueue_pipeline.reports.spend import refresh_month
 
     with connect(url) as conn:
         report = refresh_month(conn, MONTH, now=now, rebuild=rebuild)
@@ -243,7 +245,6 @@ def ours(url: str, now: datetime, rebuild: bool = False) -> dict:
 def checks(url: str, now: datetime) -> dict:
     """The asset checks' work: the report against the ledger by user and by endpoint, prices,
     rows open over 24 h, archive failures."""
-    from renderqueue_pipeline.reports import checks as report_checks
 
     timings = {}
     with connect(url) as conn:
@@ -268,7 +269,6 @@ def checks(url: str, now: datetime) -> dict:
 def hour_of_traffic(url: str, now: datetime, tag: str = "new") -> None:
     """New generations for the current hour and completions of open ones, as the ledger
     receives them (inserts by the submit path's statement, events by record_events)."""
-    from renderqueue_pipeline.ledger import LedgerEvent, record_events
 
     with connect(url) as conn:
         rows = conn.execute(
@@ -338,7 +338,8 @@ def run(console: Console) -> list[Figure]:
         last = OPEN_NOW + timedelta(hours=REPEATS)
         check_s, check_mb, checked = measured(checks, url, last)
         note(console, f"checks: {check_s:.2f} s, {check_mb:.0f} MB {checked}")
-        assert checked["ledger_matches"] and checked["priced"], checked
+        assert checked["ledger_matches"], checked
+        assert checked["priced"], checked
         final_s, final_mb, final = measured(ours, url, FINAL_NOW, True)
         note(console, f"finalizing rebuild: {final_s:.2f} s, {final_mb:.0f} MB {final}")
         last_total = baselines[-1][2]["cost_micros"]

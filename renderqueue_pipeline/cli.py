@@ -5,15 +5,22 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import traceback
 
 import click
 
 from renderqueue_pipeline.archive.cli import archive, link
 from renderqueue_pipeline.batch.cli import batch, budget, submit
+from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.reset import db_reset
+from renderqueue_pipeline.db.roles import GrantError, check_password, grant_login
+from renderqueue_pipeline.db.server import database_url, stop_embedded
+from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.ledger.cli import events
+from renderqueue_pipeline.ledger.report import print_ledger_status
 from renderqueue_pipeline.reconcile.cli import reconcile_command
 from renderqueue_pipeline.reconcile.orphans_cli import orphans
+from renderqueue_pipeline.redact import install_log_redaction, redact
 from renderqueue_pipeline.reports.cli import report
 from renderqueue_pipeline.settings import ConfigError
 from renderqueue_pipeline.simulator.cli import simulator
@@ -25,8 +32,6 @@ class _FriendlyGroup(click.Group):
     """Turns our own expected errors into one line on stderr and exit code 2."""
 
     def invoke(self, ctx: click.Context):
-        from renderqueue_pipeline.errors import RenderqueueError
-        from renderqueue_pipeline.redact import install_log_redaction, redact
 
         install_log_redaction()
         try:
@@ -36,9 +41,7 @@ class _FriendlyGroup(click.Group):
             sys.exit(2)
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
-        except Exception:  # a bug: keep the traceback, without any secret in it
-            import traceback
-
+        except Exception:  # noqa: BLE001 - a bug: keep the traceback, without any secret in it
             click.echo(redact(traceback.format_exc()), err=True, nl=False)
             sys.exit(1)
 
@@ -56,7 +59,6 @@ def db() -> None:
 @db.command("url")
 def db_url() -> None:
     """Print the database URL in use (starting the embedded server if needed)."""
-    from renderqueue_pipeline.db.server import database_url
 
     click.echo(database_url())
 
@@ -64,8 +66,6 @@ def db_url() -> None:
 @db.command("migrate")
 def db_migrate() -> None:
     """Apply the migrations in sql/ (safe to run twice and concurrently)."""
-    from renderqueue_pipeline.db.migrate import migrate
-    from renderqueue_pipeline.db.server import database_url
 
     applied = migrate(database_url())
     if applied:
@@ -90,8 +90,6 @@ def db_grant(part: str, name: str, password_env: str) -> None:
     Run it as the database owner (the DATABASE_URL that migrates). The password comes from
     the environment variable or is asked for; it is never printed or sent in clear text.
     """
-    from renderqueue_pipeline.db.roles import GrantError, check_password, grant_login
-    from renderqueue_pipeline.db.server import database_url
 
     value = os.environ.get(password_env)
     source = password_env
@@ -111,19 +109,17 @@ def db_grant(part: str, name: str, password_env: str) -> None:
 @click.argument("psql_args", nargs=-1, type=click.UNPROCESSED)
 def db_psql(psql_args: tuple[str, ...]) -> None:
     """Open psql on the database in use (needs a psql binary on PATH)."""
-    from renderqueue_pipeline.db.server import database_url
 
     psql = shutil.which("psql")
     if psql is None:
         raise click.ClickException("psql is not on PATH; use `renderqueue db url` with your client")
     url = database_url()
-    os.execv(psql, [psql, url, *psql_args])
+    os.execv(psql, [psql, url, *psql_args])  # noqa: S606 - psql found on PATH, replaces us
 
 
 @db.command("stop")
 def db_stop() -> None:
     """Stop the embedded Postgres server of RENDERQUEUE_HOME (if it runs)."""
-    from renderqueue_pipeline.db.server import stop_embedded
 
     click.echo("stopped the embedded server" if stop_embedded() else "no embedded server running")
 
@@ -131,7 +127,6 @@ def db_stop() -> None:
 @db.command("status")
 def db_status() -> None:
     """Print the state of the ledger: generations by status and spend by endpoint."""
-    from renderqueue_pipeline.ledger.report import print_ledger_status
 
     print_ledger_status()
 
@@ -147,12 +142,14 @@ def db_status() -> None:
 def demo(headless: bool, port: int) -> None:
     """The whole product on the embedded defaults: in the Dagster UI, or --headless."""
     if headless:
-        from renderqueue_pipeline.demo import run_headless
+        # demo loads Dagster: only its command pays for it
+        from renderqueue_pipeline.demo import run_headless  # noqa: PLC0415
 
         if not run_headless():
             sys.exit(1)
         return
-    from renderqueue_pipeline.dev import run_dev
+    # dev loads Dagster: only its commands pay for it
+    from renderqueue_pipeline.dev import run_dev  # noqa: PLC0415
 
     run_dev(ui_port=port)
 
@@ -167,7 +164,8 @@ def demo(headless: bool, port: int) -> None:
 )
 def dev(port: int, production_shape: bool) -> None:
     """Run the whole product locally and open it in the Dagster UI (Ctrl-C stops it)."""
-    from renderqueue_pipeline.dev import run_dev
+    # dev loads Dagster: only its commands pay for it
+    from renderqueue_pipeline.dev import run_dev  # noqa: PLC0415
 
     run_dev(ui_port=port, production_shape=production_shape)
 

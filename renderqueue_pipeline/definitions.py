@@ -16,11 +16,11 @@ import dagster as dg
 
 import renderqueue_pipeline.defs as defs_package
 from renderqueue_pipeline.defs.resources import env_resources
+from renderqueue_pipeline.redact import install_log_redaction
 
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    from renderqueue_pipeline.redact import install_log_redaction
 
     install_log_redaction()  # our loggers never print a configured secret
     return dg.Definitions.merge(

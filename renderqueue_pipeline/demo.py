@@ -18,19 +18,36 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
+from dagster import DagsterInstance
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from renderqueue_pipeline.alerts import alerts_for_month, url_label
+from renderqueue_pipeline.alerts.receiver import local_alert_receiver
+from renderqueue_pipeline.dagster_home import ensure_dagster_home
 from renderqueue_pipeline.db import one_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.db.server import database_url
+from renderqueue_pipeline.definitions import defs as defs_loader
+from renderqueue_pipeline.defs.alerts.resources import AlertsResource
+from renderqueue_pipeline.defs.batch.resources import PromptsInbox
+from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.demo_data import drop_sample_prompts, prepare_demo_ledger
+from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.ledger import ledger_now
 from renderqueue_pipeline.money import dollars
+from renderqueue_pipeline.serving import serve_in_thread
 from renderqueue_pipeline.settings import get_settings, redact_url
+from renderqueue_pipeline.simulator import platform
+from renderqueue_pipeline.simulator.config import SimConfig
+from renderqueue_pipeline.simulator.server import SimulatorServer
+from renderqueue_pipeline.simulator.testing import SimControl
+from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
+from renderqueue_pipeline.webhook.limits import server_options
 
 TERMINAL = ("completed", "failed", "canceled")
 
@@ -41,9 +58,6 @@ def local_fal(home: Path, *, seed: int = 2, failure_rate: float = 0.1) -> Iterat
 
     Sets the environment before fal_client is imported anywhere in this process.
     """
-    from renderqueue_pipeline.simulator import platform
-    from renderqueue_pipeline.simulator.config import SimConfig
-    from renderqueue_pipeline.simulator.server import SimulatorServer
 
     config = SimConfig(seed=seed, failure_rate=failure_rate)
     server = SimulatorServer(home, port=0, config=config).start()
@@ -66,8 +80,6 @@ def demo_alert_webhook(console: Console) -> Iterator[Any]:
 
     Yields the local receiver (None when a URL was configured: alerts go there).
     """
-    from renderqueue_pipeline.alerts import url_label
-    from renderqueue_pipeline.alerts.receiver import local_alert_receiver
 
     configured = get_settings().alert_webhook_url
     if configured is not None:
@@ -111,9 +123,6 @@ class Step:
 
 def _sensor_requests(defs: Any, instance: Any) -> list[Any]:
     """Tick the prompts inbox sensor until it requests runs (a file waits one tick)."""
-    import dagster as dg
-
-    from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 
     sensor = defs.resolve_sensor_def("prompts_inbox_sensor")
     cursor = None
@@ -172,7 +181,6 @@ def _execute(
 def real_fal(console: Console) -> Iterator[None]:
     """FAL_KEY is set: fal (or whatever FAL_QUEUE_RUN_HOST names) and the receiver that
     RENDERQUEUE_WEBHOOK_URL reaches are already running; start neither here."""
-    from renderqueue_pipeline.errors import RenderqueueError
 
     settings = get_settings()
     if not settings.webhook_url:
@@ -189,8 +197,6 @@ def real_fal(console: Console) -> Iterator[None]:
 def run_headless(console: Console | None = None) -> bool:
     """Run the whole flow; True when the ledger matches the simulator's ground truth
     (with FAL_KEY set: when every generation ended and every output was archived)."""
-
-    from renderqueue_pipeline.definitions import defs as defs_loader
 
     console = console or Console()
     step = Step(console)
@@ -214,10 +220,6 @@ def _headless_local(
     url: str, home: Path, defs_loader: Any, console: Console, step: Step, alert_receiver: Any
 ) -> bool:
     """The flow against the local fal simulator, checked against its ground truth."""
-    from renderqueue_pipeline.serving import serve_in_thread
-    from renderqueue_pipeline.simulator.testing import SimControl
-    from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
-    from renderqueue_pipeline.webhook.limits import server_options
 
     started = _ledger_now(url)
     with local_fal(home) as fal:
@@ -239,9 +241,6 @@ def _headless_local(
 
 def _flow(url: str, load_defs: Any, console: Console, step: Step) -> tuple[list[int], list[str]]:
     """Inbox sensor, batch, webhooks, reconcile, archive, reports, billing: in this process."""
-    from dagster import DagsterInstance
-
-    from renderqueue_pipeline.dagster_home import ensure_dagster_home
 
     prepare_demo_ledger(url)
     target = drop_sample_prompts(get_settings().prompts)
@@ -301,10 +300,6 @@ def _flow(url: str, load_defs: Any, console: Console, step: Step) -> tuple[list[
 
 def _tick_budget_alerts(defs: Any, instance: Any, console: Console) -> None:
     """One tick of the budget alert sensor (the daemon's, run here): thresholds crossed."""
-    import dagster as dg
-
-    from renderqueue_pipeline.defs.alerts.resources import AlertsResource
-    from renderqueue_pipeline.defs.resources import LedgerDatabase
 
     sensor = defs.resolve_sensor_def("budget_alert_sensor")
     settings = get_settings()
@@ -389,7 +384,8 @@ def _submitted_before(url: str, request_ids: list[str], started: dt.datetime) ->
     return {r["request_id"] for r in rows}
 
 
-def print_summary(
+# one line per figure of the summary, in the order printed
+def print_summary(  # noqa: C901
     url: str,
     batch_ids: list[int],
     request_ids: list[str],
@@ -398,7 +394,6 @@ def print_summary(
     started: dt.datetime | None = None,
 ) -> bool:
     """The one-screen summary; True when the ledger matches the ground truth (if given)."""
-    from renderqueue_pipeline.alerts import alerts_for_month
 
     settings = get_settings()
     with connect(url) as conn:

@@ -9,6 +9,7 @@ With FAL_KEY / DATABASE_URL set, the simulator / embedded server are not started
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import shutil
 import signal
@@ -24,9 +25,14 @@ import httpx
 from rich.console import Console
 from rich.markup import escape
 
+from renderqueue_pipeline.alerts import alert_arguments, evaluate_budget_alerts
+from renderqueue_pipeline.dagster_home import ensure_dagster_home
 from renderqueue_pipeline.db import one_row
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.db.roles import dev_logins
+from renderqueue_pipeline.db.server import database_url, stop_embedded
 from renderqueue_pipeline.demo import (
     demo_alert_webhook,
     print_received_alerts,
@@ -36,6 +42,7 @@ from renderqueue_pipeline.demo import (
 from renderqueue_pipeline.demo_data import SAMPLE_PROMPTS, drop_sample_prompts, prepare_demo_ledger
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.redact import redact
+from renderqueue_pipeline.settings import get_settings
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,7 +68,7 @@ class Supervisor:
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = (self.log_dir / f"{name}.log").open("ab")
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # noqa: S603 - our own programs, argv built here
             argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.children.append((name, process))
@@ -164,11 +171,6 @@ def running_stack(
     production shape);
     several `webhook_ports` start one receiver each on the same database.
     """
-    from renderqueue_pipeline.dagster_home import ensure_dagster_home
-    from renderqueue_pipeline.db.migrate import migrate
-    from renderqueue_pipeline.db.roles import dev_logins
-    from renderqueue_pipeline.db.server import database_url, stop_embedded
-    from renderqueue_pipeline.settings import get_settings
 
     settings = get_settings()
     started_embedded = settings.database_url is None
@@ -251,7 +253,7 @@ def _wait_for_code_server(port: int, supervisor: Supervisor, timeout: float = 18
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         supervisor.check()
-        check = subprocess.run(
+        check = subprocess.run(  # noqa: S603 - our own programs, argv built here
             [_bin("dagster"), "api", "grpc-health-check", "-p", str(port), "-h", "127.0.0.1"],
             capture_output=True,
         )
@@ -348,10 +350,6 @@ def run_dev(
     console: Console | None = None, *, ui_port: int = 3000, production_shape: bool = False
 ) -> None:
     """Start everything, drop the sample prompts, print where to look; Ctrl-C stops all."""
-    import datetime as dt
-
-    from renderqueue_pipeline.alerts import alert_arguments, evaluate_budget_alerts
-    from renderqueue_pipeline.settings import get_settings
 
     console = console or Console()
     settings = get_settings()

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar, runtime
 from urllib.parse import quote, unquote
 
 import httpx
+from asyncstdlib import cached_property as async_cached_property
 from tenacity import (
     AsyncRetrying,
     retry_if_exception,
@@ -146,9 +147,9 @@ def pooled_fal_client(key: str | None, *, timeout: float, connections: int) -> F
     burst's connections; `result_once` makes one GET, rides out the edge's 429/503 inside
     fal-client, and raises fal-client's HTTP error for a failed request.
     """
-    import fal_client as _fal_client  # lazily: it freezes FAL_QUEUE_RUN_HOST on import
-    from asyncstdlib import cached_property as async_cached_property
-    from fal_client.client import (
+    # fal_client reads FAL_QUEUE_RUN_HOST when imported
+    import fal_client as _fal_client  # noqa: PLC0415
+    from fal_client.client import (  # noqa: PLC0415
         USER_AGENT,
         AsyncBackupDomainTransport,
         _async_maybe_retry_request,
@@ -417,7 +418,8 @@ def _status_code(exc: BaseException) -> int | None:
 
 
 def _is_fal_http_error(exc: BaseException) -> bool:
-    from fal_client.client import FalClientHTTPError
+    # fal_client reads FAL_QUEUE_RUN_HOST when imported
+    from fal_client.client import FalClientHTTPError  # noqa: PLC0415
 
     return isinstance(exc, FalClientHTTPError)
 
@@ -462,7 +464,8 @@ class FalGateway:
         rest_url: str = FAL_REST_URL,
         admin_key: str | None = _UNSET,
     ) -> None:
-        import fal_client as _fal_client  # lazily: it freezes FAL_QUEUE_RUN_HOST on import
+        # fal_client reads FAL_QUEUE_RUN_HOST when imported
+        import fal_client as _fal_client  # noqa: PLC0415
 
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
@@ -501,7 +504,8 @@ class FalGateway:
 
     @property
     def queue_host(self) -> str:
-        from fal_client.auth import FAL_QUEUE_RUN_HOST
+        # fal_client reads FAL_QUEUE_RUN_HOST when imported
+        from fal_client.auth import FAL_QUEUE_RUN_HOST  # noqa: PLC0415
 
         return FAL_QUEUE_RUN_HOST
 

@@ -35,7 +35,7 @@ def alert_receiver(statuses: list[int] | None = None, delay_s: float = 0.0) -> I
     receiver = Receiver(statuses=list(statuses or []), delay_s=delay_s)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             if receiver.delay_s:
                 time.sleep(receiver.delay_s)

@@ -21,6 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import psycopg
+from ledger_helpers import submit_row
 
 from renderqueue_pipeline.ledger import LedgerEvent, record_event
 
@@ -50,7 +51,7 @@ class Behaviour:
 
     size: int = 0
     status: int = 200
-    content_length: int | None | str = "auto"  # "auto": the true size; None: chunked
+    content_length: int | str | None = "auto"  # "auto": the true size; None: chunked
     disconnect_after: int | None = None  # close the socket after this many body bytes
     location: str | None = None  # redirect target (status 30x)
     content_type: str = "video/mp4"
@@ -167,10 +168,10 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self.wfile.write(block)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._serve(head_only=False)
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         self._serve(head_only=True)
 
 
@@ -228,7 +229,6 @@ def completed_row(
     expires_in: str | None = None,
 ) -> str:
     """A generation completed through the ledger's own writer with this output payload."""
-    from ledger_helpers import submit_row
 
     request_id, _ = submit_row(conn, request_id or f"req-{uuid.uuid4().hex[:16]}")
     record_event(conn, LedgerEvent(request_id=request_id, kind="completed", payload=payload))

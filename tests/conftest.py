@@ -11,10 +11,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import s3fs
+from moto.server import ThreadedMotoServer
 
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.migrate import migrate
-from renderqueue_pipeline.db.server import embedded_url, psycopg_url, with_database
+from renderqueue_pipeline.db.server import embedded_url, psycopg_url, sqlalchemy_url, with_database
+from renderqueue_pipeline.settings import get_settings
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_HOME = Path(os.environ.get("RENDERQUEUE_TEST_HOME", REPO / ".renderqueue" / "test"))
@@ -102,7 +105,6 @@ def _own_dagster_database(monkeypatch: pytest.MonkeyPatch) -> None:
 def dagster_storage(make_database: Callable[[], str]) -> str:
     """A Dagster instance's storage URL: a database of its own on the test server, dropped
     at the end, so no test sees another's runs (never the fixed `dagster` database)."""
-    from renderqueue_pipeline.db.server import sqlalchemy_url
 
     return sqlalchemy_url(make_database(), driver="psycopg2")
 
@@ -148,7 +150,6 @@ def conn(ledger_url: str) -> Iterator[psycopg.Connection]:
 @pytest.fixture
 def ledger_env(ledger_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
     """Point renderqueue's settings at the test ledger (for CLI and app tests)."""
-    from renderqueue_pipeline.settings import get_settings
 
     monkeypatch.setenv("DATABASE_URL", ledger_url)
     monkeypatch.setenv("RENDERQUEUE_HOME", str(tmp_path / "home"))
@@ -163,7 +164,6 @@ def settings_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None
     `settings_env(NAME=value, OTHER=None)` sets (None: removes) and drops the cached
     Settings; they are dropped again at the end, before the environment is restored, so
     no value outlives the test, passed or failed."""
-    from renderqueue_pipeline.settings import get_settings
 
     def set_env(**values: str | None) -> None:
         for name, value in values.items():
@@ -189,7 +189,6 @@ S3_ENV = {
 @pytest.fixture(scope="session")
 def moto_s3() -> Iterator[str]:
     """moto's S3 server on 127.0.0.1; yields its endpoint URL."""
-    from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -204,7 +203,6 @@ def moto_s3() -> Iterator[str]:
 def s3_env(moto_s3: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """s3fs/boto3 pointed at moto through the environment (credentials, endpoint, no
     proxies), with no cached s3fs instance from another test; yields the endpoint."""
-    import s3fs
 
     for name, value in {**S3_ENV, "AWS_ENDPOINT_URL": moto_s3}.items():
         monkeypatch.setenv(name, value)

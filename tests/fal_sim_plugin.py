@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 
 from renderqueue_pipeline.serving import bind_socket
+from renderqueue_pipeline.settings import get_settings
+from renderqueue_pipeline.simulator.config import SimConfig
 from renderqueue_pipeline.simulator.server import client_env
 from renderqueue_pipeline.simulator.testing import (
     FAST_TEST_OPTIONS,
@@ -70,7 +72,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Fail loudly if fal_client was imported (and froze its host) before this plugin loaded."""
     expected = f"127.0.0.1:{_PORT}"
     if "fal_client" in sys.modules:
-        from fal_client.auth import FAL_QUEUE_RUN_HOST
+        from fal_client.auth import FAL_QUEUE_RUN_HOST  # noqa: PLC0415 - only if already imported
 
         if expected != FAL_QUEUE_RUN_HOST:
             raise pytest.UsageError(
@@ -101,7 +103,6 @@ def fal_sim(fal_simulator: RunningSimulator) -> RunningSimulator:
     fal_simulator.control.reset(seed=0, **_fast_defaults())
     # settings cached by an earlier test may hold a key it set: read FAL_KEY afresh, since
     # the simulator accepts only its own key
-    from renderqueue_pipeline.settings import get_settings
 
     get_settings.cache_clear()
     return fal_simulator
@@ -109,7 +110,6 @@ def fal_sim(fal_simulator: RunningSimulator) -> RunningSimulator:
 
 def _fast_defaults() -> dict[str, object]:
     """Every knob back to its default, with test timings on top."""
-    from renderqueue_pipeline.simulator.config import SimConfig
 
     defaults = SimConfig().model_dump()
     defaults.update(FAST_TEST_OPTIONS)

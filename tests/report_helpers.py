@@ -96,6 +96,8 @@ def table(conn: psycopg.Connection, name: str, month: Any) -> list[dict]:
         "spend_monthly_by_batch": "batch_id",
     }[name]
     rows = conn.execute(
-        f"select * from {name} where month = %s order by {key}", (month,)
+        # names from the dict above
+        f"select * from {name} where month = %s order by {key}",  # noqa: S608
+        (month,),
     ).fetchall()
     return [{k: v for k, v in r.items() if k != "computed_at"} for r in rows]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import boto3
+
 
 def s3_client(endpoint: str) -> Any:
     """A boto3 S3 client for moto's server at `endpoint`."""
-    import boto3
 
     return boto3.client(
         "s3",

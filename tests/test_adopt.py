@@ -27,6 +27,9 @@ from spend_helpers import FalBilling
 from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 from renderqueue_pipeline.batch.single import submit_prompt
 from renderqueue_pipeline.batch.submit import BatchConfigError
+from renderqueue_pipeline.cli import main
+from renderqueue_pipeline.defs.reconcile.checks import fal_orphans_are_explained
+from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.fal_gateway import (
     FalGateway,
     FalTagError,
@@ -79,7 +82,9 @@ def _submit(path: Path, ledger_url: str, billing: FalBilling | None = None, **op
 )
 def test_tag_values_with_commas_equals_or_non_ascii_survive_the_header(value: str) -> None:
     header = encode_tags({"rq_item": "7", "rq_user": value})
-    assert header.isascii() and header.count(",") == 1 and header.count("=") == 2
+    assert header.isascii()
+    assert header.count(",") == 1
+    assert header.count("=") == 2
     assert decode_tags(header) == {"rq_item": "7", "rq_user": value}
 
 
@@ -130,7 +135,8 @@ def test_batch_rows_and_single_submits_are_tagged_with_their_items(
         | ({"rq_batch": str(result.batch_id)} if i["batch_id"] else {})
         for i in items(conn)
     }
-    assert single in want and len(want) == 4
+    assert single in want
+    assert len(want) == 4
     assert tags == want
 
 
@@ -182,12 +188,15 @@ def test_the_request_list_filters_by_status_window_and_id_and_pages(
         auth = {"Authorization": "Key admin-secret-key"}
         path = "/models/requests/by-endpoint"
         too_many = control.get(path, params={"endpoint_id": SEEDANCE, "limit": 101}, headers=auth)
-        assert too_many.status_code == 422 and "limit" in too_many.text
+        assert too_many.status_code == 422
+        assert "limit" in too_many.text
         wrong = control.get(path, params={"endpoint_id": SEEDANCE, "status": "ok"}, headers=auth)
-        assert wrong.status_code == 422 and "status" in wrong.text
+        assert wrong.status_code == 422
+        assert "status" in wrong.text
         assert control.get(path, params={"endpoint_id": SEEDANCE}).status_code == 401
         default = control.get(path, params={"endpoint_id": SEEDANCE}, headers=auth).json()
-        assert len(default["items"]) == 7 and default["has_more"] is False
+        assert len(default["items"]) == 7
+        assert default["has_more"] is False
 
 
 # ----- adoption ---------------------------------------------------------------------------------
@@ -239,7 +248,8 @@ def test_requests_a_killed_batch_left_at_fal_are_adopted_and_never_resent(
     early = fal_sim.control.wait_finished(early["request_id"])
     record_events(conn, [LedgerEvent(early["request_id"], "completed", early["output"])])
     report = _adopt(conn, fal_billing)
-    assert report.adoption.adopted == 30 and report.adoption.orphans == 0
+    assert report.adoption.adopted == 30
+    assert report.adoption.orphans == 0
 
     truth = {t["request_id"]: t for t in fal_sim.control.ground_truth()}
     assert len(truth) == 120
@@ -253,8 +263,10 @@ def test_requests_a_killed_batch_left_at_fal_are_adopted_and_never_resent(
     assert set(rows) == set(truth)  # every request at fal is in a generations row
     for request_id, row in rows.items():
         assert row["item_prompt"] == truth[request_id]["inputs"]["prompt"]
-        assert row["item_state"] == "submitted" and row["duplicate_of"] is None
-        assert row["user_id"] == 7 and row["cost_micros"] > 0
+        assert row["item_state"] == "submitted"
+        assert row["duplicate_of"] is None
+        assert row["user_id"] == 7
+        assert row["cost_micros"] > 0
     sent = sorted(t["inputs"]["prompt"] for t in truth.values())
     assert sent == sorted(r["prompt"] for r in prompts(120))  # none sent twice
     states = {i["state"] for i in items(conn)}
@@ -275,7 +287,8 @@ def test_requests_a_killed_batch_left_at_fal_are_adopted_and_never_resent(
         "select status::text, outputs from generations where request_id = %s",
         [early["request_id"]],
     ).fetchone()
-    assert row["status"] == "completed" and row["outputs"] == early["output"]
+    assert row["status"] == "completed"
+    assert row["outputs"] == early["output"]
     for request_id in truth:
         fal_sim.control.wait_finished(request_id)
     _adopt(conn, fal_billing)
@@ -297,16 +310,19 @@ def test_a_submit_retried_after_its_answer_was_lost_is_found_and_cancelled(
         7, SEEDANCE, "an owl at dusk", {"duration": "5"}, ledger_url=ledger_url
     )
     truths = fal_sim.control.ground_truth()
-    assert len(truths) == 2 and fal_sim.control.health()["api_faults"]["lost_answer"] == 1
+    assert len(truths) == 2
+    assert fal_sim.control.health()["api_faults"]["lost_answer"] == 1
     first = truths[0]["request_id"]
-    assert truths[1]["request_id"] == request_id and truths[0]["tags"] == truths[1]["tags"]
+    assert truths[1]["request_id"] == request_id
+    assert truths[0]["tags"] == truths[1]["tags"]
     assert conn.execute("select count(*) as n from generations").fetchone()["n"] == 1
     conn.commit()
 
     report = _adopt(conn, fal_billing)
     assert (report.adoption.duplicates, report.adoption.duplicates_cancel_requested) == (1, 1)
     row = conn.execute("select * from generations where request_id = %s", [first]).fetchone()
-    assert row["duplicate_of"] == request_id and row["cancel_requested_at"] is not None
+    assert row["duplicate_of"] == request_id
+    assert row["cancel_requested_at"] is not None
     item = conn.execute("select * from batch_items where id = %s", [row["batch_item_id"]])
     assert item.fetchone()["request_id"] == request_id  # the item keeps its own request
     assert fal_sim.control.wait_finished(first)["status"] == "canceled"
@@ -327,23 +343,22 @@ def test_requests_with_no_tag_of_ours_are_orphans_until_explained(
         SEEDANCE, arguments=INPUTS, headers={"X-Fal-Tags": "rq_item=999999,rq_user=7"}
     ).request_id
     report = _adopt(conn, fal_billing)
-    assert report.adoption.orphans == 2 and report.adoption.unexplained_orphans == 2
+    assert report.adoption.orphans == 2
+    assert report.adoption.unexplained_orphans == 2
     found = conn.execute("select request_id, reason from fal_orphan_requests").fetchall()
     reasons = {r["request_id"]: r["reason"] for r in found}
     assert "no rq_item tag" in reasons[untagged]
     assert "names no batch item" in reasons[foreign]
     conn.commit()
 
-    from renderqueue_pipeline.cli import main
-    from renderqueue_pipeline.defs.reconcile.checks import fal_orphans_are_explained
-    from renderqueue_pipeline.defs.resources import LedgerDatabase
-
     def check() -> bool:
         return fal_orphans_are_explained(ledger=LedgerDatabase(url=ledger_env)).passed
 
     runner = CliRunner()
     listed = runner.invoke(main, ["orphans"])
-    assert listed.exit_code == 1 and untagged in listed.output and foreign in listed.output
+    assert listed.exit_code == 1
+    assert untagged in listed.output
+    assert foreign in listed.output
     assert check() is False
     for request_id in (untagged, foreign):
         reason = "a notebook of the data team using the production key"
@@ -373,11 +388,10 @@ def test_resubmit_unknown_resends_only_what_fal_never_received(
     assert 0 < len(at_fal) < 8
     fal_sim.control.set_faults(api_500_rate=0, api_503_rate=0)
 
+    def broken() -> object:
+        raise FalPlatformError("fal Platform API GET /models/requests/by-endpoint: HTTP 500")
+
     with pytest.raises(BatchConfigError, match="resubmit_unknown: fal's request list"):
-
-        def broken() -> object:
-            raise FalPlatformError("fal Platform API GET /models/requests/by-endpoint: HTTP 500")
-
         submit_batch_file(
             path.as_uri(),
             BatchOptions(default_endpoint=SEEDANCE, resubmit_unknown=True),
@@ -387,7 +401,8 @@ def test_resubmit_unknown_resends_only_what_fal_never_received(
     assert len(fal_sim.control.ground_truth()) == len(at_fal)  # nothing sent blind
 
     again, log = _submit(path, ledger_url, fal_billing, resubmit_unknown=True)
-    assert again.report.counts["submitted"] == 8 and again.report.counts["unknown"] == 0
+    assert again.report.counts["submitted"] == 8
+    assert again.report.counts["unknown"] == 0
     assert any(f"{len(at_fal)} unknown items were at fal after all" in line for line in log)
     assert any(f"resubmitting {8 - len(at_fal)} items" in line for line in log)
     sent = [t["inputs"]["prompt"] for t in fal_sim.control.ground_truth()]

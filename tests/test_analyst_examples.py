@@ -116,7 +116,8 @@ def test_the_docs_pandas_and_duckdb_examples_run_on_the_report_files(
     export_month(conn, MARCH, tmp_path.as_uri())
     folder = tmp_path / "reports" / "spend" / "2026-03"
     examples = doc_python_examples()
-    assert len(examples) == 2 and "duckdb" in examples[1]
+    assert len(examples) == 2
+    assert "duckdb" in examples[1]
     results = []
     for code in examples:
         code = code.replace('"reports/spend/2026-11"', repr(str(folder)))

@@ -7,6 +7,7 @@ from archive_helpers import Behaviour, completed_row, media_server, row, video
 from click.testing import CliRunner
 
 from renderqueue_pipeline.cli import main
+from renderqueue_pipeline.settings import get_settings
 
 
 @pytest.fixture
@@ -18,7 +19,6 @@ def origin():
 def test_renderqueue_archive_takes_at_most_limit_rows_and_says_what_it_did(
     conn, ledger_env, origin, tmp_path, monkeypatch
 ) -> None:
-    from renderqueue_pipeline.settings import get_settings
 
     monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{tmp_path / 'cli-archive'}")
     monkeypatch.setenv("RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS", origin.netloc)
@@ -35,8 +35,10 @@ def test_renderqueue_archive_takes_at_most_limit_rows_and_says_what_it_did(
 
     result = CliRunner().invoke(main, ["archive"])
     assert result.exit_code == 0, result.output
-    assert "archived 0, lost 1" in result.output and "gone: 1" in result.output
+    assert "archived 0, lost 1" in result.output
+    assert "gone: 1" in result.output
     assert row(conn, second)["archive_status"] == "lost"
 
     bad = CliRunner().invoke(main, ["archive", "--limit", "0"])
-    assert bad.exit_code == 2 and "--limit" in bad.output
+    assert bad.exit_code == 2
+    assert "--limit" in bad.output

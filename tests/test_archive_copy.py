@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import tracemalloc
 from pathlib import Path
 
 import psycopg
@@ -23,6 +24,7 @@ from renderqueue_pipeline.archive import (
     archive_health,
     archive_pending,
 )
+from renderqueue_pipeline.archive.core import ArchivedFile, RowOutcome, record_outcome
 from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
 from renderqueue_pipeline.db.connect import connect
 
@@ -83,7 +85,8 @@ def test_a_completed_video_is_archived_with_size_and_sha256(
     assert r["archive_url"] == f"file://{final}"
     assert r["archive_bytes"] == size
     assert r["archive_sha256"] == media_sha256("/files/a/output.mp4", size)
-    assert r["archive_attempts"] == 1 and r["archived_at"] is not None
+    assert r["archive_attempts"] == 1
+    assert r["archived_at"] is not None
     assert stored_files(tmp_path) == [final]  # nothing left in staging
     assert final.stat().st_size == size
 
@@ -101,7 +104,8 @@ def test_every_file_of_an_output_is_archived_under_distinct_names(
     b = origin.serve("/img/2/image.jpeg", Behaviour(size=3000, content_type="image/jpeg"))
     rid = completed_row(conn, images((a, 2000), (b, 3000)))
     report = run(ledger_url, storage, origin)
-    assert report.archived == 1 and report.bytes == 5000
+    assert report.archived == 1
+    assert report.bytes == 5000
     files = conn.execute(
         "select f.* from generation_files f join generations g on g.id = f.generation_id "
         "where g.request_id = %s order by ordinal",
@@ -137,7 +141,8 @@ def test_a_file_already_gone_is_lost_at_once_and_never_fetched_again(
 ) -> None:
     rid = completed_row(conn, video(origin.serve("/gone.mp4", Behaviour(status=status)), 10))
     report = run(ledger_url, storage, origin)
-    assert report.lost == 1 and report.failures_by_reason == {"gone": 1}
+    assert report.lost == 1
+    assert report.failures_by_reason == {"gone": 1}
     r = row(conn, rid)
     assert r["archive_status"] == "lost"
     assert r["archive_failure"] == "gone"
@@ -161,7 +166,8 @@ def test_a_mid_stream_disconnect_leaves_no_object_and_is_retried(
     )
     rid = completed_row(conn, video(url, size))
     report = run(ledger_url, storage, origin)
-    assert report.retrying == 1 and report.failures_by_reason == {"network": 1}
+    assert report.retrying == 1
+    assert report.failures_by_reason == {"network": 1}
     r = row(conn, rid)
     assert r["archive_status"] == "pending"
     assert r["archive_failure"] == "network"
@@ -203,7 +209,8 @@ def test_a_short_body_under_its_content_length_is_not_archived(
     )
     run(ledger_url, storage, origin)
     r = row(conn, rid)
-    assert r["archive_status"] == "pending" and r["archive_failure"] in (
+    assert r["archive_status"] == "pending"
+    assert r["archive_failure"] in (
         "network",
         "length_mismatch",
     )
@@ -302,7 +309,6 @@ def test_a_row_archived_by_another_run_meanwhile_stays_archived_once(
     run(ledger_url, storage, origin)
     first = row(conn, rid)
     # a second run that had claimed the row before the first one recorded it
-    from renderqueue_pipeline.archive.core import ArchivedFile, RowOutcome, record_outcome
 
     late = RowOutcome(
         rid,
@@ -325,7 +331,6 @@ def test_a_row_archived_by_another_run_meanwhile_stays_archived_once(
 
 
 def test_memory_stays_bounded_for_a_large_object(conn, ledger_url, storage, origin) -> None:
-    import tracemalloc
 
     size = 48 * 1024 * 1024
     completed_row(conn, video(origin.serve("/large.mp4", Behaviour(size=size)), size))
@@ -335,7 +340,8 @@ def test_memory_stays_bounded_for_a_large_object(conn, ledger_url, storage, orig
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert report.archived == 1 and report.bytes == size
+    assert report.archived == 1
+    assert report.bytes == size
     assert peak < 16 * 1024 * 1024, peak
 
 

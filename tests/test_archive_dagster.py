@@ -10,10 +10,11 @@ from archive_helpers import Behaviour, completed_row, media_server, video
 
 from renderqueue_pipeline.db.server import sqlalchemy_url
 from renderqueue_pipeline.definitions import defs as load_defs
+from renderqueue_pipeline.defs.archive.checks import archive_backlog_is_fresh
 from renderqueue_pipeline.defs.archive.resources import ArchiveResource
 from renderqueue_pipeline.defs.archive.sensors import archive_sensor
 from renderqueue_pipeline.defs.resources import LedgerDatabase
-from renderqueue_pipeline.settings import load_settings
+from renderqueue_pipeline.settings import get_settings, load_settings
 
 
 @pytest.fixture
@@ -32,7 +33,6 @@ def origin():
 
 @pytest.fixture
 def archive_env(ledger_env, origin, tmp_path, monkeypatch) -> str:
-    from renderqueue_pipeline.settings import get_settings
 
     monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{tmp_path / 'archive'}")
     monkeypatch.setenv("RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS", origin.netloc)
@@ -60,7 +60,8 @@ def test_the_sensor_launches_one_bounded_run_only_when_rows_are_due(
     resources = {"ledger": ledger, "archive": ArchiveResource.from_settings(load_settings())}
     context = dg.build_sensor_context(instance=instance, resources=resources)
     skipped = archive_sensor(context)
-    assert isinstance(skipped, dg.SkipReason) and "no completed output" in skipped.skip_message
+    assert isinstance(skipped, dg.SkipReason)
+    assert "no completed output" in skipped.skip_message
 
     completed_row(conn, video(origin.serve("/d.mp4", Behaviour(size=10)), 10))
     result = archive_sensor(dg.build_sensor_context(instance=instance, resources=resources))
@@ -74,7 +75,8 @@ def test_the_sensor_launches_one_bounded_run_only_when_rows_are_due(
         job, run_config=request.run_config, status=dg.DagsterRunStatus.STARTED
     )
     waiting = archive_sensor(dg.build_sensor_context(instance=instance, resources=resources))
-    assert isinstance(waiting, dg.SkipReason) and "in flight" in waiting.skip_message
+    assert isinstance(waiting, dg.SkipReason)
+    assert "in flight" in waiting.skip_message
 
 
 def test_a_canceling_archive_run_is_still_in_flight(conn, archive_env, instance, origin) -> None:
@@ -85,7 +87,8 @@ def test_a_canceling_archive_run_is_still_in_flight(conn, archive_env, instance,
     instance.create_run_for_job(job, status=dg.DagsterRunStatus.CANCELING)
     resources = {"ledger": ledger, "archive": ArchiveResource.from_settings(load_settings())}
     waiting = archive_sensor(dg.build_sensor_context(instance=instance, resources=resources))
-    assert isinstance(waiting, dg.SkipReason) and "in flight" in waiting.skip_message
+    assert isinstance(waiting, dg.SkipReason)
+    assert "in flight" in waiting.skip_message
 
 
 def test_the_job_archives_reports_metadata_and_checks_lost_outputs(
@@ -108,8 +111,10 @@ def test_the_job_archives_reports_metadata_and_checks_lost_outputs(
     assert result.success
     (materialization,) = result.asset_materializations_for_node("archived_outputs")
     metadata = {k: v.value for k, v in materialization.metadata.items()}
-    assert metadata["archived"] == 1 and metadata["bytes"] == size
-    assert metadata["lost"] == 1 and metadata["retrying"] == 1
+    assert metadata["archived"] == 1
+    assert metadata["bytes"] == size
+    assert metadata["lost"] == 1
+    assert metadata["retrying"] == 1
     assert metadata["failures_by_reason"] == {"gone": 1, "http_error": 1}
     assert metadata["mb_per_second"] > 0
     # what one run archived is not the table's row count, which the UI would show as such
@@ -131,7 +136,6 @@ def test_the_job_archives_reports_metadata_and_checks_lost_outputs(
 def test_the_backlog_check_alerts_when_the_oldest_row_waits_too_long(
     conn, archive_env, instance, origin, monkeypatch
 ) -> None:
-    from renderqueue_pipeline.defs.archive.checks import archive_backlog_is_fresh
 
     rid = completed_row(conn, video(origin.url("/old.mp4"), 10))
     conn.execute(

@@ -27,6 +27,7 @@ from renderqueue_pipeline.archive.fetch import (
     parse_hosts,
     system_resolver,
 )
+from renderqueue_pipeline.db.connect import connect
 
 REFUSED = [
     "169.254.169.254",  # cloud metadata (link-local)
@@ -37,7 +38,7 @@ REFUSED = [
     "fd00::1",  # unique local
     "::ffff:10.0.0.1",  # IPv4-mapped private
     "::ffff:127.0.0.1",
-    "0.0.0.0",
+    "0.0.0.0",  # noqa: S104 - an address the fetcher must refuse, not a bind
     "::",
     "127.0.0.1",
     "::1",
@@ -144,7 +145,8 @@ def test_an_allowed_name_resolving_to_private_addresses_is_refused() -> None:
     with pytest.raises(Refused) as refused:
         policy.checked_addresses("v3.fal.media", 443)
     assert refused.value.reason == "address_refused"
-    assert "10.0.0.1" in str(refused.value) and "169.254.169.254" in str(refused.value)
+    assert "10.0.0.1" in str(refused.value)
+    assert "169.254.169.254" in str(refused.value)
     # loopback permission is for loopback only: a private address stays refused
     with pytest.raises(Refused):
         policy.checked_addresses("sim.test", 8443)
@@ -172,7 +174,6 @@ def origin():
 
 
 def _archive(conn: psycopg.Connection, ledger_url: str, tmp_path: Path, policy: FetchPolicy):
-    from renderqueue_pipeline.db.connect import connect
 
     storage = ArchiveStorage.from_url(f"file://{tmp_path / 'archive'}")
     return archive_pending(lambda: connect(ledger_url), storage, policy, ArchiveOptions())
@@ -195,7 +196,8 @@ def test_a_url_to_a_host_not_on_the_list_never_reaches_it(
     rid = completed_row(conn, video(canary.url("/secret"), 100))
     policy = FetchPolicy(loopback_hosts=parse_hosts(origin.netloc))
     report = _archive(conn, ledger_url, tmp_path, policy)
-    assert report.failed == 1 and report.failures_by_reason == {"host_not_allowed": 1}
+    assert report.failed == 1
+    assert report.failures_by_reason == {"host_not_allowed": 1}
     r = _assert_refused(conn, rid, "host_not_allowed", tmp_path)
     assert "127.0.0.2" in r["archive_error"]
     assert canary.connections == 0
@@ -285,7 +287,6 @@ def test_an_allowed_loopback_host_spelled_with_a_trailing_dot_is_fetched(
 
 
 def _archive_with(conn, ledger_url, tmp_path, policy: FetchPolicy, options: ArchiveOptions):
-    from renderqueue_pipeline.db.connect import connect
 
     storage = ArchiveStorage.from_url(f"file://{tmp_path / 'archive'}")
     started = time.monotonic()

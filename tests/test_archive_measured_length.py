@@ -9,9 +9,16 @@ import pytest
 from archive_helpers import Behaviour, completed_row, media_server, row, video
 from spend_helpers import settle, submit, window
 
-from renderqueue_pipeline.archive import ArchiveSetup, run_archive
+from renderqueue_pipeline.archive import (
+    ArchiveOptions,
+    ArchiveSetup,
+    ArchiveStorage,
+    archive_pending,
+    run_archive,
+)
+from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
 from renderqueue_pipeline.db.connect import connect
-from renderqueue_pipeline.settings import load_settings
+from renderqueue_pipeline.settings import get_settings, load_settings
 from renderqueue_pipeline.spend import apply_billed, check_billing, load_billing_events
 
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
@@ -22,7 +29,6 @@ SEEDANCE_720P = 303_400
 
 @pytest.fixture
 def archive_env(ledger_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from renderqueue_pipeline.settings import get_settings
 
     root = tmp_path / "archive"
     monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{root}")
@@ -51,7 +57,8 @@ def test_an_auto_clip_is_priced_from_the_length_of_its_archived_file(
     assert (before["cost_basis"], before["billed_seconds"]) == ("requested", 15)
 
     report = run_archive(lambda: connect(ledger_url), ArchiveSetup.from_settings(load_settings()))
-    assert report.archived == 1 and report.outcomes[0].priced == "measured"
+    assert report.archived == 1
+    assert report.outcomes[0].priced == "measured"
 
     after = row(conn, rid)
     assert after["cost_basis"] == "measured"
@@ -62,7 +69,8 @@ def test_an_auto_clip_is_priced_from_the_length_of_its_archived_file(
 
     # fal's bill still wins when it arrives, and it agrees with the measurement
     result = reconcile_and_apply_bill(conn, fal_billing)
-    assert result.count("matched") == 1 and result.difference_micros == 0
+    assert result.count("matched") == 1
+    assert result.difference_micros == 0
     billed = row(conn, rid)
     assert billed["cost_basis"] == "billed"
     assert billed["cost_micros"] == billed["fal_billed_micros"] == after["cost_micros"]
@@ -83,7 +91,8 @@ def test_a_billed_clip_keeps_fals_figure_when_its_length_is_measured_later(
     assert (billed["cost_basis"], billed["computed_cost_basis"]) == ("billed", "requested")
 
     report = run_archive(lambda: connect(ledger_url), ArchiveSetup.from_settings(load_settings()))
-    assert report.archived == 1 and report.outcomes[0].priced == "billed"
+    assert report.archived == 1
+    assert report.outcomes[0].priced == "billed"
     after = row(conn, rid)
     # fal's figure stands; ours beside it is now the measured one, equal to fal's
     assert (after["cost_basis"], after["cost_micros"]) == ("billed", billed["fal_billed_micros"])
@@ -100,16 +109,14 @@ def test_a_clip_whose_length_cannot_be_read_keeps_its_estimate_with_the_reason(
         url = origin.serve("/files/x/output.mp4", Behaviour(size=5000))  # not ISO-BMFF bytes
         rid = completed_row(conn, video(url, 5000))
         before = row(conn, rid)
-        from renderqueue_pipeline.archive import ArchiveOptions, ArchiveStorage, archive_pending
-        from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
-
         report = archive_pending(
             lambda: connect(ledger_url),
             ArchiveStorage.from_url(f"file://{archive_env}"),
             FetchPolicy(loopback_hosts=parse_hosts(origin.netloc)),
             ArchiveOptions(),
         )
-    assert report.archived == 1 and report.outcomes[0].priced == "unreadable"
+    assert report.archived == 1
+    assert report.outcomes[0].priced == "unreadable"
     after = row(conn, rid)
     assert after["archive_status"] == "archived"
     assert (after["cost_basis"], after["cost_micros"], after["billed_seconds"]) == (

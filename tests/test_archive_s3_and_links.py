@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from archive_helpers import Behaviour, completed_row, media_server, media_sha256, row, video
+from archive_helpers import Behaviour, completed_row, images, media_server, media_sha256, row, video
 from click.testing import CliRunner
 from s3_helpers import s3_client
 
@@ -16,6 +17,7 @@ from renderqueue_pipeline.archive import ArchiveOptions, ArchiveStorage, archive
 from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.settings import get_settings
 
 BUCKET = "rq-archive"
 
@@ -59,7 +61,8 @@ def test_archive_into_s3_and_link_to_a_presigned_url(
     storage.fs.invalidate_cache()
     policy = FetchPolicy(loopback_hosts=parse_hosts(origin.netloc))
     report = archive_pending(lambda: connect(ledger_url), storage, policy, ArchiveOptions())
-    assert report.archived == 1 and report.retrying == 1
+    assert report.archived == 1
+    assert report.retrying == 1
 
     r = row(conn, rid)
     created = r["created_at"]
@@ -70,14 +73,13 @@ def test_archive_into_s3_and_link_to_a_presigned_url(
     assert _s3_keys(s3_env) == [key]  # the broken upload left nothing behind
 
     (url,) = links(conn, rid, storage, expires_seconds=600)
-    assert url.startswith(s3_env) and "Signature=" in url
+    assert url.startswith(s3_env)
+    assert "Signature=" in url
     body = httpx.get(url, timeout=30).content
-    import hashlib
 
     assert hashlib.sha256(body).hexdigest() == r["archive_sha256"]
 
     monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"s3://{BUCKET}/prod")
-    from renderqueue_pipeline.settings import get_settings
 
     get_settings.cache_clear()
     result = CliRunner().invoke(main, ["link", rid, "--expires", "120"])
@@ -90,7 +92,6 @@ def test_archive_into_s3_and_link_to_a_presigned_url(
 
 
 def test_an_output_on_s3_is_archived_whole_or_not_at_all(conn, ledger_url, origin, s3_env) -> None:
-    from archive_helpers import images
 
     a = origin.serve("/s3w/1/image.jpeg", Behaviour(size=6 * 1024 * 1024))
     b = origin.serve("/s3w/2/image.jpeg", Behaviour(size=4000, status=503), Behaviour(size=4000))
@@ -114,7 +115,6 @@ def test_link_for_file_storage_and_for_rows_without_a_copy(
 ) -> None:
     archive_root = tmp_path / "files"
     monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{archive_root}")
-    from renderqueue_pipeline.settings import get_settings
 
     get_settings.cache_clear()
     done = completed_row(conn, video(origin.serve("/l/output.mp4", Behaviour(size=64)), 64))
@@ -129,7 +129,9 @@ def test_link_for_file_storage_and_for_rows_without_a_copy(
     result = runner.invoke(main, ["link", done])
     assert result.exit_code == 0, result.output
     path = Path(result.output.strip())
-    assert path.is_file() and path.read_bytes()[:4] and path.stat().st_size == 64
+    assert path.is_file()
+    assert path.read_bytes()[:4]
+    assert path.stat().st_size == 64
     assert str(path).startswith(str(archive_root))
 
     for rid, words in (
@@ -139,5 +141,6 @@ def test_link_for_file_storage_and_for_rows_without_a_copy(
     ):
         result = runner.invoke(main, ["link", rid])
         assert result.exit_code == 2
-        assert words in result.output and rid in result.output
+        assert words in result.output
+        assert rid in result.output
         assert len(result.output.strip().splitlines()) == 1

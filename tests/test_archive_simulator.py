@@ -13,10 +13,13 @@ from archive_helpers import row
 
 from renderqueue_pipeline.archive import ArchiveSetup, archive_health, run_archive
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.defs.archive.checks import no_outputs_lost
+from renderqueue_pipeline.defs.archive.resources import ArchiveResource
+from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.fal_gateway import FalGateway
 from renderqueue_pipeline.ledger import LedgerEvent, record_event
 from renderqueue_pipeline.ledger.core import _asubmit_generation
-from renderqueue_pipeline.settings import load_settings
+from renderqueue_pipeline.settings import get_settings, load_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator, wait_until
 
 ENDPOINT = "bytedance/seedance-2.0/text-to-video"
@@ -32,7 +35,8 @@ def _complete(ledger_url: str, fal_sim: RunningSimulator, lifetimes: list[float 
                 rid = await _asubmit_generation(
                     conn, fal.submit, user_id=3, endpoint=ENDPOINT, inputs=INPUTS
                 )
-                while not (await fal.status(ENDPOINT, rid)).done:
+                # polls fal's status over HTTP: there is no event to wait on
+                while not (await fal.status(ENDPOINT, rid)).done:  # noqa: ASYNC110
                     await asyncio.sleep(0.02)
                 output = await fal.result(ENDPOINT, rid)
             record_event(conn, LedgerEvent(rid, "completed", output, source="api"))
@@ -53,7 +57,6 @@ def _cdn_status(fal_sim: RunningSimulator, url: str) -> int:
 
 @pytest.fixture
 def archive_env(ledger_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    from renderqueue_pipeline.settings import get_settings
 
     root = tmp_path / "archive"
     monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{root}")
@@ -91,23 +94,21 @@ def test_outputs_from_the_simulators_cdn_are_archived_and_expired_ones_lost(
     assert (lost_row["archive_status"], lost_row["archive_failure"]) == ("lost", "gone")
     assert "404" in lost_row["archive_error"]
     health = archive_health(conn)
-    assert health["lost"] == 1 and health["failures_by_reason"] == {"lost:gone": 1}
-    from renderqueue_pipeline.defs.archive.checks import no_outputs_lost
-    from renderqueue_pipeline.defs.archive.resources import ArchiveResource
-    from renderqueue_pipeline.defs.resources import LedgerDatabase
+    assert health["lost"] == 1
+    assert health["failures_by_reason"] == {"lost:gone": 1}
 
     check = no_outputs_lost(
         ledger=LedgerDatabase(url=ledger_url),
         archive=ArchiveResource.from_settings(load_settings()),
     )
-    assert check.passed is False and check.metadata["lost"].value == 1
+    assert check.passed is False
+    assert check.metadata["lost"].value == 1
     assert short in check.metadata["latest_lost"].value
 
 
 def test_fals_copy_is_deleted_after_a_safe_archive_and_failures_retried(
     conn, ledger_url, fal_sim, archive_env, monkeypatch
 ) -> None:
-    from renderqueue_pipeline.settings import get_settings
 
     monkeypatch.setenv("RENDERQUEUE_DELETE_FAL_COPY", "1")
     monkeypatch.setenv("FAL_ADMIN_KEY", fal_sim.admin_key)  # delete_io refuses the plain key
@@ -124,7 +125,8 @@ def test_fals_copy_is_deleted_after_a_safe_archive_and_failures_retried(
         ArchiveSetup.from_settings(load_settings()),
         fal_gateway=gateway,
     )
-    assert first.archived == 1 and first.fal_delete["fal_deletes_retrying"] == 1
+    assert first.archived == 1
+    assert first.fal_delete["fal_deletes_retrying"] == 1
     r = row(conn, rid)
     assert r["archive_status"] == "archived"  # a failed deletion never touches the archive
     assert (r["fal_delete_status"], r["fal_delete_attempts"]) == ("pending", 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import psycopg
 import pytest
 from ledger_helpers import SEEDANCE
@@ -58,7 +60,7 @@ def test_rejected_with_its_field_and_nothing_written(
 
 
 def test_unknown_endpoint_lists_the_priced_ones(conn: psycopg.Connection) -> None:
-    with pytest.raises(LedgerInputError, match="fal-ai/veo3.1"):
+    with pytest.raises(LedgerInputError, match=re.escape("fal-ai/veo3.1")):
         record_intent(conn, user_id=1, endpoint="acme/x/y", inputs=GOOD)
 
 

@@ -43,7 +43,8 @@ def test_rows_past_the_monthly_budget_are_rejected_with_the_figures(
     assert result.report.counts["submitted"] == 4  # 1 + 4 = 5 rows fit in 5.5
     assert result.report.counts["over_budget"] == 4
     first = result.report.rejections[0]
-    assert first["field"] == "budget" and first["reason"] == (
+    assert first["field"] == "budget"
+    assert first["reason"] == (
         "user 7 over the monthly budget $8.3435 for "
         f"{figures.month:%Y-%m}: spent $0.00 + in flight $7.585 + this row $1.517 = $9.102"
     )
@@ -66,7 +67,8 @@ def test_the_default_budget_applies_without_a_row(
         )
     finally:
         get_settings.cache_clear()
-    assert result.report.counts["submitted"] == 2 and result.report.counts["over_budget"] == 1
+    assert result.report.counts["submitted"] == 2
+    assert result.report.counts["over_budget"] == 1
     assert "default budget $3.10" in result.report.rejections[0]["reason"]
     # a user's own row beats the default
     set_budget(conn, 11, 0)
@@ -133,7 +135,8 @@ def test_a_single_submission_over_budget_raises_and_sends_nothing(
 def test_a_malformed_amount_names_the_setting(value, says: str) -> None:
     with pytest.raises(BudgetSettingError) as caught:
         parse_usd(value, "max_cost_usd")
-    assert str(caught.value).startswith("max_cost_usd: ") and says in str(caught.value)
+    assert str(caught.value).startswith("max_cost_usd: ")
+    assert says in str(caught.value)
 
 
 def test_amounts_are_exact_micro_dollars() -> None:

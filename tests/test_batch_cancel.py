@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import fal_client
 import psycopg
 import pytest
 from batch_helpers import SEEDANCE, prompts, write_csv
@@ -20,7 +21,7 @@ from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 from renderqueue_pipeline.batch.cancel import cancel_batch
 from renderqueue_pipeline.fal_gateway import FalGateway
 from renderqueue_pipeline.ledger import event_from_fal_webhook, record_event
-from renderqueue_pipeline.settings import load_settings
+from renderqueue_pipeline.settings import get_settings, load_settings
 from renderqueue_pipeline.simulator.testing import FAST_TEST_OPTIONS, RunningSimulator, wait_until
 from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
 
@@ -49,7 +50,6 @@ def webhook_url(
     fal_sim: RunningSimulator, ledger_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[str]:
     """A real receiver on the ledger; batch submissions ask fal to deliver to it."""
-    from renderqueue_pipeline.settings import get_settings
 
     with serving(create_app(ReceiverConfig(ledger_url, fal_sim.jwks_url))) as url:
         monkeypatch.setenv("RENDERQUEUE_WEBHOOK_URL", f"{url}/webhooks/fal")
@@ -120,7 +120,6 @@ def test_a_cancel_fal_never_answered_keeps_the_intent_and_says_so(
     fault: str,
 ) -> None:
     """fal may have received it: the intent stays, so fal's ERROR maps to `canceled`."""
-    import fal_client
 
     monkeypatch.setattr(fal_client.client, "MAX_ATTEMPTS", 1)  # fal-client's own retries
     fal_sim.control.reset(

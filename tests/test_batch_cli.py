@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.money import usd
+from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 
@@ -42,18 +43,22 @@ def test_batch_submit_prints_the_batch_and_its_counts_then_show_repeats_them(
     )
     assert code == 0, err
     assert out.splitlines()[0] == f"batch 1: {path.as_uri()}"
-    assert "  submitted   3" in out and "  rejected    1" in out
+    assert "  submitted   3" in out
+    assert "  rejected    1" in out
     assert "     3  duration       must be positive, got " in out
     assert "rows/s" in err  # the final progress line
 
     code, shown, _ = cli("batch", "show", "1")
-    assert code == 0 and shown == out
+    assert code == 0
+    assert shown == out
     code, listed, _ = cli("batch", "list")
-    assert "done" in listed and "3 submitted" in listed
+    assert "done" in listed
+    assert "3 submitted" in listed
 
     # the same file again: nothing submitted, and the exit status says so
     code, _, err = cli("batch", "submit", str(path), "--endpoint", SEEDANCE)
-    assert code == 1 and "nothing submitted: this content is batch 1" in err
+    assert code == 1
+    assert "nothing submitted: this content is batch 1" in err
 
 
 def test_batch_submit_exits_non_zero_when_no_row_could_be_submitted(
@@ -62,7 +67,8 @@ def test_batch_submit_exits_non_zero_when_no_row_could_be_submitted(
     path = write_csv(tmp_path / "a.csv", prompts(2, user_id=None))
     code, out, err = cli("batch", "submit", str(path), "--endpoint", SEEDANCE)
     assert code == 1
-    assert "no default user" in out and "nothing could be submitted" in err
+    assert "no default user" in out
+    assert "nothing could be submitted" in err
 
 
 @pytest.mark.parametrize(
@@ -80,7 +86,8 @@ def test_batch_submit_names_a_bad_setting(
 ) -> None:
     path = write_csv(tmp_path / "a.csv", prompts(1))
     code, _, err = cli("batch", "submit", str(path), "--endpoint", SEEDANCE, *args)
-    assert code == 2 and says in err
+    assert code == 2
+    assert says in err
     assert conn.execute("select count(*) as n from batches").fetchone()["n"] == 0
 
 
@@ -92,17 +99,20 @@ def test_file_errors_are_one_line(
     code, _, err = cli("batch", "submit", str(empty), "--endpoint", SEEDANCE)
     assert (code, err) == (2, f"renderqueue: {empty.as_uri()}: the file is empty\n")
     code, _, err = cli("batch", "show", "42")
-    assert code == 2 and "no batch 42" in err
+    assert code == 2
+    assert "no batch 42" in err
 
 
 def test_budget_set_and_show(
     fal_sim: RunningSimulator, conn: psycopg.Connection, ledger_env: str
 ) -> None:
     code, out, _ = cli("budget", "set", "--user-id", "7", "--usd", "20", "--month", "2031-02")
-    assert code == 0 and out == "user 7: $20.00 for 2031-02\n"
+    assert code == 0
+    assert out == "user 7: $20.00 for 2031-02\n"
     code, out, _ = cli("budget", "set", "--user-id", "7", "--usd", "12.5")
-    assert code == 0 and out.startswith("user 7: $12.50 for ")
-    code, request_id, _ = cli(
+    assert code == 0
+    assert out.startswith("user 7: $12.50 for ")
+    code, _request_id, _ = cli(
         "submit",
         "--user-id",
         "7",
@@ -122,9 +132,11 @@ def test_budget_set_and_show(
     assert out.splitlines()[1].split()[:3] == ["7", "2031-02", "$20.00"]
 
     code, _, err = cli("budget", "set", "--user-id", "7", "--usd", "lots")
-    assert code == 2 and "--usd: expected an amount in USD" in err
+    assert code == 2
+    assert "--usd: expected an amount in USD" in err
     code, _, err = cli("budget", "set", "--user-id", "7", "--usd", "5", "--month", "2031-13")
-    assert code == 2 and "--month: expected YYYY-MM" in err
+    assert code == 2
+    assert "--month: expected YYYY-MM" in err
 
 
 def test_submit_prints_the_request_id(
@@ -167,18 +179,20 @@ def test_submit_prints_the_request_id(
         "--idempotency-key",
         "order-1",
     )
-    assert again == out and len(fal_sim.control.ground_truth()) == 1
+    assert again == out
+    assert len(fal_sim.control.ground_truth()) == 1
 
     code, _, err = cli("submit", "--user-id", "3", "--endpoint", "acme/x/y", "--prompt", "a")
-    assert code == 2 and err.startswith("renderqueue: endpoint: no price for 'acme/x/y'")
+    assert code == 2
+    assert err.startswith("renderqueue: endpoint: no price for 'acme/x/y'")
 
 
 def test_fal_commands_need_a_key(
     conn: psycopg.Connection, ledger_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from renderqueue_pipeline.settings import get_settings
 
     monkeypatch.delenv("FAL_KEY")
     get_settings.cache_clear()
     code, _, err = cli("submit", "--user-id", "3", "--endpoint", SEEDANCE, "--prompt", "a")
-    assert code == 2 and "FAL_KEY is not set" in err
+    assert code == 2
+    assert "FAL_KEY is not set" in err

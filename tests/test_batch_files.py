@@ -44,7 +44,8 @@ def test_jsonl_and_parquet_rows(tmp_path: Path) -> None:
     parquet = write_parquet(tmp_path / "p.parquet", rows * 10)  # several row groups
     read = read_all(parquet)
     assert [n for n, _ in read] == list(range(1, 21))
-    assert read[0][1] == rows[0] and read[19][1] == rows[1]
+    assert read[0][1] == rows[0]
+    assert read[19][1] == rows[1]
 
 
 def test_a_file_is_hashed_by_content_not_name(tmp_path: Path) -> None:
@@ -68,6 +69,13 @@ FILE_ERRORS = [
 ]
 
 
+def _inspect_and_read(uri: str) -> None:
+    """What a run does with a file: inspect it, then read every row."""
+    inspect_file(uri)
+    with PromptReader(uri) as reader:
+        list(reader)
+
+
 @pytest.mark.parametrize(("name", "content", "says"), FILE_ERRORS, ids=[c[0] for c in FILE_ERRORS])
 def test_a_file_that_cannot_be_used_says_why(
     tmp_path: Path, name: str, content: bytes, says: str
@@ -75,9 +83,7 @@ def test_a_file_that_cannot_be_used_says_why(
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(PromptFileError) as caught:
-        inspect_file(path.as_uri())
-        with PromptReader(path.as_uri()) as reader:
-            list(reader)
+        _inspect_and_read(path.as_uri())
     assert says in str(caught.value)
     assert str(caught.value).startswith(path.as_uri())
 
@@ -145,7 +151,8 @@ def test_a_good_row_merges_defaults_and_types_csv_cells() -> None:
 
 
 def test_inbox_ignores_hidden_partial_and_other_files() -> None:
-    assert is_prompt_file("week48.csv") and is_prompt_file("a/b/PROMPTS.JSONL")
+    assert is_prompt_file("week48.csv")
+    assert is_prompt_file("a/b/PROMPTS.JSONL")
     assert is_prompt_file("x.parquet")
     for name in (".week48.csv", "week48.csv.tmp", "week48.csv.part", "_tmp.csv", "a.txt", "a"):
         assert not is_prompt_file(name), name
@@ -159,13 +166,15 @@ def test_a_tick_requests_a_file_once_it_stood_still_for_a_tick(tmp_path: Path) -
     (inbox / "b.csv.part").write_text("prompt\nhalf")
 
     tick1 = plan_tick(list_inbox(url), None, 20)
-    assert tick1.requests == [] and [f.path for f in tick1.waiting] == [str(first)]
+    assert tick1.requests == []
+    assert [f.path for f in tick1.waiting] == [str(first)]
     tick2 = plan_tick(list_inbox(url), tick1.cursor, 20)
     assert [f.path for f in tick2.requests] == [str(first)]
     assert tick2.requests[0].url == first.as_uri()
     # nothing new: nothing requested, and the cursor no longer lists the file
     tick3 = plan_tick(list_inbox(url), tick2.cursor, 20)
-    assert tick3.requests == [] and tick3.considered == 0
+    assert tick3.requests == []
+    assert tick3.considered == 0
 
     # a file being appended to keeps changing: it waits until it stops
     growing = inbox / "c.csv"

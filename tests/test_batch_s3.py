@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import dagster as dg
 import psycopg
 import pytest
+import s3fs
 from batch_helpers import SEEDANCE, dagster_instance, ledger_counts, prompts, write_csv
 
 from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
@@ -24,7 +25,6 @@ def instance(dagster_storage: str) -> Iterator[dg.DagsterInstance]:
 
 @pytest.fixture
 def bucket(s3_env: str) -> Iterator[str]:
-    import s3fs
 
     fs = s3fs.S3FileSystem()
     name = "prompts-inbox"
@@ -42,7 +42,6 @@ def test_a_file_on_s3_is_listed_by_the_sensor_and_submitted(
     instance: dg.DagsterInstance,
     tmp_path,
 ) -> None:
-    import s3fs
 
     fs = s3fs.S3FileSystem()
     local = write_csv(tmp_path / "w.csv", [{**r, "endpoint": SEEDANCE} for r in prompts(3)])
@@ -79,7 +78,8 @@ def test_a_file_on_s3_is_listed_by_the_sensor_and_submitted(
         ledger_url=ledger_url,
         allowed_prefixes=allowed,
     )
-    assert again.duplicate and again.batch_id == result.batch_id
+    assert again.duplicate
+    assert again.batch_id == result.batch_id
     assert len(fal_sim.control.ground_truth()) == 3
 
 

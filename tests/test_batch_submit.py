@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import fal_client.client
 import psycopg
 import pytest
 from batch_helpers import (
@@ -75,10 +76,14 @@ def test_good_rows_are_submitted_and_bad_rows_rejected_with_line_and_field(
     assert (counts["over_budget"], counts["unknown"], counts["pending"]) == (0, 0, 0)
     rejected = {r["line_no"]: (r["field"], r["reason"]) for r in result.report.rejections}
     assert rejected[3] == ("user_id", "expected an integer, got 'seven'")
-    assert rejected[4][0] == "prompt" and "20,000 characters" in rejected[4][1]
-    assert rejected[5][0] == "duration" and "positive" in rejected[5][1]
-    assert rejected[6][0] == "duration" and "HTTP 422" in rejected[6][1]
-    assert rejected[8][0] == "endpoint" and "no price for 'acme/nope/t2v'" in rejected[8][1]
+    assert rejected[4][0] == "prompt"
+    assert "20,000 characters" in rejected[4][1]
+    assert rejected[5][0] == "duration"
+    assert "positive" in rejected[5][1]
+    assert rejected[6][0] == "duration"
+    assert "HTTP 422" in rejected[6][1]
+    assert rejected[8][0] == "endpoint"
+    assert "no price for 'acme/nope/t2v'" in rejected[8][1]
 
     table = result.report.rejections_markdown()
     assert table.splitlines()[0] == "| line | field | reason |"
@@ -87,7 +92,8 @@ def test_good_rows_are_submitted_and_bad_rows_rejected_with_line_and_field(
     # every submitted item has its generation row, fal has exactly those requests
     submitted = [i for i in items(conn, result.batch_id) if i["state"] == "submitted"]
     truth = {t["request_id"] for t in fal_sim.control.ground_truth()}
-    assert {i["request_id"] for i in submitted} == truth and len(truth) == 2
+    assert {i["request_id"] for i in submitted} == truth
+    assert len(truth) == 2
     generations = conn.execute(
         "select request_id, user_id, cost_micros, fal_expires_at from generations"
     ).fetchall()
@@ -105,7 +111,8 @@ def test_jsonl_and_parquet_files_submit_the_same_way(
 ) -> None:
     jsonl = submit(write_jsonl(tmp_path / "a.jsonl", prompts(5, tag="j")), ledger_url)
     parquet = submit(write_parquet(tmp_path / "b.parquet", prompts(9, tag="q")), ledger_url)
-    assert jsonl.report.counts["submitted"] == 5 and parquet.report.counts["submitted"] == 9
+    assert jsonl.report.counts["submitted"] == 5
+    assert parquet.report.counts["submitted"] == 9
     assert len(fal_sim.control.ground_truth()) == 14
 
 
@@ -117,7 +124,8 @@ def test_the_same_content_under_another_name_submits_nothing(
     renamed = tmp_path / "renamed.csv"
     first.rename(renamed)
     again = submit(renamed, ledger_url)
-    assert again.duplicate and again.batch_id == 1
+    assert again.duplicate
+    assert again.batch_id == 1
     assert any("already ingested as batch 1" in line for line in again.log)
     assert len(fal_sim.control.ground_truth()) == 4
     assert ledger_counts(conn) == (1, 4, 4)
@@ -136,7 +144,8 @@ def test_a_batch_cap_rejects_rows_past_max_cost(
     assert result.report.counts["over_budget"] == 7
     first = result.report.rejections[0]
     assert first["field"] == "max_cost_usd"
-    assert "$5.3095" in first["reason"] and "$4.551 + this row $1.517 = $6.068" in first["reason"]
+    assert "$5.3095" in first["reason"]
+    assert "$4.551 + this row $1.517 = $6.068" in first["reason"]
 
 
 def test_a_429_slows_the_fan_out_and_no_row_fails(
@@ -146,7 +155,6 @@ def test_a_429_slows_the_fan_out_and_no_row_fails(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import fal_client.client
 
     # fal-client retries a 429 ten times by itself (about 30 s); one attempt shows ours
     monkeypatch.setattr(fal_client.client, "MAX_ATTEMPTS", 1)
@@ -154,7 +162,8 @@ def test_a_429_slows_the_fan_out_and_no_row_fails(
     result = submit(write_csv(tmp_path / "a.csv", prompts(30)), ledger_url, concurrency=8)
     assert result.report.counts["submitted"] == 30
     assert result.report.counts["rejected"] == 0
-    assert result.stats.rate_limited > 0 and result.stats.lowest_concurrency < 8
+    assert result.stats.rate_limited > 0
+    assert result.stats.lowest_concurrency < 8
     assert any("fal answered 429: slowing down" in line for line in result.log)
     assert sorted(fal_prompts(fal_sim)) == sorted(r["prompt"] for r in prompts(30))
 
@@ -168,7 +177,8 @@ def test_progress_is_logged_with_rate_and_eta(
     )
     progress = [line for line in result.log if "rows/s" in line]
     assert len(progress) >= 3
-    assert "/~40 rows" in progress[0] and "ETA" in progress[0]
+    assert "/~40 rows" in progress[0]
+    assert "ETA" in progress[0]
     assert "40/~40 rows (100%), 40 submitted" in progress[-1]
 
 

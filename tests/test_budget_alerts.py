@@ -15,12 +15,18 @@ import dagster as dg
 import psycopg
 import pytest
 from alert_helpers import TOKEN_PATH, alert_receiver
+from batch_helpers import dagster_instance
 from click.testing import CliRunner
 from report_helpers import add_generation, utc
 
 from renderqueue_pipeline.alerts import evaluate_budget_alerts, set_alert_percents
 from renderqueue_pipeline.batch import set_budget
+from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.defs.alerts.resources import AlertsResource
+from renderqueue_pipeline.defs.alerts.sensors import budget_alert_sensor, run_failure_alert_sensor
+from renderqueue_pipeline.defs.ledger.jobs import ledger_status_job
+from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.settings import ConfigError, load_settings
 
 NOW = "2026-11-15T12:00:00Z"
@@ -95,7 +101,8 @@ def test_each_threshold_is_sent_once_across_two_processes_and_a_restart(
         ]
         # a restart: a fresh evaluation after the first ones finished sends nothing again
         again = evaluate(ledger_url, receiver.url)
-        assert again.sent == [] and again.recorded == []
+        assert again.sent == []
+        assert again.recorded == []
         assert len(receiver.requests) == 2
 
         spend(ledger, 7, 2 * USD)  # 105%: only the 100% threshold is new
@@ -109,7 +116,8 @@ def test_each_threshold_is_sent_once_across_two_processes_and_a_restart(
         "(105.0%; spent $8.00 + in flight $2.50)"
     )
     fields = {f["title"]: f["value"] for f in body["attachments"][0]["fields"]}
-    assert fields["Budget"] == "$10.00" and fields["Spent + in flight"] == "$10.50"
+    assert fields["Budget"] == "$10.00"
+    assert fields["Spent + in flight"] == "$10.50"
     rows = alert_rows(ledger)
     assert [(r["threshold_percent"], r["attempts"]) for r in rows] == [(50, 1), (80, 1), (100, 1)]
     assert all(r["delivered_at"] is not None for r in rows)
@@ -122,9 +130,11 @@ def test_a_failed_delivery_is_retried_with_backoff_and_delivered_later(
     spend(ledger, 7, 5 * USD)
     with alert_receiver(statuses=[500, 500, 500]) as receiver:
         first = evaluate(ledger_url, receiver.url)
-        assert first.sent == [] and len(first.failed) == 1
+        assert first.sent == []
+        assert len(first.failed) == 1
         [row] = alert_rows(ledger)
-        assert row["attempts"] == 3 and row["delivered_at"] is None
+        assert row["attempts"] == 3
+        assert row["delivered_at"] is None
         assert row["last_error"] == f"{receiver.url.split('/services')[0]}/… answered HTTP 500"
         assert (row["next_attempt_at"] - utc(2026, 11, 15, 12)).total_seconds() == 60
         assert "not delivered user 7 50% after 3 attempts" in first.summary()
@@ -135,9 +145,11 @@ def test_a_failed_delivery_is_retried_with_backoff_and_delivered_later(
 
         later = evaluate(ledger_url, receiver.url, now="2026-11-15T12:02:00Z")
         assert [o.threshold_percent for o in later.sent] == [50]
-    assert len(receiver.accepted) == 1 and len(receiver.requests) == 4
+    assert len(receiver.accepted) == 1
+    assert len(receiver.requests) == 4
     [row] = alert_rows(ledger)
-    assert row["attempts"] == 4 and row["delivered_at"] == utc(2026, 11, 15, 12, 2)
+    assert row["attempts"] == 4
+    assert row["delivered_at"] == utc(2026, 11, 15, 12, 2)
 
 
 def test_a_receiver_that_is_down_is_recorded_without_the_webhook_token(
@@ -151,12 +163,14 @@ def test_a_receiver_that_is_down_is_recorded_without_the_webhook_token(
     down = f"http://127.0.0.1:{port}{TOKEN_PATH}"
     run = evaluate(ledger_url, down)
     # the first post fails 3 times; the second alert waits for the next evaluation
-    assert len(run.failed) == 1 and run.sent == []
+    assert len(run.failed) == 1
+    assert run.sent == []
     rows = alert_rows(ledger)
     assert [r["attempts"] for r in rows] == [3, 0]
     assert all(r["delivered_at"] is None for r in rows)
     for text in [rows[0]["last_error"], run.summary()]:
-        assert "s3cr3tT0k3n" not in text and "/services" not in text
+        assert "s3cr3tT0k3n" not in text
+        assert "/services" not in text
     assert rows[0]["last_error"].startswith(f"ConnectError posting to http://127.0.0.1:{port}/…")
 
     with alert_receiver() as receiver:  # back up, a retry later: both delivered once
@@ -171,7 +185,9 @@ def test_users_without_a_budget_are_skipped(ledger: psycopg.Connection, ledger_u
     spend(ledger, 9, 50 * USD)
     with alert_receiver() as receiver:
         run = evaluate(ledger_url, receiver.url, default_limit=None)
-        assert run.users_checked == 0 and run.recorded == [] and receiver.requests == []
+        assert run.users_checked == 0
+        assert run.recorded == []
+        assert receiver.requests == []
         # with a default budget, the same users are checked against it
         run = evaluate(ledger_url, receiver.url, default_limit=40 * USD)
     assert run.users_checked == 2
@@ -209,7 +225,6 @@ def test_the_cli_sets_alert_percents_and_prints_what_it_sent(
     monkeypatch: pytest.MonkeyPatch,
     settings_env: Callable[..., None],
 ) -> None:
-    from renderqueue_pipeline.cli import main
 
     monkeypatch.setenv("PGOPTIONS", f"-c renderqueue.now={NOW}")
     monkeypatch.setenv("RENDERQUEUE_BUDGET_ALERT_PERCENTS", "25,75")
@@ -262,11 +277,6 @@ def test_the_budget_alert_sensor_sends_once_on_a_real_instance(
     monkeypatch: pytest.MonkeyPatch,
     settings_env: Callable[..., None],
 ) -> None:
-    from batch_helpers import dagster_instance
-
-    from renderqueue_pipeline.defs.alerts.resources import AlertsResource
-    from renderqueue_pipeline.defs.alerts.sensors import budget_alert_sensor
-    from renderqueue_pipeline.defs.resources import LedgerDatabase
 
     monkeypatch.setenv("PGOPTIONS", f"-c renderqueue.now={NOW}")
     set_budget(ledger, 7, 10 * USD, MONTH)
@@ -290,12 +300,6 @@ def test_the_budget_alert_sensor_sends_once_on_a_real_instance(
 def test_a_failed_run_of_our_job_is_posted_to_the_alert_webhook(
     ledger_env: str, dagster_storage: str, settings_env: Callable[..., None]
 ) -> None:
-    from batch_helpers import dagster_instance
-
-    from renderqueue_pipeline.defs.alerts.resources import AlertsResource
-    from renderqueue_pipeline.defs.alerts.sensors import run_failure_alert_sensor
-    from renderqueue_pipeline.defs.ledger.jobs import ledger_status_job
-    from renderqueue_pipeline.defs.resources import LedgerDatabase
 
     with socket.socket() as probe:  # a database nobody serves: the run fails for real
         probe.bind(("127.0.0.1", 0))

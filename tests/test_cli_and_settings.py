@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +12,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner
+from conftest import TEST_HOME
 
 from renderqueue_pipeline.cli import main
+from renderqueue_pipeline.db.server import as_user
 from renderqueue_pipeline.settings import ConfigError, load_settings
 
 
@@ -50,7 +53,8 @@ def test_a_bad_setting_is_one_line_naming_the_variable(
     )
     assert cli.returncode == 2
     assert cli.stderr.strip().startswith(f"renderqueue: {says}")
-    assert "Traceback" not in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in cli.stderr
+    assert len(cli.stderr.strip().splitlines()) == 1
 
 
 def test_a_bad_database_url_is_reported_without_its_password(
@@ -60,14 +64,16 @@ def test_a_bad_database_url_is_reported_without_its_password(
     monkeypatch.setenv("DATABASE_URL", bad)
     with pytest.raises(ConfigError) as raised:
         load_settings()
-    assert "s3cret-pw" not in str(raised.value) and "bob:***@db.internal" in str(raised.value)
+    assert "s3cret-pw" not in str(raised.value)
+    assert "bob:***@db.internal" in str(raised.value)
     cli = subprocess.run(
         [sys.executable, "-m", "renderqueue_pipeline.cli", "db", "url"],
         env={**os.environ, "DATABASE_URL": bad},
         capture_output=True,
         text=True,
     )
-    assert cli.returncode == 2 and "s3cret-pw" not in cli.stdout + cli.stderr
+    assert cli.returncode == 2
+    assert "s3cret-pw" not in cli.stdout + cli.stderr
 
 
 def test_webhook_user_ids_are_a_comma_separated_set(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,8 +100,16 @@ def test_webhook_serve_refuses_an_unusable_jwks_url_at_start(
         "RENDERQUEUE_HOME": str(tmp_path),
     }
     cli = subprocess.run(
-        [sys.executable, "-m", "renderqueue_pipeline.cli", "webhook", "serve", "--port", "0"]
-        + flags,
+        [
+            sys.executable,
+            "-m",
+            "renderqueue_pipeline.cli",
+            "webhook",
+            "serve",
+            "--port",
+            "0",
+            *flags,
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -107,9 +121,6 @@ def test_webhook_serve_refuses_an_unusable_jwks_url_at_start(
 
 
 def test_the_embedded_servers_path_is_shell_quoted_for_su() -> None:
-    import shlex
-
-    from renderqueue_pipeline.db.server import as_user
 
     cmd = ["/opt/pg/bin/pg_ctl", "-D", "/srv/my home/it's $(touch pwned)/pg", "stop"]
     wrapped = as_user("pgserver", cmd)
@@ -127,7 +138,8 @@ def test_secrets_do_not_show_in_settings_repr(monkeypatch: pytest.MonkeyPatch) -
 def test_db_url_migrate_twice_and_status(ledger_env: str) -> None:
     runner = CliRunner()
     url = runner.invoke(main, ["db", "url"])
-    assert url.exit_code == 0 and url.output.strip() == ledger_env
+    assert url.exit_code == 0
+    assert url.output.strip() == ledger_env
     for _ in range(2):
         migrated = runner.invoke(main, ["db", "migrate"])
         assert migrated.exit_code == 0
@@ -139,7 +151,8 @@ def test_db_url_migrate_twice_and_status(ledger_env: str) -> None:
         )
     status = runner.invoke(main, ["db", "status"])
     assert status.exit_code == 0
-    assert "fal-ai/veo3.1" in status.output and "$3.200000" in status.output
+    assert "fal-ai/veo3.1" in status.output
+    assert "$3.200000" in status.output
     with psycopg.connect(ledger_env) as conn:
         conn.execute("truncate generations cascade")
 
@@ -148,7 +161,6 @@ def test_embedded_server_is_shared_between_processes(admin_url: str) -> None:
     """Another process on the same home reuses the running server instead of starting one."""
     if os.environ.get("DATABASE_URL"):
         pytest.skip("DATABASE_URL is set: no embedded server in use")
-    from conftest import TEST_HOME
 
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     cli = subprocess.run(

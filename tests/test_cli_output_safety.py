@@ -14,6 +14,7 @@ from report_helpers import KLING, KLING_MICROS_PER_SECOND, add_batch, add_genera
 
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.ledger.report import print_ledger_status
+from renderqueue_pipeline.settings import get_settings
 
 
 def invoke(*args: str):
@@ -52,7 +53,6 @@ def test_archive_prints_an_output_url_with_markup_and_leaves_no_row_leased(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from renderqueue_pipeline.settings import get_settings
 
     with media_server("127.0.0.1") as origin:
         monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{tmp_path / 'archive'}")
@@ -106,5 +106,6 @@ def test_every_month_option_gives_a_clear_error_for_an_impossible_month(
     result = invoke(*args)
     assert result.exit_code == 2, (result.output, result.exception)
     assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("renderqueue: ") and "month" in result.stderr
+    assert result.stderr.startswith("renderqueue: ")
+    assert "month" in result.stderr
     assert result.stderr.count("\n") == 1

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from batch_helpers import SEEDANCE, dagster_instance, ledger_counts, prompts, write_csv
 
+from renderqueue_pipeline.definitions import defs
 from renderqueue_pipeline.defs.batch.jobs import (
     BATCH_TAGS,
     SUBMIT_BATCH_EXAMPLE,
@@ -105,7 +106,8 @@ def test_inbox_sensor_new_unchanged_renamed_partial_and_bad_files(
     assert first.success
     meta = metadata(first)
     assert (meta["read"], meta["submitted"], meta["rejected"], meta["over_budget"]) == (5, 4, 1, 0)
-    assert meta["unknown"] == 0 and meta["duplicate"] is False
+    assert meta["unknown"] == 0
+    assert meta["duplicate"] is False
     line_4 = f"[4]({(folder / 'week48.csv').as_uri()}#L4)"
     assert f"| {line_4} | user_id | expected an integer, got 'x' |" in meta["rejections"]
     assert len(fal_sim.control.ground_truth()) == 4
@@ -122,7 +124,8 @@ def test_inbox_sensor_new_unchanged_renamed_partial_and_bad_files(
     assert set(requests) == {"week49.csv", "week48-copy.csv"}
     assert metadata(inbox.run(requests["week49.csv"]))["submitted"] == 1
     copy = inbox.run(requests["week48-copy.csv"])
-    assert copy.success and metadata(copy)["duplicate"] is True
+    assert copy.success
+    assert metadata(copy)["duplicate"] is True
     assert metadata(copy)["batch_id"] == meta["batch_id"]
     assert len(fal_sim.control.ground_truth()) == 5  # the copy sent nothing
 
@@ -330,7 +333,6 @@ def test_cancel_of_an_unknown_batch_says_so(
 
 
 def test_the_sensor_runs_by_default_and_the_ops_share_the_fal_pool() -> None:
-    from renderqueue_pipeline.definitions import defs
 
     definitions = defs()
     sensor = definitions.get_sensor_def("prompts_inbox_sensor")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,6 @@ def _run(instance: DagsterInstance, tags: dict[str, str]) -> DagsterRun:
 def test_the_written_home_is_a_postgres_instance_with_the_documented_limits(
     dagster_home: Path,
 ) -> None:
-    import os
 
     assert os.environ["DAGSTER_HOME"] == str(dagster_home)
     config = yaml.safe_load((dagster_home / "dagster.yaml").read_text())

@@ -10,12 +10,14 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import dagster as dg
+import fal_client
 import psycopg
 import pytest
 from ledger_helpers import SEEDANCE
 
 from renderqueue_pipeline.dagster_home import instance_config
 from renderqueue_pipeline.db.server import sqlalchemy_url
+from renderqueue_pipeline.definitions import defs
 from renderqueue_pipeline.defs.reconcile.jobs import reconcile_ledger
 from renderqueue_pipeline.defs.reconcile.schedules import reconcile_every_5m
 from renderqueue_pipeline.defs.resources import LedgerDatabase, fal_connection
@@ -39,7 +41,6 @@ def evaluate(instance: dg.DagsterInstance) -> dg.RunRequest | dg.SkipReason:
 
 
 def test_the_schedule_runs_by_itself_every_five_minutes_in_utc() -> None:
-    from renderqueue_pipeline.definitions import defs
 
     schedule = defs().resolve_schedule_def("reconcile_every_5m")
     assert schedule.cron_schedule == "*/5 * * * *"
@@ -76,7 +77,6 @@ def test_the_scheduled_run_brings_lost_webhooks_to_ground_truth(
     ledger_url: str,
     conn: psycopg.Connection,
 ) -> None:
-    import fal_client
 
     fal_sim.control.reset(seed=4, **FAST_TEST_OPTIONS, webhook_drop_rate=1.0, failure_rate=0.25)
     request_ids = [

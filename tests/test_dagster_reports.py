@@ -10,6 +10,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal
 from urllib.parse import quote
 
+import fsspec
 import pandas as pd
 import psycopg
 import pytest
@@ -118,7 +119,6 @@ def checks_of(result) -> dict:
 
 
 def read_back(storage_url: str, name: str, kind: str) -> pd.DataFrame:
-    import fsspec
 
     url = f"{storage_url}/reports/spend/2026-03/{name}.{kind}"
     with fsspec.open(url, "rb", skip_instance_cache=True) as f:
@@ -128,7 +128,10 @@ def read_back(storage_url: str, name: str, kind: str) -> pd.DataFrame:
 
 def assert_files_equal_tables(conn: psycopg.Connection, storage_url: str) -> None:
     for name in REPORT_TABLES:
-        rows = conn.execute(f"select * from {name} where month = %s", (MARCH,)).fetchall()
+        rows = conn.execute(
+            f"select * from {name} where month = %s",  # noqa: S608 - REPORT_TABLES, our constant
+            (MARCH,),
+        ).fetchall()
         expected = pd.DataFrame(rows)
         key = (
             ["day", "endpoint"]
@@ -224,7 +227,8 @@ def test_month_materializes_checks_pass_and_files_equal_tables(
         # a partition's rows are not the table's: the UI shows dagster/row_count as the table's
         assert "dagster/row_count" not in metadata[name], name
     evaluations = checks_of(result)
-    assert len(evaluations) == 5 and all(e.passed for e in evaluations.values())
+    assert len(evaluations) == 5
+    assert all(e.passed for e in evaluations.values())
     assert evaluations["report_by_user_matches_ledger"].metadata["ledger_cost_micros"].value == cost
     assert evaluations["no_archive_failures"].metadata["archive_failures"].value == 0
 
@@ -267,7 +271,8 @@ def test_blocking_check_stops_the_files(
     assert not priced.passed
     assert priced.metadata["first_unpriced"].value == [f"{rid} (acme/unlisted-model, unpriced)"]
     stuck = evaluations["no_generation_open_over_24h"]
-    assert not stuck.passed and stuck.metadata["open_over_24h"].value == 1
+    assert not stuck.passed
+    assert stuck.metadata["open_over_24h"].value == 1
     assert not result.asset_materializations_for_node("spend_report_files")
     assert not (tmp_path / "storage" / "reports").exists()
     # the tables were still written (and say what they hold)
@@ -422,5 +427,6 @@ def test_a_final_month_changed_later_is_rebuilt_by_the_sensor_one_run_at_a_time(
         == cost - (8 * VEO_MICROS_PER_SECOND) + 5
     )
     after = sensor_tick(instance, ledger_url)
-    assert not after.run_requests and "no month changed" in after.skip_reason.skip_message
+    assert not after.run_requests
+    assert "no month changed" in after.skip_reason.skip_message
     assert spend_report_changed_months_sensor.default_status.value == "RUNNING"

@@ -84,7 +84,8 @@ def test_a_day_is_loaded_reconciled_and_checked_monthly(
 
         prices = dg.materialize([fal_prices], resources=resources, instance=instance)
         (check,) = prices.get_asset_check_evaluations()
-        assert check.check_name == "fal_price_units_are_representable" and check.passed
+        assert check.check_name == "fal_price_units_are_representable"
+        assert check.passed
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
 
 

@@ -8,11 +8,21 @@ import sys
 import time
 from pathlib import Path
 
+import boto3
 import psycopg
 import pytest
+from moto.server import ThreadedMotoServer
 
 from renderqueue_pipeline.alerts.budget import crossed
 from renderqueue_pipeline.batch.budget import month_figures
+from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.dev import (
+    Supervisor,
+    _bin,
+    read_exports,
+    read_receiver_url,
+    wait_for_http,
+)
 
 
 @pytest.mark.e2e
@@ -54,7 +64,8 @@ def test_headless_demo_runs_the_whole_flow_and_matches_ground_truth(
     completed = conn.execute(
         "select archive_status, archive_url from generations where status = 'completed'"
     ).fetchall()
-    assert completed and all(r["archive_status"] == "archived" for r in completed)
+    assert completed
+    assert all(r["archive_status"] == "archived" for r in completed)
     assert all(Path(r["archive_url"].removeprefix("file://")).is_file() for r in completed)
     assert (home / "dagster" / "dagster.yaml").read_text().count("postgres") >= 1
     # "auto" clips are priced from the length their archived file states, so the month's
@@ -63,7 +74,8 @@ def test_headless_demo_runs_the_whole_flow_and_matches_ground_truth(
         "select cost_basis, computed_cost_basis, measured_seconds, billed_seconds "
         "from generations where status = 'completed' and inputs ->> 'duration' = 'auto'"
     ).fetchall()
-    assert autos and all(r["measured_seconds"] is not None for r in autos)
+    assert autos
+    assert all(r["measured_seconds"] is not None for r in autos)
     assert all("measured" in (r["cost_basis"], r["computed_cost_basis"]) for r in autos)
     summary = " ".join(run.stdout.split())  # the console wraps long lines
     assert "difference $0.000000 (fal minus ours)" in summary, run.stdout[-3000:]
@@ -110,17 +122,6 @@ def test_headless_demo_on_real_services_starts_neither_simulator_nor_embedded_se
     """FAL_KEY, RENDERQUEUE_WEBHOOK_URL, DATABASE_URL and an s3:// storage URL set: the
     demo uses them (the simulator stands in for fal through its env, moto for S3, a second
     database for DATABASE_URL) and starts nothing of its own."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    from renderqueue_pipeline.db.migrate import migrate
-    from renderqueue_pipeline.dev import (
-        Supervisor,
-        _bin,
-        read_exports,
-        read_receiver_url,
-        wait_for_http,
-    )
 
     s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     s3.start()
@@ -207,7 +208,6 @@ def test_headless_demo_on_real_services_starts_neither_simulator_nor_embedded_se
 def test_stopping_the_stack_leaves_no_process_of_its_groups(tmp_path: Path) -> None:
     """A leader that exits on SIGTERM may leave a child behind that ignores it (a code
     server the daemon started while shutting down): stop() ends that one too."""
-    from renderqueue_pipeline.dev import Supervisor
 
     ready = tmp_path / "child.pid"
     child = (

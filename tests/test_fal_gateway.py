@@ -8,6 +8,7 @@ from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+import fal_client.client as fal_internals
 import psutil
 import pytest
 
@@ -27,6 +28,7 @@ from renderqueue_pipeline.fal_gateway import (
     SubmitResult,
     pooled_fal_client,
 )
+from renderqueue_pipeline.settings import ConfigError, load_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator, WebhookSink, wait_until
 
 ENDPOINT = "bytedance/seedance-2.0/fast/text-to-video"
@@ -48,7 +50,8 @@ def gateway(**options: object) -> FalGateway:
 
 
 async def until_done(fal: FalGateway, request_id: str, endpoint: str = ENDPOINT) -> Status:
-    while not (status := await fal.status(endpoint, request_id, with_logs=True)).done:
+    # polls fal's status over HTTP: there is no event to wait on
+    while not (status := await fal.status(endpoint, request_id, with_logs=True)).done:  # noqa: ASYNC110
         await asyncio.sleep(0.01)
     return status
 
@@ -70,12 +73,15 @@ def test_submit_status_result_with_webhook(
     # status/result/cancel URLs drop the endpoint's subpath
     assert submitted.status_url.endswith(f"/{APP}/requests/{submitted.request_id}/status")
     assert submitted.webhook_url == webhook_sink.url
-    assert done.succeeded and done.logs and done.metrics["inference_time"] > 0
+    assert done.succeeded
+    assert done.logs
+    assert done.metrics["inference_time"] > 0
     assert set(output["video"]) == {"url", "content_type", "file_name", "file_size"}
     (hook,) = wait_until(lambda: webhook_sink.for_request(submitted.request_id))
     assert hook.json()["payload"]["video"]["file_size"] == output["video"]["file_size"]
     truth = fal_sim.control.ground_truth(submitted.request_id)
-    assert truth["endpoint"] == ENDPOINT and truth["billed_seconds"] == 7.0
+    assert truth["endpoint"] == ENDPOINT
+    assert truth["billed_seconds"] == 7.0
 
 
 def test_default_webhook_url_is_used(fal_sim: RunningSimulator, webhook_sink: WebhookSink) -> None:
@@ -96,7 +102,8 @@ def test_rejected_inputs_raise_fal_rejected(fal_sim: RunningSimulator) -> None:
         run(main())
     assert err.value.status_code == 422
     assert err.value.endpoint == ENDPOINT
-    assert ENDPOINT in str(err.value) and "resolution" in str(err.value)
+    assert ENDPOINT in str(err.value)
+    assert "resolution" in str(err.value)
     assert isinstance(err.value, RenderqueueError)
     assert fal_sim.control.ground_truth() == []
 
@@ -114,8 +121,11 @@ def test_model_failure_surfaces_in_status_and_result(fal_sim: RunningSimulator) 
             return done, str(err.value)
 
     done, message = run(main())
-    assert done.done and not done.succeeded and done.error
-    assert ENDPOINT in message and "HTTP 422" in message
+    assert done.done
+    assert not done.succeeded
+    assert done.error
+    assert ENDPOINT in message
+    assert "HTTP 422" in message
 
 
 def test_cancel_outcomes(fal_sim: RunningSimulator) -> None:
@@ -126,7 +136,8 @@ def test_cancel_outcomes(fal_sim: RunningSimulator) -> None:
             queued = await fal.submit(ENDPOINT, INPUTS)
             assert await fal.cancel(ENDPOINT, queued.request_id) == "cancellation_requested"
             status = await fal.status(ENDPOINT, queued.request_id)
-            assert status.done and status.error_type == "client_cancelled"
+            assert status.done
+            assert status.error_type == "client_cancelled"
             assert await fal.cancel(ENDPOINT, queued.request_id) == "already_completed"
             with pytest.raises(FalNotFound) as err:
                 await fal.cancel(ENDPOINT, "no-such-request")
@@ -144,7 +155,8 @@ def test_unknown_request_status_is_not_found(fal_sim: RunningSimulator) -> None:
     with pytest.raises(FalNotFound) as err:
         run(main())
     assert err.value.request_id == "missing-id"
-    assert "missing-id" in str(err.value) and ENDPOINT in str(err.value)
+    assert "missing-id" in str(err.value)
+    assert ENDPOINT in str(err.value)
 
 
 def test_wrong_key_is_an_auth_error(fal_sim: RunningSimulator) -> None:
@@ -184,7 +196,8 @@ def test_persistent_500_on_reads_becomes_unavailable(fal_sim: RunningSimulator) 
             return str(err.value)
 
     message = run(main())
-    assert ENDPOINT in message and "HTTP 500" in message
+    assert ENDPOINT in message
+    assert "HTTP 500" in message
     assert fal_sim.control.health()["api_faults"]["500"] == 3  # exactly retry_attempts
 
 
@@ -278,7 +291,6 @@ def test_repr_and_errors_keep_the_key_secret(fal_sim: RunningSimulator) -> None:
 
 
 def test_from_settings(fal_sim: RunningSimulator, monkeypatch: pytest.MonkeyPatch) -> None:
-    from renderqueue_pipeline.settings import load_settings
 
     monkeypatch.setenv("RENDERQUEUE_WEBHOOK_URL", "https://hooks.example.com/fal")
     settings = load_settings()
@@ -305,7 +317,8 @@ def test_submit_sends_the_lifecycle_and_the_endpoints_start_timeout(
     truth = fal_sim.control.ground_truth(timed.request_id)
     assert (truth["object_lifetime"], truth["start_timeout"]) == (3600, 30)
     assert fal_sim.control.ground_truth(other.request_id)["start_timeout"] is None
-    assert timed.start_timeout == 30 and other.start_timeout is None
+    assert timed.start_timeout == 30
+    assert other.start_timeout is None
     assert timed.fal_expires_at is not None
     assert before + timedelta(seconds=3600) <= timed.fal_expires_at
     assert timed.fal_expires_at <= datetime.now(UTC) + timedelta(seconds=3600)
@@ -336,8 +349,11 @@ def test_a_user_start_timeout_is_terminal_and_not_retried(fal_sim: RunningSimula
             return done, err.value
 
     done, error = run(main())
-    assert done.done and not done.succeeded and done.timed_out
-    assert error.status_code == 504 and error.error_type == "request_timeout"
+    assert done.done
+    assert not done.succeeded
+    assert done.timed_out
+    assert error.status_code == 504
+    assert error.error_type == "request_timeout"
 
 
 def test_a_requeued_request_is_not_terminal(fal_sim: RunningSimulator) -> None:
@@ -376,7 +392,8 @@ def test_delete_io_through_the_gateway(fal_sim: RunningSimulator) -> None:
             return output["video"]["url"], deleted
 
     url, deleted = run(main())
-    assert deleted == [DeletedFile(url, None)] and deleted[0].deleted
+    assert deleted == [DeletedFile(url, None)]
+    assert deleted[0].deleted
 
     async def wrong_key() -> None:
         async with gateway(admin_key="not-admin", rest_url=fal_sim.base_url) as fal:
@@ -390,7 +407,6 @@ def test_delete_io_through_the_gateway(fal_sim: RunningSimulator) -> None:
 def test_settings_configure_lifetime_timeouts_and_admin_key(
     fal_sim: RunningSimulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from renderqueue_pipeline.settings import ConfigError, load_settings
 
     monkeypatch.setenv("RENDERQUEUE_FAL_OBJECT_LIFETIME", "none")
     monkeypatch.setenv("RENDERQUEUE_FAL_START_TIMEOUTS", f"{ENDPOINT}=120, fal-ai/veo3.1=300")
@@ -416,7 +432,6 @@ def test_fal_clients_private_helpers_keep_the_shape_result_once_calls() -> None:
     """`result_once` calls `_async_maybe_retry_request(client, method, url, timeout=...)` and
     `_raise_for_status(response)`; a fal-client release that renames or reshapes them fails
     here first, not in the reconciler."""
-    import fal_client.client as fal_internals
 
     retry = inspect.signature(fal_internals._async_maybe_retry_request).parameters
     assert list(retry)[:3] == ["client", "method", "url"]
@@ -435,7 +450,8 @@ def test_fetch_result_reads_a_finished_output_with_one_get(fal_sim: RunningSimul
             return fetched, await fal.result(ENDPOINT, submitted.request_id), calls
 
     fetched, polled, calls = run(main())
-    assert fetched == polled and fetched["video"]["url"]
+    assert fetched == polled
+    assert fetched["video"]["url"]
     assert calls == 1  # no status poll before the GET
 
 
@@ -471,5 +487,7 @@ def test_fetch_result_of_a_failed_or_unknown_request_raises_our_errors(
             return rejected.value, missing.value
 
     rejected, missing = run(main())
-    assert rejected.status_code == 422 and rejected.detail
-    assert "no-such-request" in str(missing) and ENDPOINT in str(missing)
+    assert rejected.status_code == 422
+    assert rejected.detail
+    assert "no-such-request" in str(missing)
+    assert ENDPOINT in str(missing)

@@ -146,7 +146,8 @@ def test_focus_files_carry_one_row_per_completed_generation_summing_to_the_repor
     assert billed["x_CostBasis"] == "billed"
     assert billed["x_FalBilledCost"] == Decimal("3.000000")
     assert billed["ResourceType"] == VEO
-    assert billed["ConsumedQuantity"] == Decimal("8") and billed["ConsumedUnit"] == "Second"
+    assert billed["ConsumedQuantity"] == Decimal("8")
+    assert billed["ConsumedUnit"] == "Second"
     assert billed["ListUnitPrice"] == Decimal("0.400000")
     assert json.loads(billed["Tags"]) == {"user": "2"}
 

@@ -40,6 +40,7 @@ from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.reports.forecast import forecast_month, projected
 from renderqueue_pipeline.reports.ledger_view import month_from_ledger
 from renderqueue_pipeline.reports.months import ReportInputError
+from renderqueue_pipeline.settings import get_settings
 
 APRIL = date(2026, 4, 1)
 NOW = utc(2026, 4, 11)
@@ -160,7 +161,6 @@ def _clocked(url: str, now: str) -> str:
 def test_report_forecast_prints_the_month_end_forecast(
     april, ledger_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from renderqueue_pipeline.settings import get_settings
 
     monkeypatch.setenv("DATABASE_URL", _clocked(ledger_env, "2026-04-11T00:00:00Z"))
     get_settings.cache_clear()
@@ -177,7 +177,8 @@ def test_report_forecast_prints_the_month_end_forecast(
     assert "$11.814286" in table.output
     assert "forecast over budget: user 1" in table.output
     plain = CliRunner().invoke(main, ["report", "--month", "2026-04", "--format", "json"])
-    assert plain.exit_code == 0 and "user_id" not in plain.output  # by endpoint, unchanged
+    assert plain.exit_code == 0
+    assert "user_id" not in plain.output  # by endpoint, unchanged
     assert {r["endpoint"] for r in json.loads(plain.output)} == {KLING, VEO}
     focus = CliRunner().invoke(main, ["report", "--month", "2026-04", "--format", "focus"])
     assert focus.exit_code == 0, focus.output
@@ -185,7 +186,8 @@ def test_report_forecast_prints_the_month_end_forecast(
     both = CliRunner().invoke(
         main, ["report", "--month", "2026-04", "--forecast", "--format", "focus"]
     )
-    assert both.exit_code == 2 and "not focus" in both.output
+    assert both.exit_code == 2
+    assert "not focus" in both.output
 
 
 def test_spend_forecast_asset_warns_about_users_forecast_past_their_budget(

@@ -8,9 +8,15 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
-from dagster._core.test_utils import freeze_time
+from dagster._core.remote_origin import InProcessCodeLocationOrigin
+from dagster._core.test_utils import InProcessTestWorkspaceLoadTarget, freeze_time
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._core.workspace.context import WorkspaceProcessContext
+from dagster._daemon.freshness import FreshnessDaemon
+from dagster_graphql.test.utils import execute_dagster_graphql
 
 from renderqueue_pipeline.dagster_home import dagster_storage_url
+from renderqueue_pipeline.definitions import defs
 from renderqueue_pipeline.defs.freshness.checks import FRESHNESS_CHECKS, freshness_checks_sensor
 from renderqueue_pipeline.defs.freshness.policies import (
     current_month_policy,
@@ -75,7 +81,6 @@ def sensor_requests(instance: dg.DagsterInstance) -> set[str]:
 
 
 def test_spend_assets_declare_freshness_policies_the_ui_shows() -> None:
-    from renderqueue_pipeline.definitions import defs
 
     graph = defs().resolve_asset_graph()
     for name in (
@@ -167,12 +172,6 @@ def test_the_ui_graphql_shows_spend_forecast_fresh_then_late(
 ) -> None:
     """What the UI reads: the asset's freshness status (policy, evaluated by the freshness
     daemon) and its freshness check's last execution, for the project's code location."""
-    from dagster._core.remote_origin import InProcessCodeLocationOrigin
-    from dagster._core.test_utils import InProcessTestWorkspaceLoadTarget
-    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
-    from dagster._core.workspace.context import WorkspaceProcessContext
-    from dagster._daemon.freshness import FreshnessDaemon
-    from dagster_graphql.test.utils import execute_dagster_graphql
 
     origin = InProcessCodeLocationOrigin(
         LoadableTargetOrigin(module_name="renderqueue_pipeline.definitions", attribute="defs")

@@ -45,7 +45,8 @@ def test_concurrent_events_are_each_stored_once_in_shared_commits(
     assert outcomes[:40] == ["applied"] * 40
     # a redelivery in the same batch as its original, or in a later one: never applied twice
     assert set(outcomes[40:]) == {"duplicate"}
-    assert sum(n for n, _ in commits) == 50 and len(commits) < 50
+    assert sum(n for n, _ in commits) == 50
+    assert len(commits) < 50
     stored = conn.execute(
         "select count(*) as n, count(distinct request_id) as ids from generation_events "
         "where request_id = any(%s)",

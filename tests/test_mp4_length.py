@@ -63,9 +63,12 @@ def test_a_header_after_a_large_mdat_is_found_without_holding_the_media() -> Non
 def test_a_truncated_file_has_no_length_and_says_why() -> None:
     whole = FTYP + box(b"mdat", bytes(1000)) + box(b"moov", mvhd_v0(1000, 5000))
     seconds, problem = mp4_seconds(whole[:500])
-    assert seconds is None and problem is not None and "truncated" in problem
+    assert seconds is None
+    assert problem is not None
+    assert "truncated" in problem
     seconds, problem = mp4_seconds(whole[: len(whole) - 30])  # ends inside the mvhd
-    assert seconds is None and "ends inside" in problem
+    assert seconds is None
+    assert "ends inside" in problem
 
 
 def test_files_that_state_no_length_have_a_reason() -> None:
@@ -79,7 +82,8 @@ def test_files_that_state_no_length_have_a_reason() -> None:
     )
     jpeg = b"\xff\xd8\xff\xe0\x00\x10JFIF" + bytes(100)
     seconds, problem = mp4_seconds(jpeg)
-    assert seconds is None and problem.startswith("not an MP4 file")
+    assert seconds is None
+    assert problem.startswith("not an MP4 file")
 
 
 def test_the_simulators_clips_state_their_produced_length_even_at_a_gigabyte() -> None:
@@ -88,7 +92,8 @@ def test_the_simulators_clips_state_their_produced_length_even_at_a_gigabyte() -
         reader = Mp4Duration()
         for chunk in file_chunks(file, 0, BLOCK - 1):  # the first block is enough
             reader.feed(chunk)
-        assert reader.done and reader.seconds == Decimal(str(seconds)), size
+        assert reader.done, size
+        assert reader.seconds == Decimal(str(seconds)), size
         # and the header's mdat covers exactly the rest of the file
         head = mp4_head(file)
         mdat_at = head.index(b"mdat") - 4

@@ -21,6 +21,7 @@ import pytest
 from rich.console import Console
 
 from renderqueue_pipeline.dev import running_stack, wait_for_run
+from renderqueue_pipeline.settings import get_settings
 
 pytestmark = pytest.mark.e2e  # whole-product runs: `make test`, not `make test-fast`
 
@@ -101,7 +102,6 @@ def _graphql(base: str, query: str, variables: dict | None = None) -> dict:
 def test_separate_processes_load_launch_and_share_one_ledger(
     ledger_url: str, conn: psycopg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from renderqueue_pipeline.settings import get_settings
 
     home = tmp_path / "home"
     monkeypatch.setenv("DATABASE_URL", ledger_url)
@@ -205,13 +205,15 @@ def test_separate_processes_load_launch_and_share_one_ledger(
                 "where datname = current_database() and pid <> pg_backend_pid()"
             ).fetchall()
             users = {row["usename"] for row in others}
-            assert "rq_receiver" in users and users <= {"rq_receiver", "rq_pipeline"}, users
+            assert "rq_receiver" in users, users
+            assert users <= {"rq_receiver", "rq_pipeline"}, users
     finally:
         get_settings.cache_clear()
     leftover = subprocess.run(
         ["pgrep", "-f", str(home)], capture_output=True, text=True
     ).stdout.split()
-    assert str(os.getpid()) not in leftover and not leftover, leftover
+    assert str(os.getpid()) not in leftover, leftover
+    assert not leftover, leftover
 
 
 def _wait_for_location(base: str, timeout: float = 180) -> dict:

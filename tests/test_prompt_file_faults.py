@@ -4,11 +4,14 @@ its line, or stops with the rows left unsent: never half-submitted, never left `
 
 from __future__ import annotations
 
+import datetime as dt
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from batch_helpers import SEEDANCE, items, ledger_counts, prompts, write_csv
 from click.testing import CliRunner
@@ -112,10 +115,6 @@ def test_a_file_that_changes_between_hashing_and_reading_submits_what_was_hashed
 def test_parquet_decimal_and_other_arrow_types_convert_per_row(
     fal_sim: RunningSimulator, conn: psycopg.Connection, ledger_url: str, tmp_path: Path
 ) -> None:
-    import datetime as dt
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     table = pa.table(
         {
@@ -134,7 +133,8 @@ def test_parquet_decimal_and_other_arrow_types_convert_per_row(
     assert result.report.status == "done"
     by_line = {i["line_no"]: i for i in items(conn)}
     assert by_line[1]["state"] == by_line[2]["state"] == "submitted"
-    assert by_line[1]["user_id"] == 7 and by_line[1]["inputs"]["duration"] == "5"
+    assert by_line[1]["user_id"] == 7
+    assert by_line[1]["inputs"]["duration"] == "5"
     assert by_line[2]["inputs"]["shot_at"] == "2026-01-02"
     assert by_line[3]["state"] == "rejected"  # 4.5 s is not a duration Seedance offers
 
@@ -183,11 +183,13 @@ def test_a_wrong_fal_key_stops_the_batch_and_leaves_its_rows_unsent(
     path = write_csv(tmp_path / "a.csv", prompts(12))
     with pytest.raises(BatchStopped) as caught:
         submit(path, ledger_env, concurrency=8)
-    assert "FAL_KEY" in str(caught.value) and "a-wrong-key-1234" not in str(caught.value)
+    assert "FAL_KEY" in str(caught.value)
+    assert "a-wrong-key-1234" not in str(caught.value)
     assert [i for i in items(conn) if i["state"] in ("rejected", "unknown")] == []
     assert fal_sim.control.ground_truth() == []
     batch = conn.execute("select status, error from batches").fetchone()
-    assert batch["status"] == "failed" and "FAL_KEY" in batch["error"]
+    assert batch["status"] == "failed"
+    assert "FAL_KEY" in batch["error"]
 
     monkeypatch.setenv("FAL_KEY", "the-right-key")
     get_settings.cache_clear()

@@ -16,7 +16,7 @@ from batch_helpers import SEEDANCE, dagster_instance, ledger_counts, prompts, wr
 from click.testing import CliRunner
 
 from renderqueue_pipeline.batch import PromptFileError
-from renderqueue_pipeline.batch.source import file_format
+from renderqueue_pipeline.batch.source import check_source, file_format
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.defs.batch.jobs import submit_batch
 from renderqueue_pipeline.defs.batch.resources import PromptsInbox
@@ -28,7 +28,7 @@ from renderqueue_pipeline.simulator.testing import RunningSimulator
 class _Canary(BaseHTTPRequestHandler):
     seen: list[str]
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         self.seen.append(self.path)
         body = b"prompt\nTOKEN-canary-line\n"
         self.send_response(200)
@@ -36,7 +36,7 @@ class _Canary(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_HEAD = do_GET  # noqa: N815
+    do_HEAD = do_GET
 
     def log_message(self, *args: object) -> None:
         return None
@@ -85,7 +85,6 @@ def test_the_cli_refuses_urls_outside_the_allow_list_before_fetching_anything(
 def test_a_listed_prefix_is_no_licence_for_its_neighbours(
     ledger_env: str, canary: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from renderqueue_pipeline.batch.source import check_source
 
     base, seen = canary
     monkeypatch.setenv("RENDERQUEUE_PROMPT_SOURCES", f"{base}/prompts, s3://team-bucket/in/")
@@ -164,7 +163,6 @@ def test_the_launchpad_may_name_only_the_inbox_or_an_allowed_prefix(
 
 
 def test_a_symlink_in_the_inbox_to_a_file_elsewhere_is_refused(tmp_path: Path) -> None:
-    from renderqueue_pipeline.batch.source import check_source
 
     inbox = tmp_path / "inbox"
     inbox.mkdir()

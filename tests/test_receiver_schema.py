@@ -47,7 +47,8 @@ def test_deliveries_get_503_until_the_database_is_migrated_then_are_stored(
             assert answer.headers["retry-after"] == "5"
             assert answer.json() == {"outcome": "schema_not_current"}
             health = client.get(f"{base}/healthz")
-            assert health.status_code == 503 and health.headers["retry-after"] == "5"
+            assert health.status_code == 503
+            assert health.headers["retry-after"] == "5"
             assert health.json()["schema"] == "migrations_missing"
             assert health.json()["first_missing"] == "000_baseline"
             assert health.json()["fix"] == "renderqueue db migrate"
@@ -106,8 +107,16 @@ def test_webhook_serve_runs_as_the_receiver_role_and_waits_for_the_migration(
     }
     log = (tmp_path / "receiver.log").open("w+")
     process = subprocess.Popen(
-        [sys.executable, "-m", "renderqueue_pipeline.cli", "webhook", "serve", "--port", "0"]
-        + ["--insecure-jwks"],
+        [
+            sys.executable,
+            "-m",
+            "renderqueue_pipeline.cli",
+            "webhook",
+            "serve",
+            "--port",
+            "0",
+            "--insecure-jwks",
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -7,19 +7,23 @@ with cost zero; a re-queue is not terminal; young rows are left alone.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
+import fal_client
 import psycopg
 import pytest
+from click.testing import CliRunner
 from ledger_helpers import SEEDANCE, submit_row
 from webhook_helpers import serving
 
+from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.fal_gateway import FalGateway
-from renderqueue_pipeline.ledger import LedgerEvent, record_events
-from renderqueue_pipeline.ledger.core import _submit_generation
+from renderqueue_pipeline.ledger import LedgerEvent, mark_cancel_requested, record_events
+from renderqueue_pipeline.ledger.core import _asubmit_generation, _submit_generation
 from renderqueue_pipeline.reconcile import ReconcileOptions, ReconcileReport, reconcile
 from renderqueue_pipeline.simulator.testing import FAST_TEST_OPTIONS, RunningSimulator, wait_until
 from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
@@ -28,7 +32,6 @@ INPUTS = {"duration": "5", "resolution": "720p"}
 
 
 def fal_submitter(webhook_url: str | None = None):
-    import fal_client  # after the plugin pointed it at the simulator
 
     return lambda endpoint, inputs: (
         fal_client.submit(endpoint, arguments=inputs, webhook_url=webhook_url).request_id
@@ -152,7 +155,8 @@ def test_lost_webhooks_and_payloadless_completions_reach_ground_truth(
     assert second.still_open == 0
 
     third = run_reconcile(conn)  # nothing left to do
-    assert third.examined == 0 and third.advanced == 0
+    assert third.examined == 0
+    assert third.advanced == 0
 
 
 def test_a_request_fal_does_not_know_becomes_failed_at_no_cost(
@@ -164,7 +168,8 @@ def test_a_request_fal_does_not_know_becomes_failed_at_no_cost(
     report = run_reconcile(conn)
     got = row(conn, request_id)
     assert (got["status"], got["cost_micros"]) == ("failed", 0)
-    assert "404" in got["error"] and "does not know" in got["error"]
+    assert "404" in got["error"]
+    assert "does not know" in got["error"]
     assert (report.examined, report.not_found, report.failed) == (1, 1, 1)
 
 
@@ -178,11 +183,13 @@ def test_a_request_open_past_the_limit_is_cancelled_at_fal_at_no_cost(
     report = run_reconcile(conn)
     got = row(conn, stuck)
     assert (got["status"], got["cost_micros"]) == ("canceled", 0)
-    assert "more than 24 h" in got["error"] and "cancel it (accepted)" in got["error"]
+    assert "more than 24 h" in got["error"]
+    assert "cancel it (accepted)" in got["error"]
     assert got["cancel_requested_at"] is not None
     # fal was asked: the queued request left fal's queue, so fal will not run or bill it
     truth = fal_sim.control.ground_truth(stuck)
-    assert truth["cancel_requested"] and truth["status"] == "canceled"
+    assert truth["cancel_requested"]
+    assert truth["status"] == "canceled"
     assert row(conn, recent)["status"] == "submitted"  # queued at fal, within the limit
     assert fal_sim.control.ground_truth(recent)["status"] == "queued"
     assert (report.examined, report.past_limit, report.still_open, report.canceled) == (2, 1, 1, 1)
@@ -226,7 +233,8 @@ def test_a_request_given_up_that_fal_finishes_anyway_is_billed(
     late = LedgerEvent(request_id, "completed", {"video": {"url": "https://v3b.fal.media/x.mp4"}})
     assert record_events(conn, [late]) == ["applied"]
     got = row(conn, request_id)
-    assert got["status"] == "completed" and got["cost_micros"] > 0
+    assert got["status"] == "completed"
+    assert got["cost_micros"] > 0
 
 
 def test_a_requeue_is_not_terminal(fal_sim: RunningSimulator, conn: psycopg.Connection) -> None:
@@ -264,7 +272,8 @@ def test_young_rows_are_left_alone_and_the_age_is_configurable(
     assert row(conn, request_id)["status"] == "submitted"
     conn.commit()
     report = run_reconcile(conn, min_age=__import__("datetime").timedelta(0))
-    assert report.examined == 1 and row(conn, request_id)["status"] == "completed"
+    assert report.examined == 1
+    assert row(conn, request_id)["status"] == "completed"
 
 
 def one_try(n: int) -> FalGateway:
@@ -275,7 +284,6 @@ def one_try(n: int) -> FalGateway:
 def test_fal_unreachable_leaves_rows_open_for_the_next_pass(
     fal_sim: RunningSimulator, conn: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fal_client
 
     monkeypatch.setattr(fal_client.client, "MAX_ATTEMPTS", 1)  # fal-client's own retries
     request_id, _ = submit_row(conn, inputs={"prompt": "fal is down", **INPUTS})
@@ -284,7 +292,8 @@ def test_fal_unreachable_leaves_rows_open_for_the_next_pass(
     report = reconcile(conn, ReconcileOptions(concurrency=2), gateway_factory=one_try)
     assert row(conn, request_id)["status"] == "submitted"
     assert (report.examined, report.fal_errors, report.still_open) == (1, 1, 1)
-    assert report.fal_error_samples and "unreachable" in report.fal_error_samples[0]
+    assert report.fal_error_samples
+    assert "unreachable" in report.fal_error_samples[0]
 
 
 @pytest.mark.parametrize("fault", ["unreachable", "500", "503"])
@@ -295,7 +304,6 @@ def test_a_give_up_whose_cancel_gets_no_answer_stays_open_until_fal_answers(
     fault: str,
 ) -> None:
     """Past the limit, a cancel fal never answered ends nothing: the next pass asks again."""
-    import fal_client
 
     monkeypatch.setattr(fal_client.client, "MAX_ATTEMPTS", 1)  # fal-client's own retries
     fal_sim.control.reset(
@@ -346,9 +354,6 @@ def test_a_cancel_fal_accepted_is_confirmed_by_the_error_that_follows(
     fal_sim: RunningSimulator, conn: psycopg.Connection
 ) -> None:
     """The reconciler records fal's ERROR as it is; the ledger's rule makes it `canceled`."""
-    import asyncio
-
-    from renderqueue_pipeline.ledger import mark_cancel_requested
 
     fal_sim.control.reset(
         seed=1, **{**FAST_TEST_OPTIONS, "queue_delay": "3600", "webhook_drop_rate": 1.0}
@@ -378,9 +383,6 @@ def test_fals_504_user_timeout_is_a_terminal_failure(
     fal_sim: RunningSimulator, conn: psycopg.Connection
 ) -> None:
     """A request not started within its start_timeout: fal answers its result with 504."""
-    import asyncio
-
-    from renderqueue_pipeline.ledger.core import _asubmit_generation
 
     fal_sim.control.reset(
         seed=1, **{**FAST_TEST_OPTIONS, "queue_delay": "30", "webhook_drop_rate": 1.0}
@@ -414,9 +416,6 @@ def test_fals_504_user_timeout_is_a_terminal_failure(
 def test_the_cli_runs_the_same_pass_and_prints_its_figures(
     fal_sim: RunningSimulator, conn: psycopg.Connection, ledger_env: str
 ) -> None:
-    from click.testing import CliRunner
-
-    from renderqueue_pipeline.cli import main
 
     fal_sim.control.reset(seed=2, **FAST_TEST_OPTIONS, webhook_drop_rate=1.0)
     (request_id,) = submit_many(conn, 1)
@@ -429,4 +428,5 @@ def test_the_cli_runs_the_same_pass_and_prints_its_figures(
         assert figure in result.output
     assert "seconds" in result.output
     bad = CliRunner().invoke(main, ["reconcile", "--concurrency", "0"])
-    assert bad.exit_code != 0 and "concurrency" in bad.output
+    assert bad.exit_code != 0
+    assert "concurrency" in bad.output

@@ -92,7 +92,7 @@ def expected(rows, key: int) -> dict:
         )
     )
     for row in rows:
-        user, endpoint, status, seconds, _ = row
+        _user, endpoint, status, seconds, _ = row
         figures = out[row[key]]
         figures["generations"] += 1
         if status == "completed":
@@ -300,7 +300,8 @@ def test_late_completion_moves_the_previous_month_before_finalization(
     april = refresh_month(conn, date(2026, 4, 1), now=utc(2026, 4, 1, 7))
     assert april.generations == 0
     state = conn.execute("select * from spend_report_months where month = %s", (MARCH,)).fetchone()
-    assert state["state"] == "final" and state["finalized_at"] == finalizes_at(MARCH)
+    assert state["state"] == "final"
+    assert state["finalized_at"] == finalizes_at(MARCH)
 
 
 def test_rematerializing_gives_the_same_rows(conn: psycopg.Connection) -> None:
@@ -562,7 +563,8 @@ def test_a_plain_refresh_of_a_changed_final_month_is_a_rebuild(
     )
     conn.commit()
     again = refresh_month(conn, MARCH, now=utc(2026, 4, 2))
-    assert again.rebuilt and again.days_recomputed == 31
+    assert again.rebuilt
+    assert again.days_recomputed == 31
     assert report_matches_ledger(conn, MARCH, "user").passed
     assert spend.changed_months(conn) == []
 

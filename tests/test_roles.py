@@ -17,8 +17,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 from psycopg import sql
 
+from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.db.migrate import MigrationError, load_migrations, migrate, sql_dir
 from renderqueue_pipeline.db.roles import (
     DEV_LOGINS,
@@ -260,7 +262,8 @@ def test_a_later_migration_gets_the_grants_and_keeps_the_receivers_entry_point(
         definer, config = conn.execute(
             "select prosecdef, proconfig from pg_proc where proname = 'rq_record_events'"
         ).fetchone()
-        assert definer and config == ["search_path=public, pg_temp"]
+        assert definer
+        assert config == ["search_path=public, pg_temp"]
         checks = conn.execute(
             "select has_table_privilege('renderqueue_pipeline', 'rq_test_later', 'insert'),"
             " has_sequence_privilege('renderqueue_pipeline', 'rq_test_later_id_seq', 'usage'),"
@@ -333,9 +336,6 @@ def test_the_readmes_analyst_queries_run_as_an_analyst(logins: dict[str, str]) -
 def test_db_grant_reads_the_password_from_the_environment_and_never_prints_it(
     ledger_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from click.testing import CliRunner
-
-    from renderqueue_pipeline.cli import main
 
     name, secret = f"rq_test_cli_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
     monkeypatch.setenv("RENDERQUEUE_DB_PASSWORD", secret + "\n")  # a mounted secret's newline

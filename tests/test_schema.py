@@ -155,4 +155,5 @@ def test_a_batch_holds_its_default_endpoint_in_one_column(conn: psycopg.Connecti
             "select column_name from information_schema.columns where table_name = 'batches'"
         )
     }
-    assert "default_endpoint" in columns and "endpoint" not in columns
+    assert "default_endpoint" in columns
+    assert "endpoint" not in columns

@@ -11,6 +11,9 @@ searched for the canary: zero hits.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,10 @@ import psycopg
 import pytest
 from batch_helpers import SEEDANCE, dagster_instance, prompts, write_csv
 from click.testing import CliRunner
+from rich.console import Console
 from spend_helpers import ADMIN_KEY
+from test_production_shape import LAUNCH, _free_ports, _graphql, _wait_for_location
+from webhook_helpers import serving
 
 from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
 from renderqueue_pipeline.cli import main
@@ -29,8 +35,12 @@ from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.defs.batch.jobs import submit_batch
 from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 from renderqueue_pipeline.defs.resources import LedgerDatabase, fal_connection
+from renderqueue_pipeline.dev import running_stack, wait_for_run
+from renderqueue_pipeline.fal_gateway import FalSubmitOutcomeUnknown
+from renderqueue_pipeline.redact import RedactingFilter, redact
 from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
+from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
 
 CANARY_ID = "canaryid-5e0f1d2c"
 CANARY_SECRET = "canarysecret-a41b7c9e3d2f"
@@ -93,7 +103,6 @@ def test_a_control_character_inside_a_secret_is_refused_naming_the_variable_not_
 def test_redact_removes_every_configured_secret_and_its_parts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from renderqueue_pipeline.redact import RedactingFilter, redact
 
     monkeypatch.setenv("FAL_KEY", CANARY_KEY + "\n")
     monkeypatch.setenv("FAL_ADMIN_KEY", ADMIN_CANARY)
@@ -124,7 +133,6 @@ class _KeyEchoingGateway:
         return None
 
     async def submit(self, endpoint: str, inputs: dict[str, Any]) -> Any:
-        from renderqueue_pipeline.fal_gateway import FalSubmitOutcomeUnknown
 
         raise FalSubmitOutcomeUnknown(
             f"Illegal header value b'Key {CANARY_KEY}'", endpoint=endpoint
@@ -143,7 +151,8 @@ def _hits_in_database(url: str, needles: tuple[str, ...]) -> list[str]:
         for table in tables:
             for needle in needles:
                 row = conn.execute(
-                    f"select count(*) as n from {table['name']} as t where strpos(t::text, %s) > 0",
+                    # the name comes from the catalog, quoted by format('%I.%I')
+                    f"select count(*) as n from {table['name']} as t where strpos(t::text, %s) > 0",  # noqa: S608
                     (needle,),
                 ).fetchone()
                 if row["n"]:
@@ -206,7 +215,8 @@ def test_a_canary_key_appears_in_no_output_log_ledger_row_or_dagster_storage(
         path = write_csv(tmp_path / "b.csv", prompts(2, tag="unauthorized"))
         code, out, err = cli("batch", "submit", str(path), "--endpoint", SEEDANCE)
         printed += [out, err]
-        assert code == 2 and "FAL_KEY" in err
+        assert code == 2
+        assert "FAL_KEY" in err
         assert not run("dagster-401.csv").success
         # fal's 500 after accepting: the items' outcome is unknown, with the error stored
         fal_sim.control.set_faults(fal_key=CANARY_KEY, api_500_rate=1.0)
@@ -231,7 +241,8 @@ def test_a_canary_key_appears_in_no_output_log_ledger_row_or_dagster_storage(
     reasons = conn.execute(
         "select reason from batch_items where reason like 'outcome unknown%%'"
     ).fetchall()
-    assert reasons and all("Key ***" in r["reason"] for r in reasons if "Illegal" in r["reason"])
+    assert reasons
+    assert all("Key ***" in r["reason"] for r in reasons if "Illegal" in r["reason"])
     needles = (CANARY_ID, CANARY_SECRET, ADMIN_CANARY)
     text = "\n".join(printed) + "\n".join(r.getMessage() for r in caplog.records)
     text += caplog.text
@@ -268,13 +279,6 @@ def test_the_headless_demo_with_a_canary_key_leaves_it_nowhere(
 ) -> None:
     """`renderqueue demo --headless` with FAL_KEY set (fal = the simulator, receiver here):
     submit, webhooks, reconcile, archive, reports and billing, keys with a newline."""
-    import os
-    import subprocess
-    import sys
-
-    from webhook_helpers import serving
-
-    from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
 
     home = tmp_path / "home"
     fal_sim.control.set_faults(fal_key=CANARY_KEY, admin_key=ADMIN_KEY)  # the canary account
@@ -323,10 +327,6 @@ def test_the_production_shape_stack_with_a_canary_key_leaves_it_nowhere(
     """Code server, webserver, daemon and two receivers as separate processes, FAL_KEY a
     newline-terminated canary: a launchpad run that submits, one that meets fal's 401;
     then every log file of every process, the ledger and Dagster's storage are searched."""
-    from rich.console import Console
-    from test_production_shape import LAUNCH, _free_ports, _graphql, _wait_for_location
-
-    from renderqueue_pipeline.dev import running_stack, wait_for_run
 
     home = tmp_path / "home"
     approved = tmp_path / "approved"

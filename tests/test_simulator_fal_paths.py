@@ -47,7 +47,8 @@ def test_output_urls_are_public_stable_and_die_with_the_lifecycle(
     assert truth["file_expires_at"] == pytest.approx(truth["finished_at"] + 2, abs=0.01)
     with http(fal_sim) as client:
         first = client.get(url)  # no credentials needed
-        assert first.status_code == 200 and len(first.content) == truth["file_size"]
+        assert first.status_code == 200
+        assert len(first.content) == truth["file_size"]
         time.sleep(max(0.0, truth["file_expires_at"] - time.time() + 0.1))
         assert client.get(url).status_code == 404
         assert client.head(url).status_code == 404
@@ -62,7 +63,8 @@ def test_lifecycle_defaults_and_no_expiry(fal_sim: RunningSimulator) -> None:
     assert truth["object_lifetime"] == 7 * 86400  # the simulator's account default
     assert truth["file_expires_at"] == pytest.approx(truth["finished_at"] + 7 * 86400, abs=0.01)
     truth = fal_sim.control.ground_truth(forever.request_id)
-    assert truth["object_lifetime"] is None and truth["file_expires_at"] is None
+    assert truth["object_lifetime"] is None
+    assert truth["file_expires_at"] is None
     with pytest.raises(FalClientHTTPError) as err:
         fal_client.submit(ENDPOINT, arguments=INPUTS, headers={LIFECYCLE: "7 days"})
     assert err.value.status_code == 422
@@ -85,7 +87,8 @@ def test_head_and_byte_ranges(fal_sim: RunningSimulator) -> None:
         assert head.headers["content-length"] == str(size)
         assert head.headers["accept-ranges"] == "bytes"
         assert head.headers["content-type"] == "video/mp4"
-        assert len(whole.content) == size and whole.content[4:8] == b"ftyp"
+        assert len(whole.content) == size
+        assert whole.content[4:8] == b"ftyp"
         for header, first, last in [
             ("bytes=0-99", 0, 99),
             ("bytes=65530-65545", 65530, 65545),  # across a block boundary
@@ -99,7 +102,8 @@ def test_head_and_byte_ranges(fal_sim: RunningSimulator) -> None:
             assert part.headers["content-length"] == str(last - first + 1)
             assert part.content == whole.content[first : last + 1], header
         bad = client.get(url, headers={"Range": f"bytes={size}-"})
-        assert bad.status_code == 416 and bad.headers["content-range"] == f"bytes */{size}"
+        assert bad.status_code == 416
+        assert bad.headers["content-range"] == f"bytes */{size}"
         assert client.get(url).content == whole.content  # deterministic
 
 
@@ -112,7 +116,8 @@ def test_a_1_gb_object_is_served_without_being_built(fal_sim: RunningSimulator) 
         assert client.head(url).headers["content-length"] == str(size)
         tail = client.get(url, headers={"Range": "bytes=-1000"})
         middle = client.get(url, headers={"Range": "bytes=500000000-500000099"})
-    assert tail.status_code == 206 and len(tail.content) == 1000
+    assert tail.status_code == 206
+    assert len(tail.content) == 1000
     file = OutputFile(info["file_id"], "", "video/mp4", size)
     assert tail.content == b"".join(file_chunks(file, size - 1000))
     assert middle.content == b"".join(file_chunks(file, 500_000_000, 500_000_099))
@@ -169,8 +174,10 @@ def test_not_started_within_start_timeout_is_a_504_user_timeout(
     assert err.value.response.headers["x-fal-request-timeout-type"] == "user"
     assert err.value.response.json()["error_type"] == "request_timeout"
     truth = fal_sim.control.ground_truth(handle.request_id)
-    assert truth["status"] == "failed" and truth["ending"] == "start_timeout"
-    assert truth["started_at"] is None and truth["billed_seconds"] == 0
+    assert truth["status"] == "failed"
+    assert truth["ending"] == "start_timeout"
+    assert truth["started_at"] is None
+    assert truth["billed_seconds"] == 0
     (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id), timeout=30)
     assert hook.json()["status"] == "ERROR"
     assert hook.json()["payload"] == err.value.response.json()
@@ -194,7 +201,8 @@ def test_a_running_request_can_go_back_to_the_queue(
     assert "InProgress" in seen[:-2]  # it ran, went back to the queue, ran again
     truth = fal_sim.control.ground_truth(handle.request_id)
     first, second = truth["gateway_request_ids"]
-    assert first != second and truth["decisions"]["requeues"] == 1
+    assert first != second
+    assert truth["decisions"]["requeues"] == 1
     (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id), timeout=30)
     assert hook.json()["gateway_request_id"] == second  # key on request_id, never on this
     assert hook.json()["status"] == "OK"
@@ -286,6 +294,7 @@ def test_a_request_waiting_for_a_slot_past_its_start_timeout_times_out(
         waiting.get()
     assert err.value.status_code == 504
     truth = fal_sim.control.ground_truth(waiting.request_id)
-    assert truth["ending"] == "start_timeout" and truth["started_at"] is None
+    assert truth["ending"] == "start_timeout"
+    assert truth["started_at"] is None
     assert fal_sim.control.ground_truth(running.request_id)["status"] == "in_progress"
     fal_sim.control.set_faults(concurrency_limit=None)

@@ -96,13 +96,15 @@ def test_the_plain_key_is_refused_on_every_platform_api_and_delete_io(
         assert http.put(delete_io, headers=_key(fal_sim.fal_key)).status_code == 403
         assert http.put(delete_io, headers=_key("wrong")).status_code == 401
         answer = http.put(delete_io, headers=_key(fal_sim.admin_key))
-        assert answer.status_code == 200 and answer.json()["CDN_DELETE_RESULTS"]
+        assert answer.status_code == 200
+        assert answer.json()["CDN_DELETE_RESULTS"]
 
 
 def test_the_generated_keys_persist_across_a_restart_with_the_same_home(tmp_path: Path) -> None:
     with running_simulator(tmp_path) as sim:
         first = (sim.fal_key, sim.admin_key)
-        assert first[0] != first[1] and "simulator-key" not in first
+        assert first[0] != first[1]
+        assert "simulator-key" not in first
         sim.restart()
         with _http(sim) as http:
             answer = http.post(f"/{ENDPOINT}", json=INPUTS, headers=_key(first[0]))
@@ -167,5 +169,6 @@ def test_processes_starting_at_once_on_a_new_home_agree_on_the_keys(tmp_path: Pa
     time.sleep(1)  # not a race in the test: only makes a real race between them likely
     go.write_text("")
     printed = {child.communicate(timeout=60)[0].strip() for child in children}
-    assert len(printed) == 1 and all(child.returncode == 0 for child in children)
+    assert len(printed) == 1
+    assert all(child.returncode == 0 for child in children)
     assert sorted((tmp_path / "simulator").iterdir()) == [tmp_path / "simulator" / "api_keys.json"]

@@ -41,7 +41,8 @@ def test_two_simulator_apps_share_no_state(tmp_path: Path) -> None:
     first: Starlette = build_app(tmp_path, SimConfig(seed=1))
     second: Starlette = build_app(tmp_path, SimConfig(seed=2))
     assert first.state.engine is not second.state.engine
-    assert first.state.engine.config.seed == 1 and second.state.engine.config.seed == 2
+    assert first.state.engine.config.seed == 1
+    assert second.state.engine.config.seed == 2
     book_a, book_b = BillingBook(), BillingBook()
     assert build_platform_app(book_a).state.book is book_a
     assert build_platform_app(book_b).state.book is book_b

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import ssl
 import threading
@@ -16,6 +17,8 @@ import pytest
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from renderqueue_pipeline.simulator.config import SimConfig
+from renderqueue_pipeline.simulator.engine import retry_schedule
 from renderqueue_pipeline.simulator.testing import (
     RunningSimulator,
     WebhookSink,
@@ -91,7 +94,8 @@ def test_webhook_body_headers_and_signature(fal_sim: RunningSimulator, webhook_s
     body = hook.json()
     assert hook.body == json.dumps(body, sort_keys=True).encode()
     assert body["request_id"] == handle.request_id
-    assert body["status"] == "OK" and body["error"] is None
+    assert body["status"] == "OK"
+    assert body["error"] is None
     assert set(body["payload"]) == {"video", "seed"}  # fal's documented output, nothing more
     assert body["payload"]["video"]["content_type"] == "video/mp4"
     assert body["payload"]["video"]["url"] == handle.get()["video"]["url"]  # one stable URL
@@ -149,7 +153,9 @@ def test_payload_error_webhook(fal_sim: RunningSimulator, webhook_sink: WebhookS
     handle = submit(webhook_sink)
     (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
     body = hook.json()
-    assert body["status"] == "OK" and body["payload"] is None and body["payload_error"]
+    assert body["status"] == "OK"
+    assert body["payload"] is None
+    assert body["payload_error"]
     assert handle.get()["video"]  # the result endpoint still has the output
 
 
@@ -160,7 +166,8 @@ def test_canceled_request_webhook(fal_sim: RunningSimulator, webhook_sink: Webho
     handle.cancel()
     (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
     body = hook.json()
-    assert body["status"] == "ERROR" and body["error"] == "Invalid status code: 499"
+    assert body["status"] == "ERROR"
+    assert body["error"] == "Invalid status code: 499"
     assert body["payload"]["error_type"] == "client_cancelled"
     assert b"request_cancelled" not in hook.body  # no invented error strings
 
@@ -173,7 +180,8 @@ def test_cancel_while_running_still_delivers_the_output(
     wait_until(lambda: isinstance(handle.status(), fal_client.InProgress), timeout=30)
     handle.cancel()
     (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id), timeout=30)
-    assert hook.json()["status"] == "OK" and hook.json()["payload"]["video"]["url"]
+    assert hook.json()["status"] == "OK"
+    assert hook.json()["payload"]["video"]["url"]
 
 
 def test_failed_deliveries_are_retried_with_backoff(
@@ -185,8 +193,10 @@ def test_failed_deliveries_are_retried_with_backoff(
     wait_until(lambda: webhook_sink.accepted(), timeout=30)
     hooks = webhook_sink.for_request(handle.request_id)
     assert [h.answered for h in hooks] == [500, 503, 502, 200]
-    gaps = [b.arrived_mono - a.arrived_mono for a, b in zip(hooks, hooks[1:], strict=False)]
-    assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2  # doubling backoff
+    gaps = [b.arrived_mono - a.arrived_mono for a, b in itertools.pairwise(hooks)]
+    assert gaps[0] >= 0.05
+    assert gaps[1] >= 0.1
+    assert gaps[2] >= 0.2  # doubling backoff
     assert len({h.body for h in hooks}) == 1  # the body is fixed once: same bytes every time
     # the simulator records an attempt after the sink answered it: wait for the fourth
     attempts = wait_until(
@@ -267,8 +277,6 @@ def test_4xx_answers_are_final_by_default(
 
 def test_default_delivery_retries_ten_times_over_about_two_hours() -> None:
     """fal: "retried 10 times in the span of 2 hours"; the defaults spread them so."""
-    from renderqueue_pipeline.simulator.config import SimConfig
-    from renderqueue_pipeline.simulator.engine import retry_schedule
 
     delays = retry_schedule(SimConfig())
     assert len(delays) == 10
@@ -368,7 +376,9 @@ def test_out_of_order_delivery_reproducible_under_seed(
         fal_sim.control.reset(seed=11, webhook_out_of_order_rate=0.5, **options)
         runs.append(_delivery_order(fal_sim, webhook_sink, 5))
     (order_a, held_a), (order_b, held_b) = runs
-    assert held_a == held_b and any(held_a) and not all(held_a)  # same seed, same decisions
+    assert held_a == held_b
+    assert any(held_a)
+    assert not all(held_a)  # same seed, same decisions
     held_back = {i for i, held in enumerate(held_a) if held}
     for order in (order_a, order_b):
         assert order != sorted(order)  # held-back webhooks were overtaken...
@@ -405,7 +415,8 @@ def test_fault_decisions_are_reproducible_under_one_seed(fal_sim: RunningSimulat
     assert first != other
     statuses = {s["status"] for s in first}
     assert statuses == {"completed", "failed"}
-    assert any(s["duplicate"] for s in first) and any(s["drop"] for s in first)
+    assert any(s["duplicate"] for s in first)
+    assert any(s["drop"] for s in first)
 
 
 def test_concurrent_submissions_with_webhooks(
@@ -440,7 +451,8 @@ def test_jwks_serves_two_keys_one_with_a_padded_x(
         fal_sim.jwks_url, verify=ssl.create_default_context(cafile=fal_sim.ca_bundle)
     ).json()
     xs = [key["x"] for key in document["keys"]]
-    assert len(xs) == 2 and len(set(xs)) == 2
+    assert len(xs) == 2
+    assert len(set(xs)) == 2
     assert sum(x.endswith("=") for x in xs) == 1  # one padded, one not: read both
     handle = submit(webhook_sink)
     (hook,) = wait_until(lambda: webhook_sink.for_request(handle.request_id))
@@ -458,7 +470,8 @@ def test_rotating_keys_signs_with_a_new_key_and_keeps_the_old_one_published(
         f"{fal_sim.base_url}/_sim/jwks/rotate",
         verify=ssl.create_default_context(cafile=fal_sim.ca_bundle),
     )
-    assert rotated.status_code == 200 and len(rotated.json()["keys"]) == 2
+    assert rotated.status_code == 200
+    assert len(rotated.json()["keys"]) == 2
     new = submit(webhook_sink)
     (new_hook,) = wait_until(lambda: webhook_sink.for_request(new.request_id))
     after = fetch_public_keys(fal_sim.jwks_url, str(fal_sim.ca_bundle))

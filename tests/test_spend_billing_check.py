@@ -6,9 +6,14 @@ import datetime as dt
 from decimal import Decimal
 
 import psycopg
+import pytest
 from spend_helpers import settle, submit, window
 
+from renderqueue_pipeline.defs.reports.metadata import table_metadata
+from renderqueue_pipeline.fal_gateway import FalSubmitOutcomeUnknown
 from renderqueue_pipeline.ledger import LedgerEvent, record_event
+from renderqueue_pipeline.reports.checks import report_matches_ledger
+from renderqueue_pipeline.reports.spend import refresh_month
 from renderqueue_pipeline.spend import (
     apply_billed,
     check_billing,
@@ -58,7 +63,8 @@ def test_right_billing_matches_to_the_micro_dollar(conn, fal_billing) -> None:
     ids = [submit(conn, endpoint, inputs) for endpoint, inputs in ORDERS]
     settle(conn, fal_billing.sim, ids)
     result = reconcile(conn, fal_billing)
-    assert result.count("matched") == len(ORDERS) and result.findings == 0
+    assert result.count("matched") == len(ORDERS)
+    assert result.findings == 0
     expected = sum(expected_micros(endpoint, inputs) for endpoint, inputs in ORDERS)
     assert result.our_micros == result.fal_micros == expected
     assert result.difference_micros == 0
@@ -76,7 +82,8 @@ def test_right_billing_matches_to_the_micro_dollar(conn, fal_billing) -> None:
     # idempotent: a second run changes nothing and still matches
     assert apply_billed(conn, start, end) == 0
     again = reconcile(conn, fal_billing)
-    assert again.count("matched") == len(ORDERS) and again.our_micros == expected
+    assert again.count("matched") == len(ORDERS)
+    assert again.our_micros == expected
 
 
 def test_units_mismatch_is_found_and_explained(conn, fal_billing) -> None:
@@ -123,7 +130,8 @@ def test_billed_but_failed_canceled_or_open_in_the_ledger(conn, fal_billing) -> 
         for r in (failed, canceled, still_open)
     }
     assert reasons == {failed: "failed", canceled: "canceled", still_open: "open"}
-    assert result.fal_micros == 3 * 4 * 303_400 and result.our_micros == 0
+    assert result.fal_micros == 3 * 4 * 303_400
+    assert result.our_micros == 0
 
 
 def test_completed_but_not_billed_after_the_grace_period(conn, fal_billing) -> None:
@@ -131,7 +139,8 @@ def test_completed_but_not_billed_after_the_grace_period(conn, fal_billing) -> N
     request_id = submit(conn, SEEDANCE, {"prompt": "a comet", "duration": "4"})
     settle(conn, fal_billing.sim, [request_id])
     within = reconcile(conn, fal_billing, grace=dt.timedelta(hours=48))
-    assert within.count("awaiting_billing") == 1 and within.findings == 0
+    assert within.count("awaiting_billing") == 1
+    assert within.findings == 0
     assert within.difference_micros == 0  # awaiting billing is left out of the difference
     later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=49)
     after = reconcile(conn, fal_billing, grace=dt.timedelta(hours=48), now=later)
@@ -152,16 +161,14 @@ def test_late_billing_is_matched_on_a_later_run(conn, fal_billing) -> None:
         result = reconcile(conn, fal_billing)
         if result.count("matched") == 1:
             break
-    assert result.count("matched") == 1 and result.findings == 0
+    assert result.count("matched") == 1
+    assert result.findings == 0
     assert outcome_of(conn, request_id) is None  # matched: nothing to look at
     start, end = window()
     assert apply_billed(conn, start, end) == 1
 
 
 def test_billed_requests_unknown_to_the_ledger_are_attributed(conn, fal_billing) -> None:
-    import pytest
-
-    from renderqueue_pipeline.fal_gateway import FalSubmitOutcomeUnknown
 
     fal_billing.sim.control.set_faults(api_500_rate=1.0)
     with pytest.raises(FalSubmitOutcomeUnknown):
@@ -186,9 +193,11 @@ def test_billed_requests_unknown_to_the_ledger_are_attributed(conn, fal_billing)
     assert result.count("unknown_to_ledger") == 2
     item = conn.execute("select id from batch_items").fetchone()
     ours = outcome_of(conn, truth["request_id"])
-    assert ours["batch_item_id"] == item["id"] and "same endpoint" in ours["reason"]
+    assert ours["batch_item_id"] == item["id"]
+    assert "same endpoint" in ours["reason"]
     other = outcome_of(conn, "someone-else-1")
-    assert other["batch_item_id"] is None and "another system" in other["reason"]
+    assert other["batch_item_id"] is None
+    assert "another system" in other["reason"]
     assert other["fal_micros"] == 700_000
     start, end = window()
     assert summarize(conn, start, end).count("unknown_to_ledger") == 2
@@ -208,7 +217,8 @@ def test_a_late_payload_keeps_fals_bill_and_puts_ours_beside_it(conn, fal_billin
     billed = conn.execute(
         "select * from generations where request_id = %s", (request_id,)
     ).fetchone()
-    assert billed["cost_basis"] == "billed" and billed["computed_cost_basis"] == "estimate"
+    assert billed["cost_basis"] == "billed"
+    assert billed["computed_cost_basis"] == "estimate"
 
     fetched = LedgerEvent(request_id, "completed", truth["output"], source="reconcile")
     assert record_event(conn, fetched) == "applied"
@@ -224,8 +234,6 @@ def test_a_late_payload_keeps_fals_bill_and_puts_ours_beside_it(conn, fal_billin
 def test_monthly_reports_show_our_total_fals_bill_and_the_difference(conn, fal_billing) -> None:
     """An "auto" clip is priced at Seedance's 15 s; fal bills the seconds it made. The
     month's report tables show both figures and the difference, and still equal the ledger."""
-    from renderqueue_pipeline.reports.checks import report_matches_ledger
-    from renderqueue_pipeline.reports.spend import refresh_month
 
     fixed = submit(conn, SEEDANCE, {"prompt": "a lighthouse", "duration": "5"})
     auto = submit(conn, SEEDANCE, {"prompt": "a tide pool", "duration": "auto"})
@@ -240,7 +248,8 @@ def test_monthly_reports_show_our_total_fals_bill_and_the_difference(conn, fal_b
 
     before = refresh_month(conn, month)
     assert before.computed_micros == before.cost_micros == sum(ours.values())
-    assert before.fal_billed_micros is None and before.billed_difference_micros is None
+    assert before.fal_billed_micros is None
+    assert before.billed_difference_micros is None
 
     reconcile(conn, fal_billing)
     start, end = window()
@@ -253,7 +262,8 @@ def test_monthly_reports_show_our_total_fals_bill_and_the_difference(conn, fal_b
         "select output_units from fal_billing_events where request_id = %s", (auto,)
     ).fetchone()["output_units"]
     assert 4 <= made <= 15  # "auto": fal bills the seconds it made
-    assert fal[fixed] == ours[fixed] and fal[auto] == made * 303_400
+    assert fal[fixed] == ours[fixed]
+    assert fal[auto] == made * 303_400
 
     after = refresh_month(conn, month)
     assert after.computed_micros == sum(ours.values())
@@ -271,7 +281,6 @@ def test_monthly_reports_show_our_total_fals_bill_and_the_difference(conn, fal_b
     for by in ("user", "endpoint"):
         assert report_matches_ledger(conn, month, by).passed
     # what the Dagster UI shows (and plots across months) for the month's tables
-    from renderqueue_pipeline.defs.reports.metadata import table_metadata
 
     shown = table_metadata(after, "spend_monthly_by_endpoint", after.by_endpoint)
     assert shown["fal_billed_usd"].value == sum(fal.values()) / 1_000_000

@@ -5,6 +5,7 @@ nano-dollar is rounded once per request (docs/spend.md, "Rounding")."""
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections.abc import Iterator
 
 import psycopg
@@ -198,6 +199,6 @@ def test_a_month_split_into_any_days_has_the_same_figures(
     conn.execute("truncate billing_reconciliation, billing_reconciliation_days")
     conn.commit()
     bounds = [SEPTEMBER[0], *(SEPTEMBER[0] + n * DAY for n in sorted(cuts)), SEPTEMBER[1]]
-    for start, end in zip(bounds, bounds[1:], strict=False):
+    for start, end in itertools.pairwise(bounds):
         check_billing(conn, start, end, now=NOW)
     assert totals(conn) == edges

@@ -42,7 +42,8 @@ def test_a_price_change_at_fal_is_a_new_row_for_later_generations_only(
     before = submit(conn, SEEDANCE, {"prompt": "before the change", "duration": "5"})
     with fal_billing.platform() as platform:
         unchanged = sync_prices(conn, platform)
-    assert unchanged.added_rows == [] and SEEDANCE in unchanged.unchanged
+    assert unchanged.added_rows == []
+    assert SEEDANCE in unchanged.unchanged
 
     fal_billing.set_price(SEEDANCE, 0.35)  # fal's 720p price moves from $0.3034 to $0.35
     seen_at = dt.datetime.now(dt.UTC)
@@ -79,7 +80,8 @@ def test_a_price_change_at_fal_is_a_new_row_for_later_generations_only(
     with fal_billing.platform() as platform:
         load_billing_events(conn, platform, start, end)
     result = check_billing(conn, start, end)
-    assert result.count("matched") == 2 and result.findings == 0
+    assert result.count("matched") == 2
+    assert result.findings == 0
 
 
 def test_a_unit_the_ledger_cannot_represent_is_flagged(conn, fal_billing) -> None:
@@ -133,7 +135,8 @@ def test_the_api_caps_ranges_at_90_days_and_the_client_splits_them(fal_billing) 
         params={"start": start.isoformat(), "end": end.isoformat()},
         headers={"Authorization": f"Key {ADMIN_KEY}"},
     )
-    assert response.status_code == 422 and "90 days" in response.json()["error"]["message"]
+    assert response.status_code == 422
+    assert "90 days" in response.json()["error"]["message"]
     response = fal_billing.control.get(
         "/v1/models/billing-events",
         params={"limit": 10_001},
@@ -165,7 +168,8 @@ def test_usage_summary_sums_billed_seconds_and_cost(conn, fal_billing) -> None:
     with fal_billing.platform() as platform:
         (summary,) = platform.usage_summary(start, end, [KLING])
     assert summary["endpoint_id"] == KLING
-    assert summary["quantity"] == 10 and summary["cost_nano_usd"] == 10 * 140_000_000
+    assert summary["quantity"] == 10
+    assert summary["cost_nano_usd"] == 10 * 140_000_000
 
 
 def test_a_wrong_admin_key_is_a_clear_error_naming_the_variable(fal_billing) -> None:
@@ -214,7 +218,8 @@ def test_the_cli_reports_a_wrong_admin_key_in_one_line(
         text=True,
         timeout=120,
     )
-    assert done.returncode == 2 and done.stderr.startswith("renderqueue: FAL_KEY: ")
+    assert done.returncode == 2
+    assert done.stderr.startswith("renderqueue: FAL_KEY: ")
 
 
 def test_the_cli_prints_the_month(ledger_env, conn, fal_billing) -> None:
@@ -240,7 +245,8 @@ def test_the_cli_prints_the_month(ledger_env, conn, fal_billing) -> None:
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "matched" in out and "amount_differs" in out
+    assert "matched" in out
+    assert "amount_differs" in out
     assert "our computed total      $2.427200" in out  # 2 x 4 s x $0.3034
     assert "fal's billed total      $2.730600" in out  # one billed 5 s
     assert f"{other}  {SEEDANCE}  amount_differs (units)" in out

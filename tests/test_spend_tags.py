@@ -51,8 +51,9 @@ def _clean_run(
 
 def _ours(conn: psycopg.Connection, where: str, value: int) -> int:
     """The ledger's own figure, summed here independently of the comparison's query."""
+    # `where` is a column the test names
     return conn.execute(
-        "select coalesce(sum(coalesce(g.computed_cost_micros, g.cost_micros)), 0)::bigint as m "
+        "select coalesce(sum(coalesce(g.computed_cost_micros, g.cost_micros)), 0)::bigint as m "  # noqa: S608
         "from generations g left join batch_items i on i.id = g.batch_item_id "
         f"where g.status = 'completed' and {where} = %s",
         (value,),
@@ -68,24 +69,27 @@ def test_fals_usage_by_user_and_batch_equals_the_ledger_on_a_clean_run(
         result = compare_usage_by_tag(conn, platform, start, end)
     assert result.differences == []
     user7, user8 = result.of("rq_user", "7"), result.of("rq_user", "8")
-    assert user7 and user8
+    assert user7
+    assert user8
     assert (user7.fal_requests, user8.fal_requests) == (2, 2)
     # 2 x 5 s and 5 s + 4 s of Seedance at $0.3034/s, to the micro-dollar
     assert user7.fal_micros == user7.our_micros == 10 * 303_400 == _ours(conn, "g.user_id", 7)
     assert user8.fal_micros == user8.our_micros == 9 * 303_400 == _ours(conn, "g.user_id", 8)
     batch1, batch2 = result.of("rq_batch", str(first)), result.of("rq_batch", str(second))
-    assert batch1 and batch2
+    assert batch1
+    assert batch2
     assert batch1.fal_micros == batch1.our_micros == _ours(conn, "i.batch_id", first)
     assert batch2.fal_micros == batch2.our_micros == 5 * 303_400
     # the single prompt carries no rq_batch: "no batch" on both sides
     single = result.of("rq_batch", None)
-    assert single and single.fal_micros == single.our_micros == 4 * 303_400
+    assert single
+    assert single.fal_micros == single.our_micros == 4 * 303_400
 
 
 def test_a_request_fal_billed_to_another_user_shows_as_a_difference(
     conn, ledger_url, fal_billing, tmp_path
 ) -> None:
-    _, _, ids = _clean_run(conn, ledger_url, fal_billing, tmp_path)
+    _clean_run(conn, ledger_url, fal_billing, tmp_path)
     moved = conn.execute(
         "select g.request_id, g.cost_micros from generations g join batch_items i "
         "on i.id = g.batch_item_id where g.user_id = 7 order by g.id limit 1"
@@ -216,7 +220,8 @@ def test_the_cli_lists_the_users_whose_totals_differ_from_fals(
     )
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "fal's usage by tag: " in out and ", 2 differ" in out
+    assert "fal's usage by tag: " in out
+    assert ", 2 differ" in out
     # one 5 s Seedance request ($1.517000): fal has it under user 7, the ledger under 9
     assert "rq_user=7: ours $1.517000 (1 requests), fal $3.034000 (2 requests)" in out
     assert "rq_user=9: ours $1.517000 (1 requests), fal $0.000000 (0 requests)" in out

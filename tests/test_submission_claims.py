@@ -96,7 +96,7 @@ def test_one_idempotency_key_reaches_fal_once_when_two_calls_race(
             answers[name] = submit_prompt(
                 7, SEEDANCE, "a fox", {"duration": "5"}, idempotency_key=key, ledger_url=ledger_url
             )
-        except Exception as exc:  # kept for the assertion
+        except Exception as exc:  # noqa: BLE001 - kept for the assertion, whatever it is
             answers[name] = exc
 
     first = threading.Thread(target=call, args=("first",))
@@ -235,10 +235,12 @@ def test_unknown_items_of_last_month_resubmitted_now_are_admitted_against_this_m
         "+ this row $1.517 = $3.034"
     )
     february = month_figures(conn, 7, date(2027, 2, 1))
-    assert february.committed_micros == ROW and february.remaining_micros >= 0
+    assert february.committed_micros == ROW
+    assert february.remaining_micros >= 0
     # the three were marked unknown by this run (their sender is gone); fal's request list
     # showed none of them, so they were resent, each admitted in February: one fits
-    assert again.stats.orphaned == 3 and again.stats.resubmitted_unknown == 3
+    assert again.stats.orphaned == 3
+    assert again.stats.resubmitted_unknown == 3
     assert len(fal_sim.control.ground_truth()) == 1
     sent = conn.execute("select created_at from generations where user_id = 7").fetchall()
     assert [g["created_at"] for g in sent] == [datetime(2027, 2, 1, 0, 0, 30, tzinfo=UTC)]
@@ -374,7 +376,7 @@ def test_a_definite_outcome_after_unknown_wins_and_releases_the_budget(ledger_ur
         month = conn.execute("select date_trunc('month', rq_now())::date as m").fetchone()["m"]
         assert month_figures(conn, 8, month).in_flight_micros == 2 * ROW
         finish_submission(conn, accepted, "req-late-answer")
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="fal 422: duration"):
             finish_submission(conn, refused, ValueError("fal 422: duration"), lambda exc: True)
         states = dict(
             (r["id"], (r["state"], r["request_id"]))

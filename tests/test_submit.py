@@ -47,7 +47,8 @@ def test_the_intent_is_committed_before_fal_is_called(
         )
         == request_id
     )
-    assert len(seen) == 1 and seen[0] is not None
+    assert len(seen) == 1
+    assert seen[0] is not None
     assert (seen[0]["state"], seen[0]["request_id"]) == ("pending", None)
     with connect(ledger_url) as other:
         after = item(other, key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import fal_client
 import psycopg
 import pytest
 from ledger_helpers import SEEDANCE, generation
@@ -15,6 +16,7 @@ from renderqueue_pipeline.fal_gateway import (
     FalSubmitOutcomeUnknown,
     SubmitResult,
 )
+from renderqueue_pipeline.ledger import LedgerEvent, record_event
 from renderqueue_pipeline.ledger.core import _asubmit_generation
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
@@ -59,7 +61,8 @@ def test_a_model_rejection_marks_the_item_rejected(
     with pytest.raises(FalRejected):
         submit_once(conn, {"prompt": "too long a shot", "duration": "20"})
     item = conn.execute("select state, reason from batch_items").fetchone()
-    assert item["state"] == "rejected" and "422" in item["reason"]
+    assert item["state"] == "rejected"
+    assert "422" in item["reason"]
     assert conn.execute("select count(*) as n from generations").fetchone()["n"] == 0
 
 
@@ -92,9 +95,6 @@ def test_the_ledger_prices_from_what_fal_documents_even_when_the_output_says_mor
 ) -> None:
     """With the simulator's extras on, the output names its duration; fal's never does for
     Seedance, so the ledger must not read it: "auto" is priced at the 15 s default."""
-    import fal_client
-
-    from renderqueue_pipeline.ledger import LedgerEvent, record_event
 
     fal_sim.control.set_faults(output_extras=True)
     request_id = submit_once(conn, {"prompt": "a lantern", "duration": "auto"})

@@ -23,6 +23,8 @@ from renderqueue_pipeline.ledger import (
     expired_event_count,
     record_event,
 )
+from renderqueue_pipeline.reconcile import ReconcileOptions
+from renderqueue_pipeline.settings import get_settings
 
 INPUTS = {"prompt": "a red fox in snow", "duration": "5", "resolution": "720p"}
 # More locks than the test server's lock table holds in one transaction (measured: 12,000
@@ -38,7 +40,9 @@ def waiting_event(conn: psycopg.Connection, request_id: str, **fields: object) -
     ).fetchone()
     for column, value in fields.items():
         conn.execute(
-            f"update generation_events set {column} = %s where id = %s", (value, row["id"])
+            # the column is a keyword argument of this helper, written in the test
+            f"update generation_events set {column} = %s where id = %s",  # noqa: S608
+            (value, row["id"]),
         )
     conn.commit()
     return row["id"]
@@ -77,7 +81,8 @@ def test_events_whose_row_never_came_are_expired_after_the_retention(
         r["id"]: r["expired_at"]
         for r in conn.execute("select id, expired_at from generation_events order by id")
     }
-    assert expired[old] is not None and expired[recent] is None
+    assert expired[old] is not None
+    assert expired[recent] is None
     assert expired_event_count(conn) == 1
     assert apply_waiting_events(conn)["expired"] == 0  # marked once
     # kept, and applied should the row appear after all
@@ -89,8 +94,6 @@ def test_events_whose_row_never_came_are_expired_after_the_retention(
 def test_the_retention_is_a_setting(
     conn: psycopg.Connection, ledger_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from renderqueue_pipeline.reconcile import ReconcileOptions
-    from renderqueue_pipeline.settings import get_settings
 
     def retention() -> timedelta:
         """What the reconciler passes down: the setting, read by its entry points."""
@@ -127,10 +130,8 @@ def test_db_status_counts_and_events_waiting_lists_them(
         for name in ("from-another-account", "not-yet")
         if name in line
     }
-    assert (
-        "expired" in lines["from-another-account"]
-        and "another fal account" in (lines["from-another-account"])
-    )
+    assert "expired" in lines["from-another-account"]
+    assert "another fal account" in (lines["from-another-account"])
     assert "no generation row yet" in lines["not-yet"]
 
 
@@ -170,7 +171,8 @@ def test_an_event_that_always_errors_is_skipped_with_its_reason(
         "where request_id = %s",
         (poison,),
     ).fetchone()
-    assert event["applied_at"] is None and event["apply_failed_at"] is not None
+    assert event["applied_at"] is None
+    assert event["apply_failed_at"] is not None
     assert "generations_test_poison" in event["apply_error"]
     assert event["apply_error"].startswith("23514: ")  # check_violation
     # tried again on the next pass, once, after the others
@@ -226,7 +228,7 @@ def run_blocked(ledger_url: str, conn: psycopg.Connection, blocked_request: str,
     def target() -> None:
         try:
             work(worker)
-        except BaseException as exc:  # reported by the test
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
 
     thread = threading.Thread(target=target, daemon=True)
@@ -273,7 +275,8 @@ def test_waiting_events_take_request_locks_in_the_receivers_order(
         thread.join(timeout=60)
         blocker.close()
         worker.close()
-    assert not errors and not thread.is_alive()
+    assert not errors
+    assert not thread.is_alive()
     conn.commit()
     assert generation(conn, first)["status"] == generation(conn, second)["status"] == "completed"
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlparse, urlunparse
 
+import fal_client
 import httpx
 import psycopg
 import pytest
@@ -150,7 +151,6 @@ def _refused_then_delivered(sim: RunningSimulator, request_ids: list[str]) -> bo
 def test_after_the_fault_is_fixed_fal_retries_land_every_event_once(
     fal_sim: RunningSimulator, make_database, admin_url: str, fault: str
 ) -> None:
-    import fal_client  # after the plugin pointed it at the simulator
 
     fal_sim.control.reset(
         seed=8,
@@ -211,7 +211,6 @@ def test_late_retries_that_keep_their_first_timestamp_still_land_once(
 ) -> None:
     """fal may sign every retry with the first attempt's timestamp. After an outage longer
     than the ±300 s window, those retries must still land (for requests we submitted)."""
-    import fal_client
 
     fal_sim.control.reset(
         seed=9,

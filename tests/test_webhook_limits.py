@@ -103,7 +103,8 @@ def test_slow_bodies_and_half_sent_heads_cannot_lock_out_fal_or_healthz(
             SlowSenders(host, port, 1030, mode="head") as heads,
             httpx.Client(timeout=10) as client,
         ):
-            assert bodies.opened >= 300 and heads.opened >= 1030
+            assert bodies.opened >= 300
+            assert heads.opened >= 1030
             time.sleep(2)  # let the crowd settle on the receiver
             answers, health = [], []
             for request_id in request_ids:
@@ -113,7 +114,8 @@ def test_slow_bodies_and_half_sent_heads_cannot_lock_out_fal_or_healthz(
                 answers.append(client.post(url, content=body, headers=headers).status_code)
                 health.append(client.get(f"{receiver.url}/healthz").status_code)
                 time.sleep(2)
-            assert bodies.held > 250 and heads.held > 1000  # the crowd was there all along
+            assert bodies.held > 250
+            assert heads.held > 1000  # the crowd was there all along
         assert answers == [200] * 5, answers
         assert health == [200] * 5, health
         assert bodies.cut > 300  # slow bodies were cut off (and came back)
@@ -144,7 +146,8 @@ def test_a_body_behind_the_minimum_rate_is_503_slow_body_and_closed(
             assert time.monotonic() - started < 5
         assert answer.startswith(b"HTTP/1.1 503 "), answer
         assert b'"outcome":"slow_body"' in answer
-        assert b"connection: close" in answer.lower() and b"retry-after: 5" in answer.lower()
+        assert b"connection: close" in answer.lower()
+        assert b"retry-after: 5" in answer.lower()
         assert generation(conn, request_id)["status"] == "submitted"
         # sent at full speed, the same delivery lands
         assert receiver.deliver(body, request_id).status_code == 200

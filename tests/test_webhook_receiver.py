@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import re
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from urllib.parse import urlparse
 
 import httpx
@@ -20,9 +25,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from ledger_helpers import generation, submit_row
 from webhook_helpers import JwksServer, fal_body, serving, signed_headers
 
-from renderqueue_pipeline.ledger import LedgerEvent, record_event
+from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.ledger import LedgerEvent, expire_waiting_events, record_event
 from renderqueue_pipeline.simulator.testing import wait_until
 from renderqueue_pipeline.webhook.app import PROBE_INTERVAL, ReceiverConfig, create_app
+from renderqueue_pipeline.webhook.committer import connection_options
 
 
 @dataclass
@@ -71,7 +78,8 @@ def test_completed_webhook_is_applied(receiver: Receiver, conn: psycopg.Connecti
     answer = receiver.deliver(fal_body(request_id), request_id)
     assert (answer.status_code, answer.json()["outcome"]) == (200, "applied")
     row = generation(conn, request_id)
-    assert row["status"] == "completed" and row["cost_basis"] == "requested"
+    assert row["status"] == "completed"
+    assert row["cost_basis"] == "requested"
     # provenance: fal's payload as fal sent it, field for field (the undocumented
     # `duration` is kept, never priced from)
     assert row["outputs"] == json.loads(fal_body(request_id))["payload"]
@@ -85,7 +93,8 @@ def test_error_webhook_fails_the_row_at_no_cost(
     assert receiver.deliver(body, request_id).status_code == 200
     row = generation(conn, request_id)
     assert (row["status"], row["cost_micros"]) == ("failed", 0)
-    assert "Invalid status code: 422" in row["error"] and "prompt rejected" in row["error"]
+    assert "Invalid status code: 422" in row["error"]
+    assert "prompt rejected" in row["error"]
 
 
 def test_duplicates_three_times_change_nothing(
@@ -235,7 +244,8 @@ def test_jwks_rotation(receiver: Receiver, conn: psycopg.Connection) -> None:
     receiver.key = new_key
     second, _ = submit_row(conn)
     answers = retry_until_final(lambda: receiver.deliver(fal_body(second), second))
-    assert answers[-1].status_code == 200 and {a.status_code for a in answers} <= {200, 503}
+    assert answers[-1].status_code == 200
+    assert {a.status_code for a in answers} <= {200, 503}
     receiver.key = old_key
     third, _ = submit_row(conn)
     answers = retry_until_final(lambda: receiver.deliver(fal_body(third), third))
@@ -271,7 +281,8 @@ def test_jwks_down_without_a_cached_key_is_503(
     receiver.jwks.down = True
     request_id, _ = submit_row(conn)
     answer = receiver.deliver(fal_body(request_id), request_id)
-    assert answer.status_code == 503 and answer.headers["retry-after"]
+    assert answer.status_code == 503
+    assert answer.headers["retry-after"]
     assert receiver.jwks.hits == 1  # it asked the down server
     assert generation(conn, request_id)["status"] == "submitted"
     receiver.jwks.down = False
@@ -300,7 +311,8 @@ def test_database_unreachable_is_503_and_healthz_says_so(make_database) -> None:
             answer = client.post(
                 f"{url}/webhooks/fal", content=body, headers=signed_headers(key, body, "r-1")
             )
-            assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
+            assert answer.status_code == 503
+            assert answer.headers["retry-after"] == "5"
             health = client.get(f"{url}/healthz")
             assert health.status_code == 503
             assert "no_such_database" not in answer.text + health.text
@@ -346,8 +358,10 @@ def test_concurrent_deliveries_share_transactions(
 
     assert asyncio.run(burst()) == [200] * 64
     committer = receiver.app.state.committer
-    assert committer.committed == 64 and committer.batches < 64
-    assert sum(committer.batch_sizes) == 64 and max(committer.batch_sizes) > 1  # shared
+    assert committer.committed == 64
+    assert committer.batches < 64
+    assert sum(committer.batch_sizes) == 64
+    assert max(committer.batch_sizes) > 1  # shared
     text = receiver.client.get(f"{receiver.url}/metrics").text
     assert "renderqueue_webhook_batch_events_sum 64.0" in text
     assert f"renderqueue_webhook_batch_events_count {committer.batches}.0" in text
@@ -365,16 +379,13 @@ def test_logs_name_the_request_but_not_the_body(
     body = fal_body(request_id)
     receiver.deliver(body, request_id)
     logged = " ".join(r.getMessage() for r in caplog.records)
-    assert f"request_id={request_id}" in logged and "outcome=applied" in logged
+    assert f"request_id={request_id}" in logged
+    assert "outcome=applied" in logged
     assert json.loads(body)["payload"]["video"]["url"] not in logged
 
 
 def test_webhook_serve_command(ledger_url: str, tmp_path) -> None:
     """`renderqueue webhook serve` as a user starts it: real process, real port."""
-    import os
-    import re
-    import subprocess
-    import sys
 
     key = Ed25519PrivateKey.generate()
     jwks = JwksServer(key)
@@ -468,7 +479,8 @@ def test_an_event_postgres_refuses_is_422_and_spares_its_batch(
 
     bad_answer, good_answer = asyncio.run(both())
     assert (bad_answer.status_code, bad_answer.json()["outcome"]) == (422, "not_storable")
-    assert "out of range" not in bad_answer.text and "overflow" not in bad_answer.text
+    assert "out of range" not in bad_answer.text
+    assert "overflow" not in bad_answer.text
     assert good_answer.status_code == 200
     assert generation(conn, bad)["status"] == "submitted"
     assert generation(conn, good)["status"] == "completed"
@@ -494,7 +506,8 @@ def test_a_payload_jsonb_cannot_hold_is_stored_escaped_and_applied(
     stored = conn.execute(
         "select payload from generation_events where request_id = %s", (request_id,)
     ).fetchone()["payload"]
-    assert stored["note"] == "a\ufffdb" and stored["odd\ufffdkey"] == ["\ufffd"]
+    assert stored["note"] == "a\ufffdb"
+    assert stored["odd\ufffdkey"] == ["\ufffd"]
     assert receiver.deliver(body, request_id).json()["outcome"] == "duplicate"
 
 
@@ -578,7 +591,8 @@ def test_with_too_many_bodies_being_read_the_oldest_is_cut_off_not_the_newcomer(
             assert receiver.deliver(fal_body(other_id), other_id).status_code == 200
             answer = slow.recv(4096)
             assert answer.startswith(b"HTTP/1.1 503 "), answer
-            assert b'"outcome":"busy"' in answer and b"retry-after: 5" in answer.lower()
+            assert b'"outcome":"busy"' in answer
+            assert b"retry-after: 5" in answer.lower()
             assert endpoint.reading == 0
         # fal's retry of the delivery that was cut off lands
         assert receiver.deliver(body, slow_id).status_code == 200
@@ -677,7 +691,8 @@ def test_the_queue_of_deliveries_waiting_for_a_commit_is_bounded(
             wait_until(lambda: committer.queued == 1, timeout=20)
             answer = receiver.deliver(fal_body(refused), refused)
             assert (answer.status_code, answer.json()["outcome"]) == (503, "database_unavailable")
-        assert first.result().status_code == 200 and second.result().status_code == 200
+        assert first.result().status_code == 200
+        assert second.result().status_code == 200
         assert generation(conn, refused)["status"] == "submitted"
         assert receiver.deliver(fal_body(refused), refused).status_code == 200
 
@@ -693,11 +708,11 @@ def _flusher_busy(receiver: Receiver) -> bool:
 
 
 def test_flusher_connections_have_connect_timeout_and_keepalives() -> None:
-    from renderqueue_pipeline.webhook.committer import connection_options
 
     options = connection_options(10.0)
     assert 0 < options["connect_timeout"] <= 5
-    assert options["keepalives"] == 1 and options["keepalives_idle"] > 0
+    assert options["keepalives"] == 1
+    assert options["keepalives_idle"] > 0
     assert "statement_timeout=10000" in options["options"]
 
 
@@ -715,7 +730,6 @@ def _sessions(admin: psycopg.Connection, database: str) -> int:
 def test_healthz_and_metrics_do_not_open_a_connection_per_hit(
     make_database, admin_url: str
 ) -> None:
-    from renderqueue_pipeline.db.migrate import migrate
 
     url = make_database()
     migrate(url)
@@ -768,9 +782,6 @@ def test_a_late_delivery_for_an_unknown_request_is_401_and_not_stored(
 def test_metrics_count_events_that_expired_waiting_for_their_row(
     receiver: Receiver, conn: psycopg.Connection
 ) -> None:
-    from datetime import timedelta
-
-    from renderqueue_pipeline.ledger import expire_waiting_events
 
     stranger = f"other-account-{uuid.uuid4().hex}"
     assert receiver.deliver(fal_body(stranger), stranger).status_code == 202

@@ -28,7 +28,7 @@ def local_alert_receiver() -> Iterator[LocalReceiver]:
     lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        def do_POST(self) -> None:
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             except (ValueError, json.JSONDecodeError):

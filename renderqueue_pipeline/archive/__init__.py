@@ -161,7 +161,8 @@ def run_archive(
             report.fal_delete = delete_fal_copies(
                 connect, fal_gateway, limit=options.limit, max_attempts=options.max_attempts
             ).as_dict()
-        except Exception as exc:  # never blocks the archive: recorded, retried next run
+        except Exception as exc:  # noqa: BLE001
+            # never blocks the archive: recorded, retried next run
             log.warning("deleting fal's copies failed: %s", exc)
             report.fal_delete = {"fal_delete_error": redact(f"{type(exc).__name__}: {exc}")}
     return report

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import click
+from rich.console import Console
+from rich.markup import escape
+
+from renderqueue_pipeline.archive import ArchiveSetup, ArchiveStorage, links, run_archive
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.db.server import database_url
+from renderqueue_pipeline.fal_gateway import FalGateway
+from renderqueue_pipeline.redact import redact
+from renderqueue_pipeline.settings import get_settings
 
 
 @click.command("archive")
@@ -14,15 +23,6 @@ import click
 )
 def archive(limit: int | None) -> None:
     """Copy completed outputs into RENDERQUEUE_STORAGE_URL, nearest deadline first."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    from renderqueue_pipeline.archive import ArchiveSetup, run_archive
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.db.server import database_url
-    from renderqueue_pipeline.fal_gateway import FalGateway
-    from renderqueue_pipeline.redact import redact
-    from renderqueue_pipeline.settings import get_settings
 
     console = Console(stderr=True)
     url = database_url()
@@ -64,9 +64,6 @@ def archive(limit: int | None) -> None:
 )
 def link(request_id: str, expires: int) -> None:
     """Print a link to our copy of REQUEST_ID's output (one line per file)."""
-    from renderqueue_pipeline.archive import ArchiveStorage, links
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.settings import get_settings
 
     storage = ArchiveStorage.from_url(get_settings().storage)
     with connect() as conn:

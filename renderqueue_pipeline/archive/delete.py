@@ -65,7 +65,7 @@ async def adelete_fal_copies(
             error: str | None = None
             try:
                 answers = await gateway.delete_io(row["request_id"])
-            except Exception as exc:  # fal's errors are ours to record, never to raise
+            except Exception as exc:  # noqa: BLE001
                 error = redact(f"{type(exc).__name__}: {exc}")
                 answers = []
             with conn.transaction():

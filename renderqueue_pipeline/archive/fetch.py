@@ -337,7 +337,8 @@ class _CheckedBackend(httpcore.NetworkBackend):
                 )
             except httpcore.ConnectError as exc:
                 last = exc
-        assert last is not None
+        if last is None:  # pragma: no cover - the loop above ran at least once
+            raise httpcore.ConnectError(f"no address to connect to for {host}")
         raise last
 
     def connect_unix_socket(self, *args, **kwargs):  # pragma: no cover - never used

@@ -23,6 +23,13 @@ from typing import TYPE_CHECKING, Any
 from renderqueue_pipeline.batch.report import BatchNotFound
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.db.server import database_url
+from renderqueue_pipeline.fal_gateway import FalError, FalNotFound, FalRequestError
+from renderqueue_pipeline.ledger import (
+    CancelIntent,
+    record_cancel_intent,
+    withdraw_cancel_intent,
+)
 from renderqueue_pipeline.redact import redact
 
 if TYPE_CHECKING:
@@ -52,12 +59,6 @@ async def _cancel_all(
     gateway_factory: Callable[[int], FalCanceller],
     log: Callable[[str], None],
 ) -> CancelResult:
-    from renderqueue_pipeline.fal_gateway import FalError, FalNotFound, FalRequestError
-    from renderqueue_pipeline.ledger import (
-        CancelIntent,
-        record_cancel_intent,
-        withdraw_cancel_intent,
-    )
 
     def open_requests() -> list[dict[str, Any]]:
         with connect(ledger_url, autocommit=True) as conn:
@@ -130,7 +131,6 @@ def cancel_batch(
 
     `gateway_factory(n)` makes the gateway (n calls in flight): the CLI's from the
     settings, Dagster's from the `fal` resource."""
-    from renderqueue_pipeline.db.server import database_url
 
     return asyncio.run(
         _cancel_all(ledger_url or database_url(), batch_id, concurrency, gateway_factory, log)

@@ -7,12 +7,35 @@ from pathlib import Path
 
 import click
 
+from renderqueue_pipeline.alerts import alert_arguments, evaluate_budget_alerts, set_alert_percents
+from renderqueue_pipeline.batch import (
+    BatchOptions,
+    SubmissionInProgress,
+    batch_report,
+    budget_overview,
+    cancel_batch,
+    parse_usd,
+    set_budget,
+    submit_batch_file,
+    submit_prompt,
+)
+from renderqueue_pipeline.batch.budget import default_limit_from
+from renderqueue_pipeline.batch.report import recent_batches
+from renderqueue_pipeline.batch.rows import parse_user_id
+from renderqueue_pipeline.db import one_row
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.fal_gateway import FalGateway
+from renderqueue_pipeline.money import usd
+from renderqueue_pipeline.months import parse_month
+from renderqueue_pipeline.settings import get_settings, parse_alert_percents
 
 
 def _require_fal() -> None:
     """fal calls need FAL_KEY (fal's, or the local simulator's from its export lines)."""
-    from renderqueue_pipeline.settings import get_settings
 
     if get_settings().fal_key is None:
         raise RenderqueueError(
@@ -28,16 +51,13 @@ def _file_url(file: str) -> str:
 
 
 def _ledger_url() -> str:
-    from renderqueue_pipeline.db.migrate import migrate
-    from renderqueue_pipeline.db.server import database_url
 
     url = database_url()
     migrate(url)
     return url
 
 
-def _print_report(report) -> None:  # noqa: ANN001 - BatchReport, imported lazily
-    from renderqueue_pipeline.money import usd
+def _print_report(report) -> None:
 
     click.echo(f"batch {report.batch_id}: {report.source}")
     click.echo(f"  status      {report.status}" + (f" ({report.error})" if report.error else ""))
@@ -112,7 +132,6 @@ def batch_submit(
 
     Prints the batch id and the counts; exits 1 if nothing could be submitted.
     """
-    from renderqueue_pipeline.batch import BatchOptions, parse_usd, submit_batch_file
 
     options = BatchOptions(
         default_user_id=user_id,
@@ -143,8 +162,6 @@ def batch_submit(
 @click.argument("batch_id", type=int)
 def batch_show(batch_id: int) -> None:
     """Counts, the first 20 rejected rows and the unknown outcomes of a batch."""
-    from renderqueue_pipeline.batch import batch_report
-    from renderqueue_pipeline.db.connect import connect
 
     with connect(_ledger_url()) as conn:
         _print_report(batch_report(conn, batch_id))
@@ -154,8 +171,6 @@ def batch_show(batch_id: int) -> None:
 @click.option("--limit", type=int, default=20, show_default=True)
 def batch_list(limit: int) -> None:
     """The most recent batches."""
-    from renderqueue_pipeline.batch.report import recent_batches
-    from renderqueue_pipeline.db.connect import connect
 
     with connect(_ledger_url()) as conn:
         rows = recent_batches(conn, limit)
@@ -173,9 +188,6 @@ def batch_list(limit: int) -> None:
 @click.argument("batch_id", type=int)
 def batch_cancel(batch_id: int) -> None:
     """Stop BATCH_ID and cancel its queued and running requests at fal."""
-    from renderqueue_pipeline.batch import cancel_batch
-    from renderqueue_pipeline.fal_gateway import FalGateway
-    from renderqueue_pipeline.settings import get_settings
 
     _require_fal()
     settings = get_settings()
@@ -216,15 +228,6 @@ def budget() -> None:
 )
 def budget_set(user_id: int, amount: str | None, month: str | None, alerts: str | None) -> None:
     """Set a user's budget for a month, and/or its alert thresholds."""
-    from renderqueue_pipeline.alerts import set_alert_percents
-    from renderqueue_pipeline.batch import parse_usd, set_budget
-    from renderqueue_pipeline.batch.rows import parse_user_id
-    from renderqueue_pipeline.db import one_row
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.db.queries import q
-    from renderqueue_pipeline.money import usd
-    from renderqueue_pipeline.months import parse_month
-    from renderqueue_pipeline.settings import parse_alert_percents
 
     try:
         parse_user_id(user_id)
@@ -269,9 +272,6 @@ def budget_alerts() -> None:
     The same function as the Dagster sensor budget_alert_sensor: each threshold is sent
     once per user and month, whichever of them runs.
     """
-    from renderqueue_pipeline.alerts import alert_arguments, evaluate_budget_alerts
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.settings import get_settings
 
     arguments = alert_arguments(get_settings())
     with connect(_ledger_url()) as conn:
@@ -291,12 +291,6 @@ def budget_alerts() -> None:
 @click.option("--month", help="YYYY-MM (default: the current UTC month).")
 def budget_show(user_id: int | None, month: str | None) -> None:
     """Budget, spent, in flight and remaining per user for a month."""
-    from renderqueue_pipeline.batch import budget_overview
-    from renderqueue_pipeline.batch.budget import default_limit_from
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.money import usd
-    from renderqueue_pipeline.months import parse_month
-    from renderqueue_pipeline.settings import get_settings
 
     with connect(_ledger_url()) as conn:
         target = None if month is None else parse_month(month)
@@ -340,7 +334,6 @@ def submit(
     user_id: int, endpoint: str, prompt: str, inputs: tuple[str, ...], idempotency_key: str | None
 ) -> None:
     """Submit one generation (budget checked, ledger first) and print its request id."""
-    from renderqueue_pipeline.batch import SubmissionInProgress, submit_prompt
 
     values = _key_values(inputs)
     _require_fal()

@@ -41,7 +41,8 @@ class FairFeed:
         self._by_user: OrderedDict[int, deque[Intent]] = OrderedDict()
         self._changed = asyncio.Condition()
 
-    async def put(self, intent: Intent, *, timeout: float | None = None) -> bool:
+    # ASYNC109: running out of time is an answer here (False), not a cancellation
+    async def put(self, intent: Intent, *, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Add an intent; False when the feed stayed full for `timeout` seconds."""
         async with self._changed:
             if self.size >= self.lookahead:

@@ -63,7 +63,7 @@ class AdaptiveLimit:
                     self.limit = max(1, self.limit // 2)
                     self.lowest = min(self.lowest, self.limit)
                     pause = min(self.BASE_PAUSE_S * 2 ** (self._consecutive - 1), MAX_BACKOFF_S)
-                    self._resume_at = now + pause * random.uniform(0.8, 1.2)
+                    self._resume_at = now + pause * random.uniform(0.8, 1.2)  # noqa: S311 - jitter
             else:
                 self._consecutive = 0
                 self._streak += 1

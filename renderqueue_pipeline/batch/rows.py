@@ -131,38 +131,17 @@ def validate_row(
         if isinstance(value, str) and (problem := _bad_text(value)):
             return Rejection(line_no, name, problem)
 
-    prompt = raw.get("prompt")
-    if _blank(prompt):
-        return Rejection(line_no, "prompt", "missing or empty")
-    if not isinstance(prompt, str):
-        return Rejection(line_no, "prompt", f"expected text, got {type(prompt).__name__}")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        return Rejection(
-            line_no, "prompt", f"{len(prompt):,} characters; at most {MAX_PROMPT_CHARS:,} allowed"
-        )
+    prompt = _row_prompt(raw.get("prompt"))
+    if isinstance(prompt, _Problem):
+        return Rejection(line_no, "prompt", prompt.reason)
 
-    user_cell = raw.get("user_id")
-    if _blank(user_cell):
-        if defaults.user_id is None:
-            return Rejection(line_no, "user_id", "missing, and no default user was given")
-        user_id = defaults.user_id
-    else:
-        try:
-            user_id = parse_user_id(user_cell)
-        except ValueError as exc:
-            return Rejection(line_no, "user_id", str(exc))
+    user_id = _row_user_id(raw.get("user_id"), defaults)
+    if isinstance(user_id, _Problem):
+        return Rejection(line_no, "user_id", user_id.reason)
 
-    endpoint_cell = raw.get("endpoint")
-    if _blank(endpoint_cell):
-        if not defaults.endpoint:
-            return Rejection(
-                line_no, "endpoint", "missing, and no default endpoint was given", user_id=user_id
-            )
-        endpoint = defaults.endpoint
-    elif isinstance(endpoint_cell, str):
-        endpoint = endpoint_cell.strip()
-    else:
-        return Rejection(line_no, "endpoint", f"expected text, got {endpoint_cell!r}")
+    endpoint = _row_endpoint(raw.get("endpoint"), defaults)
+    if isinstance(endpoint, _Problem):
+        return Rejection(line_no, "endpoint", endpoint.reason, user_id=endpoint.with_user(user_id))
 
     inputs: dict[str, Any] = {k: v for k, v in defaults.inputs.items() if not _blank(v)}
     for name, value in raw.items():
@@ -175,3 +154,48 @@ def validate_row(
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             return Rejection(line_no, name, f"expected an integer, got {value!r}", user_id=user_id)
     return PromptRow(line_no, user_id, endpoint, inputs)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Why a cell cannot be used; `keeps_user`: the rejection still names the row's user."""
+
+    reason: str
+    keeps_user: bool = False
+
+    def with_user(self, user_id: int) -> int | None:
+        return user_id if self.keeps_user else None
+
+
+def _row_prompt(cell: Any) -> str | _Problem:
+    """The row's prompt, or why it cannot be sent."""
+    if _blank(cell):
+        return _Problem("missing or empty")
+    if not isinstance(cell, str):
+        return _Problem(f"expected text, got {type(cell).__name__}")
+    if len(cell) > MAX_PROMPT_CHARS:
+        return _Problem(f"{len(cell):,} characters; at most {MAX_PROMPT_CHARS:,} allowed")
+    return cell
+
+
+def _row_user_id(cell: Any, defaults: RowDefaults) -> int | _Problem:
+    """The row's user id (its cell, else the default), or why there is none."""
+    if _blank(cell):
+        if defaults.user_id is None:
+            return _Problem("missing, and no default user was given")
+        return defaults.user_id
+    try:
+        return parse_user_id(cell)
+    except ValueError as exc:
+        return _Problem(str(exc))
+
+
+def _row_endpoint(cell: Any, defaults: RowDefaults) -> str | _Problem:
+    """The row's endpoint (its cell, else the default), or why there is none."""
+    if _blank(cell):
+        if not defaults.endpoint:
+            return _Problem("missing, and no default endpoint was given", keeps_user=True)
+        return defaults.endpoint
+    if isinstance(cell, str):
+        return cell.strip()
+    return _Problem(f"expected text, got {cell!r}")

@@ -59,7 +59,7 @@ class SendMarks:
             group, self._waiting = self._waiting, []
             try:
                 claimed = await asyncio.to_thread(self._claim, [i for i, _ in group])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every waiter of the group gets the error
                 for _, future in group:
                     future.set_exception(exc)
             else:

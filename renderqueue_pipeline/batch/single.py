@@ -34,7 +34,9 @@ from renderqueue_pipeline.batch.budget import default_limit_from
 from renderqueue_pipeline.batch.fal_answers import is_definite_rejection
 from renderqueue_pipeline.batch.rows import PromptRow, RowDefaults, validate_row
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.errors import BudgetExceeded, LedgerInputError, SubmissionInProgress
+from renderqueue_pipeline.fal_gateway import FalGateway, RequestIdentity
 from renderqueue_pipeline.ledger import Intent, begin_submission, finish_submission, refresh_leases
 from renderqueue_pipeline.settings import get_settings
 
@@ -98,8 +100,6 @@ async def asubmit_prompt(
     wait_seconds: float | None = None,
 ) -> str:
     """`submit_prompt` for async callers; pass a long-lived `FalGateway` to reuse it."""
-    from renderqueue_pipeline.db.server import database_url
-    from renderqueue_pipeline.fal_gateway import FalGateway, RequestIdentity
 
     url = ledger_url or database_url()
     intent = await asyncio.to_thread(
@@ -120,7 +120,7 @@ async def asubmit_prompt(
             outcome = await gateway.submit(
                 intent.endpoint, dict(intent.inputs), identity=identity, priority="normal"
             )
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure is an outcome finish() records
         outcome = exc
     finally:
         lease.cancel()

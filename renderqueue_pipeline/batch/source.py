@@ -159,14 +159,14 @@ def _missing_reason(url: str) -> str:
     """Tell a missing bucket from a missing file (object stores only)."""
     try:
         fs, path = fsspec.core.url_to_fs(url)
-    except Exception:  # pragma: no cover - url_to_fs already worked once in _open
+    except Exception:  # noqa: BLE001 # pragma: no cover - url_to_fs already worked once in _open
         return "no such file"
     protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
     if protocols & {"s3", "s3a", "gs", "gcs", "abfs", "az"}:
         bucket = path.split("/", 1)[0]
         try:
             bucket_exists = fs.exists(bucket)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any store's error: the message says "no such bucket"
             bucket_exists = False
         if not bucket_exists:
             return f"bucket {bucket!r} does not exist (or is not visible with these credentials)"
@@ -312,7 +312,8 @@ class PromptReader:
         self._stream = None
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        assert self._rows is not None, "use PromptReader as a context manager"
+        if self._rows is None:
+            raise RuntimeError("use PromptReader as a context manager")
         while self._peeked:
             yield self._peeked.pop(0)
         yield from self._rows
@@ -400,8 +401,8 @@ class PromptReader:
             yield line_no, {str(k).strip().lower(): v for k, v in value.items()}
 
     def _parquet(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        import pyarrow as pa  # noqa: PLC0415 - pyarrow loads only for parquet files
+        import pyarrow.parquet as pq  # noqa: PLC0415 - pyarrow loads only for parquet files
 
         try:
             parquet = pq.ParquetFile(self._stream)

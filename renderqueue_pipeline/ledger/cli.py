@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.ledger.core import waiting_events
 
 
 @click.group()
@@ -14,12 +20,6 @@ def events() -> None:
 @click.option("--limit", default=100, show_default=True, help="Show at most this many.")
 def events_waiting(limit: int) -> None:
     """List events not applied yet, oldest first, and why each waits."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.ledger.core import waiting_events
 
     with connect() as conn:
         rows = waiting_events(conn, limit)

@@ -449,7 +449,7 @@ def _submit_generation(
         return intent.request_id
     try:
         outcome: str | Submitted | BaseException = submit(endpoint, dict(inputs))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure is an outcome finish_submission records
         outcome = exc
     return finish_submission(conn, intent, outcome, is_definite_rejection)
 
@@ -483,7 +483,7 @@ async def _asubmit_generation(
         return intent.request_id
     try:
         outcome: str | Submitted | BaseException = await submit(endpoint, dict(inputs))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure is an outcome finish_submission records
         outcome = exc
     return await asyncio.to_thread(finish_submission, conn, intent, outcome, is_definite_rejection)
 

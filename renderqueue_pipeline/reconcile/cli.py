@@ -5,6 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import click
+from rich.console import Console
+from rich.table import Table
+
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.reconcile import ReconcileOptions, reconcile
 
 
 @click.command("reconcile")
@@ -39,11 +44,6 @@ def reconcile_command(
     max_rows: int | None,
 ) -> None:
     """Ask fal about rows whose webhook was lost or empty and record its answers."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.reconcile import ReconcileOptions, reconcile
 
     options = ReconcileOptions.from_settings(
         min_age=None if min_age_minutes is None else timedelta(minutes=min_age_minutes),

@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 from renderqueue_pipeline.db import LedgerConnection
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.fal_defaults import FAL_API_URL
 from renderqueue_pipeline.fal_gateway import (
     FalError,
     FalGateway,
@@ -54,6 +55,7 @@ from renderqueue_pipeline.fal_gateway import (
     FalRequestError,
     FalUnavailable,
 )
+from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
 from renderqueue_pipeline.ledger import (
     CancelIntent,
     LedgerEvent,
@@ -70,6 +72,7 @@ from renderqueue_pipeline.reconcile.adopt import (
     adopt_fal_requests,
     duplicates_to_cancel,
 )
+from renderqueue_pipeline.settings import get_settings
 
 log = logging.getLogger("renderqueue.reconcile")
 
@@ -103,7 +106,6 @@ class ReconcileOptions:
     @classmethod
     def from_settings(cls, **overrides: Any) -> ReconcileOptions:
         """Options from RENDERQUEUE_RECONCILE_* (overrides win when not None)."""
-        from renderqueue_pipeline.settings import get_settings
 
         s = get_settings()
         options = cls(
@@ -506,8 +508,6 @@ def _adoption_wanted(options: ReconcileOptions) -> str | None:
         return "RENDERQUEUE_RECONCILE_ADOPT=off"
     if options.adopt == "on":
         return None
-    from renderqueue_pipeline.fal_defaults import FAL_API_URL
-    from renderqueue_pipeline.settings import get_settings
 
     settings = get_settings()
     if settings.fal_admin_key is None and settings.fal_api_url.rstrip("/") == FAL_API_URL:
@@ -523,8 +523,6 @@ def adopt_step(
     now: Any = None,
 ) -> AdoptReport:
     """Read fal's request list and adopt (step 2 of a pass); never fails the pass."""
-    from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
-    from renderqueue_pipeline.settings import get_settings
 
     if options.adopt == "off" or platform_factory is None:
         skipped = _adoption_wanted(options)
@@ -566,7 +564,6 @@ async def cancel_duplicates(conn: LedgerConnection, fal: FalGateway, report: Ado
 
 
 def _default_gateway(concurrency: int) -> FalGateway:
-    from renderqueue_pipeline.settings import get_settings
 
     return FalGateway.from_settings(get_settings(), max_concurrency=concurrency)
 

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import click
 
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.reconcile.adopt import (
+    explain_orphan,
+    unexplained_orphan_count,
+    unexplained_orphans,
+)
+
 
 @click.group("orphans", invoke_without_command=True)
 @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
@@ -12,8 +19,6 @@ def orphans(ctx: click.Context, limit: int) -> None:
     """List unexplained requests at fal; exit 1 while there is any (a check for cron/CI)."""
     if ctx.invoked_subcommand is not None:
         return
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.reconcile.adopt import unexplained_orphan_count, unexplained_orphans
 
     with connect() as conn:
         found = unexplained_orphans(conn, limit)
@@ -39,8 +44,6 @@ def orphans(ctx: click.Context, limit: int) -> None:
 @click.option("--reason", required=True, help="Why this request at fal is accounted for.")
 def explain(request_id: str, reason: str) -> None:
     """Mark one orphan explained, with the reason (kept with it)."""
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.reconcile.adopt import explain_orphan
 
     try:
         with connect() as conn:

@@ -8,7 +8,14 @@ import sys
 from decimal import Decimal
 
 import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.money import dollars
+from renderqueue_pipeline.reports.forecast_cli import print_forecast
+from renderqueue_pipeline.reports.ledger_view import columns_for, month_from_ledger
 from renderqueue_pipeline.reports.months import month_label, parse_month
 
 # The terminal view: two tables (counts, then money) of the columns a reader scans, with
@@ -61,20 +68,16 @@ def report(month_text: str, by: str, fmt: str, forecast: bool) -> None:
     Same figures as the report tables: counts by status, billed seconds and cost of
     completed generations (micro-dollars, and cents rounded once), estimates of open ones.
     """
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.money import dollars
-    from renderqueue_pipeline.reports.ledger_view import columns_for, month_from_ledger
 
     month = parse_month(month_text)
     if forecast:
         if fmt == "focus":
             raise click.UsageError("--forecast prints table, csv or json, not focus")
-        from renderqueue_pipeline.reports.forecast_cli import print_forecast
-
         print_forecast(month, fmt)
         return
     if fmt == "focus":  # the same CSV as the month's focus.csv report file
-        from renderqueue_pipeline.reports.focus import focus_csv, focus_records
+        # focus loads pandas and pyarrow: only --format focus pays for them
+        from renderqueue_pipeline.reports.focus import focus_csv, focus_records  # noqa: PLC0415
 
         with connect() as conn:
             sys.stdout.write(focus_csv(focus_records(conn, month)).decode())
@@ -90,9 +93,6 @@ def report(month_text: str, by: str, fmt: str, forecast: bool) -> None:
         writer.writeheader()
         writer.writerows({c: _plain(r[c]) for c in columns} for r in rows)
         return
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
 
     total = sum(int(r["cost_micros"]) for r in rows)
     console = Console()

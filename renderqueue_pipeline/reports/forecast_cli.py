@@ -8,9 +8,14 @@ import sys
 from datetime import date
 
 import click
+from rich.console import Console
+from rich.table import Table
 
+from renderqueue_pipeline.batch.budget import default_limit_from
+from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.money import dollars
 from renderqueue_pipeline.reports.forecast import Forecast, ForecastRow, forecast_month
+from renderqueue_pipeline.settings import get_settings
 
 COLUMNS = [
     "by",
@@ -44,9 +49,6 @@ def records(forecast: Forecast) -> list[dict]:
 
 def print_forecast(month: date, fmt: str) -> None:
     """Compute the month's forecast as of the ledger's clock and print it."""
-    from renderqueue_pipeline.batch.budget import default_limit_from
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.settings import get_settings
 
     with connect() as conn:
         forecast = forecast_month(
@@ -60,8 +62,6 @@ def print_forecast(month: date, fmt: str) -> None:
         writer.writeheader()
         writer.writerows(records(forecast))
         return
-    from rich.console import Console
-    from rich.table import Table
 
     console = Console()
     title = (

@@ -153,7 +153,7 @@ def parse_tags(headers: Any) -> dict[str, str]:
     return tags
 
 
-def parse_range(header: str | None, size: int) -> tuple[int, int] | None | Literal[False]:
+def parse_range(header: str | None, size: int) -> tuple[int, int] | Literal[False] | None:
     """(first, last) of a single `bytes=` range; None for no range; False if unsatisfiable."""
     if not header:
         return None

@@ -13,8 +13,17 @@ from typing import Any
 
 import click
 
+from renderqueue_pipeline.errors import RenderqueueError
+from renderqueue_pipeline.settings import get_settings
+from renderqueue_pipeline.simulator import platform
 from renderqueue_pipeline.simulator.config import SimConfig
-from renderqueue_pipeline.simulator.server import DEFAULT_PORT
+from renderqueue_pipeline.simulator.platform import platform_env
+from renderqueue_pipeline.simulator.server import (
+    DEFAULT_PORT,
+    SimulatorServer,
+    client_env,
+    export_lines,
+)
 
 _HELP = {
     "queue_delay": "Seconds queued before a runner picks the request up ('A', 'A:B', 'exp:MEAN').",
@@ -158,10 +167,6 @@ def serve(
     **knobs: Any,
 ) -> None:
     """Serve the simulator; prints the `export` lines a fal client needs, then serves."""
-    from renderqueue_pipeline.errors import RenderqueueError
-    from renderqueue_pipeline.settings import get_settings
-    from renderqueue_pipeline.simulator import platform
-    from renderqueue_pipeline.simulator.server import SimulatorServer, client_env, export_lines
 
     home = get_settings().home_dir
     try:
@@ -221,9 +226,6 @@ def serve(
 @click.option("--admin-key", default=None, help="The admin key the simulator was started with.")
 def env(host: str, port: int, fal_key: str | None, admin_key: str | None) -> None:
     """Print the export lines for a simulator on HOST:PORT (same as serve --print-env)."""
-    from renderqueue_pipeline.settings import get_settings
-    from renderqueue_pipeline.simulator.platform import platform_env
-    from renderqueue_pipeline.simulator.server import client_env, export_lines
 
     env = {
         **client_env(get_settings().home_dir, host, port, fal_key, admin_key),

@@ -780,7 +780,8 @@ class Engine:
 
     async def deliver_now(self, req: SimRequest) -> bool:
         """One attempt, inline (early delivery before the submit response); retries go async."""
-        assert req.webhook_url
+        if not req.webhook_url:
+            raise ValueError(f"{req.request_id}: no webhook URL to deliver to")
         if req.decisions.drop:
             self.schedule_webhooks(req)
             return False
@@ -827,7 +828,8 @@ class Engine:
     async def _attempt(
         self, req: SimRequest, *, copy: int, attempt: int, timestamp: str
     ) -> Literal["delivered", "retry", "final"]:
-        assert req.webhook_url and self.http is not None
+        if not req.webhook_url or self.http is None:
+            raise RuntimeError(f"{req.request_id}: no webhook URL, or the engine is not started")
         body = self.webhook_body(req)
         user_id = self.config.webhook_user_id
         headers = {

@@ -33,13 +33,13 @@ from renderqueue_pipeline.simulator.server import SimulatorServer, client_env, s
 
 __all__ = [
     "FAST_TEST_OPTIONS",
+    "ReceivedWebhook",
     "RunningSimulator",
     "SimControl",
     "WebhookSink",
-    "ReceivedWebhook",
     "running_simulator",
-    "webhook_sink",
     "wait_until",
+    "webhook_sink",
 ]
 
 
@@ -278,7 +278,7 @@ class WebhookSink:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length)
                 with sink.lock:

@@ -19,16 +19,16 @@ from renderqueue_pipeline.spend.prices import PriceSync, sync_prices
 from renderqueue_pipeline.spend.tags import TagComparison, TagTotal, compare_usage_by_tag
 
 __all__ = [
+    "BillingCheck",
     "BillingLoad",
     "PriceSync",
-    "BillingCheck",
     "TagComparison",
     "TagTotal",
     "apply_billed",
+    "check_billing",
     "compare_usage_by_tag",
     "day_range",
     "load_billing_events",
-    "check_billing",
     "summarize",
     "sync_prices",
 ]

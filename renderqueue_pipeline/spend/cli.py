@@ -6,7 +6,21 @@ import datetime as dt
 
 import click
 
+from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.db.migrate import migrate
+from renderqueue_pipeline.db.server import database_url
+from renderqueue_pipeline.fal_platform import FalPlatform
 from renderqueue_pipeline.money import dollars
+from renderqueue_pipeline.months import month_range, parse_month
+from renderqueue_pipeline.settings import get_settings
+from renderqueue_pipeline.spend import (
+    apply_billed,
+    check_billing,
+    compare_usage_by_tag,
+    load_billing_events,
+    summarize,
+    sync_prices,
+)
 
 
 @click.group()
@@ -44,19 +58,6 @@ def spend() -> None:
 )
 def check_bill(month: str, load: bool, apply: bool, top: int, by_tag: bool) -> None:
     """Load fal's billing events for MONTH, classify every request, print the summary."""
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.db.migrate import migrate
-    from renderqueue_pipeline.db.server import database_url
-    from renderqueue_pipeline.fal_platform import FalPlatform
-    from renderqueue_pipeline.months import month_range, parse_month
-    from renderqueue_pipeline.settings import get_settings
-    from renderqueue_pipeline.spend import (
-        apply_billed,
-        check_billing,
-        compare_usage_by_tag,
-        load_billing_events,
-        summarize,
-    )
 
     settings = get_settings()
     start, end = month_range(parse_month(month))
@@ -127,12 +128,6 @@ def check_bill(month: str, load: bool, apply: bool, top: int, by_tag: bool) -> N
 @spend.command("prices")
 def prices() -> None:
     """Read fal's unit prices for the endpoints in use; add a price row for each change."""
-    from renderqueue_pipeline.db.connect import connect
-    from renderqueue_pipeline.db.migrate import migrate
-    from renderqueue_pipeline.db.server import database_url
-    from renderqueue_pipeline.fal_platform import FalPlatform
-    from renderqueue_pipeline.settings import get_settings
-    from renderqueue_pipeline.spend import sync_prices
 
     url = database_url()
     migrate(url)

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
+import uvicorn
+from uvicorn.supervisors import Multiprocess
+
+from renderqueue_pipeline.db.server import database_url
+from renderqueue_pipeline.settings import ConfigError, get_settings
 
 
 @click.group()
@@ -38,14 +44,9 @@ def serve(
     Settings come from the environment (DATABASE_URL or the embedded server, FAL_JWKS_URL,
     FAL_WEBHOOK_USER_IDS).
     """
-    import logging
-
-    import uvicorn
-
-    from renderqueue_pipeline.db.server import database_url
-    from renderqueue_pipeline.settings import ConfigError, get_settings
-    from renderqueue_pipeline.webhook.limits import server_options
-    from renderqueue_pipeline.webhook.signature import check_jwks_url
+    # the receiver's own modules (PyNaCl, uvicorn's HTTP protocols) load only for `serve`
+    from renderqueue_pipeline.webhook.limits import server_options  # noqa: PLC0415
+    from renderqueue_pipeline.webhook.signature import check_jwks_url  # noqa: PLC0415
 
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -79,8 +80,6 @@ def serve(
     click.echo(f"# webhook receiver serving on http://{host}:{sock.getsockname()[1]}")
     sys.stdout.flush()
     if workers > 1:
-        from uvicorn.supervisors import Multiprocess
-
         Multiprocess(config, sockets=[sock]).run()
     else:
         config.load_app()

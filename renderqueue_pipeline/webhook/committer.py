@@ -239,7 +239,8 @@ class GroupCommitter:
         event may still commit, and fal's retry is then a duplicate). `known_only`: store
         the event only if its generation row exists, else the outcome is UNKNOWN_REQUEST.
         """
-        assert self._loop is not None, "GroupCommitter.start() was not awaited"
+        if self._loop is None:
+            raise RuntimeError("GroupCommitter.start() was not awaited")
         future: asyncio.Future[CommitOutcome] = self._loop.create_future()
         with self._ready:
             if self._stopping:  # no flusher would take it: fal retries against a live one
@@ -291,7 +292,8 @@ class GroupCommitter:
                         flusher, batch
                     )
                     self.state.last_ok = time.monotonic()
-                except Exception as exc:  # every delivery of the batch learns it was not stored
+                except Exception as exc:  # noqa: BLE001
+                    # each delivery of the batch learns it was not stored
                     result = exc
                     self.state.last_error, self.state.error = time.monotonic(), describe(exc)
                 seconds = time.perf_counter() - began

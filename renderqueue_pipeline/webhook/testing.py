@@ -40,7 +40,7 @@ class JwksServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_GET(self) -> None:
                 outer.hits += 1
                 if outer.down:
                     self.send_response(500)
@@ -130,7 +130,8 @@ class SlowSenders:
     def __init__(
         self, host: str, port: int, count: int, *, mode: str = "body", interval: float = 1.0
     ) -> None:
-        assert mode in ("body", "head")
+        if mode not in ("body", "head"):
+            raise ValueError(f"mode: {mode!r} is neither 'body' nor 'head'")
         self.address = (host, port)
         self.count = count
         self.mode = mode

@@ -137,7 +137,7 @@ def submit_prompts_file(
         raise dg.Failure(description=redact(exc), allow_retries=False) from None
     except RenderqueueError as exc:
         raise dg.Failure(description=redact(exc)) from None
-    except Exception as exc:  # the traceback would carry the text unredacted
+    except Exception as exc:  # noqa: BLE001 - the traceback would carry the text unredacted
         raise dg.Failure(description=redact(f"{type(exc).__name__}: {exc}")) from None
     context.add_output_metadata(result_metadata(result))
     context.log.info(redact(result.report.summary()))
