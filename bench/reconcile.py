@@ -31,7 +31,9 @@ from rich.console import Console
 from bench.common import REPEATS, Figure, note, scaled, scratch_ledger
 from renderqueue_pipeline.db.connect import connect
 from renderqueue_pipeline.db.queries import q
+from renderqueue_pipeline.defs.resources import FalConnection
 from renderqueue_pipeline.reconcile import ReconcileOptions, reconcile
+from renderqueue_pipeline.settings import load_settings
 from renderqueue_pipeline.simulator.config import SimConfig
 from renderqueue_pipeline.simulator.server import SimulatorServer
 from renderqueue_pipeline.simulator.testing import SimControl
@@ -131,7 +133,13 @@ def _measure(url: str) -> dict[str, Any]:
                 last[0] = now
                 print(f"  reconcile: {done}/{total} rows", flush=True)
 
-        sequential = reconcile(conn, ReconcileOptions(concurrency=1, max_rows=SEQUENTIAL))
+        fal = FalConnection(load_settings())  # the environment set above, as an entry point
+        sequential = reconcile(
+            conn,
+            ReconcileOptions(concurrency=1, max_rows=SEQUENTIAL),
+            gateway_factory=fal.gateway,
+            platform_factory=fal.platform,
+        )
         if sequential.examined != SEQUENTIAL or sequential.still_open:
             raise AssertionError(f"the sequential pass did not finish: {sequential.figures()}")
         rounds = []
@@ -143,6 +151,8 @@ def _measure(url: str) -> dict[str, Any]:
             report = reconcile(
                 conn,
                 ReconcileOptions(concurrency=CONCURRENCY, max_rows=20_000),
+                gateway_factory=fal.gateway,
+                platform_factory=fal.platform,
                 progress=progress,
             )
             cpu = time.process_time() - cpu

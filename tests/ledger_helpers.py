@@ -7,9 +7,17 @@ from typing import Any
 
 import psycopg
 
+from renderqueue_pipeline.defs.resources import FalConnection
 from renderqueue_pipeline.ledger import Intent, record_intent, record_submitted
+from renderqueue_pipeline.settings import load_settings
 
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
+
+
+def fal_from_env() -> FalConnection:
+    """fal as the entry points configure it, from the test's environment read now: its
+    `gateway` and `platform` are the domain's gateway_factory and platform_factory."""
+    return FalConnection(load_settings())
 
 
 # What fal documents for a text-to-video output (Seedance 2.0): nothing else, no duration.

@@ -22,6 +22,7 @@ import psycopg
 import pytest
 from batch_helpers import SEEDANCE, items, prompts, write_csv
 from click.testing import CliRunner
+from ledger_helpers import fal_from_env
 from spend_helpers import FalBilling
 
 from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
@@ -56,6 +57,7 @@ def _adopt(conn: psycopg.Connection, billing: FalBilling, **options) -> object:
     return reconcile(
         conn,
         ReconcileOptions(adopt="on", **options),
+        gateway_factory=fal_from_env().gateway,
         platform_factory=billing.platform,
     )
 

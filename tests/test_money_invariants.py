@@ -51,6 +51,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from ledger_helpers import fal_from_env
 from psycopg import sql
 from psycopg.rows import dict_row
 from spend_helpers import ADMIN_KEY, SPEND_TABLES
@@ -684,7 +685,10 @@ class MoneyMachine(RuleBasedStateMachine):
 
         with self.connect() as conn:
             report = reconcile(
-                conn, ReconcileOptions(concurrency=4, adopt="on"), platform_factory=self.platform
+                conn,
+                ReconcileOptions(concurrency=4, adopt="on"),
+                gateway_factory=fal_from_env().gateway,
+                platform_factory=self.platform,
             )
         self.reconciled_at.append(self.clock)
         figures = {k: v for k, v in report.figures().items() if v and k != "seconds"}

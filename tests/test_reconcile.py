@@ -17,7 +17,7 @@ import fal_client
 import psycopg
 import pytest
 from click.testing import CliRunner
-from ledger_helpers import SEEDANCE, submit_row
+from ledger_helpers import SEEDANCE, fal_from_env, submit_row
 from webhook_helpers import serving
 
 from renderqueue_pipeline.cli import main
@@ -110,7 +110,13 @@ def assert_matches_ground_truth(
 
 
 def run_reconcile(conn: psycopg.Connection, **options: Any) -> ReconcileReport:
-    return reconcile(conn, ReconcileOptions(**{"concurrency": 8, **options}))
+    fal = fal_from_env()
+    return reconcile(
+        conn,
+        ReconcileOptions(**{"concurrency": 8, **options}),
+        gateway_factory=fal.gateway,
+        platform_factory=fal.platform,
+    )
 
 
 def test_lost_webhooks_and_payloadless_completions_reach_ground_truth(
@@ -289,7 +295,12 @@ def test_fal_unreachable_leaves_rows_open_for_the_next_pass(
     request_id, _ = submit_row(conn, inputs={"prompt": "fal is down", **INPUTS})
     age_rows(conn, [request_id], "15 minutes")
     fal_sim.control.set_faults(api_unreachable=True)  # the socket stays bound: no port race
-    report = reconcile(conn, ReconcileOptions(concurrency=2), gateway_factory=one_try)
+    report = reconcile(
+        conn,
+        ReconcileOptions(concurrency=2),
+        gateway_factory=one_try,
+        platform_factory=fal_from_env().platform,
+    )
     assert row(conn, request_id)["status"] == "submitted"
     assert (report.examined, report.fal_errors, report.still_open) == (1, 1, 1)
     assert report.fal_error_samples
@@ -313,7 +324,12 @@ def test_a_give_up_whose_cancel_gets_no_answer_stays_open_until_fal_answers(
     age_rows(conn, [request_id], "25 hours")
     estimate = row(conn, request_id)["cost_micros"]
 
-    report = reconcile(conn, ReconcileOptions(concurrency=2), gateway_factory=one_try)
+    report = reconcile(
+        conn,
+        ReconcileOptions(concurrency=2),
+        gateway_factory=one_try,
+        platform_factory=fal_from_env().platform,
+    )
 
     got = row(conn, request_id)
     assert (got["status"], got["cost_micros"], got["error"]) == ("submitted", estimate, None)
@@ -336,7 +352,12 @@ def test_a_give_up_fal_did_not_answer_is_billed_without_conflict_when_fal_finish
     )
     (request_id,) = submit_many(conn, 1)
     age_rows(conn, [request_id], "25 hours")
-    reconcile(conn, ReconcileOptions(concurrency=2), gateway_factory=one_try)
+    reconcile(
+        conn,
+        ReconcileOptions(concurrency=2),
+        gateway_factory=one_try,
+        platform_factory=fal_from_env().platform,
+    )
     done = LedgerEvent(request_id, "completed", {"video": {"url": "https://v3b.fal.media/x.mp4"}})
     assert record_events(conn, [done]) == ["applied"]
     got = row(conn, request_id)

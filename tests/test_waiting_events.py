@@ -24,7 +24,7 @@ from renderqueue_pipeline.ledger import (
     record_event,
 )
 from renderqueue_pipeline.reconcile import ReconcileOptions
-from renderqueue_pipeline.settings import get_settings
+from renderqueue_pipeline.settings import get_settings, load_settings
 
 INPUTS = {"prompt": "a red fox in snow", "duration": "5", "resolution": "720p"}
 # More locks than the test server's lock table holds in one transaction (measured: 12,000
@@ -97,7 +97,7 @@ def test_the_retention_is_a_setting(
 
     def retention() -> timedelta:
         """What the reconciler passes down: the setting, read by its entry points."""
-        return ReconcileOptions.from_settings().event_retention
+        return ReconcileOptions.from_settings(load_settings()).event_retention
 
     waiting_event(conn, "two-hours-old")
     conn.execute(

@@ -92,6 +92,11 @@ class FalConnection:
     def __repr__(self) -> str:  # never show a key
         return "FalConnection()"
 
+    @property
+    def settings(self) -> Settings:
+        """The settings read when the run started (the domain's options come from them)."""
+        return self._settings
+
     def gateway(self, max_concurrency: int | None = None) -> FalGateway:
         """A gateway with `max_concurrency` calls in flight (None: the gateway's default);
         the domain's gateway_factory."""

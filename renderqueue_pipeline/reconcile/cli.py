@@ -9,7 +9,10 @@ from rich.console import Console
 from rich.table import Table
 
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.fal_gateway import FalGateway
+from renderqueue_pipeline.fal_platform import FalPlatform
 from renderqueue_pipeline.reconcile import ReconcileOptions, reconcile
+from renderqueue_pipeline.settings import get_settings
 
 
 @click.command("reconcile")
@@ -45,7 +48,9 @@ def reconcile_command(
 ) -> None:
     """Ask fal about rows whose webhook was lost or empty and record its answers."""
 
+    settings = get_settings()
     options = ReconcileOptions.from_settings(
+        settings,
         min_age=None if min_age_minutes is None else timedelta(minutes=min_age_minutes),
         max_open=None if max_open_hours is None else timedelta(hours=max_open_hours),
         concurrency=concurrency,
@@ -57,7 +62,13 @@ def reconcile_command(
         def progress(done: int, total: int) -> None:
             spinner.update(f"reconciling: {done}/{total} rows")
 
-        report = reconcile(conn, options, progress=progress)
+        report = reconcile(
+            conn,
+            options,
+            gateway_factory=lambda n: FalGateway.from_settings(settings, max_concurrency=n),
+            platform_factory=lambda: FalPlatform.from_settings(settings),
+            progress=progress,
+        )
     table = Table("figure", "value", title="reconcile")
     for name, value in report.figures().items():
         table.add_row(name.replace("_", " "), str(value))

@@ -55,7 +55,7 @@ from renderqueue_pipeline.fal_gateway import (
     FalRequestError,
     FalUnavailable,
 )
-from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
+from renderqueue_pipeline.fal_platform import FalPlatformError
 from renderqueue_pipeline.ledger import (
     CancelIntent,
     LedgerEvent,
@@ -72,9 +72,13 @@ from renderqueue_pipeline.reconcile.adopt import (
     adopt_fal_requests,
     duplicates_to_cancel,
 )
-from renderqueue_pipeline.settings import get_settings
+from renderqueue_pipeline.settings import Settings
 
 log = logging.getLogger("renderqueue.reconcile")
+
+# What a caller that passes nothing gets: the settings' defaults, from their one
+# definition (settings.py); entry points build the options with `from_settings`.
+_DEFAULTS = Settings.model_fields
 
 Verdict = Literal["event", "open", "fal_error", "result_expired"]
 
@@ -83,19 +87,29 @@ Verdict = Literal["event", "open", "fal_error", "result_expired"]
 class ReconcileOptions:
     """How far back to look, when to give up, and how hard to push fal."""
 
-    min_age: timedelta = timedelta(minutes=10)
-    max_open: timedelta = timedelta(hours=24)
-    result_window: timedelta = timedelta(minutes=60)
-    concurrency: int = 16
-    max_rows: int = 20_000
+    min_age: timedelta = timedelta(minutes=_DEFAULTS["reconcile_min_age_minutes"].default)
+    max_open: timedelta = timedelta(hours=_DEFAULTS["reconcile_max_open_hours"].default)
+    result_window: timedelta = timedelta(
+        minutes=_DEFAULTS["reconcile_result_window_minutes"].default
+    )
+    concurrency: int = _DEFAULTS["reconcile_concurrency"].default
+    max_rows: int = _DEFAULTS["reconcile_max_rows"].default
     chunk: int = 500
-    #: read fal's request list and adopt what it has: "auto" (when an admin key or a
-    #: Platform API URL is configured), "on" or "off"
-    adopt: str = "auto"
-    adopt_lookback: timedelta = timedelta(hours=1)
-    adopt_first_window: timedelta = timedelta(hours=24)
+    #: read fal's request list and adopt what it has: "auto" (when `platform_configured`),
+    #: "on" or "off"
+    adopt: str = _DEFAULTS["reconcile_adopt"].default
+    adopt_lookback: timedelta = timedelta(
+        minutes=_DEFAULTS["reconcile_adopt_lookback_minutes"].default
+    )
+    adopt_first_window: timedelta = timedelta(
+        hours=_DEFAULTS["reconcile_adopt_window_hours"].default
+    )
     #: events waiting longer than this for their row are marked expired
     event_retention: timedelta = DEFAULT_EVENT_RETENTION
+    #: an admin key or a Platform API URL is configured: "auto" reads fal's request list
+    platform_configured: bool = False
+    #: how long fal keeps an adopted request's media (RENDERQUEUE_FAL_OBJECT_LIFETIME)
+    object_lifetime: float | None = _DEFAULTS["fal_object_lifetime"].default
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -104,10 +118,10 @@ class ReconcileOptions:
             raise ValueError("max_rows and chunk must be >= 1")
 
     @classmethod
-    def from_settings(cls, **overrides: Any) -> ReconcileOptions:
-        """Options from RENDERQUEUE_RECONCILE_* (overrides win when not None)."""
+    def from_settings(cls, s: Settings, **overrides: Any) -> ReconcileOptions:
+        """Options from RENDERQUEUE_RECONCILE_* (overrides win when not None); the entry
+        points read the settings and pass them here."""
 
-        s = get_settings()
         options = cls(
             min_age=timedelta(minutes=s.reconcile_min_age_minutes),
             max_open=timedelta(hours=s.reconcile_max_open_hours),
@@ -118,6 +132,9 @@ class ReconcileOptions:
             adopt_lookback=timedelta(minutes=s.reconcile_adopt_lookback_minutes),
             adopt_first_window=timedelta(hours=s.reconcile_adopt_window_hours),
             event_retention=timedelta(days=s.event_retention_days),
+            platform_configured=s.fal_admin_key is not None
+            or s.fal_api_url.rstrip("/") != FAL_API_URL,
+            object_lifetime=s.fal_object_lifetime,
         )
         return replace(options, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -508,9 +525,7 @@ def _adoption_wanted(options: ReconcileOptions) -> str | None:
         return "RENDERQUEUE_RECONCILE_ADOPT=off"
     if options.adopt == "on":
         return None
-
-    settings = get_settings()
-    if settings.fal_admin_key is None and settings.fal_api_url.rstrip("/") == FAL_API_URL:
+    if not options.platform_configured:
         return "no FAL_ADMIN_KEY and no RENDERQUEUE_FAL_API_URL: fal's request list not read"
     return None
 
@@ -518,29 +533,24 @@ def _adoption_wanted(options: ReconcileOptions) -> str | None:
 def adopt_step(
     conn: LedgerConnection,
     options: ReconcileOptions,
-    platform_factory: Callable[[], Any] | None = None,
+    platform_factory: Callable[[], Any],
     *,
     now: Any = None,
 ) -> AdoptReport:
     """Read fal's request list and adopt (step 2 of a pass); never fails the pass."""
 
-    if options.adopt == "off" or platform_factory is None:
-        skipped = _adoption_wanted(options)
-    else:
-        skipped = None  # a client given explicitly: read its list
+    skipped = _adoption_wanted(options)
     if skipped is not None:
         return AdoptReport(skipped=skipped)
-    settings = get_settings()
     try:
-        factory = platform_factory or (lambda: FalPlatform.from_settings(settings))
-        with factory() as platform:
+        with platform_factory() as platform:
             return adopt_fal_requests(
                 conn,
                 platform,
                 lookback=options.adopt_lookback,
                 first_window=options.adopt_first_window,
                 now=now,
-                object_lifetime=settings.fal_object_lifetime,
+                object_lifetime=options.object_lifetime,
             )
     except FalPlatformError as exc:
         log.warning("reconcile: fal's request list could not be read: %s", exc)
@@ -563,25 +573,20 @@ async def cancel_duplicates(conn: LedgerConnection, fal: FalGateway, report: Ado
             report.duplicates_cancel_requested += 1
 
 
-def _default_gateway(concurrency: int) -> FalGateway:
-
-    return FalGateway.from_settings(get_settings(), max_concurrency=concurrency)
-
-
 def reconcile(
     conn: LedgerConnection,
-    options: ReconcileOptions | None = None,
+    options: ReconcileOptions,
     *,
-    gateway_factory: Callable[[int], FalGateway] | None = None,
-    platform_factory: Callable[[], Any] | None = None,
+    gateway_factory: Callable[[int], FalGateway],
+    platform_factory: Callable[[], Any],
     progress: Callable[[int, int], None] | None = None,
 ) -> ReconcileReport:
     """One reconcile pass on `conn`; returns what it did (see the module doc).
 
-    `platform_factory` makes the Platform API client whose request list is read (by
-    default `FalPlatform.from_settings`, when adoption is wanted: see `options.adopt`).
+    `gateway_factory(concurrency)` makes the gateway to fal's queue API;
+    `platform_factory` makes the Platform API client whose request list is read when
+    adoption is wanted (see `options.adopt`). Entry points build both from the settings.
     """
-    options = options or ReconcileOptions.from_settings()
     report = ReconcileReport()
     started = time.monotonic()
 
@@ -597,10 +602,9 @@ def reconcile(
     report.examined = len(rows)
     cancel = report.adoption.skipped is None
     if rows or cancel:
-        factory = gateway_factory or _default_gateway
 
         async def run() -> None:
-            async with factory(options.concurrency) as fal:
+            async with gateway_factory(options.concurrency) as fal:
                 if cancel:
                     await cancel_duplicates(conn, fal, report.adoption)
                 if rows:

@@ -9,6 +9,7 @@ from pydantic import Field
 from renderqueue_pipeline.defs.resources import FalConnection, LedgerDatabase
 from renderqueue_pipeline.defs.shared import FAL_API_POOL, domain_tags
 from renderqueue_pipeline.reconcile import ReconcileOptions, reconcile
+from renderqueue_pipeline.settings import Settings
 
 PROGRESS_EVERY_SECONDS = 5.0
 
@@ -29,8 +30,10 @@ class ReconcileConfig(dg.Config):
         default=None, ge=1, description="Rows examined per run at most; the rest next run."
     )
 
-    def options(self) -> ReconcileOptions:
+    def options(self, settings: Settings) -> ReconcileOptions:
+        """The run's settings with this run's overrides."""
         return ReconcileOptions.from_settings(
+            settings,
             min_age=None
             if self.min_age_minutes is None
             else timedelta(minutes=self.min_age_minutes),
@@ -60,8 +63,14 @@ def reconcile_open_rows(
             context.log.info(f"{done}/{total} rows, {rate:.0f} rows/s, ETA {eta:.0f} s")
 
     with ledger.connect() as conn:
-        # the Platform API client stays the reconciler's choice (`adopt`): only the gateway
-        report = reconcile(conn, config.options(), gateway_factory=fal.gateway, progress=progress)
+        # whether fal's request list is read stays the reconciler's choice (`adopt`)
+        report = reconcile(
+            conn,
+            config.options(fal.settings),
+            gateway_factory=fal.gateway,
+            platform_factory=fal.platform,
+            progress=progress,
+        )
     figures = report.figures()
     metadata: dict[str, dg.RawMetadataValue] = {
         name: dg.MetadataValue.float(value) if isinstance(value, float) else value
