@@ -33,9 +33,10 @@ from typing import Any
 from rich.console import Console
 
 from bench.common import Figure, note, scaled, scratch_ledger
-from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
+from renderqueue_pipeline.batch import BatchOptions, SubmitOptions, submit_batch_file
 from renderqueue_pipeline.batch.single import submit_prompt
 from renderqueue_pipeline.db.connect import connect
+from renderqueue_pipeline.defs.resources import FalConnection
 from renderqueue_pipeline.serving import bind_socket, serve_in_thread
 from renderqueue_pipeline.settings import Settings, get_settings
 from renderqueue_pipeline.simulator.server import client_env
@@ -102,11 +103,15 @@ def _batch(sim: Any, path: Path, ledger_url: str, singles: int) -> tuple[list[fl
                 submit_prompt(9, ENDPOINT, f"single {i}", {"duration": "5"}, ledger_url=ledger_url)
             )
 
+    fal = FalConnection(get_settings())  # the environment set above, as an entry point
     thread = threading.Thread(target=singles_during)
     thread.start()
     submit_batch_file(
         path.as_uri(),
         BatchOptions(default_endpoint=ENDPOINT, concurrency=16),
+        submit_options=SubmitOptions.from_settings(fal.settings),
+        gateway_factory=fal.gateway,
+        platform_factory=fal.platform,
         ledger_url=ledger_url,
     )
     thread.join()

@@ -36,8 +36,10 @@ from rich.console import Console
 
 from bench.common import BENCH_HOME, REPEATS, Figure, note, scaled, scratch_ledger
 from bench.memory import peak_rss_mb
-from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
+from renderqueue_pipeline.batch import BatchOptions, SubmitOptions, submit_batch_file
+from renderqueue_pipeline.defs.resources import FalConnection
 from renderqueue_pipeline.serving import free_port
+from renderqueue_pipeline.settings import load_settings
 from renderqueue_pipeline.simulator.server import client_env
 from renderqueue_pipeline.simulator.testing import SimControl
 
@@ -120,6 +122,7 @@ def _package_of(filename: str, function: str) -> str:
 
 def _child_batch(ledger_url: str, path: str, concurrency: int, profile: bool = False) -> dict:
 
+    fal = FalConnection(load_settings())  # this child's environment, as an entry point
     profiler = cProfile.Profile() if profile else None
     cpu_started = time.process_time()
     started = time.perf_counter()
@@ -128,6 +131,9 @@ def _child_batch(ledger_url: str, path: str, concurrency: int, profile: bool = F
     result = submit_batch_file(
         Path(path).as_uri(),
         BatchOptions(default_endpoint=ENDPOINT, concurrency=concurrency, progress_seconds=5),
+        submit_options=SubmitOptions.from_settings(fal.settings),
+        gateway_factory=fal.gateway,
+        platform_factory=fal.platform,
         ledger_url=ledger_url,
         log=lambda line: print(line, file=sys.stderr, flush=True),
     )

@@ -15,10 +15,25 @@ import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from renderqueue_pipeline.batch import BatchOptions, BatchResult, SubmitOptions, submit_batch_file
+from renderqueue_pipeline.defs.resources import FalConnection
+from renderqueue_pipeline.settings import load_settings
+
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
 SEEDANCE_FAST = "bytedance/seedance-2.0/fast/text-to-video"
 #: fal's published Seedance 2.0 price at 720p, $ per second of video.
 SEEDANCE_720P_USD_PER_S = Decimal("0.3034")
+
+
+def submit_file(url: str, options: BatchOptions | None = None, **given: Any) -> BatchResult:
+    """`submit_batch_file` as an entry point calls it: the submit options, gateway and
+    Platform client the test does not give come from the test's environment, read now."""
+    settings = load_settings()
+    fal = FalConnection(settings)
+    given.setdefault("submit_options", SubmitOptions.from_settings(settings))
+    given.setdefault("gateway_factory", fal.gateway)
+    given.setdefault("platform_factory", fal.platform)
+    return submit_batch_file(url, options, **given)
 
 
 def micros(usd: Decimal | str | int) -> int:

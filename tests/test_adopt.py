@@ -20,12 +20,12 @@ import fal_client
 import httpx
 import psycopg
 import pytest
-from batch_helpers import SEEDANCE, items, prompts, write_csv
+from batch_helpers import SEEDANCE, items, prompts, submit_file, write_csv
 from click.testing import CliRunner
 from ledger_helpers import fal_from_env
 from spend_helpers import FalBilling
 
-from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
+from renderqueue_pipeline.batch import BatchOptions
 from renderqueue_pipeline.batch.single import submit_prompt
 from renderqueue_pipeline.batch.submit import BatchConfigError
 from renderqueue_pipeline.cli import main
@@ -66,7 +66,7 @@ def _submit(path: Path, ledger_url: str, billing: FalBilling | None = None, **op
     options.setdefault("default_endpoint", SEEDANCE)
     options.setdefault("concurrency", 4)
     log: list[str] = []
-    result = submit_batch_file(
+    result = submit_file(
         path.as_uri(),
         BatchOptions(**options),
         ledger_url=ledger_url,
@@ -394,7 +394,7 @@ def test_resubmit_unknown_resends_only_what_fal_never_received(
         raise FalPlatformError("fal Platform API GET /models/requests/by-endpoint: HTTP 500")
 
     with pytest.raises(BatchConfigError, match="resubmit_unknown: fal's request list"):
-        submit_batch_file(
+        submit_file(
             path.as_uri(),
             BatchOptions(default_endpoint=SEEDANCE, resubmit_unknown=True),
             ledger_url=ledger_url,

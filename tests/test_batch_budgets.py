@@ -7,7 +7,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from batch_helpers import SEEDANCE, micros, prompts, seedance_720p_micros, write_csv
+from batch_helpers import SEEDANCE, micros, prompts, seedance_720p_micros, submit_file, write_csv
 
 from renderqueue_pipeline.batch import (
     BatchOptions,
@@ -15,7 +15,6 @@ from renderqueue_pipeline.batch import (
     month_figures,
     parse_usd,
     set_budget,
-    submit_batch_file,
     submit_prompt,
 )
 from renderqueue_pipeline.batch.budget import BudgetSettingError
@@ -27,7 +26,7 @@ ROW = seedance_720p_micros(5)  # every test row: Seedance 720p, 5 s
 
 def run(path: Path, ledger_url: str, **options):
     options.setdefault("default_endpoint", SEEDANCE)
-    return submit_batch_file(path.as_uri(), BatchOptions(**options), ledger_url=ledger_url)
+    return submit_file(path.as_uri(), BatchOptions(**options), ledger_url=ledger_url)
 
 
 def test_rows_past_the_monthly_budget_are_rejected_with_the_figures(

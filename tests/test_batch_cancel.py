@@ -14,10 +14,10 @@ from pathlib import Path
 import fal_client
 import psycopg
 import pytest
-from batch_helpers import SEEDANCE, prompts, write_csv
+from batch_helpers import SEEDANCE, prompts, submit_file, write_csv
 from webhook_helpers import serving
 
-from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
+from renderqueue_pipeline.batch import BatchOptions
 from renderqueue_pipeline.batch.cancel import cancel_batch
 from renderqueue_pipeline.fal_gateway import FalGateway
 from renderqueue_pipeline.ledger import event_from_fal_webhook, record_event
@@ -63,7 +63,7 @@ def webhook_url(
 
 def submit_queued(ledger_url: str, tmp_path: Path, count: int) -> int:
     path = write_csv(tmp_path / f"batch-{count}.csv", prompts(count))
-    result = submit_batch_file(
+    result = submit_file(
         path.as_uri(),
         BatchOptions(default_endpoint=SEEDANCE, concurrency=8),
         ledger_url=ledger_url,

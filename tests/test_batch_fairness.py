@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from batch_helpers import SEEDANCE, prompts, write_csv
+from batch_helpers import SEEDANCE, prompts, submit_file, write_csv
 from webhook_helpers import serving
 
-from renderqueue_pipeline.batch import BatchOptions, BatchResult, submit_batch_file
+from renderqueue_pipeline.batch import BatchOptions, BatchResult
 from renderqueue_pipeline.batch.single import submit_prompt
 from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.timeout(180)
 
 def submit(path: Path, ledger_url: str, **options) -> BatchResult:
     options.setdefault("default_endpoint", SEEDANCE)
-    return submit_batch_file(path.as_uri(), BatchOptions(**options), ledger_url=ledger_url)
+    return submit_file(path.as_uri(), BatchOptions(**options), ledger_url=ledger_url)
 
 
 def arrivals(sim: RunningSimulator) -> list[dict]:

@@ -8,9 +8,9 @@ import dagster as dg
 import psycopg
 import pytest
 import s3fs
-from batch_helpers import SEEDANCE, dagster_instance, ledger_counts, prompts, write_csv
+from batch_helpers import SEEDANCE, dagster_instance, ledger_counts, prompts, submit_file, write_csv
 
-from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
+from renderqueue_pipeline.batch import BatchOptions
 from renderqueue_pipeline.batch.source import PromptFileError
 from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 from renderqueue_pipeline.defs.batch.sensors import prompts_inbox_sensor
@@ -66,13 +66,11 @@ def test_a_file_on_s3_is_listed_by_the_sensor_and_submitted(
     )
 
     allowed = [inbox.resolved_url()]  # the inbox is an allowed prompt source
-    result = submit_batch_file(
-        file_url, BatchOptions(), ledger_url=ledger_url, allowed_prefixes=allowed
-    )
+    result = submit_file(file_url, BatchOptions(), ledger_url=ledger_url, allowed_prefixes=allowed)
     assert result.report.counts["submitted"] == 3
     # the same bytes uploaded under another key: recognised, nothing sent
     fs.copy(file_url, f"{bucket}/inbox/week48-again.csv")
-    again = submit_batch_file(
+    again = submit_file(
         f"s3://{bucket}/inbox/week48-again.csv",
         BatchOptions(),
         ledger_url=ledger_url,
@@ -96,7 +94,7 @@ def test_a_prompts_url_whose_bucket_does_not_exist_says_so(
         "(or is not visible with these credentials)"
     )
     with pytest.raises(PromptFileError, match="bucket 'no-such-bucket-here' does not exist"):
-        submit_batch_file(
+        submit_file(
             "s3://no-such-bucket-here/inbox/a.csv",
             ledger_url=ledger_url,
             allowed_prefixes=["s3://no-such-bucket-here/inbox"],

@@ -19,13 +19,14 @@ from batch_helpers import (
     ledger_counts,
     prompts,
     seedance_720p_micros,
+    submit_file,
     write_csv,
     write_jsonl,
     write_parquet,
 )
 from spend_helpers import FalBilling
 
-from renderqueue_pipeline.batch import BatchOptions, BatchResult, submit_batch_file
+from renderqueue_pipeline.batch import BatchOptions, BatchResult
 from renderqueue_pipeline.batch.source import PromptFileError
 from renderqueue_pipeline.simulator.testing import RunningSimulator, wait_until
 
@@ -45,7 +46,7 @@ def submit(path: Path | str, ledger_url: str, platform_factory=None, **options) 
     options.setdefault("default_endpoint", SEEDANCE)
     options.setdefault("concurrency", 8)
     log: list[str] = []
-    result = submit_batch_file(
+    result = submit_file(
         path.as_uri() if isinstance(path, Path) else path,
         BatchOptions(**options),
         ledger_url=ledger_url,

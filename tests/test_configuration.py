@@ -242,7 +242,6 @@ ALLOWED = {
     "redact.py": "hides the configured secrets' values, wherever they come from",
     "archive/fetch.py": "SSL_CERT_FILE, as Python's ssl reads it",
     # still reading settings inside (to move to explicit arguments)
-    "batch/submit.py": "debt",
 }
 
 SETTINGS_READERS = {"get_settings", "load_settings", "getenv", "environ", "putenv"}

@@ -39,6 +39,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from batch_helpers import submit_file
 from conftest import LEDGER_TABLES
 from fal_sim_plugin import _fast_defaults
 from hypothesis import HealthCheck, Verbosity, note, settings
@@ -62,7 +63,6 @@ from renderqueue_pipeline.batch import (
     asubmit_prompt,
     cancel_batch,
     set_budget,
-    submit_batch_file,
 )
 from renderqueue_pipeline.db.migrate import migrate
 from renderqueue_pipeline.fal_gateway import FalGateway
@@ -561,7 +561,7 @@ class MoneyMachine(RuleBasedStateMachine):
         path = self.env.tmp / f"batch-{uuid.uuid4().hex[:8]}.csv"
         path.write_text("prompt\n" + "".join(f"rq-inv {c.token}\n" for c in calls))
         try:
-            result = submit_batch_file(
+            result = submit_file(
                 str(path),
                 BatchOptions(
                     default_user_id=user,

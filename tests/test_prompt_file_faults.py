@@ -13,11 +13,11 @@ import psycopg
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from batch_helpers import SEEDANCE, items, ledger_counts, prompts, write_csv
+from batch_helpers import SEEDANCE, items, ledger_counts, prompts, submit_file, write_csv
 from click.testing import CliRunner
 
 import renderqueue_pipeline.batch.submit as submit_module
-from renderqueue_pipeline.batch import BatchOptions, BatchStopped, submit_batch_file
+from renderqueue_pipeline.batch import BatchOptions, BatchStopped
 from renderqueue_pipeline.batch.source import CSV_FIELD_LIMIT, PromptFileError
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.settings import get_settings
@@ -27,7 +27,7 @@ from renderqueue_pipeline.simulator.testing import RunningSimulator
 def submit(path: Path, ledger_url: str, **options: Any) -> Any:
     options.setdefault("default_endpoint", SEEDANCE)
     options.setdefault("concurrency", 4)
-    return submit_batch_file(path.as_uri(), BatchOptions(**options), ledger_url=ledger_url)
+    return submit_file(path.as_uri(), BatchOptions(**options), ledger_url=ledger_url)
 
 
 def fal_prompts(sim: RunningSimulator) -> list[str]:
@@ -157,7 +157,7 @@ def test_a_batch_whose_run_died_is_marked_failed_with_the_reason_not_left_open(
 ) -> None:
     path = write_csv(tmp_path / "a.csv", prompts(3))
     with pytest.raises(RuntimeError):
-        submit_batch_file(
+        submit_file(
             path.as_uri(),
             BatchOptions(default_endpoint=SEEDANCE),
             ledger_url=ledger_url,

@@ -21,14 +21,14 @@ from typing import Any
 import dagster as dg
 import psycopg
 import pytest
-from batch_helpers import SEEDANCE, dagster_instance, prompts, write_csv
+from batch_helpers import SEEDANCE, dagster_instance, prompts, submit_file, write_csv
 from click.testing import CliRunner
 from rich.console import Console
 from spend_helpers import ADMIN_KEY
 from test_production_shape import LAUNCH, _free_ports, _graphql, _wait_for_location
 from webhook_helpers import serving
 
-from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
+from renderqueue_pipeline.batch import BatchOptions
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.dagster_home import dagster_storage_url
 from renderqueue_pipeline.db.connect import connect
@@ -228,7 +228,7 @@ def test_a_canary_key_appears_in_no_output_log_ledger_row_or_dagster_storage(
         fal_sim.control.set_faults(api_500_rate=0.0)
         # an error text that quotes the key (no real fal does; a proxy might)
         echo = write_csv(tmp_path / "d.csv", prompts(2, tag="echo"))
-        submit_batch_file(
+        submit_file(
             echo.as_uri(),
             BatchOptions(default_endpoint=SEEDANCE),
             ledger_url=ledger_url,

@@ -10,10 +10,10 @@ from pathlib import Path
 import dagster as dg
 import psycopg
 import pytest
-from batch_helpers import SEEDANCE, prompts, write_csv
+from batch_helpers import SEEDANCE, prompts, submit_file, write_csv
 from spend_helpers import ADMIN_KEY, FalBilling, billed_month, settle, window
 
-from renderqueue_pipeline.batch import BatchOptions, submit_batch_file
+from renderqueue_pipeline.batch import BatchOptions
 from renderqueue_pipeline.batch.single import submit_prompt
 from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.defs.spend.assets import billing_reconciliation_monthly
@@ -26,7 +26,7 @@ from renderqueue_pipeline.spend import compare_usage_by_tag
 def _batch(path: Path, ledger_url: str, user_id: int, n: int, tag: str) -> int:
     """A batch of `n` prompts for `user_id` through the real batch path; its id."""
     rows = prompts(n, user_id=user_id, duration="5", tag=tag)
-    result = submit_batch_file(
+    result = submit_file(
         write_csv(path, rows).as_uri(),
         BatchOptions(default_endpoint=SEEDANCE, concurrency=2),
         ledger_url=ledger_url,

@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import psycopg
 import pytest
-from batch_helpers import SEEDANCE, prompts, seedance_720p_micros, write_csv
+from batch_helpers import SEEDANCE, prompts, seedance_720p_micros, submit_file, write_csv
 from click.testing import CliRunner
 from ledger_helpers import video_payload
 
@@ -28,7 +28,6 @@ from renderqueue_pipeline.batch import (
     SubmissionInProgress,
     month_figures,
     set_budget,
-    submit_batch_file,
     submit_prompt,
 )
 from renderqueue_pipeline.cli import main
@@ -222,7 +221,7 @@ def test_unknown_items_of_last_month_resubmitted_now_are_admitted_against_this_m
     set_budget(conn, 7, 2_000_000, date(2027, 2, 1))
     conn.commit()
 
-    again = submit_batch_file(
+    again = submit_file(
         path.as_uri(),
         BatchOptions(**options, resubmit_unknown=True),
         ledger_url=at(ledger_url, "2027-02-01T00:00:30Z"),
@@ -343,7 +342,7 @@ def test_the_reconciler_leaves_a_live_runs_items_alone_while_fal_throttles_it(
     done: dict[str, object] = {}
 
     def run() -> None:
-        done["result"] = submit_batch_file(
+        done["result"] = submit_file(
             path.as_uri(),
             BatchOptions(default_endpoint=SEEDANCE, concurrency=2),
             ledger_url=ledger_url,

@@ -26,6 +26,7 @@ from renderqueue_pipeline.batch.submit import (
     BatchOptions,
     BatchResult,
     BatchStopped,
+    SubmitOptions,
     submit_batch_file,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "InboxFile",
     "PromptFileError",
     "SubmissionInProgress",
+    "SubmitOptions",
     "asubmit_prompt",
     "batch_report",
     "budget_overview",

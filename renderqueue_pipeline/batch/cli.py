@@ -11,6 +11,7 @@ from renderqueue_pipeline.alerts import alert_arguments, evaluate_budget_alerts,
 from renderqueue_pipeline.batch import (
     BatchOptions,
     SubmissionInProgress,
+    SubmitOptions,
     batch_report,
     budget_overview,
     cancel_batch,
@@ -29,6 +30,7 @@ from renderqueue_pipeline.db.queries import q
 from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.fal_gateway import FalGateway
+from renderqueue_pipeline.fal_platform import FalPlatform
 from renderqueue_pipeline.money import usd
 from renderqueue_pipeline.months import parse_month
 from renderqueue_pipeline.settings import get_settings, parse_alert_percents
@@ -143,9 +145,13 @@ def batch_submit(
         resubmit_unknown=resubmit_unknown,
     ).checked()
     _require_fal()
+    settings = get_settings()
     result = submit_batch_file(
         _file_url(file),
         options,
+        submit_options=SubmitOptions.from_settings(settings),
+        gateway_factory=lambda n: FalGateway.from_settings(settings, max_concurrency=n),
+        platform_factory=lambda: FalPlatform.from_settings(settings),
         ledger_url=_ledger_url(),
         log=lambda line: click.echo(line, err=True),
     )

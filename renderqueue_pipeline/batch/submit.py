@@ -75,12 +75,11 @@ from renderqueue_pipeline.db.server import database_url
 from renderqueue_pipeline.errors import DatabaseUnavailable, RenderqueueError
 from renderqueue_pipeline.fal_gateway import (
     FalAuthError,
-    FalGateway,
     FalSubmitter,
     RequestIdentity,
     SubmitResult,
 )
-from renderqueue_pipeline.fal_platform import FalPlatform, FalPlatformError
+from renderqueue_pipeline.fal_platform import FalPlatformError
 from renderqueue_pipeline.ledger import (
     Intent,
     finish_submission,
@@ -90,7 +89,7 @@ from renderqueue_pipeline.ledger import (
 )
 from renderqueue_pipeline.reconcile.adopt import AdoptReport, adopt_entries
 from renderqueue_pipeline.redact import redact, redact_error
-from renderqueue_pipeline.settings import get_settings
+from renderqueue_pipeline.settings import Settings
 
 MAX_CONCURRENCY = 256
 #: How long one row may keep meeting 429s before it is recorded as refused by fal.
@@ -102,6 +101,38 @@ AUTH_STOP_REASON = (
     "fal refused the key (HTTP 401/403): check FAL_KEY; the rows not yet sent were left "
     "unsent and the next run with a working key sends them"
 )
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """What the environment decides for every submitting run (not per batch: that is
+    `BatchOptions`). Entry points build it with `from_settings`; no field has a default
+    here, so the defaults live once, in the Settings fields."""
+
+    #: where a prompts file may come from: the inbox and RENDERQUEUE_PROMPT_SOURCES
+    prompt_sources: tuple[str, ...]
+    #: the fan-out pauses while this many requests wait at fal for one endpoint (0: no bound)
+    max_queued: int
+    #: RENDERQUEUE_SUBMIT_LEASE_SECONDS: a run's claim on its items
+    lease_seconds: float
+    #: the default monthly budget in micro-dollars (None: none)
+    default_limit_micros: int | None
+    #: how far back fal's request list is read for `resubmit_unknown`
+    adopt_window: dt.timedelta
+    #: how long fal keeps an adopted request's media (RENDERQUEUE_FAL_OBJECT_LIFETIME)
+    object_lifetime: float | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SubmitOptions:
+        """The options `settings` hold (the entry points read them and pass them here)."""
+        return cls(
+            prompt_sources=(settings.prompts, *parse_prefixes(settings.prompt_sources)),
+            max_queued=settings.fal_max_queued,
+            lease_seconds=settings.submit_lease_seconds,
+            default_limit_micros=default_limit_from(settings),
+            adopt_window=dt.timedelta(hours=settings.reconcile_adopt_window_hours),
+            object_lifetime=settings.fal_object_lifetime,
+        )
 
 
 class BatchConfigError(RenderqueueError, ValueError):
@@ -241,8 +272,10 @@ class _Run:
         batch_id: int,
         log: Log,
         gateway_factory: Callable[[int], FalSubmitter],
+        submit_options: SubmitOptions,
     ) -> None:
         self.url = url
+        self.submit_options = submit_options
         self.ledger_url = ledger_url
         self.options = options
         self.facts = facts
@@ -259,7 +292,7 @@ class _Run:
         self.total_hint = facts.rows_estimate
         # this run's identity on the items it claims; its lease is refreshed while it runs
         self.claimer = f"run:{batch_id}:{uuid.uuid4().hex[:16]}"
-        self.lease_seconds = _lease_seconds()
+        self.lease_seconds = submit_options.lease_seconds
         #: unknown items fal's request list shows it never received (resubmit_unknown)
         self.resend_unknown: set[int] = set()
 
@@ -366,9 +399,9 @@ class _Run:
         results_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
         marks_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
         gate_conn = await asyncio.to_thread(connect, self.ledger_url, autocommit=True)
-        default_limit = default_limit_from(get_settings())
+        default_limit = self.submit_options.default_limit_micros
         self.marks = SendMarks(marks_conn, self.claimer, self.lease_seconds, default_limit)
-        self.gate = WaitingGate(gate_conn, get_settings().fal_max_queued)
+        self.gate = WaitingGate(gate_conn, self.submit_options.max_queued)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 sizes = shard_sizes(self.options.concurrency)
@@ -708,17 +741,6 @@ def _batch_status(conn: LedgerConnection, batch_id: int) -> str | None:
     return row["status"] if row else None
 
 
-def _lease_seconds() -> float:
-    """RENDERQUEUE_SUBMIT_LEASE_SECONDS: this run's claim on its items."""
-
-    return get_settings().submit_lease_seconds
-
-
-def _default_gateway(concurrency: int) -> FalSubmitter:
-
-    return FalGateway.from_settings(get_settings(), max_concurrency=concurrency)
-
-
 #: fal's clock and ours may differ: fal's list is read from this long before the first send
 CLOCK_MARGIN = dt.timedelta(minutes=5)
 
@@ -726,14 +748,15 @@ CLOCK_MARGIN = dt.timedelta(minutes=5)
 def unknown_items_fal_never_had(
     conn: LedgerConnection,
     batch_id: int,
-    platform_factory: Callable[[], Any] | None,
+    platform_factory: Callable[[], Any],
     log: Log,
+    submit_options: SubmitOptions,
     *,
     now: dt.datetime | None = None,
 ) -> set[int]:
     """The unknown items of the batch that fal's request list shows it never received.
 
-    Reads fal's list (`RENDERQUEUE_RECONCILE_ADOPT_WINDOW_HOURS` back at most) for the
+    Reads fal's list (`submit_options.adopt_window` back at most) for the
     items' endpoints and adopts what it finds there (those items become `submitted`);
     an item sent before that window stays unknown: the list cannot prove fal never got
     it. Raises BatchConfigError when the list cannot be read: resending blind could pay
@@ -747,19 +770,21 @@ def unknown_items_fal_never_had(
     items = unknown()
     if not items:
         return set()
-    settings = get_settings()
     now = now or dt.datetime.now(dt.UTC)
-    horizon = now - dt.timedelta(hours=settings.reconcile_adopt_window_hours)
+    horizon = now - submit_options.adopt_window
     report = AdoptReport()
     try:
-        factory = platform_factory or (lambda: FalPlatform.from_settings(settings))
-        with factory() as platform:
+        with platform_factory() as platform:
             for endpoint in sorted({i["endpoint"] for i in items}):
                 sent = [i["sent_at"] or i["created_at"] for i in items if i["endpoint"] == endpoint]
                 start = max(min(sent) - CLOCK_MARGIN, horizon)
                 entries = platform.requests_by_endpoint(endpoint, start, now)
                 adopt_entries(
-                    conn, entries, endpoint, report, object_lifetime=settings.fal_object_lifetime
+                    conn,
+                    entries,
+                    endpoint,
+                    report,
+                    object_lifetime=submit_options.object_lifetime,
                 )
     except FalPlatformError as exc:
         raise BatchConfigError(
@@ -807,16 +832,18 @@ def submit_batch_file(
     url: str,
     options: BatchOptions | None = None,
     *,
+    submit_options: SubmitOptions,
+    gateway_factory: Callable[[int], FalSubmitter],
+    platform_factory: Callable[[], Any],
     ledger_url: str | None = None,
     log: Log = lambda line: None,
-    gateway_factory: Callable[[int], FalSubmitter] | None = None,
     allow_local: bool = True,
     allowed_prefixes: Sequence[str] = (),
-    platform_factory: Callable[[], Any] | None = None,
 ) -> BatchResult:
     """Submit every good row of the prompts file at `url` (an allowed fsspec URL) as one batch.
 
-    `url` must lie in the prompts inbox, under a RENDERQUEUE_PROMPT_SOURCES prefix or under
+    `url` must lie under one of `submit_options.prompt_sources` (the prompts inbox and the
+    RENDERQUEUE_PROMPT_SOURCES prefixes) or under
     one of `allowed_prefixes`; a local path is also allowed when `allow_local` (the CLI;
     never the launchpad). The file is fetched once into a local copy that is hashed,
     parsed and then read, so what is submitted is what was hashed.
@@ -824,7 +851,7 @@ def submit_batch_file(
     Raises PromptFileError when the source is not allowed or the file as a whole cannot
     be used (nothing written), BatchConfigError for a bad option (and for
     `resubmit_unknown` when fal's request list cannot be read: `platform_factory` makes
-    its client, by default from the settings), BatchStopped when fal refused the key. The
+    its client), BatchStopped when fal refused the key. The
     same content ingested before (under any name), or being submitted by another run
     right now, submits nothing: the result says `duplicate`. Rejected rows are recorded
     and reported, never raised. A run that dies leaves its batch `failed` with the reason
@@ -835,8 +862,7 @@ def submit_batch_file(
         log(redact(line))
 
     options = (options or BatchOptions()).checked()
-    settings = get_settings()
-    allowed = [settings.prompts, *parse_prefixes(settings.prompt_sources), *allowed_prefixes]
+    allowed = [*submit_options.prompt_sources, *allowed_prefixes]
     check_source(url, allowed, allow_local=allow_local)
     ledger_url = ledger_url or database_url()
     with tempfile.TemporaryFile(prefix="renderqueue-prompts-") as copy:
@@ -852,8 +878,9 @@ def submit_batch_file(
             options,
             ledger_url,
             safe_log,
-            gateway_factory or _default_gateway,
+            gateway_factory,
             platform_factory,
+            submit_options,
         )
 
 
@@ -884,7 +911,8 @@ def _submit_copy(
     ledger_url: str,
     log: Log,
     gateway_factory: Callable[[int], FalSubmitter],
-    platform_factory: Callable[[], Any] | None,
+    platform_factory: Callable[[], Any],
+    submit_options: SubmitOptions,
 ) -> BatchResult:
     """The rest of `submit_batch_file`, reading the rows from the local copy."""
     with (
@@ -912,7 +940,9 @@ def _submit_copy(
                 ).fetchall()
             resend: set[int] = set()
             if options.resubmit_unknown:  # before anything changes: it may refuse
-                resend = unknown_items_fal_never_had(conn, batch_id, platform_factory, log)
+                resend = unknown_items_fal_never_had(
+                    conn, batch_id, platform_factory, log, submit_options
+                )
             with conn.transaction():
                 if not created:
                     conn.execute(q("reopen_batch"), {"batch_id": batch_id})
@@ -930,6 +960,7 @@ def _submit_copy(
                 batch_id,
                 log,
                 gateway_factory,
+                submit_options,
             )
             run.stats.orphaned = len(orphaned)
             run.resend_unknown = resend

@@ -9,6 +9,7 @@ from renderqueue_pipeline.batch import (
     BatchOptions,
     BatchResult,
     PromptFileError,
+    SubmitOptions,
     parse_usd,
     submit_batch_file,
 )
@@ -126,6 +127,7 @@ def submit_prompts_file(
         result = submit_batch_file(
             in_inbox(config.file_url, prompts_inbox.resolved_url()),
             _options(config),
+            submit_options=SubmitOptions.from_settings(fal.settings),
             ledger_url=ledger.resolved_url(),
             log=context.log.info,
             allow_local=False,  # the launchpad may name only the inbox and allowed prefixes
