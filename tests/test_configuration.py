@@ -4,9 +4,11 @@ settings read only by entry points, never at import time."""
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -15,9 +17,11 @@ import yaml
 from dagster._core.snap.snap_to_yaml import default_values_yaml_from_type_snap
 
 import renderqueue_pipeline
+from renderqueue_pipeline.batch import SubmitOptions, submit_batch_file
 from renderqueue_pipeline.definitions import defs as load_defs
 from renderqueue_pipeline.defs.resources import env_resources
-from renderqueue_pipeline.settings import ConfigError
+from renderqueue_pipeline.reconcile import ReconcileOptions, reconcile
+from renderqueue_pipeline.settings import ConfigError, Settings
 
 PACKAGE = Path(renderqueue_pipeline.__file__).parent
 
@@ -274,6 +278,34 @@ def test_only_entry_points_read_settings_or_the_environment() -> None:
     assert unexpected == {}, "pass the value down instead of reading settings here"
     stale = sorted(set(ALLOWED) - set(readers))
     assert stale == [], "no longer reads settings: remove it from ALLOWED"
+
+
+@pytest.mark.parametrize(
+    ("function", "arguments"),
+    [
+        (submit_batch_file, ("submit_options", "gateway_factory", "platform_factory")),
+        (reconcile, ("options", "gateway_factory", "platform_factory")),
+    ],
+)
+def test_the_domain_takes_its_environment_from_the_entry_point(
+    function: Callable[..., object], arguments: tuple[str, ...]
+) -> None:
+    """No hidden fallback to the settings: the caller must pass what the environment says."""
+    parameters = inspect.signature(function).parameters
+    optional = [
+        name for name in arguments if parameters[name].default is not inspect.Parameter.empty
+    ]
+    assert optional == []
+
+
+def test_the_options_defaults_are_the_settings_defaults() -> None:
+    """One place for a default: the options built from default settings equal the options'
+    own defaults (ReconcileOptions) and hold the settings' values (SubmitOptions)."""
+    settings = Settings.model_construct()  # the field defaults, no environment read
+    assert ReconcileOptions.from_settings(settings) == ReconcileOptions()
+    submit = SubmitOptions.from_settings(settings)
+    assert submit.lease_seconds == Settings.model_fields["submit_lease_seconds"].default
+    assert submit.max_queued == Settings.model_fields["fal_max_queued"].default
 
 
 def test_fals_addresses_are_written_once() -> None:
