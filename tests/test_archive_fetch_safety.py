@@ -11,6 +11,7 @@ resolve anything but loopback.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import time
 from pathlib import Path
 
@@ -28,6 +29,27 @@ from renderqueue_pipeline.archive.fetch import (
     system_resolver,
 )
 from renderqueue_pipeline.db.connect import connect
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No socket may connect, send or resolve at all, not even to loopback: the tests that
+    name private, link-local or public addresses only check them, and this proves it."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"an address check touched the network: {args[1:]!r}")
+
+    for name in ("connect", "connect_ex", "sendto"):
+        monkeypatch.setattr(socket.socket, name, refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.usefixtures("no_network")
+def test_the_no_network_guard_stops_even_a_loopback_connection() -> None:
+    with socket.socket() as sock, pytest.raises(AssertionError, match="touched the network"):
+        sock.connect(("127.0.0.1", 9))
+
 
 REFUSED = [
     "169.254.169.254",  # cloud metadata (link-local)
@@ -52,6 +74,7 @@ REFUSED = [
 ]
 
 
+@pytest.mark.usefixtures("no_network")
 @pytest.mark.parametrize("address", REFUSED)
 def test_private_and_special_addresses_are_refused(address: str) -> None:
     assert address_refusal(address) is not None
@@ -69,6 +92,7 @@ def _special_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return found
 
 
+@pytest.mark.usefixtures("no_network")
 def test_every_range_python_knows_as_not_global_is_refused() -> None:
     """First, last and a middle address of each range: refused unless Python calls it global."""
     networks = _special_networks()
@@ -84,6 +108,7 @@ def test_every_range_python_knows_as_not_global_is_refused() -> None:
     assert missed == []
 
 
+@pytest.mark.usefixtures("no_network")
 @pytest.mark.parametrize("address", ["93.184.215.14", "2606:4700:4700::1111"])
 def test_public_addresses_pass_the_address_check(address: str) -> None:
     assert address_refusal(address) is None
@@ -119,6 +144,7 @@ def _resolver(table: dict[str, list[str]], calls: list[str]):
     return resolve
 
 
+@pytest.mark.usefixtures("no_network")
 def test_a_host_not_on_the_allow_list_is_refused_before_any_dns() -> None:
     calls: list[str] = []
     policy = FetchPolicy(resolver=_resolver({}, calls))
@@ -134,6 +160,7 @@ def test_a_host_not_on_the_allow_list_is_refused_before_any_dns() -> None:
     assert calls == []
 
 
+@pytest.mark.usefixtures("no_network")
 def test_an_allowed_name_resolving_to_private_addresses_is_refused() -> None:
     calls: list[str] = []
     policy = FetchPolicy(
@@ -152,6 +179,7 @@ def test_an_allowed_name_resolving_to_private_addresses_is_refused() -> None:
         policy.checked_addresses("sim.test", 8443)
 
 
+@pytest.mark.usefixtures("no_network")
 def test_only_the_checked_addresses_are_kept() -> None:
     policy = FetchPolicy(resolver=_resolver({"v3.fal.media": ["10.0.0.1", "93.184.215.14"]}, []))
     assert policy.checked_addresses("v3.fal.media", 443) == ["93.184.215.14"]
