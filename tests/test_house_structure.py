@@ -291,3 +291,48 @@ def test_a_month_range_is_utc_midnight_to_the_next_months() -> None:
         datetime(2026, 12, 1, tzinfo=UTC),
         datetime(2027, 1, 1, tzinfo=UTC),
     )
+
+
+TESTS = Path(__file__).resolve().parent
+
+#: The modules that set settings up for tests (`settings_env`, `ledger_env`, `archive_root`,
+#: `patched_settings` in conftest; the simulator plugin, which cannot depend on conftest).
+SETTINGS_FIXTURE_HOMES = frozenset({"conftest.py", "fal_sim_plugin.py"})
+
+
+def settings_cache_clears(source: str) -> list[int]:
+    """Lines that name `get_settings.cache_clear` (called, or handed to a finalizer)."""
+    return sorted(
+        node.lineno
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Attribute)
+        and node.attr == "cache_clear"
+        and (
+            (isinstance(node.value, ast.Name) and node.value.id == "get_settings")
+            or (isinstance(node.value, ast.Attribute) and node.value.attr == "get_settings")
+        )
+    )
+
+
+def test_tests_set_settings_up_through_the_fixtures_only() -> None:
+    """A test sets settings with `settings_env` (or a fixture built on it), never by
+    clearing the cached Settings itself: a hand-written clear is easy to forget on the
+    way out, and then one test's values leak into the next."""
+    found = [
+        f"{path.name}:{line}"
+        for path in sorted(TESTS.glob("*.py"))
+        if path.name not in SETTINGS_FIXTURE_HOMES
+        for line in settings_cache_clears(path.read_text())
+    ]
+    assert found == []
+
+
+def test_the_settings_clear_finder_finds_each_spelling() -> None:
+    """The check above can fail: a call, a finalizer and a module-qualified name."""
+    source = (
+        "get_settings.cache_clear()\n"
+        "request.addfinalizer(get_settings.cache_clear)\n"
+        "settings.get_settings.cache_clear()\n"
+        "other.cache_clear()\n"
+    )
+    assert settings_cache_clears(source) == [1, 2, 3]
