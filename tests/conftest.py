@@ -7,6 +7,7 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -24,7 +25,7 @@ TEST_HOME = Path(os.environ.get("RENDERQUEUE_TEST_HOME", REPO / ".renderqueue" /
 
 #: Fixture modules registered once for every test: a test names a fixture as a parameter
 #: and never imports it (tests import their plain helpers from these modules as usual).
-pytest_plugins = ["fal_sim_plugin", "spend_helpers"]
+pytest_plugins = ["fal_sim_plugin", "spend_helpers", "webhook_helpers"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -147,15 +148,21 @@ def conn(ledger_url: str) -> Iterator[psycopg.Connection]:
         connection.close()
 
 
-@pytest.fixture
-def ledger_env(ledger_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
-    """Point renderqueue's settings at the test ledger (for CLI and app tests)."""
+# -- settings: the one place tests set them (test_house_structure pins it) --------------------
 
-    monkeypatch.setenv("DATABASE_URL", ledger_url)
-    monkeypatch.setenv("RENDERQUEUE_HOME", str(tmp_path / "home"))
-    get_settings.cache_clear()
-    yield ledger_url
-    get_settings.cache_clear()
+
+def _setter(patch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """`set_env(NAME=value, OTHER=None)`: sets (None: removes) and drops the cached Settings."""
+
+    def set_env(**values: str | None) -> None:
+        for name, value in values.items():
+            if value is None:
+                patch.delenv(name, raising=False)
+            else:
+                patch.setenv(name, value)
+        get_settings.cache_clear()
+
+    return set_env
 
 
 @pytest.fixture
@@ -165,16 +172,39 @@ def settings_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., None
     Settings; they are dropped again at the end, before the environment is restored, so
     no value outlives the test, passed or failed."""
 
-    def set_env(**values: str | None) -> None:
-        for name, value in values.items():
-            if value is None:
-                monkeypatch.delenv(name, raising=False)
-            else:
-                monkeypatch.setenv(name, value)
-        get_settings.cache_clear()
-
-    yield set_env
+    yield _setter(monkeypatch)
     get_settings.cache_clear()
+
+
+@contextmanager
+def patched_settings(**values: str | None) -> Iterator[Callable[..., None]]:
+    """`settings_env` for a wider scope (a module's fixture): the values hold inside the
+    block; on the way out the cached Settings are dropped, then the environment restored."""
+
+    with pytest.MonkeyPatch.context() as patch:
+        set_env = _setter(patch)
+        set_env(**values)
+        try:
+            yield set_env
+        finally:
+            get_settings.cache_clear()
+
+
+@pytest.fixture
+def ledger_env(ledger_url: str, settings_env: Callable[..., None], tmp_path: Path) -> str:
+    """Point renderqueue's settings at the test ledger (for CLI and app tests)."""
+
+    settings_env(DATABASE_URL=ledger_url, RENDERQUEUE_HOME=str(tmp_path / "home"))
+    return ledger_url
+
+
+@pytest.fixture
+def archive_root(settings_env: Callable[..., None], tmp_path: Path) -> Path:
+    """Archive storage in this test's folder: RENDERQUEUE_STORAGE_URL=file://<tmp>/archive."""
+
+    root = tmp_path / "archive"
+    settings_env(RENDERQUEUE_STORAGE_URL=f"file://{root}")
+    return root
 
 
 # -- S3: moto's server over real HTTP on loopback, one for the whole session ------------------

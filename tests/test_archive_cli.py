@@ -7,7 +7,6 @@ from archive_helpers import Behaviour, completed_row, media_server, row, video
 from click.testing import CliRunner
 
 from renderqueue_pipeline.cli import main
-from renderqueue_pipeline.settings import get_settings
 
 
 @pytest.fixture
@@ -17,12 +16,13 @@ def origin():
 
 
 def test_renderqueue_archive_takes_at_most_limit_rows_and_says_what_it_did(
-    conn, ledger_env, origin, tmp_path, monkeypatch
+    conn, ledger_env, origin, tmp_path, settings_env
 ) -> None:
 
-    monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{tmp_path / 'cli-archive'}")
-    monkeypatch.setenv("RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS", origin.netloc)
-    get_settings.cache_clear()
+    settings_env(
+        RENDERQUEUE_STORAGE_URL=f"file://{tmp_path / 'cli-archive'}",
+        RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS=origin.netloc,
+    )
     first = completed_row(conn, video(origin.serve("/1.mp4", Behaviour(size=1000)), 1000))
     second = completed_row(conn, video(origin.serve("/2.mp4", Behaviour(status=404)), 1000))
 

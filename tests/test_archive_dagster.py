@@ -14,7 +14,7 @@ from renderqueue_pipeline.defs.archive.checks import archive_backlog_is_fresh
 from renderqueue_pipeline.defs.archive.resources import ArchiveResource
 from renderqueue_pipeline.defs.archive.sensors import archive_sensor
 from renderqueue_pipeline.defs.resources import LedgerDatabase
-from renderqueue_pipeline.settings import get_settings, load_settings
+from renderqueue_pipeline.settings import load_settings
 
 
 @pytest.fixture
@@ -32,14 +32,12 @@ def origin():
 
 
 @pytest.fixture
-def archive_env(ledger_env, origin, tmp_path, monkeypatch) -> str:
+def archive_env(ledger_env, origin, archive_root, settings_env) -> str:
 
-    monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{tmp_path / 'archive'}")
-    monkeypatch.setenv("RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS", origin.netloc)
-    monkeypatch.setenv("RENDERQUEUE_ARCHIVE_BATCH_ROWS", "7")
-    get_settings.cache_clear()
-    yield ledger_env
-    get_settings.cache_clear()
+    settings_env(
+        RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS=origin.netloc, RENDERQUEUE_ARCHIVE_BATCH_ROWS="7"
+    )
+    return ledger_env
 
 
 def test_the_code_location_has_the_archive_job_sensor_and_checks() -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from pathlib import Path
 
-import pytest
 from archive_helpers import Behaviour, completed_row, media_server, row, video
 from spend_helpers import settle, submit, window
 
@@ -18,23 +16,13 @@ from renderqueue_pipeline.archive import (
 )
 from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
 from renderqueue_pipeline.db.connect import connect
-from renderqueue_pipeline.settings import get_settings, load_settings
+from renderqueue_pipeline.settings import load_settings
 from renderqueue_pipeline.spend import apply_billed, check_billing, load_billing_events
 
 SEEDANCE = "bytedance/seedance-2.0/text-to-video"
 AUTO = {"prompt": "a lighthouse at dusk", "duration": "auto"}
 #: fal's published Seedance 2.0 720p price with audio (shared/fal-wire.md), micro-dollars/s
 SEEDANCE_720P = 303_400
-
-
-@pytest.fixture
-def archive_env(ledger_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-
-    root = tmp_path / "archive"
-    monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{root}")
-    get_settings.cache_clear()
-    yield root
-    get_settings.cache_clear()
 
 
 def reconcile_and_apply_bill(conn, fal_billing) -> object:
@@ -47,7 +35,7 @@ def reconcile_and_apply_bill(conn, fal_billing) -> object:
 
 
 def test_an_auto_clip_is_priced_from_the_length_of_its_archived_file(
-    conn, ledger_url, fal_billing, archive_env
+    conn, ledger_url, fal_billing, ledger_env, archive_root
 ) -> None:
     rid = submit(conn, SEEDANCE, AUTO)
     settle(conn, fal_billing.sim, [rid])
@@ -81,7 +69,7 @@ def test_an_auto_clip_is_priced_from_the_length_of_its_archived_file(
 
 
 def test_a_billed_clip_keeps_fals_figure_when_its_length_is_measured_later(
-    conn, ledger_url, fal_billing, archive_env
+    conn, ledger_url, fal_billing, ledger_env, archive_root
 ) -> None:
     rid = submit(conn, SEEDANCE, AUTO)
     settle(conn, fal_billing.sim, [rid])
@@ -103,7 +91,7 @@ def test_a_billed_clip_keeps_fals_figure_when_its_length_is_measured_later(
 
 
 def test_a_clip_whose_length_cannot_be_read_keeps_its_estimate_with_the_reason(
-    conn, ledger_url, archive_env
+    conn, ledger_url, ledger_env, archive_root
 ) -> None:
     with media_server("127.0.0.1") as origin:
         url = origin.serve("/files/x/output.mp4", Behaviour(size=5000))  # not ISO-BMFF bytes
@@ -111,7 +99,7 @@ def test_a_clip_whose_length_cannot_be_read_keeps_its_estimate_with_the_reason(
         before = row(conn, rid)
         report = archive_pending(
             lambda: connect(ledger_url),
-            ArchiveStorage.from_url(f"file://{archive_env}"),
+            ArchiveStorage.from_url(f"file://{archive_root}"),
             FetchPolicy(loopback_hosts=parse_hosts(origin.netloc)),
             ArchiveOptions(),
         )

@@ -17,7 +17,6 @@ from renderqueue_pipeline.archive import ArchiveOptions, ArchiveStorage, archive
 from renderqueue_pipeline.archive.fetch import FetchPolicy, parse_hosts
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.db.connect import connect
-from renderqueue_pipeline.settings import get_settings
 
 BUCKET = "rq-archive"
 
@@ -46,7 +45,7 @@ def _s3_keys(endpoint: str) -> list[str]:
 
 
 def test_archive_into_s3_and_link_to_a_presigned_url(
-    conn, ledger_url, origin, s3_env, ledger_env, monkeypatch
+    conn, ledger_url, origin, s3_env, ledger_env, settings_env
 ) -> None:
     size = 12 * 1024 * 1024 + 5  # several multipart blocks
     rid = completed_row(conn, video(origin.serve("/s3/output.mp4", Behaviour(size=size)), size))
@@ -79,9 +78,7 @@ def test_archive_into_s3_and_link_to_a_presigned_url(
 
     assert hashlib.sha256(body).hexdigest() == r["archive_sha256"]
 
-    monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"s3://{BUCKET}/prod")
-
-    get_settings.cache_clear()
+    settings_env(RENDERQUEUE_STORAGE_URL=f"s3://{BUCKET}/prod")
     result = CliRunner().invoke(main, ["link", rid, "--expires", "120"])
     assert result.exit_code == 0, result.output
     presigned = httpx.URL(result.output.strip())
@@ -111,12 +108,10 @@ def test_an_output_on_s3_is_archived_whole_or_not_at_all(conn, ledger_url, origi
 
 
 def test_link_for_file_storage_and_for_rows_without_a_copy(
-    conn, ledger_url, origin, ledger_env, tmp_path, monkeypatch
+    conn, ledger_url, origin, ledger_env, tmp_path, settings_env
 ) -> None:
     archive_root = tmp_path / "files"
-    monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{archive_root}")
-
-    get_settings.cache_clear()
+    settings_env(RENDERQUEUE_STORAGE_URL=f"file://{archive_root}")
     done = completed_row(conn, video(origin.serve("/l/output.mp4", Behaviour(size=64)), 64))
     lost = completed_row(conn, video(origin.serve("/l/gone.mp4", Behaviour(status=404)), 64))
     waiting = completed_row(conn, video(origin.url("/l/not-yet.mp4"), 64))

@@ -8,7 +8,6 @@ import ssl
 from pathlib import Path
 
 import httpx
-import pytest
 from archive_helpers import row
 
 from renderqueue_pipeline.archive import ArchiveSetup, archive_health, run_archive
@@ -19,7 +18,7 @@ from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.fal_gateway import FalGateway
 from renderqueue_pipeline.ledger import LedgerEvent, record_event
 from renderqueue_pipeline.ledger.core import _asubmit_generation
-from renderqueue_pipeline.settings import get_settings, load_settings
+from renderqueue_pipeline.settings import load_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator, wait_until
 
 ENDPOINT = "bytedance/seedance-2.0/text-to-video"
@@ -55,18 +54,8 @@ def _cdn_status(fal_sim: RunningSimulator, url: str) -> int:
     ).status_code
 
 
-@pytest.fixture
-def archive_env(ledger_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-
-    root = tmp_path / "archive"
-    monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{root}")
-    get_settings.cache_clear()
-    yield root
-    get_settings.cache_clear()
-
-
 def test_outputs_from_the_simulators_cdn_are_archived_and_expired_ones_lost(
-    conn, ledger_url, fal_sim, archive_env
+    conn, ledger_url, fal_sim, ledger_env, archive_root
 ) -> None:
     (short, short_out), (kept, kept_out) = _complete(ledger_url, fal_sim, [1.0, 3600.0])
     assert row(conn, short)["fal_expires_at"] is not None
@@ -107,12 +96,13 @@ def test_outputs_from_the_simulators_cdn_are_archived_and_expired_ones_lost(
 
 
 def test_fals_copy_is_deleted_after_a_safe_archive_and_failures_retried(
-    conn, ledger_url, fal_sim, archive_env, monkeypatch
+    conn, ledger_url, fal_sim, ledger_env, archive_root, settings_env
 ) -> None:
 
-    monkeypatch.setenv("RENDERQUEUE_DELETE_FAL_COPY", "1")
-    monkeypatch.setenv("FAL_ADMIN_KEY", fal_sim.admin_key)  # delete_io refuses the plain key
-    get_settings.cache_clear()
+    settings_env(
+        RENDERQUEUE_DELETE_FAL_COPY="1",
+        FAL_ADMIN_KEY=fal_sim.admin_key,  # delete_io refuses the plain key
+    )
     [(rid, output)] = _complete(ledger_url, fal_sim, [3600.0])
     url = output["video"]["url"]
     fal_sim.control.set_faults(admin_key="wrong-key-on-purpose")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -18,7 +19,6 @@ from renderqueue_pipeline.batch import (
     submit_prompt,
 )
 from renderqueue_pipeline.batch.budget import BudgetSettingError
-from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 ROW = seedance_720p_micros(5)  # every test row: Seedance 720p, 5 s
@@ -56,16 +56,12 @@ def test_the_default_budget_applies_without_a_row(
     conn: psycopg.Connection,
     ledger_url: str,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    settings_env: Callable[..., None],
 ) -> None:
-    monkeypatch.setenv("RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD", "3.10")
-    get_settings.cache_clear()
-    try:
-        result = run(
-            write_csv(tmp_path / "a.csv", prompts(3, user_id=None)), ledger_url, default_user_id=11
-        )
-    finally:
-        get_settings.cache_clear()
+    settings_env(RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD="3.10")
+    result = run(
+        write_csv(tmp_path / "a.csv", prompts(3, user_id=None)), ledger_url, default_user_id=11
+    )
     assert result.report.counts["submitted"] == 2
     assert result.report.counts["over_budget"] == 1
     assert "default budget $3.10" in result.report.rejections[0]["reason"]

@@ -8,22 +8,19 @@ an unanswered cancel keeps it.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import fal_client
 import psycopg
 import pytest
 from batch_helpers import SEEDANCE, prompts, submit_file, write_csv
-from webhook_helpers import serving
 
 from renderqueue_pipeline.batch import BatchOptions
 from renderqueue_pipeline.batch.cancel import cancel_batch
 from renderqueue_pipeline.fal_gateway import FalGateway
 from renderqueue_pipeline.ledger import event_from_fal_webhook, record_event
-from renderqueue_pipeline.settings import get_settings, load_settings
+from renderqueue_pipeline.settings import load_settings
 from renderqueue_pipeline.simulator.testing import FAST_TEST_OPTIONS, RunningSimulator, wait_until
-from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
 
 
 def gateways(concurrency: int) -> FalGateway:
@@ -43,22 +40,6 @@ def error_webhook(request_id: str) -> dict:
         "error": "Invalid status code: 422",
         "payload": {"detail": [{"msg": "the model refused"}]},
     }
-
-
-@pytest.fixture
-def webhook_url(
-    fal_sim: RunningSimulator, ledger_url: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[str]:
-    """A real receiver on the ledger; batch submissions ask fal to deliver to it."""
-
-    with serving(create_app(ReceiverConfig(ledger_url, fal_sim.jwks_url))) as url:
-        monkeypatch.setenv("RENDERQUEUE_WEBHOOK_URL", f"{url}/webhooks/fal")
-        get_settings.cache_clear()
-        try:
-            yield f"{url}/webhooks/fal"
-        finally:
-            monkeypatch.delenv("RENDERQUEUE_WEBHOOK_URL")
-            get_settings.cache_clear()
 
 
 def submit_queued(ledger_url: str, tmp_path: Path, count: int) -> int:

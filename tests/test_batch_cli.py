@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -11,7 +12,6 @@ from click.testing import CliRunner
 
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.money import usd
-from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 
@@ -188,11 +188,10 @@ def test_submit_prints_the_request_id(
 
 
 def test_fal_commands_need_a_key(
-    conn: psycopg.Connection, ledger_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    conn: psycopg.Connection, ledger_env: str, settings_env: Callable[..., None], tmp_path: Path
 ) -> None:
 
-    monkeypatch.delenv("FAL_KEY")
-    get_settings.cache_clear()
+    settings_env(FAL_KEY=None)
     code, _, err = cli("submit", "--user-id", "3", "--endpoint", SEEDANCE, "--prompt", "a")
     assert code == 2
     assert "FAL_KEY is not set" in err

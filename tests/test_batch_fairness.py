@@ -7,18 +7,15 @@ what lets the fan-out go on.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from batch_helpers import SEEDANCE, prompts, submit_file, write_csv
-from webhook_helpers import serving
 
 from renderqueue_pipeline.batch import BatchOptions, BatchResult
 from renderqueue_pipeline.batch.single import submit_prompt
-from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
-from renderqueue_pipeline.webhook.app import ReceiverConfig, create_app
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -34,27 +31,8 @@ def arrivals(sim: RunningSimulator) -> list[dict]:
 
 
 @pytest.fixture
-def max_queued(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("RENDERQUEUE_FAL_MAX_QUEUED", "3")
-    get_settings.cache_clear()
-    yield
-    monkeypatch.delenv("RENDERQUEUE_FAL_MAX_QUEUED")
-    get_settings.cache_clear()
-
-
-@pytest.fixture
-def webhook_url(
-    fal_sim: RunningSimulator, ledger_url: str, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[str]:
-    """A real receiver on the ledger; batch submissions ask fal to deliver to it."""
-    with serving(create_app(ReceiverConfig(ledger_url, fal_sim.jwks_url))) as url:
-        monkeypatch.setenv("RENDERQUEUE_WEBHOOK_URL", f"{url}/webhooks/fal")
-        get_settings.cache_clear()
-        try:
-            yield f"{url}/webhooks/fal"
-        finally:
-            monkeypatch.delenv("RENDERQUEUE_WEBHOOK_URL")
-            get_settings.cache_clear()
+def max_queued(settings_env: Callable[..., None]) -> None:
+    settings_env(RENDERQUEUE_FAL_MAX_QUEUED="3")
 
 
 def test_batch_requests_go_at_low_priority_and_a_single_submit_at_normal(

@@ -4,6 +4,7 @@ literally and crashes nothing; every --month gets a clear error, never a traceba
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -14,7 +15,6 @@ from report_helpers import KLING, KLING_MICROS_PER_SECOND, add_batch, add_genera
 
 from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.ledger.report import print_ledger_status
-from renderqueue_pipeline.settings import get_settings
 
 
 def invoke(*args: str):
@@ -50,14 +50,12 @@ def test_report_by_batch_shows_sources_with_markup_literally(
 def test_archive_prints_an_output_url_with_markup_and_leaves_no_row_leased(
     conn: psycopg.Connection,
     ledger_env: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    archive_root: Path,
+    settings_env: Callable[..., None],
 ) -> None:
 
     with media_server("127.0.0.1") as origin:
-        monkeypatch.setenv("RENDERQUEUE_STORAGE_URL", f"file://{tmp_path / 'archive'}")
-        monkeypatch.setenv("RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS", origin.netloc)
-        get_settings.cache_clear()
+        settings_env(RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS=origin.netloc)
         gone = [
             completed_row(conn, video(origin.serve(f"/{i}[/x].mp4", Behaviour(status=404)), 1000))
             for i in range(3)

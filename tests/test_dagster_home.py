@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,19 +20,13 @@ from renderqueue_pipeline.dagster_home import (
     dagster_yaml,
     ensure_dagster_home,
 )
-from renderqueue_pipeline.settings import get_settings
 
 
 @pytest.fixture
-def dagster_home(ledger_env: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+def dagster_home(ledger_env: str, settings_env: Callable[..., None]) -> Path:
     """`ensure_dagster_home` on the test server, with two limits set through the env."""
-    monkeypatch.setenv("RENDERQUEUE_DAGSTER_MAX_RUNS", "5")
-    monkeypatch.setenv("RENDERQUEUE_FAL_API_POOL", "3")
-    get_settings.cache_clear()
-    monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    home = ensure_dagster_home(ledger_env)
-    yield home
-    get_settings.cache_clear()
+    settings_env(RENDERQUEUE_DAGSTER_MAX_RUNS="5", RENDERQUEUE_FAL_API_POOL="3", DAGSTER_HOME=None)
+    return ensure_dagster_home(ledger_env)
 
 
 def _run(instance: DagsterInstance, tags: dict[str, str]) -> DagsterRun:

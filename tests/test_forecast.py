@@ -17,6 +17,7 @@ user 3 (no budget row): 04-08 Veo 10 s $4.00; rest 4.00 * 20/7 = $11.428571, for
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import date, timedelta
 from urllib.parse import quote
 
@@ -40,7 +41,6 @@ from renderqueue_pipeline.defs.resources import LedgerDatabase
 from renderqueue_pipeline.reports.forecast import forecast_month, projected
 from renderqueue_pipeline.reports.ledger_view import month_from_ledger
 from renderqueue_pipeline.reports.months import ReportInputError
-from renderqueue_pipeline.settings import get_settings
 
 APRIL = date(2026, 4, 1)
 NOW = utc(2026, 4, 11)
@@ -159,11 +159,10 @@ def _clocked(url: str, now: str) -> str:
 
 
 def test_report_forecast_prints_the_month_end_forecast(
-    april, ledger_env: str, monkeypatch: pytest.MonkeyPatch
+    april, ledger_env: str, settings_env: Callable[..., None]
 ) -> None:
 
-    monkeypatch.setenv("DATABASE_URL", _clocked(ledger_env, "2026-04-11T00:00:00Z"))
-    get_settings.cache_clear()
+    settings_env(DATABASE_URL=_clocked(ledger_env, "2026-04-11T00:00:00Z"))
     result = CliRunner().invoke(
         main, ["report", "--month", "2026-04", "--forecast", "--format", "json"]
     )

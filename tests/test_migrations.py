@@ -33,7 +33,6 @@ from renderqueue_pipeline.db.migrate import (
 )
 from renderqueue_pipeline.db.server import with_database
 from renderqueue_pipeline.ledger import LedgerEvent, record_event
-from renderqueue_pipeline.settings import get_settings
 
 FLAT_LAYOUT = Path(__file__).parent / "fixtures" / "sql_before_layout"
 
@@ -247,33 +246,28 @@ def test_a_renamed_migration_is_refused(make_database: Callable[[], str], tmp_pa
 
 @pytest.mark.slow
 def test_db_reset_asks_then_recreates_only_its_database(
-    make_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    make_database: Callable[[], str], settings_env: Callable[..., None], tmp_path: Path
 ) -> None:
 
     url, other = make_database(), make_database()
     make_pre_release_database(url)
     with psycopg.connect(other) as conn:
         conn.execute("create table keep_me (id int)")
-    monkeypatch.setenv("DATABASE_URL", url)
-    monkeypatch.setenv("RENDERQUEUE_HOME", str(tmp_path / "home"))
-    get_settings.cache_clear()
-    try:
-        runner = CliRunner()
-        refused = runner.invoke(main, ["db", "migrate"])
-        assert refused.exit_code == 2
-        assert "renderqueue db reset" in refused.output
+    settings_env(DATABASE_URL=url, RENDERQUEUE_HOME=str(tmp_path / "home"))
+    runner = CliRunner()
+    refused = runner.invoke(main, ["db", "migrate"])
+    assert refused.exit_code == 2
+    assert "renderqueue db reset" in refused.output
 
-        declined = runner.invoke(main, ["db", "reset"], input="n\n")
-        assert declined.exit_code == 1
-        assert "Drop database" in declined.output
-        with psycopg.connect(url) as conn:  # still there
-            assert conn.execute("select count(*) from generations").fetchone()[0] == 1
+    declined = runner.invoke(main, ["db", "reset"], input="n\n")
+    assert declined.exit_code == 1
+    assert "Drop database" in declined.output
+    with psycopg.connect(url) as conn:  # still there
+        assert conn.execute("select count(*) from generations").fetchone()[0] == 1
 
-        done = runner.invoke(main, ["db", "reset", "--yes"])
-        assert done.exit_code == 0, done.output
-        assert f"applied {len(load_migrations())} migrations" in done.output
-    finally:
-        get_settings.cache_clear()
+    done = runner.invoke(main, ["db", "reset", "--yes"])
+    assert done.exit_code == 0, done.output
+    assert f"applied {len(load_migrations())} migrations" in done.output
     assert migrate(url) == []
     with psycopg.connect(url) as conn:
         assert conn.execute("select count(*) from generations").fetchone()[0] == 0

@@ -40,7 +40,7 @@ import httpx
 import psycopg
 import pytest
 from batch_helpers import submit_file
-from conftest import LEDGER_TABLES
+from conftest import LEDGER_TABLES, patched_settings
 from fal_sim_plugin import _fast_defaults
 from hypothesis import HealthCheck, Verbosity, note, settings
 from hypothesis import strategies as st
@@ -71,7 +71,7 @@ from renderqueue_pipeline.reconcile.core import ReconcileOptions, reconcile
 from renderqueue_pipeline.reports.checks import report_matches_ledger
 from renderqueue_pipeline.reports.months import finalizes_at
 from renderqueue_pipeline.reports.spend import refresh_month
-from renderqueue_pipeline.settings import get_settings, load_settings
+from renderqueue_pipeline.settings import load_settings
 from renderqueue_pipeline.simulator.platform import BillingConfig, PlatformServer, attach
 from renderqueue_pipeline.simulator.testing import RunningSimulator, WebhookSink, wait_until
 from renderqueue_pipeline.simulator.testing import webhook_sink as running_webhook_sink
@@ -368,12 +368,12 @@ def env(
 
     with (
         running_webhook_sink() as sink,
-        pytest.MonkeyPatch.context() as patch,
+        patched_settings(
+            RENDERQUEUE_WEBHOOK_URL=sink.url,
+            RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD=BUDGET_USD,
+            DATABASE_URL=url,
+        ),
     ):
-        patch.setenv("RENDERQUEUE_WEBHOOK_URL", sink.url)
-        patch.setenv("RENDERQUEUE_DEFAULT_MONTHLY_BUDGET_USD", BUDGET_USD)
-        patch.setenv("DATABASE_URL", url)
-        get_settings.cache_clear()
         try:
             yield Env(
                 url,
@@ -386,7 +386,6 @@ def env(
                 tmp_path_factory.mktemp("invariants"),
             )
         finally:
-            get_settings.cache_clear()
             billing.close()
             engine.finish_listeners[:], engine.submit_listeners[:] = listeners
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -21,7 +22,6 @@ import pytest
 from rich.console import Console
 
 from renderqueue_pipeline.dev import running_stack, wait_for_run
-from renderqueue_pipeline.settings import get_settings
 
 pytestmark = pytest.mark.e2e  # whole-product runs: `make test`, not `make test-fast`
 
@@ -100,115 +100,116 @@ def _graphql(base: str, query: str, variables: dict | None = None) -> dict:
 
 @pytest.mark.timeout(600)
 def test_separate_processes_load_launch_and_share_one_ledger(
-    ledger_url: str, conn: psycopg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ledger_url: str,
+    conn: psycopg.Connection,
+    tmp_path: Path,
+    settings_env: Callable[..., None],
 ) -> None:
 
     home = tmp_path / "home"
-    monkeypatch.setenv("DATABASE_URL", ledger_url)
-    monkeypatch.setenv("RENDERQUEUE_HOME", str(home))
-    monkeypatch.delenv("FAL_KEY", raising=False)
     approved = tmp_path / "approved"  # the launchpad may name files under this prefix
     approved.mkdir()
-    monkeypatch.setenv("RENDERQUEUE_PROMPT_SOURCES", approved.as_uri())
-    get_settings.cache_clear()
+    settings_env(
+        DATABASE_URL=ledger_url,
+        RENDERQUEUE_HOME=str(home),
+        FAL_KEY=None,
+        RENDERQUEUE_PROMPT_SOURCES=approved.as_uri(),
+    )
     ui, code = _free_ports(2)  # dagster-webserver and the code server cannot say theirs
-    try:
-        with running_stack(
-            home,
-            console=Console(quiet=True),
-            ui_port=ui,
-            webhook_ports=(0, 0),  # each receiver binds a free port and says which
-            code_server_port=code,
-        ) as env:
-            base = f"http://127.0.0.1:{ui}"
-            entry = _wait_for_location(base)
-            repo = entry["locationOrLoadError"]["repositories"][0]
-            jobs = {j["name"] for j in repo["jobs"]}
-            assert "ledger_status_job" in jobs
+    with running_stack(
+        home,
+        console=Console(quiet=True),
+        ui_port=ui,
+        webhook_ports=(0, 0),  # each receiver binds a free port and says which
+        code_server_port=code,
+    ) as env:
+        base = f"http://127.0.0.1:{ui}"
+        entry = _wait_for_location(base)
+        repo = entry["locationOrLoadError"]["repositories"][0]
+        jobs = {j["name"] for j in repo["jobs"]}
+        assert "ledger_status_job" in jobs
 
-            launched = _graphql(
-                base,
-                LAUNCH,
-                {
-                    "selector": {
-                        "repositoryLocationName": "renderqueue",
-                        "repositoryName": repo["name"],
-                        "jobName": "ledger_status_job",
-                    },
-                    "config": {},
+        launched = _graphql(
+            base,
+            LAUNCH,
+            {
+                "selector": {
+                    "repositoryLocationName": "renderqueue",
+                    "repositoryName": repo["name"],
+                    "jobName": "ledger_status_job",
                 },
-            )["launchRun"]
-            assert launched["__typename"] == "LaunchRunSuccess", launched
-            assert wait_for_run(base, launched["run"]["runId"]) == "SUCCESS"
+                "config": {},
+            },
+        )["launchRun"]
+        assert launched["__typename"] == "LaunchRunSuccess", launched
+        assert wait_for_run(base, launched["run"]["runId"]) == "SUCCESS"
 
-            prompts = approved / "launchpad.csv"
-            prompts.write_text(
-                "prompt,user_id\n" + "".join(f"launchpad shot {n},{700 + n}\n" for n in range(4))
-            )
-            batch = _graphql(
-                base,
-                LAUNCH,
-                {
-                    "selector": {
-                        "repositoryLocationName": "renderqueue",
-                        "repositoryName": repo["name"],
-                        "jobName": "submit_batch",
-                    },
-                    "config": {
-                        "ops": {
-                            "submit_prompts_file": {
-                                "config": {
-                                    "file_url": prompts.as_uri(),
-                                    "default_endpoint": "bytedance/seedance-2.0/fast/text-to-video",
-                                    "default_inputs": {"duration": "4", "resolution": "480p"},
-                                }
+        prompts = approved / "launchpad.csv"
+        prompts.write_text(
+            "prompt,user_id\n" + "".join(f"launchpad shot {n},{700 + n}\n" for n in range(4))
+        )
+        batch = _graphql(
+            base,
+            LAUNCH,
+            {
+                "selector": {
+                    "repositoryLocationName": "renderqueue",
+                    "repositoryName": repo["name"],
+                    "jobName": "submit_batch",
+                },
+                "config": {
+                    "ops": {
+                        "submit_prompts_file": {
+                            "config": {
+                                "file_url": prompts.as_uri(),
+                                "default_endpoint": "bytedance/seedance-2.0/fast/text-to-video",
+                                "default_inputs": {"duration": "4", "resolution": "480p"},
                             }
                         }
-                    },
+                    }
                 },
-            )["launchRun"]
-            assert batch["__typename"] == "LaunchRunSuccess", batch
-            assert wait_for_run(base, batch["run"]["runId"]) == "SUCCESS"
-            launched_rows = conn.execute(
-                "select count(*) as n from batch_items i join batches b on b.id = i.batch_id "
-                "where b.source like %s and i.state = 'submitted'",
-                ("%launchpad.csv",),
-            ).fetchone()["n"]
-            assert launched_rows == 4
+            },
+        )["launchRun"]
+        assert batch["__typename"] == "LaunchRunSuccess", batch
+        assert wait_for_run(base, batch["run"]["runId"]) == "SUCCESS"
+        launched_rows = conn.execute(
+            "select count(*) as n from batch_items i join batches b on b.id = i.batch_id "
+            "where b.source like %s and i.state = 'submitted'",
+            ("%launchpad.csv",),
+        ).fetchone()["n"]
+        assert launched_rows == 4
 
-            receivers = env["RECEIVER_URLS"].split()
-            assert len(receivers) == 2
-            hooks = [f"{url}/webhooks/fal" for url in receivers]
-            submitted = subprocess.run(
-                [sys.executable, "-c", SUBMIT_SCRIPT, json.dumps(hooks), "12"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=180,
-            )
-            assert submitted.returncode == 0, submitted.stderr
-            request_ids = json.loads(submitted.stdout.strip().splitlines()[-1])
-            _wait_for_terminal(conn, request_ids)
-            received = {url: _metric(f"{url}/metrics") for url in receivers}
-            assert all(count > 0 for count in received.values()), received
-            stored = conn.execute(
-                "select request_id, count(*) as n from generation_events "
-                "where request_id = any(%s) group by request_id",
-                (request_ids,),
-            ).fetchall()
-            assert len(stored) == len(request_ids)
-            assert all(row["n"] == 1 for row in stored), stored
-            # the receivers and Dagster connect as their logins, never as the owner
-            assert psycopg.conninfo.conninfo_to_dict(env["DATABASE_URL"])["user"] == "rq_pipeline"
-            others = conn.execute(
-                "select distinct usename from pg_stat_activity "
-                "where datname = current_database() and pid <> pg_backend_pid()"
-            ).fetchall()
-            users = {row["usename"] for row in others}
-            assert "rq_receiver" in users, users
-            assert users <= {"rq_receiver", "rq_pipeline"}, users
-    finally:
-        get_settings.cache_clear()
+        receivers = env["RECEIVER_URLS"].split()
+        assert len(receivers) == 2
+        hooks = [f"{url}/webhooks/fal" for url in receivers]
+        submitted = subprocess.run(
+            [sys.executable, "-c", SUBMIT_SCRIPT, json.dumps(hooks), "12"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        request_ids = json.loads(submitted.stdout.strip().splitlines()[-1])
+        _wait_for_terminal(conn, request_ids)
+        received = {url: _metric(f"{url}/metrics") for url in receivers}
+        assert all(count > 0 for count in received.values()), received
+        stored = conn.execute(
+            "select request_id, count(*) as n from generation_events "
+            "where request_id = any(%s) group by request_id",
+            (request_ids,),
+        ).fetchall()
+        assert len(stored) == len(request_ids)
+        assert all(row["n"] == 1 for row in stored), stored
+        # the receivers and Dagster connect as their logins, never as the owner
+        assert psycopg.conninfo.conninfo_to_dict(env["DATABASE_URL"])["user"] == "rq_pipeline"
+        others = conn.execute(
+            "select distinct usename from pg_stat_activity "
+            "where datname = current_database() and pid <> pg_backend_pid()"
+        ).fetchall()
+        users = {row["usename"] for row in others}
+        assert "rq_receiver" in users, users
+        assert users <= {"rq_receiver", "rq_pipeline"}, users
     leftover = subprocess.run(
         ["pgrep", "-f", str(home)], capture_output=True, text=True
     ).stdout.split()

@@ -5,6 +5,7 @@ its line, or stops with the rows left unsent: never half-submitted, never left `
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,6 @@ import renderqueue_pipeline.batch.submit as submit_module
 from renderqueue_pipeline.batch import BatchOptions, BatchStopped
 from renderqueue_pipeline.batch.source import CSV_FIELD_LIMIT, PromptFileError
 from renderqueue_pipeline.cli import main
-from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 
@@ -173,13 +173,10 @@ def test_a_wrong_fal_key_stops_the_batch_and_leaves_its_rows_unsent(
     conn: psycopg.Connection,
     ledger_env: str,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    request: pytest.FixtureRequest,
+    settings_env: Callable[..., None],
 ) -> None:
     fal_sim.control.set_faults(fal_key="the-right-key")
-    monkeypatch.setenv("FAL_KEY", "a-wrong-key-1234")
-    get_settings.cache_clear()
-    request.addfinalizer(get_settings.cache_clear)  # later tests: the simulator's own key
+    settings_env(FAL_KEY="a-wrong-key-1234")  # dropped at the end: later tests get fal_sim's
     path = write_csv(tmp_path / "a.csv", prompts(12))
     with pytest.raises(BatchStopped) as caught:
         submit(path, ledger_env, concurrency=8)
@@ -191,8 +188,7 @@ def test_a_wrong_fal_key_stops_the_batch_and_leaves_its_rows_unsent(
     assert batch["status"] == "failed"
     assert "FAL_KEY" in batch["error"]
 
-    monkeypatch.setenv("FAL_KEY", "the-right-key")
-    get_settings.cache_clear()
+    settings_env(FAL_KEY="the-right-key")
     resumed = submit(path, ledger_env, concurrency=8)
     assert resumed.report.counts["submitted"] == 12
     assert len(fal_sim.control.ground_truth()) == 12

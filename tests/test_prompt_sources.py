@@ -5,7 +5,7 @@ RENDERQUEUE_PROMPT_SOURCES, and local paths for the CLI only. A canary HTTP serv
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,7 +21,6 @@ from renderqueue_pipeline.cli import main
 from renderqueue_pipeline.defs.batch.jobs import submit_batch
 from renderqueue_pipeline.defs.batch.resources import PromptsInbox
 from renderqueue_pipeline.defs.resources import LedgerDatabase, fal_connection
-from renderqueue_pipeline.settings import get_settings
 from renderqueue_pipeline.simulator.testing import RunningSimulator
 
 
@@ -83,12 +82,11 @@ def test_the_cli_refuses_urls_outside_the_allow_list_before_fetching_anything(
 
 
 def test_a_listed_prefix_is_no_licence_for_its_neighbours(
-    ledger_env: str, canary: tuple[str, list[str]], monkeypatch: pytest.MonkeyPatch
+    ledger_env: str, canary: tuple[str, list[str]], settings_env: Callable[..., None]
 ) -> None:
 
     base, seen = canary
-    monkeypatch.setenv("RENDERQUEUE_PROMPT_SOURCES", f"{base}/prompts, s3://team-bucket/in/")
-    get_settings.cache_clear()
+    settings_env(RENDERQUEUE_PROMPT_SOURCES=f"{base}/prompts, s3://team-bucket/in/")
     prefixes = [f"{base}/prompts", "s3://team-bucket/in/"]
     check_source(f"{base}/prompts/week.csv", prefixes, allow_local=False)
     check_source("s3://team-bucket/in/sub/week.csv", prefixes, allow_local=False)

@@ -14,7 +14,7 @@ import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,42 +57,35 @@ def cli(*args: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def canary_env(ledger_env: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def canary_env(ledger_env: str, settings_env: Callable[..., None]) -> None:
     """FAL_KEY and FAL_ADMIN_KEY as a mounted secret file gives them: a trailing newline."""
-    monkeypatch.setenv("FAL_KEY", CANARY_KEY + "\n")
-    monkeypatch.setenv("FAL_ADMIN_KEY", " " + ADMIN_CANARY + "\r\n")
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
+    settings_env(FAL_KEY=CANARY_KEY + "\n", FAL_ADMIN_KEY=" " + ADMIN_CANARY + "\r\n")
 
 
 def test_surrounding_whitespace_is_stripped_from_every_setting(
-    monkeypatch: pytest.MonkeyPatch,
+    settings_env: Callable[..., None],
 ) -> None:
-    monkeypatch.setenv("FAL_KEY", CANARY_KEY + "\n")
-    monkeypatch.setenv("FAL_ADMIN_KEY", "\t" + ADMIN_CANARY + " ")
-    monkeypatch.setenv("RENDERQUEUE_PROMPTS_URL", " s3://bucket/inbox\n")
-    get_settings.cache_clear()
-    try:
-        settings = get_settings()
-        assert settings.fal_key.get_secret_value() == CANARY_KEY
-        assert settings.fal_admin_key.get_secret_value() == ADMIN_CANARY
-        assert settings.prompts == "s3://bucket/inbox"
-    finally:
-        get_settings.cache_clear()
+    settings_env(
+        FAL_KEY=CANARY_KEY + "\n",
+        FAL_ADMIN_KEY="\t" + ADMIN_CANARY + " ",
+        RENDERQUEUE_PROMPTS_URL=" s3://bucket/inbox\n",
+    )
+    settings = get_settings()
+    assert settings.fal_key.get_secret_value() == CANARY_KEY
+    assert settings.fal_admin_key.get_secret_value() == ADMIN_CANARY
+    assert settings.prompts == "s3://bucket/inbox"
 
 
 @pytest.mark.parametrize("variable", ["FAL_KEY", "FAL_ADMIN_KEY", "DATABASE_URL"])
 def test_a_control_character_inside_a_secret_is_refused_naming_the_variable_not_the_value(
-    ledger_env: str, monkeypatch: pytest.MonkeyPatch, variable: str
+    ledger_env: str, settings_env: Callable[..., None], variable: str
 ) -> None:
     value = {
         "FAL_KEY": f"{CANARY_ID}\n:{CANARY_SECRET}",
         "FAL_ADMIN_KEY": f"{ADMIN_CANARY}\x1b[0mx",
         "DATABASE_URL": f"postgresql://u:{DB_PASSWORD}@127.0.0.1/x\tq",
     }[variable]
-    monkeypatch.setenv(variable, value)
-    get_settings.cache_clear()
+    settings_env(**{variable: value})
     code, out, err = cli("submit", "--user-id", "1", "--endpoint", SEEDANCE, "--prompt", "p")
     assert code == 2
     assert err.startswith(f"renderqueue: {variable}: contains a control character")
@@ -257,11 +250,9 @@ def test_a_canary_key_appears_in_no_output_log_ledger_row_or_dagster_storage(
 def test_an_admin_key_with_a_trailing_newline_works_for_spend_prices_and_is_never_printed(
     ledger_env: str,
     fal_billing: Any,
-    monkeypatch: pytest.MonkeyPatch,
+    settings_env: Callable[..., None],
 ) -> None:
-    monkeypatch.setenv("FAL_ADMIN_KEY", ADMIN_KEY + "\n")
-    monkeypatch.setenv("RENDERQUEUE_FAL_API_URL", fal_billing.api_url)
-    get_settings.cache_clear()
+    settings_env(FAL_ADMIN_KEY=ADMIN_KEY + "\n", RENDERQUEUE_FAL_API_URL=fal_billing.api_url)
     code, out, err = cli("spend", "prices")
     assert code == 0, err
     assert "checked" in out
@@ -321,8 +312,7 @@ def test_the_production_shape_stack_with_a_canary_key_leaves_it_nowhere(
     ledger_url: str,
     conn: psycopg.Connection,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    request: pytest.FixtureRequest,
+    settings_env: Callable[..., None],
 ) -> None:
     """Code server, webserver, daemon and two receivers as separate processes, FAL_KEY a
     newline-terminated canary: a launchpad run that submits, one that meets fal's 401;
@@ -331,17 +321,18 @@ def test_the_production_shape_stack_with_a_canary_key_leaves_it_nowhere(
     home = tmp_path / "home"
     approved = tmp_path / "approved"
     approved.mkdir()
-    for name, value in fal_sim.env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("FAL_ADMIN_KEY")  # no Platform API here: fal's request list not read
-    request.addfinalizer(get_settings.cache_clear)  # later tests: the simulator's own key
     fal_sim.control.set_faults(fal_key=CANARY_KEY)  # the canary account
-    monkeypatch.setenv("FAL_KEY", CANARY_KEY + "\n")
-    monkeypatch.setenv("DATABASE_URL", ledger_url)
-    monkeypatch.setenv("RENDERQUEUE_HOME", str(home))
-    monkeypatch.setenv("RENDERQUEUE_PROMPT_SOURCES", approved.as_uri())
-    monkeypatch.delenv("RENDERQUEUE_WEBHOOK_URL", raising=False)
-    get_settings.cache_clear()
+    settings_env(
+        **{
+            **fal_sim.env,
+            "FAL_ADMIN_KEY": None,  # no Platform API here: fal's request list not read
+            "FAL_KEY": CANARY_KEY + "\n",
+            "DATABASE_URL": ledger_url,
+            "RENDERQUEUE_HOME": str(home),
+            "RENDERQUEUE_PROMPT_SOURCES": approved.as_uri(),
+            "RENDERQUEUE_WEBHOOK_URL": None,
+        }
+    )
     ui, code, hook_a, hook_b = _free_ports(4)
     with running_stack(
         home,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import psycopg
@@ -24,7 +24,7 @@ from renderqueue_pipeline.ledger import (
     record_event,
 )
 from renderqueue_pipeline.reconcile import ReconcileOptions
-from renderqueue_pipeline.settings import get_settings, load_settings
+from renderqueue_pipeline.settings import load_settings
 
 INPUTS = {"prompt": "a red fox in snow", "duration": "5", "resolution": "720p"}
 # More locks than the test server's lock table holds in one transaction (measured: 12,000
@@ -92,7 +92,7 @@ def test_events_whose_row_never_came_are_expired_after_the_retention(
 
 
 def test_the_retention_is_a_setting(
-    conn: psycopg.Connection, ledger_env: str, monkeypatch: pytest.MonkeyPatch
+    conn: psycopg.Connection, ledger_env: str, settings_env: Callable[..., None]
 ) -> None:
 
     def retention() -> timedelta:
@@ -107,8 +107,7 @@ def test_the_retention_is_a_setting(
     conn.commit()
     assert apply_waiting_events(conn)["expired"] == 0  # the default: 7 days
     assert apply_waiting_events(conn, retention=retention())["expired"] == 0  # the same
-    monkeypatch.setenv("RENDERQUEUE_EVENT_RETENTION_DAYS", "0.05")  # 72 minutes
-    get_settings.cache_clear()
+    settings_env(RENDERQUEUE_EVENT_RETENTION_DAYS="0.05")  # 72 minutes
     assert apply_waiting_events(conn, retention=retention())["expired"] == 1
 
 
