@@ -102,6 +102,27 @@ def _own_dagster_database(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+#: `renderqueue dev`'s logins (rq_receiver, rq_pipeline: DEV_LOGINS) are roles of the whole
+#: server, not of one database, and every start gives them new passwords. Two pytest-xdist
+#: workers on one server would lock each other's stack out ("password authentication failed
+#: for user rq_pipeline" in the other's daemon), so a test that sets their passwords
+#: (`running_stack`, `dev_logins`) takes its turn: `dev_logins_lock`.
+DEV_LOGINS_LOCK_KEY = 0x72715F646576  # "rq_dev"
+
+
+@pytest.fixture
+def dev_logins_lock(admin_url: str) -> Iterator[None]:
+    """Hold the server-wide turn on the dev logins for this test (an advisory lock in the
+    `postgres` database, which every worker's admin connection shares); waits for a test of
+    another worker to finish with them first."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute("select pg_advisory_lock(%s)", (DEV_LOGINS_LOCK_KEY,))
+        try:
+            yield
+        finally:
+            conn.execute("select pg_advisory_unlock(%s)", (DEV_LOGINS_LOCK_KEY,))
+
+
 @pytest.fixture
 def dagster_storage(make_database: Callable[[], str]) -> str:
     """A Dagster instance's storage URL: a database of its own on the test server, dropped

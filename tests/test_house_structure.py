@@ -336,3 +336,43 @@ def test_the_settings_clear_finder_finds_each_spelling() -> None:
         "other.cache_clear()\n"
     )
     assert settings_cache_clears(source) == [1, 2, 3]
+
+
+def unlocked_dev_login_tests(source: str) -> list[str]:
+    """Test functions that call `running_stack` or `dev_logins` (both give the server-wide
+    dev logins new passwords) without requesting the `dev_logins_lock` fixture."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.FunctionDef) or not node.name.startswith("test_"):
+            continue
+        called = {
+            call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, "attr", "")
+            for call in ast.walk(node)
+            if isinstance(call, ast.Call)
+        }
+        if called & {"running_stack", "dev_logins"} and "dev_logins_lock" not in {
+            arg.arg for arg in node.args.args
+        }:
+            found.append(node.name)
+    return found
+
+
+def test_tests_that_set_the_dev_logins_passwords_take_turns() -> None:
+    """Two pytest-xdist workers share one Postgres server and its dev logins: a stack whose
+    passwords another worker reset fails to connect (test_production_shape under -n 2)."""
+    found = [
+        f"{path.name}::{name}"
+        for path in sorted(TESTS.glob("test_*.py"))
+        for name in unlocked_dev_login_tests(path.read_text())
+    ]
+    assert found == []
+
+
+def test_the_dev_logins_check_finds_a_test_without_the_lock() -> None:
+    source = (
+        "def test_a(tmp_path):\n    with running_stack(tmp_path): pass\n"
+        "def test_b(ledger_url, dev_logins_lock):\n    dev_logins(ledger_url)\n"
+        "def test_c(url):\n    roles.dev_logins(url)\n"
+        "def test_d(url):\n    grant_login(url)\n"
+    )
+    assert unlocked_dev_login_tests(source) == ["test_a", "test_c"]

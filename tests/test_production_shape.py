@@ -104,6 +104,7 @@ def test_separate_processes_load_launch_and_share_one_ledger(
     conn: psycopg.Connection,
     tmp_path: Path,
     settings_env: Callable[..., None],
+    dev_logins_lock: None,
 ) -> None:
 
     home = tmp_path / "home"

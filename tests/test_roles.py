@@ -408,7 +408,9 @@ def test_a_managed_postgres_admin_without_superuser_migrates_and_grants(
                     su.execute(sql.SQL("drop role if exists {}").format(sql.Identifier(role)))
 
 
-def test_dev_logins_get_fresh_passwords_at_every_start(ledger_url: str) -> None:
+def test_dev_logins_get_fresh_passwords_at_every_start(
+    ledger_url: str, dev_logins_lock: None
+) -> None:
     """`renderqueue dev` runs the receiver and Dagster as rq_receiver and rq_pipeline; each
     start sets new passwords (written nowhere), so an old URL stops working."""
     first = dev_logins(ledger_url)

@@ -313,6 +313,7 @@ def test_the_production_shape_stack_with_a_canary_key_leaves_it_nowhere(
     conn: psycopg.Connection,
     tmp_path: Path,
     settings_env: Callable[..., None],
+    dev_logins_lock: None,
 ) -> None:
     """Code server, webserver, daemon and two receivers as separate processes, FAL_KEY a
     newline-terminated canary: a launchpad run that submits, one that meets fal's 401;
