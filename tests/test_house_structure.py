@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -19,9 +20,12 @@ import pytest
 
 import renderqueue_pipeline
 from renderqueue_pipeline import ledger
+from renderqueue_pipeline.archive import FETCH_POLICY_ENV, FetchPolicy, policy_from_settings
 from renderqueue_pipeline.db.queries import queries
+from renderqueue_pipeline.defs.archive import resources as archive_resources
 from renderqueue_pipeline.money import MICROS_PER_USD, dollars, micros_to_usd, usd, usd_decimal
 from renderqueue_pipeline.months import MonthError, month_range, parse_month
+from renderqueue_pipeline.settings import load_settings
 
 PACKAGE = Path(renderqueue_pipeline.__file__).parent
 
@@ -376,3 +380,31 @@ def test_the_dev_logins_check_finds_a_test_without_the_lock() -> None:
         "def test_d(url):\n    grant_login(url)\n"
     )
     assert unlocked_dev_login_tests(source) == ["test_a", "test_c"]
+
+
+def test_the_archive_fetch_policy_is_built_through_one_mapping(
+    settings_env: Callable[..., None],
+) -> None:
+    """The CLI's policy (`policy_from_settings`) and the Dagster resource's are one policy
+    for one environment: both go through FETCH_POLICY_ENV, and the resource's module names
+    none of its variables itself."""
+    settings_env(
+        RENDERQUEUE_ARCHIVE_HOSTS="a.example, B.example",
+        RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS="127.0.0.1:9",
+        FAL_QUEUE_RUN_HOST="127.0.0.1:8",
+        RENDERQUEUE_ARCHIVE_MAX_BYTES="1234",
+        RENDERQUEUE_ARCHIVE_MIN_BYTES_PER_SECOND="99.5",
+        RENDERQUEUE_ARCHIVE_STALL_SECONDS="7",
+    )
+    settings = load_settings()
+    policy = archive_resources.ArchiveResource.from_settings(settings).setup().policy
+    assert policy == policy_from_settings(settings)
+    assert policy == FetchPolicy(
+        allowed_hosts=frozenset({"a.example", "b.example"}),
+        loopback_hosts=frozenset({"127.0.0.1:9", "127.0.0.1:8"}),
+        max_bytes=1234,
+        min_bytes_per_second=99.5,
+        stall_seconds=7.0,
+    )
+    source = Path(archive_resources.__file__).read_text()
+    assert [name for name in FETCH_POLICY_ENV.values() if name in source] == []

@@ -35,6 +35,7 @@ from renderqueue_pipeline.settings import Settings
 log = logging.getLogger("renderqueue.archive")
 
 __all__ = [
+    "FETCH_POLICY_ENV",
     "ArchiveOptions",
     "ArchiveReport",
     "ArchiveSetup",
@@ -65,6 +66,19 @@ def simulator_media_host(queue_run_host: str) -> str | None:
     except ValueError:
         loopback = name.lower() == "localhost"
     return queue_run_host.lower() if loopback else None
+
+
+#: fetch_policy's arguments and the variable each comes from: the one mapping both
+#: `policy_from_settings` (the CLI) and the Dagster resource (defs/archive/resources.py,
+#: whose fields carry these names) build the policy through.
+FETCH_POLICY_ENV: dict[str, str] = {
+    "hosts": "RENDERQUEUE_ARCHIVE_HOSTS",
+    "loopback_hosts": "RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS",
+    "queue_run_host": "FAL_QUEUE_RUN_HOST",
+    "max_bytes": "RENDERQUEUE_ARCHIVE_MAX_BYTES",
+    "min_bytes_per_second": "RENDERQUEUE_ARCHIVE_MIN_BYTES_PER_SECOND",
+    "stall_seconds": "RENDERQUEUE_ARCHIVE_STALL_SECONDS",
+}
 
 
 def fetch_policy(
@@ -99,17 +113,12 @@ def fetch_policy(
 
 
 def policy_from_settings(settings: Settings, **overrides: Any) -> FetchPolicy:
-    """The fetch policy of RENDERQUEUE_ARCHIVE_HOSTS / _LOOPBACK_HOSTS / _MAX_BYTES /
-    _MIN_BYTES_PER_SECOND / _STALL_SECONDS and FAL_QUEUE_RUN_HOST."""
-    return fetch_policy(
-        hosts=settings.archive_hosts,
-        loopback_hosts=settings.archive_loopback_hosts,
-        queue_run_host=settings.fal_queue_run_host,
-        max_bytes=settings.archive_max_bytes,
-        min_bytes_per_second=settings.archive_min_rate,
-        stall_seconds=settings.archive_stall_seconds,
-        **overrides,
-    )
+    """The fetch policy of the variables in FETCH_POLICY_ENV (RENDERQUEUE_ARCHIVE_HOSTS /
+    _LOOPBACK_HOSTS / _MAX_BYTES / _MIN_BYTES_PER_SECOND / _STALL_SECONDS, FAL_QUEUE_RUN_HOST)."""
+    values: dict[str, Any] = {
+        argument: settings.value_of(variable) for argument, variable in FETCH_POLICY_ENV.items()
+    }
+    return fetch_policy(**values, **overrides)
 
 
 def options_from_settings(settings: Settings, **overrides: Any) -> ArchiveOptions:

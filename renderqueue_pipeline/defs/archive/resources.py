@@ -6,7 +6,13 @@ from typing import ClassVar
 
 import dagster as dg
 
-from renderqueue_pipeline.archive import ArchiveOptions, ArchiveSetup, ArchiveStorage, fetch_policy
+from renderqueue_pipeline.archive import (
+    FETCH_POLICY_ENV,
+    ArchiveOptions,
+    ArchiveSetup,
+    ArchiveStorage,
+    fetch_policy,
+)
 from renderqueue_pipeline.defs.env_resource import EnvResource
 
 
@@ -17,12 +23,8 @@ class ArchiveResource(EnvResource):
     #: field -> the environment variable it comes from (docs/archive.md)
     ENV: ClassVar[dict[str, dg.EnvVar]] = {
         "storage_url": dg.EnvVar("RENDERQUEUE_STORAGE_URL"),
-        "hosts": dg.EnvVar("RENDERQUEUE_ARCHIVE_HOSTS"),
-        "loopback_hosts": dg.EnvVar("RENDERQUEUE_ARCHIVE_LOOPBACK_HOSTS"),
-        "queue_run_host": dg.EnvVar("FAL_QUEUE_RUN_HOST"),
-        "max_bytes": dg.EnvVar("RENDERQUEUE_ARCHIVE_MAX_BYTES"),
-        "min_bytes_per_second": dg.EnvVar("RENDERQUEUE_ARCHIVE_MIN_BYTES_PER_SECOND"),
-        "stall_seconds": dg.EnvVar("RENDERQUEUE_ARCHIVE_STALL_SECONDS"),
+        # the fetch policy's fields: the archive's one mapping (hosts ... stall_seconds)
+        **{field: dg.EnvVar(variable) for field, variable in FETCH_POLICY_ENV.items()},
         "batch_rows": dg.EnvVar("RENDERQUEUE_ARCHIVE_BATCH_ROWS"),
         "concurrency": dg.EnvVar("RENDERQUEUE_ARCHIVE_CONCURRENCY"),
         "max_attempts": dg.EnvVar("RENDERQUEUE_ARCHIVE_MAX_ATTEMPTS"),
@@ -49,14 +51,7 @@ class ArchiveResource(EnvResource):
         """One run's setup; `limit` rows at most (default `batch_rows`)."""
         return ArchiveSetup(
             ArchiveStorage.from_url(self.storage_url),
-            fetch_policy(
-                hosts=self.hosts,
-                loopback_hosts=self.loopback_hosts,
-                queue_run_host=self.queue_run_host,
-                max_bytes=self.max_bytes,
-                min_bytes_per_second=self.min_bytes_per_second,
-                stall_seconds=self.stall_seconds,
-            ),
+            fetch_policy(**{field: getattr(self, field) for field in FETCH_POLICY_ENV}),
             ArchiveOptions(
                 limit=limit or self.batch_rows,
                 concurrency=self.concurrency,
