@@ -63,6 +63,7 @@ from tenacity import (
 
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.fal_defaults import FAL_OBJECT_LIFETIME, FAL_REST_URL
+from renderqueue_pipeline.tls import ssl_context
 
 if TYPE_CHECKING:
     from renderqueue_pipeline.settings import Settings
@@ -166,7 +167,7 @@ def pooled_fal_client(key: str | None, *, timeout: float, connections: int) -> F
         @async_cached_property(asyncio.Lock)
         async def _client(self) -> httpx.AsyncClient:
             auth = await self._auth
-            transport = httpx.AsyncHTTPTransport(limits=limits)
+            transport = httpx.AsyncHTTPTransport(limits=limits, verify=ssl_context())
             return httpx.AsyncClient(
                 transport=AsyncBackupDomainTransport(transport=transport),
                 headers={"Authorization": auth.header_value, "User-Agent": USER_AGENT},
@@ -664,7 +665,7 @@ class FalGateway:
         headers = {"Authorization": f"Key {self._admin_key}"}
 
         async def call() -> httpx.Response:
-            async with httpx.AsyncClient(timeout=self._timeout) as http:
+            async with httpx.AsyncClient(timeout=self._timeout, verify=ssl_context()) as http:
                 response = await http.put(url, headers=headers)
             if response.status_code in RETRYABLE_STATUS or response.status_code == 429:
                 response.raise_for_status()

@@ -25,6 +25,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from renderqueue_pipeline.errors import RenderqueueError
 from renderqueue_pipeline.fal_defaults import FAL_API_URL
+from renderqueue_pipeline.tls import ssl_context
 
 if TYPE_CHECKING:
     from renderqueue_pipeline.settings import Settings
@@ -115,6 +116,7 @@ class FalPlatform:
             base_url=self.base_url,
             headers={"Authorization": f"Key {key}", "Accept": "application/json"},
             timeout=timeout,
+            verify=ssl_context(),
         )
         self.requests_made = 0
 

@@ -244,7 +244,7 @@ ALLOWED = {
     "dagster_home.py": "writes the Dagster instance for dev/demo",
     "db/server.py": "the embedded server of dev/demo under RENDERQUEUE_HOME",
     "redact.py": "hides the configured secrets' values, wherever they come from",
-    "archive/fetch.py": "SSL_CERT_FILE, as Python's ssl reads it",
+    "tls.py": "SSL_CERT_FILE, as Python's ssl reads it",
     # still reading settings inside (to move to explicit arguments)
 }
 

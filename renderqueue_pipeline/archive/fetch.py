@@ -23,17 +23,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ipaddress
-import os
 import socket
-import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urljoin
 
-import certifi
 import httpcore
 import httpx
+
+from renderqueue_pipeline.tls import ssl_context
 
 #: fal's media hosts (outputs are public URLs on its CDN).
 DEFAULT_ALLOWED_HOSTS = ("v3.fal.media", "v3b.fal.media", "fal.media")
@@ -346,11 +345,6 @@ class _CheckedBackend(httpcore.NetworkBackend):
 
     def sleep(self, seconds: float) -> None:
         self._backend.sleep(seconds)
-
-
-def ssl_context() -> ssl.SSLContext:
-    """Public roots, or SSL_CERT_FILE when set (the local simulator's bundle)."""
-    return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or certifi.where())
 
 
 class CheckedTransport(httpx.HTTPTransport):

@@ -38,6 +38,8 @@ import httpx
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from renderqueue_pipeline.tls import ssl_context
+
 log = logging.getLogger("renderqueue.webhook")
 
 MAX_CLOCK_SKEW_SECONDS = 300
@@ -167,7 +169,7 @@ class JwksVerifier:
         allow_http: bool = False,
     ) -> None:
         self.jwks_url = check_jwks_url(jwks_url, allow_http=allow_http)
-        self._client = client or httpx.AsyncClient(timeout=5.0)
+        self._client = client or httpx.AsyncClient(timeout=5.0, verify=ssl_context())
         self._clock = clock
         self._max_age = max_age
         self._min_refresh = min_refresh

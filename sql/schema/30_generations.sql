@@ -117,9 +117,10 @@ create index generations_fal_delete_due_idx
 -- Prompt search (the seed's GIN on inputs serves only exact containment).
 create index generations_prompt_fts_idx on generations
   using gin (to_tsvector('english', coalesce(inputs ->> 'prompt', '')));
--- Billing checks read a day (or a month) of generations by creation time; a BRIN index
--- keeps that cheap on an append-mostly table at almost no write cost.
-create index generations_created_brin on generations using brin (created_at);
+-- No BRIN index on created_at: updates move row versions into old pages, so its ranges
+-- widen until a one-day query reads the whole table (sql/migrations/003_no_brin_on_created_at.sql).
+-- A day or a month of generations by creation time is found through
+-- generations_user_created_idx (a skip scan over the users) or a plain scan.
 
 -- One state machine step: what an event does to a row (sql/functions/ledger.sql, rq_next).
 create type rq_step as (outcome text, next generations);
