@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -241,6 +242,25 @@ def test_concurrency_is_bounded(fal_sim: RunningSimulator, limit: int) -> None:
 
     run(main())
     assert fal_sim.control.health()["submits_in_flight_peak"] == limit
+
+
+def test_a_reset_counts_only_the_submits_answered_after_it(fal_sim: RunningSimulator) -> None:
+    """A submit still being answered from before a reset (an earlier test's killed batch)
+    does not count in the next test's concurrency figures, not even when it ends."""
+    fal_sim.control.set_faults(submit_latency="2")
+
+    async def slow_submit() -> None:
+        async with gateway() as fal:
+            await fal.submit(ENDPOINT, INPUTS)
+
+    earlier = threading.Thread(target=lambda: run(slow_submit()))
+    earlier.start()
+    wait_until(lambda: fal_sim.control.health()["submits_in_flight"] == 1)
+    fal_sim.control.reset(seed=0)
+    assert fal_sim.control.health()["submits_in_flight_peak"] == 0
+    earlier.join()
+    health = fal_sim.control.health()
+    assert (health["submits_in_flight"], health["submits_in_flight_peak"]) == (0, 0)
 
 
 def test_a_second_burst_of_submits_reuses_the_first_bursts_connections(

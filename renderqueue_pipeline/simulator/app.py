@@ -239,12 +239,14 @@ def queue_urls(base: str, app_path: str, request_id: str) -> dict[str, str]:
 
 async def submit(request: Request, endpoint: str, app_path: str) -> Response:
     engine = _engine(request)
+    epoch = engine.epoch
     engine.submits_in_flight += 1
     engine.submits_in_flight_peak = max(engine.submits_in_flight_peak, engine.submits_in_flight)
     try:
         return await enqueue(request, endpoint, app_path)
     finally:
-        engine.submits_in_flight -= 1
+        if engine.epoch == epoch:  # a reset since has already forgotten this call
+            engine.submits_in_flight -= 1
 
 
 async def enqueue(request: Request, endpoint: str, app_path: str) -> Response:
@@ -504,6 +506,7 @@ async def health(request: Request) -> Response:
             "api_calls": engine.api_calls,
             "api_faults": engine.api_faults,
             "pending_tasks": len(engine.tasks),
+            "submits_in_flight": engine.submits_in_flight,
             "submits_in_flight_peak": engine.submits_in_flight_peak,
         }
     )

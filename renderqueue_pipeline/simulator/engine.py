@@ -235,8 +235,11 @@ class Engine:
         self.api_faults: dict[str, int] = _no_faults()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.http: httpx.AsyncClient | None = None
+        # submit calls being answered now, and the most at one moment, since the last reset
+        # (a call still answered from before a reset counts in its own epoch only)
         self.submits_in_flight = 0
-        self.submits_in_flight_peak = 0  # most submit calls being answered at one moment
+        self.submits_in_flight_peak = 0
+        self.epoch = 0
         # called with each request as it finishes (the Platform API simulator bills from it)
         self.finish_listeners: list[Callable[[SimRequest], None]] = []
         # called with each request as it is created (the Platform API's request list)
@@ -278,7 +281,9 @@ class Engine:
         self.api_calls = 0
         self.api_draws = 0
         self.api_faults = _no_faults()
-        self.submits_in_flight_peak = self.submits_in_flight
+        self.epoch += 1
+        self.submits_in_flight = 0
+        self.submits_in_flight_peak = 0
 
     def update_config(self, config: SimConfig) -> None:
         """Apply new knobs to requests submitted from now on; API fault draws restart."""
