@@ -96,10 +96,15 @@ DAGSTER_DATABASE_PREFIX = f"dagster_t{uuid.uuid4().hex[:8]}_"
 
 
 @pytest.fixture(autouse=True)
-def _own_dagster_database(monkeypatch: pytest.MonkeyPatch) -> None:
+def _own_dagster_database(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test its own Dagster database name; Settings cached by an earlier test (which
+    would still name that test's database) are dropped."""
     monkeypatch.setenv(
         "RENDERQUEUE_DAGSTER_DATABASE", DAGSTER_DATABASE_PREFIX + uuid.uuid4().hex[:8]
     )
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
 
 
 #: `renderqueue dev`'s logins (rq_receiver, rq_pipeline: DEV_LOGINS) are roles of the whole
