@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 from ledger_helpers import submit_row
 
+from renderqueue_pipeline.archive.fetch import literal_address
 from renderqueue_pipeline.ledger import LedgerEvent, record_event
 
 CHUNK = 64 * 1024
@@ -276,3 +277,17 @@ def images(*files: tuple[str, int]) -> dict[str, Any]:
 
 def row(conn: psycopg.Connection, request_id: str) -> dict[str, Any]:
     return conn.execute("select * from generations where request_id = %s", (request_id,)).fetchone()
+
+
+def table_resolver(table: dict[str, list[str]], calls: list[str]) -> Any:
+    """A FetchPolicy resolver that answers from `table` (no DNS), recording each host asked;
+    an IP literal resolves to itself."""
+
+    def resolve(host: str, port: int) -> list[str]:
+        calls.append(host)
+        literal = literal_address(host)
+        if literal is not None:
+            return [str(literal)]
+        return table[host]
+
+    return resolve

@@ -1,189 +1,28 @@
 """Fetch safety: allow-listed hosts only, checked addresses, re-checked redirects.
 
-Nothing here sends a packet anywhere but loopback: the address rules are tested on
-their own (no connection), and the refusal path end to end only with loopback servers
-that are NOT on the allow list, a canary on 127.0.0.2 that must see no connection. The
-private and public addresses named below are only ever checked, never contacted:
+Nothing here sends a packet anywhere but loopback, and no address but loopback is named:
+the address rules are tested on their own, with no network at all, in
+test_archive_address_checks.py; here the refusal path runs end to end only with loopback
+servers that are NOT on the allow list, a canary on 127.0.0.2 that must see no connection.
 conftest's `loopback_only` guard fails any test that tries to connect to, send to or
 resolve anything but loopback.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 import time
 from pathlib import Path
 
 import psycopg
 import pytest
-from archive_helpers import Behaviour, completed_row, media_server, row, video
+from archive_helpers import Behaviour, completed_row, media_server, row, table_resolver, video
 
 from renderqueue_pipeline.archive import ArchiveOptions, ArchiveStorage, archive_pending
 from renderqueue_pipeline.archive.fetch import (
     FetchPolicy,
-    Refused,
-    address_refusal,
-    literal_address,
     parse_hosts,
-    system_resolver,
 )
 from renderqueue_pipeline.db.connect import connect
-
-
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No socket may connect, send or resolve at all, not even to loopback: the tests that
-    name private, link-local or public addresses only check them, and this proves it."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError(f"an address check touched the network: {args[1:]!r}")
-
-    for name in ("connect", "connect_ex", "sendto"):
-        monkeypatch.setattr(socket.socket, name, refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-@pytest.mark.usefixtures("no_network")
-def test_the_no_network_guard_stops_even_a_loopback_connection() -> None:
-    with socket.socket() as sock, pytest.raises(AssertionError, match="touched the network"):
-        sock.connect(("127.0.0.1", 9))
-
-
-REFUSED = [
-    "169.254.169.254",  # cloud metadata (link-local)
-    "10.0.0.1",
-    "172.16.0.1",
-    "192.168.1.1",
-    "100.64.0.1",  # carrier-grade NAT
-    "fd00::1",  # unique local
-    "::ffff:10.0.0.1",  # IPv4-mapped private
-    "::ffff:127.0.0.1",
-    "0.0.0.0",  # noqa: S104 - an address the fetcher must refuse, not a bind
-    "::",
-    "127.0.0.1",
-    "::1",
-    "fe80::1",
-    "224.0.0.1",
-    "240.0.0.1",
-    "2002:0a00:0001::1",  # 6to4 wrapping 10.0.0.1
-    "fec0::1",  # deprecated site-local (Python calls it global)
-    "feff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",  # the last site-local address
-    "64:ff9b::a00:1",  # NAT64 wrapping 10.0.0.1 (inside ::/8, reserved)
-]
-
-
-@pytest.mark.usefixtures("no_network")
-@pytest.mark.parametrize("address", REFUSED)
-def test_private_and_special_addresses_are_refused(address: str) -> None:
-    assert address_refusal(address) is not None
-
-
-def _special_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """Every special-purpose range Python's ipaddress module knows, v4 and v6."""
-    found = []
-    for constants in (ipaddress._IPv4Constants, ipaddress._IPv6Constants):
-        for name, value in vars(constants).items():
-            if not name.startswith("_") or name.startswith("__"):
-                continue
-            for item in value if isinstance(value, list) else [value]:
-                found.append(ipaddress.ip_network(item))
-    return found
-
-
-@pytest.mark.usefixtures("no_network")
-def test_every_range_python_knows_as_not_global_is_refused() -> None:
-    """First, last and a middle address of each range: refused unless Python calls it global."""
-    networks = _special_networks()
-    assert len(networks) > 20  # the module's lists were found
-    missed = []
-    for network in networks:
-        first, last = network.network_address, network.broadcast_address
-        middle = ipaddress.ip_address(int(first) + (int(last) - int(first)) // 2)
-        for ip in (first, middle, last):
-            special = not ip.is_global or (ip.version == 6 and ip.is_site_local)
-            if special and address_refusal(ip) is None:
-                missed.append(f"{ip} (in {network})")
-    assert missed == []
-
-
-@pytest.mark.usefixtures("no_network")
-@pytest.mark.parametrize("address", ["93.184.215.14", "2606:4700:4700::1111"])
-def test_public_addresses_pass_the_address_check(address: str) -> None:
-    assert address_refusal(address) is None
-
-
-@pytest.mark.parametrize(
-    "spelling", ["2130706433", "0177.0.0.1", "0x7f.0.0.1", "0x7f000001", "127.1", "017700000001"]
-)
-def test_numeric_spellings_of_loopback_are_read_without_dns_and_refused(spelling: str) -> None:
-    assert str(literal_address(spelling)) == "127.0.0.1"
-    assert system_resolver(spelling, 80) == ["127.0.0.1"]
-    assert "loopback" in address_refusal(system_resolver(spelling, 80)[0])
-
-
-@pytest.mark.parametrize("spelling", ["127.0.0.1.", "2130706433.", "127.1.", "0x7f.0.0.1."])
-def test_a_literal_with_a_trailing_dot_is_read_as_the_address_never_sent_to_dns(
-    spelling: str,
-) -> None:
-    """`127.0.0.1.` is the same address: conftest's guard fails any DNS lookup of it."""
-    assert str(literal_address(spelling)) == "127.0.0.1"
-    assert system_resolver(spelling, 80) == ["127.0.0.1"]
-    assert "loopback" in address_refusal(system_resolver(spelling, 80)[0])
-
-
-def _resolver(table: dict[str, list[str]], calls: list[str]):
-    def resolve(host: str, port: int) -> list[str]:
-        calls.append(host)
-        literal = literal_address(host)
-        if literal is not None:
-            return [str(literal)]
-        return table[host]
-
-    return resolve
-
-
-@pytest.mark.usefixtures("no_network")
-def test_a_host_not_on_the_allow_list_is_refused_before_any_dns() -> None:
-    calls: list[str] = []
-    policy = FetchPolicy(resolver=_resolver({}, calls))
-    with pytest.raises(Refused) as refused:
-        policy.check_url("https://evil.example/x.mp4")
-    assert refused.value.reason == "host_not_allowed"
-    for spelling in ("2130706433", "0177.0.0.1", "127.0.0.1", "[::1]", "169.254.169.254"):
-        with pytest.raises(Refused):
-            policy.check_url(f"http://{spelling}/latest/meta-data/")
-    with pytest.raises(Refused) as scheme:
-        policy.check_url("file:///etc/passwd")
-    assert scheme.value.reason == "bad_url"
-    assert calls == []
-
-
-@pytest.mark.usefixtures("no_network")
-def test_an_allowed_name_resolving_to_private_addresses_is_refused() -> None:
-    calls: list[str] = []
-    policy = FetchPolicy(
-        loopback_hosts=parse_hosts("sim.test:8443"),
-        resolver=_resolver(
-            {"v3.fal.media": ["10.0.0.1", "169.254.169.254"], "sim.test": ["10.0.0.1"]}, calls
-        ),
-    )
-    with pytest.raises(Refused) as refused:
-        policy.checked_addresses("v3.fal.media", 443)
-    assert refused.value.reason == "address_refused"
-    assert "10.0.0.1" in str(refused.value)
-    assert "169.254.169.254" in str(refused.value)
-    # loopback permission is for loopback only: a private address stays refused
-    with pytest.raises(Refused):
-        policy.checked_addresses("sim.test", 8443)
-
-
-@pytest.mark.usefixtures("no_network")
-def test_only_the_checked_addresses_are_kept() -> None:
-    policy = FetchPolicy(resolver=_resolver({"v3.fal.media": ["10.0.0.1", "93.184.215.14"]}, []))
-    assert policy.checked_addresses("v3.fal.media", 443) == ["93.184.215.14"]
-
 
 # ----- end to end, loopback only -----------------------------------------------------------------
 
@@ -246,7 +85,7 @@ def test_an_allowed_name_that_resolves_to_a_refused_address_is_never_connected(
     conn, ledger_url, tmp_path, canary, origin
 ) -> None:
     """DNS says v3.fal.media is 127.0.0.2 (a rebinding attack): refused after resolution."""
-    resolver = _resolver({"v3.fal.media": ["127.0.0.2"]}, [])
+    resolver = table_resolver({"v3.fal.media": ["127.0.0.2"]}, [])
     policy = FetchPolicy(loopback_hosts=parse_hosts(origin.netloc), resolver=resolver)
     direct = completed_row(conn, video(f"http://v3.fal.media:{canary.port}/secret", 100))
     redirect = completed_row(
